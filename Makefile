@@ -1,0 +1,63 @@
+# The targets CI runs are the same ones a developer runs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REDIS_PORT ?= 6379
+LISTEN ?= 127.0.0.1:50051
+METRICS_PORT ?= 9464
+STAMP := $(VENV)/.installed
+
+.PHONY: help deps venv run test lint typecheck proto proto-check check clean bench
+
+help:
+	@echo "make run    - install what is needed, start Redis and the sidecar on policies/"
+	@echo "make test   - install what is needed, run lint, type checks, drift check and all tests"
+	@echo "make bench  - run the benchmarks (prints ratios against a same-run baseline)"
+	@echo "make proto  - regenerate keel_pdp/api from proto/"
+
+# System packages (Debian): Redis for the budget store and tests, PostgreSQL for
+# the production ledger tests, nghttp2-client (h2load) for the benchmarks.
+deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: deps venv
+	@bash scripts/run-local.sh
+
+proto: venv
+	$(PY) scripts/gen_proto.py
+
+proto-check: venv
+	@bash scripts/proto-check.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+check: lint typecheck proto-check
+
+test: deps venv check
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: deps venv
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

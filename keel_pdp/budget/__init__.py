@@ -1,0 +1,1 @@
+"""Budget store: atomic holds and settlements in Redis through Lua scripts."""

@@ -1,0 +1,43 @@
+"""Redis key layout.
+
+Every name that comes from a caller (tenant, workload, request id, split
+values) is percent-encoded so it can contain no separator, no hash-tag brace
+and no glob character: two different names can never map to the same key, and
+no name can reach another key. All keys share one hash tag so a script's keys
+sit in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+PERMIT_ID_RE = re.compile(r"^pmt_[0-9a-f]{12}[0-9a-f]{16}$")
+
+
+@lru_cache(maxsize=65536)
+def enc(value: str) -> str:
+    raw = value.encode("utf-8", "surrogatepass")
+    if all(b in _SAFE for b in raw):
+        return raw.decode("ascii") if raw else "%"
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw) or "%"
+
+
+class KeySpace:
+    def __init__(self, prefix: str = "keel") -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,32}", prefix):
+            raise ValueError(f"key prefix {prefix!r} must match [A-Za-z0-9_.-]{{1,32}}")
+        self.base = f"{prefix}:{{pdp}}:"
+        self.stream = self.base + "events"
+        self.expiries = self.base + "expiries"
+
+    def idempotency(self, tenant: str, request_id: str) -> str:
+        return f"{self.base}req:{enc(tenant)}:{enc(request_id)}"
+
+    def permit(self, permit_id: str) -> str:
+        return f"{self.base}permit:{permit_id}"
+
+    def window(self, budget_id: str, split: tuple[str, ...], start_ms: int) -> str:
+        parts = ":".join(enc(v) for v in split)
+        return f"{self.base}b:{budget_id}:{len(split)}:{parts}:{start_ms}"

@@ -1,0 +1,51 @@
+-- release.lua: end a hold without settling it, as a void (caller) or an expiry (sweeper).
+--
+-- Only a permit still in state "held" changes; any other state answers with
+-- that state and writes nothing, so voids and sweeps are idempotent and a hold
+-- reaches exactly one terminal state. An expiry is only applied once the
+-- permit's expires_at has passed (a sweeper with a fast clock cannot cut a
+-- live hold short).
+--
+-- KEYS[1]   permit hash
+-- KEYS[2]   decision stream
+-- KEYS[3]   expiry zset
+-- KEYS[4..] the permit's budget window hashes, in the order stored in the permit
+--
+-- ARGV[1] permit_id   ARGV[2] now_ms   ARGV[3] "voided" | "expired"
+-- ARGV[4] event data (JSON, opaque here)
+--
+-- Returns JSON: {"st":"UNKNOWN_PERMIT"} | {"st":"KEYS_MISMATCH"} |
+--   {"st":"RELEASED","amt":..} | {"st":"NOT_DUE"} | {"st":"NOOP","state":<current state>}
+
+local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'exp')
+local state = p[1]
+if not state then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return cjson.encode({st = 'UNKNOWN_PERMIT'})
+end
+local n = #KEYS - 3
+local expected = {}
+for i = 1, n do expected[i] = KEYS[3 + i] end
+if table.concat(expected, '\n') ~= p[3] then
+  return cjson.encode({st = 'KEYS_MISMATCH'})
+end
+if state ~= 'held' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return cjson.encode({st = 'NOOP', state = state})
+end
+local target = ARGV[3]
+if target == 'expired' and tonumber(p[4]) > tonumber(ARGV[2]) then
+  return cjson.encode({st = 'NOT_DUE'})
+end
+local amount = tonumber(p[2])
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[3 + i], 'h', -amount)
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', target, 'released_at', ARGV[2])
+local res = cjson.encode({st = 'RELEASED', amt = amount, state = target})
+local etype = 'void'
+if target == 'expired' then etype = 'expiry' end
+redis.call('XADD', KEYS[2], '*', 'type', etype, 'pid', ARGV[1], 'ts', ARGV[2],
+  'data', ARGV[4], 'res', res)
+return res

@@ -1,0 +1,135 @@
+"""The one place objects are wired together: ``keel-pdp serve | policy check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from keel_pdp.settings import ServeSettings, SettingsError, add_serve_arguments, serve_settings
+
+log = logging.getLogger("keel_pdp")
+
+
+async def serve(s: ServeSettings) -> int:
+    from prometheus_client import start_http_server
+
+    from keel_pdp.budget.store import BudgetStore
+    from keel_pdp.engine import Engine
+    from keel_pdp.metrics import Metrics
+    from keel_pdp.policy.reload import PolicyHolder
+    from keel_pdp.server.service import build_server
+
+    metrics = Metrics()
+    holder = PolicyHolder(s.policies)
+    store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
+                                 timeout_s=s.store_timeout_ms / 1000)
+    engine = Engine(holder, store, metrics)
+    server, health, port = build_server(engine, metrics, s.listen)
+    loop = asyncio.get_running_loop()
+    draining = False
+    background: set[asyncio.Task[None]] = set()
+
+    def on_policy(snapshot: object, error: object) -> None:
+        if snapshot is not None:
+            cur = holder.current
+            assert cur is not None
+            metrics.policy_revision.clear()
+            metrics.policy_revision.labels(cur.revision, cur.content_hash[:12],
+                                           cur.price_revision).set(1)
+            metrics.policy_loaded.set(1)
+            metrics.policy_loads.labels("ok").inc()
+            if not draining:
+                background.add(loop.create_task(health.set(True)))
+        else:
+            metrics.policy_loads.labels("rejected").inc()
+
+    holder.listeners.append(on_policy)
+    await health.set(False)
+    holder.reload(force=True)
+    if holder.current is None:
+        log.error("no valid policy bundle in %s yet: health is NOT_SERVING, every Authorize "
+                  "answers POLICY_NOT_LOADED until one loads", s.policies)
+    if s.metrics_port:
+        start_http_server(s.metrics_port, addr=s.metrics_host, registry=metrics.registry)
+    await server.start()
+    host = s.listen.rpartition(":")[0]
+    print(f"keel-pdp gRPC listening on {host}:{port}", flush=True)
+    if s.metrics_port:
+        print(f"keel-pdp metrics on http://{s.metrics_host}:{s.metrics_port}/metrics", flush=True)
+    print(f"keel-pdp budget store {store.client.connection_pool.connection_kwargs.get('host', '')}"
+          f":{store.client.connection_pool.connection_kwargs.get('port', '')}", flush=True)
+
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: holder.reload(force=True))
+    tasks = [loop.create_task(holder.watch(s.reload_interval_s)),
+             loop.create_task(engine.run_background(s.sweep_interval_s))]
+    await stop.wait()
+    draining = True
+    log.info("draining: health NOT_SERVING, %.1fs for in-flight calls", s.grace_s)
+    await health.set(False)
+    await server.stop(s.grace_s)
+    for t in tasks:
+        t.cancel()
+    with contextlib.suppress(Exception):
+        await engine.flush_outbox()
+    if engine.outbox_len:
+        log.error("%d decision events could not be recorded before exit", engine.outbox_len)
+    await store.close()
+    return 0
+
+
+def _policy_check(directory: str) -> int:
+    from keel_pdp.policy.loader import PolicyError, load_bundle
+
+    try:
+        snap = load_bundle(directory)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{directory}: rejected ({len(exc.problems)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"{directory}: ok, revision {snap.policy_revision}, prices {snap.price_revision}, "
+          f"{len(snap.budgets)} budgets, {len(snap.prices)} priced models, "
+          f"{len(snap.routes)} routing rules")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keel-pdp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the gRPC sidecar")
+    add_serve_arguments(p_serve)
+    p_policy = sub.add_parser("policy", help="policy bundle tools")
+    psub = p_policy.add_subparsers(dest="policy_command", required=True)
+    p_check = psub.add_parser("check", help="validate a bundle offline (exit 1 on problems)")
+    p_check.add_argument("directory")
+    ns = parser.parse_args(argv)
+
+    if ns.command == "serve":
+        try:
+            s = serve_settings(ns)
+        except SettingsError as exc:
+            parser.error(str(exc))
+        logging.basicConfig(level=s.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        try:
+            import uvloop
+
+            return uvloop.run(serve(s))
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return asyncio.run(serve(s))
+    if ns.command == "policy" and ns.policy_command == "check":
+        return _policy_check(ns.directory)
+    parser.error("unknown command")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

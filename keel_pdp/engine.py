@@ -1,0 +1,349 @@
+"""Authorize, Closeout and Void: policy snapshot + pure decision + budget store.
+
+The engine owns the deadline arithmetic, the fail-mode path, the outbox of
+events taken while the store was unreachable, the local permit cache that
+lets Closeout and Void take one round trip, and the expiry sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from keel_pdp import decision as dec
+from keel_pdp.budget.keys import PERMIT_ID_RE
+from keel_pdp.budget.store import BudgetStore, HoldRequest, StoreUnavailable
+from keel_pdp.decision import AuthorizeInput, InvalidRequest, Outcome
+from keel_pdp.metrics import Metrics
+from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.pricing import Price, TokenUsage, usage_cost_micros
+
+log = logging.getLogger("keel_pdp.engine")
+
+# Time kept back from the caller's deadline to build and send the answer.
+DEADLINE_MARGIN_S = 0.002
+MAX_PROVIDER_COST_MICROS = 10**12
+OUTCOMES = ("OUTCOME_UNSPECIFIED", "SUCCEEDED", "FAILED", "CANCELLED", "PARTIAL")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPermit:
+    keys: tuple[str, ...]
+    meta: dict[str, object]
+    degraded: bool = False
+    expire_at_s: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CloseoutResult:
+    status: str
+    actual_cost_micros: int = 0
+    estimated_cost_micros: int = 0
+    correction_micros: int = 0
+    held_micros: int = 0
+    priced_cost_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VoidResult:
+    status: str
+    released_micros: int = 0
+    state: str = ""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Engine:
+    def __init__(self, policies: PolicyHolder, store: BudgetStore, metrics: Metrics, *,
+                 permit_cache_size: int = 200_000, outbox_size: int = 100_000) -> None:
+        self.policies = policies
+        self.store = store
+        self.metrics = metrics
+        self._permits: OrderedDict[str, CachedPermit] = OrderedDict()
+        self._permit_cache_size = permit_cache_size
+        self._outbox: deque[tuple[str, str, int, str, str]] = deque()
+        self._outbox_size = outbox_size
+        self._flush_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- helpers
+    def _budget(self, deadline_s: float | None) -> float | None:
+        if deadline_s is None:
+            return None
+        return deadline_s - DEADLINE_MARGIN_S
+
+    def _remember(self, pid: str, entry: CachedPermit) -> None:
+        self._permits[pid] = entry
+        if len(self._permits) > self._permit_cache_size:
+            self._permits.popitem(last=False)
+
+    def _enqueue(self, etype: str, pid: str, ts: int, data: str, res: str) -> None:
+        if len(self._outbox) >= self._outbox_size:
+            self._outbox.popleft()
+            self.metrics.outbox_dropped.inc()
+            log.error("outbox full: oldest unrecorded decision dropped")
+        self._outbox.append((etype, pid, ts, data, res))
+        self.metrics.outbox.set(len(self._outbox))
+
+    async def flush_outbox(self) -> int:
+        """Append events decided while the store was unreachable; returns how many."""
+        done = 0
+        async with self._flush_lock:
+            while self._outbox:
+                etype, pid, ts, data, res = self._outbox[0]
+                try:
+                    await self.store.record(etype, pid, ts, data, res, timeout_s=1.0)
+                except StoreUnavailable:
+                    break
+                self._outbox.popleft()
+                done += 1
+            self.metrics.outbox.set(len(self._outbox))
+        return done
+
+    @property
+    def outbox_len(self) -> int:
+        return len(self._outbox)
+
+    def _count(self, out: Outcome) -> Outcome:
+        self.metrics.decisions.labels(str(out.decision), out.primary_code).inc()
+        return out
+
+    # --------------------------------------------------------------- authorize
+    async def authorize(self, req: AuthorizeInput, deadline_s: float | None = None) -> Outcome:
+        dec.validate(req)
+        now = _now_ms()
+        snapshot = self.policies.current
+        if snapshot is None:
+            return self._count(dec.not_loaded(req, dec.new_permit_id(now)))
+        p = dec.plan(snapshot, req, now)
+        data = dec.event_data(p)
+        budget = self._budget(deadline_s)
+        if p.denial:
+            out = dec.denied_by_policy(p)
+            deny = json.dumps({"d": "DENY", "pid": p.permit_id, "amt": 0, "k": 0},
+                              separators=(",", ":"))
+            try:
+                if budget is not None and budget <= 0:
+                    raise StoreUnavailable("no time left")
+                await self.store.record("decision", p.permit_id, now, data, deny, budget)
+            except StoreUnavailable:
+                self._enqueue("decision", p.permit_id, now, data, deny)
+            return self._count(out)
+        if budget is not None and budget <= 0.0005:
+            out = dec.without_store(p, dec.Code.DEADLINE_TOO_SHORT)
+            self._record_degraded(p, data, out)
+            return self._count(out)
+
+        price = p.price
+        assert price is not None
+        keys = tuple(
+            self.store.keys.window(t.budget.id, t.split, t.window_start_ms) for t in p.targets)
+        retention = snapshot.settings.permit_retention_seconds
+        wexp = tuple(t.window_end_ms // 1000 + retention for t in p.targets)
+        meta = json.dumps({"t": req.tenant, "w": req.workload, "m": price.model,
+                           "p": price.provider, "ts": now,
+                           "price": [price.price.input, price.price.cached_input,
+                                     price.price.cache_write, price.price.output]},
+                          separators=(",", ":"))
+        hold = HoldRequest(
+            permit_id=p.permit_id,
+            idempotency_key=self.store.keys.idempotency(req.tenant, req.request_id),
+            fingerprint=p.fingerprint, now_ms=now, expires_at_ms=p.expires_at_ms,
+            idempotency_ttl_s=snapshot.settings.idempotency_ttl_seconds,
+            permit_retention_s=retention, input_pico=p.input_pico,
+            output_price_pico=price.price.output, output_tokens=p.output_tokens,
+            min_output_tokens=snapshot.settings.min_output_tokens,
+            allow_constrain=snapshot.settings.allow_constrain, event_data=data,
+            permit_meta=meta, window_keys=keys,
+            limits=tuple(t.budget.limit_micros for t in p.targets),
+            enforce=tuple(t.budget.enforce for t in p.targets), window_expire_at_s=wexp)
+        t0 = time.perf_counter()
+        try:
+            res = await self.store.hold(hold, budget)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.labels("authorize").inc()
+            log.warning("budget store unavailable during authorize: %s", exc)
+            out = dec.without_store(p)
+            self._record_degraded(p, data, out, keys, wexp, meta)
+            return self._count(out)
+        finally:
+            self.metrics.store_latency.labels("authorize").observe(time.perf_counter() - t0)
+        if res.get("r") == "reused":
+            raise InvalidRequest(
+                f"request_id {req.request_id[:64]!r} was already used by tenant "
+                f"{req.tenant[:64]!r} with different parameters")
+        if res.get("r") == "replay":
+            inner = res["res"]
+            for k in ("b", "shadow"):
+                if inner.get(k) == {}:
+                    inner[k] = []
+            out = dec.conclude(p, inner, replayed=True)
+        else:
+            out = dec.conclude(p, res)
+        if out.decision is not dec.DecisionKind.DENY and not out.replayed:
+            self._remember(out.permit_id, CachedPermit(keys, json.loads(meta)))
+        if self._outbox:
+            asyncio.get_running_loop().create_task(self.flush_outbox())
+        return self._count(out)
+
+    def _record_degraded(self, p: dec.Plan, data: str, out: Outcome,
+                         keys: tuple[str, ...] = (), wexp: tuple[int, ...] = (),
+                         meta: str = "") -> None:
+        res = json.dumps({"d": str(out.decision), "pid": out.permit_id, "amt": 0,
+                          "k": out.max_output_tokens, "degraded": True,
+                          "reasons": [r.to_json() for r in out.reasons]},
+                         separators=(",", ":"))
+        self._enqueue("decision", p.permit_id, p.now_ms, data, res)
+        if out.decision is dec.DecisionKind.ALLOW and meta:
+            self._remember(out.permit_id, CachedPermit(keys, json.loads(meta), True, wexp))
+
+    # ---------------------------------------------------------------- closeout
+    async def closeout(self, permit_id: str, usage: TokenUsage, outcome: str,
+                       provider_cost_micros: int | None,
+                       deadline_s: float | None = None) -> CloseoutResult:
+        if not PERMIT_ID_RE.match(permit_id):
+            raise InvalidRequest(f"permit_id {permit_id[:80]!r} is not a Keel permit id")
+        problems = usage.problems()
+        if problems:
+            raise InvalidRequest("; ".join(problems))
+        if provider_cost_micros is not None and not (
+                0 <= provider_cost_micros <= MAX_PROVIDER_COST_MICROS):
+            raise InvalidRequest(
+                f"provider_cost_micros must be between 0 and {MAX_PROVIDER_COST_MICROS}")
+        if outcome not in OUTCOMES:
+            raise InvalidRequest(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
+        budget = self._budget(deadline_s)
+        now = _now_ms()
+        t0 = time.perf_counter()
+        try:
+            cached = self._permits.get(permit_id)
+            if cached is None:
+                rec = await self.store.permit(permit_id, budget)
+                if rec is None:
+                    self.metrics.closeouts.labels("UNKNOWN_PERMIT").inc()
+                    return CloseoutResult("UNKNOWN_PERMIT")
+                cached = CachedPermit(rec.keys, rec.meta)
+            price = Price(*[int(x) for x in cached.meta["price"]])  # type: ignore[attr-defined]
+            priced = usage_cost_micros(price, usage)
+            actual = priced if provider_cost_micros is None else provider_cost_micros
+            data = json.dumps({
+                "v": 1, "now": now, "outcome": outcome, "priced": priced,
+                "provider_cost": provider_cost_micros, "actual": actual,
+                "usage": {"in": usage.input_tokens, "cached": usage.cached_input_tokens,
+                          "cw": usage.cache_write_tokens, "out": usage.output_tokens,
+                          "rsn": usage.reasoning_tokens},
+            }, separators=(",", ":"))
+            if cached.degraded:
+                res = json.dumps({"st": "SETTLED", "act": actual, "est": 0, "amt": 0,
+                                  "prior": "unheld"}, separators=(",", ":"))
+                await self.store.record("settlement", permit_id, now, data, res, budget,
+                                        settle_keys=cached.keys, settle_micros=actual,
+                                        expire_at_s=cached.expire_at_s)
+                self._permits.pop(permit_id, None)
+                self.metrics.closeouts.labels("SETTLED").inc()
+                return CloseoutResult("SETTLED", actual, 0, actual, 0, priced)
+            out = await self.store.settle(permit_id, cached.keys, now, actual, data, budget)
+            if out["st"] == "KEYS_MISMATCH":
+                rec = await self.store.permit(permit_id, budget)
+                if rec is None:
+                    return CloseoutResult("UNKNOWN_PERMIT")
+                out = await self.store.settle(permit_id, rec.keys, now, actual, data, budget)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.labels("closeout").inc()
+            log.warning("budget store unavailable during closeout: %s", exc)
+            self.metrics.closeouts.labels("CLOSEOUT_STORE_UNAVAILABLE").inc()
+            return CloseoutResult("CLOSEOUT_STORE_UNAVAILABLE")
+        finally:
+            self.metrics.store_latency.labels("closeout").observe(time.perf_counter() - t0)
+        status = str(out["st"])
+        self.metrics.closeouts.labels(status).inc()
+        if status == "UNKNOWN_PERMIT":
+            return CloseoutResult(status)
+        self._permits.pop(permit_id, None)
+        act, amt = int(out["act"]), int(out["amt"])
+        if status != "ALREADY_SETTLED":
+            corr = act - amt if out.get("prior") == "held" else act
+            self.metrics.correction.labels("positive" if corr >= 0 else "negative").inc(abs(corr))
+        return CloseoutResult(status, act, int(out["est"]), act - amt, amt,
+                              priced if status != "ALREADY_SETTLED" else act)
+
+    # -------------------------------------------------------------------- void
+    async def void(self, permit_id: str, reason: str = "",
+                   deadline_s: float | None = None) -> VoidResult:
+        if not PERMIT_ID_RE.match(permit_id):
+            raise InvalidRequest(f"permit_id {permit_id[:80]!r} is not a Keel permit id")
+        if len(reason) > 512:
+            raise InvalidRequest("reason is longer than 512 characters")
+        budget = self._budget(deadline_s)
+        now = _now_ms()
+        try:
+            cached = self._permits.get(permit_id)
+            if cached is not None and cached.degraded:
+                self._permits.pop(permit_id, None)
+                data = json.dumps({"v": 1, "now": now, "reason": reason})
+                res = json.dumps({"st": "RELEASED", "amt": 0, "state": "voided"})
+                await self.store.record("void", permit_id, now, data, res, budget)
+                return VoidResult("VOIDED", 0, "voided")
+            if cached is None:
+                rec = await self.store.permit(permit_id, budget)
+                if rec is None:
+                    self.metrics.voids.labels("VOID_UNKNOWN_PERMIT").inc()
+                    return VoidResult("VOID_UNKNOWN_PERMIT")
+                keys = rec.keys
+            else:
+                keys = cached.keys
+            data = json.dumps({"v": 1, "now": now, "reason": reason}, separators=(",", ":"))
+            out = await self.store.release(permit_id, keys, now, "voided", data, budget)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.labels("void").inc()
+            log.warning("budget store unavailable during void: %s", exc)
+            self.metrics.voids.labels("VOID_STORE_UNAVAILABLE").inc()
+            return VoidResult("VOID_STORE_UNAVAILABLE")
+        st = out["st"]
+        if st == "RELEASED":
+            self._permits.pop(permit_id, None)
+            result = VoidResult("VOIDED", int(out["amt"]), "voided")
+        elif st == "NOOP":
+            state = str(out["state"])
+            result = VoidResult("ALREADY_VOIDED" if state == "voided" else "NOT_VOIDABLE",
+                                0, state)
+        else:
+            result = VoidResult("VOID_UNKNOWN_PERMIT")
+        self.metrics.voids.labels(result.status).inc()
+        return result
+
+    # ----------------------------------------------------------------- expiry
+    async def sweep_once(self, now_ms: int | None = None, limit: int = 200) -> int:
+        """Release holds whose TTL passed; safe to run in many sidecars at once."""
+        now = _now_ms() if now_ms is None else now_ms
+        expired = 0
+        for pid in await self.store.due_expiries(now, limit):
+            if not PERMIT_ID_RE.match(pid):
+                continue
+            rec = await self.store.permit(pid, 1.0)
+            keys = rec.keys if rec is not None else ()
+            data = json.dumps({"v": 1, "now": now}, separators=(",", ":"))
+            out = await self.store.release(pid, keys, now, "expired", data, 1.0)
+            if out["st"] == "RELEASED":
+                expired += 1
+                self._permits.pop(pid, None)
+        if expired:
+            self.metrics.holds_expired.inc(expired)
+        return expired
+
+    async def run_background(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep_once()
+                if self._outbox:
+                    await self.flush_outbox()
+            except StoreUnavailable as exc:
+                log.debug("sweeper: store unavailable: %s", exc)
+            except Exception:
+                log.exception("sweeper failed unexpectedly")

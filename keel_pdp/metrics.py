@@ -1,0 +1,60 @@
+"""Every Prometheus metric of the sidecar, defined in one place.
+
+Label values come from small closed sets (decision, reason code, RPC method,
+script name, outcome): never a tenant, workload or permit id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sub-millisecond resolution where the sidecar is expected to live.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "keel_pdp_decisions_total", "Authorize decisions by decision and primary reason code.",
+            ["decision", "reason"], registry=r)
+        self.rpc_latency = Histogram(
+            "keel_pdp_rpc_duration_seconds", "Server-side latency of PDP RPCs.",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rpc_errors = Counter(
+            "keel_pdp_rpc_errors_total", "RPCs answered with a gRPC error status.",
+            ["method", "code"], registry=r)
+        self.closeouts = Counter(
+            "keel_pdp_closeouts_total", "Closeouts by status.", ["status"], registry=r)
+        self.voids = Counter("keel_pdp_voids_total", "Voids by status.", ["status"], registry=r)
+        self.store_latency = Histogram(
+            "keel_pdp_store_call_duration_seconds", "Latency of budget store script calls.",
+            ["script"], buckets=LATENCY_BUCKETS, registry=r)
+        self.store_errors = Counter(
+            "keel_pdp_store_errors_total", "Budget store calls that failed or timed out.",
+            ["script"], registry=r)
+        self.holds_expired = Counter(
+            "keel_pdp_holds_expired_total", "Holds released by the expiry sweeper.", registry=r)
+        self.correction = Counter(
+            "keel_pdp_correction_micros_total",
+            "Sum of |actual - held| booked at closeout, by sign.", ["sign"], registry=r)
+        self.policy_revision = Gauge(
+            "keel_pdp_policy_revision_info", "The active policy bundle (value 1).",
+            ["revision", "content_hash", "price_revision"], registry=r)
+        self.policy_loads = Counter(
+            "keel_pdp_policy_loads_total", "Policy bundle load attempts by result.",
+            ["result"], registry=r)
+        self.policy_loaded = Gauge(
+            "keel_pdp_policy_loaded", "1 once a valid policy bundle is serving.", registry=r)
+        self.outbox = Gauge(
+            "keel_pdp_outbox_events", "Decision events waiting for the store to come back.",
+            registry=r)
+        self.outbox_dropped = Counter(
+            "keel_pdp_outbox_dropped_total",
+            "Decision events dropped because the outbox was full.", registry=r)
+        self.inflight = Gauge(
+            "keel_pdp_inflight_rpcs", "RPCs being served right now.", registry=r)

@@ -1,0 +1,1 @@
+"""Policy bundles: YAML models, loader, compiled snapshot and hot reload."""

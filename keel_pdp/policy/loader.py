@@ -1,0 +1,302 @@
+"""Load a policy bundle directory, validate all of it, compile a snapshot.
+
+Every problem is reported with the file, the field path and the reason; one
+bad file rejects the whole bundle (the caller keeps serving the last good one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from keel_pdp.policy.model import (
+    BudgetsDoc,
+    BundleDoc,
+    PriceSpec,
+    PriceTableDoc,
+    RoutesDoc,
+)
+from keel_pdp.policy.snapshot import (
+    DIMENSIONS,
+    CompiledBudget,
+    CompiledRoute,
+    ModelPrice,
+    PolicySnapshot,
+    Settings,
+)
+from keel_pdp.pricing import Price, parse_price
+from keel_pdp.windows import valid_timezone
+
+_KINDS: dict[str, type[BaseModel]] = {
+    "Bundle": BundleDoc,
+    "PriceTable": PriceTableDoc,
+    "Budgets": BudgetsDoc,
+    "Routes": RoutesDoc,
+}
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.field}" if self.field else self.file
+        return f"{where}: {self.reason}"
+
+
+class PolicyError(Exception):
+    """A bundle that cannot be served; ``problems`` names every file and field."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems[:20]))
+
+
+def bundle_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    if not directory.is_dir():
+        raise PolicyError([Problem(str(directory), "", "policy directory does not exist")])
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def content_hash(directory: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    for path in bundle_files(directory):
+        data = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return digest.hexdigest()
+
+
+def _usd_to_micros(text: str) -> int:
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise ValueError(f"{text!r} is not a decimal amount") from exc
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{text!r} must be a finite, non-negative amount")
+    micros = value * 1_000_000
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{text!r} has more than 6 fractional digits")
+    if micros > 10**15:
+        raise ValueError(f"{text!r} exceeds the supported maximum of 1,000,000,000 USD")
+    return int(micros)
+
+
+def _loc(err: Any) -> str:
+    return ".".join(str(x) for x in err["loc"])
+
+
+def _price(spec: PriceSpec) -> Price:
+    inp = parse_price(spec.input)
+    return Price(
+        input=inp,
+        output=parse_price(spec.output),
+        cached_input=parse_price(spec.cached_input) if spec.cached_input is not None else inp,
+        cache_write=parse_price(spec.cache_write) if spec.cache_write is not None else inp,
+    )
+
+
+def parse_documents(
+    files: Iterable[tuple[str, bytes]],
+) -> tuple[list[tuple[str, BaseModel]], list[Problem]]:
+    docs: list[tuple[str, BaseModel]] = []
+    problems: list[Problem] = []
+    for name, data in files:
+        if len(data) > MAX_FILE_BYTES:
+            problems.append(Problem(name, "", f"file is larger than {MAX_FILE_BYTES} bytes"))
+            continue
+        try:
+            raw = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            problems.append(Problem(name, "", f"not valid YAML: {exc}"))
+            continue
+        if not isinstance(raw, dict):
+            problems.append(Problem(name, "", "expected a YAML mapping with apiVersion and kind"))
+            continue
+        kind = raw.get("kind")
+        if raw.get("apiVersion") != "keel.pdp/v1":
+            problems.append(
+                Problem(name, "apiVersion", f"must be 'keel.pdp/v1', got {raw.get('apiVersion')!r}")
+            )
+            continue
+        model = _KINDS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            problems.append(
+                Problem(name, "kind", f"must be one of {sorted(_KINDS)}, got {kind!r}")
+            )
+            continue
+        try:
+            docs.append((name, model.model_validate(raw)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(Problem(name, _loc(err), err["msg"]))
+    return docs, problems
+
+
+def compile_bundle(
+    files: list[tuple[str, bytes]], digest: str
+) -> PolicySnapshot:
+    docs, problems = parse_documents(files)
+    bundles = [(n, d) for n, d in docs if isinstance(d, BundleDoc)]
+    if not bundles and not any(p.field == "kind" for p in problems):
+        problems.append(Problem("<bundle>", "", "no file with kind: Bundle (revision, settings)"))
+    for name, _ in bundles[1:]:
+        first = bundles[0][0]
+        problems.append(Problem(name, "kind", f"a second Bundle document (first in {first})"))
+    bundle = bundles[0][1] if bundles else None
+    assert bundle is None or isinstance(bundle, BundleDoc)
+
+    exception_paths = {e.name: e.approver_role for e in bundle.exception_paths} if bundle else {}
+
+    prices: dict[tuple[str, str], ModelPrice] = {}
+    price_revisions: list[str] = []
+    for name, doc in docs:
+        if not isinstance(doc, PriceTableDoc):
+            continue
+        price_revisions.append(doc.revision)
+        for provider, models in doc.providers.items():
+            for model_name, spec in models.items():
+                key = (provider, model_name)
+                if key in prices:
+                    problems.append(
+                        Problem(name, f"providers.{provider}.{model_name}", "price defined twice")
+                    )
+                    continue
+                prices[key] = ModelPrice(provider, model_name, _price(spec), spec.max_output_tokens)
+
+    budgets: list[CompiledBudget] = []
+    seen_ids: dict[str, str] = {}
+    for name, doc in docs:
+        if not isinstance(doc, BudgetsDoc):
+            continue
+        for i, bspec in enumerate(doc.budgets):
+            where = f"budgets.{i}"
+            if bspec.id in seen_ids:
+                problems.append(
+                    Problem(name, f"{where}.id", f"budget id {bspec.id!r} already defined in "
+                            f"{seen_ids[bspec.id]}")
+                )
+                continue
+            seen_ids[bspec.id] = name
+            try:
+                limit = _usd_to_micros(bspec.cap_usd)
+            except ValueError as exc:
+                problems.append(Problem(name, f"{where}.cap_usd", str(exc)))
+                continue
+            if not valid_timezone(bspec.timezone):
+                problems.append(
+                    Problem(name, f"{where}.timezone",
+                            f"unknown or non-whole-hour timezone {bspec.timezone!r}")
+                )
+                continue
+            if bspec.exception_path and bspec.exception_path not in exception_paths:
+                problems.append(
+                    Problem(name, f"{where}.exception_path",
+                            f"exception path {bspec.exception_path!r} is not declared in the "
+                            "Bundle's exception_paths")
+                )
+            if len(set(bspec.per)) != len(bspec.per):
+                problems.append(Problem(name, f"{where}.per", "a dimension is listed twice"))
+            sc = bspec.scope
+            scope = (sc.tenant, sc.workload, sc.model, sc.provider)
+            budgets.append(
+                CompiledBudget(
+                    id=bspec.id,
+                    scope=scope,
+                    per=tuple(DIMENSIONS.index(d) for d in bspec.per),
+                    window=bspec.window,
+                    timezone=bspec.timezone,
+                    limit_micros=limit,
+                    enforce=bspec.mode == "enforce",
+                    fail_open=bspec.fail_mode == "open",
+                    exception_path=bspec.exception_path,
+                    description=bspec.description,
+                )
+            )
+
+    routes: list[CompiledRoute] = []
+    route_ids: set[str] = set()
+    for name, doc in docs:
+        if not isinstance(doc, RoutesDoc):
+            continue
+        for i, rule in enumerate(doc.rules):
+            if rule.id in route_ids:
+                problems.append(Problem(name, f"rules.{i}.id", f"rule id {rule.id!r} repeated"))
+                continue
+            route_ids.add(rule.id)
+            if rule.scope.model != "*" or rule.scope.provider != "*":
+                problems.append(
+                    Problem(name, f"rules.{i}.scope",
+                            "route scopes name tenant and workload only")
+                )
+                continue
+            allowed: set[tuple[str, str]] = set()
+            for j, entry in enumerate(rule.allowed_models):
+                provider, sep, model_name = entry.partition("/")
+                if not sep or not provider or not model_name:
+                    problems.append(
+                        Problem(name, f"rules.{i}.allowed_models.{j}",
+                                f"{entry!r} must be 'provider/model' or 'provider/*'")
+                    )
+                    continue
+                allowed.add((provider, model_name))
+            routes.append(
+                CompiledRoute(rule.id, (rule.scope.tenant, rule.scope.workload), frozenset(allowed))
+            )
+
+    if problems or bundle is None:
+        raise PolicyError(problems)
+
+    settings = bundle.settings
+    fallback = (
+        ModelPrice("*", "*", _price(settings.fallback_price),
+                   settings.fallback_price.max_output_tokens)
+        if settings.fallback_price
+        else None
+    )
+    return PolicySnapshot(
+        revision=bundle.revision,
+        content_hash=digest,
+        price_revision="+".join(sorted(price_revisions)) or "none",
+        settings=Settings(
+            hold_ttl_seconds=settings.hold_ttl_seconds,
+            min_output_tokens=settings.min_output_tokens,
+            allow_constrain=settings.allow_constrain,
+            fallback_price=fallback,
+            permit_retention_seconds=settings.permit_retention_seconds,
+            idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        ),
+        prices=prices,
+        budgets=tuple(budgets),
+        routes=tuple(routes),
+        exception_paths=exception_paths,
+        files=tuple(n for n, _ in files),
+    )
+
+
+def load_bundle(directory: pathlib.Path | str) -> PolicySnapshot:
+    """Read, validate and compile the bundle in ``directory`` (raises PolicyError)."""
+    path = pathlib.Path(directory)
+    files: list[tuple[str, bytes]] = []
+    for p in bundle_files(path):
+        try:
+            files.append((p.name, p.read_bytes()))
+        except OSError as exc:
+            raise PolicyError([Problem(p.name, "", f"cannot read: {exc}")]) from exc
+    digest = hashlib.sha256()
+    for name, data in files:
+        digest.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return compile_bundle(files, digest.hexdigest())

@@ -1,0 +1,130 @@
+"""The compiled, immutable policy snapshot that every decision reads.
+
+Matching is a constant number of dictionary look-ups (one per combination of
+exact and wildcard dimensions), so it does not slow down as the bundle grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+
+from keel_pdp.pricing import Price
+from keel_pdp.windows import WindowKind
+
+DIMENSIONS = ("tenant", "workload", "model", "provider")
+WILDCARD = "*"
+# Which dimensions of a (tenant, workload, model, provider) request to replace
+# by the wildcard for each of the 16 index probes.
+_MASKS = tuple(product((False, True), repeat=4))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledBudget:
+    id: str
+    scope: tuple[str, str, str, str]
+    per: tuple[int, ...]  # indexes into DIMENSIONS
+    window: WindowKind
+    timezone: str
+    limit_micros: int
+    enforce: bool
+    fail_open: bool
+    exception_path: str
+    description: str = ""
+
+    @property
+    def scope_text(self) -> str:
+        text = " ".join(f"{d}={v}" for d, v in zip(DIMENSIONS, self.scope, strict=True))
+        if self.per:
+            text += " per " + ",".join(DIMENSIONS[i] for i in self.per)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    provider: str
+    model: str
+    price: Price
+    max_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    id: str
+    scope: tuple[str, str]  # tenant, workload
+    allowed: frozenset[tuple[str, str]]  # (provider, model) with "*" model wildcard
+
+    def allows(self, provider: str, model: str) -> bool:
+        return (provider, model) in self.allowed or (provider, WILDCARD) in self.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    hold_ttl_seconds: int
+    min_output_tokens: int
+    allow_constrain: bool
+    fallback_price: ModelPrice | None
+    permit_retention_seconds: int
+    idempotency_ttl_seconds: int
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    revision: str
+    content_hash: str
+    price_revision: str
+    settings: Settings
+    prices: dict[tuple[str, str], ModelPrice]
+    budgets: tuple[CompiledBudget, ...]
+    routes: tuple[CompiledRoute, ...]
+    exception_paths: dict[str, str]  # name -> approver role
+    files: tuple[str, ...] = ()
+    _budget_index: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
+        default_factory=dict, repr=False
+    )
+    _route_index: dict[tuple[str, str], tuple[CompiledRoute, ...]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        bidx: dict[tuple[str, str, str, str], list[CompiledBudget]] = {}
+        for b in self.budgets:
+            bidx.setdefault(b.scope, []).append(b)
+        self._budget_index.update({k: tuple(v) for k, v in bidx.items()})
+        ridx: dict[tuple[str, str], list[CompiledRoute]] = {}
+        for r in self.routes:
+            ridx.setdefault(r.scope, []).append(r)
+        self._route_index.update({k: tuple(v) for k, v in ridx.items()})
+
+    @property
+    def policy_revision(self) -> str:
+        return f"{self.revision}@{self.content_hash[:12]}"
+
+    def match_budgets(
+        self, tenant: str, workload: str, model: str, provider: str
+    ) -> tuple[CompiledBudget, ...]:
+        values = (tenant, workload, model, provider)
+        found: list[CompiledBudget] = []
+        seen: set[tuple[str, str, str, str]] = set()
+        index = self._budget_index
+        for mask in _MASKS:
+            key = tuple(WILDCARD if m else v for m, v in zip(mask, values, strict=True))
+            if key in seen:
+                continue
+            seen.add(key)  # type: ignore[arg-type]
+            hit = index.get(key)  # type: ignore[arg-type]
+            if hit:
+                found.extend(hit)
+        found.sort(key=lambda b: b.id)
+        return tuple(found)
+
+    def match_routes(self, tenant: str, workload: str) -> tuple[CompiledRoute, ...]:
+        """Most specific first: (tenant, workload), (tenant, *), (*, workload), (*, *)."""
+        out: list[CompiledRoute] = []
+        for key in ((tenant, workload), (tenant, WILDCARD), (WILDCARD, workload),
+                    (WILDCARD, WILDCARD)):
+            out.extend(self._route_index.get(key, ()))
+        return tuple(out)
+
+    def price_for(self, provider: str, model: str) -> ModelPrice | None:
+        return self.prices.get((provider, model))

@@ -1,0 +1,132 @@
+"""Usage normalisation and exact cost.
+
+Prices are decimal strings in USD per million tokens. A USD price per million
+tokens is numerically the price in micro-USD per token, so with at most six
+fractional digits every price is an integer number of pico-USD per token and
+every cost is an exact integer sum, rounded once (up) to micro-USD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+PICO_PER_MICRO = 1_000_000
+# Guards that keep every intermediate product below 2**53, so the Lua scripts
+# (doubles only) compute the same exact integers as Python.
+MAX_PRICE_PICO_PER_TOKEN = 1_000_000_000  # $1,000 per million tokens
+MAX_TOKENS = 2_000_000
+
+
+class PriceError(ValueError):
+    """A price string that cannot be represented exactly."""
+
+
+def parse_price(text: str) -> int:
+    """USD-per-million-tokens decimal string -> integer pico-USD per token."""
+    if not isinstance(text, str):
+        raise PriceError("price must be a decimal string such as \"2.50\", not a number")
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise PriceError(f"price {text!r} is not a decimal number") from exc
+    if not value.is_finite() or value < 0:
+        raise PriceError(f"price {text!r} must be a finite, non-negative decimal")
+    scaled = value * PICO_PER_MICRO
+    if scaled != scaled.to_integral_value():
+        raise PriceError(f"price {text!r} has more than 6 fractional digits")
+    pico = int(scaled)
+    if pico > MAX_PRICE_PICO_PER_TOKEN:
+        raise PriceError(f"price {text!r} exceeds the supported maximum of 1000 USD per 1M tokens")
+    return pico
+
+
+def format_pico_price(pico: int) -> str:
+    """Integer pico-USD per token -> USD per million tokens as a decimal string."""
+    return str((Decimal(pico) / PICO_PER_MICRO).normalize())
+
+
+def ceil_div(num: int, den: int) -> int:
+    return -(-num // den)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Integer pico-USD per token for each token type of one model."""
+
+    input: int
+    cached_input: int
+    cache_write: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Provider-reported usage in Keel's convention.
+
+    ``input_tokens`` counts every input token the provider processed, including
+    cache reads and cache writes (OpenAI's ``prompt_tokens`` convention; for
+    Anthropic send ``input_tokens + cache_read_input_tokens +
+    cache_creation_input_tokens``). ``output_tokens`` includes reasoning tokens.
+    """
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for name in (
+            "input_tokens",
+            "cached_input_tokens",
+            "cache_write_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+        ):
+            value = getattr(self, name)
+            if value < 0:
+                out.append(f"usage.{name} must not be negative (got {value})")
+            elif value > 100 * MAX_TOKENS:
+                out.append(f"usage.{name} is implausibly large (got {value})")
+        if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens:
+            out.append(
+                "usage.cached_input_tokens + usage.cache_write_tokens exceed usage.input_tokens "
+                "(input_tokens must include cached and cache-write tokens)"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            out.append("usage.reasoning_tokens exceed usage.output_tokens (output includes them)")
+        return out
+
+
+def usage_cost_pico(price: Price, usage: TokenUsage) -> int:
+    fresh = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    return (
+        fresh * price.input
+        + usage.cached_input_tokens * price.cached_input
+        + usage.cache_write_tokens * price.cache_write
+        + usage.output_tokens * price.output
+    )
+
+
+def usage_cost_micros(price: Price, usage: TokenUsage) -> int:
+    return ceil_div(usage_cost_pico(price, usage), PICO_PER_MICRO)
+
+
+def estimate_cost_micros(price: Price, input_tokens: int, output_tokens: int) -> int:
+    return ceil_div(input_tokens * price.input + output_tokens * price.output, PICO_PER_MICRO)
+
+
+def max_output_tokens_within(price: Price, input_tokens: int, headroom_micros: int) -> int:
+    """Largest k with estimate_cost_micros(price, input_tokens, k) <= headroom (-1 if none).
+
+    The Lua hold script computes the same figure; this is the reference the
+    tests compare it with.
+    """
+    budget_pico = headroom_micros * PICO_PER_MICRO - input_tokens * price.input
+    if budget_pico < 0:
+        return -1
+    if price.output == 0:
+        return MAX_TOKENS
+    return budget_pico // price.output

@@ -1,0 +1,1 @@
+"""gRPC transport: servicers, health, reflection; protobuf converted here only."""

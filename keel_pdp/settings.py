@@ -1,0 +1,86 @@
+"""Runtime settings: command-line flags, each with an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_METRICS_PORT = 9464
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    policies: str
+    redis_url: str
+    listen: str
+    metrics_port: int
+    metrics_host: str
+    store_timeout_ms: int
+    key_prefix: str
+    sweep_interval_s: float
+    reload_interval_s: float
+    log_level: str
+    grace_s: float
+
+    def validate(self) -> ServeSettings:
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(
+                f"--redis-url {self.redis_url!r}: scheme must be redis://, rediss:// or unix://")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise SettingsError(f"--listen {self.listen!r} must be HOST:PORT")
+        if not 0 <= self.metrics_port < 65536:
+            raise SettingsError(f"--metrics-port {self.metrics_port} is not a port (0 disables)")
+        if not 1 <= self.store_timeout_ms <= 5000:
+            raise SettingsError("--store-timeout-ms must be between 1 and 5000")
+        return self
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", default=_env("KEEL_POLICIES", "policies"),
+                   help="policy bundle directory (env KEEL_POLICIES, default ./policies)")
+    p.add_argument("--redis-url", default=_env("KEEL_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis URL: redis://, rediss:// (TLS) or unix:// (env KEEL_REDIS_URL)")
+    p.add_argument("--listen", default=_env("KEEL_LISTEN", DEFAULT_LISTEN),
+                   help=f"gRPC HOST:PORT (env KEEL_LISTEN, default {DEFAULT_LISTEN})")
+    p.add_argument("--metrics-port", type=int,
+                   default=int(_env("KEEL_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
+                   help="Prometheus /metrics port, 0 disables (env KEEL_METRICS_PORT)")
+    p.add_argument("--metrics-host", default=_env("KEEL_METRICS_HOST", "127.0.0.1"),
+                   help="address the metrics endpoint binds (env KEEL_METRICS_HOST)")
+    p.add_argument("--store-timeout-ms", type=int,
+                   default=int(_env("KEEL_STORE_TIMEOUT_MS", "25")),
+                   help="budget store call timeout in ms (env KEEL_STORE_TIMEOUT_MS, default 25)")
+    p.add_argument("--key-prefix", default=_env("KEEL_KEY_PREFIX", "keel"),
+                   help="Redis key prefix (env KEEL_KEY_PREFIX)")
+    p.add_argument("--sweep-interval", type=float,
+                   default=float(_env("KEEL_SWEEP_INTERVAL", "1.0")),
+                   help="seconds between expiry sweeps (env KEEL_SWEEP_INTERVAL)")
+    p.add_argument("--reload-interval", type=float,
+                   default=float(_env("KEEL_RELOAD_INTERVAL", "2.0")),
+                   help="seconds between policy directory checks (env KEEL_RELOAD_INTERVAL)")
+    p.add_argument("--log-level", default=_env("KEEL_LOG_LEVEL", "INFO"))
+    p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
+                   help="seconds in-flight RPCs get to finish on SIGTERM")
+
+
+def serve_settings(ns: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        policies=ns.policies, redis_url=ns.redis_url, listen=ns.listen,
+        metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
+        store_timeout_ms=ns.store_timeout_ms, key_prefix=ns.key_prefix,
+        sweep_interval_s=ns.sweep_interval, reload_interval_s=ns.reload_interval,
+        log_level=ns.log_level.upper(), grace_s=ns.grace,
+    ).validate()

@@ -1,0 +1,57 @@
+"""Calendar budget windows (hourly, daily, monthly) in a budget's timezone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+WindowKind = Literal["hourly", "daily", "monthly"]
+
+
+@lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+@lru_cache(maxsize=4096)
+def _bounds_cached(kind: WindowKind, tz: str, bucket: int) -> tuple[int, int]:
+    # bucket is the hour (epoch ms // 3.6e6): windows never start inside an hour
+    # for the zones we accept, so all instants in one hour share a window.
+    now = datetime.fromtimestamp(bucket * 3600, tz=_zone(tz))
+    if kind == "hourly":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        end = start + timedelta(hours=1)
+    elif kind == "daily":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=1, hours=3)).replace(hour=0)
+    else:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1, hour=0)
+    # Re-localise so DST changes inside the window give the right UTC instants.
+    zone = _zone(tz)
+    start = start.replace(tzinfo=None).replace(tzinfo=zone)
+    end = end.replace(tzinfo=None).replace(tzinfo=zone)
+    return _ms(start.astimezone(UTC)), _ms(end.astimezone(UTC))
+
+
+def window_bounds(kind: WindowKind, now_ms: int, tz: str = "UTC") -> tuple[int, int]:
+    """[start_ms, end_ms) of the window of ``kind`` containing ``now_ms``."""
+    return _bounds_cached(kind, tz, now_ms // 3_600_000)
+
+
+def valid_timezone(name: str) -> bool:
+    try:
+        zone = _zone(name)
+    except Exception:
+        return False
+    # Zones whose offset is not a whole number of hours would split an hour
+    # across two windows; reject them rather than mis-bucket.
+    probe = datetime(2026, 1, 1, tzinfo=zone).utcoffset()
+    probe2 = datetime(2026, 7, 1, tzinfo=zone).utcoffset()
+    return all(p is not None and p.total_seconds() % 3600 == 0 for p in (probe, probe2))
