@@ -5,14 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from keel_pdp.settings import ServeSettings, SettingsError, add_serve_arguments, serve_settings
 
 log = logging.getLogger("keel_pdp")
+
+# Each module here defines ``register(subparsers)``, adding sub-commands whose
+# parsers set ``func`` (called with the parsed namespace, returns an exit code).
+COMMAND_MODULES = (
+    "keel_pdp.ledger.commands",
+    "keel_pdp.reconcile.commands",
+    "keel_pdp.mesh.commands",
+    "keel_pdp.policy.commands",
+)
 
 
 async def serve(s: ServeSettings) -> int:
@@ -29,7 +41,11 @@ async def serve(s: ServeSettings) -> int:
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
                                  timeout_s=s.store_timeout_ms / 1000)
     engine = Engine(holder, store, metrics)
-    server, health, port = build_server(engine, metrics, s.listen)
+    extra: list[Any] = []
+    if importlib.util.find_spec("keel_pdp.mesh") is not None:
+        # Envoy ext_authz / ext_proc on the same port (see keel_pdp/mesh).
+        extra = importlib.import_module("keel_pdp.mesh").services(engine, metrics)
+    server, health, port = build_server(engine, metrics, s.listen, extra_services=extra)
     loop = asyncio.get_running_loop()
     draining = False
     background: set[asyncio.Task[None]] = set()
@@ -110,7 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     psub = p_policy.add_subparsers(dest="policy_command", required=True)
     p_check = psub.add_parser("check", help="validate a bundle offline (exit 1 on problems)")
     p_check.add_argument("directory")
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
     ns = parser.parse_args(argv)
+    if getattr(ns, "func", None) is not None:
+        return int(ns.func(ns))
 
     if ns.command == "serve":
         try:

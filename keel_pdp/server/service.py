@@ -85,6 +85,13 @@ class PdpServicer(pb_grpc.PolicyDecisionPointServicer):
             self._lat_void.observe(time.perf_counter() - t0)
 
 
+class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
+    async def Noop(
+        self, request: pb.NoopRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.NoopResponse:
+        return pb.NoopResponse()
+
+
 class Health:
     """Wraps the standard health servicer; '' and our service share one status."""
 
@@ -104,9 +111,11 @@ def build_server(engine: Engine, metrics: Metrics, listen: str, *,
     options = [("grpc.so_reuseport", 1 if reuse_port else 0)]
     server = grpc.aio.server(options=options)
     pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine, metrics), server)
+    pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     h = Health()
     health_pb2_grpc.add_HealthServicer_to_server(h.servicer, server)
-    names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    names = [SERVICE_NAME, pb.DESCRIPTOR.services_by_name["Diagnostics"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME]
     for add in extra_services or []:
         names.extend(add(server))

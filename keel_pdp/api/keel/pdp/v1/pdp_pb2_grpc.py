@@ -186,3 +186,81 @@ class PolicyDecisionPoint:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class DiagnosticsStub:
+    """Diagnostics served on the same port. Noop does no work at all: benchmarks
+    use it as the floor that Authorize and Closeout are measured against.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Noop = channel.unary_unary(
+                '/keel.pdp.v1.Diagnostics/Noop',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.NoopRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.NoopResponse.FromString,
+                _registered_method=True)
+
+
+class DiagnosticsServicer:
+    """Diagnostics served on the same port. Noop does no work at all: benchmarks
+    use it as the floor that Authorize and Closeout are measured against.
+    """
+
+    def Noop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DiagnosticsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Noop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Noop,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.NoopRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.NoopResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keel.pdp.v1.Diagnostics', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keel.pdp.v1.Diagnostics', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Diagnostics:
+    """Diagnostics served on the same port. Noop does no work at all: benchmarks
+    use it as the floor that Authorize and Closeout are measured against.
+    """
+
+    @staticmethod
+    def Noop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Diagnostics/Noop',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.NoopRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.NoopResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -87,3 +87,37 @@ class PolicyDecisionPointServicer(metaclass=_abc_1.ABCMeta):
         """Releases a hold whose provider call never happened. Idempotent by permit_id."""
 
 def add_PolicyDecisionPointServicer_to_server(servicer: PolicyDecisionPointServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class DiagnosticsStub:
+    """Diagnostics served on the same port. Noop does no work at all: benchmarks
+    use it as the floor that Authorize and Closeout are measured against.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DiagnosticsAsyncStub: ...
+    Noop: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.NoopRequest, _pdp_pb2.NoopResponse]
+
+@_typing.type_check_only
+class DiagnosticsAsyncStub(DiagnosticsStub):
+    """Diagnostics served on the same port. Noop does no work at all: benchmarks
+    use it as the floor that Authorize and Closeout are measured against.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Noop: _aio.UnaryUnaryMultiCallable[_pdp_pb2.NoopRequest, _pdp_pb2.NoopResponse]  # type: ignore[assignment]
+
+class DiagnosticsServicer(metaclass=_abc_1.ABCMeta):
+    """Diagnostics served on the same port. Noop does no work at all: benchmarks
+    use it as the floor that Authorize and Closeout are measured against.
+    """
+
+    @_abc_1.abstractmethod
+    def Noop(
+        self,
+        request: _pdp_pb2.NoopRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.NoopResponse, _abc.Awaitable[_pdp_pb2.NoopResponse]]: ...
+
+def add_DiagnosticsServicer_to_server(servicer: DiagnosticsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
