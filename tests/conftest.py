@@ -82,12 +82,12 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's real Redis, flushed before each test."""
     if redis_server.proc is None:
         redis_server.start()
     redis.Redis(port=redis_server.port).flushall()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture(params=["fakeredis", "redis"])
