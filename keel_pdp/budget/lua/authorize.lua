@@ -106,41 +106,47 @@ elseif may_constrain and headroom >= 0 then
   end
 end
 
-local res = {d = decision, pid = ARGV[1], exp = tonumber(ARGV[4]), amt = amount, k = k,
-  b = {}, shadow = {}}
+local figures, shadow, fail = {}, {}, nil
 if decision == 'DENY' then
   for i = 1, n do
-    res.b[i] = {settled[i], held[i]}
-    if res.fail == nil and enforce[i] and settled[i] + held[i] + full > limits[i] then
-      res.fail = i
+    figures[i] = {settled[i], held[i]}
+    if fail == nil and enforce[i] and settled[i] + held[i] + full > limits[i] then
+      fail = i
     end
   end
-  res.amt = full
-  res.k = cap
+  amount = full
+  k = cap
 else
   local keys = {}
-  local wx = {}
   for i = 1, n do
     local key = KEYS[4 + i]
     local h = redis.call('HINCRBY', key, 'h', amount)
     redis.call('EXPIREAT', key, wexp[i])
-    res.b[i] = {settled[i], h}
+    figures[i] = {settled[i], h}
     if (not enforce[i]) and settled[i] + h > limits[i] then
-      table.insert(res.shadow, i)
+      table.insert(shadow, i)
     end
     keys[i] = key
-    wx[i] = wexp[i]
   end
   local expires_at = tonumber(ARGV[4])
   redis.call('HSET', KEYS[2], 'state', 'held', 'amount', amount, 'est', amount,
-    'keys', table.concat(keys, '\n'), 'wx', table.concat(wx, ','),
+    'keys', table.concat(keys, '\n'), 'wx', table.concat(wexp, ','),
     'exp', expires_at, 'meta', ARGV[13])
   redis.call('EXPIREAT', KEYS[2], math.floor(expires_at / 1000) + tonumber(ARGV[6]))
   redis.call('ZADD', KEYS[3], expires_at, ARGV[1])
 end
-if #res.shadow == 0 then res.shadow = nil end
 
-local encoded = cjson.encode(res)
+-- Encoded by hand: cjson prints numbers with 14 significant digits, and budget
+-- figures can be larger; '%d' keeps every integer exact.
+local parts = {}
+for i = 1, n do
+  parts[i] = string.format('[%d,%d]', figures[i][1], figures[i][2])
+end
+local encoded = string.format('{"d":"%s","pid":"%s","exp":%d,"amt":%d,"k":%d,"b":[%s]',
+  decision, ARGV[1], tonumber(ARGV[4]), amount, k, table.concat(parts, ','))
+if fail ~= nil then encoded = encoded .. string.format(',"fail":%d', fail) end
+if #shadow > 0 then encoded = encoded .. ',"shadow":[' .. table.concat(shadow, ',') .. ']' end
+encoded = encoded .. '}'
 redis.call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', ARGV[1], 'ts', ARGV[3],
   'data', ARGV[12], 'res', encoded)
 -- A denial is not replayed: no hold was made, so a retry may simply decide again

@@ -1,0 +1,65 @@
+"""Builders for test policy bundles and engines."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import redis.asyncio as aioredis
+import yaml
+
+from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.store import BudgetStore
+from keel_pdp.engine import Engine
+from keel_pdp.metrics import Metrics
+from keel_pdp.policy.loader import load_bundle
+from keel_pdp.policy.reload import PolicyHolder
+
+PRICES: dict[str, Any] = {
+    "openai": {
+        "gpt-4o-mini": {"input": "0.15", "cached_input": "0.075", "output": "0.60",
+                        "max_output_tokens": 1000},
+        "gpt-4.1": {"input": "2.00", "cached_input": "0.50", "output": "8.00",
+                    "max_output_tokens": 1000},
+    },
+    "anthropic": {
+        "claude-sonnet-4-5": {"input": "3.00", "cached_input": "0.30", "cache_write": "3.75",
+                              "output": "15.00", "max_output_tokens": 1000},
+    },
+}
+
+
+def write_bundle(directory: pathlib.Path, budgets: list[dict[str, Any]], *,
+                 settings: dict[str, Any] | None = None,
+                 routes: list[dict[str, Any]] | None = None,
+                 prices: dict[str, Any] | None = None, revision: str = "test-r1",
+                 exception_paths: list[dict[str, Any]] | None = None) -> pathlib.Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    bundle: dict[str, Any] = {"apiVersion": "keel.pdp/v1", "kind": "Bundle",
+                              "revision": revision,
+                              "settings": {"min_output_tokens": 10, **(settings or {})},
+                              "exception_paths": exception_paths or [{"name": "finance-overage"}]}
+    (directory / "bundle.yaml").write_text(yaml.safe_dump(bundle))
+    (directory / "prices.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "keel.pdp/v1", "kind": "PriceTable", "revision": "p1",
+         "providers": prices or PRICES}))
+    (directory / "budgets.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "keel.pdp/v1", "kind": "Budgets", "budgets": budgets}))
+    if routes is not None:
+        (directory / "routes.yaml").write_text(yaml.safe_dump(
+            {"apiVersion": "keel.pdp/v1", "kind": "Routes", "rules": routes}))
+    return directory
+
+
+def budget(bid: str, cap_usd: str, **kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": bid, "cap_usd": cap_usd, "window": kw.pop("window", "daily")}
+    out.update(kw)
+    return out
+
+
+def make_engine(client: aioredis.Redis, bundle_dir: pathlib.Path,
+                timeout_s: float = 1.0) -> Engine:
+    holder = PolicyHolder(bundle_dir)
+    holder.set(load_bundle(bundle_dir))
+    store = BudgetStore(client, KeySpace("t"), timeout_s)
+    return Engine(holder, store, Metrics())
