@@ -27,6 +27,13 @@ COMMAND_MODULES = (
 )
 
 
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 async def serve(s: ServeSettings) -> int:
     from prometheus_client import start_http_server
 
@@ -42,7 +49,7 @@ async def serve(s: ServeSettings) -> int:
                                  timeout_s=s.store_timeout_ms / 1000)
     engine = Engine(holder, store, metrics)
     extra: list[Any] = []
-    if importlib.util.find_spec("keel_pdp.mesh") is not None:
+    if _available("keel_pdp.mesh"):
         # Envoy ext_authz / ext_proc on the same port (see keel_pdp/mesh).
         extra = importlib.import_module("keel_pdp.mesh").services(engine, metrics)
     server, health, port = build_server(engine, metrics, s.listen, extra_services=extra)
@@ -127,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = psub.add_parser("check", help="validate a bundle offline (exit 1 on problems)")
     p_check.add_argument("directory")
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
+        if _available(name):
             importlib.import_module(name).register(sub)
     ns = parser.parse_args(argv)
     if getattr(ns, "func", None) is not None:
