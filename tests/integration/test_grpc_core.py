@@ -7,6 +7,7 @@ import pathlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -55,7 +56,7 @@ async def sidecar_factory() -> AsyncIterator[list[Sidecar]]:
     made: list[Sidecar] = []
     yield made
     for s in made:
-        await s.channel.close()
+        await s.channel.close(None)
         await s.server.stop(0)
         await s.engine.store.close()
 
@@ -125,7 +126,8 @@ async def test_health_is_not_serving_until_policy_loaded_and_reflection_lists_se
     sc, _ = await start_sidecar(redis_url, None)
     sidecar_factory.append(sc)
     hstub = health_pb2_grpc.HealthStub(sc.channel)
-    got = await hstub.Check(health_pb2.HealthCheckRequest(service="keel.pdp.v1.PolicyDecisionPoint"))
+    got = await hstub.Check(
+        health_pb2.HealthCheckRequest(service="keel.pdp.v1.PolicyDecisionPoint"))
     assert got.status == health_pb2.HealthCheckResponse.NOT_SERVING
     r = await sc.stub.Authorize(areq("p"), timeout=5)
     assert r.decision == pb.DENY
@@ -189,7 +191,8 @@ async def test_redis_stopped_mid_test_gives_store_unavailable_in_time_then_recov
             assert c.status == pb.SETTLED
             await sc.engine.flush_outbox()
             assert sc.engine.outbox_len == 0
-            entries = await sc.engine.store.client.xrange(sc.engine.store.keys.stream)
+            client: Any = sc.engine.store.client
+            entries = await client.xrange(sc.engine.store.keys.stream)
             pids = [f[b"pid"].decode() for _, f in entries]
             assert opened.permit_id in pids
             assert pids.count(opened.permit_id) == 2  # decision (from outbox) + settlement

@@ -36,7 +36,8 @@ def _hold(pin: int, pout: int, tin: int, tout: int, limit: int, settled: int,
         window_expire_at_s=(4_000_000_000,))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pin=st.integers(0, MAX_PRICE_PICO_PER_TOKEN),
     pout=st.integers(0, MAX_PRICE_PICO_PER_TOKEN),

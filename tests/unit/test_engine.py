@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,7 +24,7 @@ def req(rid: str = "r1", tenant: str = "acme", workload: str = "chat",
 
 
 async def window(engine: Engine, budget_id: str, split: tuple[str, ...] = ()) -> tuple[int, int]:
-    client = engine.store.client
+    client: Any = engine.store.client
     keys = [k.decode() for k in await client.keys(f"*:b:{budget_id}:*")]
     matching = [k for k in keys if engine.store.keys.window(budget_id, split, 0).rsplit(":", 1)[0]
                 in k]
@@ -32,7 +33,8 @@ async def window(engine: Engine, budget_id: str, split: tuple[str, ...] = ()) ->
 
 
 async def events(engine: Engine) -> list[dict[str, str]]:
-    raw = await engine.store.client.xrange(engine.store.keys.stream)
+    client: Any = engine.store.client
+    raw = await client.xrange(engine.store.keys.stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in raw]
 
 
@@ -103,7 +105,7 @@ async def test_second_budget_full_means_nothing_is_held_in_the_first(
     assert reason.code is Code.BUDGET_EXHAUSTED and reason.budget_id == "b-narrow"
     assert reason.limit_micros == 100 and reason.requested_micros == 450
     assert reason.exception_path == "" and reason.retry_after_seconds > 0
-    keys = await aio_client.keys("*:b:a-wide:*")
+    keys: Any = await aio_client.keys("*:b:a-wide:*")
     assert keys == [] or await engine.store.window(keys[0].decode()) == (0, 0)
     ev = await events(engine)
     assert len(ev) == 1 and json.loads(ev[0]["res"])["d"] == "DENY"
@@ -232,7 +234,8 @@ async def test_invalid_requests_name_the_field(
     import dataclasses
 
     engine = make_engine(aio_client, bundle)
-    bad = dataclasses.replace(req(), **{field: value})
+    changes: dict[str, Any] = {field: value}
+    bad = dataclasses.replace(req(), **changes)
     with pytest.raises(InvalidRequest, match=message):
         await engine.authorize(bad)
     assert await events(engine) == []

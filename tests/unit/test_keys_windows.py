@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,8 +9,8 @@ from keel_pdp.budget.keys import KeySpace, enc
 from keel_pdp.windows import window_bounds
 
 
-def _ms(*args: int, tz: object = UTC) -> int:
-    return int(datetime(*args, tzinfo=tz).timestamp() * 1000)  # type: ignore[misc]
+def _ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, tz: tzinfo = UTC) -> int:
+    return int(datetime(y, mo, d, h, mi, tzinfo=tz).timestamp() * 1000)
 
 
 def test_special_characters_are_encoded_away() -> None:
