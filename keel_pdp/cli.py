@@ -73,6 +73,9 @@ async def serve(s: ServeSettings) -> int:
 
     holder.listeners.append(on_policy)
     await health.set(False)
+    if not await store.warm():
+        log.warning("budget store %s not reachable yet; decisions follow each budget's "
+                    "fail mode until it is", s.redis_url.split("@")[-1])
     holder.reload(force=True)
     if holder.current is None:
         log.error("no valid policy bundle in %s yet: health is NOT_SERVING, every Authorize "

@@ -11,11 +11,11 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from keel_pdp.policy.snapshot import CompiledBudget, ModelPrice, PolicySnapshot
-from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, ceil_div
+from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, Price, ceil_div
 
 MAX_NAME_BYTES = 128
 MAX_REQUEST_ID_BYTES = 128
@@ -41,6 +41,17 @@ class Code(StrEnum):
     SHADOW_BUDGET_EXCEEDED = "SHADOW_BUDGET_EXCEEDED"
     FALLBACK_PRICE_USED = "FALLBACK_PRICE_USED"
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    MODEL_REROUTED = "MODEL_REROUTED"
+    SHADOW_MODEL_NOT_ALLOWED = "SHADOW_MODEL_NOT_ALLOWED"
+    BUDGET_THRESHOLD_CROSSED = "BUDGET_THRESHOLD_CROSSED"
+    EXCEPTION_GRANT_APPLIED = "EXCEPTION_GRANT_APPLIED"
+
+
+# Reasons that explain an answer without blocking it.
+INFORMATIONAL = frozenset({
+    Code.SHADOW_BUDGET_EXCEEDED, Code.FALLBACK_PRICE_USED, Code.SHADOW_MODEL_NOT_ALLOWED,
+    Code.BUDGET_THRESHOLD_CROSSED, Code.EXCEPTION_GRANT_APPLIED,
+})
 
 
 class InvalidRequest(ValueError):
@@ -118,6 +129,20 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class Candidate:
+    """A model the request may be served by, with its exact cost shape."""
+
+    provider: str
+    model: str
+    price: ModelPrice
+    rate: Price  # the tier that applies to this request's input tokens
+    output_tokens: int
+    estimate_micros: int
+    target_idx: tuple[int, ...]  # indexes into Plan.targets
+    may_constrain: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     permit_id: str
     request: AuthorizeInput
@@ -130,11 +155,13 @@ class Plan:
     pre_reasons: tuple[Reason, ...]  # non-blocking notes (fallback price)
     denial: tuple[Reason, ...] = ()  # non-empty: deny without touching budgets
     fingerprint: str = ""
+    candidates: tuple[Candidate, ...] = ()
+    route_mode: str = "enforce"
+    rule_id: str = ""
 
     @property
-    def input_pico(self) -> int:
-        assert self.price is not None
-        return self.request.estimated_input_tokens * self.price.price.input
+    def observe(self) -> bool:
+        return self.route_mode == "observe"
 
     @property
     def expires_at_ms(self) -> int:
@@ -162,7 +189,7 @@ class Outcome:
     @property
     def primary_code(self) -> str:
         for r in self.reasons:
-            if r.code not in (Code.SHADOW_BUDGET_EXCEEDED, Code.FALLBACK_PRICE_USED):
+            if r.code not in INFORMATIONAL:
                 return str(r.code)
         return self.reasons[0].code if self.reasons else "NONE"
 
@@ -227,61 +254,103 @@ def _resolve_provider(snapshot: PolicySnapshot, req: AuthorizeInput) -> str:
     return providers[0] if providers else ""
 
 
+def _estimate(rate: Price, input_tokens: int, output_tokens: int) -> int:
+    return ceil_div(input_tokens * rate.input + output_tokens * rate.output, PICO_PER_MICRO)
+
+
 def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int,
          permit_id: str | None = None) -> Plan:
     """What to check and hold for ``req`` (``req`` must already be validated)."""
     provider = _resolve_provider(snapshot, req)
     pid = permit_id or new_permit_id(now_ms)
-    base = {"permit_id": pid, "snapshot": snapshot, "now_ms": now_ms,
-            "fingerprint": fingerprint(req)}
+    base: dict[str, object] = {"permit_id": pid, "snapshot": snapshot, "now_ms": now_ms,
+                               "fingerprint": fingerprint(req), "request": req}
+
+    def deny(reason: Reason, **kw: object) -> Plan:
+        return Plan(price=None, output_tokens=req.max_output_tokens, estimate_micros=0,
+                    targets=(), pre_reasons=(), denial=(reason,), **base, **kw)  # type: ignore[arg-type]
 
     routes = snapshot.match_routes(req.tenant, req.workload)
-    if routes:
-        # Only the most specific level of matching rules decides.
-        first = routes[0].scope
-        level = [r for r in routes if r.scope == first]
-        if not any(r.allows(provider, req.model) for r in level):
-            rule = level[0]
-            reason = Reason(
-                Code.MODEL_NOT_ALLOWED,
-                f"Routing rule {rule.id} does not allow {provider or '?'}/{req.model} for "
-                f"workload {req.workload}.",
-                rule_id=rule.id,
-            )
-            return Plan(request=req, price=None, output_tokens=req.max_output_tokens,
-                        estimate_micros=0, targets=(), pre_reasons=(), denial=(reason,),
-                        **base)  # type: ignore[arg-type]
+    # Only the most specific level of matching rules decides.
+    level = [r for r in routes if r.scope == routes[0].scope] if routes else []
+    rule = level[0] if level else None
+    mode = rule.mode if rule else "enforce"
+    rule_kw: dict[str, object] = {"route_mode": mode, "rule_id": rule.id if rule else ""}
 
-    price = snapshot.price_for(provider, req.model)
+    def allowed(p: str, m: str) -> bool:
+        return not level or any(r.allows(p, m) for r in level)
+
+    def priced(p: str, m: str) -> ModelPrice | None:
+        return snapshot.price_for(p, m, now_ms)
+
     pre: list[Reason] = []
+    primary = (provider, req.model)
+    chain = rule.chain if rule else ()
+    if mode == "prefer-cheap":
+        options = [primary, *[c for c in chain if c != primary]]
+        costed: list[tuple[int, int, tuple[str, str]]] = []
+        for p_, m_ in options:
+            mp = priced(p_, m_)
+            if mp is None or not allowed(p_, m_):
+                continue
+            out = req.max_output_tokens or mp.max_output_tokens
+            costed.append((_estimate(mp.for_input(req.estimated_input_tokens),
+                                     req.estimated_input_tokens, out), len(costed), (p_, m_)))
+        if costed:
+            primary = min(costed)[2]
+    if not allowed(*primary):
+        assert rule is not None
+        text = (f"Routing rule {rule.id} does not allow {provider or '?'}/{req.model} for "
+                f"workload {req.workload}.")
+        if mode != "observe":
+            return deny(Reason(Code.MODEL_NOT_ALLOWED, text, rule_id=rule.id), **rule_kw)
+        pre.append(Reason(Code.SHADOW_MODEL_NOT_ALLOWED, text + " (observe mode: not enforced)",
+                          rule_id=rule.id))
+
+    price = priced(*primary)
     if price is None:
         fb = snapshot.settings.fallback_price
         if fb is None:
-            reason = Reason(
+            return deny(Reason(
                 Code.UNKNOWN_MODEL_PRICE,
-                f"No price is known for {provider or '?'}/{req.model} and the policy names "
-                "no fallback price.",
-            )
-            return Plan(request=req, price=None, output_tokens=req.max_output_tokens,
-                        estimate_micros=0, targets=(), pre_reasons=(), denial=(reason,),
-                        **base)  # type: ignore[arg-type]
-        price = ModelPrice(provider, req.model, fb.price, fb.max_output_tokens)
+                f"No price is known for {primary[0] or '?'}/{primary[1]} and the policy names "
+                "no fallback price."), **rule_kw)
+        price = ModelPrice(primary[0], primary[1], fb.price, fb.max_output_tokens,
+                           tiers=fb.tiers)
         pre.append(Reason(Code.FALLBACK_PRICE_USED,
-                          f"{provider or '?'}/{req.model} has no price; the fallback price "
+                          f"{primary[0] or '?'}/{primary[1]} has no price; the fallback price "
                           "was used."))
 
-    out_tokens = req.max_output_tokens or price.max_output_tokens
-    estimate = ceil_div(
-        req.estimated_input_tokens * price.price.input + out_tokens * price.price.output,
-        PICO_PER_MICRO,
-    )
-    values = (req.tenant, req.workload, req.model, provider)
-    targets = []
-    for b in snapshot.match_budgets(req.tenant, req.workload, req.model, provider):
-        start, end = _window(b, now_ms)
-        targets.append(Target(b, tuple(values[i] for i in b.per), start, end))
-    return Plan(request=req, price=price, output_tokens=out_tokens, estimate_micros=estimate,
-                targets=tuple(targets), pre_reasons=tuple(pre), **base)  # type: ignore[arg-type]
+    options_: list[ModelPrice] = [price]
+    if mode == "enforce" and primary in chain:
+        for p_, m_ in chain[chain.index(primary) + 1:]:
+            mp = priced(p_, m_)
+            if mp is not None and allowed(p_, m_):
+                options_.append(mp)
+
+    targets: list[Target] = []
+    index: dict[tuple[str, tuple[str, ...]], int] = {}
+    cands: list[Candidate] = []
+    for n, mp in enumerate(options_):
+        values = (req.tenant, req.workload, mp.model, mp.provider)
+        idx = []
+        for b in snapshot.match_budgets(*values):
+            split = tuple(values[i] for i in b.per)
+            key = (b.id, split)
+            if key not in index:
+                start, end = _window(b, now_ms)
+                index[key] = len(targets)
+                targets.append(Target(b, split, start, end))
+            idx.append(index[key])
+        rate = mp.for_input(req.estimated_input_tokens)
+        out = req.max_output_tokens or mp.max_output_tokens
+        cands.append(Candidate(mp.provider, mp.model, mp, rate, out,
+                               _estimate(rate, req.estimated_input_tokens, out), tuple(idx),
+                               n == 0 and snapshot.settings.allow_constrain))
+    first = cands[0]
+    return Plan(price=first.price, output_tokens=first.output_tokens,
+                estimate_micros=first.estimate_micros, targets=tuple(targets),
+                pre_reasons=tuple(pre), candidates=tuple(cands), **base, **rule_kw)  # type: ignore[arg-type]
 
 
 def _window(b: CompiledBudget, now_ms: int) -> tuple[int, int]:
@@ -309,9 +378,19 @@ def event_data(p: Plan) -> str:
         "now": p.now_ms,
         "exp": p.expires_at_ms,
     }
-    if p.price:
-        data["price"] = [p.price.price.input, p.price.price.cached_input,
-                         p.price.price.cache_write, p.price.price.output]
+    if p.candidates:
+        r = p.candidates[0].rate
+        data["price"] = [r.input, r.cached_input, r.cache_write, r.output]
+    if len(p.candidates) > 1 or (p.candidates and p.candidates[0].model != req.model):
+        data["cands"] = [
+            {"p": c.provider, "m": c.model, "est": c.estimate_micros, "out": c.output_tokens,
+             "price": [c.rate.input, c.rate.cached_input, c.rate.cache_write, c.rate.output],
+             "budgets": list(c.target_idx)}
+            for c in p.candidates
+        ]
+    if p.rule_id:
+        data["rule"] = p.rule_id
+        data["mode"] = p.route_mode
     if req.labels:
         data["labels"] = dict(req.labels)
     if p.targets:
@@ -345,18 +424,24 @@ def _usd(micros: int) -> str:
 
 def _base_outcome(p: Plan, decision: DecisionKind, **kw: object) -> Outcome:
     price = p.price
+    kw.setdefault("model", p.request.model)
+    kw.setdefault("provider", price.provider if price else p.request.provider)
+    kw.setdefault("matched_budgets", tuple(t.budget.id for t in p.targets))
     return Outcome(
         decision=decision, permit_id=kw.pop("permit_id", p.permit_id),  # type: ignore[arg-type]
         policy_revision=p.snapshot.policy_revision, price_revision=p.snapshot.price_revision,
         estimated_cost_micros=kw.pop("estimated_cost_micros", p.estimate_micros),  # type: ignore[arg-type]
         max_output_tokens=kw.pop("max_output_tokens", p.output_tokens),  # type: ignore[arg-type]
-        model=p.request.model, provider=price.provider if price else p.request.provider,
-        matched_budgets=tuple(t.budget.id for t in p.targets), **kw,  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
     )
 
 
 def denied_by_policy(p: Plan) -> Outcome:
     return _base_outcome(p, DecisionKind.DENY, reasons=p.denial, estimated_cost_micros=0)
+
+
+def _ints(value: object) -> list[int]:
+    return [int(x) for x in value] if isinstance(value, list) else []
 
 
 def conclude(p: Plan, res: dict[str, object], replayed: bool = False) -> Outcome:
@@ -366,45 +451,89 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False) -> Outcome
     amount = int(res["amt"])  # type: ignore[call-overload]
     k = int(res["k"])  # type: ignore[call-overload]
     d = DecisionKind(str(res["d"]))
-    holds = []
-    for t, fig in zip(p.targets, figures, strict=False):
+    chosen = p.candidates[int(res.get("c", 1)) - 1]  # type: ignore[call-overload]
+    granted = _ints(res.get("gr")) or [0] * len(p.targets)
+
+    def limit(i: int) -> int:
+        return p.targets[i].budget.limit_micros + granted[i]
+
+    def figure(i: int) -> HoldFigure:
+        t = p.targets[i]
         b = t.budget
-        holds.append(HoldFigure(
-            b.id, b.scope_text, b.window, t.window_start_ms, t.window_end_ms, b.limit_micros,
-            int(fig[0]), int(fig[1]), "enforce" if b.enforce else "observe"))
+        return HoldFigure(b.id, b.scope_text, b.window, t.window_start_ms, t.window_end_ms,
+                          limit(i), int(figures[i][0]), int(figures[i][1]),
+                          "enforce" if b.enforce else "observe")
+
     reasons: list[Reason] = list(p.pre_reasons)
     if d is DecisionKind.DENY:
+        first = p.candidates[0]
+        holds = [figure(i) for i in first.target_idx]
         idx = res.get("fail")
         if isinstance(idx, int) and 1 <= idx <= len(p.targets):
             t = p.targets[idx - 1]
             s, h = int(figures[idx - 1][0]), int(figures[idx - 1][1])
-            room = t.budget.limit_micros - s - h
-            reasons.insert(0, _budget_reason(
+            room = limit(idx - 1) - s - h
+            tried = "" if len(p.candidates) == 1 else (
+                " No cheaper model of the downgrade chain fits either.")
+            reason = _budget_reason(
                 Code.BUDGET_EXHAUSTED, t, s, h, amount, p.now_ms,
                 f"Budget {t.budget.id} ({t.budget.window}) has {_usd(max(room, 0))} left of "
-                f"{_usd(t.budget.limit_micros)}; this request needs {_usd(amount)}."
+                f"{_usd(limit(idx - 1))}; this request needs {_usd(amount)}.{tried}"
                 + (f" Ask for an exception via {t.budget.exception_path}."
-                   if t.budget.exception_path else "")))
+                   if t.budget.exception_path else ""))
+            reasons.insert(0, replace(reason, limit_micros=limit(idx - 1),
+                                      rule_id=p.rule_id))
         return _base_outcome(p, d, reasons=tuple(reasons), holds=tuple(holds),
                              estimated_cost_micros=amount, replayed=replayed)
-    if d is DecisionKind.CONSTRAIN:
+    held_idx = [i - 1 for i in _ints(res.get("held"))] or list(chosen.target_idx)
+    holds = [figure(i) for i in held_idx]
+    if chosen.model != p.request.model or chosen.provider != (
+            p.request.provider or chosen.provider):
+        d = DecisionKind.CONSTRAIN
+        why = ("the routing rule prefers the cheapest model of its chain"
+               if p.route_mode == "prefer-cheap"
+               else "the requested model does not fit the remaining budget")
+        reasons.insert(0, Reason(
+            Code.MODEL_REROUTED,
+            f"Rerouted from {p.request.model} to {chosen.provider}/{chosen.model} because {why}.",
+            rule_id=p.rule_id, requested_micros=p.estimate_micros))
+    elif d is DecisionKind.CONSTRAIN:
         reasons.insert(0, Reason(
             Code.OUTPUT_TOKENS_CAPPED,
-            f"max_output_tokens reduced from {p.output_tokens} to {k} to fit the remaining "
-            "budget.", requested_micros=p.estimate_micros))
-    shadow = res.get("shadow") or []
-    assert isinstance(shadow, list)
-    for idx in shadow:
-        t = p.targets[int(idx) - 1]
-        fig = figures[int(idx) - 1]
-        reasons.append(_budget_reason(
+            f"max_output_tokens reduced from {chosen.output_tokens} to {k} to fit the remaining "
+            "budget.", requested_micros=chosen.estimate_micros))
+    for i in held_idx:
+        if granted[i]:
+            t = p.targets[i]
+            reasons.append(Reason(
+                Code.EXCEPTION_GRANT_APPLIED,
+                f"Budget {t.budget.id} is raised by {_usd(granted[i])} through an exception "
+                f"grant on {t.budget.exception_path}.", budget_id=t.budget.id,
+                limit_micros=limit(i), exception_path=t.budget.exception_path))
+    for idx in _ints(res.get("shadow")):
+        t = p.targets[idx - 1]
+        fig = figures[idx - 1]
+        reasons.append(replace(_budget_reason(
             Code.SHADOW_BUDGET_EXCEEDED, t, int(fig[0]), int(fig[1]) - amount, amount, p.now_ms,
-            f"Observe-mode budget {t.budget.id} would have blocked this request."))
+            f"Budget {t.budget.id} would have blocked this request "
+            f"({'observe-mode routing rule' if p.observe else 'observe-mode budget'})."),
+            limit_micros=limit(idx - 1)))
+    alerts = res.get("alerts") or []
+    assert isinstance(alerts, list)
+    for pair in alerts:
+        i, pct = int(pair[0]) - 1, int(pair[1])
+        t = p.targets[i]
+        reasons.append(replace(_budget_reason(
+            Code.BUDGET_THRESHOLD_CROSSED, t, int(figures[i][0]), int(figures[i][1]), amount,
+            p.now_ms, f"Budget {t.budget.id} crossed {pct}% of its cap in this window."),
+            limit_micros=limit(i)))
     exp = res.get("exp", p.expires_at_ms)
     return _base_outcome(
         p, d, reasons=tuple(reasons), holds=tuple(holds), estimated_cost_micros=amount,
         max_output_tokens=k, expires_at_ms=int(exp),  # type: ignore[call-overload]
-        replayed=replayed, permit_id=str(res.get("pid", p.permit_id)))
+        replayed=replayed, permit_id=str(res.get("pid", p.permit_id)),
+        model=chosen.model, provider=chosen.provider,
+        matched_budgets=tuple(p.targets[i].budget.id for i in held_idx))
 
 
 def without_store(p: Plan, code: Code = Code.STORE_UNAVAILABLE) -> Outcome:

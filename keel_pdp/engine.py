@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from keel_pdp import decision as dec
 from keel_pdp.budget.keys import PERMIT_ID_RE
-from keel_pdp.budget.store import BudgetStore, HoldRequest, StoreUnavailable
+from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, StoreUnavailable
 from keel_pdp.decision import AuthorizeInput, InvalidRequest, Outcome
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.policy.snapshot import ModelPrice
 from keel_pdp.pricing import Price, TokenUsage, usage_cost_micros
 
 log = logging.getLogger("keel_pdp.engine")
@@ -53,6 +54,30 @@ class VoidResult:
     status: str
     released_micros: int = 0
     state: str = ""
+
+
+def _permit_meta(req: AuthorizeInput, mp: ModelPrice, now: int) -> str:
+    def row(p: Price) -> list[int]:
+        return [p.input, p.cached_input, p.cache_write, p.output]
+
+    meta: dict[str, object] = {"t": req.tenant, "w": req.workload, "m": mp.model,
+                               "p": mp.provider, "ts": now, "price": row(mp.price)}
+    if mp.tiers:
+        meta["tiers"] = [[above, *row(price)] for above, price in mp.tiers]
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def _meta_price(meta: dict[str, object], input_tokens: int) -> Price:
+    """The rate the permit's model had when it was issued, for this input size."""
+    base = meta["price"]
+    assert isinstance(base, list)
+    chosen = Price(*[int(x) for x in base])
+    tiers = meta.get("tiers") or []
+    assert isinstance(tiers, list)
+    for tier in tiers:
+        if input_tokens > int(tier[0]):
+            chosen = Price(*[int(x) for x in tier[1:5]])
+    return chosen
 
 
 def _now_ms() -> int:
@@ -139,29 +164,33 @@ class Engine:
             self._record_degraded(p, data, out)
             return self._count(out)
 
-        price = p.price
-        assert price is not None
         keys = tuple(
             self.store.keys.window(t.budget.id, t.split, t.window_start_ms) for t in p.targets)
         retention = snapshot.settings.permit_retention_seconds
         wexp = tuple(t.window_end_ms // 1000 + retention for t in p.targets)
-        meta = json.dumps({"t": req.tenant, "w": req.workload, "m": price.model,
-                           "p": price.provider, "ts": now,
-                           "price": [price.price.input, price.price.cached_input,
-                                     price.price.cache_write, price.price.output]},
-                          separators=(",", ":"))
+        metas = [_permit_meta(req, c.price, now) for c in p.candidates]
         hold = HoldRequest(
             permit_id=p.permit_id,
             idempotency_key=self.store.keys.idempotency(req.tenant, req.request_id),
             fingerprint=p.fingerprint, now_ms=now, expires_at_ms=p.expires_at_ms,
             idempotency_ttl_s=snapshot.settings.idempotency_ttl_seconds,
-            permit_retention_s=retention, input_pico=p.input_pico,
-            output_price_pico=price.price.output, output_tokens=p.output_tokens,
-            min_output_tokens=snapshot.settings.min_output_tokens,
-            allow_constrain=snapshot.settings.allow_constrain, event_data=data,
-            permit_meta=meta, window_keys=keys,
+            permit_retention_s=retention,
+            min_output_tokens=snapshot.settings.min_output_tokens, event_data=data,
+            window_keys=keys,
+            grant_keys=tuple(self.store.keys.grants(t.budget.id, t.split) for t in p.targets),
             limits=tuple(t.budget.limit_micros for t in p.targets),
-            enforce=tuple(t.budget.enforce for t in p.targets), window_expire_at_s=wexp)
+            # Under an observe-mode routing rule nothing blocks; the script then
+            # reports the budgets that would have (shadow).
+            enforce=tuple(t.budget.enforce and not p.observe for t in p.targets),
+            window_expire_at_s=wexp,
+            thresholds=tuple(t.budget.thresholds for t in p.targets),
+            candidates=tuple(
+                HoldCandidate(
+                    input_pico=req.estimated_input_tokens * c.rate.input,
+                    output_price_pico=c.rate.output, output_tokens=c.output_tokens,
+                    may_constrain=c.may_constrain, permit_meta=meta,
+                    budget_indexes=c.target_idx)
+                for c, meta in zip(p.candidates, metas, strict=True)))
         t0 = time.perf_counter()
         try:
             res = await self.store.hold(hold, budget)
@@ -169,7 +198,9 @@ class Engine:
             self.metrics.store_errors.labels("authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
             out = dec.without_store(p)
-            self._record_degraded(p, data, out, keys, wexp, meta)
+            first = p.candidates[0].target_idx
+            self._record_degraded(p, data, out, tuple(keys[i] for i in first),
+                                  tuple(wexp[i] for i in first), metas[0])
             return self._count(out)
         finally:
             self.metrics.store_latency.labels("authorize").observe(time.perf_counter() - t0)
@@ -186,7 +217,13 @@ class Engine:
         else:
             out = dec.conclude(p, res)
         if out.decision is not dec.DecisionKind.DENY and not out.replayed:
-            self._remember(out.permit_id, CachedPermit(keys, json.loads(meta)))
+            c = int(res.get("c", 1))
+            held = [i - 1 for i in res.get("held") or []] or list(p.candidates[c - 1].target_idx)
+            self._remember(out.permit_id,
+                           CachedPermit(tuple(keys[i] for i in held), json.loads(metas[c - 1])))
+            for r in out.reasons:
+                if r.code is dec.Code.BUDGET_THRESHOLD_CROSSED:
+                    self.metrics.threshold_crossings.inc()
         if self._outbox:
             asyncio.get_running_loop().create_task(self.flush_outbox())
         return self._count(out)
@@ -228,7 +265,7 @@ class Engine:
                     self.metrics.closeouts.labels("UNKNOWN_PERMIT").inc()
                     return CloseoutResult("UNKNOWN_PERMIT")
                 cached = CachedPermit(rec.keys, rec.meta)
-            price = Price(*[int(x) for x in cached.meta["price"]])  # type: ignore[attr-defined]
+            price = _meta_price(cached.meta, usage.input_tokens)
             priced = usage_cost_micros(price, usage)
             actual = priced if provider_cost_micros is None else provider_cost_micros
             data = json.dumps({

@@ -37,6 +37,9 @@ class Metrics:
         self.store_errors = Counter(
             "keel_pdp_store_errors_total", "Budget store calls that failed or timed out.",
             ["script"], registry=r)
+        self.threshold_crossings = Counter(
+            "keel_pdp_budget_threshold_crossings_total",
+            "Soft budget thresholds crossed (each once per budget window).", registry=r)
         self.holds_expired = Counter(
             "keel_pdp_holds_expired_total", "Holds released by the expiry sweeper.", registry=r)
         self.correction = Counter(

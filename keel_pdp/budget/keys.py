@@ -38,6 +38,10 @@ class KeySpace:
     def permit(self, permit_id: str) -> str:
         return f"{self.base}permit:{permit_id}"
 
+    def grants(self, budget_id: str, split: tuple[str, ...]) -> str:
+        parts = ":".join(enc(v) for v in split)
+        return f"{self.base}grant:{budget_id}:{len(split)}:{parts}"
+
     def window(self, budget_id: str, split: tuple[str, ...], start_ms: int) -> str:
         parts = ":".join(enc(v) for v in split)
         return f"{self.base}b:{budget_id}:{len(split)}:{parts}:{start_ms}"

@@ -4,6 +4,11 @@ This is the only module that talks to Redis for holds. Each method is one
 script call (one round trip); every key a script touches is passed in KEYS.
 Any Redis failure or timeout surfaces as ``StoreUnavailable`` so the caller
 can apply the budgets' fail modes.
+
+The calls go through a small transport: the pipelined RESP client of
+``keel_pdp.budget.resp`` in production (``from_url``), or redis-py for a client
+handed in directly (fakeredis in unit tests, tools). ``client`` stays a
+redis-py client either way, for the non-hot-path ``window`` read.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.resp import RespClient, RespError
 
 
 class StoreUnavailable(Exception):
@@ -30,6 +37,18 @@ def _lua(name: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldCandidate:
+    """One way to serve the request: a model's cost shape and the budgets it needs."""
+
+    input_pico: int
+    output_price_pico: int
+    output_tokens: int
+    may_constrain: bool
+    permit_meta: str
+    budget_indexes: tuple[int, ...]  # 0-based indexes into HoldRequest.window_keys
+
+
+@dataclass(frozen=True, slots=True)
 class HoldRequest:
     permit_id: str
     idempotency_key: str
@@ -38,17 +57,15 @@ class HoldRequest:
     expires_at_ms: int
     idempotency_ttl_s: int
     permit_retention_s: int
-    input_pico: int
-    output_price_pico: int
-    output_tokens: int
     min_output_tokens: int
-    allow_constrain: bool
     event_data: str
-    permit_meta: str
     window_keys: tuple[str, ...]
+    grant_keys: tuple[str, ...]
     limits: tuple[int, ...]
     enforce: tuple[bool, ...]
     window_expire_at_s: tuple[int, ...]
+    thresholds: tuple[tuple[int, ...], ...]
+    candidates: tuple[HoldCandidate, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,26 +81,71 @@ def _decode(raw: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise StoreUnavailable(f"unexpected script answer {text[:80]!r}")
     # cjson encodes an empty Lua table as {} instead of [].
-    for k in ("b", "shadow"):
+    for k in ("b", "shadow", "held", "alerts"):
         if value.get(k) == {}:
             value[k] = []
     return value
 
 
+Arg = str | int
+
+
+class Transport(Protocol):
+    """What the store needs from a Redis client: scripts, plain commands, close."""
+
+    def script(self, source: str) -> Any: ...
+
+    async def eval_script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
+                          timeout_s: float) -> Any: ...
+
+    async def command(self, *args: Arg, timeout_s: float) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+class RedisPyTransport:
+    """redis-py (or fakeredis) behind the transport interface."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    def script(self, source: str) -> Any:
+        return self.client.register_script(source)
+
+    async def eval_script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
+                          timeout_s: float) -> Any:
+        return await asyncio.wait_for(script(keys=keys, args=args), timeout=timeout_s)
+
+    async def command(self, *args: Arg, timeout_s: float) -> Any:
+        return await asyncio.wait_for(
+            self.client.execute_command(*args),  # type: ignore[no-untyped-call]
+            timeout=timeout_s)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+_FAILURES = (TimeoutError, RedisError, RespError, OSError)
+
+
 class BudgetStore:
-    def __init__(self, client: aioredis.Redis, keys: KeySpace, timeout_s: float = 0.025) -> None:
+    def __init__(self, client: aioredis.Redis, keys: KeySpace, timeout_s: float = 0.025, *,
+                 transport: Transport | None = None) -> None:
         self.client = client
         self.keys = keys
         self.timeout_s = timeout_s
-        self._authorize = client.register_script(_lua("authorize.lua"))
-        self._closeout = client.register_script(_lua("closeout.lua"))
-        self._release = client.register_script(_lua("release.lua"))
-        self._record = client.register_script(_lua("record.lua"))
+        self.transport: Transport = transport or RedisPyTransport(client)
+        t = self.transport
+        self._authorize = t.script(_lua("authorize.lua"))
+        self._closeout = t.script(_lua("closeout.lua"))
+        self._release = t.script(_lua("release.lua"))
+        self._record = t.script(_lua("record.lua"))
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
-                 max_connections: int = 64) -> BudgetStore:
-        client = aioredis.Redis.from_url(
+                 max_connections: int = 64, client: str = "resp") -> BudgetStore:
+        """``client``: "resp" (pipelined, the default) or "redis-py" for every call."""
+        redis_py = aioredis.Redis.from_url(
             url,
             socket_timeout=max(timeout_s * 4, 0.25),
             socket_connect_timeout=max(timeout_s * 4, 0.25),
@@ -91,41 +153,67 @@ class BudgetStore:
             health_check_interval=0,
             retry_on_timeout=False,
         )
-        return cls(client, KeySpace(prefix), timeout_s)
+        if client == "redis-py":
+            return cls(redis_py, KeySpace(prefix), timeout_s)
+        if client != "resp":
+            raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
+        resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
+        return cls(redis_py, KeySpace(prefix), timeout_s, transport=resp)
 
     async def _run(self, coro: Any, timeout_s: float | None) -> Any:
-        budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        """Any other redis-py call, with the store's timeout and failure mapping."""
         try:
-            return await asyncio.wait_for(coro, timeout=max(budget, 0.001))
-        except (TimeoutError, RedisError, OSError) as exc:
+            return await asyncio.wait_for(coro, timeout=self._budget(timeout_s))
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _budget(self, timeout_s: float | None) -> float:
+        budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        return max(budget, 0.001)
+
+    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
+                      timeout_s: float | None) -> Any:
+        try:
+            return await self.transport.eval_script(script, keys, args, self._budget(timeout_s))
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _command(self, *args: Arg, timeout_s: float) -> Any:
+        try:
+            return await self.transport.command(*args, timeout_s=timeout_s)
+        except _FAILURES as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def hold(self, r: HoldRequest, timeout_s: float | None = None) -> dict[str, Any]:
         keys = [r.idempotency_key, self.keys.permit(r.permit_id), self.keys.expiries,
-                self.keys.stream, *r.window_keys]
+                self.keys.stream, *r.window_keys, *r.grant_keys]
         args: list[str | int] = [
             r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms, r.idempotency_ttl_s,
-            r.permit_retention_s, r.input_pico, r.output_price_pico, r.output_tokens,
-            r.min_output_tokens, 1 if r.allow_constrain else 0, r.event_data, r.permit_meta,
-            len(r.window_keys),
+            r.permit_retention_s, r.event_data, r.min_output_tokens, len(r.window_keys),
         ]
-        for limit, enforce, wx in zip(r.limits, r.enforce, r.window_expire_at_s, strict=True):
-            args.extend((limit, 1 if enforce else 0, wx))
-        return _decode(await self._run(self._authorize(keys=keys, args=args), timeout_s))
+        for limit, enforce, wx, th in zip(r.limits, r.enforce, r.window_expire_at_s,
+                                          r.thresholds, strict=True):
+            args.extend((limit, 1 if enforce else 0, wx, ",".join(str(t) for t in th)))
+        args.append(len(r.candidates))
+        for c in r.candidates:
+            args.extend((c.input_pico, c.output_price_pico, c.output_tokens,
+                         1 if c.may_constrain else 0, c.permit_meta, len(c.budget_indexes)))
+            args.extend(i + 1 for i in c.budget_indexes)
+        return _decode(await self._script(self._authorize, keys, args, timeout_s))
 
     async def settle(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                      actual_micros: int, event_data: str,
                      timeout_s: float | None = None) -> dict[str, Any]:
         keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries, *window_keys]
         args: list[str | int] = [permit_id, now_ms, actual_micros, event_data]
-        return _decode(await self._run(self._closeout(keys=keys, args=args), timeout_s))
+        return _decode(await self._script(self._closeout, keys, args, timeout_s))
 
     async def release(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                       target: str, event_data: str,
                       timeout_s: float | None = None) -> dict[str, Any]:
         keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries, *window_keys]
         args: list[str | int] = [permit_id, now_ms, target, event_data]
-        return _decode(await self._run(self._release(keys=keys, args=args), timeout_s))
+        return _decode(await self._script(self._release, keys, args, timeout_s))
 
     async def record(self, event_type: str, permit_id: str, ts_ms: int, event_data: str,
                      result: str, timeout_s: float | None = None, *,
@@ -133,13 +221,12 @@ class BudgetStore:
                      expire_at_s: tuple[int, ...] = ()) -> str:
         args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result, settle_micros]
         args.extend(expire_at_s)
-        out = await self._run(
-            self._record(keys=[self.keys.stream, *settle_keys], args=args), timeout_s)
+        out = await self._script(self._record, [self.keys.stream, *settle_keys], args, timeout_s)
         return out.decode() if isinstance(out, bytes) else str(out)
 
     async def permit(self, permit_id: str, timeout_s: float | None = None) -> PermitRecord | None:
-        raw = await self._run(
-            self.client.hmget(self.keys.permit(permit_id), "keys", "meta", "state"), timeout_s)
+        raw = await self._command("HMGET", self.keys.permit(permit_id), "keys", "meta", "state",
+                                  timeout_s=self._budget(timeout_s))
         if raw[0] is None:
             return None
         keys = tuple(raw[0].decode().split("\n")) if raw[0] else ()
@@ -147,23 +234,33 @@ class BudgetStore:
         return PermitRecord(keys, meta, raw[2].decode() if raw[2] else "")
 
     async def due_expiries(self, now_ms: int, limit: int = 200) -> list[str]:
-        raw = await self._run(
-            self.client.zrangebyscore(self.keys.expiries, "-inf", now_ms, start=0, num=limit),
-            max(self.timeout_s, 1.0))
+        raw = await self._command("ZRANGEBYSCORE", self.keys.expiries, "-inf", now_ms,
+                                  "LIMIT", 0, limit, timeout_s=max(self.timeout_s, 1.0))
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
     async def window(self, key: str) -> tuple[int, int]:
         raw = await self.client.hmget(key, "s", "h")
         return int(raw[0] or 0), int(raw[1] or 0)
 
+    async def warm(self) -> bool:
+        """Connect and load every script so the first decision pays for neither."""
+        try:
+            for name in ("authorize.lua", "closeout.lua", "release.lua", "record.lua"):
+                await self._command("SCRIPT", "LOAD", _lua(name), timeout_s=2.0)
+            return True
+        except StoreUnavailable:
+            return False
+
     async def ping(self) -> bool:
         try:
-            await self._run(self.client.ping(), max(self.timeout_s, 0.5))
+            await self._command("PING", timeout_s=max(self.timeout_s, 0.5))
             return True
         except StoreUnavailable:
             return False
 
     async def close(self) -> None:
+        if not isinstance(self.transport, RedisPyTransport):
+            await self.transport.close()
         await self.client.aclose()
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -21,12 +23,14 @@ from keel_pdp.policy.model import (
     BundleDoc,
     PriceSpec,
     PriceTableDoc,
+    PriceTier,
     RoutesDoc,
 )
 from keel_pdp.policy.snapshot import (
     DIMENSIONS,
     CompiledBudget,
     CompiledRoute,
+    ExceptionRule,
     ModelPrice,
     PolicySnapshot,
     Settings,
@@ -95,11 +99,31 @@ def _usd_to_micros(text: str) -> int:
     return int(micros)
 
 
+_UNION_TAG = re.compile(r"^(?:[A-Z]\w*|list\[.*\]|dict\[.*\])$")
+_SHAPE_ONLY = ("Input should be a valid list", "Input should be a valid dictionary")
+
+
 def _loc(err: Any) -> str:
-    return ".".join(str(x) for x in err["loc"])
+    # Union members show up as path parts ("PriceSpec", "list[PriceSpec]"); a
+    # reader wants the YAML path only.
+    return ".".join(str(x) for x in err["loc"] if not _UNION_TAG.match(str(x)))
 
 
-def _price(spec: PriceSpec) -> Price:
+def _validation_problems(name: str, exc: ValidationError) -> list[Problem]:
+    errors = exc.errors()
+    out: list[Problem] = []
+    for err in errors:
+        loc = _loc(err)
+        # For a union (one price or a list of prices) drop "wrong shape" noise
+        # when the other member has a precise complaint at the same place.
+        if err["msg"].startswith(_SHAPE_ONLY) and any(
+                _loc(o) != loc and _loc(o).startswith(loc) for o in errors):
+            continue
+        out.append(Problem(name, loc, err["msg"]))
+    return out
+
+
+def _price(spec: PriceSpec | PriceTier) -> Price:
     inp = parse_price(spec.input)
     return Price(
         input=inp,
@@ -141,8 +165,7 @@ def parse_documents(
         try:
             docs.append((name, model.model_validate(raw)))
         except ValidationError as exc:
-            for err in exc.errors():
-                problems.append(Problem(name, _loc(err), err["msg"]))
+            problems.extend(_validation_problems(name, exc))
     return docs, problems
 
 
@@ -159,26 +182,55 @@ def compile_bundle(
     bundle = bundles[0][1] if bundles else None
     assert bundle is None or isinstance(bundle, BundleDoc)
 
-    exception_paths = {e.name: e.approver_role for e in bundle.exception_paths} if bundle else {}
+    exception_paths: dict[str, ExceptionRule] = {}
+    for i, e in enumerate(bundle.exception_paths if bundle else []):
+        try:
+            overage = _usd_to_micros(e.max_overage_usd)
+        except ValueError as exc:
+            problems.append(Problem(bundles[0][0], f"exception_paths.{i}.max_overage_usd",
+                                    str(exc)))
+            continue
+        if e.name in exception_paths:
+            problems.append(Problem(bundles[0][0], f"exception_paths.{i}.name",
+                                    f"exception path {e.name!r} declared twice"))
+        exception_paths[e.name] = ExceptionRule(e.name, e.approver_role, overage,
+                                                e.max_duration_hours * 3600, e.description)
 
-    prices: dict[tuple[str, str], ModelPrice] = {}
+    prices: dict[tuple[str, str], tuple[ModelPrice, ...]] = {}
     price_revisions: list[str] = []
     for name, doc in docs:
         if not isinstance(doc, PriceTableDoc):
             continue
         price_revisions.append(doc.revision)
         for provider, models in doc.providers.items():
-            for model_name, spec in models.items():
+            for model_name, specs in models.items():
                 key = (provider, model_name)
+                where = f"providers.{provider}.{model_name}"
                 if key in prices:
-                    problems.append(
-                        Problem(name, f"providers.{provider}.{model_name}", "price defined twice")
-                    )
+                    problems.append(Problem(name, where, "price defined twice"))
                     continue
-                prices[key] = ModelPrice(provider, model_name, _price(spec), spec.max_output_tokens)
+                history = specs if isinstance(specs, list) else [specs]
+                dates = [sp.effective_from for sp in history]
+                if len(history) > 1 and (None in dates[1:] or
+                                         dates[1:] != sorted(set(d for d in dates[1:] if d))):
+                    problems.append(Problem(
+                        name, where, "a price history needs effective_from on every entry "
+                        "after the first, in ascending order"))
+                    continue
+                compiled = []
+                for sp in history:
+                    eff = 0
+                    if sp.effective_from is not None:
+                        eff = int(datetime(sp.effective_from.year, sp.effective_from.month,
+                                           sp.effective_from.day, tzinfo=UTC).timestamp() * 1000)
+                    tiers = tuple((t.above_input_tokens, _price(t)) for t in sp.tiers)
+                    compiled.append(ModelPrice(provider, model_name, _price(sp),
+                                               sp.max_output_tokens, eff, tiers))
+                prices[key] = tuple(sorted(compiled, key=lambda mp: mp.effective_from_ms))
 
     budgets: list[CompiledBudget] = []
     seen_ids: dict[str, str] = {}
+    specs_by_id: dict[str, tuple[str, str, tuple[str, str, str, str], str]] = {}
     for name, doc in docs:
         if not isinstance(doc, BudgetsDoc):
             continue
@@ -191,11 +243,9 @@ def compile_bundle(
                 )
                 continue
             seen_ids[bspec.id] = name
-            try:
-                limit = _usd_to_micros(bspec.cap_usd)
-            except ValueError as exc:
-                problems.append(Problem(name, f"{where}.cap_usd", str(exc)))
-                continue
+            limits = ([(lim.window, lim.cap_usd, f"{where}.limits.{j}.cap_usd")
+                       for j, lim in enumerate(bspec.limits)] if bspec.limits else
+                      [(bspec.window, bspec.cap_usd, f"{where}.cap_usd")])
             if not valid_timezone(bspec.timezone):
                 problems.append(
                     Problem(name, f"{where}.timezone",
@@ -212,20 +262,57 @@ def compile_bundle(
                 problems.append(Problem(name, f"{where}.per", "a dimension is listed twice"))
             sc = bspec.scope
             scope = (sc.tenant, sc.workload, sc.model, sc.provider)
-            budgets.append(
-                CompiledBudget(
-                    id=bspec.id,
-                    scope=scope,
-                    per=tuple(DIMENSIONS.index(d) for d in bspec.per),
-                    window=bspec.window,
-                    timezone=bspec.timezone,
-                    limit_micros=limit,
-                    enforce=bspec.mode == "enforce",
-                    fail_open=bspec.fail_mode == "open",
-                    exception_path=bspec.exception_path,
-                    description=bspec.description,
+            specs_by_id[bspec.id] = (name, where, scope, bspec.parent)
+            for window, cap, cap_where in limits:
+                assert window is not None
+                assert cap is not None
+                try:
+                    limit = _usd_to_micros(cap)
+                except ValueError as exc:
+                    problems.append(Problem(name, cap_where, str(exc)))
+                    continue
+                bid = bspec.id if not bspec.limits else f"{bspec.id}.{window}"
+                if bid in seen_ids and bspec.limits:
+                    problems.append(Problem(name, cap_where,
+                                            f"budget id {bid!r} collides with another budget"))
+                    continue
+                seen_ids[bid] = name
+                budgets.append(
+                    CompiledBudget(
+                        id=bid,
+                        scope=scope,
+                        per=tuple(DIMENSIONS.index(d) for d in bspec.per),
+                        window=window,
+                        timezone=bspec.timezone,
+                        limit_micros=limit,
+                        enforce=bspec.mode == "enforce",
+                        fail_open=bspec.fail_mode == "open",
+                        exception_path=bspec.exception_path,
+                        description=bspec.description,
+                        thresholds=tuple(sorted(set(bspec.thresholds))),
+                        parent=bspec.parent,
+                        spec_id=bspec.id,
+                    )
                 )
-            )
+    for bid, (name, where, scope, parent) in specs_by_id.items():
+        if not parent:
+            continue
+        if parent not in specs_by_id:
+            problems.append(Problem(name, f"{where}.parent", f"parent budget {parent!r} is not "
+                                    "defined"))
+            continue
+        pscope = specs_by_id[parent][2]
+        if any(pv != "*" and pv != cv for pv, cv in zip(pscope, scope, strict=True)):
+            problems.append(Problem(name, f"{where}.parent",
+                                    f"scope is not inside the scope of parent {parent!r}"))
+        seen = {bid}
+        cur = parent
+        while cur:
+            if cur in seen:
+                problems.append(Problem(name, f"{where}.parent", "parent chain has a cycle"))
+                break
+            seen.add(cur)
+            cur = specs_by_id[cur][3] if cur in specs_by_id else ""
 
     routes: list[CompiledRoute] = []
     route_ids: set[str] = set()
@@ -253,8 +340,24 @@ def compile_bundle(
                     )
                     continue
                 allowed.add((provider, model_name))
+            chain: list[tuple[str, str]] = []
+            for j, entry in enumerate(rule.downgrade):
+                provider, sep, model_name = entry.partition("/")
+                if not sep or not provider or not model_name or model_name == "*":
+                    problems.append(Problem(name, f"rules.{i}.downgrade.{j}",
+                                            f"{entry!r} must be 'provider/model'"))
+                    continue
+                if (provider, model_name) not in prices:
+                    problems.append(Problem(name, f"rules.{i}.downgrade.{j}",
+                                            f"{entry!r} has no price in the bundle"))
+                    continue
+                chain.append((provider, model_name))
+            if rule.mode == "prefer-cheap" and not chain:
+                problems.append(Problem(name, f"rules.{i}.downgrade",
+                                        "prefer-cheap needs a downgrade chain to choose from"))
             routes.append(
-                CompiledRoute(rule.id, (rule.scope.tenant, rule.scope.workload), frozenset(allowed))
+                CompiledRoute(rule.id, (rule.scope.tenant, rule.scope.workload),
+                              frozenset(allowed), rule.mode, tuple(chain))
             )
 
     if problems or bundle is None:
@@ -263,7 +366,9 @@ def compile_bundle(
     settings = bundle.settings
     fallback = (
         ModelPrice("*", "*", _price(settings.fallback_price),
-                   settings.fallback_price.max_output_tokens)
+                   settings.fallback_price.max_output_tokens,
+                   tiers=tuple((t.above_input_tokens, _price(t))
+                               for t in settings.fallback_price.tiers))
         if settings.fallback_price
         else None
     )

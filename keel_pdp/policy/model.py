@@ -7,9 +7,17 @@ settings), any number of ``PriceTable``, ``Budgets`` and ``Routes``.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from keel_pdp.pricing import parse_price
 
@@ -24,6 +32,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _decimal_string(value: object) -> object:
+    if value is None:
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"prices are decimal strings (write \"{value}\" in quotes); floats never hold money"
+        )
+    parse_price(value)
+    return value
+
+
+class PriceTier(_Strict):
+    """A context-length tier: requests with more input tokens than
+    ``above_input_tokens`` are priced entirely at these rates."""
+
+    above_input_tokens: int = Field(ge=1, le=2_000_000)
+    input: str
+    output: str
+    cached_input: str | None = None
+    cache_write: str | None = None
+
+    _check = field_validator("input", "output", "cached_input", "cache_write",
+                             mode="before")(_decimal_string)
+
+
 class PriceSpec(_Strict):
     """USD per million tokens, as decimal strings."""
 
@@ -32,25 +65,29 @@ class PriceSpec(_Strict):
     cached_input: str | None = None
     cache_write: str | None = None
     max_output_tokens: int = Field(default=4096, ge=1, le=2_000_000)
+    # From this UTC date on (inclusive); a model may list several prices.
+    effective_from: date | None = None
+    tiers: list[PriceTier] = []
 
-    @field_validator("input", "output", "cached_input", "cache_write", mode="before")
+    _check = field_validator("input", "output", "cached_input", "cache_write",
+                             mode="before")(_decimal_string)
+
+    @field_validator("tiers")
     @classmethod
-    def _decimal_string(cls, value: object) -> object:
-        if value is None:
-            return value
-        if not isinstance(value, str):
-            raise ValueError(
-                f"prices are decimal strings (write \"{value}\" in quotes); "
-                "floats never hold money"
-            )
-        parse_price(value)
-        return value
+    def _ascending(cls, tiers: list[PriceTier]) -> list[PriceTier]:
+        marks = [t.above_input_tokens for t in tiers]
+        if marks != sorted(set(marks)):
+            raise ValueError("tiers must have strictly ascending above_input_tokens")
+        return tiers
 
 
 class ExceptionPath(_Strict):
     name: Ident
     approver_role: str = "finance-owner"
     description: str = ""
+    # The most a single grant may raise a cap by, and for how long.
+    max_overage_usd: str = "0"
+    max_duration_hours: int = Field(default=72, ge=1, le=24 * 92)
 
 
 class BundleSettings(_Strict):
@@ -77,8 +114,8 @@ class PriceTableDoc(_Strict):
     apiVersion: Literal["keel.pdp/v1"]
     kind: Literal["PriceTable"]
     revision: Ident
-    # provider -> model -> price
-    providers: dict[Ident, dict[ScopeValue, PriceSpec]]
+    # provider -> model -> price, or a list of prices with effective_from dates
+    providers: dict[Ident, dict[ScopeValue, PriceSpec | list[PriceSpec]]]
 
 
 class Scope(_Strict):
@@ -88,6 +125,22 @@ class Scope(_Strict):
     provider: ScopeValue = "*"
 
 
+Window = Literal["hourly", "daily", "monthly"]
+
+
+def _cap_string(value: object) -> object:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"cap_usd is a decimal string (write \"{value}\" in quotes)")
+    return value
+
+
+class LimitSpec(_Strict):
+    window: Window
+    cap_usd: str
+
+    _check = field_validator("cap_usd", mode="before")(_cap_string)
+
+
 class BudgetSpec(_Strict):
     id: Ident
     description: str = ""
@@ -95,19 +148,34 @@ class BudgetSpec(_Strict):
     # Dimensions that get their own counter inside this budget: with
     # per: [tenant], every tenant matching the scope has its own cap.
     per: list[Dimension] = []
-    window: Literal["hourly", "daily", "monthly"]
-    cap_usd: str
+    # Either one window and cap, or several limits on the same scope
+    # ($10 per hour AND $200 per day AND $3,000 per month).
+    window: Window | None = None
+    cap_usd: str | None = None
+    limits: list[LimitSpec] = []
     mode: Literal["enforce", "observe"] = "enforce"
     fail_mode: Literal["open", "closed"] = "closed"
     exception_path: str = ""
     timezone: str = "UTC"
+    # Soft thresholds in percent of the cap: crossing one emits an alert event
+    # and a metric, once per window.
+    thresholds: list[Annotated[int, Field(ge=1, le=1000)]] = [80, 100]
+    # The budget this one sits under (org -> tenant -> workload -> model).
+    parent: str = ""
 
-    @field_validator("cap_usd", mode="before")
-    @classmethod
-    def _cap_string(cls, value: object) -> object:
-        if not isinstance(value, str):
-            raise ValueError(f"cap_usd is a decimal string (write \"{value}\" in quotes)")
-        return value
+    _check = field_validator("cap_usd", mode="before")(_cap_string)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> BudgetSpec:
+        single = self.window is not None or self.cap_usd is not None
+        if single and self.limits:
+            raise ValueError("give either window + cap_usd or limits, not both")
+        if not self.limits and (self.window is None or self.cap_usd is None):
+            raise ValueError("window and cap_usd are required (or a list of limits)")
+        windows = [lim.window for lim in self.limits]
+        if len(set(windows)) != len(windows):
+            raise ValueError("limits lists the same window twice")
+        return self
 
 
 class BudgetsDoc(_Strict):
@@ -119,8 +187,14 @@ class BudgetsDoc(_Strict):
 class RouteRule(_Strict):
     id: Ident
     scope: Scope = Scope()
-    # Entries are "provider/model" or "provider/*".
-    allowed_models: list[str]
+    # Entries are "provider/model" or "provider/*"; empty allows every priced model.
+    allowed_models: list[str] = []
+    # Downgrade chain, most capable first: ["openai/gpt-4.1", "openai/gpt-4.1-mini"].
+    downgrade: list[str] = []
+    # enforce: deny, or reroute down the chain, when a budget would be exceeded.
+    # prefer-cheap: use the cheapest model of the chain the workload allows.
+    # observe: never block; record what would have happened (SHADOW reasons).
+    mode: Literal["enforce", "prefer-cheap", "observe"] = "enforce"
     description: str = ""
 
 

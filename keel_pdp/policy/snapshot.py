@@ -31,6 +31,9 @@ class CompiledBudget:
     fail_open: bool
     exception_path: str
     description: str = ""
+    thresholds: tuple[int, ...] = (80, 100)
+    parent: str = ""
+    spec_id: str = ""  # the YAML id (several windows of one spec share it)
 
     @property
     def scope_text(self) -> str:
@@ -46,6 +49,16 @@ class ModelPrice:
     model: str
     price: Price
     max_output_tokens: int
+    effective_from_ms: int = 0
+    # (above_input_tokens, price), ascending
+    tiers: tuple[tuple[int, Price], ...] = ()
+
+    def for_input(self, input_tokens: int) -> Price:
+        chosen = self.price
+        for above, price in self.tiers:
+            if input_tokens > above:
+                chosen = price
+        return chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +66,22 @@ class CompiledRoute:
     id: str
     scope: tuple[str, str]  # tenant, workload
     allowed: frozenset[tuple[str, str]]  # (provider, model) with "*" model wildcard
+    mode: str = "enforce"  # enforce | prefer-cheap | observe
+    chain: tuple[tuple[str, str], ...] = ()  # downgrade chain, most capable first
 
     def allows(self, provider: str, model: str) -> bool:
+        if not self.allowed:
+            return True
         return (provider, model) in self.allowed or (provider, WILDCARD) in self.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionRule:
+    name: str
+    approver_role: str
+    max_overage_micros: int
+    max_duration_seconds: int
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +100,11 @@ class PolicySnapshot:
     content_hash: str
     price_revision: str
     settings: Settings
-    prices: dict[tuple[str, str], ModelPrice]
+    # (provider, model) -> prices ordered by effective_from_ms
+    prices: dict[tuple[str, str], tuple[ModelPrice, ...]]
     budgets: tuple[CompiledBudget, ...]
     routes: tuple[CompiledRoute, ...]
-    exception_paths: dict[str, str]  # name -> approver role
+    exception_paths: dict[str, ExceptionRule]
     files: tuple[str, ...] = ()
     _budget_index: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
         default_factory=dict, repr=False
@@ -126,5 +153,21 @@ class PolicySnapshot:
             out.extend(self._route_index.get(key, ()))
         return tuple(out)
 
-    def price_for(self, provider: str, model: str) -> ModelPrice | None:
-        return self.prices.get((provider, model))
+    def price_for(self, provider: str, model: str, at_ms: int | None = None) -> ModelPrice | None:
+        """The price in effect at ``at_ms`` (the latest one when not given)."""
+        history = self.prices.get((provider, model))
+        if not history:
+            return None
+        if at_ms is None:
+            return history[-1]
+        chosen = None
+        for mp in history:
+            if mp.effective_from_ms <= at_ms:
+                chosen = mp
+        return chosen
+
+    def budget(self, budget_id: str) -> CompiledBudget | None:
+        for b in self.budgets:
+            if b.id == budget_id:
+                return b
+        return None

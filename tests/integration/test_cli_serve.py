@@ -40,7 +40,7 @@ def test_serve_from_environment_answers_and_exports_metrics(
     port, mport = free_port(), free_port()
     env = {**os.environ, "KEEL_POLICIES": str(policies), "KEEL_REDIS_URL": redis_url,
            "KEEL_LISTEN": f"127.0.0.1:{port}", "KEEL_METRICS_PORT": str(mport),
-           "KEEL_RELOAD_INTERVAL": "0.2"}
+           "KEEL_RELOAD_INTERVAL": "0.2", "KEEL_STORE_TIMEOUT_MS": "1000"}
     proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -69,6 +69,14 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """The model was priced with the policy's fallback price."""
     REQUEST_ID_REUSED: _ReasonCode.ValueType  # 10
     """The request's idempotency key was already used with different parameters."""
+    MODEL_REROUTED: _ReasonCode.ValueType  # 11
+    """A cheaper model of the workload's downgrade chain was chosen (CONSTRAIN)."""
+    SHADOW_MODEL_NOT_ALLOWED: _ReasonCode.ValueType  # 12
+    """An observe-mode routing rule would have refused this model (recorded, not enforced)."""
+    BUDGET_THRESHOLD_CROSSED: _ReasonCode.ValueType  # 13
+    """This decision took a budget past one of its soft thresholds (once per window)."""
+    EXCEPTION_GRANT_APPLIED: _ReasonCode.ValueType  # 14
+    """An active exception grant raised the budget's cap for this decision."""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Stable reason codes. New codes are only ever appended."""
@@ -94,6 +102,14 @@ FALLBACK_PRICE_USED: ReasonCode.ValueType  # 9
 """The model was priced with the policy's fallback price."""
 REQUEST_ID_REUSED: ReasonCode.ValueType  # 10
 """The request's idempotency key was already used with different parameters."""
+MODEL_REROUTED: ReasonCode.ValueType  # 11
+"""A cheaper model of the workload's downgrade chain was chosen (CONSTRAIN)."""
+SHADOW_MODEL_NOT_ALLOWED: ReasonCode.ValueType  # 12
+"""An observe-mode routing rule would have refused this model (recorded, not enforced)."""
+BUDGET_THRESHOLD_CROSSED: ReasonCode.ValueType  # 13
+"""This decision took a budget past one of its soft thresholds (once per window)."""
+EXCEPTION_GRANT_APPLIED: ReasonCode.ValueType  # 14
+"""An active exception grant raised the budget's cap for this decision."""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 class _Outcome:
@@ -575,6 +591,146 @@ class VoidResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VoidResponse: _TypeAlias = VoidResponse  # noqa: Y015
+
+@_typing.final
+class GrantExceptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScopeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXCEPTION_PATH_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    APPROVER_ROLE_FIELD_NUMBER: _builtins.int
+    JUSTIFICATION_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    exception_path: _builtins.str
+    budget_id: _builtins.str
+    amount_micros: _builtins.int
+    duration_seconds: _builtins.int
+    approver: _builtins.str
+    approver_role: _builtins.str
+    justification: _builtins.str
+    grant_id: _builtins.str
+    """Optional idempotency key; generated when empty."""
+    @_builtins.property
+    def scope(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values of the budget's `per` dimensions (e.g. tenant=acme); empty for shared budgets."""
+
+    def __init__(
+        self,
+        *,
+        exception_path: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        scope: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        amount_micros: _builtins.int = ...,
+        duration_seconds: _builtins.int = ...,
+        approver: _builtins.str = ...,
+        approver_role: _builtins.str = ...,
+        justification: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "approver", b"approver", "approver_role", b"approver_role", "budget_id", b"budget_id", "duration_seconds", b"duration_seconds", "exception_path", b"exception_path", "grant_id", b"grant_id", "justification", b"justification", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantExceptionRequest: _TypeAlias = GrantExceptionRequest  # noqa: Y015
+
+@_typing.final
+class GrantExceptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    budget_id: _builtins.str
+    amount_micros: _builtins.int
+    expires_at_ms: _builtins.int
+    created: _builtins.bool
+    """False when a grant with this id already existed (nothing changed)."""
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        expires_at_ms: _builtins.int = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "budget_id", b"budget_id", "created", b"created", "expires_at_ms", b"expires_at_ms", "grant_id", b"grant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantExceptionResponse: _TypeAlias = GrantExceptionResponse  # noqa: Y015
+
+@_typing.final
+class ReloadPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadPolicyRequest: _TypeAlias = ReloadPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ReloadPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    POLICY_REVISION_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    policy_revision: _builtins.str
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        policy_revision: _builtins.str = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "policy_revision", b"policy_revision", "problems", b"problems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadPolicyResponse: _TypeAlias = ReloadPolicyResponse  # noqa: Y015
 
 @_typing.final
 class NoopRequest(_message.Message):

@@ -188,6 +188,129 @@ class PolicyDecisionPoint:
             _registered_method=True)
 
 
+class AdminStub:
+    """Administrative calls. Each needs the admin token in the `authorization`
+    metadata ("Bearer <token>"); the sidecar refuses them when no token is configured.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GrantException = channel.unary_unary(
+                '/keel.pdp.v1.Admin/GrantException',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.GrantExceptionRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.GrantExceptionResponse.FromString,
+                _registered_method=True)
+        self.ReloadPolicy = channel.unary_unary(
+                '/keel.pdp.v1.Admin/ReloadPolicy',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Administrative calls. Each needs the admin token in the `authorization`
+    metadata ("Bearer <token>"); the sidecar refuses them when no token is configured.
+    """
+
+    def GrantException(self, request, context):
+        """A time-boxed cap raise on one budget, within its exception path's limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadPolicy(self, request, context):
+        """Re-read the policy directory now (same as SIGHUP).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GrantException': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantException,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.GrantExceptionRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.GrantExceptionResponse.SerializeToString,
+            ),
+            'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicy,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keel.pdp.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keel.pdp.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Administrative calls. Each needs the admin token in the `authorization`
+    metadata ("Bearer <token>"); the sidecar refuses them when no token is configured.
+    """
+
+    @staticmethod
+    def GrantException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/GrantException',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.GrantExceptionRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.GrantExceptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/ReloadPolicy',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class DiagnosticsStub:
     """Diagnostics served on the same port. Noop does no work at all: benchmarks
     use it as the floor that Authorize and Closeout are measured against.

@@ -88,6 +88,55 @@ class PolicyDecisionPointServicer(metaclass=_abc_1.ABCMeta):
 
 def add_PolicyDecisionPointServicer_to_server(servicer: PolicyDecisionPointServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class AdminStub:
+    """Administrative calls. Each needs the admin token in the `authorization`
+    metadata ("Bearer <token>"); the sidecar refuses them when no token is configured.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
+    GrantException: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.GrantExceptionRequest, _pdp_pb2.GrantExceptionResponse]
+    """A time-boxed cap raise on one budget, within its exception path's limits."""
+    ReloadPolicy: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.ReloadPolicyRequest, _pdp_pb2.ReloadPolicyResponse]
+    """Re-read the policy directory now (same as SIGHUP)."""
+
+@_typing.type_check_only
+class AdminAsyncStub(AdminStub):
+    """Administrative calls. Each needs the admin token in the `authorization`
+    metadata ("Bearer <token>"); the sidecar refuses them when no token is configured.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GrantException: _aio.UnaryUnaryMultiCallable[_pdp_pb2.GrantExceptionRequest, _pdp_pb2.GrantExceptionResponse]  # type: ignore[assignment]
+    """A time-boxed cap raise on one budget, within its exception path's limits."""
+    ReloadPolicy: _aio.UnaryUnaryMultiCallable[_pdp_pb2.ReloadPolicyRequest, _pdp_pb2.ReloadPolicyResponse]  # type: ignore[assignment]
+    """Re-read the policy directory now (same as SIGHUP)."""
+
+class AdminServicer(metaclass=_abc_1.ABCMeta):
+    """Administrative calls. Each needs the admin token in the `authorization`
+    metadata ("Bearer <token>"); the sidecar refuses them when no token is configured.
+    """
+
+    @_abc_1.abstractmethod
+    def GrantException(
+        self,
+        request: _pdp_pb2.GrantExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.GrantExceptionResponse, _abc.Awaitable[_pdp_pb2.GrantExceptionResponse]]:
+        """A time-boxed cap raise on one budget, within its exception path's limits."""
+
+    @_abc_1.abstractmethod
+    def ReloadPolicy(
+        self,
+        request: _pdp_pb2.ReloadPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.ReloadPolicyResponse, _abc.Awaitable[_pdp_pb2.ReloadPolicyResponse]]:
+        """Re-read the policy directory now (same as SIGHUP)."""
+
+def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class DiagnosticsStub:
     """Diagnostics served on the same port. Noop does no work at all: benchmarks
     use it as the floor that Authorize and Closeout are measured against.
