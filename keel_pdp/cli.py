@@ -48,10 +48,12 @@ async def serve(s: ServeSettings) -> int:
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
                                  timeout_s=s.store_timeout_ms / 1000)
     engine = Engine(holder, store, metrics)
-    extra: list[Any] = []
+    from keel_pdp.server.admin import add_admin
+
+    extra: list[Any] = [add_admin(engine, s.admin_token)]
     if _available("keel_pdp.mesh"):
         # Envoy ext_authz / ext_proc on the same port (see keel_pdp/mesh).
-        extra = importlib.import_module("keel_pdp.mesh").services(engine, metrics)
+        extra += importlib.import_module("keel_pdp.mesh").services(engine, metrics)
     server, health, port = build_server(engine, metrics, s.listen, extra_services=extra)
     loop = asyncio.get_running_loop()
     draining = False

@@ -199,7 +199,10 @@ def new_permit_id(now_ms: int | None = None) -> str:
     return f"pmt_{ms:012x}{os.urandom(8).hex()}"
 
 
-def _check_name(field_name: str, value: str, *, required: bool = True) -> None:
+DIMENSION_NAMES = ("tenant", "workload", "model", "provider")
+
+
+def check_name(field_name: str, value: str, *, required: bool = True) -> None:
     if required and not value:
         raise InvalidRequest(f"{field_name} is required")
     if value == "*":
@@ -215,10 +218,10 @@ def validate(req: AuthorizeInput) -> None:
         raise InvalidRequest("request_id is required (the caller's idempotency key)")
     if len(req.request_id.encode("utf-8", "surrogatepass")) > MAX_REQUEST_ID_BYTES:
         raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
-    _check_name("tenant", req.tenant)
-    _check_name("workload", req.workload)
-    _check_name("model", req.model)
-    _check_name("provider", req.provider, required=False)
+    check_name("tenant", req.tenant)
+    check_name("workload", req.workload)
+    check_name("model", req.model)
+    check_name("provider", req.provider, required=False)
     for name, value in (("estimated_input_tokens", req.estimated_input_tokens),
                         ("max_output_tokens", req.max_output_tokens)):
         if value < 0:

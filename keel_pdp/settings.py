@@ -28,6 +28,17 @@ class ServeSettings:
     reload_interval_s: float
     log_level: str
     grace_s: float
+    admin_token_file: str = ""
+
+    def admin_token(self) -> str | None:
+        """Read on every call, so a rotated token file takes effect at once."""
+        if self.admin_token_file:
+            try:
+                with open(self.admin_token_file, encoding="utf-8") as fh:
+                    return fh.read().strip() or None
+            except OSError:
+                return None
+        return os.environ.get("KEEL_ADMIN_TOKEN") or None
 
     def validate(self) -> ServeSettings:
         scheme = urlsplit(self.redis_url).scheme
@@ -72,6 +83,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    default=float(_env("KEEL_RELOAD_INTERVAL", "2.0")),
                    help="seconds between policy directory checks (env KEEL_RELOAD_INTERVAL)")
     p.add_argument("--log-level", default=_env("KEEL_LOG_LEVEL", "INFO"))
+    p.add_argument("--admin-token-file", default=_env("KEEL_ADMIN_TOKEN_FILE", ""),
+                   help="file holding the admin API bearer token, re-read on each call "
+                        "(env KEEL_ADMIN_TOKEN_FILE; or the token itself in KEEL_ADMIN_TOKEN)")
     p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
                    help="seconds in-flight RPCs get to finish on SIGTERM")
 
@@ -83,4 +97,5 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         store_timeout_ms=ns.store_timeout_ms, key_prefix=ns.key_prefix,
         sweep_interval_s=ns.sweep_interval, reload_interval_s=ns.reload_interval,
         log_level=ns.log_level.upper(), grace_s=ns.grace,
+        admin_token_file=ns.admin_token_file,
     ).validate()

@@ -140,6 +140,7 @@ class BudgetStore:
         self._closeout = t.script(_lua("closeout.lua"))
         self._release = t.script(_lua("release.lua"))
         self._record = t.script(_lua("record.lua"))
+        self._grant = t.script(_lua("grant.lua"))
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
@@ -223,6 +224,12 @@ class BudgetStore:
         args.extend(expire_at_s)
         out = await self._script(self._record, [self.keys.stream, *settle_keys], args, timeout_s)
         return out.decode() if isinstance(out, bytes) else str(out)
+
+    async def grant(self, grant_key: str, grant_id: str, amount_micros: int, expires_at_ms: int,
+                    now_ms: int, event_data: str) -> dict[str, Any]:
+        args: list[str | int] = [grant_id, amount_micros, expires_at_ms, now_ms, event_data]
+        return _decode(await self._script(self._grant, [grant_key, self.keys.stream], args,
+                                          max(self.timeout_s, 1.0)))
 
     async def permit(self, permit_id: str, timeout_s: float | None = None) -> PermitRecord | None:
         raw = await self._command("HMGET", self.keys.permit(permit_id), "keys", "meta", "state",

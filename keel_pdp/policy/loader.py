@@ -211,11 +211,11 @@ def compile_bundle(
                     continue
                 history = specs if isinstance(specs, list) else [specs]
                 dates = [sp.effective_from for sp in history]
-                if len(history) > 1 and (None in dates[1:] or
-                                         dates[1:] != sorted(set(d for d in dates[1:] if d))):
+                known = [dt for dt in dates if dt is not None]
+                if None in dates[1:] or known != sorted(set(known)):
                     problems.append(Problem(
                         name, where, "a price history needs effective_from on every entry "
-                        "after the first, in ascending order"))
+                        "after the first, in strictly ascending order"))
                     continue
                 compiled = []
                 for sp in history:
