@@ -20,10 +20,10 @@ log = logging.getLogger("keel_pdp")
 # Each module here defines ``register(subparsers)``, adding sub-commands whose
 # parsers set ``func`` (called with the parsed namespace, returns an exit code).
 COMMAND_MODULES = (
+    "keel_pdp.policy.commands",
     "keel_pdp.ledger.commands",
     "keel_pdp.reconcile.commands",
     "keel_pdp.mesh.commands",
-    "keel_pdp.policy.commands",
 )
 
 
@@ -113,31 +113,11 @@ async def serve(s: ServeSettings) -> int:
     return 0
 
 
-def _policy_check(directory: str) -> int:
-    from keel_pdp.policy.loader import PolicyError, load_bundle
-
-    try:
-        snap = load_bundle(directory)
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print(f"{directory}: rejected ({len(exc.problems)} problem(s))", file=sys.stderr)
-        return 1
-    print(f"{directory}: ok, revision {snap.policy_revision}, prices {snap.price_revision}, "
-          f"{len(snap.budgets)} budgets, {len(snap.prices)} priced models, "
-          f"{len(snap.routes)} routing rules")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel-pdp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the gRPC sidecar")
     add_serve_arguments(p_serve)
-    p_policy = sub.add_parser("policy", help="policy bundle tools")
-    psub = p_policy.add_subparsers(dest="policy_command", required=True)
-    p_check = psub.add_parser("check", help="validate a bundle offline (exit 1 on problems)")
-    p_check.add_argument("directory")
     for name in COMMAND_MODULES:
         if _available(name):
             importlib.import_module(name).register(sub)
@@ -158,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return uvloop.run(serve(s))
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
             return asyncio.run(serve(s))
-    if ns.command == "policy" and ns.policy_command == "check":
-        return _policy_check(ns.directory)
     parser.error("unknown command")
     return 2
 

@@ -14,9 +14,18 @@ from keel_pdp.windows import WindowKind
 
 DIMENSIONS = ("tenant", "workload", "model", "provider")
 WILDCARD = "*"
-# Which dimensions of a (tenant, workload, model, provider) request to replace
-# by the wildcard for each of the 16 index probes.
-_MASKS = tuple(product((False, True), repeat=4))
+# Which of (workload, model, provider) to replace by the wildcard in each of the
+# 8 probes made inside a tenant's (or the wildcard tenant's) sub-index.
+_MASKS3 = tuple(product((False, True), repeat=3))
+MATCH_CACHE_SIZE = 65_536
+SMALL_TENANT = 12
+
+
+def _scope_text(scope: tuple[str, str, str, str], per: tuple[int, ...]) -> str:
+    text = " ".join(f"{d}={v}" for d, v in zip(DIMENSIONS, scope, strict=True))
+    if per:
+        text += " per " + ",".join(DIMENSIONS[i] for i in per)
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +44,10 @@ class CompiledBudget:
     parent: str = ""
     spec_id: str = ""  # the YAML id (several windows of one spec share it)
 
-    @property
-    def scope_text(self) -> str:
-        text = " ".join(f"{d}={v}" for d, v in zip(DIMENSIONS, self.scope, strict=True))
-        if self.per:
-            text += " per " + ",".join(DIMENSIONS[i] for i in self.per)
-        return text
+    scope_text: str = ""  # filled in from scope and per
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scope_text", _scope_text(self.scope, self.per))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +119,30 @@ class PolicySnapshot:
     _route_index: dict[tuple[str, str], tuple[CompiledRoute, ...]] = field(
         default_factory=dict, repr=False
     )
+    # tenant (or "*") -> (workload, model, provider) -> budgets: the one large
+    # dictionary is probed twice per request, the small ones eight times each.
+    _by_tenant: dict[str, dict[tuple[str, str, str], tuple[CompiledBudget, ...]]] = field(
+        default_factory=dict, repr=False
+    )
+    _match_cache: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
+        default_factory=dict, repr=False
+    )
+    # Tenants with few budgets are matched by a short scan instead of 8 probes.
+    _tenant_lists: dict[str, tuple[CompiledBudget, ...]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         bidx: dict[tuple[str, str, str, str], list[CompiledBudget]] = {}
         for b in self.budgets:
             bidx.setdefault(b.scope, []).append(b)
         self._budget_index.update({k: tuple(v) for k, v in bidx.items()})
+        for (t, w, m, p), found in self._budget_index.items():
+            self._by_tenant.setdefault(t, {})[(w, m, p)] = found
+        for t, sub in self._by_tenant.items():
+            flat = [b for budgets in sub.values() for b in budgets]
+            if len(flat) <= SMALL_TENANT:
+                self._tenant_lists[t] = tuple(flat)
         ridx: dict[tuple[str, str], list[CompiledRoute]] = {}
         for r in self.routes:
             ridx.setdefault(r.scope, []).append(r)
@@ -130,20 +155,41 @@ class PolicySnapshot:
     def match_budgets(
         self, tenant: str, workload: str, model: str, provider: str
     ) -> tuple[CompiledBudget, ...]:
-        values = (tenant, workload, model, provider)
+        """Every budget whose scope matches, ordered by id (cached per request shape)."""
+        key = (tenant, workload, model, provider)
+        hit = self._match_cache.get(key)
+        if hit is not None:
+            return hit
+        rest = (workload, model, provider)
         found: list[CompiledBudget] = []
-        seen: set[tuple[str, str, str, str]] = set()
-        index = self._budget_index
-        for mask in _MASKS:
-            key = tuple(WILDCARD if m else v for m, v in zip(mask, values, strict=True))
-            if key in seen:
+        for t in ((tenant, WILDCARD) if tenant != WILDCARD else (WILDCARD,)):
+            short = self._tenant_lists.get(t)
+            if short is not None:
+                for b in short:
+                    _, bw, bm, bp = b.scope
+                    if (bw in (WILDCARD, workload) and bm in (WILDCARD, model)
+                            and bp in (WILDCARD, provider)):
+                        found.append(b)
                 continue
-            seen.add(key)  # type: ignore[arg-type]
-            hit = index.get(key)  # type: ignore[arg-type]
-            if hit:
-                found.extend(hit)
+            sub = self._by_tenant.get(t)
+            if not sub:
+                continue
+            seen: set[tuple[str, str, str]] = set()
+            for mask in _MASKS3:
+                probe = (WILDCARD if mask[0] else rest[0], WILDCARD if mask[1] else rest[1],
+                         WILDCARD if mask[2] else rest[2])
+                if probe in seen:
+                    continue
+                seen.add(probe)
+                budgets = sub.get(probe)
+                if budgets:
+                    found.extend(budgets)
         found.sort(key=lambda b: b.id)
-        return tuple(found)
+        result = tuple(found)
+        if len(self._match_cache) >= MATCH_CACHE_SIZE:
+            self._match_cache.clear()
+        self._match_cache[key] = result
+        return result
 
     def match_routes(self, tenant: str, workload: str) -> tuple[CompiledRoute, ...]:
         """Most specific first: (tenant, workload), (tenant, *), (*, workload), (*, *)."""

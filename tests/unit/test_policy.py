@@ -21,8 +21,8 @@ def test_example_bundle_loads_with_revision_and_hash() -> None:
 def test_budget_matching_uses_wildcards_and_exact_scopes() -> None:
     snap = load_bundle(POLICIES)
     ids = [b.id for b in snap.match_budgets("acme", "support-bot", "gpt-4o-mini", "openai")]
-    assert ids == ["acme-monthly", "acme-support-bot-hourly", "org-monthly",
-                   "tenant-daily-default"]
+    assert ids == ["acme-monthly", "acme-support-bot.daily", "acme-support-bot.hourly",
+                   "org-monthly", "tenant-daily-default"]
     ids = [b.id for b in snap.match_budgets("globex", "research-agent", "claude-opus-4-1",
                                             "anthropic")]
     assert "globex-research-opus-daily" in ids and "acme-monthly" not in ids

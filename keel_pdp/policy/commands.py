@@ -1,0 +1,326 @@
+"""`keel-pdp policy check | diff | explain`: the bundle tools for CI and people.
+
+``diff`` speaks to a finance owner (caps, prices, routes, exception paths in
+words); ``explain`` shows which budgets, prices and routing rules apply to one
+request, and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+from keel_pdp.policy.loader import PolicyError, load_bundle
+from keel_pdp.policy.snapshot import (
+    DIMENSIONS,
+    CompiledBudget,
+    CompiledRoute,
+    ExceptionRule,
+    ModelPrice,
+    PolicySnapshot,
+)
+from keel_pdp.pricing import Price, format_pico_price
+
+# Other command modules may add sub-commands under `policy` (e.g. replay).
+POLICY_SUBPARSERS: list[Any] = []
+
+_PER = {"hourly": "per hour", "daily": "per day", "monthly": "per month"}
+
+
+def usd(micros: int) -> str:
+    value = Decimal(micros) / Decimal(1_000_000)
+    text = f"{value:,.2f}" if value == value.quantize(Decimal("0.01")) else f"{value:,.6f}"
+    return f"${text}"
+
+
+def _pct(old: int, new: int) -> str:
+    if old == 0:
+        return ""
+    change = (Decimal(new - old) * 100 / Decimal(old)).quantize(Decimal("0.1"))
+    return f" ({'+' if change > 0 else ''}{change}%)"
+
+
+def _load(directory: str) -> PolicySnapshot | None:
+    try:
+        return load_bundle(directory)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{directory}: rejected ({len(exc.problems)} problem(s))", file=sys.stderr)
+        return None
+
+
+def check(ns: argparse.Namespace) -> int:
+    snap = _load(ns.directory)
+    if snap is None:
+        return 1
+    print(f"{ns.directory}: ok, revision {snap.policy_revision}, prices {snap.price_revision}, "
+          f"{len(snap.budgets)} budgets, {len(snap.prices)} priced models, "
+          f"{len(snap.routes)} routing rules, {len(snap.exception_paths)} exception paths")
+    return 0
+
+
+# ------------------------------------------------------------------- diff
+def _budget_words(b: CompiledBudget) -> str:
+    mode = "enforced" if b.enforce else "observed only"
+    text = f"{usd(b.limit_micros)} {_PER[b.window]} on {b.scope_text}, {mode}, fails " \
+           f"{'open' if b.fail_open else 'closed'}"
+    if b.exception_path:
+        text += f", exceptions via {b.exception_path}"
+    return text
+
+
+def _price_words(p: Price) -> str:
+    return (f"input {format_pico_price(p.input)}, cached input "
+            f"{format_pico_price(p.cached_input)}, cache write {format_pico_price(p.cache_write)}, "
+            f"output {format_pico_price(p.output)} USD per 1M tokens")
+
+
+def diff_snapshots(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
+    lines: list[str] = []
+    ob = {b.id: b for b in old.budgets}
+    nb = {b.id: b for b in new.budgets}
+    for bid in sorted(ob.keys() - nb.keys()):
+        lines.append(f"Budget {bid} removed (was {_budget_words(ob[bid])}).")
+    for bid in sorted(nb.keys() - ob.keys()):
+        lines.append(f"Budget {bid} added: {_budget_words(nb[bid])}.")
+    for bid in sorted(ob.keys() & nb.keys()):
+        a, b = ob[bid], nb[bid]
+        if a.limit_micros != b.limit_micros:
+            verb = "raised" if b.limit_micros > a.limit_micros else "lowered"
+            lines.append(f"Budget {bid}: cap {verb} from {usd(a.limit_micros)} to "
+                         f"{usd(b.limit_micros)} {_PER[b.window]}"
+                         f"{_pct(a.limit_micros, b.limit_micros)}.")
+        if a.window != b.window:
+            lines.append(f"Budget {bid}: window changed from {a.window} to {b.window}.")
+        if a.enforce != b.enforce:
+            lines.append(f"Budget {bid}: now {'enforced' if b.enforce else 'observed only'} "
+                         f"(was {'enforced' if a.enforce else 'observed only'}).")
+        if a.fail_open != b.fail_open:
+            lines.append(f"Budget {bid}: now fails {'open' if b.fail_open else 'closed'} when "
+                         "the budget store is unavailable.")
+        if a.scope_text != b.scope_text:
+            lines.append(f"Budget {bid}: scope changed from {a.scope_text} to {b.scope_text}.")
+        if a.exception_path != b.exception_path:
+            lines.append(f"Budget {bid}: exception path changed from "
+                         f"{a.exception_path or '(none)'} to {b.exception_path or '(none)'}.")
+        if a.thresholds != b.thresholds:
+            lines.append(f"Budget {bid}: alert thresholds changed from "
+                         f"{list(a.thresholds)}% to {list(b.thresholds)}%.")
+        if a.timezone != b.timezone:
+            lines.append(f"Budget {bid}: timezone changed from {a.timezone} to {b.timezone}.")
+    lines.extend(_diff_prices(old, new))
+    lines.extend(_diff_routes(old, new))
+    lines.extend(_diff_exceptions(old.exception_paths, new.exception_paths))
+    if old.settings != new.settings:
+        for name in old.settings.__slots__:
+            a_, b_ = getattr(old.settings, name), getattr(new.settings, name)
+            if a_ != b_ and name != "fallback_price":
+                lines.append(f"Setting {name} changed from {a_} to {b_}.")
+        if old.settings.fallback_price != new.settings.fallback_price:
+            lines.append("The fallback price for unpriced models changed.")
+    return lines
+
+
+def _diff_prices(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
+    lines = []
+    for key in sorted(old.prices.keys() - new.prices.keys()):
+        lines.append(f"Price of {key[0]}/{key[1]} removed: requests for it will be denied "
+                     "UNKNOWN_MODEL_PRICE unless a fallback price is set.")
+    for key in sorted(new.prices.keys() - old.prices.keys()):
+        words = _price_words(new.prices[key][-1].price)
+        lines.append(f"Price of {key[0]}/{key[1]} added: {words}.")
+    for key in sorted(old.prices.keys() & new.prices.keys()):
+        a: tuple[ModelPrice, ...] = old.prices[key]
+        b: tuple[ModelPrice, ...] = new.prices[key]
+        if a == b:
+            continue
+        pa, pb_ = a[-1].price, b[-1].price
+        name = f"{key[0]}/{key[1]}"
+        for field in ("input", "cached_input", "cache_write", "output"):
+            x, y = getattr(pa, field), getattr(pb_, field)
+            if x != y:
+                lines.append(f"Price of {name}: {field.replace('_', ' ')} from "
+                             f"{format_pico_price(x)} to {format_pico_price(y)} USD per 1M "
+                             f"tokens{_pct(x, y)}.")
+        if len(a) != len(b) or [m.effective_from_ms for m in a] != [
+                m.effective_from_ms for m in b]:
+            dates = [time.strftime("%Y-%m-%d", time.gmtime(m.effective_from_ms / 1000))
+                     for m in b if m.effective_from_ms]
+            lines.append(f"Price of {name}: price history now has {len(b)} entries"
+                         + (f" (effective {', '.join(dates)})." if dates else "."))
+        if a[-1].tiers != b[-1].tiers:
+            lines.append(f"Price of {name}: context-length tiers changed.")
+        if a[-1].max_output_tokens != b[-1].max_output_tokens:
+            lines.append(f"Price of {name}: default max output tokens from "
+                         f"{a[-1].max_output_tokens} to {b[-1].max_output_tokens}.")
+    return lines
+
+
+def _route_words(r: CompiledRoute) -> str:
+    allowed = ", ".join(sorted(f"{p}/{m}" for p, m in r.allowed)) or "any priced model"
+    chain = " -> ".join(f"{p}/{m}" for p, m in r.chain)
+    return (f"{r.mode} for tenant={r.scope[0]} workload={r.scope[1]}, allows {allowed}"
+            + (f", downgrade chain {chain}" if chain else ""))
+
+
+def _diff_routes(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
+    lines = []
+    orr = {r.id: r for r in old.routes}
+    nr = {r.id: r for r in new.routes}
+    for rid in sorted(orr.keys() - nr.keys()):
+        lines.append(f"Routing rule {rid} removed (was {_route_words(orr[rid])}).")
+    for rid in sorted(nr.keys() - orr.keys()):
+        lines.append(f"Routing rule {rid} added: {_route_words(nr[rid])}.")
+    for rid in sorted(orr.keys() & nr.keys()):
+        a, b = orr[rid], nr[rid]
+        if a.allowed != b.allowed:
+            gone = sorted(f"{p}/{m}" for p, m in a.allowed - b.allowed)
+            added = sorted(f"{p}/{m}" for p, m in b.allowed - a.allowed)
+            parts = ([f"now allows {', '.join(added)}"] if added else []) + (
+                [f"no longer allows {', '.join(gone)}"] if gone else [])
+            lines.append(f"Routing rule {rid}: {'; '.join(parts)}.")
+        if a.mode != b.mode:
+            lines.append(f"Routing rule {rid}: mode changed from {a.mode} to {b.mode}.")
+        if a.chain != b.chain:
+            lines.append(f"Routing rule {rid}: downgrade chain is now "
+                         f"{' -> '.join(f'{p}/{m}' for p, m in b.chain) or '(none)'}.")
+        if a.scope != b.scope:
+            lines.append(f"Routing rule {rid}: now applies to tenant={b.scope[0]} "
+                         f"workload={b.scope[1]}.")
+    return lines
+
+
+def _diff_exceptions(old: dict[str, ExceptionRule], new: dict[str, ExceptionRule]) -> list[str]:
+    lines = []
+    for name in sorted(old.keys() - new.keys()):
+        lines.append(f"Exception path {name} removed.")
+    for name in sorted(new.keys() - old.keys()):
+        e = new[name]
+        lines.append(f"Exception path {name} added: approved by {e.approver_role}, at most "
+                     f"{usd(e.max_overage_micros)} for {e.max_duration_seconds // 3600} hours.")
+    for name in sorted(old.keys() & new.keys()):
+        a, b = old[name], new[name]
+        if a.approver_role != b.approver_role:
+            lines.append(f"Exception path {name}: approver role from {a.approver_role} to "
+                         f"{b.approver_role}.")
+        if a.max_overage_micros != b.max_overage_micros:
+            lines.append(f"Exception path {name}: maximum overage from "
+                         f"{usd(a.max_overage_micros)} to {usd(b.max_overage_micros)}.")
+        if a.max_duration_seconds != b.max_duration_seconds:
+            lines.append(f"Exception path {name}: maximum duration from "
+                         f"{a.max_duration_seconds // 3600} h to "
+                         f"{b.max_duration_seconds // 3600} h.")
+    return lines
+
+
+def diff(ns: argparse.Namespace) -> int:
+    old, new = _load(ns.old), _load(ns.new)
+    if old is None or new is None:
+        return 1
+    print(f"Policy {old.policy_revision} -> {new.policy_revision}")
+    lines = diff_snapshots(old, new)
+    for line in lines:
+        print(f"- {line}")
+    if not lines:
+        print("- No change in caps, prices, routes, exception paths or settings.")
+    return 0
+
+
+# ---------------------------------------------------------------- explain
+def explain_lines(snap: PolicySnapshot, tenant: str, workload: str, model: str,
+                  provider: str, input_tokens: int, max_output_tokens: int,
+                  now_ms: int | None = None) -> list[str]:
+    from keel_pdp.decision import AuthorizeInput, InvalidRequest, plan, validate
+
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    req = AuthorizeInput("explain", tenant, workload, model, provider, input_tokens,
+                         max_output_tokens)
+    try:
+        validate(req)
+        p = plan(snap, req, now)
+    except InvalidRequest as exc:
+        return [f"Invalid request: {exc}"]
+    out = [f"Policy {snap.policy_revision}, prices {snap.price_revision}."]
+    routes = snap.match_routes(tenant, workload)
+    if routes:
+        level = [r for r in routes if r.scope == routes[0].scope]
+        for r in level:
+            out.append(f"Routing rule {r.id} applies (most specific match: tenant={r.scope[0]} "
+                       f"workload={r.scope[1]}): {_route_words(r)}.")
+        for r in routes[len(level):]:
+            out.append(f"Routing rule {r.id} also matches but is less specific, so it is "
+                       "ignored.")
+    else:
+        out.append("No routing rule matches: every priced model is allowed.")
+    if p.denial:
+        for reason in p.denial:
+            out.append(f"Decision without budgets: DENY {reason.code} - {reason.message}")
+        return out
+    for n, c in enumerate(p.candidates):
+        if n == 0 and (c.provider, c.model) != (p.request.provider or c.provider, model):
+            role = f"Instead of {model}, the {p.route_mode} rule picks"
+        else:
+            role = "Requested model" if n == 0 else f"Downgrade option {n}"
+        eff = (time.strftime(" (effective %Y-%m-%d)", time.gmtime(c.price.effective_from_ms / 1000))
+               if c.price.effective_from_ms else "")
+        tier = "" if c.rate == c.price.price else " (context-length tier for this input size)"
+        out.append(f"{role} {c.provider}/{c.model}: {_price_words(c.rate)}{eff}{tier}; "
+                   f"estimate {usd(c.estimate_micros)} for {input_tokens} input + "
+                   f"{c.output_tokens} output tokens.")
+        for i in c.target_idx:
+            t = p.targets[i]
+            b = t.budget
+            why = ", ".join(f"{d}={'any' if v == '*' else v}"
+                            for d, v in zip(DIMENSIONS, b.scope, strict=True))
+            pairs = zip(b.per, t.split, strict=True)
+            split = (f"; counter for {', '.join(f'{DIMENSIONS[j]}={v}' for j, v in pairs)}"
+                     if b.per else "")
+            window = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.window_start_ms / 1000))
+            out.append(f"  budget {b.id}: {usd(b.limit_micros)} {_PER[b.window]} "
+                       f"({'enforce' if b.enforce else 'observe'}, fails "
+                       f"{'open' if b.fail_open else 'closed'}) matches because its scope is "
+                       f"{why}{split}; current window starts {window} UTC"
+                       + (f" (calendar of {b.timezone})" if b.timezone != "UTC" else "")
+                       + (f"; exceptions via {b.exception_path}" if b.exception_path else "")
+                       + (f"; under {b.parent}" if b.parent else "") + ".")
+        if not c.target_idx:
+            out.append("  no budget applies to this model.")
+    for reason in p.pre_reasons:
+        out.append(f"Note: {reason.message}")
+    return out
+
+
+def explain(ns: argparse.Namespace) -> int:
+    snap = _load(ns.policies)
+    if snap is None:
+        return 1
+    for line in explain_lines(snap, ns.tenant, ns.workload, ns.model, ns.provider,
+                              ns.input_tokens, ns.max_output_tokens):
+        print(line)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p_policy = sub.add_parser("policy", help="policy bundle tools")
+    psub = p_policy.add_subparsers(dest="policy_command", required=True)
+    POLICY_SUBPARSERS.append(psub)
+    p = psub.add_parser("check", help="validate a bundle offline (exit 1 naming every problem)")
+    p.add_argument("directory")
+    p.set_defaults(func=check)
+    p = psub.add_parser("diff", help="what changed between two bundles, in words")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.set_defaults(func=diff)
+    p = psub.add_parser("explain", help="which budgets, prices and routes apply, and why")
+    p.add_argument("--policies", required=True)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--provider", default="")
+    p.add_argument("--input-tokens", type=int, default=1000)
+    p.add_argument("--max-output-tokens", type=int, default=0)
+    p.set_defaults(func=explain)
