@@ -49,12 +49,22 @@ async def serve(s: ServeSettings) -> int:
                                  timeout_s=s.store_timeout_ms / 1000)
     engine = Engine(holder, store, metrics)
     from keel_pdp.server.admin import add_admin
+    from keel_pdp.server.tls import ReloadingCredentials, TlsError, TlsFiles, check_listen
 
-    extra: list[Any] = [add_admin(engine, s.admin_token)]
+    tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+    try:
+        check_listen(s.listen, tls, s.allow_insecure_listen)
+        credentials = ReloadingCredentials(tls).credentials() if tls else None
+    except TlsError as exc:
+        log.error("%s", exc)
+        return 2
+    extra: list[Any] = [add_admin(engine, s.admin_token, s.admin_identities)]
     if _available("keel_pdp.mesh"):
         # Envoy ext_authz / ext_proc on the same port (see keel_pdp/mesh).
         extra += importlib.import_module("keel_pdp.mesh").services(engine, metrics)
-    server, health, port = build_server(engine, metrics, s.listen, extra_services=extra)
+    server, health, port = build_server(engine, metrics, s.listen, extra_services=extra,
+                                        credentials=credentials,
+                                        max_concurrent_rpcs=s.max_concurrent_rpcs)
     loop = asyncio.get_running_loop()
     draining = False
     background: set[asyncio.Task[None]] = set()
@@ -86,7 +96,8 @@ async def serve(s: ServeSettings) -> int:
         start_http_server(s.metrics_port, addr=s.metrics_host, registry=metrics.registry)
     await server.start()
     host = s.listen.rpartition(":")[0]
-    print(f"keel-pdp gRPC listening on {host}:{port}", flush=True)
+    print(f"keel-pdp gRPC listening on {host}:{port}"
+          f"{' (mutual TLS)' if s.tls_client_ca else ' (TLS)' if tls else ''}", flush=True)
     if s.metrics_port:
         print(f"keel-pdp metrics on http://{s.metrics_host}:{s.metrics_port}/metrics", flush=True)
     print(f"keel-pdp budget store {store.client.connection_pool.connection_kwargs.get('host', '')}"

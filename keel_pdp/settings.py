@@ -29,6 +29,12 @@ class ServeSettings:
     log_level: str
     grace_s: float
     admin_token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    allow_insecure_listen: bool = False
+    max_concurrent_rpcs: int = 1024
+    admin_identities: tuple[str, ...] = ()
 
     def admin_token(self) -> str | None:
         """Read on every call, so a rotated token file takes effect at once."""
@@ -52,6 +58,14 @@ class ServeSettings:
             raise SettingsError(f"--metrics-port {self.metrics_port} is not a port (0 disables)")
         if not 1 <= self.store_timeout_ms <= 5000:
             raise SettingsError("--store-timeout-ms must be between 1 and 5000")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.admin_identities and not self.tls_client_ca:
+            raise SettingsError("--admin-identities needs mutual TLS (--tls-client-ca)")
+        if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
+            raise SettingsError("--max-concurrent-rpcs must be between 1 and 1000000")
         return self
 
 
@@ -86,6 +100,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-file", default=_env("KEEL_ADMIN_TOKEN_FILE", ""),
                    help="file holding the admin API bearer token, re-read on each call "
                         "(env KEEL_ADMIN_TOKEN_FILE; or the token itself in KEEL_ADMIN_TOKEN)")
+    p.add_argument("--tls-cert", default=_env("KEEL_TLS_CERT", ""),
+                   help="PEM certificate chain for the gRPC port (reloaded when it changes)")
+    p.add_argument("--tls-key", default=_env("KEEL_TLS_KEY", ""), help="PEM private key")
+    p.add_argument("--tls-client-ca", default=_env("KEEL_TLS_CLIENT_CA", ""),
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--allow-insecure-listen", action="store_true",
+                   default=_env("KEEL_ALLOW_INSECURE_LISTEN", "") in ("1", "true", "yes"),
+                   help="allow a plaintext listener on a non-loopback address")
+    p.add_argument("--max-concurrent-rpcs", type=int,
+                   default=int(_env("KEEL_MAX_CONCURRENT_RPCS", "1024")),
+                   help="beyond this many in-flight RPCs, answer RESOURCE_EXHAUSTED at once")
+    p.add_argument("--admin-identities", default=_env("KEEL_ADMIN_IDENTITIES", ""),
+                   help="comma-separated client certificate names (CN or SAN) allowed to call "
+                        "the admin API without a token (mutual TLS only)")
     p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
                    help="seconds in-flight RPCs get to finish on SIGTERM")
 
@@ -97,5 +125,8 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         store_timeout_ms=ns.store_timeout_ms, key_prefix=ns.key_prefix,
         sweep_interval_s=ns.sweep_interval, reload_interval_s=ns.reload_interval,
         log_level=ns.log_level.upper(), grace_s=ns.grace,
-        admin_token_file=ns.admin_token_file,
+        admin_token_file=ns.admin_token_file, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca, allow_insecure_listen=ns.allow_insecure_listen,
+        max_concurrent_rpcs=ns.max_concurrent_rpcs,
+        admin_identities=tuple(x.strip() for x in ns.admin_identities.split(",") if x.strip()),
     ).validate()

@@ -24,11 +24,23 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, engine: Engine, token: Callable[[], str | None]) -> None:
+    def __init__(self, engine: Engine, token: Callable[[], str | None],
+                 identities: tuple[str, ...] = ()) -> None:
         self.engine = engine
         self._token = token
+        self._identities = frozenset(identities)
+
+    def _peer_identity_allowed(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        if not self._identities:
+            return False
+        auth = context.auth_context() or {}
+        names = [v.decode() for k in ("x509_common_name", "x509_subject_alternative_name")
+                 for v in auth.get(k, [])]
+        return any(n in self._identities for n in names)
 
     async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._peer_identity_allowed(context):
+            return
         expected = self._token()
         if not expected:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -84,8 +96,9 @@ class AdminServicer(pb_grpc.AdminServicer):
             problems=problems if not changed else [])
 
 
-def add_admin(engine: Engine, token: Callable[[], str | None]) -> Callable[[Any], list[str]]:
+def add_admin(engine: Engine, token: Callable[[], str | None],
+              identities: tuple[str, ...] = ()) -> Callable[[Any], list[str]]:
     def add(server: Any) -> list[str]:
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, token), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, token, identities), server)
         return [ADMIN_SERVICE]
     return add

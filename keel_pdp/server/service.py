@@ -107,9 +107,13 @@ class Health:
 
 def build_server(engine: Engine, metrics: Metrics, listen: str, *,
                  extra_services: list[Any] | None = None,
-                 reuse_port: bool = False) -> tuple[grpc.aio.Server, Health, int]:
+                 reuse_port: bool = False,
+                 credentials: grpc.ServerCredentials | None = None,
+                 max_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, Health, int]:
+    """``max_concurrent_rpcs``: beyond it, calls are refused at once with
+    RESOURCE_EXHAUSTED instead of queueing (memory stays bounded)."""
     options = [("grpc.so_reuseport", 1 if reuse_port else 0)]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine, metrics), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     h = Health()
@@ -120,7 +124,8 @@ def build_server(engine: Engine, metrics: Metrics, listen: str, *,
     for add in extra_services or []:
         names.extend(add(server))
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    port = (server.add_secure_port(listen, credentials) if credentials is not None
+            else server.add_insecure_port(listen))
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, h, port
