@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from keel_pdp import decision as dec
@@ -19,6 +19,7 @@ from keel_pdp.budget.keys import PERMIT_ID_RE
 from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, StoreUnavailable
 from keel_pdp.decision import AuthorizeInput, InvalidRequest, Outcome
 from keel_pdp.metrics import Metrics
+from keel_pdp.outbox import Outbox
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.policy.snapshot import ModelPrice
 from keel_pdp.pricing import Price, TokenUsage, usage_cost_micros
@@ -86,14 +87,14 @@ def _now_ms() -> int:
 
 class Engine:
     def __init__(self, policies: PolicyHolder, store: BudgetStore, metrics: Metrics, *,
-                 permit_cache_size: int = 200_000, outbox_size: int = 100_000) -> None:
+                 permit_cache_size: int = 200_000, outbox_size: int = 100_000,
+                 outbox_dir: str | None = None) -> None:
         self.policies = policies
         self.store = store
         self.metrics = metrics
         self._permits: OrderedDict[str, CachedPermit] = OrderedDict()
         self._permit_cache_size = permit_cache_size
-        self._outbox: deque[tuple[str, str, int, str, str]] = deque()
-        self._outbox_size = outbox_size
+        self._outbox = Outbox(outbox_size, outbox_dir)
         self._flush_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- helpers
@@ -108,11 +109,10 @@ class Engine:
             self._permits.popitem(last=False)
 
     def _enqueue(self, etype: str, pid: str, ts: int, data: str, res: str) -> None:
-        if len(self._outbox) >= self._outbox_size:
-            self._outbox.popleft()
-            self.metrics.outbox_dropped.inc()
-            log.error("outbox full: oldest unrecorded decision dropped")
+        before = self._outbox.dropped
         self._outbox.append((etype, pid, ts, data, res))
+        if self._outbox.dropped != before:
+            self.metrics.outbox_dropped.inc()
         self.metrics.outbox.set(len(self._outbox))
 
     async def flush_outbox(self) -> int:
@@ -120,13 +120,15 @@ class Engine:
         done = 0
         async with self._flush_lock:
             while self._outbox:
-                etype, pid, ts, data, res = self._outbox[0]
+                etype, pid, ts, data, res = self._outbox.peek()
                 try:
                     await self.store.record(etype, pid, ts, data, res, timeout_s=1.0)
                 except StoreUnavailable:
                     break
-                self._outbox.popleft()
+                self._outbox.pop()
                 done += 1
+            if done:
+                self._outbox.sync()
             self.metrics.outbox.set(len(self._outbox))
         return done
 
@@ -259,12 +261,15 @@ class Engine:
         t0 = time.perf_counter()
         try:
             cached = self._permits.get(permit_id)
-            if cached is None:
+            if cached is None or cached.degraded:
+                # A degraded permit may still have been held: the store can run a
+                # script whose reply timed out. Its own record then wins.
                 rec = await self.store.permit(permit_id, budget)
-                if rec is None:
+                if rec is not None:
+                    cached = CachedPermit(rec.keys, rec.meta)
+                elif cached is None:
                     self.metrics.closeouts.labels("UNKNOWN_PERMIT").inc()
                     return CloseoutResult("UNKNOWN_PERMIT")
-                cached = CachedPermit(rec.keys, rec.meta)
             price = _meta_price(cached.meta, usage.input_tokens)
             priced = usage_cost_micros(price, usage)
             actual = priced if provider_cost_micros is None else provider_cost_micros
@@ -320,6 +325,9 @@ class Engine:
         now = _now_ms()
         try:
             cached = self._permits.get(permit_id)
+            if cached is not None and cached.degraded and await self.store.permit(
+                    permit_id, budget) is not None:
+                cached = None  # held after all (a timed-out reply): release it normally
             if cached is not None and cached.degraded:
                 self._permits.pop(permit_id, None)
                 data = json.dumps({"v": 1, "now": now, "reason": reason})

@@ -26,5 +26,6 @@ if .venv/bin/keel-pdp ledger --help >/dev/null 2>&1; then
   echo "ledger writer: consuming the decision stream into var/ledger.db (metrics :9465)"
 fi
 exec_args=(serve --policies "${POLICIES:-policies}" --redis-url "redis://127.0.0.1:$port/0"
-  --listen "${LISTEN:-127.0.0.1:50051}" --metrics-port "${METRICS_PORT:-9464}")
+  --listen "${LISTEN:-127.0.0.1:50051}" --metrics-port "${METRICS_PORT:-9464}"
+  --outbox-dir "$PWD/var/outbox")
 .venv/bin/keel-pdp "${exec_args[@]}"

@@ -1,0 +1,58 @@
+"""Decisions taken while Redis is unreachable survive a sidecar crash when the
+outbox is journaled, and reach the stream exactly once when Redis is back."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import fakeredis
+import redis.asyncio as aioredis
+
+from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.store import BudgetStore
+from keel_pdp.decision import AuthorizeInput, DecisionKind
+from keel_pdp.engine import Engine
+from keel_pdp.metrics import Metrics
+from keel_pdp.outbox import Outbox
+from keel_pdp.policy.loader import load_bundle
+from keel_pdp.policy.reload import PolicyHolder
+from tests.conftest import free_port
+from tests.helpers import budget, write_bundle
+
+
+def _engine(client: aioredis.Redis, bundle: pathlib.Path, outbox: pathlib.Path) -> Engine:
+    holder = PolicyHolder(bundle)
+    holder.set(load_bundle(bundle))
+    return Engine(holder, BudgetStore(client, KeySpace("t"), 0.05), Metrics(),
+                  outbox_dir=str(outbox))
+
+
+async def test_journaled_outbox_survives_a_crash_and_replays_once(tmp_path: pathlib.Path) -> None:
+    bundle = write_bundle(tmp_path / "b", [budget("open", "10", fail_mode="open")])
+    down = aioredis.Redis(port=free_port(), socket_connect_timeout=0.05, socket_timeout=0.05)
+    crashed = _engine(down, bundle, tmp_path / "outbox")
+    outs = [await crashed.authorize(AuthorizeInput(f"r{i}", "acme", "w", "gpt-4o-mini",
+                                                   "openai", 10, 10)) for i in range(3)]
+    assert all(o.decision is DecisionKind.ALLOW and o.degraded for o in outs)
+    assert crashed.outbox_len == 3
+    del crashed  # killed: nothing flushed, nothing closed
+
+    up = fakeredis.FakeAsyncRedis()
+    restarted = _engine(up, bundle, tmp_path / "outbox")
+    assert restarted.outbox_len == 3
+    assert await restarted.flush_outbox() == 3
+    client: Any = up
+    entries = await client.xrange(restarted.store.keys.stream)
+    assert [f[b"pid"].decode() for _, f in entries] == [o.permit_id for o in outs]
+    assert list((tmp_path / "outbox").glob("*.jsonl")) == []
+    # A third process finds nothing left to replay.
+    assert _engine(up, bundle, tmp_path / "outbox").outbox_len == 0
+
+
+def test_full_outbox_drops_the_oldest_and_counts_it(tmp_path: pathlib.Path) -> None:
+    box = Outbox(max_events=2, directory=str(tmp_path))
+    for i in range(3):
+        box.append(("decision", f"p{i}", i, "{}", "{}"))
+    assert [e[1] for e in box] == ["p1", "p2"]
+    assert box.dropped == 1
