@@ -35,7 +35,8 @@ class Outbox:
             self._claim()
 
     def _claim(self) -> None:
-        assert self._dir is not None and self._path is not None
+        assert self._dir is not None
+        assert self._path is not None
         # Our own name included: in a container every restart is the same pid.
         for old in sorted(self._dir.glob("outbox-*.jsonl")):
             mine = self._dir / f"claimed-{os.getpid()}-{os.urandom(4).hex()}-{old.name}"
