@@ -219,10 +219,13 @@ class BudgetStore:
     async def record(self, event_type: str, permit_id: str, ts_ms: int, event_data: str,
                      result: str, timeout_s: float | None = None, *,
                      settle_keys: tuple[str, ...] = (), settle_micros: int = 0,
-                     expire_at_s: tuple[int, ...] = ()) -> str:
-        args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result, settle_micros]
+                     expire_at_s: tuple[int, ...] = (),
+                     retention_s: int = 7 * 86400) -> str:
+        args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result, settle_micros,
+                                 retention_s]
         args.extend(expire_at_s)
-        out = await self._script(self._record, [self.keys.stream, *settle_keys], args, timeout_s)
+        keys = [self.keys.stream, self.keys.permit(permit_id), *settle_keys]
+        out = await self._script(self._record, keys, args, timeout_s)
         return out.decode() if isinstance(out, bytes) else str(out)
 
     async def grant(self, grant_key: str, grant_id: str, amount_micros: int, expires_at_ms: int,

@@ -1,0 +1,351 @@
+"""The ledger writer: decision stream -> ledger store, each event exactly once.
+
+Delivery is at least once (a Redis consumer group; entries are acknowledged
+only after the transaction that stores them has committed) and storage is
+idempotent on the stream entry id, so together each event is stored exactly
+once. A writer that restarts reads its own pending entries first; entries left
+pending by a consumer that died are claimed after ``claim_idle_ms``.
+
+When the store or Redis is unavailable the writer keeps the batch, backs off
+and retries; nothing is acknowledged that is not stored. Entries that cannot
+be parsed are moved to ``<stream>:dead`` with the reason, in the same MULTI as
+their acknowledgement. The stream is trimmed only below the oldest entry that
+some consumer group has not acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError, ResponseError
+
+from keel_pdp.budget.keys import KeySpace
+from keel_pdp.ledger.events import ParseError, StreamEvent, parse_entry
+from keel_pdp.ledger.metrics import LedgerMetrics
+from keel_pdp.ledger.store import LedgerStore, StoreRejected, StoreUnavailable, now_ms
+
+log = logging.getLogger("keel_pdp.ledger")
+
+Raw = tuple[str, dict[bytes, bytes] | None]
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    key_prefix: str = "keel"
+    group: str = "keel-ledger"
+    consumer: str = ""
+    batch_size: int = 500
+    block_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    claim_interval_s: float = 10.0
+    trim: bool = True
+    trim_interval_s: float = 30.0
+    stats_interval_s: float = 5.0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+
+    @property
+    def consumer_name(self) -> str:
+        return self.consumer or socket.gethostname() or "ledger"
+
+
+def stream_id(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def parse_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def successor(value: str) -> str:
+    ms, seq = parse_id(value)
+    return f"{ms}-{seq + 1}"
+
+
+class Backoff:
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.current = 0.0
+
+    def next(self) -> float:
+        self.current = self.initial_s if self.current == 0 else min(self.current * 2, self.max_s)
+        return self.current * (0.5 + random.random() / 2)
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+class LedgerWriter:
+    def __init__(self, config: WriterConfig, store: LedgerStore, client: redis.Redis,
+                 metrics: LedgerMetrics | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.metrics = metrics or LedgerMetrics()
+        keys = KeySpace(config.key_prefix)
+        self.stream = keys.stream
+        self.dead_stream = keys.stream + ":dead"
+        self.consumer = config.consumer_name
+        self.stopping = threading.Event()
+        self._pending_cursor: str | None = "0"
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self._next_trim = time.monotonic() + config.trim_interval_s
+        self._next_stats = 0.0
+        self._group_ready = False
+        self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        self.stored_total = 0
+        self.dead_total = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> int:
+        """Consume until ``stop()``; returns 0."""
+        log.info("ledger writer %s consuming %s as group %s", self.consumer, self.stream,
+                 self.config.group)
+        while not self.stopping.is_set():
+            try:
+                self.step()
+            except RedisError as exc:
+                self._redis_failed(exc)
+        log.info("ledger writer stopped (%d events stored, %d dead-lettered)",
+                 self.stored_total, self.dead_total)
+        return 0
+
+    def _redis_failed(self, exc: Exception) -> None:
+        self.metrics.errors.labels("redis").inc()
+        self.metrics.up.labels("redis").set(0)
+        self._group_ready = False
+        # After a reconnect, first re-read what this consumer holds.
+        self._pending_cursor = "0"
+        delay = self._backoff.next()
+        log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
+        self.stopping.wait(delay)
+
+    def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            # "0": a new group starts at the beginning, so nothing already in the
+            # stream is skipped.
+            self.client.xgroup_create(self.stream, self.config.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    # ------------------------------------------------------------ one step
+    def step(self) -> int:
+        """Read one batch (own pending, claimed, or new), store and ack it."""
+        self.ensure_group()
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + self.config.stats_interval_s
+            self.refresh_stats()
+        if self.config.trim and now >= self._next_trim:
+            self._next_trim = now + self.config.trim_interval_s
+            self.trim()
+        batch = self.read()
+        self.metrics.up.labels("redis").set(1)
+        self._backoff.reset()
+        if not batch:
+            return 0
+        self.handle(batch)
+        return len(batch)
+
+    def read(self) -> list[Raw]:
+        cfg = self.config
+        try:
+            if self._pending_cursor is not None:
+                got = self._xread(self._pending_cursor, block=None)
+                if got:
+                    self._pending_cursor = got[-1][0]
+                    return got
+                self._pending_cursor = None
+            if time.monotonic() >= self._next_claim:
+                claimed = self.claim()
+                if claimed:
+                    return claimed
+            return self._xread(">", block=cfg.block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # The stream or group vanished (Redis restarted without data):
+                # recreate it and start again from the beginning.
+                log.error("consumer group %s is gone; recreating it", cfg.group)
+                self._group_ready = False
+                self._pending_cursor = "0"
+                return []
+            raise
+
+    def _xread(self, start: str, block: int | None) -> list[Raw]:
+        resp: Any = self.client.xreadgroup(self.config.group, self.consumer,
+                                           {self.stream: start},
+                                           count=self.config.batch_size, block=block)
+        if not resp:
+            return []
+        entries = resp[0][1]
+        return [(stream_id(i), f) for i, f in entries]
+
+    def claim(self) -> list[Raw]:
+        cfg = self.config
+        resp: Any = self.client.xautoclaim(self.stream, cfg.group, self.consumer,
+                                      min_idle_time=cfg.claim_idle_ms,
+                                      start_id=self._claim_cursor, count=cfg.batch_size)
+        nxt = stream_id(resp[0])
+        entries = [(stream_id(i), f) for i, f in resp[1]]
+        self._claim_cursor = nxt
+        if nxt == "0-0":
+            self._next_claim = time.monotonic() + cfg.claim_interval_s
+            self._forget_idle_consumers()
+        if entries:
+            self.metrics.claimed.inc(len(entries))
+            log.warning("claimed %d entries left pending by another consumer", len(entries))
+        return entries
+
+    def _forget_idle_consumers(self) -> None:
+        idle_ms = max(self.config.claim_idle_ms * 10, 3_600_000)
+        for c in self.client.xinfo_consumers(self.stream, self.config.group):
+            name = stream_id(c.get("name", b""))
+            if name != self.consumer and int(c.get("pending", 0)) == 0 \
+                    and int(c.get("idle", 0)) > idle_ms:
+                self.client.xgroup_delconsumer(self.stream, self.config.group, name)
+
+    # ------------------------------------------------------------ handling
+    def handle(self, batch: Sequence[Raw]) -> None:
+        t0 = time.perf_counter()
+        events: list[StreamEvent] = []
+        dead: list[tuple[str, dict[bytes, bytes] | None, str]] = []
+        for eid, fields in batch:
+            try:
+                events.append(parse_entry(eid, fields))
+            except ParseError as exc:
+                dead.append((eid, fields, str(exc)))
+        if events:
+            try:
+                if not self._store_until_done(events):
+                    return  # stopping: leave the batch pending; it is re-read on restart
+            except StoreRejected as exc:
+                # One event the store cannot hold must not block the stream: store
+                # the batch one event at a time and dead-letter the ones refused.
+                log.error("ledger store refused a batch (%s); storing it event by event", exc)
+                fields_of = dict(batch)
+                for ev in events:
+                    try:
+                        if not self._store_until_done([ev]):
+                            return
+                    except StoreRejected as one:
+                        dead.append((ev.event_id, fields_of.get(ev.event_id),
+                                     f"store refused the event: {one}"))
+        self._ack_until_done([eid for eid, _ in batch], dead)
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+
+    def _store_until_done(self, events: list[StreamEvent]) -> bool:
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                new = self.store.write_batch(events, now_ms())
+            except StoreUnavailable as exc:
+                self.metrics.errors.labels("store").inc()
+                self.metrics.up.labels("store").set(0)
+                delay = backoff.next()
+                log.warning("ledger store unavailable (%s); batch of %d kept, retrying in "
+                            "%.2fs", exc, len(events), delay)
+                if self.stopping.wait(delay):
+                    return False
+                continue
+            self.metrics.up.labels("store").set(1)
+            self.metrics.stored.inc(new)
+            self.metrics.duplicates.inc(len(events) - new)
+            self.stored_total += new
+            return True
+
+    def _ack_until_done(self, ids: list[str],
+                        dead: list[tuple[str, dict[bytes, bytes] | None, str]]) -> None:
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        at = str(now_ms())
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=True)
+                for eid, fields, reason in dead:
+                    entry: dict[str | bytes, str | bytes] = {
+                        "src_id": eid, "reason": reason[:1000], "at_ms": at}
+                    for k, v in (fields or {}).items():
+                        entry[b"orig:" + (k if isinstance(k, bytes) else str(k).encode())] = v
+                    pipe.xadd(self.dead_stream, entry)  # type: ignore[arg-type]
+                pipe.xack(self.stream, self.config.group, *ids)
+                pipe.execute()
+                break
+            except RedisError as exc:
+                # The events are stored; acking again later is harmless, and if this
+                # process dies first they are redelivered and skipped as duplicates.
+                self.metrics.errors.labels("redis").inc()
+                self.metrics.up.labels("redis").set(0)
+                delay = backoff.next()
+                log.warning("cannot acknowledge %d stored entries (%s); retrying in %.2fs",
+                            len(ids), exc, delay)
+                if self.stopping.wait(delay):
+                    return
+        for eid, _, reason in dead:
+            log.error("stream entry %s moved to %s: %s", eid, self.dead_stream, reason)
+        if dead:
+            self.metrics.dead_lettered.inc(len(dead))
+            self.dead_total += len(dead)
+
+    # ------------------------------------------------------------ upkeep
+    def safe_trim_floor(self) -> str | None:
+        """The smallest id some consumer group still needs (None: keep everything)."""
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+        except ResponseError:
+            return None
+        floor: tuple[int, int] | None = None
+        for g in groups:
+            pending = int(g.get("pending", 0))
+            if pending:
+                summary = self.client.xpending(self.stream, stream_id(g["name"]))
+                cand = parse_id(stream_id(summary["min"]))
+            else:
+                cand = parse_id(successor(stream_id(g.get("last-delivered-id", b"0-0"))))
+            floor = cand if floor is None else min(floor, cand)
+        if floor is None:
+            return None
+        return f"{floor[0]}-{floor[1]}"
+
+    def trim(self) -> int:
+        floor = self.safe_trim_floor()
+        if floor is None:
+            return 0
+        removed = int(self.client.xtrim(self.stream, minid=floor, approximate=False))
+        if removed:
+            self.metrics.trimmed.inc(removed)
+            log.info("trimmed %d acknowledged entries below %s", removed, floor)
+        return removed
+
+    def refresh_stats(self) -> None:
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+        except ResponseError:
+            groups = []
+        for g in groups:
+            if stream_id(g["name"]) != self.config.group:
+                continue
+            self.metrics.pending.set(int(g.get("pending", 0)))
+            lag = g.get("lag")
+            if lag is None:
+                start = successor(stream_id(g.get("last-delivered-id", b"0-0")))
+                found: Any = self.client.xrange(self.stream, min=start, count=100_000)
+                lag = len(found)
+            self.metrics.lag.set(int(lag))
+        self.metrics.dead_letter.set(int(self.client.xlen(self.dead_stream)))

@@ -1,0 +1,263 @@
+"""Anthropic exports: the Admin API messages usage report and cost report, and
+the console's usage and cost CSV downloads.
+
+Usage report results carry ``uncached_input_tokens``, ``cache_read_input_tokens``,
+``cache_creation.ephemeral_5m_input_tokens`` / ``ephemeral_1h_input_tokens``,
+``output_tokens`` and, when grouped, ``workspace_id``, ``api_key_id`` and
+``model`` (a null workspace is the default workspace). Cost report results carry
+``amount`` as a decimal string in the lowest currency unit (cents: "123.45" is
+$1.2345), ``currency``, ``cost_type`` (tokens, web_search, code_execution) and,
+when grouped by description, ``model`` and ``token_type``. Buckets are daily,
+``starting_at`` inclusive, RFC 3339 in UTC.
+
+The console CSVs use names rather than ids (workspace and API key names, model
+display names such as "Claude Sonnet 4.5"); the mapping file resolves workspace
+names, and model names are normalised. Console costs are in US dollars.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import replace
+from typing import Any
+
+from keel_pdp.reconcile.adapters.classify import classify
+from keel_pdp.reconcile.adapters.common import (
+    DuplicateGuard,
+    as_count,
+    check_currency,
+    check_in_period,
+    csv_header,
+    day_place,
+    iter_buckets,
+    load_json,
+    parse_day,
+    read_csv,
+    text_field,
+)
+from keel_pdp.reconcile.errors import InputError
+from keel_pdp.reconcile.model import (
+    CACHE_WRITE,
+    CACHED_INPUT,
+    DEFAULT_ACCOUNT,
+    INPUT,
+    OUTPUT,
+    USAGE,
+    WEB_SEARCH,
+    ProviderLine,
+    normalise_model,
+    slug,
+)
+from keel_pdp.reconcile.money import (
+    MICROS_PER_CENT,
+    MICROS_PER_USD,
+    parse_decimal,
+    quantum_micros,
+    to_micros,
+)
+from keel_pdp.reconcile.period import Period
+
+USAGE_CSV_REQUIRED = ("usage_date_utc", "model_version", "workspace",
+                      "usage_input_tokens_no_cache", "usage_input_tokens_cache_read",
+                      "usage_output_tokens")
+COST_CSV_REQUIRED = ("usage_date_utc", "model", "workspace", "token_type", "cost_usd")
+_API_TOKEN_TYPES = {
+    "uncached_input_tokens": INPUT,
+    "cache_read_input_tokens": CACHED_INPUT,
+    "cache_creation.ephemeral_5m_input_tokens": CACHE_WRITE,
+    "cache_creation.ephemeral_1h_input_tokens": CACHE_WRITE,
+    "output_tokens": OUTPUT,
+}
+_CONSOLE_TOKEN_TYPES = {
+    "input_no_cache": INPUT,
+    "input_cache_read": CACHED_INPUT,
+    "input_cache_write_5m": CACHE_WRITE,
+    "input_cache_write_1h": CACHE_WRITE,
+    "output": OUTPUT,
+}
+
+
+def detect(path: pathlib.Path, text: str) -> str | None:
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        if '"uncached_input_tokens"' in text and '"amount"' not in text:
+            return "usage-json"
+        if '"amount"' in text and '"starting_at"' in text:
+            return "cost-json"
+        return None
+    header = set(csv_header(text))
+    if "usage_input_tokens_no_cache" in header:
+        return "usage-csv"
+    if {"cost_usd", "token_type", "usage_date_utc"} <= header:
+        return "cost-csv"
+    return None
+
+
+def _workspace(value: Any) -> str:
+    text = text_field(value)
+    if not text or text.lower() == "default":
+        return DEFAULT_ACCOUNT
+    return text
+
+
+def _usage(path: pathlib.Path, period: Period, aliases: dict[str, str], where: str,
+           day_value: Any, day_column: str, model_raw: str, workspace: Any, api_key: Any,
+           counts: dict[str, int], searches: int, json_day: str | None = None
+           ) -> list[ProviderLine]:
+    day_where, day_col = day_place(where, day_column, json_day)
+    day = parse_day(path, day_value, day_where, day_col)
+    check_in_period(path, day, period, day_where, day_col)
+    if not model_raw and any(counts.values()):
+        raise InputError(str(path), "usage without a model: export grouped by model",
+                         where=where)
+    base = ProviderLine(day=day, account=_workspace(workspace),
+                        model=normalise_model(model_raw, aliases), token_type=INPUT,
+                        tokens=counts[INPUT], cost_micros=None, api_key=text_field(api_key),
+                        source=str(path), where=where)
+    out = [base]
+    for token_type in (CACHED_INPUT, CACHE_WRITE, OUTPUT):
+        out.append(replace(base, token_type=token_type, tokens=counts[token_type]))
+    if searches:
+        # The cost report prices web search per workspace, without a model.
+        out.append(replace(base, model="", token_type=WEB_SEARCH, tokens=searches))
+    return out
+
+
+def _cost(path: pathlib.Path, period: Period, aliases: dict[str, str], where: str,
+          day_value: Any, day_column: str, amount: Any, amount_where: tuple[str, str],
+          unit_micros: int, model_raw: str, token_type_raw: str, cost_type: str,
+          workspace: Any, description: str, api_key: str,
+          mapping: dict[str, str], json_day: str | None = None) -> ProviderLine:
+    day_where, day_col = day_place(where, day_column, json_day)
+    day = parse_day(path, day_value, day_where, day_col)
+    check_in_period(path, day, period, day_where, day_col)
+    try:
+        value = parse_decimal(amount)
+    except ValueError as exc:
+        raise InputError(str(path), str(exc), where=amount_where[0],
+                         column=amount_where[1]) from None
+    micros = to_micros(value, unit_micros)
+    text = description or " ".join(dict.fromkeys(
+        x for x in (model_raw, token_type_raw, cost_type) if x))
+    kind, belongs = classify(text, micros, bool(model_raw), period)
+    if kind != USAGE:
+        token_type = kind
+    elif cost_type and cost_type not in ("tokens", "token"):
+        token_type = slug(cost_type)
+    elif token_type_raw:
+        token_type = mapping.get(token_type_raw, slug(token_type_raw))
+    else:
+        raise InputError(str(path), "a token cost without model and token_type: export the "
+                         "cost report grouped by description (group_by[]=description)",
+                         where=where)
+    if kind == USAGE and token_type in mapping.values() and not model_raw:
+        raise InputError(str(path), "a token cost without a model: export the cost report "
+                         "grouped by description", where=where)
+    return ProviderLine(
+        day=day, account=_workspace(workspace),
+        model=normalise_model(model_raw, aliases) if kind == USAGE and model_raw else "",
+        token_type=token_type, tokens=None, cost_micros=micros, kind=kind, belongs_to=belongs,
+        description=text, api_key=api_key, source=str(path), where=where,
+        precision_micros=quantum_micros(value, unit_micros),
+    )
+
+
+def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict[str, str],
+          guard: DuplicateGuard) -> list[ProviderLine]:
+    lines: list[ProviderLine] = []
+    if fmt in ("usage-json", "cost-json"):
+        doc = load_json(path, text)
+        for b_where, bucket, results in iter_buckets(path, doc):
+            if not results:
+                continue
+            start = bucket.get("starting_at")
+            for r_where, r in results:
+                if fmt == "usage-json":
+                    guard.check(path, ("anthropic-usage", start, r.get("workspace_id"),
+                                       r.get("api_key_id"), r.get("model"),
+                                       r.get("service_tier"), r.get("context_window"),
+                                       r.get("inference_geo"), r.get("speed"),
+                                       r.get("account_id"), r.get("service_account_id")),
+                                r_where)
+                    creation = r.get("cache_creation")
+                    creation = creation if isinstance(creation, dict) else {}
+                    write = (as_count(path, creation.get("ephemeral_5m_input_tokens",
+                                                         r.get("cache_creation_5m_input_tokens")),
+                                      f"{r_where}.cache_creation.ephemeral_5m_input_tokens")
+                             + as_count(path, creation.get("ephemeral_1h_input_tokens",
+                                                           r.get("cache_creation_1h_input_tokens")),
+                                        f"{r_where}.cache_creation.ephemeral_1h_input_tokens"))
+                    tools = r.get("server_tool_use")
+                    tools = tools if isinstance(tools, dict) else {}
+                    counts = {
+                        INPUT: as_count(path, r.get("uncached_input_tokens"),
+                                        f"{r_where}.uncached_input_tokens", optional=False),
+                        CACHED_INPUT: as_count(path, r.get("cache_read_input_tokens"),
+                                               f"{r_where}.cache_read_input_tokens"),
+                        CACHE_WRITE: write,
+                        OUTPUT: as_count(path, r.get("output_tokens"),
+                                         f"{r_where}.output_tokens", optional=False),
+                    }
+                    lines += _usage(path, period, aliases, r_where, start,
+                                    "", text_field(r.get("model")), r.get("workspace_id"),
+                                    r.get("api_key_id"), counts,
+                                    as_count(path, tools.get("web_search_requests"),
+                                             f"{r_where}.server_tool_use.web_search_requests"),
+                                    f"{b_where}.starting_at")
+                else:
+                    guard.check(path, ("anthropic-cost", start, r.get("workspace_id"),
+                                       r.get("description"), r.get("model"),
+                                       r.get("token_type"), r.get("cost_type"),
+                                       r.get("service_tier"), r.get("context_window"),
+                                       r.get("inference_geo"), r.get("speed")), r_where)
+                    if "amount" not in r:
+                        raise InputError(str(path), "missing 'amount'", where=f"{r_where}.amount")
+                    check_currency(path, r.get("currency"), f"{r_where}.currency", "")
+                    lines.append(_cost(
+                        path, period, aliases, r_where, start, "", r.get("amount"),
+                        (f"{r_where}.amount", ""), MICROS_PER_CENT,
+                        text_field(r.get("model")), text_field(r.get("token_type")),
+                        text_field(r.get("cost_type")), r.get("workspace_id"),
+                        text_field(r.get("description")), "", _API_TOKEN_TYPES,
+                        f"{b_where}.starting_at"))
+        return lines
+    if fmt == "usage-csv":
+        _, rows = read_csv(path, text, USAGE_CSV_REQUIRED)
+        for row in rows:
+            v = row.values
+            guard.check(path, ("anthropic-usage-csv", v.get("usage_date_utc"),
+                               v.get("model_version"), v.get("api_key"), v.get("workspace"),
+                               v.get("usage_type"), v.get("context_window"),
+                               v.get("inference_geo"), v.get("speed")), row.where)
+
+            def count(column: str, row_values: dict[str, str] = v, where: str = row.where
+                      ) -> int:
+                return as_count(path, row_values.get(column), where, column)
+
+            counts = {
+                INPUT: count("usage_input_tokens_no_cache"),
+                CACHED_INPUT: count("usage_input_tokens_cache_read"),
+                CACHE_WRITE: count("usage_input_tokens_cache_write_5m")
+                + count("usage_input_tokens_cache_write_1h"),
+                OUTPUT: count("usage_output_tokens"),
+            }
+            lines += _usage(path, period, aliases, row.where, v.get("usage_date_utc"),
+                            "usage_date_utc", v.get("model_version", ""), v.get("workspace"),
+                            v.get("api_key"), counts, count("web_search_count"))
+        return lines
+    _, rows = read_csv(path, text, COST_CSV_REQUIRED)
+    for row in rows:
+        v = row.values
+        if "currency" in v:
+            check_currency(path, v.get("currency"), row.where, "currency")
+        guard.check(path, ("anthropic-cost-csv", v.get("usage_date_utc"), v.get("model"),
+                           v.get("workspace"), v.get("api_key"), v.get("usage_type"),
+                           v.get("context_window"), v.get("token_type"), v.get("cost_type"),
+                           v.get("inference_geo"), v.get("speed")), row.where)
+        lines.append(_cost(
+            path, period, aliases, row.where, v.get("usage_date_utc"), "usage_date_utc",
+            v.get("cost_usd"), (row.where, "cost_usd"), MICROS_PER_USD, v.get("model", ""),
+            v.get("token_type", ""), v.get("cost_type", ""), v.get("workspace"),
+            v.get("description", ""), v.get("api_key_id") or v.get("api_key", ""),
+            _CONSOLE_TOKEN_TYPES))
+    return lines

@@ -1,0 +1,79 @@
+"""Normalised provider line items and the names both sides share.
+
+Token types follow Keel's pricing: ``input`` is fresh (uncached) input,
+``cached_input`` prompt-cache reads, ``cache_write`` prompt-cache writes (both
+Anthropic write lifetimes), ``output`` includes reasoning tokens. Non-token
+charges (web search, code execution) keep their own type name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+
+INPUT = "input"
+CACHED_INPUT = "cached_input"
+CACHE_WRITE = "cache_write"
+OUTPUT = "output"
+TOKEN_TYPES = (INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT)
+INPUT_GROUP = (INPUT, CACHED_INPUT, CACHE_WRITE)
+WEB_SEARCH = "web_search"
+
+USAGE = "usage"
+CREDIT = "credit"
+CORRECTION = "correction"
+LINE_KINDS = (USAGE, CREDIT, CORRECTION)
+
+DEFAULT_ACCOUNT = "default"
+
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def normalise_model(name: str, aliases: dict[str, str] | None = None) -> str:
+    """One spelling for a model on both sides.
+
+    Dated snapshots (``gpt-4o-2024-08-06``, ``claude-sonnet-4-5-20250929``) and
+    console display names (``Claude Sonnet 4.5``) become the family name the
+    gateway uses; ``aliases`` (from the mapping file) win over the rules.
+    """
+    aliases = aliases or {}
+    text = name.strip()
+    if text in aliases:
+        return aliases[text]
+    if " " in text:
+        text = _SLUG.sub("-", text.lower().replace(".", "-")).strip("-")
+    text = text.lower()
+    text = _DATE_SUFFIX.sub("", text)
+    return aliases.get(text, text)
+
+
+def slug(text: str) -> str:
+    return _SLUG.sub("_", text.strip().lower()).strip("_")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLine:
+    """One line item of a provider export, normalised.
+
+    ``tokens`` is None when the source carries money only (a cost report);
+    ``cost_micros`` is None when it carries tokens only (a usage report).
+    ``precision_micros`` is the smallest step the source's amounts can express:
+    the rounding a provider line can carry is half of it.
+    """
+
+    day: date
+    account: str
+    model: str
+    token_type: str
+    tokens: int | None
+    cost_micros: int | None
+    kind: str = USAGE
+    api_key: str = ""
+    belongs_to: str = ""
+    description: str = ""
+    source: str = ""
+    where: str = ""
+    precision_micros: int = 1
+    requests: int | None = None

@@ -1,0 +1,136 @@
+"""Reconcile straight from the ledger store (``--store``): genuine events from the
+engine, stored by the ledger, read back as internal usage and joined against a
+provider cost export priced from the same usage. Runs over SQLite and a real
+PostgreSQL server (the ledger's store fixture)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections import defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import fakeredis
+import pytest
+
+from keel_pdp.decision import AuthorizeInput, DecisionKind
+from keel_pdp.ledger.events import parse_entry
+from keel_pdp.ledger.store import LedgerStore
+from keel_pdp.pricing import TokenUsage
+from keel_pdp.reconcile.internal import from_ledger
+from keel_pdp.reconcile.period import Period
+from keel_pdp.reconcile.prices import load_prices
+from tests.helpers import make_engine
+from tests.integration.conftest import STREAM, ledger_bundle
+from tests.unit.test_reconcile_e2e import main
+
+pytestmark = pytest.mark.integration
+
+PROJECTS = {("acme", "chat"): "proj_chat", ("globex", "search"): "proj_search"}
+SNAPSHOT = "gpt-4o-mini-2024-07-18"
+
+
+async def _settle_traffic(bundle: pathlib.Path, store: LedgerStore) -> list[dict[str, Any]]:
+    """Authorize and close out a few requests; store the stream in the ledger."""
+    client = fakeredis.FakeAsyncRedis()
+    engine = make_engine(client, bundle)
+    for i in range(12):
+        tenant, workload = list(PROJECTS)[i % 2]
+        res = await engine.authorize(AuthorizeInput(f"rq-{i}", tenant, workload, "gpt-4o-mini",
+                                                    "openai", 20_000 + 1_000 * i, 800))
+        assert res.decision is not DecisionKind.DENY
+        usage = TokenUsage(input_tokens=20_000 + 1_000 * i, cached_input_tokens=5_000 * (i % 3),
+                           output_tokens=300 + 17 * i, reasoning_tokens=10)
+        await engine.closeout(res.permit_id, usage, "FAILED" if i == 7 else "SUCCEEDED", None)
+    raw: Any = await client.xrange(STREAM)
+    events = [parse_entry(eid.decode(), fields) for eid, fields in raw]
+    store.write_batch(events)
+    return [{"ts": e.ts_ms, "pid": e.permit_id, **e.data} for e in events
+            if e.etype == "settlement"]
+
+
+def _costs_export(settlements: list[dict[str, Any]], pids: dict[str, tuple[str, str]],
+                  bundle: pathlib.Path, path: pathlib.Path) -> None:
+    """What the provider bills: the successful requests, exactly, per day and project."""
+    book = load_prices(bundle)
+    pico: dict[tuple[int, str, str], int] = defaultdict(int)
+    for s in settlements:
+        if s["outcome"] == "FAILED":
+            continue
+        u = s["usage"]
+        price = book.price_for("openai", "gpt-4o-mini", s["ts"], u["in"])
+        assert price is not None
+        day = s["ts"] // 86_400_000 * 86_400
+        project = PROJECTS[pids[s["pid"]]]
+        pico[(day, project, "input")] += (u["in"] - u["cached"] - u["cw"]) * price.input
+        pico[(day, project, "cached input")] += u["cached"] * price.cached_input
+        pico[(day, project, "output")] += u["out"] * price.output
+    buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for (day, project, label), value in sorted(pico.items()):
+        buckets[day].append({"object": "organization.costs.result",
+                             "amount": {"value": f"__{Decimal(value) / 10**12:f}__",
+                                        "currency": "usd"},
+                             "line_item": f"{SNAPSHOT}, {label}", "project_id": project})
+    page = {"object": "page", "has_more": False, "next_page": None, "data": [
+        {"object": "bucket", "start_time": d, "end_time": d + 86_400, "results": r}
+        for d, r in sorted(buckets.items())]}
+    path.write_text(json.dumps(page).replace('"__', "").replace('__"', ""))
+
+
+async def test_reconcile_from_the_ledger_store(store_url: str, tmp_path: pathlib.Path) -> None:
+    bundle = ledger_bundle(tmp_path / "bundle")
+    store = LedgerStore(store_url)
+    store.migrate()
+    settlements = await _settle_traffic(bundle, store)
+    pids = {str(p): (str(t), str(w)) for p, t, w in store.query(
+        "SELECT permit_id, tenant, workload FROM ledger_entries WHERE kind = 'permit'")}
+    now = datetime.fromtimestamp(settlements[0]["ts"] / 1000, tz=UTC)
+    period = Period(now.year, now.month)
+
+    lines = from_ledger(store_url, period)
+    assert len(lines) == 12
+    assert sum(ln.cost_micros for ln in lines) == sum(s["actual"] for s in settlements)
+    for ln in lines:
+        parts = [ln.input_cost_micros, ln.cached_input_cost_micros, ln.cache_write_cost_micros,
+                 ln.output_cost_micros]
+        assert None not in parts and sum(p or 0 for p in parts) == ln.cost_micros
+    assert [ln.failed for ln in lines].count(True) == 1
+    assert {(ln.tenant, ln.workload) for ln in lines} == set(PROJECTS)
+    assert from_ledger(store_url, period.next()) == []
+
+    costs = tmp_path / "costs.json"
+    _costs_export(settlements, pids, bundle, costs)
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(
+        "accounts:\n"
+        "  - {provider: openai, account: proj_chat, tenant: acme, workload: chat}\n"
+        "  - {provider: openai, account: proj_search, tenant: globex, workload: search}\n"
+        "workloads:\n"
+        "  - {tenant: acme, workload: chat, engineering_owner: Dana Ruiz}\n"
+        "  - {tenant: globex, workload: search, engineering_owner: Lee Park}\n")
+    out = tmp_path / "out"
+    assert main(["reconcile", "--store", store_url, "--period", str(period), "--provider",
+                 "openai", "--export", str(costs), "--mapping", str(mapping),
+                 "--out", str(out)]) == 0
+    memo = json.loads((out / str(period) / "memo.json").read_text())
+    cats = {c["category"]: c for c in memo["categories"]}
+    failed = next(s for s in settlements if s["outcome"] == "FAILED")
+    assert cats["failed_requests"]["net_micros"] == -failed["actual"]
+    for name in ("unexplained", "clock_skew", "cache_rate", "tier_breakpoint"):
+        assert cats[name]["net_micros"] == 0, name
+    assert abs(cats["rounding"]["net_micros"]) <= 12
+    assert memo["totals"]["internal_requests"] == 12
+
+
+def test_a_missing_ledger_database_is_a_clear_error(tmp_path: pathlib.Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/nothing.db"
+    assert main(["reconcile", "--store", url, "--period", "2026-01", "--provider", "openai",
+                 "--export", str(pathlib.Path(__file__).parents[1] / "fixtures" / "reconcile"
+                                 / "openai" / "costs.json"),
+                 "--mapping", str(pathlib.Path(__file__).parents[1] / "fixtures" / "reconcile"
+                                  / "mapping.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "no ledger database at that path" in capsys.readouterr().err
+    assert not (tmp_path / "nothing.db").exists()

@@ -1,0 +1,258 @@
+"""Money, periods, the internal export, the mapping file, price splits and the
+categorisation rules one at a time."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+
+from keel_pdp.reconcile.errors import InputError, ReconcileError
+from keel_pdp.reconcile.internal import FileInternalSource, InternalUsageLine
+from keel_pdp.reconcile.mapping import Mapping, MappingDoc, load_mapping
+from keel_pdp.reconcile.model import ProviderLine
+from keel_pdp.reconcile.money import (
+    decimal_str,
+    quantum_micros,
+    round_fraction,
+    split_exact,
+    to_micros,
+    usd,
+)
+from keel_pdp.reconcile.period import Period
+from keel_pdp.reconcile.prices import load_prices, split_cost
+from keel_pdp.reconcile.report import build_report
+from keel_pdp.reconcile.variance import (
+    CACHE_RATE,
+    CLOCK_SKEW,
+    ROUNDING,
+    TIER,
+    UNEXPLAINED,
+    reconcile,
+)
+from tests.unit.test_reconcile_bad_exports import FIXTURES, args
+from tests.unit.test_reconcile_e2e import main
+
+JAN = Period(2026, 1)
+
+
+def test_money_is_exact_integers() -> None:
+    assert to_micros(Decimal("0.8958740000000000")) == 895_874
+    assert to_micros(Decimal("123.78912"), 10_000) == 1_237_891  # cents, half-even
+    assert to_micros(Decimal("0.0000005")) == 0 and to_micros(Decimal("0.0000015")) == 2
+    assert quantum_micros(Decimal("0.05")) == 10_000
+    assert quantum_micros(Decimal("0.895874")) == 1
+    assert round_fraction(Fraction(5, 2)) == 2 and round_fraction(Fraction(7, 2)) == 4
+    assert round_fraction(Fraction(-7, 2)) == -4
+    assert split_exact(100, [1, 1, 1]) == [34, 33, 33]
+    assert split_exact(-100, [2, 1, 0]) == [-67, -33, 0]
+    assert split_exact(5, [0, 0]) == [3, 2]
+    assert decimal_str(-1_500_000) == "-1.500000"
+    assert usd(48_200_000_000) == "$48,200.00"
+    assert usd(-1_641) == "-$0.001641"
+    assert usd(4_700_000_000, signed=True) == "+$4,700.00"
+
+
+def test_periods_are_utc_months() -> None:
+    assert Period.parse("2026-12").next() == Period(2027, 1)
+    assert Period.parse("2026-01").previous() == Period(2025, 12)
+    assert JAN.last_day == date(2026, 1, 31) and len(JAN.days()) == 31
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        Period.parse("2026-13")
+
+
+def test_internal_csv_reads_local_timestamps_in_the_given_zone(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "usage.csv"
+    path.write_text(
+        "ts,tenant,workload,provider,model,input_tokens,output_tokens,cost_usd\n"
+        "2026-02-01T00:30:00,acme,bot,openai,gpt-4o,10,5,0.000075\n"
+        "2026-01-31T23:30:00+00:00,acme,bot,openai,gpt-4o,10,5,0.000075\n")
+    local = FileInternalSource(path, "Europe/Berlin").lines_for_month(JAN)
+    assert len(local) == 2  # 00:30 in Berlin is 23:30 UTC on the 31st
+    utc = FileInternalSource(path).lines_for_month(JAN)
+    assert len(utc) == 1
+    padded = FileInternalSource(path).lines_for_month(JAN, pad_ms=3_600_000)
+    assert len(padded) == 2
+    assert padded[0].cost_micros == 75
+
+
+def test_internal_export_problems_name_the_row(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "usage.csv"
+    path.write_text("ts_ms,tenant,workload,provider,model,input_tokens,cached_input_tokens,"
+                    "output_tokens,cost_micros\n"
+                    "1767571200000,acme,bot,openai,gpt-4o,10,20,5,100\n")
+    with pytest.raises(InputError, match=r"usage\.csv: row 2: cached_input_tokens"):
+        FileInternalSource(path).lines_for_month(JAN)
+    path.write_text("ts_ms,tenant,workload,provider,model,input_tokens,output_tokens\n")
+    with pytest.raises(InputError, match="missing a cost column"):
+        FileInternalSource(path).lines_for_month(JAN)
+
+
+def test_a_total_only_line_needs_a_price_table() -> None:
+    line = InternalUsageLine(ts_ms=JAN.start_ms, tenant="t", workload="w", provider="openai",
+                             model="gpt-4o", input_tokens=1_000_000, cached_input_tokens=0,
+                             output_tokens=100_000, cost_micros=3_500_000, permit_id="p1")
+    with pytest.raises(ReconcileError, match="pass --prices"):
+        line.costs_by_type(None, "gpt-4o")
+    book = load_prices(FIXTURES / "prices.yaml")
+    assert line.costs_by_type(book, "gpt-4o") == {"input": 2_500_000, "output": 1_000_000}
+
+
+def test_price_history_and_context_tiers_pick_the_rate_in_effect(
+        tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text(
+        "apiVersion: keel.pdp/v1\nkind: PriceTable\nrevision: r1\nproviders:\n"
+        "  anthropic:\n    claude-sonnet-4-5:\n"
+        "      - {input: '3.00', output: '15.00', effective_from: 2025-01-01,\n"
+        "         tiers: [{above_input_tokens: 200000, input: '6.00', output: '22.50'}]}\n"
+        "      - {input: '2.00', output: '10.00', effective_from: 2026-01-15}\n")
+    book = load_prices(path)
+    early = int(datetime(2026, 1, 3, tzinfo=UTC).timestamp() * 1000)
+    late = int(datetime(2026, 1, 20, tzinfo=UTC).timestamp() * 1000)
+
+    def input_rate(ts: int, tokens: int) -> int:
+        price = book.price_for("anthropic", "claude-sonnet-4-5", ts, tokens)
+        assert price is not None
+        return price.input
+
+    assert input_rate(early, 1000) == 3_000_000
+    assert input_rate(early, 300_000) == 6_000_000  # above the context tier
+    assert input_rate(late, 300_000) == 2_000_000  # the later price has no tiers
+    assert book.price_for("anthropic", "claude-opus-4-1", early, 10) is None
+    price = book.price_for("anthropic", "claude-sonnet-4-5", early, 10)
+    assert price is not None
+    assert split_cost(17, price, {"input": 1, "output": 1}) == {"input": 3, "output": 14}
+
+
+def test_the_mapping_file_rejects_a_workload_without_an_owner(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mapping.yaml"
+    path.write_text("accounts:\n  - {provider: openai, account: p1, tenant: a, workload: w}\n"
+                    "workloads:\n  - {tenant: a, workload: other, engineering_owner: X}\n")
+    with pytest.raises(InputError, match="no entry under workloads"):
+        load_mapping(path)
+
+
+def test_a_workload_on_two_accounts_needs_the_account_on_each_line() -> None:
+    doc = MappingDoc.model_validate({
+        "accounts": [{"provider": "openai", "account": "p1", "tenant": "a", "workload": "w"},
+                     {"provider": "openai", "account": "p2", "tenant": "a", "workload": "w"}],
+        "workloads": [{"tenant": "a", "workload": "w", "engineering_owner": "X"}]})
+    with pytest.raises(InputError, match="several openai accounts"):
+        Mapping(doc).account_for("openai", "a", "w")
+
+
+# ------------------------------------------------------------------ categorisation rules
+
+MAPPING = Mapping(MappingDoc.model_validate({
+    "accounts": [{"provider": "openai", "account": "p1", "tenant": "a", "workload": "w"}],
+    "workloads": [{"tenant": "a", "workload": "w", "engineering_owner": "Owner"}]}))
+
+
+def pline(day: int, token_type: str, tokens: int | None, micros: int | None,
+          account: str = "p1", precision: int = 1) -> ProviderLine:
+    return ProviderLine(day=date(2026, 1, day), account=account, model="gpt-4o",
+                        token_type=token_type, tokens=tokens, cost_micros=micros,
+                        precision_micros=precision)
+
+
+def iline(day: int, hour: int, costs: dict[str, int], tokens: dict[str, int],
+          minute: int = 0) -> InternalUsageLine:
+    ts = int(datetime(2026, 1, day, hour, minute, tzinfo=UTC).timestamp() * 1000) \
+        if day > 0 else int(datetime(2025, 12, 31, hour, minute, tzinfo=UTC).timestamp() * 1000)
+    return InternalUsageLine(
+        ts_ms=ts, tenant="a", workload="w", provider="openai", model="gpt-4o",
+        input_tokens=tokens.get("input", 0) + tokens.get("cached_input", 0),
+        cached_input_tokens=tokens.get("cached_input", 0),
+        output_tokens=tokens.get("output", 0), cost_micros=sum(costs.values()),
+        input_cost_micros=costs.get("input", 0),
+        cached_input_cost_micros=costs.get("cached_input", 0), cache_write_cost_micros=0,
+        output_cost_micros=costs.get("output", 0))
+
+
+def test_cache_rate_from_a_cost_only_export() -> None:
+    # No token counts on the provider side: cache reads billed cheaper, internal
+    # priced everything as fresh input.
+    rec = reconcile(JAN, "openai", [pline(5, "input", None, 1_000_000),
+                                     pline(5, "cached_input", None, 400_000)],
+                    [iline(5, 10, {"input": 2_000_000}, {"input": 800_000})], MAPPING)
+    assert rec.category_net(CACHE_RATE) == -600_000
+    assert rec.category_net(UNEXPLAINED) == 0
+
+
+def test_a_rate_that_differs_all_month_is_not_a_tier_breakpoint() -> None:
+    provider = [pline(d, "output", 100_000, 1_200_000) for d in (3, 4, 5)]
+    internal = [iline(d, 9, {"output": 1_000_000}, {"output": 100_000}) for d in (3, 4, 5)]
+    rec = reconcile(JAN, "openai", provider, internal, MAPPING)
+    assert rec.category_net(TIER) == 0
+    assert rec.category_net(UNEXPLAINED) == 600_000
+    note = rec.cells_in(UNEXPLAINED)[0].notes[UNEXPLAINED]
+    assert "same tokens" in note and "check the price table" in note
+
+
+def test_a_telemetry_clock_behind_utc_is_seen_at_both_boundaries() -> None:
+    # Calls at 00:30 UTC on Jan 1 stamped on Dec 31 (clock behind), and calls at
+    # 00:30 UTC on Feb 1 stamped on Jan 31 (billed by the provider in February).
+    provider = [pline(1, "output", 200_000, 2_000_000), pline(31, "output", 100_000, 1_000_000)]
+    internal = [iline(0, 23, {"output": 1_000_000}, {"output": 100_000}, minute=30),
+                iline(1, 12, {"output": 1_000_000}, {"output": 100_000}),
+                iline(31, 12, {"output": 1_000_000}, {"output": 100_000}),
+                iline(31, 23, {"output": 700_000}, {"output": 70_000}, minute=30)]
+    rec = reconcile(JAN, "openai", provider, internal, MAPPING, skew_hours=2)
+    assert rec.category_net(CLOCK_SKEW) == 1_000_000 - 700_000
+    assert rec.category_gross(CLOCK_SKEW) == 1_700_000
+    assert rec.category_net(UNEXPLAINED) == 0
+
+
+def test_unmapped_provider_accounts_are_unexplained_and_charged_to_unmapped() -> None:
+    provider = [pline(4, "output", 10, 500_000, account="p-unknown")]
+    rec = reconcile(JAN, "openai", provider, [], MAPPING)
+    assert rec.unmapped_accounts == ["p-unknown"]
+    assert "not in the mapping" in rec.cells_in(UNEXPLAINED)[0].notes[UNEXPLAINED]
+    report = build_report(rec, MAPPING, Decimal("1"))
+    assert report.status == "blocked"
+    assert [(r.tenant, r.workload, r.amount_micros) for r in report.chargeback] == [
+        ("(unmapped)", "p-unknown", 500_000)]
+
+
+def test_rounding_allows_half_the_provider_step_per_line() -> None:
+    # A console export in whole cents: 0.4 cent off is rounding, 0.6 cent is not.
+    provider = [pline(2, "output", 1000, 10_000, precision=10_000),
+                pline(3, "output", 1000, 10_000, precision=10_000)]
+    internal = [iline(2, 9, {"output": 6_000}, {"output": 1000}),
+                iline(3, 9, {"output": 3_000}, {"output": 1000})]
+    rec = reconcile(JAN, "openai", provider, internal, MAPPING)
+    assert rec.category_net(ROUNDING) == 4_000
+    assert rec.category_net(UNEXPLAINED) == 7_000
+
+
+def test_the_sample_files_reconcile_through_the_cli(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = [*args(out, FIXTURES / "openai" / "usage_dashboard.csv",
+                  FIXTURES / "openai" / "costs_dashboard.csv")]
+    assert main(argv) == 0, capsys.readouterr().err
+    memo = json.loads((out / "2026-01" / "memo.json").read_text())
+    cats = {c["category"]: c for c in memo["categories"]}
+    assert memo["totals"]["invoice_micros"] == 7_473_500
+    # The failed attempt the gateway booked; the web search fee it never saw.
+    assert cats["failed_requests"]["net_micros"] == -50_000
+    assert cats["unexplained"]["net_micros"] == 350_000
+    assert cats["unexplained"]["line_items"][0]["token_type"] == "web_search_tool_calls"
+    assert cats["unexplained"]["decision"] == "accepted"  # inside the 5% given
+    assert memo["status"] == "ready-for-signoff"
+    assert sum(r["amount_micros"] for r in memo["chargeback"]) == 7_473_500
+    # With the default 1% the same gap is escalated and blocks posting.
+    argv[argv.index("--tolerance-pct") + 1] = "1.0"
+    assert main(argv) == 1
+    assert "posting is blocked" in capsys.readouterr().err
+
+
+def test_the_commands_are_wired_into_the_cli() -> None:
+    from keel_pdp.cli import COMMAND_MODULES
+
+    assert "keel_pdp.reconcile.commands" in COMMAND_MODULES
