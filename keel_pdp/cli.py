@@ -111,8 +111,13 @@ async def serve(s: ServeSettings) -> int:
              loop.create_task(engine.run_background(s.sweep_interval_s))]
     await stop.wait()
     draining = True
-    log.info("draining: health NOT_SERVING, %.1fs for in-flight calls", s.grace_s)
+    # Report NOT_SERVING first and keep serving for the drain delay, so callers
+    # and load balancers move away before new calls are refused; then give
+    # in-flight calls the grace period.
+    log.info("draining: health NOT_SERVING, serving %.1fs more, then %.1fs for in-flight "
+             "calls", s.drain_delay_s, s.grace_s)
     await health.set(False)
+    await asyncio.sleep(s.drain_delay_s)
     await server.stop(s.grace_s)
     for t in tasks:
         t.cancel()

@@ -36,6 +36,7 @@ class ServeSettings:
     max_concurrent_rpcs: int = 1024
     admin_identities: tuple[str, ...] = ()
     outbox_dir: str = ""
+    drain_delay_s: float = 1.0
 
     def admin_token(self) -> str | None:
         """Read on every call, so a rotated token file takes effect at once."""
@@ -118,6 +119,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outbox-dir", default=_env("KEEL_OUTBOX_DIR", ""),
                    help="journal decisions taken while Redis is unreachable in this directory, "
                         "so a restart replays them (env KEEL_OUTBOX_DIR; default: memory only)")
+    p.add_argument("--drain-delay", type=float, default=float(_env("KEEL_DRAIN_DELAY", "1.0")),
+                   help="seconds to keep serving after SIGTERM while health says NOT_SERVING")
     p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
                    help="seconds in-flight RPCs get to finish on SIGTERM")
 
@@ -132,6 +135,6 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         admin_token_file=ns.admin_token_file, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca, allow_insecure_listen=ns.allow_insecure_listen,
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
-        outbox_dir=ns.outbox_dir,
+        outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay,
         admin_identities=tuple(x.strip() for x in ns.admin_identities.split(",") if x.strip()),
     ).validate()
