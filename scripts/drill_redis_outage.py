@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from typing import Any
 
 import grpc
 import redis
@@ -100,7 +101,7 @@ async def main() -> int:
             rs.start()
             back = time.monotonic()
             phase[0] = "after"
-            client = redis.Redis(port=rs.port)
+            client: Any = redis.Redis(port=rs.port)
             recovered = None
             while recovered is None and time.monotonic() - back < 10:
                 if stats["after"].get("closed-co:ALLOW:-", 0):

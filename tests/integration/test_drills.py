@@ -68,7 +68,7 @@ def test_sigkill_between_hold_and_closeout_expires_then_late_closeout_books(
     proc2 = start(redis_url, bundle, port2)
     try:
         wait_ready(port2)
-        client = redis.Redis.from_url(redis_url)
+        client: Any = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and client.zcard("keel:{pdp}:expiries"):
             time.sleep(0.2)
@@ -137,6 +137,6 @@ def test_sigterm_under_load_drains_and_loses_no_event(
     assert len(allowed) == 400, refused
     assert all(a.decision == pb.ALLOW for a in allowed)
     assert "NOT_SERVING" in health
-    client = redis.Redis.from_url(redis_url)
+    client: Any = redis.Redis.from_url(redis_url)
     recorded = {f[b"pid"].decode() for _, f in client.xrange("keel:{pdp}:events")}
     assert {a.permit_id for a in allowed} <= recorded  # every answered decision is recorded
