@@ -181,3 +181,34 @@ async def test_beyond_max_concurrent_rpcs_answers_resource_exhausted_at_once(
         await pauser.aclose()
         await server.stop(0)
         await engine.store.close()
+
+
+def test_redis_password_never_reaches_the_logs(tmp_path: pathlib.Path) -> None:
+    secret = "hunter2-very-secret"
+    bundle = write_bundle(tmp_path / "b", [budget("b", "1", fail_mode="open")])
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
+         "--redis-url", f"redis://keel:{secret}@127.0.0.1:{free_port()}/0",
+         "--listen", f"127.0.0.1:{port}", "--metrics-port", "0", "--log-level", "DEBUG"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.PolicyDecisionPointStub(ch)
+            while time.monotonic() < deadline:
+                try:
+                    r = stub.Authorize(pb.AuthorizeRequest(
+                        request_id="x", tenant="a", workload="w", model="gpt-4o-mini"),
+                        timeout=2)
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        assert r.degraded  # Redis is not there: the fail mode answered
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "127.0.0.1" in out
+    assert secret not in out
