@@ -7,12 +7,13 @@ LISTEN ?= 127.0.0.1:50051
 METRICS_PORT ?= 9464
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv run test lint typecheck proto proto-check check clean bench
+.PHONY: help deps venv run test lint typecheck proto proto-check check clean bench demo
 
 help:
 	@echo "make run    - install what is needed, start Redis and the sidecar on policies/"
 	@echo "make test   - install what is needed, run lint, type checks, drift check and all tests"
 	@echo "make bench  - run the benchmarks (prints ratios against a same-run baseline)"
+	@echo "make demo   - Redis, the sidecar, a mock provider and Envoy locally; narrated calls"
 	@echo "make proto  - regenerate keel_pdp/api from proto/"
 
 # System packages (Debian): Redis for the budget store and tests, PostgreSQL for
@@ -55,6 +56,9 @@ check: lint typecheck proto-check
 
 test: deps venv check
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+demo: deps venv
+	@bash scripts/demo.sh
 
 bench: deps venv
 	$(PY) -m bench.run_all

@@ -1,0 +1,288 @@
+"""Envoy ext_authz (``envoy.service.auth.v3.Authorization/Check``) in front of provider calls.
+
+A metered call (POST to chat completions, responses or messages) becomes one
+``Engine.authorize``; the decision becomes Envoy's answer:
+
+* ALLOW / CONSTRAIN: OK. Request headers ``x-keel-permit-id``,
+  ``x-keel-decision``, ``x-keel-model``, ``x-keel-provider``,
+  ``x-keel-max-tokens``, ``x-keel-input-tokens``, ``x-keel-policy-revision`` and,
+  when the body's cap must be lowered, ``x-keel-enforce-max-tokens`` (ext_proc
+  rewrites the body). The same facts go into dynamic metadata under
+  ``envoy.filters.http.ext_authz``; the client's response gets the permit id and
+  the decision.
+* DENY: 429 for budgets, 403 for policy (model not allowed, no price), 503 when
+  the budget store or the policy could not be consulted and the budget fails
+  closed; a JSON body with the block reasons and ``retry-after`` when waiting
+  can help.
+* An unreadable body: 400 (413/415 for size or encoding) with the reason.
+
+Protobuf stays here; the reading of the HTTP request is ``keel_pdp.mesh.request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+
+from keel_pdp.decision import AuthorizeInput, Code, DecisionKind, InvalidRequest, Outcome
+from keel_pdp.engine import Engine
+from keel_pdp.mesh import config as c
+from keel_pdp.mesh import envoy_types as et
+from keel_pdp.mesh import request as rq
+from keel_pdp.mesh.metrics import MeshMetrics
+from keel_pdp.mesh.watch import PermitWatch
+
+log = logging.getLogger("keel_pdp.mesh.authz")
+
+GRPC_OK = 0
+GRPC_PERMISSION_DENIED = 7
+GRPC_INVALID_ARGUMENT = 3
+GRPC_UNAVAILABLE = 14
+
+_STATUS_BY_CODE: dict[str, int] = {
+    Code.BUDGET_EXHAUSTED: 429,
+    Code.MODEL_NOT_ALLOWED: 403,
+    Code.UNKNOWN_MODEL_PRICE: 403,
+    Code.STORE_UNAVAILABLE: 503,
+    Code.DEADLINE_TOO_SHORT: 503,
+    Code.POLICY_NOT_LOADED: 503,
+}
+_ERROR_TYPE = {400: "invalid_request_error", 403: "permission_error", 409: "invalid_request_error",
+               413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
+               500: "api_error", 503: "overloaded_error"}
+
+
+def deny_status(out: Outcome) -> int:
+    """HTTP status for a DENY: 429 budgets, 403 policy, 503 store/policy unavailable."""
+    return _STATUS_BY_CODE.get(out.primary_code, 403)
+
+
+def retry_after(out: Outcome, status: int) -> int | None:
+    """Seconds until waiting can help: the end of the exhausted window, 1 s when unavailable."""
+    if status == 429:
+        waits = [r.retry_after_seconds for r in out.reasons
+                 if r.code is Code.BUDGET_EXHAUSTED and r.retry_after_seconds > 0]
+        return max(waits) if waits else 60
+    if status == 503:
+        return 1
+    return None
+
+
+def deny_body(out: Outcome, status: int) -> dict[str, object]:
+    """The JSON error body: readable by OpenAI and Anthropic clients (``error.message``)."""
+    first = next((r for r in out.reasons if r.code == out.primary_code), None)
+    message = first.message if first else "Denied by Keel policy."
+    return {"type": "error", "error": {
+        "type": _ERROR_TYPE.get(status, "permission_error"),
+        "code": out.primary_code,
+        "message": message,
+        "permit_id": out.permit_id,
+        "policy_revision": out.policy_revision,
+        "block_reasons": [r.to_json() for r in out.reasons],
+    }}
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, object]:
+    return {"type": "error", "error": {"type": _ERROR_TYPE.get(status, "api_error"),
+                                       "code": code, "message": message}}
+
+
+def _denied(status: int, body: Mapping[str, object],
+            headers: tuple[tuple[str, str], ...] = ()) -> Any:
+    grpc_code = GRPC_INVALID_ARGUMENT if status in (400, 409, 413, 415) else (
+        GRPC_UNAVAILABLE if status == 503 else GRPC_PERMISSION_DENIED)
+    resp = et.auth.CheckResponse(status=et.rpc_status.Status(code=grpc_code))
+    denied = resp.denied_response
+    denied.status.code = status
+    denied.body = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    denied.headers.append(et.header_option("content-type", "application/json"))
+    for k, v in headers:
+        denied.headers.append(et.header_option(k, v))
+    return resp
+
+
+def request_headers(check: Any) -> dict[str, str]:
+    http = check.attributes.request.http
+    out = dict(http.headers)
+    if http.HasField("header_map"):
+        out.update(et.header_map(http.header_map))
+    return out
+
+
+class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine, metrics: MeshMetrics, cfg: c.MeshConfig,
+                 watch: PermitWatch | None = None) -> None:
+        self.engine = engine
+        self.watch = watch
+        self.m = metrics
+        self.cfg = cfg
+        self._lat = metrics.base.rpc_latency.labels("Check")
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        t0 = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = remaining if remaining is not None and remaining < 3600 else None
+        try:
+            resp = await self.check(request, deadline)
+            if context.cancelled():
+                self._release_if_held(resp)
+            return resp
+        except Exception:
+            log.exception("ext_authz check failed")
+            self.m.checks.labels("error").inc()
+            return _denied(500, error_body(500, "KEEL_INTERNAL_ERROR",
+                                           "Keel could not decide on this request."))
+        finally:
+            self._lat.observe(time.perf_counter() - t0)
+
+    # A permit whose Check Envoy gave up on (client gone, ext_authz timeout)
+    # reaches no ext_proc stream: void it now rather than let the hold expire.
+    async def _authorize(self, inp: AuthorizeInput, deadline_s: float | None) -> Outcome:
+        task = asyncio.ensure_future(self.engine.authorize(inp, deadline_s))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._abandoned)
+            raise
+
+    def _abandoned(self, task: asyncio.Future[Outcome]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        out = task.result()
+        if out.decision is not DecisionKind.DENY and not out.replayed:
+            self._void_later(out.permit_id)
+
+    def _release_if_held(self, resp: Any) -> None:
+        if resp.WhichOneof("http_response") == "ok_response" and "permit_id" in \
+                resp.dynamic_metadata.fields and not resp.dynamic_metadata["replayed"]:
+            self._void_later(str(resp.dynamic_metadata["permit_id"]))
+
+    def _void_later(self, permit_id: str) -> None:
+        self.m.abandoned.inc()
+        if self.watch is not None:
+            self.watch.forget(permit_id)
+        task = asyncio.get_running_loop().create_task(self.engine.void(
+            permit_id, "Envoy gave up on the check (client gone or ext_authz timeout)", 1.0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _passthrough(self) -> Any:
+        self.m.checks.labels("passthrough").inc()
+        resp = et.auth.CheckResponse(status=et.rpc_status.Status(code=GRPC_OK))
+        resp.ok_response.headers_to_remove.extend(c.KEEL_SET_HEADERS)
+        return resp
+
+    def _bad(self, exc: rq.BadRequest | InvalidRequest, status: int = 400) -> Any:
+        self.m.checks.labels("bad_request").inc()
+        status = exc.status if isinstance(exc, rq.BadRequest) else status
+        return _denied(status, error_body(status, "KEEL_BAD_REQUEST", str(exc)))
+
+    async def check(self, check: Any, deadline_s: float | None) -> Any:
+        cfg = self.cfg
+        attrs = check.attributes
+        http = attrs.request.http
+        headers = request_headers(check)
+        route = rq.match_path(http.method or headers.get(":method", ""),
+                              http.path or headers.get(":path", ""))
+        if route is None:
+            if cfg.pass_unmetered:
+                return self._passthrough()
+            self.m.checks.labels("deny").inc()
+            return _denied(403, error_body(
+                403, "NOT_METERED", f"{http.method} {http.path.split('?')[0]} is not a metered "
+                "LLM API and this sidecar refuses unmetered calls."))
+        api, default_provider = route
+        ext = attrs.context_extensions
+        tenant = ext.get("keel_tenant") or headers.get(cfg.tenant_header, "")
+        workload = ext.get("keel_workload") or headers.get(cfg.workload_header, "")
+        try:
+            for name, value in ((cfg.tenant_header, tenant), (cfg.workload_header, workload)):
+                if not value:
+                    raise rq.BadRequest(f"header {name} is required: it names who pays")
+            provider = rq.provider_for(
+                default_provider, http.host or headers.get(":authority", ""),
+                ext.get("keel_provider") or headers.get(cfg.provider_header, ""),
+                cfg.provider_hosts)
+            raw = http.raw_body or http.body.encode("utf-8", "surrogatepass")
+            if headers.get("x-envoy-auth-partial-body") == "true":
+                if headers.get("content-encoding", "identity") not in ("", "identity"):
+                    raise rq.BadRequest("compressed request body was truncated; raise "
+                                        "with_request_body.max_request_bytes", status=413)
+                length = headers.get("content-length", "0")
+                llm = rq.parse_partial(api, provider, raw,
+                                       int(length) if length.isdigit() else 0)
+            else:
+                llm = rq.parse_body(
+                    api, provider, rq.decode_body(raw, headers.get("content-encoding", "")))
+            rid = rq.request_id(headers.get(cfg.request_id_header, ""), http.id,
+                                (tenant.encode(), http.path.encode(), raw,
+                                 attrs.request.time.SerializeToString()))
+            inp = AuthorizeInput(
+                request_id=rid, tenant=tenant, workload=workload, model=llm.model,
+                provider=provider, estimated_input_tokens=llm.estimated_input_tokens,
+                max_output_tokens=llm.max_output_tokens,
+                labels=(("api", str(api)), ("stream", "true" if llm.stream else "false")))
+            out = await self._authorize(inp, deadline_s)
+        except rq.BadRequest as exc:
+            return self._bad(exc)
+        except InvalidRequest as exc:
+            return self._bad(exc, 409 if "already used" in str(exc) else 400)
+        if out.decision is DecisionKind.DENY:
+            return self._deny(out)
+        return self._allow(out, llm)
+
+    def _deny(self, out: Outcome) -> Any:
+        self.m.checks.labels("deny").inc()
+        status = deny_status(out)
+        hdrs: list[tuple[str, str]] = [(c.H_DECISION, "DENY"), ("x-keel-reason", out.primary_code)]
+        if out.permit_id:
+            hdrs.append((c.H_PERMIT, out.permit_id))
+        wait = retry_after(out, status)
+        if wait is not None:
+            hdrs.append(("retry-after", str(wait)))
+        return _denied(status, deny_body(out, status), tuple(hdrs))
+
+    def _allow(self, out: Outcome, llm: rq.LlmRequest) -> Any:
+        self.m.checks.labels(str(out.decision).lower()).inc()
+        # A reroute to another model also needs the body rewritten (its "model").
+        enforce = (out.max_output_tokens > 0 and (
+            llm.max_output_tokens == 0 or llm.max_output_tokens > out.max_output_tokens)) or (
+            out.model != llm.model)
+        facts: dict[str, str] = {
+            c.H_PERMIT: out.permit_id,
+            c.H_DECISION: str(out.decision),
+            c.H_MODEL: out.model,
+            c.H_PROVIDER: out.provider,
+            c.H_MAX_TOKENS: str(out.max_output_tokens),
+            c.H_INPUT: str(llm.estimated_input_tokens),
+            c.H_REVISION: out.policy_revision,
+            c.H_API: str(llm.api),
+        }
+        resp = et.auth.CheckResponse(status=et.rpc_status.Status(code=GRPC_OK))
+        ok = resp.ok_response
+        for k, v in facts.items():
+            ok.headers.append(et.header_option(k, v))
+        if enforce:
+            ok.headers.append(et.header_option(c.H_ENFORCE, str(out.max_output_tokens)))
+        else:
+            ok.headers_to_remove.append(c.H_ENFORCE)
+        if self.watch is not None and not out.replayed:
+            self.watch.issued(out.permit_id)
+        ok.response_headers_to_add.append(et.header_option(c.H_PERMIT, out.permit_id))
+        ok.response_headers_to_add.append(et.header_option(c.H_DECISION, str(out.decision)))
+        resp.dynamic_metadata.update({
+            "permit_id": out.permit_id, "decision": str(out.decision),
+            "policy_revision": out.policy_revision, "price_revision": out.price_revision,
+            "model": out.model, "provider": out.provider,
+            "max_tokens": out.max_output_tokens, "input_tokens": llm.estimated_input_tokens,
+            "estimated_cost_micros": str(out.estimated_cost_micros), "api": str(llm.api),
+            "enforce_max_tokens": enforce, "degraded": out.degraded, "replayed": out.replayed,
+        })
+        return resp

@@ -1,0 +1,117 @@
+"""Settings of the mesh adapters (ext_authz and ext_proc), read from the environment.
+
+``keel-pdp serve`` hands the mesh module only the engine and the metrics, so
+the few knobs the mesh needs come from ``KEEL_MESH_*`` variables, each with a
+default that matches docs/mesh.md and deploy/k8s/.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# Headers Keel sets on the request it lets through (ext_authz OK response).
+# ext_proc reads them back; a client-supplied copy is always overwritten or
+# removed, so a caller cannot point the closeout at somebody else's permit.
+H_PERMIT = "x-keel-permit-id"
+H_DECISION = "x-keel-decision"
+H_MODEL = "x-keel-model"
+H_PROVIDER = "x-keel-provider"
+H_MAX_TOKENS = "x-keel-max-tokens"
+H_ENFORCE = "x-keel-enforce-max-tokens"
+H_INPUT = "x-keel-input-tokens"
+H_REVISION = "x-keel-policy-revision"
+H_API = "x-keel-api"
+KEEL_SET_HEADERS = (H_PERMIT, H_DECISION, H_MODEL, H_PROVIDER, H_MAX_TOKENS, H_ENFORCE,
+                    H_INPUT, H_REVISION, H_API)
+
+# gRPC metadata (``grpc_service.initial_metadata``) naming the part one ext_proc
+# filter plays: "cap" (request body), "closeout" (response), "both" (default).
+EXT_PROC_ROLE = "x-keel-ext-proc"
+EXT_PROC_ROLES = ("both", "cap", "closeout")
+
+# ext_authz puts its dynamic metadata under the filter's canonical name.
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+
+DEFAULT_PROVIDER_HOSTS = (("anthropic", "anthropic"), ("openai", "openai"))
+
+
+class MeshConfigError(ValueError):
+    pass
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise MeshConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise MeshConfigError(f"{name}={raw!r} is not an integer") from exc
+    if not lo <= value <= hi:
+        raise MeshConfigError(f"{name}={value} must be between {lo} and {hi}")
+    return value
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """What the mesh adapters read from a request, and how they answer."""
+
+    tenant_header: str = "x-keel-tenant"
+    workload_header: str = "x-keel-workload"
+    provider_header: str = "x-keel-provider"
+    request_id_header: str = "x-request-id"
+    # POST requests to paths Keel does not meter (GET /v1/models, embeddings...)
+    # pass untouched when true, and are refused with 403 when false.
+    pass_unmetered: bool = True
+    # Host substrings that name the provider when no header does.
+    provider_hosts: tuple[tuple[str, str], ...] = DEFAULT_PROVIDER_HOSTS
+    # Largest response body kept in memory to read its usage (JSON, not SSE).
+    max_response_bytes: int = 32 * 1024 * 1024
+    # Closeout retries while the budget store is unreachable.
+    closeout_attempts: int = 5
+    # Void a permit whose call never reached ext_proc after this long (0: never;
+    # see keel_pdp.mesh.watch).
+    unseen_permit_s: int = 30
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MeshConfig:
+        e = os.environ if env is None else env
+        hosts = cls.provider_hosts
+        raw_hosts = e.get("KEEL_MESH_PROVIDER_HOSTS", "")
+        if raw_hosts:
+            pairs = []
+            for item in raw_hosts.split(","):
+                sub, sep, provider = item.strip().partition("=")
+                if not sep or not sub or not provider:
+                    raise MeshConfigError(
+                        f"KEEL_MESH_PROVIDER_HOSTS item {item!r} must be HOST_SUBSTRING=PROVIDER")
+                pairs.append((sub.lower(), provider))
+            hosts = tuple(pairs)
+        return cls(
+            tenant_header=e.get("KEEL_MESH_TENANT_HEADER", cls.tenant_header).lower(),
+            workload_header=e.get("KEEL_MESH_WORKLOAD_HEADER", cls.workload_header).lower(),
+            provider_header=e.get("KEEL_MESH_PROVIDER_HEADER", cls.provider_header).lower(),
+            request_id_header=e.get("KEEL_MESH_REQUEST_ID_HEADER",
+                                    cls.request_id_header).lower(),
+            pass_unmetered=_bool(e, "KEEL_MESH_PASS_UNMETERED", cls.pass_unmetered),
+            provider_hosts=hosts,
+            max_response_bytes=_int(e, "KEEL_MESH_MAX_RESPONSE_BYTES", cls.max_response_bytes,
+                                    1024, 1 << 30),
+            closeout_attempts=_int(e, "KEEL_MESH_CLOSEOUT_ATTEMPTS", cls.closeout_attempts,
+                                   1, 20),
+            unseen_permit_s=_int(e, "KEEL_MESH_UNSEEN_PERMIT_S", cls.unseen_permit_s, 0, 3600),
+        )

@@ -1,0 +1,418 @@
+"""A mock OpenAI- and Anthropic-compatible provider, for tests, demos and benchmarks.
+
+Standard library only (asyncio). Serves, over HTTP/1.1 with keep-alive:
+
+* ``POST .../chat/completions`` (OpenAI Chat Completions; ``stream`` with
+  ``stream_options.include_usage`` sends the final usage chunk),
+* ``POST .../v1/responses`` (OpenAI Responses; streamed as typed events),
+* ``POST .../v1/messages`` (Anthropic Messages; streamed as message_start,
+  content_block_delta, message_delta with usage, message_stop),
+* ``GET /_mock/stats`` (calls seen, JSON) and ``POST /_mock/reset``.
+
+Usage is deterministic: input tokens = Keel's documented estimate of the body
+(``keel_pdp.mesh.request.estimate_input_tokens``) unless ``x-mock-input-tokens``
+says otherwise; output tokens = ``x-mock-output-tokens`` (default 24), cut to the
+request's cap; cached / cache-write / reasoning tokens from ``x-mock-cached-tokens``,
+``x-mock-cache-write-tokens``, ``x-mock-reasoning-tokens``. Each output token is
+the four bytes ``"tok "``, so text length / 4 is exactly the token count.
+
+Modes (``--mode`` for every call, ``x-mock-mode`` per call): ``ok``; ``break``
+(sends half the answer, then drops the connection); ``error500``; ``error429``;
+``hang`` (never answers, until the client gives up).
+
+Run: ``python -m keel_pdp.mesh.mockprovider --port 8081``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel_pdp.mesh.request import CAP_FIELDS, Api, estimate_input_tokens, match_path
+
+TOKEN = "tok "  # noqa: S105 - one output token of text, not a secret
+MAX_BODY = 64 * 1024 * 1024
+MAX_CALLS_KEPT = 1000
+BREAK_PAUSE_S = 0.05
+
+
+@dataclass
+class Options:
+    mode: str = "ok"
+    chunk_delay_s: float = 0.0
+    tokens_per_chunk: int = 4
+    output_tokens: int = 24
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, call: dict[str, Any]) -> None:
+        self.requests += 1
+        self.calls.append(call)
+        del self.calls[:-MAX_CALLS_KEPT]
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class BadHttp(Exception):
+    pass
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    except asyncio.LimitOverrunError as exc:
+        raise BadHttp("request head too large") from exc
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise BadHttp(f"bad request line {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    body = b""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        total = 0
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            total += size
+            if total > MAX_BODY:
+                raise BadHttp("body too large")
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(chunks)
+    elif headers.get("content-length"):
+        n = int(headers["content-length"])
+        if n > MAX_BODY:
+            raise BadHttp("body too large")
+        body = await reader.readexactly(n)
+    return Request(parts[0], parts[1], headers, body)
+
+
+def _head(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _json_response(status: int, reason: str, obj: object) -> bytes:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return _head(status, reason, [("content-type", "application/json"),
+                                  ("content-length", str(len(body)))]) + body
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@dataclass(frozen=True)
+class Plan:
+    api: Api
+    model: str
+    stream: bool
+    include_usage: bool
+    input_tokens: int
+    cached: int
+    cache_write: int
+    output_tokens: int
+    reasoning: int
+
+
+def _hint(headers: dict[str, str], name: str, default: int) -> int:
+    raw = headers.get(name, "")
+    return int(raw) if raw.isdigit() else default
+
+
+def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Options) -> Plan:
+    cap = 0
+    for name in CAP_FIELDS[api]:
+        if isinstance(body.get(name), int):
+            cap = body[name]
+            break
+    out = _hint(headers, "x-mock-output-tokens", opts.output_tokens)
+    if cap:
+        out = min(out, cap)
+    inp = _hint(headers, "x-mock-input-tokens", estimate_input_tokens(api, body))
+    cached = min(_hint(headers, "x-mock-cached-tokens", 0), inp)
+    write = min(_hint(headers, "x-mock-cache-write-tokens", 0), inp - cached)
+    opts_ = body.get("stream_options")
+    include = isinstance(opts_, dict) and opts_.get("include_usage") is True
+    return Plan(api, str(body.get("model", "")), body.get("stream") is True, include, inp,
+                cached, write, out, min(_hint(headers, "x-mock-reasoning-tokens", 0), out))
+
+
+def usage_object(p: Plan) -> dict[str, Any]:
+    """The usage object the real provider would send for this plan."""
+    if p.api is Api.MESSAGES:
+        return {"input_tokens": p.input_tokens - p.cached - p.cache_write,
+                "cache_creation_input_tokens": p.cache_write,
+                "cache_read_input_tokens": p.cached, "output_tokens": p.output_tokens}
+    if p.api is Api.RESPONSES:
+        return {"input_tokens": p.input_tokens,
+                "input_tokens_details": {"cached_tokens": p.cached},
+                "output_tokens": p.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": p.reasoning},
+                "total_tokens": p.input_tokens + p.output_tokens}
+    return {"prompt_tokens": p.input_tokens, "completion_tokens": p.output_tokens,
+            "total_tokens": p.input_tokens + p.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": p.cached},
+            "completion_tokens_details": {"reasoning_tokens": p.reasoning}}
+
+
+def full_body(p: Plan) -> dict[str, Any]:
+    text = TOKEN * p.output_tokens
+    now = int(time.time())
+    if p.api is Api.MESSAGES:
+        return {"id": "msg_mock", "type": "message", "role": "assistant", "model": p.model,
+                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": usage_object(p)}
+    if p.api is Api.RESPONSES:
+        return {"id": "resp_mock", "object": "response", "created_at": now, "model": p.model,
+                "status": "completed", "output": [{
+                    "type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": usage_object(p)}
+    return {"id": "chatcmpl-mock", "object": "chat.completion", "created": now, "model": p.model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": usage_object(p)}
+
+
+def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
+    data = json.dumps(obj, separators=(",", ":"))
+    return ((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode()
+
+
+def stream_events(p: Plan, tokens_per_chunk: int) -> list[bytes]:
+    """Every SSE event of the streamed answer, in order."""
+    pieces = [TOKEN * min(tokens_per_chunk, p.output_tokens - i)
+              for i in range(0, p.output_tokens, tokens_per_chunk)]
+    ev: list[bytes] = []
+    if p.api is Api.MESSAGES:
+        start_usage = usage_object(p) | {"output_tokens": 1}
+        ev.append(_sse({"type": "message_start", "message": {
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": p.model,
+            "content": [], "stop_reason": None, "usage": start_usage}}, "message_start"))
+        ev.append(_sse({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}, "content_block_start"))
+        ev += [_sse({"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "text_delta", "text": t}}, "content_block_delta")
+               for t in pieces]
+        ev.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        ev.append(_sse({"type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": p.output_tokens}}, "message_delta"))
+        ev.append(_sse({"type": "message_stop"}, "message_stop"))
+        return ev
+    if p.api is Api.RESPONSES:
+        ev.append(_sse({"type": "response.created", "response": {
+            "id": "resp_mock", "status": "in_progress", "model": p.model}}, "response.created"))
+        ev += [_sse({"type": "response.output_text.delta", "item_id": "msg_mock",
+                     "output_index": 0, "content_index": 0, "delta": t},
+                    "response.output_text.delta") for t in pieces]
+        ev.append(_sse({"type": "response.completed", "response": full_body(p)},
+                       "response.completed"))
+        return ev
+    base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": p.model}
+    ev.append(_sse(base | {"choices": [{"index": 0, "delta": {"role": "assistant"},
+                                        "finish_reason": None}]}))
+    ev += [_sse(base | {"choices": [{"index": 0, "delta": {"content": t},
+                                     "finish_reason": None}]}) for t in pieces]
+    ev.append(_sse(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    if p.include_usage:
+        ev.append(_sse(base | {"choices": [], "usage": usage_object(p)}))
+    ev.append(b"data: [DONE]\n\n")
+    return ev
+
+
+class MockProvider:
+    def __init__(self, opts: Options | None = None) -> None:
+        self.opts = opts or Options()
+        self.stats = Stats()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._conn, host, port, limit=1 << 20)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    req = await read_request(reader)
+                except (BadHttp, ValueError, asyncio.LimitOverrunError) as exc:
+                    writer.write(_json_response(400, "Bad Request", {"error": str(exc)}))
+                    await writer.drain()
+                    return
+                if req is None:
+                    return
+                keep = await self._handle(req, writer)
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _handle(self, req: Request, w: asyncio.StreamWriter) -> bool:
+        path = req.path.split("?", 1)[0]
+        if path == "/_mock/stats":
+            w.write(_json_response(200, "OK", {"requests": self.stats.requests,
+                                               "calls": self.stats.calls}))
+            await w.drain()
+            return True
+        if path == "/_mock/reset":
+            self.stats = Stats()
+            w.write(_json_response(200, "OK", {"ok": True}))
+            await w.drain()
+            return True
+        if path == "/healthz":
+            w.write(_json_response(200, "OK", {"ok": True}))
+            await w.drain()
+            return True
+        keel = {k: v for k, v in req.headers.items() if k.startswith("x-keel-")}
+        route = match_path(req.method, path)
+        if route is None:
+            self.stats.record({"path": path, "method": req.method, "keel": keel})
+            w.write(_json_response(404, "Not Found", {"error": {
+                "type": "not_found", "message": f"{req.method} {path} is not served"}}))
+            await w.drain()
+            return True
+        api = route[0]
+        try:
+            body = json.loads(req.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("body is not an object")
+        except ValueError as exc:
+            w.write(_json_response(400, "Bad Request", {"error": {
+                "type": "invalid_request_error", "message": str(exc)}}))
+            await w.drain()
+            return True
+        mode = req.headers.get("x-mock-mode", self.opts.mode)
+        caps = {k: body[k] for k in CAP_FIELDS[api] if k in body}
+        self.stats.record({"path": path, "method": req.method, "api": str(api),
+                           "model": body.get("model"), "stream": body.get("stream") is True,
+                           "mode": mode, "caps": caps, "keel": keel})
+        if mode == "hang":
+            await asyncio.sleep(3600)
+            return False
+        if mode in ("error500", "error429"):
+            status = 500 if mode == "error500" else 429
+            w.write(_json_response(status, "Error", {"type": "error", "error": {
+                "type": "api_error" if status == 500 else "rate_limit_error",
+                "message": "mock provider failure"}}))
+            await w.drain()
+            return True
+        p = plan_for(api, body, req.headers, self.opts)
+        if p.stream:
+            return await self._stream(p, w, breaks=mode == "break")
+        data = json.dumps(full_body(p), separators=(",", ":")).encode()
+        head = _head(200, "OK", [("content-type", "application/json"),
+                                 ("content-length", str(len(data)))])
+        if mode == "break":
+            w.write(head + data[: len(data) // 2])
+            await w.drain()
+            await asyncio.sleep(BREAK_PAUSE_S)
+            w.transport.abort()
+            return False
+        w.write(head + data)
+        await w.drain()
+        return True
+
+    async def _stream(self, p: Plan, w: asyncio.StreamWriter, breaks: bool) -> bool:
+        w.write(_head(200, "OK", [("content-type", "text/event-stream"),
+                                  ("cache-control", "no-cache"),
+                                  ("transfer-encoding", "chunked")]))
+        events = stream_events(p, self.opts.tokens_per_chunk)
+        stop_at = len(events) // 2 if breaks else len(events)
+        for i, ev in enumerate(events):
+            if i == stop_at:
+                # A provider dies mid-answer: what was sent gets through first.
+                await w.drain()
+                await asyncio.sleep(BREAK_PAUSE_S)
+                w.transport.abort()
+                return False
+            w.write(_chunk(ev))
+            await w.drain()
+            if self.opts.chunk_delay_s:
+                await asyncio.sleep(self.opts.chunk_delay_s)
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        return True
+
+
+async def serve(host: str, port: int, opts: Options,
+                ready: Callable[[int], Awaitable[None]] | None = None) -> None:
+    mock = MockProvider(opts)
+    bound = await mock.start(host, port)
+    print(f"mock provider listening on http://{host}:{bound} (mode {opts.mode})", flush=True)
+    if ready is not None:
+        await ready(bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await mock.close()
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = p or argparse.ArgumentParser(prog="python -m keel_pdp.mesh.mockprovider",
+                                          description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--mode", default="ok",
+                        choices=["ok", "break", "error500", "error429", "hang"])
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                        help="pause between streamed events")
+    parser.add_argument("--tokens-per-chunk", type=int, default=4)
+    parser.add_argument("--output-tokens", type=int, default=24,
+                        help="output tokens per answer unless x-mock-output-tokens says")
+    return parser
+
+
+def run(ns: argparse.Namespace) -> int:
+    opts = Options(ns.mode, ns.chunk_delay_ms / 1000, max(1, ns.tokens_per_chunk),
+                   max(0, ns.output_tokens))
+    asyncio.run(serve(ns.host, ns.port, opts))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

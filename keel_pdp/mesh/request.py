@@ -1,0 +1,317 @@
+"""An OpenAI- or Anthropic-style HTTP request, read the way Authorize needs it.
+
+Pure functions: no gRPC, no Envoy types. ``read_request`` turns the method,
+path, headers and body of a provider call into an ``LlmRequest`` (API, provider,
+model, output cap, input-token estimate) or raises ``BadRequest`` with a message
+the caller can act on.
+
+Input-token estimate (deterministic, no tokenizer download)::
+
+    tokens = ceil(prompt_text_bytes / 4)
+             + 4 per message (role and separators)
+             + 3 (reply priming)
+             + 1000 per image part + 1000 per inline file or document part
+
+``prompt_text_bytes`` is the UTF-8 length of every string the model reads:
+message contents (plain strings and text parts), tool-call arguments, tool
+results, the system prompt / ``instructions``, and the compact JSON of
+``tools``, ``functions`` and ``response_format`` / ``text`` (schemas are part of
+the prompt). Base64 payloads are not counted as text; each such part counts a
+flat figure instead. About four bytes per token is the usual figure for English
+text and JSON; the hold this estimate feeds is corrected at closeout with the
+provider's own count.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+BYTES_PER_TOKEN = 4
+MESSAGE_OVERHEAD_TOKENS = 4
+REPLY_PRIMING_TOKENS = 3
+IMAGE_TOKENS = 1000
+FILE_TOKENS = 1000
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_TOKENS_LIMIT = 2_000_000
+
+
+class BadRequest(ValueError):
+    """The request cannot be read; the message says which field and why."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Api(StrEnum):
+    CHAT = "chat.completions"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
+
+
+# Path suffix -> (API, provider when nothing else names one). Suffixes, so a
+# gateway prefix (/openai/v1/chat/completions) or an Azure deployment path
+# (/openai/deployments/x/chat/completions) still match.
+_PATHS: tuple[tuple[str, Api, str], ...] = (
+    ("/chat/completions", Api.CHAT, "openai"),
+    ("/v1/responses", Api.RESPONSES, "openai"),
+    ("/v1/messages", Api.MESSAGES, "anthropic"),
+)
+
+# Which body field carries the output cap, in order of preference.
+CAP_FIELDS: dict[Api, tuple[str, ...]] = {
+    Api.CHAT: ("max_completion_tokens", "max_tokens"),
+    Api.RESPONSES: ("max_output_tokens",),
+    Api.MESSAGES: ("max_tokens",),
+}
+# The field written when the body names no cap and one must be enforced.
+CAP_FIELD_TO_ADD: dict[Api, str] = {
+    Api.CHAT: "max_completion_tokens",
+    Api.RESPONSES: "max_output_tokens",
+    Api.MESSAGES: "max_tokens",
+}
+
+_IMAGE_TYPES = frozenset({"image_url", "image", "input_image"})
+_FILE_TYPES = frozenset({"file", "input_file", "document", "input_audio"})
+_SKIP_KEYS = frozenset({"role", "type", "id", "tool_call_id", "tool_use_id", "cache_control"})
+
+
+@dataclass(frozen=True, slots=True)
+class LlmRequest:
+    api: Api
+    provider: str
+    model: str
+    max_output_tokens: int  # 0: the body names no cap
+    cap_field: str  # the body field that carried the cap ("" if none)
+    estimated_input_tokens: int
+    stream: bool
+    partial: bool = False  # read from a truncated body (model and cap by pattern)
+
+
+def match_path(method: str, path: str) -> tuple[Api, str] | None:
+    """The metered API a request goes to, with its default provider, or None."""
+    if method.upper() != "POST":
+        return None
+    clean = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    for suffix, api, provider in _PATHS:
+        if clean.endswith(suffix):
+            return api, provider
+    return None
+
+
+def provider_for(default: str, host: str, header_value: str,
+                 hosts: Iterable[tuple[str, str]]) -> str:
+    if header_value:
+        return header_value.strip()
+    low = host.lower()
+    for sub, provider in hosts:
+        if sub in low:
+            return provider
+    return default
+
+
+def decode_body(body: bytes, content_encoding: str) -> bytes:
+    enc = content_encoding.strip().lower()
+    if enc in ("", "identity"):
+        return body
+    try:
+        if enc in ("gzip", "x-gzip"):
+            out = gzip.decompress(body)
+        elif enc == "deflate":
+            out = zlib.decompress(body)
+        else:
+            raise BadRequest(f"content-encoding {enc!r} is not supported (use gzip, deflate "
+                             "or none)", status=415)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BadRequest(f"request body is not valid {enc}: {exc}") from exc
+    if len(out) > MAX_BODY_BYTES:
+        raise BadRequest("request body is larger than 64 MiB once decompressed", status=413)
+    return out
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be a positive integer (got {json.dumps(value)[:40]})")
+    if value < 1:
+        raise BadRequest(f"{name} must be a positive integer (got {value})")
+    if value > MAX_TOKENS_LIMIT:
+        raise BadRequest(f"{name} must be at most {MAX_TOKENS_LIMIT} (got {value})")
+    return value
+
+
+class _Counter:
+    __slots__ = ("files", "images", "text_bytes")
+
+    def __init__(self) -> None:
+        self.text_bytes = 0
+        self.images = 0
+        self.files = 0
+
+    def walk(self, value: object, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        if isinstance(value, str):
+            if value.startswith("data:") and ";base64," in value[:128]:
+                self.files += 1
+            else:
+                self.text_bytes += len(value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, list):
+            for item in value:
+                self.walk(item, depth + 1)
+        elif isinstance(value, dict):
+            kind = value.get("type")
+            if isinstance(kind, str) and kind in _IMAGE_TYPES:
+                self.images += 1
+                return
+            if isinstance(kind, str) and kind in _FILE_TYPES:
+                self.files += 1
+                return
+            for key, item in value.items():
+                if key in _SKIP_KEYS or key == "data":
+                    continue
+                self.walk(item, depth + 1)
+
+    def schema(self, value: object) -> None:
+        if value is not None:
+            self.text_bytes += len(json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+                                   .encode("utf-8", "surrogatepass"))
+
+
+def estimate_input_tokens(api: Api, body: Mapping[str, object]) -> int:
+    """The documented heuristic (module docstring); deterministic for a given body."""
+    c = _Counter()
+    messages = 0
+    if api is Api.RESPONSES:
+        inp = body.get("input")
+        if isinstance(inp, list):
+            messages = len(inp)
+        elif inp is not None:
+            messages = 1
+        c.walk(inp)
+        c.walk(body.get("instructions"))
+        c.schema(body.get("text"))
+    else:
+        msgs = body.get("messages")
+        if isinstance(msgs, list):
+            messages = len(msgs)
+        c.walk(msgs)
+        if api is Api.MESSAGES:
+            system = body.get("system")
+            if system is not None:
+                messages += 1
+                c.walk(system)
+        else:
+            c.schema(body.get("response_format"))
+            c.schema(body.get("functions"))
+    c.schema(body.get("tools"))
+    text_tokens = -(-c.text_bytes // BYTES_PER_TOKEN)
+    return (text_tokens + MESSAGE_OVERHEAD_TOKENS * messages + REPLY_PRIMING_TOKENS
+            + IMAGE_TOKENS * c.images + FILE_TOKENS * c.files)
+
+
+def _cap(api: Api, body: Mapping[str, object]) -> tuple[int, str]:
+    for name in CAP_FIELDS[api]:
+        value = body.get(name)
+        if value is not None:
+            return _positive_int(name, value), name
+    return 0, ""
+
+
+def parse_body(api: Api, provider: str, raw: bytes) -> LlmRequest:
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object with a model")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("model is required (a non-empty string in the request body)")
+    cap, cap_field = _cap(api, body)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false")
+    return LlmRequest(api, provider, model, cap, cap_field,
+                      estimate_input_tokens(api, body), bool(stream))
+
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+
+
+def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int) -> LlmRequest:
+    """Read a body Envoy truncated at ``max_request_bytes``.
+
+    The model and the cap are taken by pattern from the prefix that arrived; the
+    input estimate is the whole body's length (from content-length) divided by
+    four, an over-estimate that keeps the hold on the safe side.
+    """
+    m = _MODEL_RE.search(prefix)
+    if m is None:
+        raise BadRequest("request body was truncated before the model field; raise "
+                         "with_request_body.max_request_bytes or put model first", status=413)
+    model = json.loads(b'"' + m.group(1) + b'"')
+    cap, cap_field = 0, ""
+    for name in CAP_FIELDS[api]:
+        cm = re.search(rb'"' + name.encode() + rb'"\s*:\s*(\d{1,9})\b', prefix)
+        if cm is not None:
+            cap, cap_field = _positive_int(name, int(cm.group(1))), name
+            break
+    total = max(content_length, len(prefix))
+    return LlmRequest(api, provider, model, cap, cap_field,
+                      -(-total // BYTES_PER_TOKEN) + REPLY_PRIMING_TOKENS,
+                      _STREAM_RE.search(prefix) is not None, partial=True)
+
+
+def request_id(header_value: str, envoy_id: str, parts: Iterable[bytes]) -> str:
+    """The caller's idempotency key: the request-id header, Envoy's stream id, or a hash."""
+    for candidate in (header_value, envoy_id):
+        if candidate and len(candidate.encode()) <= 128:
+            return candidate
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "big"))
+        h.update(p)
+    return "h-" + h.hexdigest()
+
+
+def rewrite_cap(api: Api, raw: bytes, cap: int, model: str = "") -> bytes | None:
+    """The body with its output cap lowered to ``cap`` (None if nothing changes).
+
+    Every cap field the body names is lowered; a body that names none gets the
+    API's field added. With ``model`` (a reroute decided by Keel) the body's
+    model is replaced too. Key order and all other fields are kept.
+    """
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    changed = False
+    named = False
+    for name in CAP_FIELDS[api]:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            named = True
+            if value > cap:
+                body[name] = cap
+                changed = True
+    if not named:
+        body[CAP_FIELD_TO_ADD[api]] = cap
+        changed = True
+    if model and body.get("model") != model:
+        body["model"] = model
+        changed = True
+    if not changed:
+        return None
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

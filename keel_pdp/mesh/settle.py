@@ -1,0 +1,112 @@
+"""How a provider call seen by ext_proc ends its permit: the settlement rule.
+
+Pure code. Every permit ext_proc sees ends in exactly one closeout or void,
+chosen by how far the call got (``Stage``) and what the response said:
+
+=====================================  ==========================================
+what happened                          what Keel books
+=====================================  ==========================================
+response ended, usage reported         Closeout with the provider's usage
+                                       (SUCCEEDED; FAILED if the body carried an
+                                       error event)
+response ended, no usage reported      Closeout, input = Keel's estimate, output =
+(stream without include_usage)         generated text bytes / 4 (capped at the
+                                       permit's max tokens); SUCCEEDED
+upstream answered 4xx/5xx              Void (providers do not bill refused or
+(except 504)                           failed requests)
+504 gateway timeout                    Closeout at the hold (input estimate + max
+                                       tokens), FAILED: the provider may still
+                                       have finished and billed the call
+2xx response broken half-way           Closeout with the usage seen so far (the
+(upstream reset, client disconnect)    final usage if it arrived; else Anthropic's
+                                       message_start input, else Keel's input
+                                       estimate) and output = max(reported,
+                                       text bytes / 4), capped at max tokens;
+                                       PARTIAL
+client gone after the request went     Closeout at the hold, CANCELLED: the
+upstream, before any response          provider may have processed and billed it
+client gone before Keel released the   Void: the provider never saw the request
+request to the provider
+=====================================  ==========================================
+
+Estimates err upward where the provider may have billed; the monthly
+reconciliation against the provider's export books the exact difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from keel_pdp.mesh.usage import Reading, consistent
+from keel_pdp.pricing import TokenUsage
+
+NO_USAGE = TokenUsage()
+
+
+class Stage(IntEnum):
+    REQUEST = 0  # Keel has not yet released the request to the provider
+    SENT = 1  # request released; no response headers yet
+    RESPONDING = 2  # response headers seen
+    ENDED = 3  # response body ended normally
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    permit_id: str
+    input_tokens: int  # Keel's input estimate at Authorize
+    max_tokens: int  # the output cap the permit was held for
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    kind: str  # "closeout" | "void"
+    reason: str
+    outcome: str = ""
+    usage: TokenUsage = NO_USAGE
+    estimated: bool = False
+
+
+def _at_hold(p: Permit, outcome: str, reason: str) -> Settlement:
+    return Settlement("closeout", reason, outcome,
+                      TokenUsage(input_tokens=p.input_tokens, output_tokens=p.max_tokens),
+                      estimated=True)
+
+
+def _cap(p: Permit, tokens: int) -> int:
+    return min(tokens, p.max_tokens) if p.max_tokens > 0 else tokens
+
+
+def _from_reading(p: Permit, r: Reading, outcome: str, reason: str) -> Settlement:
+    if r.usage is not None:
+        return Settlement("closeout", reason, outcome, r.usage)
+    seen = r.partial_usage
+    est_out = _cap(p, r.estimated_output_tokens())
+    if seen is None:
+        usage = TokenUsage(input_tokens=p.input_tokens, output_tokens=est_out)
+    else:
+        usage = consistent(seen.input_tokens or p.input_tokens, seen.cached_input_tokens,
+                           seen.cache_write_tokens, max(seen.output_tokens, est_out),
+                           seen.reasoning_tokens)
+    return Settlement("closeout", reason, outcome, usage, estimated=True)
+
+
+def settle(p: Permit, stage: Stage, status: int, reading: Reading | None) -> Settlement:
+    """The one terminal action for a permit (see the module table)."""
+    if stage is Stage.REQUEST:
+        return Settlement("void", "client went away before the request reached the provider")
+    if stage is Stage.SENT or reading is None:
+        return _at_hold(p, "CANCELLED", "the call ended before any response; the provider "
+                        "may have billed it, booked at the hold")
+    if status == 504:
+        return _at_hold(p, "FAILED", "gateway timeout: the provider may have finished the "
+                        "call, booked at the hold")
+    if status >= 400:
+        return Settlement("void", f"provider answered HTTP {status}; nothing billed")
+    if stage is Stage.ENDED:
+        outcome = "FAILED" if reading.error else "SUCCEEDED"
+        why = ("provider usage" if reading.usage is not None
+               else "no usage in the response; output estimated from text length")
+        return _from_reading(p, reading, outcome, why)
+    return _from_reading(p, reading, "PARTIAL", "response broken off; usage seen so far, "
+                         "output estimated from text length")

@@ -1,0 +1,270 @@
+"""Provider usage, read from a response body as it streams past.
+
+Pure code: no gRPC, no Envoy types. ``ResponseMeter`` is fed the response body
+chunk by chunk (a JSON body or a server-sent-event stream, gzip or not) and
+keeps what a closeout needs: the provider's usage once it is seen, the usage
+fields seen so far (a broken stream still reports what it had), and the number
+of generated-text bytes (the basis of an estimate when no usage arrives).
+
+Usage is normalised to Keel's convention (see ``keel_pdp.pricing.TokenUsage``):
+
+* OpenAI Chat Completions: ``prompt_tokens`` (cache reads included) -> input,
+  ``prompt_tokens_details.cached_tokens`` -> cached input,
+  ``completion_tokens`` -> output, ``completion_tokens_details.reasoning_tokens``
+  -> reasoning. OpenAI has no separately priced cache writes.
+* OpenAI Responses: ``input_tokens``, ``input_tokens_details.cached_tokens``,
+  ``output_tokens``, ``output_tokens_details.reasoning_tokens``.
+* Anthropic Messages: ``input_tokens`` counts only uncached input, so input =
+  ``input_tokens + cache_read_input_tokens + cache_creation_input_tokens``;
+  cached input = ``cache_read_input_tokens``; cache writes =
+  ``cache_creation_input_tokens``; output = ``output_tokens`` (thinking included).
+  In a stream, ``message_start`` carries the input side and ``message_delta``
+  the cumulative output; the later value of a field wins.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from keel_pdp.mesh.request import BYTES_PER_TOKEN, Api
+from keel_pdp.pricing import TokenUsage
+
+MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
+
+
+def _get(d: Mapping[str, object], *path: str) -> int:
+    cur: object = d
+    for key in path:
+        if not isinstance(cur, Mapping):
+            return 0
+        cur = cur.get(key)
+    return _int(cur)
+
+
+def consistent(input_tokens: int, cached: int, cache_write: int, output: int,
+               reasoning: int) -> TokenUsage:
+    """A TokenUsage that passes ``problems()``: parts never exceed their totals."""
+    input_tokens = max(input_tokens, cached + cache_write)
+    output = max(output, reasoning)
+    return TokenUsage(input_tokens, cached, cache_write, output, reasoning)
+
+
+def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
+    """Provider usage object -> Keel's convention (module docstring)."""
+    if api is Api.MESSAGES or "cache_read_input_tokens" in usage \
+            or "cache_creation_input_tokens" in usage:
+        fresh = _get(usage, "input_tokens")
+        read = _get(usage, "cache_read_input_tokens")
+        write = _get(usage, "cache_creation_input_tokens")
+        return consistent(fresh + read + write, read, write, _get(usage, "output_tokens"), 0)
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return consistent(
+            _get(usage, "prompt_tokens"), _get(usage, "prompt_tokens_details", "cached_tokens"),
+            0, _get(usage, "completion_tokens"),
+            _get(usage, "completion_tokens_details", "reasoning_tokens"))
+    return consistent(
+        _get(usage, "input_tokens"), _get(usage, "input_tokens_details", "cached_tokens"), 0,
+        _get(usage, "output_tokens"), _get(usage, "output_tokens_details", "reasoning_tokens"))
+
+
+def _text_len(value: object) -> int:
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What the meter knows when the response ends (or breaks)."""
+
+    usage: TokenUsage | None  # the provider's final usage, if it arrived
+    partial_usage: TokenUsage | None  # usage fields seen so far (Anthropic message_start)
+    text_bytes: int  # generated text seen (SSE deltas), or the body size (JSON)
+    body_bytes: int
+    error: bool  # the body reported an error (SSE error event, JSON error object)
+    incomplete: bool  # the provider said the answer was cut short (max tokens...)
+
+    def estimated_output_tokens(self) -> int:
+        return -(-self.text_bytes // BYTES_PER_TOKEN)
+
+
+class ResponseMeter:
+    """Reads usage from a response body fed chunk by chunk."""
+
+    def __init__(self, api: Api, content_type: str = "", content_encoding: str = "",
+                 max_body_bytes: int = 32 * 1024 * 1024) -> None:
+        self.api = api
+        self.sse = "text/event-stream" in content_type.lower()
+        enc = content_encoding.strip().lower()
+        self._inflate = zlib.decompressobj(47) if enc in ("gzip", "x-gzip", "deflate") else None
+        self._opaque = enc not in ("", "identity", "gzip", "x-gzip", "deflate")
+        self._max = max_body_bytes
+        self._buf = bytearray()
+        self._overflow = False
+        self.body_bytes = 0
+        self.text_bytes = 0
+        self.error = False
+        self.incomplete = False
+        self._final: dict[str, object] | None = None
+        self._partial: dict[str, object] = {}
+        self._event = ""
+        self._data: list[bytes] = []
+
+    # ------------------------------------------------------------------ input
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._inflate = None
+                self._opaque = True
+        self.body_bytes += len(chunk)
+        if self._opaque:
+            return
+        if self.sse:
+            self._feed_sse(chunk)
+        elif not self._overflow:
+            if len(self._buf) + len(chunk) > self._max:
+                self._overflow = True
+                self._buf.clear()
+            else:
+                self._buf += chunk
+
+    def _feed_sse(self, chunk: bytes) -> None:
+        self._buf += chunk
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > MAX_SSE_EVENT_BYTES:
+                    self._buf.clear()
+                return
+            line = bytes(self._buf[:nl]).rstrip(b"\r")
+            del self._buf[:nl + 1]
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if not line:
+            self._dispatch()
+            return
+        if line.startswith(b":"):
+            return
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+
+    def _dispatch(self) -> None:
+        data, event = b"\n".join(self._data), self._event
+        self._data, self._event = [], ""
+        if not data or data == b"[DONE]":
+            return
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if isinstance(obj, dict):
+            self._sse_object(event, obj)
+
+    def _sse_object(self, event: str, obj: dict[str, object]) -> None:
+        kind = obj.get("type") if isinstance(obj.get("type"), str) else event
+        if kind == "error" or event == "error" or (self.api is Api.CHAT and "error" in obj):
+            self.error = True
+            return
+        if self.api is Api.CHAT:
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self._final = usage
+            choices = obj.get("choices")
+            if isinstance(choices, list):
+                for ch in choices:
+                    if not isinstance(ch, dict):
+                        continue
+                    delta = ch.get("delta")
+                    if isinstance(delta, dict):
+                        self._count_delta(delta)
+                    if ch.get("finish_reason") == "length":
+                        self.incomplete = True
+        elif self.api is Api.RESPONSES:
+            if isinstance(kind, str) and kind.endswith(".delta"):
+                self.text_bytes += _text_len(obj.get("delta"))
+            elif kind in ("response.completed", "response.incomplete", "response.failed"):
+                resp = obj.get("response")
+                if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
+                    self._final = resp["usage"]
+                if kind == "response.incomplete":
+                    self.incomplete = True
+                if kind == "response.failed":
+                    self.error = True
+        else:
+            if kind == "message_start":
+                msg = obj.get("message")
+                if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
+                    self._partial.update(msg["usage"])
+            elif kind == "content_block_delta":
+                delta = obj.get("delta")
+                if isinstance(delta, dict):
+                    for key in ("text", "partial_json", "thinking"):
+                        self.text_bytes += _text_len(delta.get(key))
+            elif kind == "message_delta":
+                usage = obj.get("usage")
+                if isinstance(usage, dict):
+                    self._partial.update({k: v for k, v in usage.items() if v is not None})
+                    self._final = dict(self._partial)
+                delta = obj.get("delta")
+                if isinstance(delta, dict) and delta.get("stop_reason") == "max_tokens":
+                    self.incomplete = True
+
+    def _count_delta(self, delta: Mapping[str, object]) -> None:
+        for key in ("content", "reasoning_content", "refusal"):
+            self.text_bytes += _text_len(delta.get(key))
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    self.text_bytes += _text_len(fn.get("arguments"))
+
+    # ----------------------------------------------------------------- output
+    def reading(self, complete: bool = True) -> Reading:
+        """What is known now; ``complete``: the body ended normally."""
+        if self.sse:
+            if complete:  # a last line / event with no newline after it
+                if self._buf:
+                    self._line(bytes(self._buf).rstrip(b"\r"))
+                    self._buf.clear()
+                self._line(b"")
+            text = self.text_bytes
+        else:
+            text = self.body_bytes
+            if complete and not self._overflow and not self._opaque and self._buf:
+                self._json_body(bytes(self._buf))
+        final = normalise(self.api, self._final) if self._final is not None else None
+        partial = normalise(self.api, self._partial) if self._partial else None
+        return Reading(final, partial, text, self.body_bytes, self.error, self.incomplete)
+
+    def _json_body(self, raw: bytes) -> None:
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("error") or obj.get("type") == "error":
+            self.error = True
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._final = usage
+        if obj.get("stop_reason") == "max_tokens" or obj.get("status") == "incomplete":
+            self.incomplete = True

@@ -1,0 +1,245 @@
+"""ext_authz Check -> Authorize -> Envoy's answer, over fakeredis (no Envoy)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+import fakeredis
+import pytest
+
+from keel_pdp.mesh import envoy_types as et
+from keel_pdp.mesh.authz import AuthorizationServicer
+from keel_pdp.mesh.config import MeshConfig
+from keel_pdp.mesh.metrics import MeshMetrics
+from keel_pdp.mesh.request import Api, estimate_input_tokens
+from keel_pdp.metrics import Metrics
+from tests.conftest import ROOT
+from tests.helpers import make_engine
+
+POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
+CHAT = {"model": "gpt-4.1-mini", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def servicer(connected: bool = True, cfg: MeshConfig | None = None) -> AuthorizationServicer:
+    server = fakeredis.FakeServer()
+    server.connected = connected
+    engine = make_engine(fakeredis.FakeAsyncRedis(server=server), POLICIES, timeout_s=0.2)
+    return AuthorizationServicer(engine, MeshMetrics(Metrics()), cfg or MeshConfig())
+
+
+def check_request(body: object = CHAT, *, path: str = "/v1/chat/completions",
+                  method: str = "POST", tenant: str | None = "acme", workload: str = "chat",
+                  headers: dict[str, str] | None = None, ext: dict[str, str] | None = None,
+                  host: str = "api.openai.com", raw_map: bool = False) -> Any:
+    req = et.auth.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host, http.id = method, path, host, "envoy-req-1"
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"x-keel-workload": workload,
+            "x-request-id": "rid-" + hashlib.sha256(payload).hexdigest()[:16], **(headers or {})}
+    if tenant is not None:
+        hdrs["x-keel-tenant"] = tenant
+    if raw_map:
+        for k, v in hdrs.items():
+            http.header_map.headers.add(key=k, raw_value=v.encode())
+    else:
+        http.headers.update(hdrs)
+    http.raw_body = payload
+    req.attributes.context_extensions.update(ext or {})
+    return req
+
+
+def headers_of(options: Any) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in options}
+
+
+def denied(resp: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+    assert resp.WhichOneof("http_response") == "denied_response"
+    d = resp.denied_response
+    return d.status.code, headers_of(d.headers), json.loads(d.body)
+
+
+async def test_allow_sets_permit_headers_metadata_and_overwrites_client_copies() -> None:
+    resp = await servicer().check(check_request(), None)
+    assert resp.status.code == 0
+    ok = resp.ok_response
+    h = headers_of(ok.headers)
+    assert h["x-keel-decision"] == "ALLOW"
+    assert h["x-keel-permit-id"].startswith("pmt_")
+    assert (h["x-keel-model"], h["x-keel-provider"], h["x-keel-max-tokens"]) == (
+        "gpt-4.1-mini", "openai", "100")
+    assert h["x-keel-input-tokens"] == str(estimate_input_tokens(Api.CHAT, CHAT))
+    assert h["x-keel-policy-revision"].startswith("mesh-test-r1@")
+    assert "x-keel-enforce-max-tokens" not in h
+    assert "x-keel-enforce-max-tokens" in ok.headers_to_remove
+    assert all(o.append_action == et.OVERWRITE for o in ok.headers)
+    assert headers_of(ok.response_headers_to_add)["x-keel-permit-id"] == h["x-keel-permit-id"]
+    md = resp.dynamic_metadata
+    assert md["permit_id"] == h["x-keel-permit-id"]
+    assert md["decision"] == "ALLOW"
+    assert md["policy_revision"] == h["x-keel-policy-revision"]
+    assert isinstance(md["estimated_cost_micros"], str)  # money never as a double
+
+
+async def test_request_without_a_cap_asks_ext_proc_to_write_the_held_one() -> None:
+    body = {k: v for k, v in CHAT.items() if k != "max_tokens"}
+    resp = await servicer().check(check_request(body), None)
+    h = headers_of(resp.ok_response.headers)
+    assert h["x-keel-max-tokens"] == h["x-keel-enforce-max-tokens"] == "1024"
+    assert resp.dynamic_metadata["enforce_max_tokens"] is True
+
+
+async def test_constrain_lowers_max_tokens_and_asks_for_enforcement() -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "hi"}]}
+    resp = await servicer().check(check_request(body, path="/v1/messages", tenant="tight",
+                                                host="api.anthropic.com"), None)
+    h = headers_of(resp.ok_response.headers)
+    assert h["x-keel-decision"] == "CONSTRAIN"
+    assert h["x-keel-provider"] == "anthropic"
+    k = int(h["x-keel-max-tokens"])
+    assert 16 <= k < 1000
+    assert h["x-keel-enforce-max-tokens"] == str(k)
+
+
+async def test_over_budget_is_429_with_reasons_and_retry_after() -> None:
+    code, h, body = denied(await servicer().check(check_request(tenant="broke"), None))
+    assert code == 429
+    assert h["content-type"] == "application/json"
+    assert int(h["retry-after"]) >= 1
+    assert (h["x-keel-decision"], h["x-keel-reason"]) == ("DENY", "BUDGET_EXHAUSTED")
+    err = body["error"]
+    assert err["type"] == "rate_limit_error"
+    assert err["block_reasons"][0]["budget_id"] == "broke-daily"
+    assert err["block_reasons"][0]["retry_after_seconds"] == int(h["retry-after"])
+
+
+async def test_model_not_allowed_and_unknown_price_are_403_without_retry_after() -> None:
+    code, h, body = denied(await servicer().check(check_request(workload="restricted", body={
+        **CHAT, "model": "gpt-4.1"}), None))
+    assert (code, body["error"]["code"]) == (403, "MODEL_NOT_ALLOWED")
+    assert "retry-after" not in h
+    code, _, body = denied(await servicer().check(check_request({**CHAT, "model": "nope"}), None))
+    assert (code, body["error"]["code"]) == (403, "UNKNOWN_MODEL_PRICE")
+
+
+async def test_store_down_and_budget_failing_closed_is_503() -> None:
+    code, h, body = denied(await servicer(connected=False).check(check_request(), None))
+    assert (code, h["retry-after"], body["error"]["code"]) == (503, "1", "STORE_UNAVAILABLE")
+
+
+@pytest.mark.parametrize(("kw", "status", "message"), [
+    ({"body": b"{"}, 400, "not valid JSON"),
+    ({"body": {"messages": []}}, 400, "model is required"),
+    ({"tenant": None}, 400, "header x-keel-tenant is required"),
+    ({"workload": ""}, 400, "header x-keel-workload is required"),
+    ({"headers": {"content-encoding": "br"}}, 415, "not supported"),
+    ({"body": {**CHAT, "max_tokens": 0}}, 400, "positive integer"),
+])
+async def test_unreadable_requests_get_a_clear_4xx(kw: dict[str, Any], status: int,
+                                                   message: str) -> None:
+    code, _, body = denied(await servicer().check(check_request(**kw), None))
+    assert code == status
+    assert message in body["error"]["message"]
+
+
+async def test_reused_request_id_with_a_different_body_is_409() -> None:
+    s = servicer()
+    rid = {"x-request-id": "same"}
+    assert (await s.check(check_request(headers=rid), None)).status.code == 0
+    again = await s.check(check_request(headers=rid), None)
+    assert again.status.code == 0  # a retry of the same request is a replay
+    code, _, body = denied(await s.check(check_request({**CHAT, "max_tokens": 7}, headers=rid),
+                                         None))
+    assert code == 409 and "already used" in body["error"]["message"]
+
+
+async def test_provider_comes_from_the_host_before_the_path() -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}
+    # Anthropic's OpenAI-compatible endpoint: chat completions path, Anthropic host.
+    resp = await servicer().check(check_request(body, host="api.anthropic.com"), None)
+    assert headers_of(resp.ok_response.headers)["x-keel-provider"] == "anthropic"
+    resp = await servicer().check(check_request(body, host="gw.internal",
+                                                headers={"x-keel-provider": "anthropic"}), None)
+    assert headers_of(resp.ok_response.headers)["x-keel-provider"] == "anthropic"
+
+
+async def test_context_extensions_pin_tenant_and_workload_over_headers() -> None:
+    resp = await servicer().check(check_request(tenant="acme", ext={"keel_tenant": "broke"}),
+                                  None)
+    code, _, _ = denied(resp)
+    assert code == 429
+
+
+async def test_raw_header_map_and_configured_header_names() -> None:
+    cfg = MeshConfig(tenant_header="x-team", workload_header="x-app")
+    req = check_request(tenant=None, workload="", raw_map=True,
+                        headers={"x-team": "acme", "x-app": "bot"})
+    resp = await servicer(cfg=cfg).check(req, None)
+    assert resp.status.code == 0
+
+
+async def test_truncated_body_is_authorized_from_its_prefix_and_length() -> None:
+    full = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 4000}]}).encode()
+    req = check_request(full[:200], headers={"x-envoy-auth-partial-body": "true",
+                                             "content-length": str(len(full))})
+    resp = await servicer().check(req, None)
+    h = headers_of(resp.ok_response.headers)
+    assert h["x-keel-input-tokens"] == str(-(-len(full) // 4) + 3)
+
+
+async def test_unmetered_calls_pass_without_keel_headers_or_are_refused_by_config() -> None:
+    resp = await servicer().check(check_request(method="GET", path="/v1/models"), None)
+    assert resp.status.code == 0
+    assert "x-keel-permit-id" in resp.ok_response.headers_to_remove
+    assert not resp.ok_response.headers
+    code, _, body = denied(await servicer(cfg=MeshConfig(pass_unmetered=False)).check(
+        check_request(path="/v1/embeddings"), None))
+    assert (code, body["error"]["code"]) == (403, "NOT_METERED")
+
+
+def test_mesh_config_from_environment() -> None:
+    cfg = MeshConfig.from_env({"KEEL_MESH_TENANT_HEADER": "X-Team",
+                               "KEEL_MESH_PASS_UNMETERED": "false",
+                               "KEEL_MESH_PROVIDER_HOSTS": "bedrock=aws-bedrock,azure=azure"})
+    assert cfg.tenant_header == "x-team"
+    assert cfg.pass_unmetered is False
+    assert cfg.provider_hosts == (("bedrock", "aws-bedrock"), ("azure", "azure"))
+    assert MeshConfig.from_env({}) == MeshConfig()
+    from keel_pdp.mesh.config import MeshConfigError
+
+    for bad in ({"KEEL_MESH_PASS_UNMETERED": "maybe"}, {"KEEL_MESH_PROVIDER_HOSTS": "x"},
+                {"KEEL_MESH_MAX_RESPONSE_BYTES": "1"}):
+        with pytest.raises(MeshConfigError):
+            MeshConfig.from_env(bad)
+
+
+async def test_check_envoy_gave_up_on_releases_its_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = servicer()
+    real = s.engine.authorize
+    started = asyncio.Event()
+
+    async def slow(inp: Any, deadline: float | None = None) -> Any:
+        started.set()
+        await asyncio.sleep(0.05)
+        return await real(inp, deadline)
+
+    monkeypatch.setattr(s.engine, "authorize", slow)
+    task = asyncio.ensure_future(s.check(check_request(), None))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    client: Any = s.engine.store.client
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
+        if b"void" in kinds:
+            break
+    assert kinds.count(b"void") == 1
+    assert s.m.abandoned._value.get() == 1
