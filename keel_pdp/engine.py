@@ -69,9 +69,15 @@ def _permit_meta(req: AuthorizeInput, mp: ModelPrice, now: int) -> str:
 
 
 def _meta_price(meta: dict[str, object], input_tokens: int) -> Price:
-    """The rate the permit's model had when it was issued, for this input size."""
-    base = meta["price"]
-    assert isinstance(base, list)
+    """The rate the permit's model had when it was issued, for this input size.
+
+    A record without a price (written by an older version for a fail-open
+    settlement) prices at zero: such a permit is settled already, and the
+    closeout script answers with the booked figures.
+    """
+    base = meta.get("price")
+    if not isinstance(base, list):
+        return Price(0, 0, 0, 0)
     chosen = Price(*[int(x) for x in base])
     tiers = meta.get("tiers") or []
     assert isinstance(tiers, list)
@@ -285,7 +291,9 @@ class Engine:
                                   "prior": "unheld"}, separators=(",", ":"))
                 await self.store.record("settlement", permit_id, now, data, res, budget,
                                         settle_keys=cached.keys, settle_micros=actual,
-                                        expire_at_s=cached.expire_at_s)
+                                        expire_at_s=cached.expire_at_s,
+                                        permit_meta=json.dumps(cached.meta,
+                                                               separators=(",", ":")))
                 self._permits.pop(permit_id, None)
                 self.metrics.closeouts.labels("SETTLED").inc()
                 return CloseoutResult("SETTLED", actual, 0, actual, 0, priced)

@@ -220,9 +220,9 @@ class BudgetStore:
                      result: str, timeout_s: float | None = None, *,
                      settle_keys: tuple[str, ...] = (), settle_micros: int = 0,
                      expire_at_s: tuple[int, ...] = (),
-                     retention_s: int = 7 * 86400) -> str:
+                     retention_s: int = 7 * 86400, permit_meta: str = "{}") -> str:
         args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result, settle_micros,
-                                 retention_s]
+                                 retention_s, permit_meta]
         args.extend(expire_at_s)
         keys = [self.keys.stream, self.keys.permit(permit_id), *settle_keys]
         out = await self._script(self._record, keys, args, timeout_s)

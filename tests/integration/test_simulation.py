@@ -7,13 +7,15 @@ import pytest
 
 from tests.simulation.harness import run_seed
 
-CI_SEEDS = [1, 2, 3, 4, 5, 6]
-REGRESSION_SEEDS: list[int] = []
+CI_SEEDS = [(1, 250), (2, 250), (3, 250), (4, 250), (5, 250), (6, 250)]
+# (seed, steps) of runs that once failed. 105: the retried closeout of a
+# fail-open permit found a permit record without a price and crashed.
+REGRESSION_SEEDS: list[tuple[int, int]] = [(105, 800)]
 
 
-@pytest.mark.parametrize("seed", CI_SEEDS + REGRESSION_SEEDS)
-async def test_seeded_fault_simulation_keeps_every_invariant(seed: int) -> None:
-    report = await run_seed(seed, steps=250)
+@pytest.mark.parametrize(("seed", "steps"), CI_SEEDS + REGRESSION_SEEDS)
+async def test_seeded_fault_simulation_keeps_every_invariant(seed: int, steps: int) -> None:
+    report = await run_seed(seed, steps=steps)
     print(report.line())
     assert report.lost == 0
     assert report.doubled == 0

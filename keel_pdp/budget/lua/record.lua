@@ -12,7 +12,8 @@
 -- ARGV[1] event type   ARGV[2] permit_id   ARGV[3] ts_ms
 -- ARGV[4] event data (JSON)   ARGV[5] result (JSON)
 -- ARGV[6] settled micros to add to each window (0 for none)
--- ARGV[7] permit record retention (s), then per window: expire-at (s)
+-- ARGV[7] permit record retention (s)   ARGV[8] permit meta (JSON, for the record)
+-- ARGV[9..] per window: expire-at (s)
 -- Returns the stream entry id, or "DUP" when the settlement was already booked.
 
 if ARGV[1] == 'settlement' then
@@ -22,7 +23,8 @@ if ARGV[1] == 'settlement' then
   local windows = {}
   for i = 3, #KEYS do windows[#windows + 1] = KEYS[i] end
   redis.call('HSET', KEYS[2], 'state', 'settled', 'amount', 0, 'est', 0, 'act', ARGV[6],
-    'keys', table.concat(windows, '\n'), 'prior', 'unheld', 'settled_at', ARGV[3])
+    'keys', table.concat(windows, '\n'), 'prior', 'unheld', 'settled_at', ARGV[3],
+    'meta', ARGV[8])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
 end
 local amount = tonumber(ARGV[6]) or 0
@@ -30,7 +32,7 @@ if amount ~= 0 then
   for i = 3, #KEYS do
     redis.call('HINCRBY', KEYS[i], 's', amount)
     if redis.call('TTL', KEYS[i]) < 0 then
-      redis.call('EXPIREAT', KEYS[i], ARGV[5 + i])
+      redis.call('EXPIREAT', KEYS[i], ARGV[6 + i])
     end
   end
 end
