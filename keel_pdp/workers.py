@@ -1,0 +1,133 @@
+"""Pre-forked workers: N sidecar processes serving one port through SO_REUSEPORT.
+
+One Python process serves gRPC on one core. A sidecar given more cores runs
+one process per core: the supervisor forks N children before anything starts
+gRPC, an event loop or a Redis connection, and each child builds its own
+server with ``grpc.so_reuseport`` set, so the kernel spreads new connections
+over the children. The spread is per connection, not per call: a client with
+a single HTTP/2 connection still lands on one worker.
+
+The supervisor forwards SIGTERM/SIGINT (drain and stop) and SIGHUP (reload
+policies) to every child, restarts a child that dies while serving, and gives
+up (stopping the others) when a child dies within ``crash_window_s`` of its
+start, which is a configuration error that a restart will not cure.
+
+Each child has its own local permit cache: a Closeout that reaches another
+worker than its Authorize costs one more round trip (the permit is read from
+Redis). Budgets and idempotency stay exact because they live in Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("keel_pdp.workers")
+
+WORKER_INDEX_ENV = "KEEL_WORKER_INDEX"
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+
+def worker_index() -> int | None:
+    """This process's worker number (0..N-1), or None outside a supervisor."""
+    value = os.environ.get(WORKER_INDEX_ENV)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _spawn(index: int, serve_one: Callable[[int], int], old_mask: set[int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child: back to normal signal handling, then serve until told to stop.
+    code = 1
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.environ[WORKER_INDEX_ENV] = str(index)
+        code = int(serve_one(index))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("worker %d failed", index)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return 0  # pragma: no cover - unreachable
+
+
+def run_workers(n: int, serve_one: Callable[[int], int], *, grace_s: float = 5.0,
+                crash_window_s: float = 5.0, restart_delay_s: float = 0.5) -> int:
+    """Fork ``n`` children running ``serve_one(index)``; supervise until they stop.
+
+    Call it before any gRPC object or event loop exists in this process
+    (importing modules is fine; a server, channel or running loop is not).
+    Returns 0 when every child stopped cleanly after SIGTERM/SIGINT, else the
+    first non-zero exit status seen.
+    """
+    if n < 1:
+        raise ValueError("workers must be at least 1")
+    old_mask: set[int] = set(signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS))
+    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+    try:
+        for i in range(n):
+            children[_spawn(i, serve_one, old_mask)] = (i, time.monotonic())
+        stopping = False
+        kill_at = 0.0
+        result = 0
+        while children:
+            info = signal.sigtimedwait(_SIGNALS, 0.5)
+            signo = info.si_signo if info is not None else None
+            if signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                stopping = True
+                kill_at = time.monotonic() + grace_s + 5.0
+                _signal_all(children, signal.SIGTERM)
+            elif signo == signal.SIGHUP:
+                _signal_all(children, signal.SIGHUP)
+            for pid, status in _reap():
+                index, started = children.pop(pid, (-1, 0.0))
+                code = os.waitstatus_to_exitcode(status)
+                if stopping:
+                    if code not in (0, -signal.SIGTERM) and result == 0:
+                        result = code if code > 0 else 1
+                    continue
+                if time.monotonic() - started < crash_window_s:
+                    log.error("worker %d exited with %d right after starting: stopping all",
+                              index, code)
+                    result = code if code > 0 else 1
+                    stopping = True
+                    kill_at = time.monotonic() + grace_s + 5.0
+                    _signal_all(children, signal.SIGTERM)
+                    continue
+                log.error("worker %d exited with %d: restarting it", index, code)
+                time.sleep(restart_delay_s)
+                children[_spawn(index, serve_one, old_mask)] = (index, time.monotonic())
+            if stopping and children and time.monotonic() > kill_at:
+                _signal_all(children, signal.SIGKILL)
+        return result
+    finally:
+        _signal_all(children, signal.SIGKILL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _signal_all(children: dict[int, tuple[int, float]], signo: signal.Signals) -> None:
+    for pid in list(children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signo)
+
+
+def _reap() -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
