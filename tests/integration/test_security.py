@@ -212,3 +212,49 @@ def test_redis_password_never_reaches_the_logs(tmp_path: pathlib.Path) -> None:
         out, _ = proc.communicate(timeout=20)
     assert "127.0.0.1" in out
     assert secret not in out
+
+
+async def test_redis_with_auth_and_tls_through_a_rediss_url(
+        tmp_path: pathlib.Path, pki: pathlib.Path) -> None:
+    import shutil
+
+    port = free_port()
+    work = tmp_path / "redis-tls"
+    work.mkdir()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a test fixture server
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port),
+         "--bind", "127.0.0.1", "--tls-cert-file", str(pki / "server.pem"),
+         "--tls-key-file", str(pki / "server.key"), "--tls-ca-cert-file", str(pki / "ca.pem"),
+         "--tls-auth-clients", "no", "--requirepass", "s3cret", "--save", "",
+         "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.sleep(0.5)
+        bundle = write_bundle(tmp_path / "b", [budget("b", "100", fail_mode="closed")])
+        holder = PolicyHolder(bundle)
+        holder.reload()
+        base = f"localhost:{port}/0?ssl_ca_certs={pki / 'ca.pem'}"
+        good = BudgetStore.from_url(f"rediss://:s3cret@{base}", prefix="tls", timeout_s=1.0)
+        engine = Engine(holder, good, Metrics())
+        from keel_pdp.decision import AuthorizeInput, DecisionKind
+
+        req = AuthorizeInput("t", "acme", "w", "gpt-4o-mini", "openai", 100, 10)
+        for _ in range(20):  # the server may still be starting
+            out = await engine.authorize(req)
+            if not out.degraded:
+                break
+            await asyncio.sleep(0.2)
+        assert out.decision is DecisionKind.ALLOW
+        assert not out.degraded
+        wrong = BudgetStore.from_url(f"rediss://:nope@{base}", prefix="tls", timeout_s=0.5)
+        denied = await Engine(holder, wrong, Metrics()).authorize(
+            AuthorizeInput("u", "acme", "w", "gpt-4o-mini", "openai", 100, 10))
+        assert denied.degraded  # wrong password: the store is unavailable, fail mode decides
+        assert denied.decision is DecisionKind.DENY
+        plain = BudgetStore.from_url(f"redis://:s3cret@localhost:{port}/0", prefix="tls",
+                                     timeout_s=0.5)
+        assert not await plain.ping()  # plaintext to a TLS port does not pass
+        for s in (good, wrong, plain):
+            await s.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
