@@ -133,6 +133,31 @@ def _price(spec: PriceSpec | PriceTier) -> Price:
     )
 
 
+def price_history(provider: str, model: str,
+                  specs: PriceSpec | list[PriceSpec]) -> tuple[ModelPrice, ...]:
+    """One model's prices, oldest first (raises ValueError on a bad history).
+
+    Also used by reconciliation, which prices provider exports with the same
+    table the sidecars used.
+    """
+    history = specs if isinstance(specs, list) else [specs]
+    dates = [sp.effective_from for sp in history]
+    known = [dt for dt in dates if dt is not None]
+    if None in dates[1:] or known != sorted(set(known)):
+        raise ValueError("a price history needs effective_from on every entry after the "
+                         "first, in strictly ascending order")
+    compiled = []
+    for sp in history:
+        eff = 0
+        if sp.effective_from is not None:
+            d = sp.effective_from
+            eff = int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
+        tiers = tuple((t.above_input_tokens, _price(t)) for t in sp.tiers)
+        compiled.append(ModelPrice(provider, model, _price(sp), sp.max_output_tokens, eff,
+                                   tiers))
+    return tuple(sorted(compiled, key=lambda mp: mp.effective_from_ms))
+
+
 def parse_documents(
     files: Iterable[tuple[str, bytes]],
 ) -> tuple[list[tuple[str, BaseModel]], list[Problem]]:
@@ -209,24 +234,10 @@ def compile_bundle(
                 if key in prices:
                     problems.append(Problem(name, where, "price defined twice"))
                     continue
-                history = specs if isinstance(specs, list) else [specs]
-                dates = [sp.effective_from for sp in history]
-                known = [dt for dt in dates if dt is not None]
-                if None in dates[1:] or known != sorted(set(known)):
-                    problems.append(Problem(
-                        name, where, "a price history needs effective_from on every entry "
-                        "after the first, in strictly ascending order"))
-                    continue
-                compiled = []
-                for sp in history:
-                    eff = 0
-                    if sp.effective_from is not None:
-                        eff = int(datetime(sp.effective_from.year, sp.effective_from.month,
-                                           sp.effective_from.day, tzinfo=UTC).timestamp() * 1000)
-                    tiers = tuple((t.above_input_tokens, _price(t)) for t in sp.tiers)
-                    compiled.append(ModelPrice(provider, model_name, _price(sp),
-                                               sp.max_output_tokens, eff, tiers))
-                prices[key] = tuple(sorted(compiled, key=lambda mp: mp.effective_from_ms))
+                try:
+                    prices[key] = price_history(provider, model_name, specs)
+                except ValueError as exc:
+                    problems.append(Problem(name, where, str(exc)))
 
     budgets: list[CompiledBudget] = []
     seen_ids: dict[str, str] = {}

@@ -10,32 +10,26 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import yaml
 from pydantic import ValidationError
 
-from keel_pdp.policy.model import PriceSpec, PriceTableDoc, PriceTier
-from keel_pdp.pricing import Price, parse_price
+from keel_pdp.policy.loader import price_history
+from keel_pdp.policy.model import PriceTableDoc
+from keel_pdp.policy.snapshot import ModelPrice
+from keel_pdp.pricing import Price
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.model import CACHE_WRITE, CACHED_INPUT, INPUT, OUTPUT, normalise_model
 from keel_pdp.reconcile.money import split_exact
 
 
-@dataclass(frozen=True, slots=True)
-class PriceEntry:
-    """One dated price of a model, with its context-length tiers (ascending)."""
-
-    effective_from_ms: int
-    price: Price
-    tiers: tuple[tuple[int, Price], ...] = ()
-
-
 @dataclass
 class PriceBook:
-    entries: dict[tuple[str, str], list[PriceEntry]] = field(default_factory=dict)
+    """Dated prices with context tiers, compiled by the policy loader's own code."""
 
-    def add(self, provider: str, model: str, entry: PriceEntry) -> None:
+    entries: dict[tuple[str, str], list[ModelPrice]] = field(default_factory=dict)
+
+    def add(self, provider: str, model: str, entry: ModelPrice) -> None:
         found = self.entries.setdefault((provider, model), [])
         found.append(entry)
         found.sort(key=lambda e: e.effective_from_ms)
@@ -50,33 +44,10 @@ class PriceBook:
         for entry in history:
             if entry.effective_from_ms <= ts_ms:
                 current = entry
-        price = current.price
-        for above, tier_price in current.tiers:
-            if input_tokens > above:
-                price = tier_price
-        return price
+        return current.for_input(input_tokens)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
-
-
-def _rates(spec: PriceSpec | PriceTier) -> Price:
-    inp = parse_price(spec.input)
-    return Price(
-        input=inp,
-        output=parse_price(spec.output),
-        cached_input=parse_price(spec.cached_input) if spec.cached_input is not None else inp,
-        cache_write=parse_price(spec.cache_write) if spec.cache_write is not None else inp,
-    )
-
-
-def _entry(spec: PriceSpec) -> PriceEntry:
-    start = 0
-    if spec.effective_from is not None:
-        d = spec.effective_from
-        start = int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()) * 1000
-    return PriceEntry(start, _rates(spec),
-                      tuple((t.above_input_tokens, _rates(t)) for t in spec.tiers))
 
 
 def load_prices(path: pathlib.Path) -> PriceBook:
@@ -99,8 +70,13 @@ def load_prices(path: pathlib.Path) -> PriceBook:
                              where=".".join(str(x) for x in err["loc"])) from None
         for provider, models in doc.providers.items():
             for model, spec in models.items():
-                for one in spec if isinstance(spec, list) else [spec]:
-                    book.add(provider, normalise_model(model), _entry(one))
+                try:
+                    history = price_history(provider, model, spec)
+                except ValueError as exc:
+                    raise InputError(str(file), str(exc),
+                                     where=f"providers.{provider}.{model}") from None
+                for one in history:
+                    book.add(provider, normalise_model(model), one)
     if not book:
         raise InputError(str(path), "no PriceTable document found")
     return book
