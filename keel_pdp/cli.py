@@ -67,7 +67,7 @@ async def serve(s: ServeSettings) -> int:
                                         max_concurrent_rpcs=s.max_concurrent_rpcs)
     loop = asyncio.get_running_loop()
     draining = False
-    background: set[asyncio.Task[None]] = set()
+    background: set[asyncio.Task[Any]] = set()
 
     def on_policy(snapshot: object, error: object) -> None:
         if snapshot is not None:
@@ -79,7 +79,9 @@ async def serve(s: ServeSettings) -> int:
             metrics.policy_loaded.set(1)
             metrics.policy_loads.labels("ok").inc()
             if not draining:
-                background.add(loop.create_task(health.set(True)))
+                # Reloads run in a worker thread: hand the health update to the loop.
+                loop.call_soon_threadsafe(
+                    lambda: background.add(loop.create_task(health.set(True))))
         else:
             metrics.policy_loads.labels("rejected").inc()
 
@@ -106,7 +108,9 @@ async def serve(s: ServeSettings) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: holder.reload(force=True))
+    # Validating a large bundle takes a while: never on the event loop.
+    loop.add_signal_handler(signal.SIGHUP, lambda: background.add(
+        loop.create_task(asyncio.to_thread(holder.reload, True))))
     tasks = [loop.create_task(holder.watch(s.reload_interval_s)),
              loop.create_task(engine.run_background(s.sweep_interval_s))]
     await stop.wait()
