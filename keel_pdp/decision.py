@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -202,21 +203,31 @@ def new_permit_id(now_ms: int | None = None) -> str:
 DIMENSION_NAMES = ("tenant", "workload", "model", "provider")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _utf8_len(value: str) -> int:
+    # At most 4 bytes a character: short strings need no encoding to be checked.
+    return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+
+
 def check_name(field_name: str, value: str, *, required: bool = True) -> None:
-    if required and not value:
-        raise InvalidRequest(f"{field_name} is required")
+    if not value:
+        if required:
+            raise InvalidRequest(f"{field_name} is required")
+        return
     if value == "*":
         raise InvalidRequest(f"{field_name} must not be '*' (the policy wildcard)")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    if len(value) * 4 > MAX_NAME_BYTES and _utf8_len(value) > MAX_NAME_BYTES:
         raise InvalidRequest(f"{field_name} is longer than {MAX_NAME_BYTES} bytes")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise InvalidRequest(f"{field_name} contains control characters")
 
 
 def validate(req: AuthorizeInput) -> None:
     if not req.request_id:
         raise InvalidRequest("request_id is required (the caller's idempotency key)")
-    if len(req.request_id.encode("utf-8", "surrogatepass")) > MAX_REQUEST_ID_BYTES:
+    if _utf8_len(req.request_id) > MAX_REQUEST_ID_BYTES:
         raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
     check_name("tenant", req.tenant)
     check_name("workload", req.workload)

@@ -11,8 +11,8 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from keel_pdp import decision as dec
 from keel_pdp.budget.keys import PERMIT_ID_RE
@@ -93,14 +93,18 @@ def _now_ms() -> int:
 
 class Engine:
     def __init__(self, policies: PolicyHolder, store: BudgetStore, metrics: Metrics, *,
-                 permit_cache_size: int = 200_000, outbox_size: int = 100_000,
+                 permit_cache_size: int = 100_000, outbox_size: int = 100_000,
                  outbox_dir: str | None = None) -> None:
         self.policies = policies
         self.store = store
         self.metrics = metrics
-        self._permits: OrderedDict[str, CachedPermit] = OrderedDict()
+        # Compact entries (strings and a bool only): the garbage collector stops
+        # tracking them, so a full cache does not lengthen collection pauses.
+        self._permits: dict[str, tuple[str, str, bool, str]] = {}
         self._permit_cache_size = permit_cache_size
         self._outbox = Outbox(outbox_size, outbox_dir)
+        self._decision_counters: dict[tuple[dec.DecisionKind, str], Any] = {}
+        self._hold_latency = metrics.store_latency.labels("authorize")
         self._flush_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- helpers
@@ -109,10 +113,20 @@ class Engine:
             return None
         return deadline_s - DEADLINE_MARGIN_S
 
-    def _remember(self, pid: str, entry: CachedPermit) -> None:
-        self._permits[pid] = entry
+    def _remember(self, pid: str, keys: tuple[str, ...], meta_json: str,
+                  degraded: bool = False, wexp: tuple[int, ...] = ()) -> None:
+        self._permits[pid] = ("\n".join(keys), meta_json, degraded,
+                              ",".join(str(w) for w in wexp))
         if len(self._permits) > self._permit_cache_size:
-            self._permits.popitem(last=False)
+            del self._permits[next(iter(self._permits))]  # the oldest
+
+    def _cached(self, pid: str) -> CachedPermit | None:
+        entry = self._permits.get(pid)
+        if entry is None:
+            return None
+        keys, meta, degraded, wexp = entry
+        return CachedPermit(tuple(keys.split("\n")) if keys else (), json.loads(meta), degraded,
+                            tuple(int(w) for w in wexp.split(",")) if wexp else ())
 
     def _enqueue(self, etype: str, pid: str, ts: int, data: str, res: str) -> None:
         before = self._outbox.dropped
@@ -143,7 +157,12 @@ class Engine:
         return len(self._outbox)
 
     def _count(self, out: Outcome) -> Outcome:
-        self.metrics.decisions.labels(str(out.decision), out.primary_code).inc()
+        key = (out.decision, out.primary_code)
+        counter = self._decision_counters.get(key)
+        if counter is None:  # label children looked up once, not on every call
+            counter = self.metrics.decisions.labels(str(out.decision), out.primary_code)
+            self._decision_counters[key] = counter
+        counter.inc()
         return out
 
     # --------------------------------------------------------------- authorize
@@ -211,7 +230,7 @@ class Engine:
                                   tuple(wexp[i] for i in first), metas[0])
             return self._count(out)
         finally:
-            self.metrics.store_latency.labels("authorize").observe(time.perf_counter() - t0)
+            self._hold_latency.observe(time.perf_counter() - t0)
         if res.get("r") == "reused":
             raise InvalidRequest(
                 f"request_id {req.request_id[:64]!r} was already used by tenant "
@@ -228,7 +247,7 @@ class Engine:
             c = int(res.get("c", 1))
             held = [i - 1 for i in res.get("held") or []] or list(p.candidates[c - 1].target_idx)
             self._remember(out.permit_id,
-                           CachedPermit(tuple(keys[i] for i in held), json.loads(metas[c - 1])))
+                           tuple(keys[i] for i in held), metas[c - 1])
             for r in out.reasons:
                 if r.code is dec.Code.BUDGET_THRESHOLD_CROSSED:
                     self.metrics.threshold_crossings.inc()
@@ -245,7 +264,7 @@ class Engine:
                          separators=(",", ":"))
         self._enqueue("decision", p.permit_id, p.now_ms, data, res)
         if out.decision is dec.DecisionKind.ALLOW and meta:
-            self._remember(out.permit_id, CachedPermit(keys, json.loads(meta), True, wexp))
+            self._remember(out.permit_id, keys, meta, True, wexp)
 
     # ---------------------------------------------------------------- closeout
     async def closeout(self, permit_id: str, usage: TokenUsage, outcome: str,
@@ -266,7 +285,7 @@ class Engine:
         now = _now_ms()
         t0 = time.perf_counter()
         try:
-            cached = self._permits.get(permit_id)
+            cached = self._cached(permit_id)
             if cached is None or cached.degraded:
                 # A degraded permit may still have been held: the store can run a
                 # script whose reply timed out. Its own record then wins.
@@ -332,7 +351,7 @@ class Engine:
         budget = self._budget(deadline_s)
         now = _now_ms()
         try:
-            cached = self._permits.get(permit_id)
+            cached = self._cached(permit_id)
             if cached is not None and cached.degraded and await self.store.permit(
                     permit_id, budget) is not None:
                 cached = None  # held after all (a timed-out reply): release it normally
