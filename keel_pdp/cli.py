@@ -34,7 +34,7 @@ def _available(module: str) -> bool:
         return False
 
 
-async def serve(s: ServeSettings) -> int:
+async def serve(s: ServeSettings, worker: int | None = None) -> int:
     from prometheus_client import start_http_server
 
     from keel_pdp.budget.store import BudgetStore
@@ -64,7 +64,9 @@ async def serve(s: ServeSettings) -> int:
         extra += importlib.import_module("keel_pdp.mesh").services(engine, metrics)
     server, health, port = build_server(engine, metrics, s.listen, extra_services=extra,
                                         credentials=credentials,
-                                        max_concurrent_rpcs=s.max_concurrent_rpcs)
+                                        max_concurrent_rpcs=s.max_concurrent_rpcs,
+                                        reuse_port=worker is not None)
+    metrics_port = s.metrics_port + (worker or 0) if s.metrics_port else 0
     loop = asyncio.get_running_loop()
     draining = False
     background: set[asyncio.Task[Any]] = set()
@@ -94,14 +96,16 @@ async def serve(s: ServeSettings) -> int:
     if holder.current is None:
         log.error("no valid policy bundle in %s yet: health is NOT_SERVING, every Authorize "
                   "answers POLICY_NOT_LOADED until one loads", s.policies)
-    if s.metrics_port:
-        start_http_server(s.metrics_port, addr=s.metrics_host, registry=metrics.registry)
+    if metrics_port:
+        start_http_server(metrics_port, addr=s.metrics_host, registry=metrics.registry)
     await server.start()
     host = s.listen.rpartition(":")[0]
-    print(f"keel-pdp gRPC listening on {host}:{port}"
+    who = f"worker {worker} " if worker is not None else ""
+    print(f"keel-pdp {who}gRPC listening on {host}:{port}"
           f"{' (mutual TLS)' if s.tls_client_ca else ' (TLS)' if tls else ''}", flush=True)
-    if s.metrics_port:
-        print(f"keel-pdp metrics on http://{s.metrics_host}:{s.metrics_port}/metrics", flush=True)
+    if metrics_port:
+        print(f"keel-pdp {who}metrics on http://{s.metrics_host}:{metrics_port}/metrics",
+              flush=True)
     print(f"keel-pdp budget store {store.client.connection_pool.connection_kwargs.get('host', '')}"
           f":{store.client.connection_pool.connection_kwargs.get('port', '')}", flush=True)
 
@@ -133,6 +137,15 @@ async def serve(s: ServeSettings) -> int:
     return 0
 
 
+def _run(s: ServeSettings, worker: int | None) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(serve(s, worker))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(serve(s, worker))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel-pdp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,12 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         logging.basicConfig(level=s.log_level,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        try:
-            import uvloop
+        if s.workers > 1:
+            from keel_pdp.workers import run_workers
 
-            return uvloop.run(serve(s))
-        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-            return asyncio.run(serve(s))
+            return run_workers(s.workers, lambda i: _run(s, i), grace_s=s.grace_s)
+        return _run(s, None)
     parser.error("unknown command")
     return 2
 

@@ -37,6 +37,7 @@ class ServeSettings:
     admin_identities: tuple[str, ...] = ()
     outbox_dir: str = ""
     drain_delay_s: float = 1.0
+    workers: int = 1
 
     def admin_token(self) -> str | None:
         """Read on every call, so a rotated token file takes effect at once."""
@@ -66,6 +67,8 @@ class ServeSettings:
             raise SettingsError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.admin_identities and not self.tls_client_ca:
             raise SettingsError("--admin-identities needs mutual TLS (--tls-client-ca)")
+        if not 1 <= self.workers <= 64:
+            raise SettingsError("--workers must be between 1 and 64")
         if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
             raise SettingsError("--max-concurrent-rpcs must be between 1 and 1000000")
         return self
@@ -121,6 +124,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "so a restart replays them (env KEEL_OUTBOX_DIR; default: memory only)")
     p.add_argument("--drain-delay", type=float, default=float(_env("KEEL_DRAIN_DELAY", "1.0")),
                    help="seconds to keep serving after SIGTERM while health says NOT_SERVING")
+    p.add_argument("--workers", type=int, default=int(_env("KEEL_WORKERS", "1")),
+                   help="pre-fork N processes sharing the port (SO_REUSEPORT); worker i serves "
+                        "metrics on --metrics-port + i (env KEEL_WORKERS)")
     p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
                    help="seconds in-flight RPCs get to finish on SIGTERM")
 
@@ -135,6 +141,6 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         admin_token_file=ns.admin_token_file, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca, allow_insecure_listen=ns.allow_insecure_listen,
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
-        outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay,
+        outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay, workers=ns.workers,
         admin_identities=tuple(x.strip() for x in ns.admin_identities.split(",") if x.strip()),
     ).validate()

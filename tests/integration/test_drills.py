@@ -25,7 +25,8 @@ def start(redis_url: str, bundle: pathlib.Path, port: int, *extra: str) -> subpr
     return subprocess.Popen(
         [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
          "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--store-timeout-ms", "1000", "--sweep-interval", "0.2", *extra],
+         "--store-timeout-ms", "1000", "--sweep-interval", "0.2", "--drain-delay", "0.2",
+         *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -140,3 +141,40 @@ def test_sigterm_under_load_drains_and_loses_no_event(
     client: Any = redis.Redis.from_url(redis_url)
     recorded = {f[b"pid"].decode() for _, f in client.xrange("keel:{pdp}:events")}
     assert {a.permit_id for a in allowed} <= recorded  # every answered decision is recorded
+
+
+def test_two_prefork_workers_share_the_port_and_stop_cleanly(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    import urllib.request
+
+    bundle = write_bundle(tmp_path, [budget("b", "10")])
+    port, mport = free_port(), free_port()
+    free_port()  # mport + 1 is used by worker 1; the test only needs it to be free
+    proc = start(redis_url, bundle, port, "--workers", "2", "--metrics-port", str(mport))
+    try:
+        wait_ready(port)
+        for i in range(6):  # new channels: the kernel spreads connections over workers
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+                    ("grpc.use_local_subchannel_pool", 1)]) as ch:
+                r = pb_grpc.PolicyDecisionPointStub(ch).Authorize(areq(f"w{i}"), timeout=5)
+                assert r.decision == pb.ALLOW
+        served = 0
+        for p in (mport, mport + 1):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics",
+                                                  timeout=2).read().decode()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            served += int(float(next(
+                (line.split()[-1] for line in text.splitlines()
+                 if line.startswith('keel_pdp_decisions_total{decision="ALLOW"')), "0")))
+        assert served == 6  # every decision was made by one of the two workers
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "worker 0 gRPC listening" in out
+    assert "worker 1 gRPC listening" in out
