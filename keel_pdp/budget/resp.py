@@ -1,12 +1,12 @@
 """A small asyncio Redis client for the hot path: pipelined RESP2 over hiredis.
 
-Why not redis-py's asyncio client: it takes a connection from a pool per call
-and reads each reply with a coroutine of its own, which cost 35-40 % of an
-Authorize at 32 concurrent calls (see bench/README.md). Here every call is one
-``pack_command``, one future and one timer: concurrent calls share one
-connection (or a few), their commands leave in one write per event-loop turn,
-and the replies, which Redis sends in request order, resolve a FIFO of futures
-as hiredis parses them.
+Why not redis-py's asyncio client: per call it checks a connection out of a
+pool, writes, and reads its reply in a coroutine of its own, under a lock;
+measured in bench/ (client section) that costs about three times the event-loop
+CPU of this client per script call. Here a call is one ``pack_command``, one
+write, one future and one timer: concurrent calls share one connection (or a
+few), and the replies, which Redis sends in request order, resolve a FIFO of
+futures as hiredis parses them.
 
 Semantics the budget store relies on:
 
@@ -15,6 +15,12 @@ Semantics the budget store relies on:
   dropped when it comes. If the oldest call has waited more than ``stall_s``,
   the connection is treated as dead: it is closed, every pending call fails
   and the next call reconnects.
+* A timeout counts from the moment the command was written, checked on the
+  real clock (libuv timers have millisecond resolution and may fire early by
+  up to a millisecond). An answer already waiting in the socket when the
+  timer fires is not a timeout: the loop gets up to ``_GRACE_TURNS`` x
+  ``_GRACE_S`` to read it (after a GC pause or a stall of the process, timers
+  can run before the loop polls the socket again).
 * Connection loss fails every pending call with ``RespConnectionError`` (an
   ``OSError``); the next call reconnects. Failed attempts back off
   exponentially (``backoff_base_s`` .. ``backoff_max_s``) and calls made during
@@ -48,7 +54,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -141,11 +147,7 @@ def parse_url(url: str, **overrides: Any) -> RespConfig:
         unix_path=parts.path if scheme == "unix" else None, db=db,
         username=username or None, password=password or None, ssl_context=ctx,
         server_hostname=host if ctx is not None else None)
-    if overrides:
-        from dataclasses import replace
-
-        config = replace(config, **overrides)
-    return config
+    return replace(config, **overrides) if overrides else config
 
 
 # A timer that fires while the socket holds unread data waits this long, at most
@@ -163,7 +165,6 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader(replyError=RespError)
         self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self._out: list[bytes] = []
         self._transport: Any = None  # uvloop's transports do not subclass asyncio's
         self._fd = -1
         self.closed = False
@@ -218,22 +219,22 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.closed:
             raise RespConnectionError("connection to Redis is closed")
+        if len(self.pending) >= self._client.config.max_pending:
+            raise RespConnectionError("too many calls waiting for Redis")
         fut: asyncio.Future[Any] = self._loop.create_future()
-        if not self._out:
-            # Everything sent during this loop turn leaves in one write.
-            self._loop.call_soon(self._flush)
-        self._out.append(packed)
-        self.pending.append((fut, self._loop.time()))
+        self.pending.append((fut, time.monotonic()))
+        # Written at once. Gathering the commands of a loop turn into one write
+        # was measured: grpc.aio starts about one call per turn (1.1 commands per
+        # write), so it saved no syscalls and only held commands back.
+        try:
+            self._transport.write(packed)
+        except (OSError, RuntimeError) as exc:
+            self._fail(RespConnectionError(f"cannot write to Redis: {exc}"))
         return fut
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._transport is not None and not self.closed and out:
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def check_stall(self, stall_s: float) -> None:
         """Close the connection when its oldest call waited longer than ``stall_s``."""
-        if self.pending and self._loop.time() - self.pending[0][1] > stall_s:
+        if self.pending and time.monotonic() - self.pending[0][1] > stall_s:
             log.warning("Redis did not answer for %.1fs: reconnecting", stall_s)
             self._fail(RespConnectionError(f"Redis did not answer for {stall_s:.1f}s"))
 
@@ -241,7 +242,6 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self._out = []
         while self.pending:
             fut = self.pending.popleft()[0]
             if not fut.done():
@@ -254,13 +254,19 @@ class _Connection(asyncio.Protocol):
         self._fail(RespConnectionError("client closed"))
 
 
-def _expire(fut: asyncio.Future[Any], timeout: float, conn: _Connection, turns: int = 0) -> None:
+def _expire(fut: asyncio.Future[Any], timeout: float, conn: _Connection, sent: float,
+            turns: int = 0) -> None:
     if fut.done():
+        return
+    left = sent + timeout - time.monotonic()
+    if left > 0:
+        # libuv's timers count whole milliseconds and may fire a little early.
+        fut.get_loop().call_later(left, _expire, fut, timeout, conn, sent, turns)
         return
     if turns < _GRACE_TURNS and conn.readable():
         # The answer may be in the socket already, behind a busy event loop: an
         # answer that arrived in time is not a timeout. Let the loop read it.
-        fut.get_loop().call_later(_GRACE_S, _expire, fut, timeout, conn, turns + 1)
+        fut.get_loop().call_later(_GRACE_S, _expire, fut, timeout, conn, sent, turns + 1)
         return
     fut.set_exception(TimeoutError(f"Redis did not answer within {timeout * 1000:.0f} ms"))
 
@@ -280,7 +286,7 @@ class RespClient:
         self._rr = 0
         self._scripts: dict[str, Script] = {}
         self._closed = False
-        self.reconnects = 0
+        self.connects = 0
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> RespClient:
@@ -323,7 +329,8 @@ class RespClient:
 
     async def _wait(self, fut: asyncio.Future[Any], timeout_s: float,
                     conn: _Connection) -> Any:
-        handle = asyncio.get_running_loop().call_later(timeout_s, _expire, fut, timeout_s, conn)
+        handle = asyncio.get_running_loop().call_later(
+            timeout_s, _expire, fut, timeout_s, conn, time.monotonic())
         try:
             return await fut
         except TimeoutError:
@@ -338,12 +345,21 @@ class RespClient:
         if len(conns) == 1:
             return conns[0]
         self._rr = (self._rr + 1) % len(conns)
-        return conns[self._rr] or next((c for c in conns if c is not None), None)
+        conn = conns[self._rr]
+        if conn is None:
+            # Use another connection now and bring this one up in the background.
+            if self._connecting[self._rr] is None and not self._closed and (
+                    time.monotonic() >= self._retry_at[self._rr]):
+                task = asyncio.get_running_loop().create_task(self._open(self._rr))
+                task.add_done_callback(_consume)
+                self._connecting[self._rr] = task
+            conn = next((c for c in conns if c is not None), None)
+        return conn
 
     async def _connect_within(self, timeout_s: float) -> _Connection:
         if self._closed:
             raise RespConnectionError("client is closed")
-        slot = next(i for i, c in enumerate(self._conns) if c is None)
+        slot = next((i for i, c in enumerate(self._conns) if c is None), 0)
         task = self._connecting[slot]
         if task is None:
             now = time.monotonic()
@@ -392,7 +408,7 @@ class RespClient:
             raise RespConnectionError("client is closed")
         self._failures[slot] = 0
         self._conns[slot] = conn
-        self.reconnects += 1
+        self.connects += 1
         return conn
 
     async def _handshake(self, conn: _Connection) -> None:
@@ -434,6 +450,7 @@ class RespClient:
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
-    # The SCRIPT LOAD reply matters only through the EVALSHA sent behind it.
+    # Replies and failures nobody awaits (a SCRIPT LOAD ahead of its EVALSHA, a
+    # background connect): read them so asyncio does not report them as lost.
     if not fut.cancelled():
         fut.exception()
