@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Redis server started for the session, fakeredis for
+"""Shared fixtures: a real Redis server started once per test run, fakeredis for
 fast unit tests, and a budget store / engine built on either."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
-    """URL of the session's real Redis, flushed before each test."""
+    """URL of the test run's real Redis, flushed before each test."""
     if redis_server.proc is None:
         redis_server.start()
     redis.Redis(port=redis_server.port).flushall()

@@ -144,7 +144,7 @@ def pg_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def pg_url(pg_server: PostgresServer) -> str:
-    """A fresh, empty database on the session's PostgreSQL server."""
+    """A fresh, empty database on the test run's PostgreSQL server."""
     if not pg_server.running():
         pg_server.start()
     return pg_server.create_database()
