@@ -17,11 +17,13 @@ help:
 	@echo "make proto  - regenerate keel_pdp/api from proto/"
 
 # System packages (Debian): Redis for the budget store and tests, PostgreSQL for
-# the production ledger tests, nghttp2-client (h2load) for the benchmarks.
+# the production ledger tests, nghttp2-client (h2load) and a C compiler for the
+# benchmarks' load driver.
 deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	command -v cc >/dev/null || missing="$$missing build-essential"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -47,7 +47,10 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     holder = PolicyHolder(s.policies)
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
                                  timeout_s=s.store_timeout_ms / 1000)
-    engine = Engine(holder, store, metrics, outbox_dir=s.outbox_dir or None)
+    outbox = s.outbox_dir or None
+    if outbox and worker is not None:
+        outbox = f"{outbox}/worker-{worker}"  # each worker journals (and replays) its own
+    engine = Engine(holder, store, metrics, outbox_dir=outbox)
     from keel_pdp.server.admin import add_admin
     from keel_pdp.server.tls import ReloadingCredentials, TlsError, TlsFiles, check_listen
 

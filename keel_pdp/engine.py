@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +100,9 @@ class Engine:
         self.store = store
         self.metrics = metrics
         # Compact entries (strings and a bool only): the garbage collector stops
-        # tracking them, so a full cache does not lengthen collection pauses.
-        self._permits: dict[str, tuple[str, str, bool, str]] = {}
+        # tracking them, so a full cache does not lengthen collection pauses. An
+        # OrderedDict evicts its oldest entry in O(1).
+        self._permits: OrderedDict[str, tuple[str, str, bool, str]] = OrderedDict()
         self._permit_cache_size = permit_cache_size
         self._outbox = Outbox(outbox_size, outbox_dir)
         self._decision_counters: dict[tuple[dec.DecisionKind, str], Any] = {}
@@ -118,7 +120,7 @@ class Engine:
         self._permits[pid] = ("\n".join(keys), meta_json, degraded,
                               ",".join(str(w) for w in wexp))
         if len(self._permits) > self._permit_cache_size:
-            del self._permits[next(iter(self._permits))]  # the oldest
+            self._permits.popitem(last=False)  # the oldest
 
     def _cached(self, pid: str) -> CachedPermit | None:
         entry = self._permits.get(pid)
