@@ -12,11 +12,12 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from keel_pdp.policy.snapshot import CompiledBudget, ModelPrice, PolicySnapshot
 from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, Price, ceil_div
+from keel_pdp.windows import window_bounds
 
 MAX_NAME_BYTES = 128
 MAX_REQUEST_ID_BYTES = 128
@@ -185,7 +186,6 @@ class Outcome:
     replayed: bool = False
     matched_budgets: tuple[str, ...] = ()
     degraded: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def primary_code(self) -> str:
@@ -368,8 +368,6 @@ def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int,
 
 
 def _window(b: CompiledBudget, now_ms: int) -> tuple[int, int]:
-    from keel_pdp.windows import window_bounds
-
     return window_bounds(b.window, now_ms, b.timezone)
 
 
@@ -458,6 +456,12 @@ def _ints(value: object) -> list[int]:
     return [int(x) for x in value] if isinstance(value, list) else []
 
 
+def held_by(p: Plan, res: dict[str, object]) -> tuple[int, list[int]]:
+    """The candidate the hold script chose (0-based) and the targets it held."""
+    c = int(res.get("c", 1)) - 1  # type: ignore[call-overload]
+    return c, [i - 1 for i in _ints(res.get("held"))] or list(p.candidates[c].target_idx)
+
+
 def conclude(p: Plan, res: dict[str, object], replayed: bool = False) -> Outcome:
     """Turn the hold script's answer into the decision."""
     figures = res.get("b") or []
@@ -465,7 +469,8 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False) -> Outcome
     amount = int(res["amt"])  # type: ignore[call-overload]
     k = int(res["k"])  # type: ignore[call-overload]
     d = DecisionKind(str(res["d"]))
-    chosen = p.candidates[int(res.get("c", 1)) - 1]  # type: ignore[call-overload]
+    c, held_idx = held_by(p, res)
+    chosen = p.candidates[c]
     granted = _ints(res.get("gr")) or [0] * len(p.targets)
 
     def limit(i: int) -> int:
@@ -499,7 +504,6 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False) -> Outcome
                                       rule_id=p.rule_id))
         return _base_outcome(p, d, reasons=tuple(reasons), holds=tuple(holds),
                              estimated_cost_micros=amount, replayed=replayed)
-    held_idx = [i - 1 for i in _ints(res.get("held"))] or list(chosen.target_idx)
     holds = [figure(i) for i in held_idx]
     if chosen.model != p.request.model or chosen.provider != (
             p.request.provider or chosen.provider):

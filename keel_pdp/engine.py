@@ -79,13 +79,11 @@ def _meta_price(meta: dict[str, object], input_tokens: int) -> Price:
     base = meta.get("price")
     if not isinstance(base, list):
         return Price(0, 0, 0, 0)
-    chosen = Price(*[int(x) for x in base])
     tiers = meta.get("tiers") or []
     assert isinstance(tiers, list)
-    for tier in tiers:
-        if input_tokens > int(tier[0]):
-            chosen = Price(*[int(x) for x in tier[1:5]])
-    return chosen
+    issued = ModelPrice("", "", Price(*[int(x) for x in base]), 0, tiers=tuple(
+        (int(t[0]), Price(*[int(x) for x in t[1:5]])) for t in tiers))
+    return issued.for_input(input_tokens)
 
 
 def _now_ms() -> int:
@@ -106,6 +104,7 @@ class Engine:
         self._permit_cache_size = permit_cache_size
         self._outbox = Outbox(outbox_size, outbox_dir)
         self._decision_counters: dict[tuple[dec.DecisionKind, str], Any] = {}
+        self._flush_task: asyncio.Task[int] | None = None
         self._hold_latency = metrics.store_latency.labels("authorize")
         self._flush_lock = asyncio.Lock()
 
@@ -238,23 +237,17 @@ class Engine:
                 f"request_id {req.request_id[:64]!r} was already used by tenant "
                 f"{req.tenant[:64]!r} with different parameters")
         if res.get("r") == "replay":
-            inner = res["res"]
-            for k in ("b", "shadow"):
-                if inner.get(k) == {}:
-                    inner[k] = []
-            out = dec.conclude(p, inner, replayed=True)
+            out = dec.conclude(p, res["res"], replayed=True)
         else:
             out = dec.conclude(p, res)
         if out.decision is not dec.DecisionKind.DENY and not out.replayed:
-            c = int(res.get("c", 1))
-            held = [i - 1 for i in res.get("held") or []] or list(p.candidates[c - 1].target_idx)
-            self._remember(out.permit_id,
-                           tuple(keys[i] for i in held), metas[c - 1])
-            for r in out.reasons:
-                if r.code is dec.Code.BUDGET_THRESHOLD_CROSSED:
-                    self.metrics.threshold_crossings.inc()
-        if self._outbox:
-            asyncio.get_running_loop().create_task(self.flush_outbox())
+            c, held = dec.held_by(p, res)
+            self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c])
+            if res.get("alerts"):
+                self.metrics.threshold_crossings.inc(len(res["alerts"]))
+        if self._outbox and (self._flush_task is None or self._flush_task.done()):
+            # Store is answering again: replay what was decided without it, once.
+            self._flush_task = asyncio.get_running_loop().create_task(self.flush_outbox())
         return self._count(out)
 
     def _record_degraded(self, p: dec.Plan, data: str, out: Outcome,

@@ -80,10 +80,8 @@ def _decode(raw: Any) -> dict[str, Any]:
     value = json.loads(text)
     if not isinstance(value, dict):
         raise StoreUnavailable(f"unexpected script answer {text[:80]!r}")
-    # cjson encodes an empty Lua table as {} instead of [].
-    for k in ("b", "shadow", "held", "alerts"):
-        if value.get(k) == {}:
-            value[k] = []
+    # No list ever goes through cjson (which would print an empty one as {}):
+    # authorize.lua writes its lists by hand.
     return value
 
 
@@ -160,13 +158,6 @@ class BudgetStore:
             raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
         resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
         return cls(redis_py, KeySpace(prefix), timeout_s, transport=resp)
-
-    async def _run(self, coro: Any, timeout_s: float | None) -> Any:
-        """Any other redis-py call, with the store's timeout and failure mapping."""
-        try:
-            return await asyncio.wait_for(coro, timeout=self._budget(timeout_s))
-        except _FAILURES as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def _budget(self, timeout_s: float | None) -> float:
         budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)

@@ -65,9 +65,6 @@ def outcome_name(value: int) -> str:
         return f"<unknown outcome {value}>"
 
 
-_CLOSEOUT_NAMES = {"CLOSEOUT_STORE_UNAVAILABLE": "CLOSEOUT_STORE_UNAVAILABLE"}
-
-
 def closeout_response(r: CloseoutResult) -> pb.CloseoutResponse:
     return pb.CloseoutResponse(
         status=pb.CloseoutStatus.Value(r.status), actual_cost_micros=r.actual_cost_micros,
