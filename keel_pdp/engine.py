@@ -187,16 +187,17 @@ class Engine:
             except StoreUnavailable:
                 self._enqueue("decision", p.permit_id, now, data, deny)
             return self._count(out)
-        if budget is not None and budget <= 0.0005:
-            out = dec.without_store(p, dec.Code.DEADLINE_TOO_SHORT)
-            self._record_degraded(p, data, out)
-            return self._count(out)
-
         keys = tuple(
             self.store.keys.window(t.budget.id, t.split, t.window_start_ms) for t in p.targets)
         retention = snapshot.settings.permit_retention_seconds
         wexp = tuple(t.window_end_ms // 1000 + retention for t in p.targets)
         metas = [_permit_meta(req, c.price, now) for c in p.candidates]
+        first = p.candidates[0].target_idx
+        if budget is not None and budget <= 0.0005:
+            out = dec.without_store(p, dec.Code.DEADLINE_TOO_SHORT)
+            self._record_degraded(p, data, out, tuple(keys[i] for i in first),
+                                  tuple(wexp[i] for i in first), metas[0])
+            return self._count(out)
         hold = HoldRequest(
             permit_id=p.permit_id,
             idempotency_key=self.store.keys.idempotency(req.tenant, req.request_id),
@@ -226,7 +227,6 @@ class Engine:
             self.metrics.store_errors.labels("authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
             out = dec.without_store(p)
-            first = p.candidates[0].target_idx
             self._record_degraded(p, data, out, tuple(keys[i] for i in first),
                                   tuple(wexp[i] for i in first), metas[0])
             return self._count(out)

@@ -56,3 +56,22 @@ def test_full_outbox_drops_the_oldest_and_counts_it(tmp_path: pathlib.Path) -> N
         box.append(("decision", f"p{i}", i, "{}", "{}"))
     assert [e[1] for e in box] == ["p1", "p2"]
     assert box.dropped == 1
+
+
+async def test_fail_open_answer_for_a_too_short_deadline_still_books_its_closeout(
+        tmp_path: pathlib.Path) -> None:
+    from keel_pdp.decision import Code
+    from keel_pdp.pricing import TokenUsage
+
+    bundle = write_bundle(tmp_path / "b", [budget("open", "10", fail_mode="open")])
+    client = fakeredis.FakeAsyncRedis()
+    engine = _engine(client, bundle, tmp_path / "outbox")
+    out = await engine.authorize(AuthorizeInput("r", "acme", "w", "gpt-4o-mini", "openai",
+                                                1000, 10), deadline_s=0.001)
+    assert out.decision is DecisionKind.ALLOW
+    assert out.degraded
+    assert out.reasons[0].code is Code.DEADLINE_TOO_SHORT
+    res = await engine.closeout(out.permit_id, TokenUsage(1000, 0, 0, 10), "SUCCEEDED", None)
+    assert res.status == "SETTLED"  # not UNKNOWN_PERMIT: the provider's cost is booked
+    raw: Any = await client.keys("t:{pdp}:b:open:*")
+    assert int(await client.hget(raw[0], "s") or 0) == res.actual_cost_micros == 156
