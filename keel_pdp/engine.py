@@ -351,10 +351,11 @@ class Engine:
                     permit_id, budget) is not None:
                 cached = None  # held after all (a timed-out reply): release it normally
             if cached is not None and cached.degraded:
-                self._permits.pop(permit_id, None)
                 data = json.dumps({"v": 1, "now": now, "reason": reason})
                 res = json.dumps({"st": "RELEASED", "amt": 0, "state": "voided"})
                 await self.store.record("void", permit_id, now, data, res, budget)
+                # Forgotten only once recorded: a void that failed can be retried.
+                self._permits.pop(permit_id, None)
                 return VoidResult("VOIDED", 0, "voided")
             if cached is None:
                 rec = await self.store.permit(permit_id, budget)
