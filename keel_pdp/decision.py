@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from keel_pdp.policy.snapshot import CompiledBudget, ModelPrice, PolicySnapshot
-from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, Price, ceil_div
+from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, Price, ceil_div, format_usd
 from keel_pdp.windows import window_bounds
 
 MAX_NAME_BYTES = 128
@@ -430,8 +430,7 @@ def _budget_reason(code: Code, t: Target, settled: int, held: int, requested: in
     )
 
 
-def _usd(micros: int) -> str:
-    return f"${micros / 1_000_000:,.6f}".rstrip("0").rstrip(".")
+_usd = format_usd
 
 
 def _base_outcome(p: Plan, decision: DecisionKind, **kw: object) -> Outcome:

@@ -46,6 +46,17 @@ def format_pico_price(pico: int) -> str:
     return str((Decimal(pico) / PICO_PER_MICRO).normalize())
 
 
+def format_usd(micros: int) -> str:
+    """Integer micro-USD -> "$1,234.50" for people: cents when exact, else all six digits.
+
+    Decimal, never float: a message quotes the same amount the ledger books.
+    """
+    value = Decimal(micros).scaleb(-6)
+    if value == value.quantize(Decimal("0.01")):
+        return f"${value:,.2f}"
+    return f"${value:,.6f}"
+
+
 def ceil_div(num: int, den: int) -> int:
     return -(-num // den)
 

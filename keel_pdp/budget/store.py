@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -264,6 +263,3 @@ class BudgetStore:
             await self.transport.close()
         await self.client.aclose()
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -21,6 +21,8 @@ from typing import Any
 
 import redis
 
+from keel_pdp.pricing import format_usd
+
 STREAM = "keel:{pdp}:events"
 
 
@@ -107,7 +109,7 @@ def _booked(r: redis.Redis, permit_id: str, timeout_s: float = 5.0) -> dict[str,
 
 
 def _usd(micros: int) -> str:
-    return f"${micros / 1_000_000:.6f}"
+    return format_usd(micros)
 
 
 def narrate(envoy: str, mock: str, r: redis.Redis) -> int:

@@ -22,7 +22,7 @@ from keel_pdp.policy.snapshot import (
     ModelPrice,
     PolicySnapshot,
 )
-from keel_pdp.pricing import Price, format_pico_price
+from keel_pdp.pricing import Price, format_pico_price, format_usd
 
 # Other command modules may add sub-commands under `policy` (e.g. replay).
 POLICY_SUBPARSERS: list[Any] = []
@@ -30,10 +30,7 @@ POLICY_SUBPARSERS: list[Any] = []
 _PER = {"hourly": "per hour", "daily": "per day", "monthly": "per month"}
 
 
-def usd(micros: int) -> str:
-    value = Decimal(micros) / Decimal(1_000_000)
-    text = f"{value:,.2f}" if value == value.quantize(Decimal("0.01")) else f"{value:,.6f}"
-    return f"${text}"
+usd = format_usd
 
 
 def _pct(old: int, new: int) -> str:

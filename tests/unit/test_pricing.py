@@ -65,3 +65,11 @@ def test_max_output_tokens_within_is_the_largest_that_fits(
     else:
         assert estimate_cost_micros(p, tokens, k) <= headroom
         assert estimate_cost_micros(p, tokens, k + 1) > headroom
+
+
+def test_format_usd_is_exact_and_never_goes_through_float() -> None:
+    from keel_pdp.pricing import format_usd
+
+    assert format_usd(20_000_000_000) == "$20,000.00"
+    assert format_usd(450) == "$0.000450"
+    assert format_usd(10**15 + 1) == "$1,000,000,000.000001"  # float would lose the last micro
