@@ -17,11 +17,10 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import redis
-
-from keel_pdp.pricing import format_usd
 
 STREAM = "keel:{pdp}:events"
 
@@ -109,7 +108,8 @@ def _booked(r: redis.Redis, permit_id: str, timeout_s: float = 5.0) -> dict[str,
 
 
 def _usd(micros: int) -> str:
-    return format_usd(micros)
+    # Always six digits, so the narration lines up; Decimal, never float.
+    return f"${Decimal(micros).scaleb(-6):.6f}"
 
 
 def narrate(envoy: str, mock: str, r: redis.Redis) -> int:
