@@ -3,6 +3,11 @@
 ``plan`` turns a validated request into what the budget store must check and
 hold; ``conclude`` turns the store's answer into the caller's decision;
 ``without_store`` applies each budget's fail mode when the store is unreachable.
+
+The per-request values (``AuthorizeInput``, ``Plan``, ``Outcome`` and their
+parts) are plain slotted dataclasses that nothing changes once built: a frozen
+dataclass's ``__init__`` costs about six times as much, and every Authorize
+builds a dozen of them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from keel_pdp.policy.snapshot import CompiledBudget, ModelPrice, PolicySnapshot
+from keel_pdp.policy.snapshot import (
+    SHAPE_CACHE_SIZE,
+    CompiledBudget,
+    ModelPrice,
+    PolicySnapshot,
+)
 from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, Price, ceil_div, format_usd
 from keel_pdp.windows import window_bounds
 
@@ -60,7 +70,7 @@ class InvalidRequest(ValueError):
     """A request field is invalid; the message names the field."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthorizeInput:
     request_id: str
     tenant: str
@@ -72,7 +82,7 @@ class AuthorizeInput:
     labels: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reason:
     code: Code
     message: str
@@ -103,7 +113,7 @@ def _reason_items(r: Reason) -> list[tuple[str, object]]:
     ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldFigure:
     budget_id: str
     scope: str
@@ -130,7 +140,7 @@ class Target:
     window_end_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
     """A model the request may be served by, with its exact cost shape."""
 
@@ -144,7 +154,7 @@ class Candidate:
     may_constrain: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Plan:
     permit_id: str
     request: AuthorizeInput
@@ -160,6 +170,7 @@ class Plan:
     candidates: tuple[Candidate, ...] = ()
     route_mode: str = "enforce"
     rule_id: str = ""
+    shape: Shape | None = None
 
     @property
     def observe(self) -> bool:
@@ -170,7 +181,7 @@ class Plan:
         return self.now_ms + self.snapshot.settings.hold_ttl_seconds * 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     decision: DecisionKind
     permit_id: str
@@ -195,9 +206,29 @@ class Outcome:
         return self.reasons[0].code if self.reasons else "NONE"
 
 
+class _RandomHex:
+    """64-bit random values as hex, from os.urandom read 4 KiB at a time (one
+    system call per 512 permits instead of one per permit)."""
+
+    def __init__(self) -> None:
+        self._buf, self._pos = b"", 0
+
+    def next(self) -> str:
+        pos = self._pos
+        if pos + 8 > len(self._buf):
+            self._buf, pos = os.urandom(4096), 0
+        self._pos = pos + 8
+        return self._buf[pos:pos + 8].hex()
+
+
+_random_hex = _RandomHex()
+if hasattr(os, "register_at_fork"):  # a forked worker must not reuse its parent's bytes
+    os.register_at_fork(after_in_child=lambda: setattr(_random_hex, "_buf", b""))
+
+
 def new_permit_id(now_ms: int | None = None) -> str:
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return f"pmt_{ms:012x}{os.urandom(8).hex()}"
+    return f"pmt_{ms:012x}{_random_hex.next()}"
 
 
 DIMENSION_NAMES = ("tenant", "workload", "model", "provider")
@@ -249,22 +280,32 @@ def validate(req: AuthorizeInput) -> None:
                 f"labels[{key[:40]!r}] is longer than {MAX_LABEL_VALUE_BYTES} bytes")
 
 
-def fingerprint(req: AuthorizeInput) -> str:
-    body = json.dumps(
-        [req.tenant, req.workload, req.model, req.provider, req.estimated_input_tokens,
-         req.max_output_tokens, sorted(req.labels)],
-        ensure_ascii=True, separators=(",", ":"),
-    )
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def _fingerprint_head(tenant: str, workload: str, model: str, provider: str) -> str:
+    return _dumps([tenant, workload, model, provider])[:-1] + ","
+
+
+def fingerprint(req: AuthorizeInput, head: str = "") -> str:
+    """What makes two requests with one request_id the same request (a digest of
+    the JSON list [tenant, workload, model, provider, input tokens, max output
+    tokens, sorted labels]). ``head``: the list's first four members, as the
+    request's shape keeps them."""
+    head = head or _fingerprint_head(req.tenant, req.workload, req.model, req.provider)
+    labels = _dumps(sorted(req.labels)) if req.labels else "[]"
+    body = f"{head}{req.estimated_input_tokens},{req.max_output_tokens},{labels}]"
     return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
 
-def _resolve_provider(snapshot: PolicySnapshot, req: AuthorizeInput) -> str:
-    if req.provider:
-        return req.provider
-    providers = sorted({p for (p, m) in snapshot.prices if m == req.model})
+def _resolve_provider(snapshot: PolicySnapshot, model: str, provider: str) -> str:
+    if provider:
+        return provider
+    providers = sorted({p for (p, m) in snapshot.prices if m == model})
     if len(providers) > 1:
         raise InvalidRequest(
-            f"provider is required: model {req.model!r} is priced by {', '.join(providers)}")
+            f"provider is required: model {model!r} is priced by {', '.join(providers)}")
     return providers[0] if providers else ""
 
 
@@ -272,52 +313,158 @@ def _estimate(rate: Price, input_tokens: int, output_tokens: int) -> int:
     return ceil_div(input_tokens * rate.input + output_tokens * rate.output, PICO_PER_MICRO)
 
 
-def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int,
-         permit_id: str | None = None) -> Plan:
-    """What to check and hold for ``req`` (``req`` must already be validated)."""
-    provider = _resolve_provider(snapshot, req)
-    pid = permit_id or new_permit_id(now_ms)
-    base: dict[str, object] = {"permit_id": pid, "snapshot": snapshot, "now_ms": now_ms,
-                               "fingerprint": fingerprint(req), "request": req}
+_FOREVER = 1 << 62
 
-    def deny(reason: Reason, **kw: object) -> Plan:
-        return Plan(price=None, output_tokens=req.max_output_tokens, estimate_micros=0,
-                    targets=(), pre_reasons=(), denial=(reason,), **base, **kw)  # type: ignore[arg-type]
 
-    routes = snapshot.match_routes(req.tenant, req.workload)
+@dataclass(slots=True, eq=False)
+class Shape:
+    """Everything in a plan that depends on the request's shape, not on the request.
+
+    The shape is (tenant, workload, model, provider) at a moment: routing rule,
+    prices in effect, matching budgets and their current windows, and the static
+    members of the decision event. It holds from ``valid_from_ms`` until
+    ``valid_until_ms`` (the first window end or price change), so it is built
+    once per shape and window and reused by every request of that shape.
+    """
+
+    snapshot: PolicySnapshot
+    tenant: str
+    workload: str
+    model: str
+    provider: str  # as the request gave it ("" when left to the price table)
+    route_mode: str
+    rule_id: str
+    pre_reasons: tuple[Reason, ...]
+    denial: tuple[Reason, ...]
+    prices: tuple[ModelPrice, ...]  # the candidates, requested (or chosen) first
+    option_idx: tuple[tuple[int, ...], ...]  # per candidate: indexes into targets
+    targets: tuple[Target, ...]
+    event_tail: str = ""  # the static event members, JSON without the opening brace
+    fingerprint_head: str = ""
+    # prefer-cheap: one shape per allowed option; a request takes the cheapest.
+    alternatives: tuple[Shape, ...] = ()
+    valid_from_ms: int = 0
+    valid_until_ms: int = _FOREVER
+    # What the engine derives from the shape for its budget store (Redis keys,
+    # script arguments), filled on first use.
+    material: object = None
+
+
+class _Validity:
+    """The span of time in which everything a shape read stays the same."""
+
+    __slots__ = ("hi", "lo", "now")
+
+    def __init__(self, now_ms: int) -> None:
+        self.now, self.lo, self.hi = now_ms, 0, _FOREVER
+
+    def prices(self, history: tuple[ModelPrice, ...]) -> None:
+        for mp in history:
+            if mp.effective_from_ms <= self.now:
+                self.lo = max(self.lo, mp.effective_from_ms)
+            else:
+                self.hi = min(self.hi, mp.effective_from_ms)
+
+    def window(self, start: int, end: int) -> None:
+        self.lo, self.hi = max(self.lo, start), min(self.hi, end)
+
+
+def _shape_event_tail(shape: Shape, price: ModelPrice | None) -> str:
+    snap = shape.snapshot
+    data: dict[str, object] = {
+        "tenant": shape.tenant, "workload": shape.workload, "model": shape.model,
+        "provider": price.provider if price else shape.provider,
+        "rev": snap.policy_revision, "prev": snap.price_revision,
+    }
+    if shape.rule_id:
+        data["rule"] = shape.rule_id
+        data["mode"] = shape.route_mode
+    if shape.targets:
+        data["budgets"] = [
+            {"id": t.budget.id, "scope": t.budget.scope_text, "window": t.budget.window,
+             "ws": t.window_start_ms, "we": t.window_end_ms, "limit": t.budget.limit_micros,
+             "mode": "enforce" if t.budget.enforce else "observe",
+             "split": list(t.split)}
+            for t in shape.targets
+        ]
+    reasons = [*shape.pre_reasons, *shape.denial]
+    if reasons:
+        data["reasons"] = [r.to_json() for r in reasons]
+    return json.dumps(data, ensure_ascii=True, separators=(",", ":"))[1:]
+
+
+def build_shape(snapshot: PolicySnapshot, tenant: str, workload: str, model: str,
+                provider_given: str, now_ms: int) -> Shape:
+    """The shape of requests for (tenant, workload, model, provider) at ``now_ms``."""
+    provider = _resolve_provider(snapshot, model, provider_given)
+    span = _Validity(now_ms)
+    routes = snapshot.match_routes(tenant, workload)
     # Only the most specific level of matching rules decides.
     level = [r for r in routes if r.scope == routes[0].scope] if routes else []
     rule = level[0] if level else None
     mode = rule.mode if rule else "enforce"
-    rule_kw: dict[str, object] = {"route_mode": mode, "rule_id": rule.id if rule else ""}
+    rule_id = rule.id if rule else ""
 
     def allowed(p: str, m: str) -> bool:
         return not level or any(r.allows(p, m) for r in level)
 
     def priced(p: str, m: str) -> ModelPrice | None:
+        span.prices(snapshot.prices.get((p, m), ()))
         return snapshot.price_for(p, m, now_ms)
 
-    pre: list[Reason] = []
-    primary = (provider, req.model)
+    def make(prices: list[ModelPrice], pre: tuple[Reason, ...] = (),
+             denial: tuple[Reason, ...] = ()) -> Shape:
+        targets: list[Target] = []
+        index: dict[tuple[str, tuple[str, ...]], int] = {}
+        option_idx: list[tuple[int, ...]] = []
+        for mp in prices:
+            values = (tenant, workload, mp.model, mp.provider)
+            idx = []
+            for b in snapshot.match_budgets(*values):
+                split = tuple(values[i] for i in b.per)
+                key = (b.id, split)
+                if key not in index:
+                    start, end = _window(b, now_ms)
+                    span.window(start, end)
+                    index[key] = len(targets)
+                    targets.append(Target(b, split, start, end))
+                idx.append(index[key])
+            option_idx.append(tuple(idx))
+        shape = Shape(snapshot, tenant, workload, model, provider_given, mode, rule_id, pre,
+                      denial, tuple(prices), tuple(option_idx), tuple(targets))
+        shape.event_tail = _shape_event_tail(shape, prices[0] if prices else None)
+        shape.fingerprint_head = _fingerprint_head(tenant, workload, model, provider_given)
+        return shape
+
+    def finish(shape: Shape) -> Shape:
+        for s in (shape, *shape.alternatives):
+            s.valid_from_ms, s.valid_until_ms = span.lo, span.hi
+        return shape
+
+    primary = (provider, model)
     chain = rule.chain if rule else ()
     if mode == "prefer-cheap":
-        options = [primary, *[c for c in chain if c != primary]]
-        costed: list[tuple[int, int, tuple[str, str]]] = []
-        for p_, m_ in options:
+        alternatives: list[Shape] = []
+        for p_, m_ in [primary, *[c for c in chain if c != primary]]:
             mp = priced(p_, m_)
-            if mp is None or not allowed(p_, m_):
-                continue
-            out = req.max_output_tokens or mp.max_output_tokens
-            costed.append((_estimate(mp.for_input(req.estimated_input_tokens),
-                                     req.estimated_input_tokens, out), len(costed), (p_, m_)))
-        if costed:
-            primary = min(costed)[2]
+            if mp is not None and allowed(p_, m_):
+                alternatives.append(make([mp]))
+        if len(alternatives) == 1:
+            return finish(alternatives[0])
+        if alternatives:
+            first = alternatives[0]
+            return finish(Shape(snapshot, tenant, workload, model, provider_given, mode,
+                                rule_id, (), (), first.prices, first.option_idx, first.targets,
+                                first.event_tail, first.fingerprint_head,
+                                tuple(alternatives)))
+    pre: list[Reason] = []
     if not allowed(*primary):
         assert rule is not None
-        text = (f"Routing rule {rule.id} does not allow {provider or '?'}/{req.model} for "
-                f"workload {req.workload}.")
+        text = (f"Routing rule {rule.id} does not allow {provider or '?'}/{model} for "
+                f"workload {workload}.")
         if mode != "observe":
-            return deny(Reason(Code.MODEL_NOT_ALLOWED, text, rule_id=rule.id), **rule_kw)
+            return finish(make([], denial=(Reason(Code.MODEL_NOT_ALLOWED, text,
+                                                  rule_id=rule.id),)))
         pre.append(Reason(Code.SHADOW_MODEL_NOT_ALLOWED, text + " (observe mode: not enforced)",
                           rule_id=rule.id))
 
@@ -325,46 +472,74 @@ def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int,
     if price is None:
         fb = snapshot.settings.fallback_price
         if fb is None:
-            return deny(Reason(
+            return finish(make([], denial=(Reason(
                 Code.UNKNOWN_MODEL_PRICE,
                 f"No price is known for {primary[0] or '?'}/{primary[1]} and the policy names "
-                "no fallback price."), **rule_kw)
+                "no fallback price."),)))
         price = ModelPrice(primary[0], primary[1], fb.price, fb.max_output_tokens,
                            tiers=fb.tiers)
         pre.append(Reason(Code.FALLBACK_PRICE_USED,
                           f"{primary[0] or '?'}/{primary[1]} has no price; the fallback price "
                           "was used."))
 
-    options_: list[ModelPrice] = [price]
+    options: list[ModelPrice] = [price]
     if mode == "enforce" and primary in chain:
         for p_, m_ in chain[chain.index(primary) + 1:]:
             mp = priced(p_, m_)
             if mp is not None and allowed(p_, m_):
-                options_.append(mp)
+                options.append(mp)
+    return finish(make(options, pre=tuple(pre)))
 
-    targets: list[Target] = []
-    index: dict[tuple[str, tuple[str, ...]], int] = {}
+
+def shape_for(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int) -> Shape:
+    """The cached shape of ``req`` at ``now_ms`` (built on first use or once stale)."""
+    key = (req.tenant, req.workload, req.model, req.provider)
+    cache = snapshot._shape_cache
+    shape = cache.get(key)
+    if isinstance(shape, Shape) and shape.valid_from_ms <= now_ms < shape.valid_until_ms:
+        return shape
+    shape = build_shape(snapshot, req.tenant, req.workload, req.model, req.provider, now_ms)
+    if len(cache) >= SHAPE_CACHE_SIZE:
+        cache.clear()
+    cache[key] = shape
+    return shape
+
+
+def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int,
+         permit_id: str | None = None) -> Plan:
+    """What to check and hold for ``req`` (``req`` must already be validated)."""
+    return plan_from_shape(shape_for(snapshot, req, now_ms), req, now_ms, permit_id)
+
+
+def plan_from_shape(shape: Shape, req: AuthorizeInput, now_ms: int,
+                    permit_id: str | None = None) -> Plan:
+    tokens = req.estimated_input_tokens
+    if shape.alternatives:
+        best, best_est = shape.alternatives[0], -1
+        for alt in shape.alternatives:
+            mp = alt.prices[0]
+            est = _estimate(mp.for_input(tokens), tokens,
+                            req.max_output_tokens or mp.max_output_tokens)
+            if best_est < 0 or est < best_est:
+                best, best_est = alt, est
+        shape = best
+    pid = permit_id or new_permit_id(now_ms)
+    fp = fingerprint(req, shape.fingerprint_head)
+    if shape.denial:
+        return Plan(pid, req, shape.snapshot, now_ms, None, req.max_output_tokens, 0, (),
+                    shape.pre_reasons, shape.denial, fp, (), shape.route_mode, shape.rule_id,
+                    shape)
+    constrain = shape.snapshot.settings.allow_constrain
     cands: list[Candidate] = []
-    for n, mp in enumerate(options_):
-        values = (req.tenant, req.workload, mp.model, mp.provider)
-        idx = []
-        for b in snapshot.match_budgets(*values):
-            split = tuple(values[i] for i in b.per)
-            key = (b.id, split)
-            if key not in index:
-                start, end = _window(b, now_ms)
-                index[key] = len(targets)
-                targets.append(Target(b, split, start, end))
-            idx.append(index[key])
-        rate = mp.for_input(req.estimated_input_tokens)
+    for mp, idx in zip(shape.prices, shape.option_idx, strict=True):
+        rate = mp.for_input(tokens)
         out = req.max_output_tokens or mp.max_output_tokens
         cands.append(Candidate(mp.provider, mp.model, mp, rate, out,
-                               _estimate(rate, req.estimated_input_tokens, out), tuple(idx),
-                               n == 0 and snapshot.settings.allow_constrain))
+                               _estimate(rate, tokens, out), idx, not cands and constrain))
     first = cands[0]
-    return Plan(price=first.price, output_tokens=first.output_tokens,
-                estimate_micros=first.estimate_micros, targets=tuple(targets),
-                pre_reasons=tuple(pre), candidates=tuple(cands), **base, **rule_kw)  # type: ignore[arg-type]
+    return Plan(pid, req, shape.snapshot, now_ms, first.price, first.output_tokens,
+                first.estimate_micros, shape.targets, shape.pre_reasons, (), fp, tuple(cands),
+                shape.route_mode, shape.rule_id, shape)
 
 
 def _window(b: CompiledBudget, now_ms: int) -> tuple[int, int]:
@@ -374,49 +549,25 @@ def _window(b: CompiledBudget, now_ms: int) -> tuple[int, int]:
 def event_data(p: Plan) -> str:
     """The request side of the decision event (the store adds the figures)."""
     req = p.request
-    snap = p.snapshot
-    data: dict[str, object] = {
-        "v": 1,
-        "rid": req.request_id,
-        "tenant": req.tenant,
-        "workload": req.workload,
-        "model": req.model,
-        "provider": p.price.provider if p.price else req.provider,
-        "in_tok": req.estimated_input_tokens,
-        "out_tok": p.output_tokens,
-        "est": p.estimate_micros,
-        "rev": snap.policy_revision,
-        "prev": snap.price_revision,
-        "now": p.now_ms,
-        "exp": p.expires_at_ms,
-    }
+    head = (f'{{"v":1,"rid":{json.dumps(req.request_id)},"in_tok":{req.estimated_input_tokens},'
+            f'"out_tok":{p.output_tokens},"est":{p.estimate_micros},"now":{p.now_ms},'
+            f'"exp":{p.expires_at_ms},')
     if p.candidates:
         r = p.candidates[0].rate
-        data["price"] = [r.input, r.cached_input, r.cache_write, r.output]
+        head += f'"price":[{r.input},{r.cached_input},{r.cache_write},{r.output}],'
     if len(p.candidates) > 1 or (p.candidates and p.candidates[0].model != req.model):
-        data["cands"] = [
+        cands = [
             {"p": c.provider, "m": c.model, "est": c.estimate_micros, "out": c.output_tokens,
              "price": [c.rate.input, c.rate.cached_input, c.rate.cache_write, c.rate.output],
              "budgets": list(c.target_idx)}
             for c in p.candidates
         ]
-    if p.rule_id:
-        data["rule"] = p.rule_id
-        data["mode"] = p.route_mode
+        head += '"cands":' + json.dumps(cands, ensure_ascii=True, separators=(",", ":")) + ","
     if req.labels:
-        data["labels"] = dict(req.labels)
-    if p.targets:
-        data["budgets"] = [
-            {"id": t.budget.id, "scope": t.budget.scope_text, "window": t.budget.window,
-             "ws": t.window_start_ms, "we": t.window_end_ms, "limit": t.budget.limit_micros,
-             "mode": "enforce" if t.budget.enforce else "observe",
-             "split": list(t.split)}
-            for t in p.targets
-        ]
-    reasons = [*p.pre_reasons, *p.denial]
-    if reasons:
-        data["reasons"] = [r.to_json() for r in reasons]
-    return json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+        head += '"labels":' + json.dumps(dict(req.labels), ensure_ascii=True,
+                                         separators=(",", ":")) + ","
+    assert p.shape is not None
+    return head + p.shape.event_tail
 
 
 def _budget_reason(code: Code, t: Target, settled: int, held: int, requested: int,

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel_pdp import decision as dec
-from keel_pdp.budget.keys import PERMIT_ID_RE
-from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, StoreUnavailable
+from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
+from keel_pdp.budget.store import (
+    Arg,
+    BudgetStore,
+    HoldCandidate,
+    HoldRequest,
+    StoreUnavailable,
+    pack_targets,
+)
 from keel_pdp.decision import AuthorizeInput, InvalidRequest, Outcome
 from keel_pdp.metrics import Metrics
 from keel_pdp.outbox import Outbox
@@ -33,7 +40,7 @@ MAX_PROVIDER_COST_MICROS = 10**12
 OUTCOMES = ("OUTCOME_UNSPECIFIED", "SUCCEEDED", "FAILED", "CANCELLED", "PARTIAL")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CachedPermit:
     keys: tuple[str, ...]
     meta: dict[str, object]
@@ -41,7 +48,7 @@ class CachedPermit:
     expire_at_s: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseoutResult:
     status: str
     actual_cost_micros: int = 0
@@ -51,22 +58,58 @@ class CloseoutResult:
     priced_cost_micros: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class VoidResult:
     status: str
     released_micros: int = 0
     state: str = ""
 
 
-def _permit_meta(req: AuthorizeInput, mp: ModelPrice, now: int) -> str:
+def _meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
+    """The permit record's metadata up to its timestamp: ``head + str(now) + "}"``."""
     def row(p: Price) -> list[int]:
         return [p.input, p.cached_input, p.cache_write, p.output]
 
-    meta: dict[str, object] = {"t": req.tenant, "w": req.workload, "m": mp.model,
-                               "p": mp.provider, "ts": now, "price": row(mp.price)}
+    meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
+                               "price": row(mp.price)}
     if mp.tiers:
         meta["tiers"] = [[above, *row(price)] for above, price in mp.tiers]
-    return json.dumps(meta, separators=(",", ":"))
+    return json.dumps(meta, separators=(",", ":"))[:-1] + ',"ts":'
+
+
+@dataclass(frozen=True, slots=True)
+class _Material:
+    """What a shape means to this engine's budget store, derived once per shape."""
+
+    keyspace: KeySpace
+    window_keys: tuple[str, ...]
+    grant_keys: tuple[str, ...]
+    targets: tuple[Arg, ...]
+    wexp: tuple[int, ...]
+    meta_heads: tuple[str, ...]  # per candidate
+
+
+def _material(shape: dec.Shape, keyspace: KeySpace) -> _Material:
+    m = shape.material
+    if isinstance(m, _Material) and m.keyspace is keyspace:
+        return m
+    targets = shape.targets
+    retention = shape.snapshot.settings.permit_retention_seconds
+    observe = shape.route_mode == "observe"
+    wexp = tuple(t.window_end_ms // 1000 + retention for t in targets)
+    m = _Material(
+        keyspace,
+        tuple(keyspace.window(t.budget.id, t.split, t.window_start_ms) for t in targets),
+        tuple(keyspace.grants(t.budget.id, t.split) for t in targets),
+        # Under an observe-mode routing rule nothing blocks; the script then
+        # reports the budgets that would have (shadow).
+        pack_targets([t.budget.limit_micros for t in targets],
+                     [t.budget.enforce and not observe for t in targets], wexp,
+                     [t.budget.thresholds for t in targets]),
+        wexp,
+        tuple(_meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices))
+    shape.material = m
+    return m
 
 
 def _meta_price(meta: dict[str, object], input_tokens: int) -> Price:
@@ -167,6 +210,26 @@ class Engine:
         return out
 
     # --------------------------------------------------------------- authorize
+    def prepare_hold(self, p: dec.Plan, data: str) -> tuple[HoldRequest, _Material, list[str]]:
+        """The hold script's request for plan ``p`` (no I/O); also the shape's
+        store material and each candidate's permit metadata."""
+        assert p.shape is not None
+        req = p.request
+        mat = _material(p.shape, self.store.keys)
+        stamp = f"{p.now_ms}}}"
+        metas = [head + stamp for head in mat.meta_heads]
+        settings = p.snapshot.settings
+        hold = HoldRequest(
+            p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
+            p.fingerprint, p.now_ms, p.expires_at_ms, settings.idempotency_ttl_seconds,
+            settings.permit_retention_seconds, settings.min_output_tokens, data,
+            mat.window_keys, mat.grant_keys, mat.targets,
+            tuple(
+                HoldCandidate(req.estimated_input_tokens * c.rate.input, c.rate.output,
+                              c.output_tokens, c.may_constrain, meta, c.target_idx)
+                for c, meta in zip(p.candidates, metas, strict=True)))
+        return hold, mat, metas
+
     async def authorize(self, req: AuthorizeInput, deadline_s: float | None = None) -> Outcome:
         dec.validate(req)
         now = _now_ms()
@@ -187,39 +250,14 @@ class Engine:
             except StoreUnavailable:
                 self._enqueue("decision", p.permit_id, now, data, deny)
             return self._count(out)
-        keys = tuple(
-            self.store.keys.window(t.budget.id, t.split, t.window_start_ms) for t in p.targets)
-        retention = snapshot.settings.permit_retention_seconds
-        wexp = tuple(t.window_end_ms // 1000 + retention for t in p.targets)
-        metas = [_permit_meta(req, c.price, now) for c in p.candidates]
+        hold, mat, metas = self.prepare_hold(p, data)
+        keys, wexp = mat.window_keys, mat.wexp
         first = p.candidates[0].target_idx
         if budget is not None and budget <= 0.0005:
             out = dec.without_store(p, dec.Code.DEADLINE_TOO_SHORT)
             self._record_degraded(p, data, out, tuple(keys[i] for i in first),
                                   tuple(wexp[i] for i in first), metas[0])
             return self._count(out)
-        hold = HoldRequest(
-            permit_id=p.permit_id,
-            idempotency_key=self.store.keys.idempotency(req.tenant, req.request_id),
-            fingerprint=p.fingerprint, now_ms=now, expires_at_ms=p.expires_at_ms,
-            idempotency_ttl_s=snapshot.settings.idempotency_ttl_seconds,
-            permit_retention_s=retention,
-            min_output_tokens=snapshot.settings.min_output_tokens, event_data=data,
-            window_keys=keys,
-            grant_keys=tuple(self.store.keys.grants(t.budget.id, t.split) for t in p.targets),
-            limits=tuple(t.budget.limit_micros for t in p.targets),
-            # Under an observe-mode routing rule nothing blocks; the script then
-            # reports the budgets that would have (shadow).
-            enforce=tuple(t.budget.enforce and not p.observe for t in p.targets),
-            window_expire_at_s=wexp,
-            thresholds=tuple(t.budget.thresholds for t in p.targets),
-            candidates=tuple(
-                HoldCandidate(
-                    input_pico=req.estimated_input_tokens * c.rate.input,
-                    output_price_pico=c.rate.output, output_tokens=c.output_tokens,
-                    may_constrain=c.may_constrain, permit_meta=meta,
-                    budget_indexes=c.target_idx)
-                for c, meta in zip(p.candidates, metas, strict=True)))
         t0 = time.perf_counter()
         try:
             res = await self.store.hold(hold, budget)

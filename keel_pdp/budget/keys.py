@@ -19,10 +19,14 @@ PERMIT_ID_RE = re.compile(r"^pmt_[0-9a-f]{12}[0-9a-f]{16}$")
 _SAFE_TEXT = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-@lru_cache(maxsize=65536)
 def enc(value: str) -> str:
     if _SAFE_TEXT.fullmatch(value):
         return value
+    return _enc_escaped(value)
+
+
+@lru_cache(maxsize=65536)
+def _enc_escaped(value: str) -> str:
     raw = value.encode("utf-8", "surrogatepass")
     return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw) or "%"
 

@@ -35,7 +35,10 @@ def _lua(name: str) -> str:
     return resources.files("keel_pdp.budget").joinpath("lua", name).read_text()
 
 
-@dataclass(frozen=True, slots=True)
+Arg = str | int
+
+
+@dataclass(slots=True)
 class HoldCandidate:
     """One way to serve the request: a model's cost shape and the budgets it needs."""
 
@@ -47,7 +50,7 @@ class HoldCandidate:
     budget_indexes: tuple[int, ...]  # 0-based indexes into HoldRequest.window_keys
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldRequest:
     permit_id: str
     idempotency_key: str
@@ -60,11 +63,18 @@ class HoldRequest:
     event_data: str
     window_keys: tuple[str, ...]
     grant_keys: tuple[str, ...]
-    limits: tuple[int, ...]
-    enforce: tuple[bool, ...]
-    window_expire_at_s: tuple[int, ...]
-    thresholds: tuple[tuple[int, ...], ...]
+    targets: tuple[Arg, ...]  # pack_targets(...): the same for every request of a shape
     candidates: tuple[HoldCandidate, ...]
+
+
+def pack_targets(limits: Sequence[int], enforce: Sequence[bool],
+                 window_expire_at_s: Sequence[int],
+                 thresholds: Sequence[Sequence[int]]) -> tuple[Arg, ...]:
+    """The authorize script's per-budget arguments, in its order."""
+    out: list[Arg] = []
+    for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
+        out.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in th)))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +92,6 @@ def _decode(raw: Any) -> dict[str, Any]:
     # No list ever goes through cjson (which would print an empty one as {}):
     # authorize.lua writes its lists by hand.
     return value
-
-
-Arg = str | int
 
 
 class Transport(Protocol):
@@ -176,21 +183,24 @@ class BudgetStore:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def hold(self, r: HoldRequest, timeout_s: float | None = None) -> dict[str, Any]:
+        keys, args = self.hold_call(r)
+        return _decode(await self._script(self._authorize, keys, args, timeout_s))
+
+    def hold_call(self, r: HoldRequest) -> tuple[list[str], list[Arg]]:
+        """KEYS and ARGV of the authorize script for ``r``."""
         keys = [r.idempotency_key, self.keys.permit(r.permit_id), self.keys.expiries,
                 self.keys.stream, *r.window_keys, *r.grant_keys]
         args: list[str | int] = [
             r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms, r.idempotency_ttl_s,
             r.permit_retention_s, r.event_data, r.min_output_tokens, len(r.window_keys),
         ]
-        for limit, enforce, wx, th in zip(r.limits, r.enforce, r.window_expire_at_s,
-                                          r.thresholds, strict=True):
-            args.extend((limit, 1 if enforce else 0, wx, ",".join(str(t) for t in th)))
+        args.extend(r.targets)
         args.append(len(r.candidates))
         for c in r.candidates:
             args.extend((c.input_pico, c.output_price_pico, c.output_tokens,
                          1 if c.may_constrain else 0, c.permit_meta, len(c.budget_indexes)))
             args.extend(i + 1 for i in c.budget_indexes)
-        return _decode(await self._script(self._authorize, keys, args, timeout_s))
+        return keys, args
 
     async def settle(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                      actual_micros: int, event_data: str,

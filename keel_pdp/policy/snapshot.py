@@ -18,6 +18,7 @@ WILDCARD = "*"
 # 8 probes made inside a tenant's (or the wildcard tenant's) sub-index.
 _MASKS3 = tuple(product((False, True), repeat=3))
 MATCH_CACHE_SIZE = 65_536
+SHAPE_CACHE_SIZE = 65_536
 SMALL_TENANT = 12
 
 
@@ -125,6 +126,11 @@ class PolicySnapshot:
         default_factory=dict, repr=False
     )
     _match_cache: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
+        default_factory=dict, repr=False
+    )
+    # (tenant, workload, model, provider) -> decision.Shape, filled by the decision
+    # module (which this one cannot import).
+    _shape_cache: dict[tuple[str, str, str, str], object] = field(
         default_factory=dict, repr=False
     )
     # Tenants with few budgets are matched by a short scan instead of 8 probes.

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest
+from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, pack_targets
 from keel_pdp.pricing import (
     MAX_PRICE_PICO_PER_TOKEN,
     MAX_TOKENS,
@@ -31,8 +31,8 @@ def _hold(pin: int, pout: int, tin: int, tout: int, limit: int, settled: int,
         permit_id=f"pmt_{i:028x}", idempotency_key=f"x:req:{i}", fingerprint="f", now_ms=1,
         expires_at_ms=600_000, idempotency_ttl_s=60, permit_retention_s=60,
         min_output_tokens=min_out, event_data="{}", window_keys=(f"x:win:{i}",),
-        grant_keys=(f"x:grant:{i}",), limits=(limit,), enforce=(True,),
-        window_expire_at_s=(4_000_000_000,), thresholds=((50, 80, 100),),
+        grant_keys=(f"x:grant:{i}",),
+        targets=pack_targets((limit,), (True,), (4_000_000_000,), ((50, 80, 100),)),
         candidates=(HoldCandidate(tin * pin, pout, tout, True, "{}", (0,)),))
 
 
