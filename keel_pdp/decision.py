@@ -493,7 +493,9 @@ def build_shape(snapshot: PolicySnapshot, tenant: str, workload: str, model: str
 
 def shape_for(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int) -> Shape:
     """The cached shape of ``req`` at ``now_ms`` (built on first use or once stale)."""
-    key = (req.tenant, req.workload, req.model, req.provider)
+    # One string, not a tuple: a hit compares one stored object, not four (names
+    # cannot contain control characters, so the separator keeps keys apart).
+    key = f"{req.tenant}\x1f{req.workload}\x1f{req.model}\x1f{req.provider}"
     cache = snapshot._shape_cache
     shape = cache.get(key)
     if isinstance(shape, Shape) and shape.valid_from_ms <= now_ms < shape.valid_until_ms:

@@ -44,6 +44,9 @@ _KINDS: dict[str, type[BaseModel]] = {
     "Budgets": BudgetsDoc,
     "Routes": RoutesDoc,
 }
+# libyaml's safe loader when PyYAML was built with it (ten times faster on
+# large bundles), the pure-Python one otherwise; both build plain data only.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
@@ -168,7 +171,7 @@ def parse_documents(
             problems.append(Problem(name, "", f"file is larger than {MAX_FILE_BYTES} bytes"))
             continue
         try:
-            raw = yaml.safe_load(data)
+            raw = yaml.load(data, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
         except yaml.YAMLError as exc:
             problems.append(Problem(name, "", f"not valid YAML: {exc}"))
             continue
