@@ -586,18 +586,25 @@ def _budget_reason(code: Code, t: Target, settled: int, held: int, requested: in
 _usd = format_usd
 
 
-def _base_outcome(p: Plan, decision: DecisionKind, **kw: object) -> Outcome:
+def _base_outcome(p: Plan, decision: DecisionKind, *, reasons: tuple[Reason, ...] = (),
+                  holds: tuple[HoldFigure, ...] = (), estimated_cost_micros: int | None = None,
+                  max_output_tokens: int | None = None, expires_at_ms: int = 0,
+                  replayed: bool = False, permit_id: str | None = None,
+                  model: str | None = None, provider: str | None = None,
+                  matched_budgets: tuple[str, ...] | None = None,
+                  degraded: bool = False) -> Outcome:
     price = p.price
-    kw.setdefault("model", p.request.model)
-    kw.setdefault("provider", price.provider if price else p.request.provider)
-    kw.setdefault("matched_budgets", tuple(t.budget.id for t in p.targets))
+    snap = p.snapshot
     return Outcome(
-        decision=decision, permit_id=kw.pop("permit_id", p.permit_id),  # type: ignore[arg-type]
-        policy_revision=p.snapshot.policy_revision, price_revision=p.snapshot.price_revision,
-        estimated_cost_micros=kw.pop("estimated_cost_micros", p.estimate_micros),  # type: ignore[arg-type]
-        max_output_tokens=kw.pop("max_output_tokens", p.output_tokens),  # type: ignore[arg-type]
-        **kw,  # type: ignore[arg-type]
-    )
+        decision, p.permit_id if permit_id is None else permit_id, snap.policy_revision,
+        snap.price_revision,
+        p.estimate_micros if estimated_cost_micros is None else estimated_cost_micros,
+        p.output_tokens if max_output_tokens is None else max_output_tokens,
+        p.request.model if model is None else model,
+        (price.provider if price else p.request.provider) if provider is None else provider,
+        reasons, holds, expires_at_ms, replayed,
+        tuple(t.budget.id for t in p.targets) if matched_budgets is None else matched_budgets,
+        degraded)
 
 
 def denied_by_policy(p: Plan) -> Outcome:

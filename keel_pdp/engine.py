@@ -204,7 +204,8 @@ class Engine:
         key = (out.decision, out.primary_code)
         counter = self._decision_counters.get(key)
         if counter is None:  # label children looked up once, not on every call
-            counter = self.metrics.decisions.labels(str(out.decision), out.primary_code)
+            counter = self.metrics.child(self.metrics.decisions, str(out.decision),
+                                         out.primary_code)
             self._decision_counters[key] = counter
         counter.inc()
         return out
@@ -262,7 +263,7 @@ class Engine:
         try:
             res = await self.store.hold(hold, budget)
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels("authorize").inc()
+            self.metrics.child(self.metrics.store_errors, "authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
             out = dec.without_store(p)
             self._record_degraded(p, data, out, tuple(keys[i] for i in first),
@@ -326,7 +327,7 @@ class Engine:
                 if rec is not None:
                     cached = CachedPermit(rec.keys, rec.meta)
                 elif cached is None:
-                    self.metrics.closeouts.labels("UNKNOWN_PERMIT").inc()
+                    self.metrics.child(self.metrics.closeouts, "UNKNOWN_PERMIT").inc()
                     return CloseoutResult("UNKNOWN_PERMIT")
             price = _meta_price(cached.meta, usage.input_tokens)
             priced = usage_cost_micros(price, usage)
@@ -347,7 +348,7 @@ class Engine:
                                         permit_meta=json.dumps(cached.meta,
                                                                separators=(",", ":")))
                 self._permits.pop(permit_id, None)
-                self.metrics.closeouts.labels("SETTLED").inc()
+                self.metrics.child(self.metrics.closeouts, "SETTLED").inc()
                 return CloseoutResult("SETTLED", actual, 0, actual, 0, priced)
             out = await self.store.settle(permit_id, cached.keys, now, actual, data, budget)
             if out["st"] == "KEYS_MISMATCH":
@@ -356,21 +357,23 @@ class Engine:
                     return CloseoutResult("UNKNOWN_PERMIT")
                 out = await self.store.settle(permit_id, rec.keys, now, actual, data, budget)
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels("closeout").inc()
+            self.metrics.child(self.metrics.store_errors, "closeout").inc()
             log.warning("budget store unavailable during closeout: %s", exc)
-            self.metrics.closeouts.labels("CLOSEOUT_STORE_UNAVAILABLE").inc()
+            self.metrics.child(self.metrics.closeouts, "CLOSEOUT_STORE_UNAVAILABLE").inc()
             return CloseoutResult("CLOSEOUT_STORE_UNAVAILABLE")
         finally:
-            self.metrics.store_latency.labels("closeout").observe(time.perf_counter() - t0)
+            self.metrics.child(self.metrics.store_latency, "closeout").observe(
+                time.perf_counter() - t0)
         status = str(out["st"])
-        self.metrics.closeouts.labels(status).inc()
+        self.metrics.child(self.metrics.closeouts, status).inc()
         if status == "UNKNOWN_PERMIT":
             return CloseoutResult(status)
         self._permits.pop(permit_id, None)
         act, amt = int(out["act"]), int(out["amt"])
         if status != "ALREADY_SETTLED":
             corr = act - amt if out.get("prior") == "held" else act
-            self.metrics.correction.labels("positive" if corr >= 0 else "negative").inc(abs(corr))
+            sign = "positive" if corr >= 0 else "negative"
+            self.metrics.child(self.metrics.correction, sign).inc(abs(corr))
         return CloseoutResult(status, act, int(out["est"]), act - amt, amt,
                               priced if status != "ALREADY_SETTLED" else act)
 
@@ -398,7 +401,7 @@ class Engine:
             if cached is None:
                 rec = await self.store.permit(permit_id, budget)
                 if rec is None:
-                    self.metrics.voids.labels("VOID_UNKNOWN_PERMIT").inc()
+                    self.metrics.child(self.metrics.voids, "VOID_UNKNOWN_PERMIT").inc()
                     return VoidResult("VOID_UNKNOWN_PERMIT")
                 keys = rec.keys
             else:
@@ -406,9 +409,9 @@ class Engine:
             data = json.dumps({"v": 1, "now": now, "reason": reason}, separators=(",", ":"))
             out = await self.store.release(permit_id, keys, now, "voided", data, budget)
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels("void").inc()
+            self.metrics.child(self.metrics.store_errors, "void").inc()
             log.warning("budget store unavailable during void: %s", exc)
-            self.metrics.voids.labels("VOID_STORE_UNAVAILABLE").inc()
+            self.metrics.child(self.metrics.voids, "VOID_STORE_UNAVAILABLE").inc()
             return VoidResult("VOID_STORE_UNAVAILABLE")
         st = out["st"]
         if st == "RELEASED":
@@ -420,7 +423,7 @@ class Engine:
                                 0, state)
         else:
             result = VoidResult("VOID_UNKNOWN_PERMIT")
-        self.metrics.voids.labels(result.status).inc()
+        self.metrics.child(self.metrics.voids, result.status).inc()
         return result
 
     # ----------------------------------------------------------------- expiry

@@ -6,6 +6,8 @@ script name, outcome): never a tenant, workload or permit id.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond resolution where the sidecar is expected to live.
@@ -17,6 +19,7 @@ LATENCY_BUCKETS = (
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.decisions = Counter(
@@ -61,3 +64,12 @@ class Metrics:
             "Decision events dropped because the outbox was full.", registry=r)
         self.inflight = Gauge(
             "keel_pdp_inflight_rpcs", "RPCs being served right now.", registry=r)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and
+        builds a key on every call, which the hot paths should not pay."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

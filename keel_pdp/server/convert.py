@@ -21,8 +21,14 @@ def authorize_input(req: pb.AuthorizeRequest) -> AuthorizeInput:
     )
 
 
+_HOLD = pb.Hold
+_REASON = pb.BlockReason
+
+
 def authorize_response(out: Outcome) -> pb.AuthorizeResponse:
-    resp = pb.AuthorizeResponse(
+    # Sub-messages built first and handed to the constructor: cheaper than
+    # adding them to the repeated fields one by one.
+    return pb.AuthorizeResponse(
         decision=pb.Decision.Value(str(out.decision)),
         permit_id=out.permit_id,
         policy_revision=out.policy_revision,
@@ -34,21 +40,20 @@ def authorize_response(out: Outcome) -> pb.AuthorizeResponse:
         replayed=out.replayed,
         matched_budgets=out.matched_budgets,
         degraded=out.degraded,
-    )
-    for r in out.reasons:
-        resp.block_reasons.add(
+        block_reasons=[_REASON(
             code=pb.ReasonCode.Value(str(r.code)), message=r.message, budget_id=r.budget_id,
             scope=r.scope, window_start_ms=r.window_start_ms, window_end_ms=r.window_end_ms,
             limit_micros=r.limit_micros, settled_micros=r.settled_micros,
             held_micros=r.held_micros, requested_micros=r.requested_micros, rule_id=r.rule_id,
             exception_path=r.exception_path, retry_after_seconds=r.retry_after_seconds)
-    for h in out.holds:
-        resp.holds.add(
+            for r in out.reasons],
+        holds=[_HOLD(
             budget_id=h.budget_id, scope=h.scope, window=h.window,
             window_start_ms=h.window_start_ms, window_end_ms=h.window_end_ms,
             limit_micros=h.limit_micros, settled_micros=h.settled_micros,
             held_micros=h.held_micros, remaining_micros=h.remaining_micros, mode=h.mode)
-    return resp
+            for h in out.holds],
+    )
 
 
 def usage(u: pb.Usage) -> TokenUsage:
