@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from bench.harness import BUILD, BenchError, Context, Row, build_driver, new_workdir
 
-SECTIONS = ("throughput", "latency", "client", "workers", "growth", "policy_scale", "ledger",
-            "envoy")
+SECTIONS = ("throughput", "anatomy", "latency", "client", "workers", "growth", "policy_scale",
+            "ledger", "envoy")
 
 
 def _fmt(value: float) -> str:
