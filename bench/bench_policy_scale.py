@@ -230,6 +230,7 @@ def _end_to_end(ctx: Context, dirs: dict[int, pathlib.Path], tenants: int) -> li
                     samples[n].append(sample)
                     for k, v in counts.items():
                         mixes[n][k] = mixes[n].get(k, 0) + v
+            rss = {n: sc.rss() for n, sc in sidecars.items()}
         finally:
             for sc in sidecars.values():
                 sc.stop()
@@ -246,6 +247,10 @@ def _end_to_end(ctx: Context, dirs: dict[int, pathlib.Path], tenants: int) -> li
             median([b.us_per_call for b in large]), "us", median(cpu_ratio), "10 tenants",
             f"spread {spread(cpu_ratio) or '-'}; 10 tenants "
             f"{median([a.us_per_call for a in small]):.0f} us"),
+        Row(SECTION, f"sidecar RSS, {tenants} tenants' bundle, after the runs",
+            rss[tenants] / 2**20, "MiB", rss[tenants] / rss[10], "10 tenants",
+            f"10 tenants {rss[10] / 2**20:.0f} MiB; the bundle, its index and the shapes the "
+            "runs made"),
     ]
 
 
