@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TypeVar, cast
 
 from keel_pdp.policy.snapshot import (
     SHAPE_CACHE_SIZE,
@@ -314,6 +315,7 @@ def _estimate(rate: Price, input_tokens: int, output_tokens: int) -> int:
 
 
 _FOREVER = 1 << 62
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True, eq=False)
@@ -348,6 +350,18 @@ class Shape:
     # What the engine derives from the shape for its budget store (Redis keys,
     # script arguments), filled on first use.
     material: object = None
+
+
+_SHARED: dict[object, object] = {}
+
+
+def _shared(value: _T) -> _T:
+    """One object for equal small values that many shapes hold (the same candidate
+    prices, the same budget index lists): a request then touches memory that
+    other shapes keep warm."""
+    if len(_SHARED) > 4096:
+        _SHARED.clear()
+    return cast(_T, _SHARED.setdefault(value, value))
 
 
 class _Validity:
@@ -431,7 +445,8 @@ def build_shape(snapshot: PolicySnapshot, tenant: str, workload: str, model: str
                 idx.append(index[key])
             option_idx.append(tuple(idx))
         shape = Shape(snapshot, tenant, workload, model, provider_given, mode, rule_id, pre,
-                      denial, tuple(prices), tuple(option_idx), tuple(targets))
+                      denial, _shared(tuple(prices)), _shared(tuple(option_idx)),
+                      tuple(targets))
         shape.event_tail = _shape_event_tail(shape, prices[0] if prices else None)
         shape.fingerprint_head = _fingerprint_head(tenant, workload, model, provider_given)
         return shape

@@ -17,13 +17,13 @@ from typing import Any
 
 from keel_pdp import decision as dec
 from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
+from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import (
-    Arg,
     BudgetStore,
     HoldCandidate,
     HoldRequest,
     StoreUnavailable,
-    pack_targets,
+    hold_shape,
 )
 from keel_pdp.decision import AuthorizeInput, InvalidRequest, Outcome
 from keel_pdp.metrics import Metrics
@@ -83,9 +83,8 @@ class _Material:
 
     keyspace: KeySpace
     window_keys: tuple[str, ...]
-    grant_keys: tuple[str, ...]
-    targets: tuple[Arg, ...]
     wexp: tuple[int, ...]
+    shared: Shared  # the authorize script's KEYS and ARGV common to the shape
     meta_heads: tuple[str, ...]  # per candidate
 
 
@@ -94,19 +93,23 @@ def _material(shape: dec.Shape, keyspace: KeySpace) -> _Material:
     if isinstance(m, _Material) and m.keyspace is keyspace:
         return m
     targets = shape.targets
-    retention = shape.snapshot.settings.permit_retention_seconds
+    settings = shape.snapshot.settings
     observe = shape.route_mode == "observe"
-    wexp = tuple(t.window_end_ms // 1000 + retention for t in targets)
+    wexp = tuple(t.window_end_ms // 1000 + settings.permit_retention_seconds for t in targets)
+    window_keys = tuple(keyspace.window(t.budget.id, t.split, t.window_start_ms)
+                        for t in targets)
     m = _Material(
-        keyspace,
-        tuple(keyspace.window(t.budget.id, t.split, t.window_start_ms) for t in targets),
-        tuple(keyspace.grants(t.budget.id, t.split) for t in targets),
-        # Under an observe-mode routing rule nothing blocks; the script then
-        # reports the budgets that would have (shadow).
-        pack_targets([t.budget.limit_micros for t in targets],
-                     [t.budget.enforce and not observe for t in targets], wexp,
-                     [t.budget.thresholds for t in targets]),
-        wexp,
+        keyspace, window_keys, wexp,
+        hold_shape(
+            window_keys, [keyspace.grants(t.budget.id, t.split) for t in targets],
+            [t.budget.limit_micros for t in targets],
+            # Under an observe-mode routing rule nothing blocks; the script then
+            # reports the budgets that would have (shadow).
+            [t.budget.enforce and not observe for t in targets], wexp,
+            [t.budget.thresholds for t in targets],
+            idempotency_ttl_s=settings.idempotency_ttl_seconds,
+            permit_retention_s=settings.permit_retention_seconds,
+            min_output_tokens=settings.min_output_tokens),
         tuple(_meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices))
     shape.material = m
     return m
@@ -219,12 +222,9 @@ class Engine:
         mat = _material(p.shape, self.store.keys)
         stamp = f"{p.now_ms}}}"
         metas = [head + stamp for head in mat.meta_heads]
-        settings = p.snapshot.settings
         hold = HoldRequest(
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
-            p.fingerprint, p.now_ms, p.expires_at_ms, settings.idempotency_ttl_seconds,
-            settings.permit_retention_seconds, settings.min_output_tokens, data,
-            mat.window_keys, mat.grant_keys, mat.targets,
+            p.fingerprint, p.now_ms, p.expires_at_ms, data, mat.shared,
             tuple(
                 HoldCandidate(req.estimated_input_tokens * c.rate.input, c.rate.output,
                               c.output_tokens, c.may_constrain, meta, c.target_idx)

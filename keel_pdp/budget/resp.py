@@ -67,6 +67,43 @@ Arg = str | bytes | int | float
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """The middle of a script call that many calls share: the last KEYS and the
+    first ARGV, encoded once. A call then sends ``EVALSHA sha numkeys *keys
+    <shared.wire> *args``; its KEYS are ``keys + shared.keys`` and its ARGV
+    ``shared.args + args``."""
+
+    keys: tuple[str, ...]
+    args: tuple[Arg, ...]
+    wire: bytes
+    nkeys: int
+    count: int  # keys and args
+
+    @classmethod
+    def of(cls, keys: Sequence[str], args: Sequence[Arg]) -> Shared:
+        whole = _pack((*keys, *args))
+        return cls(tuple(keys), tuple(args), whole[whole.index(b"\r\n") + 2:], len(keys),
+                   len(keys) + len(args))
+
+
+def _body(args: tuple[Arg, ...]) -> bytes:
+    """RESP bulk strings of ``args``, without the array header."""
+    whole = _pack(args)
+    return whole[whole.index(b"\r\n") + 2:]
+
+
+def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg],
+                 shared: Shared | None = None) -> bytes:
+    """The EVALSHA command as sent on the wire."""
+    if shared is None:
+        return _pack(("EVALSHA", sha, len(keys), *keys, *args))
+    count = 3 + len(keys) + shared.count + len(args)
+    return b"".join((b"*%d\r\n" % count,
+                     _body(("EVALSHA", sha, len(keys) + shared.nkeys, *keys)),
+                     shared.wire, _body(tuple(args))))
+
+
 class RespError(Exception):
     """An error reply from Redis (for example NOSCRIPT, WRONGTYPE, BUSY, NOAUTH)."""
 
@@ -306,13 +343,14 @@ class RespClient:
         return await self._wait(conn.send(_pack(args)), timeout_s, conn)
 
     async def eval_script(self, script: Script, keys: Sequence[str],
-                          args: Sequence[Arg], timeout_s: float) -> Any:
+                          args: Sequence[Arg], timeout_s: float,
+                          shared: Shared | None = None) -> Any:
         """EVALSHA; on NOSCRIPT, SCRIPT LOAD + EVALSHA pipelined (one more round trip)."""
         started = time.monotonic()
         conn = self._ready()
         if conn is None:
             conn = await self._connect_within(timeout_s)
-        packed = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        packed = pack_evalsha(script.sha, keys, args, shared)
         try:
             return await self._wait(conn.send(packed), timeout_s, conn)
         except RespError as exc:

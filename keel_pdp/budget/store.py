@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.resp import RespClient, RespError
+from keel_pdp.budget.resp import RespClient, RespError, Shared
 
 
 class StoreUnavailable(Exception):
@@ -47,7 +47,7 @@ class HoldCandidate:
     output_tokens: int
     may_constrain: bool
     permit_meta: str
-    budget_indexes: tuple[int, ...]  # 0-based indexes into HoldRequest.window_keys
+    budget_indexes: tuple[int, ...]  # 0-based indexes into the shape's budget windows
 
 
 @dataclass(slots=True)
@@ -57,24 +57,22 @@ class HoldRequest:
     fingerprint: str
     now_ms: int
     expires_at_ms: int
-    idempotency_ttl_s: int
-    permit_retention_s: int
-    min_output_tokens: int
     event_data: str
-    window_keys: tuple[str, ...]
-    grant_keys: tuple[str, ...]
-    targets: tuple[Arg, ...]  # pack_targets(...): the same for every request of a shape
+    shape: Shared  # hold_shape(...): the same for every request of one shape
     candidates: tuple[HoldCandidate, ...]
 
 
-def pack_targets(limits: Sequence[int], enforce: Sequence[bool],
-                 window_expire_at_s: Sequence[int],
-                 thresholds: Sequence[Sequence[int]]) -> tuple[Arg, ...]:
-    """The authorize script's per-budget arguments, in its order."""
-    out: list[Arg] = []
+def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Sequence[int],
+               enforce: Sequence[bool], window_expire_at_s: Sequence[int],
+               thresholds: Sequence[Sequence[int]], *, idempotency_ttl_s: int,
+               permit_retention_s: int, min_output_tokens: int) -> Shared:
+    """The authorize script's KEYS and ARGV that every request of one shape shares:
+    the budget windows and their grant hashes, each budget's figures, the settings."""
+    args: list[Arg] = [len(window_keys)]
     for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
-        out.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in th)))
-    return tuple(out)
+        args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in th)))
+    args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens))
+    return Shared.of((*window_keys, *grant_keys), args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,7 @@ class Transport(Protocol):
     def script(self, source: str) -> Any: ...
 
     async def eval_script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
-                          timeout_s: float) -> Any: ...
+                          timeout_s: float, shared: Shared | None = None) -> Any: ...
 
     async def command(self, *args: Arg, timeout_s: float) -> Any: ...
 
@@ -117,8 +115,11 @@ class RedisPyTransport:
         return self.client.register_script(source)
 
     async def eval_script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
-                          timeout_s: float) -> Any:
-        return await asyncio.wait_for(script(keys=keys, args=args), timeout=timeout_s)
+                          timeout_s: float, shared: Shared | None = None) -> Any:
+        every_arg: list[Any] = list(args)
+        if shared is not None:
+            keys, every_arg = [*keys, *shared.keys], [*shared.args, *args]
+        return await asyncio.wait_for(script(keys=keys, args=every_arg), timeout=timeout_s)
 
     async def command(self, *args: Arg, timeout_s: float) -> Any:
         return await asyncio.wait_for(
@@ -170,9 +171,10 @@ class BudgetStore:
         return max(budget, 0.001)
 
     async def _script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
-                      timeout_s: float | None) -> Any:
+                      timeout_s: float | None, shared: Shared | None = None) -> Any:
         try:
-            return await self.transport.eval_script(script, keys, args, self._budget(timeout_s))
+            return await self.transport.eval_script(script, keys, args, self._budget(timeout_s),
+                                                    shared)
         except _FAILURES as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -184,18 +186,15 @@ class BudgetStore:
 
     async def hold(self, r: HoldRequest, timeout_s: float | None = None) -> dict[str, Any]:
         keys, args = self.hold_call(r)
-        return _decode(await self._script(self._authorize, keys, args, timeout_s))
+        return _decode(await self._script(self._authorize, keys, args, timeout_s, r.shape))
 
     def hold_call(self, r: HoldRequest) -> tuple[list[str], list[Arg]]:
-        """KEYS and ARGV of the authorize script for ``r``."""
+        """The request's own KEYS and ARGV of the authorize script (``r.shape`` has
+        the rest)."""
         keys = [r.idempotency_key, self.keys.permit(r.permit_id), self.keys.expiries,
-                self.keys.stream, *r.window_keys, *r.grant_keys]
-        args: list[str | int] = [
-            r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms, r.idempotency_ttl_s,
-            r.permit_retention_s, r.event_data, r.min_output_tokens, len(r.window_keys),
-        ]
-        args.extend(r.targets)
-        args.append(len(r.candidates))
+                self.keys.stream]
+        args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms, r.event_data,
+                           len(r.candidates)]
         for c in r.candidates:
             args.extend((c.input_pico, c.output_price_pico, c.output_tokens,
                          1 if c.may_constrain else 0, c.permit_meta, len(c.budget_indexes)))

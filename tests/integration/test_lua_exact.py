@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, pack_targets
+from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, hold_shape
 from keel_pdp.pricing import (
     MAX_PRICE_PICO_PER_TOKEN,
     MAX_TOKENS,
@@ -29,10 +29,10 @@ def _hold(pin: int, pout: int, tin: int, tout: int, limit: int, settled: int,
     i = next(_counter)
     return HoldRequest(
         permit_id=f"pmt_{i:028x}", idempotency_key=f"x:req:{i}", fingerprint="f", now_ms=1,
-        expires_at_ms=600_000, idempotency_ttl_s=60, permit_retention_s=60,
-        min_output_tokens=min_out, event_data="{}", window_keys=(f"x:win:{i}",),
-        grant_keys=(f"x:grant:{i}",),
-        targets=pack_targets((limit,), (True,), (4_000_000_000,), ((50, 80, 100),)),
+        expires_at_ms=600_000, event_data="{}",
+        shape=hold_shape((f"x:win:{i}",), (f"x:grant:{i}",), (limit,), (True,),
+                         (4_000_000_000,), ((50, 80, 100),), idempotency_ttl_s=60,
+                         permit_retention_s=60, min_output_tokens=min_out),
         candidates=(HoldCandidate(tin * pin, pout, tout, True, "{}", (0,)),))
 
 
@@ -58,7 +58,7 @@ def test_hold_script_matches_python_reference(
         try:
             store = BudgetStore(client, KeySpace("x"), timeout_s=2.0)
             r = _hold(pin, pout, tin, tout, limit, settled, min_out)
-            await client.hset(r.window_keys[0], "s", settled)
+            await client.hset(r.shape.keys[0], "s", settled)
             return await store.hold(r)
         finally:
             await client.aclose()

@@ -476,3 +476,19 @@ async def test_an_answer_waiting_in_the_socket_is_not_a_timeout() -> None:
     _expire(stuck, 0.01, conn, time.monotonic() - 1)  # readable, but nothing ever comes
     with pytest.raises(TimeoutError):
         await stuck  # the grace is bounded
+
+
+def test_a_shared_middle_is_sent_as_if_every_argument_were_packed_each_time() -> None:
+    from keel_pdp.budget.resp import Shared, pack_evalsha
+
+    shared = Shared.of(["k:{pdp}:w1", "k:{pdp}:g1"], [1, 5_000, "80,100", "é"])
+    sha = "a" * 40
+    got = pack_evalsha(sha, ["k:{pdp}:i", "k:{pdp}:p"], ["pid", 7, "{\"x\":1}"], shared)
+    want = hiredis.pack_command(("EVALSHA", sha, 4, "k:{pdp}:i", "k:{pdp}:p", "k:{pdp}:w1",
+                                 "k:{pdp}:g1", 1, 5_000, "80,100", "é", "pid", 7,
+                                 "{\"x\":1}"))
+    assert got == want
+    assert pack_evalsha(sha, ["k"], [1]) == hiredis.pack_command(("EVALSHA", sha, 1, "k", 1))
+    # No request-owned keys or arguments at all: still a well-formed command.
+    assert pack_evalsha(sha, [], [], shared) == hiredis.pack_command(
+        ("EVALSHA", sha, 2, "k:{pdp}:w1", "k:{pdp}:g1", 1, 5_000, "80,100", "é"))

@@ -19,15 +19,17 @@
 --                  t<P> = threshold P% already crossed in this window)
 -- KEYS[5+n..4+2n]  one hash per budget of exception grants: id -> "micros:expires_ms"
 --
--- ARGV[1] permit_id          ARGV[2] request fingerprint   ARGV[3] now_ms
--- ARGV[4] expires_at_ms      ARGV[5] idempotency ttl (s)   ARGV[6] permit retention (s)
--- ARGV[7] event data (JSON, opaque here)
--- ARGV[8] minimum useful output tokens
--- ARGV[9] n budgets, then per budget 4 values:
---         limit_micros, enforce (1|0), window expire-at (s), thresholds ("80,100" or "")
--- then the number of candidates, then per candidate:
---         input cost (pico-USD), output price (pico-USD/token), output tokens,
---         may constrain (1|0), permit meta (JSON), m, then m budget indexes (1-based)
+-- ARGV, what every request of one shape shares first (the caller encodes that part
+-- once), then what is the request's own (S = 1 + 4n):
+-- ARGV[1]   n budgets, then per budget 4 values:
+--           limit_micros, enforce (1|0), window expire-at (s), thresholds ("80,100" or "")
+-- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s)
+-- ARGV[S+3] minimum useful output tokens
+-- ARGV[S+4] permit_id             ARGV[S+5] request fingerprint   ARGV[S+6] now_ms
+-- ARGV[S+7] expires_at_ms         ARGV[S+8] event data (JSON, opaque here)
+-- ARGV[S+9] the number of candidates, then per candidate:
+--           input cost (pico-USD), output price (pico-USD/token), output tokens,
+--           may constrain (1|0), permit meta (JSON), m, then m budget indexes (1-based)
 --
 -- Returns a JSON string:
 --   {"r":"replay","res":<stored result>} | {"r":"reused"} |
@@ -58,22 +60,30 @@ local function pct_of(limit, pct)
   return q * pct + floor_div((limit - q * 100) * pct, 100)
 end
 
+local n = tonumber(ARGV[1])
+local S = 1 + 4 * n
+local idem_ttl = tonumber(ARGV[S + 1])
+local retention = tonumber(ARGV[S + 2])
+local min_out = tonumber(ARGV[S + 3])
+local pid = ARGV[S + 4]
+local fingerprint = ARGV[S + 5]
+local now_text = ARGV[S + 6]
+local now_ms = tonumber(now_text)
+local expires_at = tonumber(ARGV[S + 7])
+local event = ARGV[S + 8]
+
 local idem = redis.call('HMGET', KEYS[1], 'fp', 'res')
 if idem[1] then
-  if idem[1] ~= ARGV[2] then
+  if idem[1] ~= fingerprint then
     return cjson.encode({r = 'reused'})
   end
   return '{"r":"replay","res":' .. idem[2] .. '}'
 end
 
-local now_ms = tonumber(ARGV[3])
-local min_out = tonumber(ARGV[8])
-local n = tonumber(ARGV[9])
-
 local settled, held, limits, enforce, wexp, thresholds, granted = {}, {}, {}, {}, {}, {}, {}
 local any_grant = false
 for i = 1, n do
-  local base = 9 + (i - 1) * 4
+  local base = 1 + (i - 1) * 4
   enforce[i] = ARGV[base + 2] == '1'
   wexp[i] = ARGV[base + 3]
   thresholds[i] = ARGV[base + 4]
@@ -92,7 +102,7 @@ for i = 1, n do
 end
 
 local cands = {}
-local pos = 10 + n * 4
+local pos = S + 9
 local nc = tonumber(ARGV[pos])
 pos = pos + 1
 for c = 1, nc do
@@ -201,12 +211,11 @@ else
     wx[j] = wexp[i]
     heldidx[j] = i
   end
-  local expires_at = tonumber(ARGV[4])
   redis.call('HSET', KEYS[2], 'state', 'held', 'amount', amount, 'est', amount,
     'keys', table.concat(keys, '\n'), 'wx', table.concat(wx, ','),
     'exp', expires_at, 'meta', cand.meta)
-  redis.call('EXPIREAT', KEYS[2], math.floor(expires_at / 1000) + tonumber(ARGV[6]))
-  redis.call('ZADD', KEYS[3], expires_at, ARGV[1])
+  redis.call('EXPIREAT', KEYS[2], math.floor(expires_at / 1000) + retention)
+  redis.call('ZADD', KEYS[3], expires_at, pid)
 end
 
 -- Encoded by hand: cjson prints numbers with 14 significant digits, and budget
@@ -217,7 +226,7 @@ for i = 1, n do
 end
 local encoded = string.format(
   '{"d":"%s","pid":"%s","exp":%d,"amt":%d,"k":%d,"c":%d,"b":[%s],"held":[%s]',
-  decision, ARGV[1], tonumber(ARGV[4]), amount, k, chosen, table.concat(parts, ','),
+  decision, pid, expires_at, amount, k, chosen, table.concat(parts, ','),
   table.concat(heldidx, ','))
 if fail ~= nil then encoded = encoded .. string.format(',"fail":%d', fail) end
 if #shadow > 0 then encoded = encoded .. ',"shadow":[' .. table.concat(shadow, ',') .. ']' end
@@ -228,17 +237,17 @@ if any_grant then
   encoded = encoded .. ',"gr":[' .. table.concat(gparts, ',') .. ']'
 end
 encoded = encoded .. '}'
-redis.call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', ARGV[1], 'ts', ARGV[3],
-  'data', ARGV[7], 'res', encoded)
+redis.call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', pid, 'ts', now_text,
+  'data', event, 'res', encoded)
 -- Soft-threshold crossings follow the decision that caused them (once per window).
 for _, a in ipairs(alert_events) do
-  redis.call('XADD', KEYS[4], '*', 'type', 'alert', 'pid', ARGV[1], 'ts', ARGV[3],
-    'data', ARGV[7], 'res', a)
+  redis.call('XADD', KEYS[4], '*', 'type', 'alert', 'pid', pid, 'ts', now_text,
+    'data', event, 'res', a)
 end
 -- A denial is not replayed: no hold was made, so a retry may simply decide again
 -- (for example after an exception grant).
 if decision ~= 'DENY' then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'res', encoded)
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  redis.call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded)
+  redis.call('EXPIRE', KEYS[1], idem_ttl)
 end
 return encoded
