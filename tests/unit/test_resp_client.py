@@ -481,14 +481,17 @@ async def test_an_answer_waiting_in_the_socket_is_not_a_timeout() -> None:
 def test_a_shared_middle_is_sent_as_if_every_argument_were_packed_each_time() -> None:
     from keel_pdp.budget.resp import Shared, pack_evalsha
 
+    def pack(*args: object) -> bytes:  # hiredis' stub types a 1-tuple
+        packed: bytes = getattr(hiredis, "pack_command")(args)  # noqa: B009
+        return packed
+
     shared = Shared.of(["k:{pdp}:w1", "k:{pdp}:g1"], [1, 5_000, "80,100", "é"])
     sha = "a" * 40
     got = pack_evalsha(sha, ["k:{pdp}:i", "k:{pdp}:p"], ["pid", 7, "{\"x\":1}"], shared)
-    want = hiredis.pack_command(("EVALSHA", sha, 4, "k:{pdp}:i", "k:{pdp}:p", "k:{pdp}:w1",
-                                 "k:{pdp}:g1", 1, 5_000, "80,100", "é", "pid", 7,
-                                 "{\"x\":1}"))
+    want = pack("EVALSHA", sha, 4, "k:{pdp}:i", "k:{pdp}:p", "k:{pdp}:w1", "k:{pdp}:g1", 1,
+                5_000, "80,100", "é", "pid", 7, "{\"x\":1}")
     assert got == want
-    assert pack_evalsha(sha, ["k"], [1]) == hiredis.pack_command(("EVALSHA", sha, 1, "k", 1))
+    assert pack_evalsha(sha, ["k"], [1]) == pack("EVALSHA", sha, 1, "k", 1)
     # No request-owned keys or arguments at all: still a well-formed command.
-    assert pack_evalsha(sha, [], [], shared) == hiredis.pack_command(
-        ("EVALSHA", sha, 2, "k:{pdp}:w1", "k:{pdp}:g1", 1, 5_000, "80,100", "é"))
+    assert pack_evalsha(sha, [], [], shared) == pack(
+        "EVALSHA", sha, 2, "k:{pdp}:w1", "k:{pdp}:g1", 1, 5_000, "80,100", "é")
