@@ -285,6 +285,22 @@ def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
+# Text that JSON writes as it is: no quote, backslash, control or non-ASCII character.
+_PLAIN = re.compile(r"[A-Za-z0-9 _.:/@+=,;!#$%&'()*?^`{|}~\[\]<>-]*")
+_LABELS: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+
+
+def _labels_json(labels: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(sorted pairs as a JSON list, a JSON object) for a request's labels; callers
+    send the same few label sets over and over, so both are kept (bounded)."""
+    found = _LABELS.get(labels)
+    if found is None:
+        if len(_LABELS) >= 4096:
+            _LABELS.clear()
+        found = _LABELS[labels] = (_dumps(sorted(labels)), _dumps(dict(labels)))
+    return found
+
+
 def _fingerprint_head(tenant: str, workload: str, model: str, provider: str) -> str:
     return _dumps([tenant, workload, model, provider])[:-1] + ","
 
@@ -295,7 +311,7 @@ def fingerprint(req: AuthorizeInput, head: str = "") -> str:
     tokens, sorted labels]). ``head``: the list's first four members, as the
     request's shape keeps them."""
     head = head or _fingerprint_head(req.tenant, req.workload, req.model, req.provider)
-    labels = _dumps(sorted(req.labels)) if req.labels else "[]"
+    labels = _labels_json(req.labels)[0] if req.labels else "[]"
     body = f"{head}{req.estimated_input_tokens},{req.max_output_tokens},{labels}]"
     return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
@@ -566,7 +582,9 @@ def _window(b: CompiledBudget, now_ms: int) -> tuple[int, int]:
 def event_data(p: Plan) -> str:
     """The request side of the decision event (the store adds the figures)."""
     req = p.request
-    head = (f'{{"v":1,"rid":{json.dumps(req.request_id)},"in_tok":{req.estimated_input_tokens},'
+    rid = req.request_id
+    rid_json = f'"{rid}"' if _PLAIN.fullmatch(rid) else json.dumps(rid)
+    head = (f'{{"v":1,"rid":{rid_json},"in_tok":{req.estimated_input_tokens},'
             f'"out_tok":{p.output_tokens},"est":{p.estimate_micros},"now":{p.now_ms},'
             f'"exp":{p.expires_at_ms},')
     if p.candidates:
@@ -581,8 +599,7 @@ def event_data(p: Plan) -> str:
         ]
         head += '"cands":' + json.dumps(cands, ensure_ascii=True, separators=(",", ":")) + ","
     if req.labels:
-        head += '"labels":' + json.dumps(dict(req.labels), ensure_ascii=True,
-                                         separators=(",", ":")) + ","
+        head += '"labels":' + _labels_json(req.labels)[1] + ","
     assert p.shape is not None
     return head + p.shape.event_tail
 
@@ -627,7 +644,8 @@ def denied_by_policy(p: Plan) -> Outcome:
 
 
 def _ints(value: object) -> list[int]:
-    return [int(x) for x in value] if isinstance(value, list) else []
+    # The script writes these lists with '%d', so JSON gives ints already.
+    return value if isinstance(value, list) else []
 
 
 def held_by(p: Plan, res: dict[str, object]) -> tuple[int, list[int]]:
