@@ -167,6 +167,14 @@ def run(ctx: Context) -> list[Row]:
                         None, "", f"{issued_a} Authorize calls"))
         rows.append(Row(SECTION, "EVALSHA+EVAL per Closeout (commandstats)", per_c, "calls",
                         None, "", f"{issued_c} Closeout calls"))
+        for label, samples, issued in (("Authorize", auths, issued_a),
+                                       ("Closeout", closes, issued_c)):
+            usec = sum(sum(x.commands.get(k + ".usec", 0) for k in SCRIPTS) for x in samples)
+            rows.append(Row(SECTION, f"Redis time per {label} script call (commandstats)",
+                            usec / issued, "us", None, "",
+                            "the script and every command it runs; Redis is single-threaded, "
+                            f"so one Redis serves at most about {1e6 * issued / max(usec, 1):,.0f} "
+                            f"{label} calls/s"))
         rows.extend(_round_trips(ctx, r))
 
         rows.append(Row(SECTION, "Noop floor measured by h2load", median(h2) * floor,

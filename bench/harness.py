@@ -127,11 +127,13 @@ class RedisServer:
         return dict(self.client.info(section))
 
     def commandstats(self) -> dict[str, int]:
-        """Calls per command (script-internal calls included: Redis counts them too)."""
+        """Calls per command (script-internal calls included: Redis counts them too),
+        and under "<command>.usec" the microseconds Redis spent in it."""
         out: dict[str, int] = {}
         for name, stats in self.client.info("commandstats").items():
             cmd = name.removeprefix("cmdstat_")
             out[cmd] = int(stats["calls"]) if isinstance(stats, dict) else 0
+            out[cmd + ".usec"] = int(stats.get("usec", 0)) if isinstance(stats, dict) else 0
         return out
 
     def cpu_s(self) -> float:

@@ -97,6 +97,8 @@ def test_the_event_carries_the_request_and_the_shape(tmp_path: pathlib.Path) -> 
     assert e["rev"] == snap.policy_revision
     assert e["budgets"][0]["split"] == ["acme"]
     assert event_data(p).isascii()
+    for rid in ("plain-id_1.2:x/y", "tab\tin", "ünï", "{not}[json]"):
+        assert json.loads(event_data(plan(snap, req(rid), t)))["rid"] == rid
 
 
 def test_a_denied_shape_is_reused_and_keeps_its_reason(tmp_path: pathlib.Path) -> None:
