@@ -14,8 +14,6 @@ decision engine can reach on this server stack.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import grpc
 import uvloop
 
+from bench.serving import serve_until_signalled
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.resp import RespClient
 from keel_pdp.decision import AuthorizeInput, DecisionKind, HoldFigure, Outcome
@@ -62,16 +61,7 @@ async def serve(port: int, redis_url: str, mode: str) -> int:
     engine_any: Any = engine
     pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine_any, Metrics()), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot listen on 127.0.0.1:{port}")
-    await server.start()
-    print(f"gRPC listening on 127.0.0.1:{port} (anatomy {mode})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signalled(server, port, f"anatomy {mode}")
     if client is not None:
         await client.close()
     return 0

@@ -14,8 +14,6 @@ answers, with the exception's name as payload, so the benchmark can count it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +23,7 @@ import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import RedisError
 
+from bench.serving import serve_until_signalled
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.resp import RespClient, RespError
@@ -68,16 +67,7 @@ async def serve(port: int, redis_url: str, client: str) -> int:
         await call()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DiagnosticsServicer_to_server(OneCall(call), server)
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot listen on 127.0.0.1:{port}")
-    await server.start()
-    print(f"gRPC listening on 127.0.0.1:{port} (client {client})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signalled(server, port, f"client {client}")
     if transport is not None:
         await transport.close()
     return 0
