@@ -16,6 +16,7 @@ which a busy machine disturbs much less than throughput.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from bench.bench_throughput import STREAMS, Runner
@@ -32,7 +33,10 @@ from bench.harness import (
 )
 
 SECTION = "client"
-CLIENTS = ("none", "redis-py", "resp")
+# valkey-glide joins the client-alone comparison when it is installed
+# (`pip install valkey-glide`); it is not a dependency of the sidecar.
+CLIENTS = ("none", "redis-py", "resp") + (
+    ("glide",) if importlib.util.find_spec("glide") is not None else ())
 
 
 def run(ctx: Context) -> list[Row]:

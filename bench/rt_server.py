@@ -1,6 +1,6 @@
 """The Redis client experiment: the sidecar's gRPC stack with one script call per call.
 
-    python -m bench.rt_server --port P --redis-url URL --client none|resp|redis-py
+    python -m bench.rt_server --port P --redis-url URL --client none|resp|redis-py|glide
 
 Serves ``Diagnostics.Noop`` with grpc.aio on uvloop, like ``keel-pdp serve``.
 With ``--client none`` it is the floor; otherwise every call first runs a
@@ -21,16 +21,33 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 import uvloop
-from redis.exceptions import RedisError
 
 from bench.serving import serve_until_signalled
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
-from keel_pdp.budget.resp import RespClient, RespError
+from keel_pdp.budget.resp import RespClient
 from keel_pdp.budget.store import RedisPyTransport, Transport
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
 TIMEOUT_S = 0.025
+
+
+async def _glide_call(redis_url: str) -> Callable[[], Awaitable[Any]]:
+    """The same script call through valkey-glide (``pip install valkey-glide``;
+    measured for comparison, not a dependency of the sidecar)."""
+    import glide
+
+    host, _, port = redis_url.removeprefix("redis://").split("/")[0].rpartition(":")
+    g: Any = glide
+    client = await g.GlideClient.create(g.GlideClientConfiguration(
+        [g.NodeAddress(host, int(port))], request_timeout=int(TIMEOUT_S * 1000)))
+    script = g.Script(SCRIPT)
+
+    async def call() -> Any:
+        return await client.invoke_script(script, keys=["bench:{pdp}:rt"], args=["1"])
+
+    await call()
+    return call
 
 
 class OneCall(pb_grpc.DiagnosticsServicer):
@@ -42,7 +59,7 @@ class OneCall(pb_grpc.DiagnosticsServicer):
         if self.call is not None:
             try:
                 await self.call()
-            except (TimeoutError, OSError, RedisError, RespError) as exc:
+            except Exception as exc:
                 # Answered, and marked: the benchmark counts failed script calls.
                 return pb.NoopResponse(payload=type(exc).__name__.encode())
         return pb.NoopResponse()
@@ -55,6 +72,8 @@ async def serve(port: int, redis_url: str, client: str) -> int:
     elif client == "redis-py":
         transport = RedisPyTransport(aioredis.Redis.from_url(redis_url, max_connections=64))
     call = None
+    if client == "glide":
+        call = await _glide_call(redis_url)
     if transport is not None:
         t = transport
         script = t.script(SCRIPT)
@@ -77,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--redis-url", required=True)
-    ap.add_argument("--client", choices=("none", "resp", "redis-py"), required=True)
+    ap.add_argument("--client", choices=("none", "resp", "redis-py", "glide"), required=True)
     ns = ap.parse_args(argv)
     return uvloop.run(serve(ns.port, ns.redis_url, ns.client))
 
