@@ -26,6 +26,7 @@ from keel_pdp.policy.snapshot import (
     CompiledBudget,
     ModelPrice,
     PolicySnapshot,
+    bounded_put,
 )
 from keel_pdp.pricing import MAX_TOKENS, PICO_PER_MICRO, Price, ceil_div, format_usd
 from keel_pdp.windows import window_bounds
@@ -295,9 +296,8 @@ def _labels_json(labels: tuple[tuple[str, str], ...]) -> tuple[str, str]:
     send the same few label sets over and over, so both are kept (bounded)."""
     found = _LABELS.get(labels)
     if found is None:
-        if len(_LABELS) >= 4096:
-            _LABELS.clear()
-        found = _LABELS[labels] = (_dumps(sorted(labels)), _dumps(dict(labels)))
+        found = bounded_put(_LABELS, labels, (_dumps(sorted(labels)), _dumps(dict(labels))),
+                            4096)
     return found
 
 
@@ -375,9 +375,8 @@ def _shared(value: _T) -> _T:
     """One object for equal small values that many shapes hold (the same candidate
     prices, the same budget index lists): a request then touches memory that
     other shapes keep warm."""
-    if len(_SHARED) > 4096:
-        _SHARED.clear()
-    return cast(_T, _SHARED.setdefault(value, value))
+    found = _SHARED.get(value)
+    return cast(_T, found if found is not None else bounded_put(_SHARED, value, value, 4096))
 
 
 class _Validity:
@@ -420,7 +419,7 @@ def _shape_event_tail(shape: Shape, price: ModelPrice | None) -> str:
     reasons = [*shape.pre_reasons, *shape.denial]
     if reasons:
         data["reasons"] = [r.to_json() for r in reasons]
-    return json.dumps(data, ensure_ascii=True, separators=(",", ":"))[1:]
+    return _dumps(data)[1:]
 
 
 def build_shape(snapshot: PolicySnapshot, tenant: str, workload: str, model: str,
@@ -483,11 +482,7 @@ def build_shape(snapshot: PolicySnapshot, tenant: str, workload: str, model: str
         if len(alternatives) == 1:
             return finish(alternatives[0])
         if alternatives:
-            first = alternatives[0]
-            return finish(Shape(snapshot, tenant, workload, model, provider_given, mode,
-                                rule_id, (), (), first.prices, first.option_idx, first.targets,
-                                first.event_tail, first.fingerprint_head,
-                                tuple(alternatives)))
+            return finish(replace(alternatives[0], alternatives=tuple(alternatives)))
     pre: list[Reason] = []
     if not allowed(*primary):
         assert rule is not None
@@ -532,9 +527,7 @@ def shape_for(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int) -> Sha
     if isinstance(shape, Shape) and shape.valid_from_ms <= now_ms < shape.valid_until_ms:
         return shape
     shape = build_shape(snapshot, req.tenant, req.workload, req.model, req.provider, now_ms)
-    if len(cache) >= SHAPE_CACHE_SIZE:
-        cache.clear()
-    cache[key] = shape
+    bounded_put(cache, key, shape, SHAPE_CACHE_SIZE)
     return shape
 
 
@@ -583,7 +576,7 @@ def event_data(p: Plan) -> str:
     """The request side of the decision event (the store adds the figures)."""
     req = p.request
     rid = req.request_id
-    rid_json = f'"{rid}"' if _PLAIN.fullmatch(rid) else json.dumps(rid)
+    rid_json = f'"{rid}"' if _PLAIN.fullmatch(rid) else _dumps(rid)
     head = (f'{{"v":1,"rid":{rid_json},"in_tok":{req.estimated_input_tokens},'
             f'"out_tok":{p.output_tokens},"est":{p.estimate_micros},"now":{p.now_ms},'
             f'"exp":{p.expires_at_ms},')
@@ -597,7 +590,7 @@ def event_data(p: Plan) -> str:
              "budgets": list(c.target_idx)}
             for c in p.candidates
         ]
-        head += '"cands":' + json.dumps(cands, ensure_ascii=True, separators=(",", ":")) + ","
+        head += '"cands":' + _dumps(cands) + ","
     if req.labels:
         head += '"labels":' + _labels_json(req.labels)[1] + ","
     assert p.shape is not None
@@ -654,14 +647,16 @@ def held_by(p: Plan, res: dict[str, object]) -> tuple[int, list[int]]:
     return c, [i - 1 for i in _ints(res.get("held"))] or list(p.candidates[c].target_idx)
 
 
-def conclude(p: Plan, res: dict[str, object], replayed: bool = False) -> Outcome:
-    """Turn the hold script's answer into the decision."""
+def conclude(p: Plan, res: dict[str, object], replayed: bool = False,
+             held: tuple[int, list[int]] | None = None) -> Outcome:
+    """Turn the hold script's answer into the decision (``held``: ``held_by(p, res)``
+    when the caller has it already)."""
     figures = res.get("b") or []
     assert isinstance(figures, list)
     amount = int(res["amt"])  # type: ignore[call-overload]
     k = int(res["k"])  # type: ignore[call-overload]
     d = DecisionKind(str(res["d"]))
-    c, held_idx = held_by(p, res)
+    c, held_idx = held if held is not None else held_by(p, res)
     chosen = p.candidates[c]
     granted = _ints(res.get("gr")) or [0] * len(p.targets)
 

@@ -13,7 +13,6 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from keel_pdp import decision as dec
 from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
@@ -149,7 +148,6 @@ class Engine:
         self._permits: OrderedDict[str, tuple[str, str, bool, str]] = OrderedDict()
         self._permit_cache_size = permit_cache_size
         self._outbox = Outbox(outbox_size, outbox_dir)
-        self._decision_counters: dict[tuple[dec.DecisionKind, str], Any] = {}
         self._flush_task: asyncio.Task[int] | None = None
         self._hold_latency = metrics.store_latency.labels("authorize")
         self._flush_lock = asyncio.Lock()
@@ -204,13 +202,7 @@ class Engine:
         return len(self._outbox)
 
     def _count(self, out: Outcome) -> Outcome:
-        key = (out.decision, out.primary_code)
-        counter = self._decision_counters.get(key)
-        if counter is None:  # label children looked up once, not on every call
-            counter = self.metrics.child(self.metrics.decisions, str(out.decision),
-                                         out.primary_code)
-            self._decision_counters[key] = counter
-        counter.inc()
+        self.metrics.child(self.metrics.decisions, str(out.decision), out.primary_code).inc()
         return out
 
     # --------------------------------------------------------------- authorize
@@ -278,12 +270,12 @@ class Engine:
         if res.get("r") == "replay":
             out = dec.conclude(p, res["res"], replayed=True)
         else:
-            out = dec.conclude(p, res)
-        if out.decision is not dec.DecisionKind.DENY and not out.replayed:
             c, held = dec.held_by(p, res)
-            self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c])
-            if res.get("alerts"):
-                self.metrics.threshold_crossings.inc(len(res["alerts"]))
+            out = dec.conclude(p, res, held=(c, held))
+            if out.decision is not dec.DecisionKind.DENY:
+                self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c])
+                if res.get("alerts"):
+                    self.metrics.threshold_crossings.inc(len(res["alerts"]))
         if self._outbox and (self._flush_task is None or self._flush_task.done()):
             # Store is answering again: replay what was decided without it, once.
             self._flush_task = asyncio.get_running_loop().create_task(self.flush_outbox())

@@ -67,6 +67,12 @@ Arg = str | bytes | int | float
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 
+def _body(args: tuple[Arg, ...]) -> bytes:
+    """RESP bulk strings of ``args``, without the array header."""
+    whole = _pack(args)
+    return whole[whole.index(b"\r\n") + 2:]
+
+
 @dataclass(frozen=True, slots=True)
 class Shared:
     """The middle of a script call that many calls share: the last KEYS and the
@@ -77,20 +83,10 @@ class Shared:
     keys: tuple[str, ...]
     args: tuple[Arg, ...]
     wire: bytes
-    nkeys: int
-    count: int  # keys and args
 
     @classmethod
     def of(cls, keys: Sequence[str], args: Sequence[Arg]) -> Shared:
-        whole = _pack((*keys, *args))
-        return cls(tuple(keys), tuple(args), whole[whole.index(b"\r\n") + 2:], len(keys),
-                   len(keys) + len(args))
-
-
-def _body(args: tuple[Arg, ...]) -> bytes:
-    """RESP bulk strings of ``args``, without the array header."""
-    whole = _pack(args)
-    return whole[whole.index(b"\r\n") + 2:]
+        return cls(tuple(keys), tuple(args), _body((*keys, *args)))
 
 
 def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg],
@@ -98,9 +94,9 @@ def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg],
     """The EVALSHA command as sent on the wire."""
     if shared is None:
         return _pack(("EVALSHA", sha, len(keys), *keys, *args))
-    count = 3 + len(keys) + shared.count + len(args)
-    return b"".join((b"*%d\r\n" % count,
-                     _body(("EVALSHA", sha, len(keys) + shared.nkeys, *keys)),
+    nkeys = len(keys) + len(shared.keys)
+    count = 3 + nkeys + len(shared.args) + len(args)
+    return b"".join((b"*%d\r\n" % count, _body(("EVALSHA", sha, nkeys, *keys)),
                      shared.wire, _body(tuple(args))))
 
 

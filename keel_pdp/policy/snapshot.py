@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
+from typing import TypeVar
 
 from keel_pdp.pricing import Price
 from keel_pdp.windows import WindowKind
@@ -20,6 +21,18 @@ _MASKS3 = tuple(product((False, True), repeat=3))
 MATCH_CACHE_SIZE = 65_536
 SHAPE_CACHE_SIZE = 65_536
 SMALL_TENANT = 12
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def bounded_put(cache: dict[_K, _V], key: _K, value: _V, limit: int) -> _V:
+    """``cache[key] = value``, emptying the cache first when it holds ``limit``
+    entries (the caches of this package keep what recurs; a full one is rebuilt
+    from what comes next)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _scope_text(scope: tuple[str, str, str, str], per: tuple[int, ...]) -> str:
@@ -191,11 +204,7 @@ class PolicySnapshot:
                 if budgets:
                     found.extend(budgets)
         found.sort(key=lambda b: b.id)
-        result = tuple(found)
-        if len(self._match_cache) >= MATCH_CACHE_SIZE:
-            self._match_cache.clear()
-        self._match_cache[key] = result
-        return result
+        return bounded_put(self._match_cache, key, tuple(found), MATCH_CACHE_SIZE)
 
     def match_routes(self, tenant: str, workload: str) -> tuple[CompiledRoute, ...]:
         """Most specific first: (tenant, workload), (tenant, *), (*, workload), (*, *)."""
