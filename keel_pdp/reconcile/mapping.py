@@ -12,17 +12,15 @@ import pathlib
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     model_validator,
 )
 
-from keel_pdp.reconcile.adapters.common import read_text
+from keel_pdp.reconcile.adapters.common import load_yaml_model
 from keel_pdp.reconcile.errors import InputError
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -132,16 +130,4 @@ class Mapping:
 
 
 def load_mapping(path: pathlib.Path) -> Mapping:
-    text = read_text(path)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InputError(str(path), "expected a YAML mapping with accounts and workloads")
-    try:
-        return Mapping(MappingDoc.model_validate(raw), str(path))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise InputError(str(path), err["msg"], where=field or "(top level)") from None
+    return Mapping(load_yaml_model(path, MappingDoc, "with accounts and workloads"), str(path))

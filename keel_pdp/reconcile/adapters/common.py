@@ -11,12 +11,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.period import Period
 
 MAX_EXPORT_BYTES = 512 * 1024 * 1024
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,25 @@ def read_text(path: pathlib.Path) -> str:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(str(path), f"not UTF-8 text (byte {exc.start})") from exc
+
+
+def load_yaml_model(path: pathlib.Path, model: type[_M], expected: str) -> _M:
+    """A YAML file validated as ``model``; every failure is an InputError naming
+    the file and, for a bad field, its path. ``expected`` says what the top
+    level must hold."""
+    text = read_text(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(str(path), f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(str(path), f"expected a YAML mapping {expected}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise InputError(str(path), err["msg"], where=field or "(top level)") from None
 
 
 def csv_header(text: str) -> list[str]:

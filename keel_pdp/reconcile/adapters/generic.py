@@ -12,8 +12,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel_pdp.reconcile.adapters.classify import classify
 from keel_pdp.reconcile.adapters.common import (
@@ -22,9 +21,9 @@ from keel_pdp.reconcile.adapters.common import (
     check_currency,
     check_in_period,
     csv_header,
+    load_yaml_model,
     parse_day,
     read_csv,
-    read_text,
 )
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.model import (
@@ -105,19 +104,7 @@ class ColumnMap(_Strict):
 
 
 def load_column_map(path: pathlib.Path) -> ColumnMap:
-    text = read_text(path)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InputError(str(path), "expected a YAML mapping (provider, columns, ...)")
-    try:
-        return ColumnMap.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise InputError(str(path), err["msg"], where=field or "(top level)") from None
+    return load_yaml_model(path, ColumnMap, "(provider, columns, ...)")
 
 
 def matches(cmap: ColumnMap, text: str) -> bool:
