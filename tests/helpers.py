@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pathlib
+import time
 from typing import Any
 
+import grpc
 import redis.asyncio as aioredis
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.store import BudgetStore
@@ -63,3 +66,23 @@ def make_engine(client: aioredis.Redis, bundle_dir: pathlib.Path,
     holder.set(load_bundle(bundle_dir))
     store = BudgetStore(client, KeySpace("t"), timeout_s)
     return Engine(holder, store, Metrics())
+
+
+def wait_serving(channel: grpc.Channel, timeout: float = 20) -> None:
+    """Until the sidecar's health service answers SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("sidecar never became SERVING")
+
+
+def wait_ready(port: int) -> None:
+    """Until the sidecar on 127.0.0.1:``port`` answers SERVING."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_serving(channel)

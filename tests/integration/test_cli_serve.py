@@ -12,25 +12,11 @@ import time
 import urllib.request
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from tests.conftest import POLICIES, free_port
-from tests.helpers import budget, write_bundle
-
-
-def _wait_serving(channel: grpc.Channel, timeout: float = 20) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("sidecar never became SERVING")
+from tests.helpers import budget, wait_serving, write_bundle
 
 
 def test_serve_from_environment_answers_and_exports_metrics(
@@ -45,7 +31,7 @@ def test_serve_from_environment_answers_and_exports_metrics(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        _wait_serving(channel)
+        wait_serving(channel)
         stub = pb_grpc.PolicyDecisionPointStub(channel)
         r = stub.Authorize(pb.AuthorizeRequest(
             request_id="cli-1", tenant="acme", workload="support-bot", model="gpt-4o-mini",

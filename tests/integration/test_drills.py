@@ -17,7 +17,7 @@ import redis
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.helpers import budget, write_bundle
+from tests.helpers import budget, wait_ready, write_bundle
 
 
 def start(redis_url: str, bundle: pathlib.Path, port: int, *extra: str) -> subprocess.Popen[str]:
@@ -28,22 +28,6 @@ def start(redis_url: str, bundle: pathlib.Path, port: int, *extra: str) -> subpr
          "--store-timeout-ms", "1000", "--sweep-interval", "0.2", "--drain-delay", "0.2",
          *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_ready(port: int) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError("sidecar did not become SERVING")
 
 
 def areq(rid: str) -> pb.AuthorizeRequest:

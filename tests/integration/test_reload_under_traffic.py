@@ -15,8 +15,7 @@ import grpc
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.helpers import budget, write_bundle
-from tests.integration.test_drills import wait_ready
+from tests.helpers import budget, wait_ready, write_bundle
 
 
 def configmap(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
