@@ -185,6 +185,29 @@ NOT_VOIDABLE: VoidStatus.ValueType  # 4
 VOID_STORE_UNAVAILABLE: VoidStatus.ValueType  # 5
 Global___VoidStatus: _TypeAlias = VoidStatus  # noqa: Y015
 
+class _ExceptionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExceptionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExceptionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXCEPTION_STATE_UNSPECIFIED: _ExceptionState.ValueType  # 0
+    EXCEPTION_PENDING: _ExceptionState.ValueType  # 1
+    EXCEPTION_APPROVED: _ExceptionState.ValueType  # 2
+    EXCEPTION_REJECTED: _ExceptionState.ValueType  # 3
+    EXCEPTION_EXPIRED: _ExceptionState.ValueType  # 4
+    """Nobody decided before pending_until_ms."""
+
+class ExceptionState(_ExceptionState, metaclass=_ExceptionStateEnumTypeWrapper): ...
+
+EXCEPTION_STATE_UNSPECIFIED: ExceptionState.ValueType  # 0
+EXCEPTION_PENDING: ExceptionState.ValueType  # 1
+EXCEPTION_APPROVED: ExceptionState.ValueType  # 2
+EXCEPTION_REJECTED: ExceptionState.ValueType  # 3
+EXCEPTION_EXPIRED: ExceptionState.ValueType  # 4
+"""Nobody decided before pending_until_ms."""
+Global___ExceptionState: _TypeAlias = ExceptionState  # noqa: Y015
+
 @_typing.final
 class BlockReason(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -591,6 +614,435 @@ class VoidResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VoidResponse: _TypeAlias = VoidResponse  # noqa: Y015
+
+@_typing.final
+class RequestExceptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScopeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DENIAL_PERMIT_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    JUSTIFICATION_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    denial_permit_id: _builtins.str
+    """The permit id of the denied Authorize (AuthorizeResponse.permit_id)."""
+    budget_id: _builtins.str
+    """The budget that denied it (BlockReason.budget_id)."""
+    amount_micros: _builtins.int
+    """How much to raise the cap by, and for how long once approved."""
+    duration_seconds: _builtins.int
+    justification: _builtins.str
+    requester: _builtins.str
+    """Who asks (the workload owner)."""
+    @_builtins.property
+    def scope(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values of the budget's `per` dimensions (e.g. tenant=acme); empty for shared budgets."""
+
+    def __init__(
+        self,
+        *,
+        denial_permit_id: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        scope: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        amount_micros: _builtins.int = ...,
+        duration_seconds: _builtins.int = ...,
+        justification: _builtins.str = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "budget_id", b"budget_id", "denial_permit_id", b"denial_permit_id", "duration_seconds", b"duration_seconds", "justification", b"justification", "requester", b"requester", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestExceptionRequest: _TypeAlias = RequestExceptionRequest  # noqa: Y015
+
+@_typing.final
+class ExceptionRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScopeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DENIAL_PERMIT_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    EXCEPTION_PATH_FIELD_NUMBER: _builtins.int
+    APPROVER_ROLE_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    JUSTIFICATION_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_MS_FIELD_NUMBER: _builtins.int
+    PENDING_UNTIL_MS_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDED_ROLE_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_MS_FIELD_NUMBER: _builtins.int
+    DECISION_NOTE_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    GRANT_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    DENIAL_SEEN_FIELD_NUMBER: _builtins.int
+    POLICY_REVISION_FIELD_NUMBER: _builtins.int
+    exception_id: _builtins.str
+    state: Global___ExceptionState.ValueType
+    denial_permit_id: _builtins.str
+    budget_id: _builtins.str
+    exception_path: _builtins.str
+    approver_role: _builtins.str
+    """The role the exception path requires of its approvers."""
+    amount_micros: _builtins.int
+    duration_seconds: _builtins.int
+    justification: _builtins.str
+    requester: _builtins.str
+    requested_at_ms: _builtins.int
+    pending_until_ms: _builtins.int
+    """A request nobody decided by then expires."""
+    decided_by: _builtins.str
+    decided_role: _builtins.str
+    decided_at_ms: _builtins.int
+    decision_note: _builtins.str
+    grant_id: _builtins.str
+    """Set when approved: the grant the hold script applies, and when it lapses."""
+    grant_expires_at_ms: _builtins.int
+    changed: _builtins.bool
+    """False when the call found the request already in the asked-for state (a retry)."""
+    denial_seen: _builtins.bool
+    """True when the denial itself was read back from the decision stream when the
+    request was made (otherwise only the ledger can show it).
+    """
+    policy_revision: _builtins.str
+    @_builtins.property
+    def scope(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        exception_id: _builtins.str = ...,
+        state: Global___ExceptionState.ValueType = ...,
+        denial_permit_id: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        scope: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        exception_path: _builtins.str = ...,
+        approver_role: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        duration_seconds: _builtins.int = ...,
+        justification: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        requested_at_ms: _builtins.int = ...,
+        pending_until_ms: _builtins.int = ...,
+        decided_by: _builtins.str = ...,
+        decided_role: _builtins.str = ...,
+        decided_at_ms: _builtins.int = ...,
+        decision_note: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        grant_expires_at_ms: _builtins.int = ...,
+        changed: _builtins.bool = ...,
+        denial_seen: _builtins.bool = ...,
+        policy_revision: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "approver_role", b"approver_role", "budget_id", b"budget_id", "changed", b"changed", "decided_at_ms", b"decided_at_ms", "decided_by", b"decided_by", "decided_role", b"decided_role", "decision_note", b"decision_note", "denial_permit_id", b"denial_permit_id", "denial_seen", b"denial_seen", "duration_seconds", b"duration_seconds", "exception_id", b"exception_id", "exception_path", b"exception_path", "grant_expires_at_ms", b"grant_expires_at_ms", "grant_id", b"grant_id", "justification", b"justification", "pending_until_ms", b"pending_until_ms", "policy_revision", b"policy_revision", "requested_at_ms", b"requested_at_ms", "requester", b"requester", "scope", b"scope", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExceptionRecord: _TypeAlias = ExceptionRecord  # noqa: Y015
+
+@_typing.final
+class DecideExceptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    APPROVER_ROLE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    exception_id: _builtins.str
+    approver: _builtins.str
+    """Who decides and in which role (with mutual TLS: defaults to the client identity)."""
+    approver_role: _builtins.str
+    note: _builtins.str
+    """Optional for an approval, required for a refusal."""
+    def __init__(
+        self,
+        *,
+        exception_id: _builtins.str = ...,
+        approver: _builtins.str = ...,
+        approver_role: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "approver_role", b"approver_role", "exception_id", b"exception_id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideExceptionRequest: _TypeAlias = DecideExceptionRequest  # noqa: Y015
+
+@_typing.final
+class ListExceptionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    state: Global___ExceptionState.ValueType
+    """EXCEPTION_STATE_UNSPECIFIED: every state."""
+    budget_id: _builtins.str
+    limit: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    def __init__(
+        self,
+        *,
+        state: Global___ExceptionState.ValueType = ...,
+        budget_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "limit", b"limit", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExceptionsRequest: _TypeAlias = ListExceptionsRequest  # noqa: Y015
+
+@_typing.final
+class ListExceptionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCEPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def exceptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExceptionRecord]: ...
+    def __init__(
+        self,
+        *,
+        exceptions: _abc.Iterable[Global___ExceptionRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exceptions", b"exceptions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExceptionsResponse: _TypeAlias = ListExceptionsResponse  # noqa: Y015
+
+@_typing.final
+class BudgetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Only budgets whose scope admits this tenant (and, for per-tenant budgets, its
+    own counter). Empty: every tenant.
+    """
+    budget_id: _builtins.str
+    """Only this budget (a compiled budget id, or the YAML id of a multi-window budget)."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetStatusRequest: _TypeAlias = BudgetStatusRequest  # noqa: Y015
+
+@_typing.final
+class ActiveGrant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    amount_micros: _builtins.int
+    expires_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "expires_at_ms", b"expires_at_ms", "grant_id", b"grant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActiveGrant: _TypeAlias = ActiveGrant  # noqa: Y015
+
+@_typing.final
+class BudgetWindowStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SplitEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    WINDOW_START_MS_FIELD_NUMBER: _builtins.int
+    WINDOW_END_MS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    CAP_MICROS_FIELD_NUMBER: _builtins.int
+    GRANTED_MICROS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    SETTLED_MICROS_FIELD_NUMBER: _builtins.int
+    HELD_MICROS_FIELD_NUMBER: _builtins.int
+    REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
+    BURN_RATE_MICROS_PER_HOUR_FIELD_NUMBER: _builtins.int
+    PROJECTED_END_MICROS_FIELD_NUMBER: _builtins.int
+    PROJECTED_OVER_CAP_FIELD_NUMBER: _builtins.int
+    EXCEPTION_PATH_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    scope: _builtins.str
+    """Human-readable scope, e.g. "tenant=acme workload=* model=* provider=*"."""
+    window: _builtins.str
+    """hourly | daily | monthly"""
+    window_start_ms: _builtins.int
+    window_end_ms: _builtins.int
+    mode: _builtins.str
+    """enforce | observe"""
+    cap_micros: _builtins.int
+    """The policy's cap, and the cap raised by the active grants."""
+    granted_micros: _builtins.int
+    effective_cap_micros: _builtins.int
+    settled_micros: _builtins.int
+    held_micros: _builtins.int
+    remaining_micros: _builtins.int
+    """effective cap - settled - held (negative when over: observe mode, late actuals)."""
+    burn_rate_micros_per_hour: _builtins.int
+    """(settled + held) per hour of the window elapsed so far."""
+    projected_end_micros: _builtins.int
+    """settled + held if the window keeps burning at that rate to its end."""
+    projected_over_cap: _builtins.bool
+    exception_path: _builtins.str
+    @_builtins.property
+    def split(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values of the budget's `per` dimensions for this counter."""
+
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActiveGrant]: ...
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        split: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        window: _builtins.str = ...,
+        window_start_ms: _builtins.int = ...,
+        window_end_ms: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        cap_micros: _builtins.int = ...,
+        granted_micros: _builtins.int = ...,
+        effective_cap_micros: _builtins.int = ...,
+        settled_micros: _builtins.int = ...,
+        held_micros: _builtins.int = ...,
+        remaining_micros: _builtins.int = ...,
+        grants: _abc.Iterable[Global___ActiveGrant] | None = ...,
+        burn_rate_micros_per_hour: _builtins.int = ...,
+        projected_end_micros: _builtins.int = ...,
+        projected_over_cap: _builtins.bool = ...,
+        exception_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "burn_rate_micros_per_hour", b"burn_rate_micros_per_hour", "cap_micros", b"cap_micros", "effective_cap_micros", b"effective_cap_micros", "exception_path", b"exception_path", "granted_micros", b"granted_micros", "grants", b"grants", "held_micros", b"held_micros", "mode", b"mode", "projected_end_micros", b"projected_end_micros", "projected_over_cap", b"projected_over_cap", "remaining_micros", b"remaining_micros", "scope", b"scope", "settled_micros", b"settled_micros", "split", b"split", "window", b"window", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetWindowStatus: _TypeAlias = BudgetWindowStatus  # noqa: Y015
+
+@_typing.final
+class BudgetStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AS_OF_MS_FIELD_NUMBER: _builtins.int
+    POLICY_REVISION_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    as_of_ms: _builtins.int
+    policy_revision: _builtins.str
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetWindowStatus]: ...
+    def __init__(
+        self,
+        *,
+        as_of_ms: _builtins.int = ...,
+        policy_revision: _builtins.str = ...,
+        budgets: _abc.Iterable[Global___BudgetWindowStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "budgets", b"budgets", "policy_revision", b"policy_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetStatusResponse: _TypeAlias = BudgetStatusResponse  # noqa: Y015
 
 @_typing.final
 class GrantExceptionRequest(_message.Message):

@@ -209,6 +209,31 @@ class AdminStub:
                 request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyRequest.SerializeToString,
                 response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyResponse.FromString,
                 _registered_method=True)
+        self.RequestException = channel.unary_unary(
+                '/keel.pdp.v1.Admin/RequestException',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.RequestExceptionRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.FromString,
+                _registered_method=True)
+        self.ApproveException = channel.unary_unary(
+                '/keel.pdp.v1.Admin/ApproveException',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.DecideExceptionRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.FromString,
+                _registered_method=True)
+        self.RejectException = channel.unary_unary(
+                '/keel.pdp.v1.Admin/RejectException',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.DecideExceptionRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.FromString,
+                _registered_method=True)
+        self.ListExceptions = channel.unary_unary(
+                '/keel.pdp.v1.Admin/ListExceptions',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ListExceptionsRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ListExceptionsResponse.FromString,
+                _registered_method=True)
+        self.BudgetStatus = channel.unary_unary(
+                '/keel.pdp.v1.Admin/BudgetStatus',
+                request_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.BudgetStatusRequest.SerializeToString,
+                response_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.BudgetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -230,6 +255,44 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestException(self, request, context):
+        """A workload owner asks to exceed a budget that denied a request: the request
+        waits (PENDING) for an approver of the budget's exception path. Idempotent by
+        (denial permit id, budget, scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveException(self, request, context):
+        """Approve a pending request: a time-boxed grant the hold script applies from the
+        next decision on. The approver's role must be the exception path's role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectException(self, request, context):
+        """Refuse a pending request; the refusal is recorded, nothing is granted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExceptions(self, request, context):
+        """Exception requests, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BudgetStatus(self, request, context):
+        """Live figures of the current window of every matching budget, read from the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +305,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReloadPolicy,
                     request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyRequest.FromString,
                     response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyResponse.SerializeToString,
+            ),
+            'RequestException': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestException,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.RequestExceptionRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.SerializeToString,
+            ),
+            'ApproveException': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveException,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.DecideExceptionRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.SerializeToString,
+            ),
+            'RejectException': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectException,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.DecideExceptionRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.SerializeToString,
+            ),
+            'ListExceptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExceptions,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ListExceptionsRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.ListExceptionsResponse.SerializeToString,
+            ),
+            'BudgetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.BudgetStatus,
+                    request_deserializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.BudgetStatusRequest.FromString,
+                    response_serializer=keel_dot_pdp_dot_v1_dot_pdp__pb2.BudgetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -300,6 +388,141 @@ class Admin:
             '/keel.pdp.v1.Admin/ReloadPolicy',
             keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyRequest.SerializeToString,
             keel_dot_pdp_dot_v1_dot_pdp__pb2.ReloadPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/RequestException',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.RequestExceptionRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/ApproveException',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.DecideExceptionRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/RejectException',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.DecideExceptionRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ExceptionRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExceptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/ListExceptions',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ListExceptionsRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.ListExceptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BudgetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.pdp.v1.Admin/BudgetStatus',
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.BudgetStatusRequest.SerializeToString,
+            keel_dot_pdp_dot_v1_dot_pdp__pb2.BudgetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

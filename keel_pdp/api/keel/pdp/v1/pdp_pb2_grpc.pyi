@@ -101,6 +101,21 @@ class AdminStub:
     """A time-boxed cap raise on one budget, within its exception path's limits."""
     ReloadPolicy: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.ReloadPolicyRequest, _pdp_pb2.ReloadPolicyResponse]
     """Re-read the policy directory now (same as SIGHUP)."""
+    RequestException: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.RequestExceptionRequest, _pdp_pb2.ExceptionRecord]
+    """A workload owner asks to exceed a budget that denied a request: the request
+    waits (PENDING) for an approver of the budget's exception path. Idempotent by
+    (denial permit id, budget, scope).
+    """
+    ApproveException: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.DecideExceptionRequest, _pdp_pb2.ExceptionRecord]
+    """Approve a pending request: a time-boxed grant the hold script applies from the
+    next decision on. The approver's role must be the exception path's role.
+    """
+    RejectException: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.DecideExceptionRequest, _pdp_pb2.ExceptionRecord]
+    """Refuse a pending request; the refusal is recorded, nothing is granted."""
+    ListExceptions: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.ListExceptionsRequest, _pdp_pb2.ListExceptionsResponse]
+    """Exception requests, newest first."""
+    BudgetStatus: _grpc.UnaryUnaryMultiCallable[_pdp_pb2.BudgetStatusRequest, _pdp_pb2.BudgetStatusResponse]
+    """Live figures of the current window of every matching budget, read from the store."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -113,6 +128,21 @@ class AdminAsyncStub(AdminStub):
     """A time-boxed cap raise on one budget, within its exception path's limits."""
     ReloadPolicy: _aio.UnaryUnaryMultiCallable[_pdp_pb2.ReloadPolicyRequest, _pdp_pb2.ReloadPolicyResponse]  # type: ignore[assignment]
     """Re-read the policy directory now (same as SIGHUP)."""
+    RequestException: _aio.UnaryUnaryMultiCallable[_pdp_pb2.RequestExceptionRequest, _pdp_pb2.ExceptionRecord]  # type: ignore[assignment]
+    """A workload owner asks to exceed a budget that denied a request: the request
+    waits (PENDING) for an approver of the budget's exception path. Idempotent by
+    (denial permit id, budget, scope).
+    """
+    ApproveException: _aio.UnaryUnaryMultiCallable[_pdp_pb2.DecideExceptionRequest, _pdp_pb2.ExceptionRecord]  # type: ignore[assignment]
+    """Approve a pending request: a time-boxed grant the hold script applies from the
+    next decision on. The approver's role must be the exception path's role.
+    """
+    RejectException: _aio.UnaryUnaryMultiCallable[_pdp_pb2.DecideExceptionRequest, _pdp_pb2.ExceptionRecord]  # type: ignore[assignment]
+    """Refuse a pending request; the refusal is recorded, nothing is granted."""
+    ListExceptions: _aio.UnaryUnaryMultiCallable[_pdp_pb2.ListExceptionsRequest, _pdp_pb2.ListExceptionsResponse]  # type: ignore[assignment]
+    """Exception requests, newest first."""
+    BudgetStatus: _aio.UnaryUnaryMultiCallable[_pdp_pb2.BudgetStatusRequest, _pdp_pb2.BudgetStatusResponse]  # type: ignore[assignment]
+    """Live figures of the current window of every matching budget, read from the store."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Administrative calls. Each needs the admin token in the `authorization`
@@ -134,6 +164,51 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_pdp_pb2.ReloadPolicyResponse, _abc.Awaitable[_pdp_pb2.ReloadPolicyResponse]]:
         """Re-read the policy directory now (same as SIGHUP)."""
+
+    @_abc_1.abstractmethod
+    def RequestException(
+        self,
+        request: _pdp_pb2.RequestExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.ExceptionRecord, _abc.Awaitable[_pdp_pb2.ExceptionRecord]]:
+        """A workload owner asks to exceed a budget that denied a request: the request
+        waits (PENDING) for an approver of the budget's exception path. Idempotent by
+        (denial permit id, budget, scope).
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveException(
+        self,
+        request: _pdp_pb2.DecideExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.ExceptionRecord, _abc.Awaitable[_pdp_pb2.ExceptionRecord]]:
+        """Approve a pending request: a time-boxed grant the hold script applies from the
+        next decision on. The approver's role must be the exception path's role.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectException(
+        self,
+        request: _pdp_pb2.DecideExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.ExceptionRecord, _abc.Awaitable[_pdp_pb2.ExceptionRecord]]:
+        """Refuse a pending request; the refusal is recorded, nothing is granted."""
+
+    @_abc_1.abstractmethod
+    def ListExceptions(
+        self,
+        request: _pdp_pb2.ListExceptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.ListExceptionsResponse, _abc.Awaitable[_pdp_pb2.ListExceptionsResponse]]:
+        """Exception requests, newest first."""
+
+    @_abc_1.abstractmethod
+    def BudgetStatus(
+        self,
+        request: _pdp_pb2.BudgetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pdp_pb2.BudgetStatusResponse, _abc.Awaitable[_pdp_pb2.BudgetStatusResponse]]:
+        """Live figures of the current window of every matching budget, read from the store."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
