@@ -68,7 +68,11 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     FALLBACK_PRICE_USED: _ReasonCode.ValueType  # 9
     """The model was priced with the policy's fallback price."""
     REQUEST_ID_REUSED: _ReasonCode.ValueType  # 10
-    """The request's idempotency key was already used with different parameters."""
+    """The request_id belongs to a permit that has ended (settled, voided, expired): a replay
+    only returns a permit while it is held, and a new provider call needs a new request_id.
+    The message names the earlier permit and its state. (The same request_id with different
+    parameters is refused as INVALID_ARGUMENT.)
+    """
     MODEL_REROUTED: _ReasonCode.ValueType  # 11
     """A cheaper model of the workload's downgrade chain was chosen (CONSTRAIN)."""
     SHADOW_MODEL_NOT_ALLOWED: _ReasonCode.ValueType  # 12
@@ -77,6 +81,15 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """This decision took a budget past one of its soft thresholds (once per window)."""
     EXCEPTION_GRANT_APPLIED: _ReasonCode.ValueType  # 14
     """An active exception grant raised the budget's cap for this decision."""
+    USAGE_ABOVE_PERMIT: _ReasonCode.ValueType  # 15
+    """Closeout: the reported usage is above what the permit allowed (output tokens above its
+    max_output_tokens, or input tokens above its estimate) but within the overrun tolerance;
+    booked and flagged for review.
+    """
+    COST_ABOVE_HOLD: _ReasonCode.ValueType  # 16
+    """Closeout: the booked cost is above the amount held (booked, flagged)."""
+    INTERNAL_ERROR: _ReasonCode.ValueType  # 17
+    """An unexpected error inside the sidecar; each budget's fail mode decided."""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Stable reason codes. New codes are only ever appended."""
@@ -101,7 +114,11 @@ SHADOW_BUDGET_EXCEEDED: ReasonCode.ValueType  # 8
 FALLBACK_PRICE_USED: ReasonCode.ValueType  # 9
 """The model was priced with the policy's fallback price."""
 REQUEST_ID_REUSED: ReasonCode.ValueType  # 10
-"""The request's idempotency key was already used with different parameters."""
+"""The request_id belongs to a permit that has ended (settled, voided, expired): a replay
+only returns a permit while it is held, and a new provider call needs a new request_id.
+The message names the earlier permit and its state. (The same request_id with different
+parameters is refused as INVALID_ARGUMENT.)
+"""
 MODEL_REROUTED: ReasonCode.ValueType  # 11
 """A cheaper model of the workload's downgrade chain was chosen (CONSTRAIN)."""
 SHADOW_MODEL_NOT_ALLOWED: ReasonCode.ValueType  # 12
@@ -110,6 +127,15 @@ BUDGET_THRESHOLD_CROSSED: ReasonCode.ValueType  # 13
 """This decision took a budget past one of its soft thresholds (once per window)."""
 EXCEPTION_GRANT_APPLIED: ReasonCode.ValueType  # 14
 """An active exception grant raised the budget's cap for this decision."""
+USAGE_ABOVE_PERMIT: ReasonCode.ValueType  # 15
+"""Closeout: the reported usage is above what the permit allowed (output tokens above its
+max_output_tokens, or input tokens above its estimate) but within the overrun tolerance;
+booked and flagged for review.
+"""
+COST_ABOVE_HOLD: ReasonCode.ValueType  # 16
+"""Closeout: the booked cost is above the amount held (booked, flagged)."""
+INTERNAL_ERROR: ReasonCode.ValueType  # 17
+"""An unexpected error inside the sidecar; each budget's fail mode decided."""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 class _Outcome:
@@ -147,6 +173,10 @@ class _CloseoutStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Closeo
     SETTLED_AFTER_VOID: _CloseoutStatus.ValueType  # 5
     CLOSEOUT_STORE_UNAVAILABLE: _CloseoutStatus.ValueType  # 6
     """The store did not answer in time; retry the same Closeout (it is idempotent)."""
+    CLOSEOUT_PERMIT_PENDING: _CloseoutStatus.ValueType  # 7
+    """A permit issued while the store was unreachable (degraded) that the store does not know
+    yet: its issuing sidecar has not journaled it into Redis. Retry the same Closeout.
+    """
 
 class CloseoutStatus(_CloseoutStatus, metaclass=_CloseoutStatusEnumTypeWrapper): ...
 
@@ -158,6 +188,10 @@ UNKNOWN_PERMIT: CloseoutStatus.ValueType  # 4
 SETTLED_AFTER_VOID: CloseoutStatus.ValueType  # 5
 CLOSEOUT_STORE_UNAVAILABLE: CloseoutStatus.ValueType  # 6
 """The store did not answer in time; retry the same Closeout (it is idempotent)."""
+CLOSEOUT_PERMIT_PENDING: CloseoutStatus.ValueType  # 7
+"""A permit issued while the store was unreachable (degraded) that the store does not know
+yet: its issuing sidecar has not journaled it into Redis. Retry the same Closeout.
+"""
 Global___CloseoutStatus: _TypeAlias = CloseoutStatus  # noqa: Y015
 
 class _VoidStatus:
@@ -541,6 +575,7 @@ class CloseoutResponse(_message.Message):
     CORRECTION_MICROS_FIELD_NUMBER: _builtins.int
     HELD_MICROS_FIELD_NUMBER: _builtins.int
     PRICED_COST_MICROS_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     status: Global___CloseoutStatus.ValueType
     actual_cost_micros: _builtins.int
     estimated_cost_micros: _builtins.int
@@ -549,6 +584,10 @@ class CloseoutResponse(_message.Message):
     held_micros: _builtins.int
     priced_cost_micros: _builtins.int
     """Keel's own price of the usage (equals actual unless provider_cost_micros was given)."""
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockReason]:
+        """Why this settlement needs a look (USAGE_ABOVE_PERMIT, COST_ABOVE_HOLD); booked all the same."""
+
     def __init__(
         self,
         *,
@@ -558,10 +597,11 @@ class CloseoutResponse(_message.Message):
         correction_micros: _builtins.int = ...,
         held_micros: _builtins.int = ...,
         priced_cost_micros: _builtins.int = ...,
+        flags: _abc.Iterable[Global___BlockReason] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_cost_micros", b"actual_cost_micros", "correction_micros", b"correction_micros", "estimated_cost_micros", b"estimated_cost_micros", "held_micros", b"held_micros", "priced_cost_micros", b"priced_cost_micros", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_cost_micros", b"actual_cost_micros", "correction_micros", b"correction_micros", "estimated_cost_micros", b"estimated_cost_micros", "flags", b"flags", "held_micros", b"held_micros", "priced_cost_micros", b"priced_cost_micros", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
