@@ -59,6 +59,7 @@ class Code(StrEnum):
     SHADOW_MODEL_NOT_ALLOWED = "SHADOW_MODEL_NOT_ALLOWED"
     BUDGET_THRESHOLD_CROSSED = "BUDGET_THRESHOLD_CROSSED"
     EXCEPTION_GRANT_APPLIED = "EXCEPTION_GRANT_APPLIED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 # Reasons that explain an answer without blocking it.
@@ -743,8 +744,9 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False,
 
 def without_store(p: Plan, code: Code = Code.STORE_UNAVAILABLE) -> Outcome:
     """Apply each budget's fail mode when the store could not be consulted."""
-    why = ("the budget store did not answer in time" if code is Code.STORE_UNAVAILABLE
-           else "the caller's deadline left no time to consult the budget store")
+    why = {Code.STORE_UNAVAILABLE: "the budget store did not answer in time",
+           Code.INTERNAL_ERROR: "the sidecar failed unexpectedly while deciding",
+           }.get(code, "the caller's deadline left no time to consult the budget store")
     closed = [t for t in p.targets if t.budget.enforce and not t.budget.fail_open]
     if closed:
         reasons = tuple(
@@ -757,6 +759,17 @@ def without_store(p: Plan, code: Code = Code.STORE_UNAVAILABLE) -> Outcome:
                   "fails open.")
     return _base_outcome(p, DecisionKind.ALLOW, reasons=(note, *p.pre_reasons), degraded=True,
                          expires_at_ms=p.expires_at_ms)
+
+
+def internal_error(req: AuthorizeInput, permit_id: str) -> Outcome:
+    """DENY when deciding failed before the matching budgets were known (no fail mode
+    can apply to budgets nobody has matched)."""
+    return Outcome(
+        DecisionKind.DENY, permit_id, "", "", 0, req.max_output_tokens, req.model, req.provider,
+        reasons=(Reason(Code.INTERNAL_ERROR,
+                        "The sidecar failed unexpectedly before it could match this request's "
+                        "budgets; nothing was held. Retry; the error is logged and counted."),),
+    )
 
 
 def not_loaded(req: AuthorizeInput, permit_id: str) -> Outcome:

@@ -292,6 +292,35 @@ class Engine:
         if out.decision is dec.DecisionKind.ALLOW and meta:
             self._remember(out.permit_id, keys, meta, True, wexp)
 
+    def decide_on_failure(self, req: AuthorizeInput) -> Outcome:
+        """The decision for an Authorize that raised unexpectedly (a bug, not an outage).
+
+        Each budget's fail mode applies as when the store is unreachable, with the
+        reason INTERNAL_ERROR; the decision is journaled like any degraded one (a
+        fail-open ALLOW is a degraded permit that Closeout settles). If even planning
+        fails, no budget is known and the answer is DENY.
+        """
+        now = _now_ms()
+        try:
+            snapshot = self.policies.current
+            if snapshot is None:
+                return self._count(dec.not_loaded(req, dec.new_permit_id(now)))
+            p = dec.plan(snapshot, req, now)
+            data = dec.event_data(p)
+            if p.denial:
+                out = dec.denied_by_policy(p)
+                self._record_degraded(p, data, out)
+                return self._count(out)
+            _, mat, metas = self.prepare_hold(p, data)
+            out = dec.without_store(p, dec.Code.INTERNAL_ERROR)
+            first = p.candidates[0].target_idx
+            self._record_degraded(p, data, out, tuple(mat.window_keys[i] for i in first),
+                                  tuple(mat.wexp[i] for i in first), metas[0])
+            return self._count(out)
+        except Exception:
+            log.exception("authorize failed and so did its fail-mode decision; denying")
+            return self._count(dec.internal_error(req, dec.new_permit_id(now)))
+
     # ---------------------------------------------------------------- closeout
     async def closeout(self, permit_id: str, usage: TokenUsage, outcome: str,
                        provider_cost_micros: int | None,
