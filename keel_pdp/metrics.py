@@ -64,6 +64,17 @@ class Metrics:
             "Decision events dropped because the outbox was full.", registry=r)
         self.inflight = Gauge(
             "keel_pdp_inflight_rpcs", "RPCs being served right now.", registry=r)
+        self.internal_errors = Counter(
+            "keel_pdp_internal_errors_total",
+            "Unexpected exceptions in an RPC, answered by a fail-mode decision or INTERNAL.",
+            ["method"], registry=r)
+        self.idle_streams = Gauge(
+            "keel_pdp_idle_streams", "Calls opened whose request message has not arrived yet.",
+            registry=r)
+        self.idle_streams_closed = Counter(
+            "keel_pdp_idle_streams_closed_total",
+            "Calls ended because their request message never came, by reason "
+            "(timeout, evicted).", ["reason"], registry=r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and
