@@ -62,6 +62,11 @@ class Metrics:
         self.outbox_dropped = Counter(
             "keel_pdp_outbox_dropped_total",
             "Decision events dropped because the outbox was full.", registry=r)
+        self.caller_refusals = Counter(
+            "keel_pdp_caller_refusals_total",
+            "Calls whose caller identity lacks a Callers binding: refused (mode enforce) or "
+            "served and counted (mode observe), by RPC and what was missing.",
+            ["rpc", "reason", "mode"], registry=r)
         self.inflight = Gauge(
             "keel_pdp_inflight_rpcs", "RPCs being served right now.", registry=r)
         self.internal_errors = Counter(
