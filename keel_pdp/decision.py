@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TypeVar, cast
 
+from keel_pdp.caller import CALLER
 from keel_pdp.policy.snapshot import (
     SHAPE_CACHE_SIZE,
     CompiledBudget,
@@ -594,6 +595,9 @@ def event_data(p: Plan) -> str:
         head += '"cands":' + _dumps(cands) + ","
     if req.labels:
         head += '"labels":' + _labels_json(req.labels)[1] + ","
+    who = CALLER.get()  # the authenticated caller, when identities are checked
+    if who:
+        head += '"caller":' + _dumps(who) + ","
     assert p.shape is not None
     return head + p.shape.event_tail
 
