@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from keel_pdp import caller
 from keel_pdp import decision as dec
 from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
 from keel_pdp.budget.resp import Shared
@@ -359,6 +360,7 @@ class Engine:
                 "usage": {"in": usage.input_tokens, "cached": usage.cached_input_tokens,
                           "cw": usage.cache_write_tokens, "out": usage.output_tokens,
                           "rsn": usage.reasoning_tokens},
+                **caller.event_fields(),
             }, separators=(",", ":"))
             if cached.degraded:
                 res = json.dumps({"st": "SETTLED", "act": actual, "est": 0, "amt": 0,
@@ -413,7 +415,8 @@ class Engine:
                     permit_id, budget) is not None:
                 cached = None  # held after all (a timed-out reply): release it normally
             if cached is not None and cached.degraded:
-                data = json.dumps({"v": 1, "now": now, "reason": reason})
+                data = json.dumps({"v": 1, "now": now, "reason": reason,
+                                   **caller.event_fields()})
                 res = json.dumps({"st": "RELEASED", "amt": 0, "state": "voided"})
                 await self.store.record("void", permit_id, now, data, res, budget)
                 # Forgotten only once recorded: a void that failed can be retried.
@@ -427,7 +430,8 @@ class Engine:
                 keys = rec.keys
             else:
                 keys = cached.keys
-            data = json.dumps({"v": 1, "now": now, "reason": reason}, separators=(",", ":"))
+            data = json.dumps({"v": 1, "now": now, "reason": reason, **caller.event_fields()},
+                              separators=(",", ":"))
             out = await self.store.release(permit_id, keys, now, "voided", data, budget)
         except StoreUnavailable as exc:
             self.metrics.child(self.metrics.store_errors, "void").inc()
