@@ -95,6 +95,9 @@ class EntryRow:
     price_pico: tuple[int, int, int, int] | None = None
     reason: str = ""
     degraded: bool = False
+    # The authenticated identity that authorized (permit, denial), closed out
+    # (settlement, correction) or voided; '' when identities were not checked.
+    caller: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
     def with_dims(self, dims: Dims) -> EntryRow:
@@ -215,6 +218,10 @@ def _primary_reason(reasons: Any) -> str:
     return next((c for c in codes if isinstance(c, str) and c), "")
 
 
+def _caller(data: dict[str, Any]) -> str:
+    return _get_str(data, "caller", "data")[:512]
+
+
 def _dims(data: dict[str, Any]) -> Dims:
     return Dims(_get_str(data, "tenant", "data"), _get_str(data, "workload", "data"),
                 _get_str(data, "model", "data"), _get_str(data, "provider", "data"))
@@ -303,7 +310,7 @@ def _decision(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
         "policy_revision": _get_str(data, "rev", "data"),
         "price_revision": _get_str(data, "prev", "data"),
         "estimate_micros": est, "max_output_tokens": k, "price_pico": price_pico,
-        "degraded": degraded, "detail": detail, "reason": reason,
+        "degraded": degraded, "detail": detail, "reason": reason, "caller": _caller(data),
         "input_tokens": _get_int(data, "in_tok", "data", default=0, lo=0, hi=MAX_TOKENS),
         "output_tokens": _get_int(data, "out_tok", "data", default=0, lo=0, hi=MAX_TOKENS),
     }
@@ -381,7 +388,7 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
         "actual_micros": act, "priced_micros": priced, "provider_cost_micros": pc,
         "input_tokens": tok["in"], "cached_input_tokens": tok["cached"],
         "cache_write_tokens": tok["cw"], "output_tokens": tok["out"],
-        "reasoning_tokens": tok["rsn"], "reason": outcome,
+        "reasoning_tokens": tok["rsn"], "reason": outcome, "caller": _caller(data),
         "detail": {"prior": prior},
     }
     return [
@@ -403,7 +410,7 @@ def _release(ev: StreamEvent) -> list[EntryRow]:
     return [EntryRow(event_id=ev.event_id, seq=0, kind=kind, permit_id=ev.permit_id,
                      ts_ms=ev.ts_ms, belongs_to=ev.belongs_to, status="RELEASED",
                      held_micros=amt, amount_micros=-amt,
-                     reason=_get_str(ev.data, "reason", "data")[:512])]
+                     reason=_get_str(ev.data, "reason", "data")[:512], caller=_caller(ev.data))]
 
 
 def _grant(ev: StreamEvent) -> list[EntryRow]:

@@ -157,10 +157,17 @@ def _pg_guards() -> tuple[str, ...]:
     return tuple(out)
 
 
+_CALLER = (
+    "ALTER TABLE ledger_entries ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX ledger_entries_caller ON ledger_entries (caller)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial ledger schema", _common_initial("sqlite"),
               _common_initial("postgresql")),
     Migration(2, "append-only guards", _sqlite_guards(), _pg_guards()),
+    # Who authorized, closed out or voided (the caller identity, issue 18).
+    Migration(3, "caller identity on entries", _CALLER, _CALLER),
 )
 LATEST = MIGRATIONS[-1].version
 

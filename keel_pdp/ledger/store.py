@@ -46,6 +46,7 @@ _ENTRY_COLUMNS = (
     "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
     "max_output_tokens", "price_input_pico", "price_cached_input_pico",
     "price_cache_write_pico", "price_output_pico", "reason", "degraded", "actor", "detail",
+    "caller",
 )
 _BUDGET_COLUMNS = (
     "permit_id", "ordinal", "event_id", "budget_id", "scope", "window_kind", "window_start_ms",
@@ -465,6 +466,7 @@ def _entry_values(r: EntryRow, dims: Dims, period: str, at: int) -> tuple[Any, .
         r.reasoning_tokens, r.max_output_tokens, price[0], price[1], price[2], price[3],
         _text(r.reason), 1 if r.degraded else 0, "",
         json.dumps(r.detail, separators=(",", ":"), sort_keys=True, default=str),
+        _text(r.caller),
     )
 
 

@@ -7,7 +7,7 @@ draining on SIGTERM.
 
 from __future__ import annotations
 
-import time
+import logging
 from typing import Any
 
 import grpc
@@ -20,6 +20,9 @@ from keel_pdp.decision import InvalidRequest
 from keel_pdp.engine import Engine
 from keel_pdp.metrics import Metrics
 from keel_pdp.server import convert
+from keel_pdp.server.guard import FIRST_MESSAGE_TIMEOUT_S, ServerGuard
+
+log = logging.getLogger("keel_pdp.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyDecisionPoint"].full_name
 
@@ -30,59 +33,64 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 
 
 class PdpServicer(pb_grpc.PolicyDecisionPointServicer):
+    """Latency, status counts, admission and undecodable requests are the
+    interceptor's (``guard.ServerGuard``); here: proto <-> domain, and every
+    failure made a decision."""
+
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
-        self._lat_auth = metrics.rpc_latency.labels("Authorize")
-        self._lat_close = metrics.rpc_latency.labels("Closeout")
-        self._lat_void = metrics.rpc_latency.labels("Void")
 
-    async def _invalid(self, method: str, context: Any, exc: InvalidRequest) -> None:
-        self.metrics.rpc_errors.labels(method, "INVALID_ARGUMENT").inc()
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    def _failed(self, method: str) -> None:
+        log.exception("%s failed unexpectedly; answering with the fail-mode decision", method)
+        self.metrics.child(self.metrics.internal_errors, method).inc()
 
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AuthorizeResponse:
-        t0 = time.perf_counter()
+        inp = convert.authorize_input(request)
         try:
-            out = await self.engine.authorize(convert.authorize_input(request), _deadline(context))
-            return convert.authorize_response(out)
+            out = await self.engine.authorize(inp, _deadline(context))
         except InvalidRequest as exc:
-            await self._invalid("Authorize", context, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # unreachable: abort raises
-        finally:
-            self._lat_auth.observe(time.perf_counter() - t0)
+        except Exception:
+            # Invariant 7: each budget's fail mode decides, as for a store outage.
+            self._failed("Authorize")
+            out = self.engine.decide_on_failure(inp)
+        return convert.authorize_response(out)
 
     async def Closeout(
         self, request: pb.CloseoutRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseoutResponse:
-        t0 = time.perf_counter()
+        has_cost = request.HasField("provider_cost_micros")
+        cost = request.provider_cost_micros if has_cost else None
         try:
-            has_cost = request.HasField("provider_cost_micros")
-            cost = request.provider_cost_micros if has_cost else None
             out = await self.engine.closeout(
                 request.permit_id, convert.usage(request.usage),
                 convert.outcome_name(request.outcome), cost, _deadline(context))
-            return convert.closeout_response(out)
         except InvalidRequest as exc:
-            await self._invalid("Closeout", context, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
-        finally:
-            self._lat_close.observe(time.perf_counter() - t0)
+        except Exception:
+            # Nothing was booked by this call that a retry would book twice
+            # (Closeout is idempotent by permit): ask for the retry.
+            self._failed("Closeout")
+            return pb.CloseoutResponse(status=pb.CLOSEOUT_STORE_UNAVAILABLE)
+        return convert.closeout_response(out)
 
     async def Void(
         self, request: pb.VoidRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.VoidResponse:
-        t0 = time.perf_counter()
         try:
             out = await self.engine.void(request.permit_id, request.reason, _deadline(context))
-            return convert.void_response(out)
         except InvalidRequest as exc:
-            await self._invalid("Void", context, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
-        finally:
-            self._lat_void.observe(time.perf_counter() - t0)
+        except Exception:
+            self._failed("Void")
+            return pb.VoidResponse(status=pb.VOID_STORE_UNAVAILABLE)
+        return convert.void_response(out)
 
 
 class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
@@ -109,11 +117,22 @@ def build_server(engine: Engine, metrics: Metrics, listen: str, *,
                  extra_services: list[Any] | None = None,
                  reuse_port: bool = False,
                  credentials: grpc.ServerCredentials | None = None,
-                 max_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, Health, int]:
-    """``max_concurrent_rpcs``: beyond it, calls are refused at once with
-    RESOURCE_EXHAUSTED instead of queueing (memory stays bounded)."""
-    options = [("grpc.so_reuseport", 1 if reuse_port else 0)]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+                 max_concurrent_rpcs: int | None = None,
+                 first_message_timeout_s: float = FIRST_MESSAGE_TIMEOUT_S,
+                 ) -> tuple[grpc.aio.Server, Health, int]:
+    """``max_concurrent_rpcs``: beyond it, calls whose request has arrived are refused
+    at once with RESOURCE_EXHAUSTED instead of queueing (memory stays bounded); calls
+    still waiting for their request are not counted (see ``guard``), and health
+    checks are never refused. One HTTP/2 connection may open twice that many streams
+    (at least 100): enough that a caller is refused by admission rather than queued
+    by its own connection, few enough that one connection cannot hold unbounded idle
+    streams."""
+    options: list[tuple[str, Any]] = [("grpc.so_reuseport", 1 if reuse_port else 0)]
+    if max_concurrent_rpcs is not None:
+        options.append(("grpc.max_concurrent_streams", max(100, 2 * max_concurrent_rpcs)))
+    guard = ServerGuard(metrics, max_concurrent_rpcs=max_concurrent_rpcs,
+                        first_message_timeout_s=first_message_timeout_s)
+    server = grpc.aio.server(options=options, interceptors=[guard])
     pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine, metrics), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     h = Health()
