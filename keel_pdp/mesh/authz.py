@@ -52,6 +52,7 @@ _STATUS_BY_CODE: dict[str, int] = {
     Code.STORE_UNAVAILABLE: 503,
     Code.DEADLINE_TOO_SHORT: 503,
     Code.POLICY_NOT_LOADED: 503,
+    Code.REQUEST_ID_REUSED: 409,
 }
 _ERROR_TYPE = {400: "invalid_request_error", 403: "permission_error", 409: "invalid_request_error",
                413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
@@ -173,54 +174,90 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _passthrough(self) -> Any:
+    def _passthrough(self, reason: str, method: str, host: str, path: str) -> Any:
         self.m.checks.labels("passthrough").inc()
+        self.m.unmetered.labels(reason).inc()
+        # Never the query string: some APIs carry keys there (Gemini's ?key=).
+        log.info("unmetered call passed through (%s): %s %s%s", reason, method[:16],
+                 host[:200], path.split("?", 1)[0][:300])
         resp = et.auth.CheckResponse(status=et.rpc_status.Status(code=GRPC_OK))
         resp.ok_response.headers_to_remove.extend(c.KEEL_SET_HEADERS)
         return resp
 
-    def _bad(self, exc: rq.BadRequest | InvalidRequest, status: int = 400) -> Any:
+    def _unmetered(self, method: str, host: str, path: str, named_provider: str) -> Any:
+        """A request no metered API matches: pass it only where it is known not to be LLM
+        traffic; a provider's endpoint Keel cannot read is refused (NOT_METERED)."""
+        cfg = self.cfg
+        if cfg.listed_unmetered(host, path):
+            return self._passthrough("listed", method, host, path)
+        provider_call = bool(named_provider) or cfg.is_provider_host(host)
+        if cfg.pass_unmetered and not provider_call:
+            return self._passthrough("not_provider_host", method, host, path)
+        self.m.checks.labels("not_metered").inc()
+        where = f"{method[:16]} {host[:200]}{path.split('?', 1)[0][:300]}"
+        why = ("is a provider endpoint Keel cannot meter" if provider_call
+               else "is not an LLM API Keel can meter")
+        return _denied(403, error_body(
+            403, "NOT_METERED", f"{where} {why}, and this sidecar sends no call that nothing "
+            "would book. If it is not LLM traffic, list it in KEEL_MESH_UNMETERED_ROUTES."),
+            ((c.H_DECISION, "DENY"), ("x-keel-reason", "NOT_METERED")))
+
+    def _bad(self, exc: rq.BadRequest | InvalidRequest, status: int = 400,
+             code: str = "KEEL_BAD_REQUEST") -> Any:
         self.m.checks.labels("bad_request").inc()
         status = exc.status if isinstance(exc, rq.BadRequest) else status
-        return _denied(status, error_body(status, "KEEL_BAD_REQUEST", str(exc)))
+        return _denied(status, error_body(status, code, str(exc)))
+
+    def _reused(self, message: str) -> Any:
+        self.m.checks.labels("request_id_reused").inc()
+        return _denied(409, error_body(409, Code.REQUEST_ID_REUSED, message),
+                       ((c.H_DECISION, "DENY"), ("x-keel-reason", Code.REQUEST_ID_REUSED)))
+
+    def read_body(self, api: rq.Api, provider: str, headers: Mapping[str, str],
+                  raw: bytes) -> rq.LlmRequest:
+        """The request body as Authorize needs it; a body Envoy cut (flagged, shorter than
+        its content-length, or as long as max_request_bytes with no content-length and
+        not a whole JSON document) is estimated from what arrived, never refused as 400."""
+        encoding = headers.get("content-encoding", "")
+        length_text = headers.get("content-length", "")
+        length = int(length_text) if length_text.isdigit() else -1
+        cut = headers.get("x-envoy-auth-partial-body") == "true" or 0 <= len(raw) < length
+        if not cut:
+            try:
+                return rq.parse_body(api, provider, rq.decode_body(raw, encoding))
+            except rq.BadRequest:
+                if length >= 0 or len(raw) < self.cfg.max_request_bytes:
+                    raise
+        prefix = rq.decode_prefix(raw, encoding)
+        # The whole body's size: content-length scaled by the prefix's compression ratio.
+        total = len(prefix) if length < 0 else -(-length * len(prefix) // max(1, len(raw)))
+        return rq.parse_partial(api, provider, prefix, total)
 
     async def check(self, check: Any, deadline_s: float | None) -> Any:
         cfg = self.cfg
         attrs = check.attributes
         http = attrs.request.http
         headers = request_headers(check)
-        route = rq.match_path(http.method or headers.get(":method", ""),
-                              http.path or headers.get(":path", ""))
-        if route is None:
-            if cfg.pass_unmetered:
-                return self._passthrough()
-            self.m.checks.labels("deny").inc()
-            return _denied(403, error_body(
-                403, "NOT_METERED", f"{http.method} {http.path.split('?')[0]} is not a metered "
-                "LLM API and this sidecar refuses unmetered calls."))
-        api, default_provider = route
+        method = http.method or headers.get(":method", "")
+        path = http.path or headers.get(":path", "")
+        host = http.host or headers.get(":authority", "")
         ext = attrs.context_extensions
+        named_provider = ext.get("keel_provider") or headers.get(cfg.provider_header, "")
+        route = rq.match_path(method, path)
+        if route is None:
+            return self._unmetered(method, host, path, named_provider)
+        api, default_provider = route
         tenant = ext.get("keel_tenant") or headers.get(cfg.tenant_header, "")
         workload = ext.get("keel_workload") or headers.get(cfg.workload_header, "")
+        rid = ""
         try:
             for name, value in ((cfg.tenant_header, tenant), (cfg.workload_header, workload)):
                 if not value:
                     raise rq.BadRequest(f"header {name} is required: it names who pays")
-            provider = rq.provider_for(
-                default_provider, http.host or headers.get(":authority", ""),
-                ext.get("keel_provider") or headers.get(cfg.provider_header, ""),
-                cfg.provider_hosts)
+            provider = rq.provider_for(default_provider, host, named_provider,
+                                       cfg.provider_hosts)
             raw = http.raw_body or http.body.encode("utf-8", "surrogatepass")
-            if headers.get("x-envoy-auth-partial-body") == "true":
-                if headers.get("content-encoding", "identity") not in ("", "identity"):
-                    raise rq.BadRequest("compressed request body was truncated; raise "
-                                        "with_request_body.max_request_bytes", status=413)
-                length = headers.get("content-length", "0")
-                llm = rq.parse_partial(api, provider, raw,
-                                       int(length) if length.isdigit() else 0)
-            else:
-                llm = rq.parse_body(
-                    api, provider, rq.decode_body(raw, headers.get("content-encoding", "")))
+            llm = self.read_body(api, provider, headers, raw)
             rid = rq.request_id(headers.get(cfg.request_id_header, ""), http.id,
                                 (tenant.encode(), http.path.encode(), raw,
                                  attrs.request.time.SerializeToString()))
@@ -228,12 +265,25 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                 request_id=rid, tenant=tenant, workload=workload, model=llm.model,
                 provider=provider, estimated_input_tokens=llm.estimated_input_tokens,
                 max_output_tokens=llm.max_output_tokens,
-                labels=(("api", str(api)), ("stream", "true" if llm.stream else "false")))
+                # The body's digest is part of what makes two requests with one
+                # request id the same request: another body is another call.
+                labels=(("api", str(api)), ("stream", "true" if llm.stream else "false"),
+                        (rq.BODY_LABEL, rq.body_digest(raw, headers.get("content-length", "")))))
             out = await self._authorize(inp, deadline_s)
         except rq.BadRequest as exc:
             return self._bad(exc)
         except InvalidRequest as exc:
-            return self._bad(exc, 409 if "already used" in str(exc) else 400)
+            if "already used" in str(exc):
+                return self._reused(f"{exc}: x-request-id {rid[:64]!r} came with another "
+                                    "body or parameters; every provider call needs its own "
+                                    "request id. This call was not sent.")
+            return self._bad(exc)
+        if out.replayed and out.decision is not DecisionKind.DENY:
+            # Every Check is a provider call: none may ride on a permit another call
+            # obtained (still in flight, or already settled, voided or expired).
+            return self._reused(f"x-request-id {rid[:64]!r} already obtained permit "
+                                f"{out.permit_id} for a call with this body; every provider "
+                                "call needs its own request id. This call was not sent.")
         if out.decision is DecisionKind.DENY:
             return self._deny(out)
         return self._allow(out, llm)

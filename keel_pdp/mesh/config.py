@@ -36,6 +36,19 @@ METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
 DEFAULT_PROVIDER_HOSTS = (("anthropic", "anthropic"), ("openai", "openai"))
 
+# The public API hosts of LLM providers (exact names, or ``.suffix`` for a
+# family of hosts). A call to one of them that Keel cannot meter is refused
+# (403 NOT_METERED) unless KEEL_MESH_UNMETERED_ROUTES lists it: an unknown
+# endpoint of a provider is a provider call that nothing would book.
+KNOWN_PROVIDER_HOSTS = (
+    "api.openai.com", "api.anthropic.com", ".openai.azure.com", ".services.ai.azure.com",
+    ".cognitiveservices.azure.com", "generativelanguage.googleapis.com",
+    "aiplatform.googleapis.com", ".aiplatform.googleapis.com", ".amazonaws.com",
+    "api.mistral.ai", "api.cohere.com", "api.cohere.ai", "api.groq.com",
+    "api.together.xyz", "api.fireworks.ai", "api.deepseek.com", "api.x.ai",
+    "openrouter.ai",
+)
+
 
 class MeshConfigError(ValueError):
     pass
@@ -74,9 +87,17 @@ class MeshConfig:
     workload_header: str = "x-keel-workload"
     provider_header: str = "x-keel-provider"
     request_id_header: str = "x-request-id"
-    # POST requests to paths Keel does not meter (GET /v1/models, embeddings...)
-    # pass untouched when true, and are refused with 403 when false.
-    pass_unmetered: bool = True
+    # Requests Keel cannot meter, to hosts that are not LLM providers, pass
+    # untouched when true (counted and logged); refused with 403 when false.
+    # A provider host is refused either way unless unmetered_routes lists it.
+    pass_unmetered: bool = False
+    # (host, path prefix) pairs explicitly known not to be LLM traffic; they
+    # pass untouched, counted and logged. Host "*": any host;
+    # ".example.com": that domain and its subdomains.
+    unmetered_routes: tuple[tuple[str, str], ...] = ()
+    # Envoy's with_request_body.max_request_bytes: a body of exactly this length
+    # with no content-length may have been cut.
+    max_request_bytes: int = 1024 * 1024
     # Host substrings that name the provider when no header does.
     provider_hosts: tuple[tuple[str, str], ...] = DEFAULT_PROVIDER_HOSTS
     # Largest response body kept in memory to read its usage (JSON, not SSE).
@@ -101,6 +122,17 @@ class MeshConfig:
                         f"KEEL_MESH_PROVIDER_HOSTS item {item!r} must be HOST_SUBSTRING=PROVIDER")
                 pairs.append((sub.lower(), provider))
             hosts = tuple(pairs)
+        routes = []
+        for item in e.get("KEEL_MESH_UNMETERED_ROUTES", "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            host, slash, path = item.partition("/")
+            if not host or " " in item:
+                raise MeshConfigError(
+                    f"KEEL_MESH_UNMETERED_ROUTES item {item!r} must be HOST[/PATH_PREFIX] "
+                    "(HOST: a name, .domain for its subdomains, or * for any host)")
+            routes.append((host.lower(), slash + path))
         return cls(
             tenant_header=e.get("KEEL_MESH_TENANT_HEADER", cls.tenant_header).lower(),
             workload_header=e.get("KEEL_MESH_WORKLOAD_HEADER", cls.workload_header).lower(),
@@ -109,9 +141,32 @@ class MeshConfig:
                                     cls.request_id_header).lower(),
             pass_unmetered=_bool(e, "KEEL_MESH_PASS_UNMETERED", cls.pass_unmetered),
             provider_hosts=hosts,
+            unmetered_routes=tuple(routes),
+            max_request_bytes=_int(e, "KEEL_MESH_MAX_REQUEST_BYTES", cls.max_request_bytes,
+                                   1024, 1 << 30),
             max_response_bytes=_int(e, "KEEL_MESH_MAX_RESPONSE_BYTES", cls.max_response_bytes,
                                     1024, 1 << 30),
             closeout_attempts=_int(e, "KEEL_MESH_CLOSEOUT_ATTEMPTS", cls.closeout_attempts,
                                    1, 20),
             unseen_permit_s=_int(e, "KEEL_MESH_UNSEEN_PERMIT_S", cls.unseen_permit_s, 0, 3600),
         )
+
+    def is_provider_host(self, host: str) -> bool:
+        """A host that serves LLM calls: a known API host or a configured provider host."""
+        name = host.lower().rsplit(":", 1)[0] if host.count(":") == 1 else host.lower()
+        if any(sub in name for sub, _ in self.provider_hosts):
+            return True
+        return any(name == h or (h.startswith(".") and name.endswith(h))
+                   for h in KNOWN_PROVIDER_HOSTS)
+
+    def listed_unmetered(self, host: str, path: str) -> bool:
+        """Whether KEEL_MESH_UNMETERED_ROUTES names this host and path as not LLM traffic."""
+        name = host.lower().rsplit(":", 1)[0] if host.count(":") == 1 else host.lower()
+        clean = path.split("?", 1)[0]
+        for h, prefix in self.unmetered_routes:
+            host_ok = h in ("", "*") or name == h or (h.startswith(".") and (
+                name.endswith(h) or name == h[1:]))
+            base = prefix.rstrip("/")
+            if host_ok and (not base or clean == base or clean.startswith(base + "/")):
+                return True
+        return False

@@ -18,7 +18,12 @@ class MeshMetrics:
         self.checks = Counter(
             "keel_pdp_mesh_checks_total",
             "Envoy ext_authz checks by result (allow, constrain, deny, bad_request, "
-            "passthrough, error).", ["result"], registry=r)
+            "request_id_reused, not_metered, passthrough, error).", ["result"], registry=r)
+        self.unmetered = Counter(
+            "keel_pdp_mesh_unmetered_passthrough_total",
+            "Calls passed to the upstream with no permit, by why (listed: "
+            "KEEL_MESH_UNMETERED_ROUTES; not_provider_host: KEEL_MESH_PASS_UNMETERED).",
+            ["reason"], registry=r)
         self.settlements = Counter(
             "keel_pdp_mesh_settlements_total",
             "Permits ended by ext_proc, by action (closeout, void), outcome and whether the "

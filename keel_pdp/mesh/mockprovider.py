@@ -31,6 +31,7 @@ import contextlib
 import json
 import signal
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,10 +313,13 @@ class MockProvider:
             return True
         api = route[0]
         try:
-            body = json.loads(req.body or b"{}")
+            raw = req.body
+            if req.headers.get("content-encoding", "").lower() in ("gzip", "deflate"):
+                raw = zlib.decompress(raw, 47)
+            body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("body is not an object")
-        except ValueError as exc:
+        except (ValueError, zlib.error) as exc:
             w.write(_json_response(400, "Bad Request", {"error": {
                 "type": "invalid_request_error", "message": str(exc)}}))
             await w.drain()

@@ -136,6 +136,31 @@ def decode_body(body: bytes, content_encoding: str) -> bytes:
     return out
 
 
+def decode_prefix(body: bytes, content_encoding: str) -> bytes:
+    """As much of a truncated body as can be decoded (a gzip/deflate prefix inflates)."""
+    enc = content_encoding.strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc not in ("gzip", "x-gzip", "deflate"):
+        raise BadRequest(f"content-encoding {enc!r} is not supported (use gzip, deflate "
+                         "or none)", status=415)
+    inflate = zlib.decompressobj(47)
+    try:
+        return inflate.decompress(body, MAX_BODY_BYTES)
+    except zlib.error as exc:
+        raise BadRequest(f"request body is not valid {enc}: {exc}") from exc
+
+
+BODY_LABEL = "body_hash"
+
+
+def body_digest(raw: bytes, content_length: str = "") -> str:
+    """A short digest of the body as sent (with its declared length, for a cut body)."""
+    h = hashlib.blake2b(raw, digest_size=12)
+    h.update(b"|" + content_length.encode("ascii", "replace")[:20])
+    return h.hexdigest()
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{name} must be a positive integer (got {json.dumps(value)[:40]})")
@@ -252,8 +277,10 @@ def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int) -
     """Read a body Envoy truncated at ``max_request_bytes``.
 
     The model and the cap are taken by pattern from the prefix that arrived; the
-    input estimate is the whole body's length (from content-length) divided by
-    four, an over-estimate that keeps the hold on the safe side.
+    input estimate is the whole body's length (``content_length``: from the
+    content-length header, scaled by the compression ratio for a compressed
+    body; the prefix's length when the header is absent) divided by four, an
+    over-estimate of a text prompt that the closeout corrects.
     """
     m = _MODEL_RE.search(prefix)
     if m is None:

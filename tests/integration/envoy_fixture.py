@@ -54,9 +54,16 @@ class Reply:
 
 class MeshStack:
     def __init__(self, redis_server: RedisServer, workdir: pathlib.Path,
-                 mode: str = "split") -> None:
+                 mode: str = "split", cfg: MeshConfig | None = None,
+                 policies: pathlib.Path = MESH_POLICIES, **setup: Any) -> None:
         self.redis_server = redis_server
         self.mode = mode
+        # Tests route to the mock on 127.0.0.1 (not a provider host); the few
+        # non-LLM paths the mock serves are listed, as an operator would.
+        self.cfg = cfg or MeshConfig(unmetered_routes=(("*", "/healthz"), ("*", "/v1/files")))
+        self.policies = policies
+        self.setup = setup
+        self.metrics = Metrics()
         self.workdir = workdir
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -71,13 +78,13 @@ class MeshStack:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start_sidecar(self) -> tuple[int, int]:
-        metrics = Metrics()
-        holder = PolicyHolder(MESH_POLICIES)
+        metrics = self.metrics
+        holder = PolicyHolder(self.policies)
         holder.reload(force=True)
         assert holder.current is not None, "tests/fixtures/mesh_policies does not load"
         self._store = BudgetStore.from_url(self.redis_server.url, prefix=PREFIX, timeout_s=0.5)
         engine = Engine(holder, self._store, metrics)
-        adders = services(engine, metrics, MeshConfig())
+        adders = services(engine, metrics, self.cfg)
         server, health, port = build_server(engine, metrics, "127.0.0.1:0",
                                             extra_services=adders)
         await server.start()
@@ -103,7 +110,8 @@ class MeshStack:
         self.port, self.admin_port = free_port(), free_port()
         setup = EnvoySetup(listen_port=self.port, keel=("127.0.0.1", keel_port),
                            upstream=("127.0.0.1", mock_port), admin_port=self.admin_port,
-                           authz_timeout_s=2.0, message_timeout_s=2.0, mode=self.mode)
+                           authz_timeout_s=2.0, message_timeout_s=2.0, mode=self.mode,
+                           **self.setup)
         cfg = self.workdir / "envoy.yaml"
         cfg.write_text(yaml.safe_dump(bootstrap(setup)))
         log = (self.workdir / "envoy.log").open("wb")
@@ -155,6 +163,11 @@ class MeshStack:
         finally:
             conn.close()
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the sidecar's Prometheus registry (0 when absent)."""
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
     def upstream_calls(self) -> list[dict[str, Any]]:
         return list(self.mock.stats.calls)
 
@@ -194,10 +207,10 @@ def window_figures(r: redis.Redis, budget_id: str) -> tuple[int, int]:
     return settled, held
 
 
-def mesh_stack(redis_server: RedisServer, mode: str = "split") -> Iterator[MeshStack]:
+def mesh_stack(redis_server: RedisServer, mode: str = "split", **kw: Any) -> Iterator[MeshStack]:
     """Body of a module-scoped fixture: the stack, started and torn down."""
     with tempfile.TemporaryDirectory(prefix="keel-envoy-") as d:
-        stack = MeshStack(redis_server, pathlib.Path(d), mode)
+        stack = MeshStack(redis_server, pathlib.Path(d), mode, **kw)
         try:
             stack.start()
             yield stack

@@ -259,12 +259,19 @@ def test_unreadable_body_is_refused_with_400_and_a_reason(
     assert len(mesh.upstream_calls()) == before
 
 
-def test_unmetered_call_passes_and_a_forged_permit_header_is_dropped(
+def test_listed_unmetered_call_passes_and_a_forged_permit_header_is_dropped(
         mesh: MeshStack, rdb: redis.Redis) -> None:
     forged = "pmt_0000000000000000000000000000"
-    reply = mesh.call("/v1/embeddings", {"model": "x", "input": "hi"},
-                      headers={"x-keel-permit-id": forged})
-    assert reply.status == 404  # the mock does not serve it; Keel let it through
+    reply = mesh.call("/v1/files", {"purpose": "batch"}, headers={"x-keel-permit-id": forged})
+    assert reply.status == 404  # the mock does not serve it; Keel let it through (listed)
     call = mesh.upstream_calls()[-1]
-    assert call["path"] == "/v1/embeddings"
+    assert call["path"] == "/v1/files"
     assert "x-keel-permit-id" not in call["keel"]
+
+
+def test_unlisted_call_keel_cannot_meter_is_refused(mesh: MeshStack, rdb: redis.Redis) -> None:
+    before = len(mesh.upstream_calls())
+    reply = mesh.call("/v1/batches", {"input_file_id": "f"})
+    assert reply.status == 403
+    assert reply.json()["error"]["code"] == "NOT_METERED"
+    assert len(mesh.upstream_calls()) == before

@@ -147,17 +147,6 @@ async def test_unreadable_requests_get_a_clear_4xx(kw: dict[str, Any], status: i
     assert message in body["error"]["message"]
 
 
-async def test_reused_request_id_with_a_different_body_is_409() -> None:
-    s = servicer()
-    rid = {"x-request-id": "same"}
-    assert (await s.check(check_request(headers=rid), None)).status.code == 0
-    again = await s.check(check_request(headers=rid), None)
-    assert again.status.code == 0  # a retry of the same request is a replay
-    code, _, body = denied(await s.check(check_request({**CHAT, "max_tokens": 7}, headers=rid),
-                                         None))
-    assert code == 409 and "already used" in body["error"]["message"]
-
-
 async def test_provider_comes_from_the_host_before_the_path() -> None:
     body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}
     # Anthropic's OpenAI-compatible endpoint: chat completions path, Anthropic host.
@@ -183,6 +172,60 @@ async def test_raw_header_map_and_configured_header_names() -> None:
     assert resp.status.code == 0
 
 
+async def test_cut_body_flagged_complete_is_estimated_not_refused() -> None:
+    """Envoy 1.40 sometimes says x-envoy-auth-partial-body: false for a cut body."""
+    full = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 4000}]}).encode()
+    req = check_request(full[:300], headers={"x-envoy-auth-partial-body": "false",
+                                             "content-length": str(len(full))})
+    resp = await servicer().check(req, None)
+    assert resp.status.code == 0, resp.denied_response.body
+    h = headers_of(resp.ok_response.headers)
+    assert h["x-keel-input-tokens"] == str(-(-len(full) // 4) + 3)
+    assert h["x-keel-max-tokens"] == "100"
+    # No content-length, exactly max_request_bytes arrived and it is not whole JSON.
+    cfg = MeshConfig(max_request_bytes=1024)
+    req = check_request(full[:1024], headers={"x-envoy-auth-partial-body": "false"})
+    resp = await servicer(cfg=cfg).check(req, None)
+    assert resp.status.code == 0, resp.denied_response.body
+    assert headers_of(resp.ok_response.headers)["x-keel-input-tokens"] == str(256 + 3)
+    # A short body that is simply broken JSON is still a 400.
+    code, _, body = denied(await servicer(cfg=cfg).check(check_request(b'{"model": "gpt'), None))
+    assert code == 400 and "not valid JSON" in body["error"]["message"]
+
+
+async def test_cut_gzip_body_is_estimated_from_its_inflated_prefix() -> None:
+    import gzip
+
+    text = " ".join(str(i * 7919 % 100003) for i in range(3000))
+    full = json.dumps({**CHAT, "messages": [{"role": "user", "content": text}]}).encode()
+    packed = gzip.compress(full)
+    cut = packed[: len(packed) // 2]
+    req = check_request(cut, headers={"x-envoy-auth-partial-body": "true",
+                                      "content-encoding": "gzip",
+                                      "content-length": str(len(packed))})
+    resp = await servicer().check(req, None)
+    assert resp.status.code == 0, resp.denied_response.body
+    est = int(headers_of(resp.ok_response.headers)["x-keel-input-tokens"])
+    assert abs(est - len(full) / 4) < len(full) / 16
+
+
+async def test_two_bodies_under_one_request_id_never_share_a_permit() -> None:
+    s = servicer()
+    a = {**CHAT, "messages": [{"role": "user", "content": "alpha one"}]}
+    b = {**CHAT, "messages": [{"role": "user", "content": "omega two"}]}
+    rid = {"x-request-id": "same-rid"}
+    first = await s.check(check_request(a, headers=rid), None)
+    assert first.status.code == 0
+    code, h, body = denied(await s.check(check_request(b, headers=rid), None))
+    assert (code, body["error"]["code"]) == (409, "REQUEST_ID_REUSED")
+    assert "another body" in body["error"]["message"]
+    # The same body again: a second provider call on a held permit is refused as well.
+    code, h, body = denied(await s.check(check_request(a, headers=rid), None))
+    assert (code, h["x-keel-reason"]) == (409, "REQUEST_ID_REUSED")
+    pid = headers_of(first.ok_response.headers)["x-keel-permit-id"]
+    assert pid in body["error"]["message"]
+
+
 async def test_truncated_body_is_authorized_from_its_prefix_and_length() -> None:
     full = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 4000}]}).encode()
     req = check_request(full[:200], headers={"x-envoy-auth-partial-body": "true",
@@ -192,28 +235,69 @@ async def test_truncated_body_is_authorized_from_its_prefix_and_length() -> None
     assert h["x-keel-input-tokens"] == str(-(-len(full) // 4) + 3)
 
 
-async def test_unmetered_calls_pass_without_keel_headers_or_are_refused_by_config() -> None:
-    resp = await servicer().check(check_request(method="GET", path="/v1/models"), None)
+async def test_unmetered_calls_are_refused_unless_listed_or_explicitly_passed() -> None:
+    # Default: nothing unmetered reaches anyone (issue 12 item 8).
+    assert MeshConfig().pass_unmetered is False
+    for host, method, path in (("api.openai.com", "POST", "/v1/completions"),
+                               ("api.openai.com", "GET", "/v1/models"),
+                               ("example.internal", "POST", "/v1/anything")):
+        code, h, body = denied(await servicer().check(
+            check_request(method=method, path=path, host=host), None))
+        assert (code, body["error"]["code"], h["x-keel-reason"]) == (403, "NOT_METERED",
+                                                                     "NOT_METERED")
+        assert host in body["error"]["message"] and path in body["error"]["message"]
+    listed = MeshConfig(unmetered_routes=(("api.openai.com", "/v1/models"),))
+    s = servicer(cfg=listed)
+    resp = await s.check(check_request(method="GET", path="/v1/models?x=1"), None)
     assert resp.status.code == 0
     assert "x-keel-permit-id" in resp.ok_response.headers_to_remove
     assert not resp.ok_response.headers
-    code, _, body = denied(await servicer(cfg=MeshConfig(pass_unmetered=False)).check(
-        check_request(path="/v1/embeddings"), None))
-    assert (code, body["error"]["code"]) == (403, "NOT_METERED")
+    assert s.m.unmetered.labels("listed")._value.get() == 1
+    # A listed prefix is a whole path segment; another host is not listed.
+    for host, path in (("api.openai.com", "/v1/modelsx"), ("evil.example", "/v1/models")):
+        code, _, _ = denied(await s.check(check_request(method="GET", path=path, host=host),
+                                          None))
+        assert code == 403
+    # KEEL_MESH_PASS_UNMETERED only opens non-provider hosts.
+    open_cfg = MeshConfig(pass_unmetered=True)
+    resp = await servicer(cfg=open_cfg).check(
+        check_request(method="GET", path="/status", host="intranet.local"), None)
+    assert resp.status.code == 0
+    for host in ("api.anthropic.com", "my.openai.azure.com",
+                 "bedrock-runtime.us-east-1.amazonaws.com", "generativelanguage.googleapis.com"):
+        code, _, _ = denied(await servicer(cfg=open_cfg).check(
+            check_request(method="POST", path="/v1/unknown", host=host), None))
+        assert code == 403, host
+    code, _, _ = denied(await servicer(cfg=open_cfg).check(check_request(
+        method="POST", path="/x", host="intranet.local", headers={"x-keel-provider": "openai"}),
+        None))
+    assert code == 403  # a caller that names a provider is making a provider call
+
+
+def test_deploy_k8s_does_not_pass_unmetered_calls() -> None:
+    text = (ROOT / "deploy" / "k8s" / "app-deployment.yaml").read_text()
+    assert "KEEL_MESH_PASS_UNMETERED" not in text
 
 
 def test_mesh_config_from_environment() -> None:
     cfg = MeshConfig.from_env({"KEEL_MESH_TENANT_HEADER": "X-Team",
                                "KEEL_MESH_PASS_UNMETERED": "false",
+                               "KEEL_MESH_UNMETERED_ROUTES": "api.openai.com/v1/models, "
+                                                             ".corp.example,*/healthz",
+                               "KEEL_MESH_MAX_REQUEST_BYTES": "65536",
                                "KEEL_MESH_PROVIDER_HOSTS": "bedrock=aws-bedrock,azure=azure"})
     assert cfg.tenant_header == "x-team"
     assert cfg.pass_unmetered is False
+    assert cfg.unmetered_routes == (("api.openai.com", "/v1/models"), (".corp.example", ""),
+                                    ("*", "/healthz"))
+    assert cfg.listed_unmetered("wiki.corp.example:443", "/a/b")
+    assert cfg.max_request_bytes == 65536
     assert cfg.provider_hosts == (("bedrock", "aws-bedrock"), ("azure", "azure"))
     assert MeshConfig.from_env({}) == MeshConfig()
     from keel_pdp.mesh.config import MeshConfigError
 
     for bad in ({"KEEL_MESH_PASS_UNMETERED": "maybe"}, {"KEEL_MESH_PROVIDER_HOSTS": "x"},
-                {"KEEL_MESH_MAX_RESPONSE_BYTES": "1"}):
+                {"KEEL_MESH_MAX_RESPONSE_BYTES": "1"}, {"KEEL_MESH_UNMETERED_ROUTES": "/x"}):
         with pytest.raises(MeshConfigError):
             MeshConfig.from_env(bad)
 
