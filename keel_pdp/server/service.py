@@ -119,6 +119,7 @@ def build_server(engine: Engine, metrics: Metrics, listen: str, *,
                  credentials: grpc.ServerCredentials | None = None,
                  max_concurrent_rpcs: int | None = None,
                  first_message_timeout_s: float = FIRST_MESSAGE_TIMEOUT_S,
+                 interceptors: list[Any] | None = None,
                  ) -> tuple[grpc.aio.Server, Health, int]:
     """``max_concurrent_rpcs``: beyond it, calls whose request has arrived are refused
     at once with RESOURCE_EXHAUSTED instead of queueing (memory stays bounded); calls
@@ -132,7 +133,9 @@ def build_server(engine: Engine, metrics: Metrics, listen: str, *,
         options.append(("grpc.max_concurrent_streams", max(100, 2 * max_concurrent_rpcs)))
     guard = ServerGuard(metrics, max_concurrent_rpcs=max_concurrent_rpcs,
                         first_message_timeout_s=first_message_timeout_s)
-    server = grpc.aio.server(options=options, interceptors=[guard])
+    # ``interceptors`` (the caller identity checks) run inside the guard, next to
+    # the servicers, whose unary handlers they wrap.
+    server = grpc.aio.server(options=options, interceptors=[guard, *(interceptors or ())])
     pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine, metrics), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     h = Health()
