@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from keel_pdp.ledger.periods import period_of_ms, permit_issued_ms
 
-EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant")
+EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant", "exception")
+# The steps of an exception request ("exception" events, pid = the denial's permit id).
+EXCEPTION_STEPS = ("PENDING", "APPROVED", "REJECTED", "EXPIRED")
 EntryKind = Literal["permit", "denial", "settlement", "correction", "void", "expiry",
                     "exception_grant", "manual_adjustment"]
 ENTRY_KINDS: tuple[EntryKind, ...] = ("permit", "denial", "settlement", "correction", "void",
@@ -425,11 +427,43 @@ def _grant(ev: StreamEvent) -> list[EntryRow]:
         "expires_at_ms": _get_int(res, "exp", "res", lo=0),
         "amount_micros": amount,
     }
+    # Granted through the exception workflow: linked to the request and its denial.
+    for key, name in (("exc", "exception_id"), ("denial", "denial_permit_id")):
+        value = _get_str(data, key, "data")
+        if value:
+            detail[name] = value
     # A grant raises a cap; it moves no money, so its amount stays out of the books.
     return [EntryRow(event_id=ev.event_id, seq=0, kind="exception_grant", permit_id=ev.permit_id,
                      ts_ms=ev.ts_ms, belongs_to=ev.belongs_to, status="GRANTED",
                      policy_revision=_get_str(data, "rev", "data"),
                      reason=_get_str(data, "why", "data")[:2000], detail=detail)]
+
+
+def check_exception(ev: StreamEvent) -> str:
+    """Validate one step of an exception request; returns the step.
+
+    The steps are kept in the event mirror only, keyed by the denial's permit
+    id (the request record): they move no money, and an approval's grant is
+    booked by its own ``grant`` event.
+    """
+    data, res = ev.data, ev.res
+    step = _get_str(res, "st", "res", required=True)
+    if step not in EXCEPTION_STEPS:
+        raise ParseError(f"res.st {step!r} is not one of {', '.join(EXCEPTION_STEPS)}")
+    exc = _get_str(data, "exc", "data", required=True)
+    if _get_str(res, "exc", "res", required=True) != exc:
+        raise ParseError("res.exc does not match data.exc")
+    if not ev.permit_id.startswith("pmt_"):
+        raise ParseError("an exception step's pid is not the denial's permit id")
+    _get_str(data, "budget", "data", required=True)
+    if step == "PENDING":
+        _get_int(data, "amt", "data", lo=1)
+        _get_int(data, "dur", "data", lo=1, hi=10**9)
+    if step == "APPROVED":
+        _get_str(res, "grant", "res", required=True)
+        _get_int(res, "amt", "res", lo=1)
+        _get_int(res, "exp", "res", lo=0)
+    return step
 
 
 def derive(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
@@ -446,5 +480,8 @@ def derive(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
         return _grant(ev), []
     if ev.etype == "alert":
         _get_int(ev.res, "budget", "res", lo=1, hi=10_000)
+        return [], []
+    if ev.etype == "exception":
+        check_exception(ev)
         return [], []
     return _release(ev), []

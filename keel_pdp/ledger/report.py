@@ -21,8 +21,9 @@ import io
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from keel_pdp.ledger.cli_support import add_store, open_for_cli, period_arg, run_cli
@@ -231,6 +232,104 @@ def budget_burn(store: LedgerStore, period: str, as_of_ms: int) -> list[BudgetBu
     return out
 
 
+# ------------------------------------------------------------------ exceptions
+DENIAL_LOOKBACK_MS = 31 * 86_400_000  # an exception is requested within 31 days of its denial
+
+
+@dataclass(frozen=True)
+class ExceptionLine:
+    """One exception request made in the period, with its outcome.
+
+    ``spend_allowed_micros``: the cost (actual when settled, the hold while
+    open) of the permits issued while the approved grant was active that took
+    the budget counter past its policy cap, i.e. the spend the exception let
+    through. Overlapping grants on one counter each count those permits.
+    """
+
+    exception_id: str
+    denial_permit_id: str
+    budget_id: str
+    split: tuple[str, ...]
+    exception_path: str
+    requester: str
+    requested_at_ms: int
+    amount_micros: int
+    duration_seconds: int
+    justification: str
+    outcome: str  # PENDING | APPROVED | REJECTED | EXPIRED
+    decided_by: str = ""
+    decided_at_ms: int = 0
+    note: str = ""
+    grant_id: str = ""
+    grant_expires_at_ms: int = 0
+    denial_in_ledger: bool = False
+    permits_allowed: int = 0
+    spend_allowed_micros: int = 0
+
+
+def _loads(text: Any) -> dict[str, Any]:
+    value = json.loads(str(text))
+    return value if isinstance(value, dict) else {}
+
+
+def exception_lines(store: LedgerStore, period: str, as_of_ms: int) -> list[ExceptionLine]:
+    start, end = bounds_ms(period)
+    rows = store.query(
+        "SELECT permit_id, ts_ms, data, res, event_id FROM ledger_events "
+        "WHERE etype = 'exception' AND permit_id >= ? AND permit_id < ?",
+        (pid_bound(start - DENIAL_LOOKBACK_MS), pid_bound(end)))
+    steps: dict[str, list[tuple[int, str, dict[str, Any], dict[str, Any]]]] = {}
+    for _pid, ts, data, res, eid in rows:
+        d, r = _loads(data), _loads(res)
+        steps.setdefault(str(d.get("exc", "")), []).append((int(ts), str(eid), d, r))
+    out: list[ExceptionLine] = []
+    for exc, seq in steps.items():
+        seq.sort(key=lambda s: (s[0], s[1]))
+        asked = next((s for s in seq if s[3].get("st") == "PENDING"), None)
+        if asked is None or not start <= asked[0] < end:
+            continue
+        req = asked[2]
+        last = seq[-1]
+        outcome = str(last[3].get("st", "PENDING"))
+        if outcome == "PENDING" and int(req.get("until", 0)) <= as_of_ms:
+            outcome = "EXPIRED"
+        dec = last[2] if outcome in ("APPROVED", "REJECTED") else {}
+        line = ExceptionLine(
+            exception_id=exc, denial_permit_id=str(req.get("denial", "")),
+            budget_id=str(req.get("budget", "")),
+            split=tuple(str(x) for x in req.get("split") or ()),
+            exception_path=str(req.get("path", "")), requester=str(req.get("by", "")),
+            requested_at_ms=asked[0], amount_micros=int(req.get("amt", 0)),
+            duration_seconds=int(req.get("dur", 0)), justification=str(req.get("why", "")),
+            outcome=outcome, decided_by=str(dec.get("by", "")),
+            decided_at_ms=int(dec.get("at", 0)) if dec else 0, note=str(dec.get("note", "")),
+            grant_id=str(last[3].get("grant", "")) if outcome == "APPROVED" else "",
+            grant_expires_at_ms=int(last[3].get("exp", 0)) if outcome == "APPROVED" else 0)
+        out.append(line)
+    if not out:
+        return out
+    final: list[ExceptionLine] = []
+    for x in out:
+        denied = bool(store.query("SELECT 1 FROM ledger_entries WHERE permit_id = ? AND "
+                                  "kind = 'denial'", (x.denial_permit_id,)))
+        permits = spend = 0
+        if x.outcome == "APPROVED":
+            split = json.dumps(list(x.split), ensure_ascii=True, separators=(",", ":"))
+            permits, spend = (int(v or 0) for v in store.query(
+                "SELECT COUNT(DISTINCT b.permit_id), CAST(COALESCE(SUM(e.amount_micros), 0) "
+                "AS BIGINT) FROM ledger_permit_budgets b "
+                "JOIN ledger_entries e ON e.permit_id = b.permit_id "
+                "WHERE b.budget_id = ? AND b.split = ? AND b.applied = 1 "
+                "AND b.granted_micros > 0 AND b.permit_id >= ? AND b.permit_id < ? "
+                "AND b.settled_micros + b.held_micros > b.limit_micros",
+                (x.budget_id, split, pid_bound(x.decided_at_ms),
+                 pid_bound(x.grant_expires_at_ms)))[0])
+        final.append(replace(x, denial_in_ledger=denied,
+                             permits_allowed=permits, spend_allowed_micros=spend))
+    final.sort(key=lambda x: (x.requested_at_ms, x.exception_id))
+    return final
+
+
 @dataclass
 class Report:
     period: str
@@ -239,6 +338,7 @@ class Report:
     as_of_ms: int
     groups: dict[tuple[str, ...], Figures]
     budgets: list[BudgetBurn] = field(default_factory=list)
+    exceptions: list[ExceptionLine] = field(default_factory=list)
 
     @property
     def total(self) -> Figures:
@@ -257,7 +357,7 @@ def build_report(store: LedgerStore, period: str, by: Sequence[str],
     as_of = now_ms() if as_of_ms is None else as_of_ms
     groups = group_figures(raw_figures(store, period), by, mapping)
     return Report(period, store.period_state(period), tuple(by), as_of, groups,
-                  budget_burn(store, period, as_of))
+                  budget_burn(store, period, as_of), exception_lines(store, period, as_of))
 
 
 # ------------------------------------------------------------------ rendering
@@ -288,6 +388,22 @@ def budget_cells(b: BudgetBurn) -> list[str]:
             usd(b.last_window_used_micros), usd(b.last_window_projected_micros), b.status]
 
 
+EXCEPTION_COLUMNS = ("exception_id", "denial_permit_id", "denial_in_ledger", "budget_id",
+                     "split", "exception_path", "requester", "requested_at", "amount_usd",
+                     "duration_hours", "outcome", "decided_by", "decided_at", "grant_id",
+                     "grant_expires_at", "permits_allowed", "spend_allowed_usd")
+
+
+def exception_cells(x: ExceptionLine) -> list[str]:
+    return [x.exception_id, x.denial_permit_id, "yes" if x.denial_in_ledger else "no",
+            x.budget_id, "/".join(x.split), x.exception_path, x.requester,
+            iso_utc(x.requested_at_ms), usd(x.amount_micros),
+            str(Decimal(x.duration_seconds) / 3600), x.outcome, x.decided_by,
+            iso_utc(x.decided_at_ms) if x.decided_at_ms else "", x.grant_id,
+            iso_utc(x.grant_expires_at_ms) if x.grant_expires_at_ms else "",
+            str(x.permits_allowed), usd(x.spend_allowed_micros)]
+
+
 def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     body = [list(header), *[list(r) for r in rows]]
     widths = [max(len(r[i]) for r in body) for i in range(len(header))]
@@ -316,6 +432,9 @@ def render(report: Report, fmt: str) -> str:
             "total": dict(zip(header, total, strict=True)),
             "budgets": [dict(zip(BUDGET_COLUMNS, budget_cells(b), strict=True))
                         for b in report.budgets],
+            "exceptions": [{**dict(zip(EXCEPTION_COLUMNS, exception_cells(x), strict=True)),
+                            "justification": x.justification, "note": x.note}
+                           for x in report.exceptions],
         }
         return json.dumps(doc, indent=2)
     if fmt == "csv":
@@ -331,6 +450,10 @@ def render(report: Report, fmt: str) -> str:
     if report.budgets:
         parts += ["", "Burn-rate forecast to the end of the period, per budget", "",
                   text_table(BUDGET_COLUMNS, [budget_cells(b) for b in report.budgets])]
+    if report.exceptions:
+        parts += ["", "Exceptions requested in the period, with their outcome and the spend "
+                  "they allowed", "",
+                  text_table(EXCEPTION_COLUMNS, [exception_cells(x) for x in report.exceptions])]
     return "\n".join(parts) + "\n"
 
 

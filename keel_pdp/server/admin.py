@@ -1,7 +1,13 @@
-"""Admin RPCs (exception grants, forced reload), behind a bearer token.
+"""Admin RPCs (exception grants and the exception workflow, live budget status,
+forced reload), behind a bearer token or a mutual-TLS client identity.
 
 The token is compared in constant time. With no token configured every admin
 call is refused, so an operator cannot expose the API by accident.
+
+An identity may be bound to approver roles (``--admin-identities
+finance-bot=finance-owner``): it then decides exceptions as itself and only in
+those roles. A token holder, or an identity without roles, names the approver
+and the role in the call; the ledger records both.
 """
 
 from __future__ import annotations
@@ -9,18 +15,54 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import grpc
 
 from keel_pdp import grants
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
+from keel_pdp.budget.status import StatusReader, WindowStatus
 from keel_pdp.budget.store import StoreUnavailable
 from keel_pdp.decision import InvalidRequest
 from keel_pdp.engine import Engine
+from keel_pdp.overage import workflow as wf
+from keel_pdp.policy.snapshot import PolicySnapshot
 
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+
+_STATE_PB = {"pending": pb.EXCEPTION_PENDING, "approved": pb.EXCEPTION_APPROVED,
+             "rejected": pb.EXCEPTION_REJECTED, "expired": pb.EXCEPTION_EXPIRED}
+_STATE_NAME = {v: k for k, v in _STATE_PB.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who called: a client certificate identity (with the roles it is bound to,
+    None for any), or a token holder (identity "")."""
+
+    identity: str = ""
+    roles: frozenset[str] | None = None
+
+
+def parse_identities(entries: tuple[str, ...]) -> dict[str, frozenset[str] | None]:
+    """``name`` (any role) or ``name=role`` entries; a name may be listed per role."""
+    out: dict[str, frozenset[str] | None] = {}
+    for entry in entries:
+        name, _, role = entry.partition("=")
+        name, role = name.strip(), role.strip()
+        if not name:
+            continue
+        if not role:
+            out[name] = None  # any role
+        elif name not in out:
+            out[name] = frozenset({role})
+        else:
+            bound = out[name]
+            if bound is not None:
+                out[name] = bound | {role}
+    return out
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -28,19 +70,31 @@ class AdminServicer(pb_grpc.AdminServicer):
                  identities: tuple[str, ...] = ()) -> None:
         self.engine = engine
         self._token = token
-        self._identities = frozenset(identities)
+        self._identities = parse_identities(identities)
+        self._desk: wf.ExceptionDesk | None = None
+        self._status: StatusReader | None = None
 
-    def _peer_identity_allowed(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    @property
+    def desk(self) -> wf.ExceptionDesk:
+        if self._desk is None:
+            self._desk = wf.ExceptionDesk(self.engine.store)
+        return self._desk
+
+    def _peer_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
         if not self._identities:
-            return False
+            return None
         auth = context.auth_context() or {}
         names = [v.decode() for k in ("x509_common_name", "x509_subject_alternative_name")
                  for v in auth.get(k, [])]
-        return any(n in self._identities for n in names)
+        for n in names:
+            if n in self._identities:
+                return Caller(n, self._identities[n])
+        return None
 
-    async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if self._peer_identity_allowed(context):
-            return
+    async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        peer = self._peer_identity(context)
+        if peer is not None:
+            return peer
         expected = self._token()
         if not expected:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -53,6 +107,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong admin token (authorization: Bearer <token>)")
+        return Caller()
+
+    async def _snapshot(self, context: grpc.aio.ServicerContext[Any, Any]) -> PolicySnapshot:
+        snapshot = self.engine.policies.current
+        if snapshot is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no policy loaded")
+        assert snapshot is not None
+        return snapshot
 
     async def GrantException(
         self, request: pb.GrantExceptionRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -94,6 +156,135 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.ReloadPolicyResponse(
             changed=changed, policy_revision=current.policy_revision if current else "",
             problems=problems if not changed else [])
+
+
+    # ------------------------------------------------------ exception workflow
+    async def _run(self, context: grpc.aio.ServicerContext[Any, Any], call: Any) -> Any:
+        """Await a domain call, turning its failures into gRPC statuses."""
+        try:
+            return await call
+        except wf.NotADenial as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grants.GrantForbidden as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except wf.UnknownException as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except wf.ExceptionConflict as exc:
+            code = (grpc.StatusCode.ALREADY_EXISTS if "already requested" in str(exc)
+                    else grpc.StatusCode.FAILED_PRECONDITION)
+            await context.abort(code, str(exc))
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
+        raise AssertionError("unreachable: abort raises")
+
+    async def RequestException(
+        self, request: pb.RequestExceptionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExceptionRecord:
+        caller = await self._authorize(context)
+        snapshot = await self._snapshot(context)
+        requester = request.requester or caller.identity
+        if caller.identity and request.requester and request.requester != caller.identity:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"client {caller.identity} asks as itself, not as "
+                                f"{request.requester}")
+        ask = wf.ExceptionAsk(
+            denial_permit_id=request.denial_permit_id, budget_id=request.budget_id,
+            scope=tuple(sorted(request.scope.items())), amount_micros=request.amount_micros,
+            duration_seconds=request.duration_seconds, justification=request.justification,
+            requester=requester)
+        view: wf.ExceptionView = await self._run(context, self.desk.request(snapshot, ask))
+        return exception_record(view)
+
+    async def _decide(self, action: Literal["approve", "reject"],
+                      request: pb.DecideExceptionRequest,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ExceptionRecord:
+        caller = await self._authorize(context)
+        snapshot = await self._snapshot(context)
+        approver, role = request.approver, request.approver_role
+        if caller.identity:
+            if approver and approver != caller.identity:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"client {caller.identity} decides as itself, not as "
+                                    f"{approver}")
+            approver = caller.identity
+            if caller.roles is not None:
+                if not role and len(caller.roles) == 1:
+                    role = next(iter(caller.roles))
+                if role not in caller.roles:
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"client {caller.identity} holds role(s) "
+                        f"{', '.join(sorted(caller.roles))}, not {role or '(none given)'!r}")
+        view: wf.ExceptionView = await self._run(context, self.desk.decide(
+            snapshot, request.exception_id, action, approver, role, request.note))
+        return exception_record(view)
+
+    async def ApproveException(
+        self, request: pb.DecideExceptionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExceptionRecord:
+        return await self._decide("approve", request, context)
+
+    async def RejectException(
+        self, request: pb.DecideExceptionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExceptionRecord:
+        return await self._decide("reject", request, context)
+
+    async def ListExceptions(
+        self, request: pb.ListExceptionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListExceptionsResponse:
+        await self._authorize(context)
+        state = _STATE_NAME.get(request.state, "")
+        views: list[wf.ExceptionView] = await self._run(context, self.desk.list(
+            state, request.budget_id, request.limit))
+        return pb.ListExceptionsResponse(exceptions=[exception_record(v) for v in views])
+
+    # ------------------------------------------------------------ budget status
+    async def BudgetStatus(
+        self, request: pb.BudgetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BudgetStatusResponse:
+        await self._authorize(context)
+        snapshot = await self._snapshot(context)
+        if self._status is None:
+            self._status = StatusReader(self.engine.store)
+        rows: list[WindowStatus] = await self._run(context, self._status.status(
+            snapshot, request.tenant, request.budget_id))
+        as_of = rows[0].as_of_ms if rows else 0
+        return pb.BudgetStatusResponse(
+            as_of_ms=as_of, policy_revision=snapshot.policy_revision,
+            budgets=[window_status(w) for w in rows])
+
+
+def exception_record(v: wf.ExceptionView, changed: bool | None = None) -> pb.ExceptionRecord:
+    return pb.ExceptionRecord(
+        exception_id=v.exception_id, state=_STATE_PB[v.state],
+        denial_permit_id=v.denial_permit_id, budget_id=v.budget_id, scope=dict(v.scope),
+        exception_path=v.exception_path, approver_role=v.approver_role,
+        amount_micros=v.amount_micros, duration_seconds=v.duration_seconds,
+        justification=v.justification, requester=v.requester,
+        requested_at_ms=v.requested_at_ms, pending_until_ms=v.pending_until_ms,
+        decided_by=v.decided_by, decided_role=v.decided_role, decided_at_ms=v.decided_at_ms,
+        decision_note=v.decision_note, grant_id=v.grant_id,
+        grant_expires_at_ms=v.grant_expires_at_ms,
+        changed=v.changed if changed is None else changed, denial_seen=v.denial_seen,
+        policy_revision=v.policy_revision)
+
+
+def window_status(w: WindowStatus) -> pb.BudgetWindowStatus:
+    b = w.budget
+    return pb.BudgetWindowStatus(
+        budget_id=b.id, scope=b.scope_text, split=w.split_map, window=str(b.window),
+        window_start_ms=w.window_start_ms, window_end_ms=w.window_end_ms,
+        mode="enforce" if b.enforce else "observe", cap_micros=b.limit_micros,
+        granted_micros=w.granted_micros, effective_cap_micros=w.effective_cap_micros,
+        settled_micros=w.settled_micros, held_micros=w.held_micros,
+        remaining_micros=w.remaining_micros,
+        grants=[pb.ActiveGrant(grant_id=g.grant_id, amount_micros=g.amount_micros,
+                               expires_at_ms=g.expires_at_ms) for g in w.grants],
+        burn_rate_micros_per_hour=w.burn_rate_micros_per_hour,
+        projected_end_micros=w.projected_end_micros, projected_over_cap=w.projected_over_cap,
+        exception_path=b.exception_path)
 
 
 def add_admin(engine: Engine, token: Callable[[], str | None],
