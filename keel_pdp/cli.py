@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "keel_pdp.ledger.commands",
     "keel_pdp.reconcile.commands",
     "keel_pdp.mesh.commands",
+    "keel_pdp.overage.commands",
 )
 
 
