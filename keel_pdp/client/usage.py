@@ -1,0 +1,228 @@
+"""Usage readers for the official ``openai`` and ``anthropic`` Python SDKs.
+
+An application hands Keel the provider's own answer and never parses usage
+itself. ``read_usage`` takes a finished response (OpenAI ``ChatCompletion`` or
+``Response``, Anthropic ``Message``), its ``usage`` object, or the same as a
+plain mapping (``response.model_dump()``, a JSON body). ``UsageMeter`` is fed
+the items of a stream one by one (OpenAI ``ChatCompletionChunk`` and Responses
+stream events, Anthropic ``RawMessageStreamEvent``) and keeps the final usage
+once it is seen, the usage seen so far, and the generated-text bytes (the
+basis of an estimate when a stream breaks before its usage arrives).
+
+The normalisation is Keel's one convention (``keel_pdp.mesh.usage.normalise``,
+shared with the Envoy adapter): input counts cache reads and cache writes,
+output counts reasoning. Anthropic's ``output_tokens_details.thinking_tokens``
+is read as reasoning tokens. The readers import neither SDK: they read any
+pydantic model by ``model_dump()`` and anything else as a mapping, so they work
+with whichever SDK versions the application pins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from keel_pdp.mesh.request import Api
+from keel_pdp.mesh.usage import Reading, consistent, normalise
+from keel_pdp.pricing import TokenUsage
+
+__all__ = ["UsageMeter", "api_of", "as_mapping", "read_usage"]
+
+
+def as_mapping(obj: object) -> Mapping[str, Any] | None:
+    """An SDK object (pydantic) or a mapping as a mapping; None for anything else."""
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        out = dump()
+        return out if isinstance(out, Mapping) else None
+    return None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def api_of(body: Mapping[str, Any]) -> Api | None:
+    """Which API a response body or stream item belongs to, from its own type fields."""
+    obj = body.get("object")
+    if obj in ("chat.completion", "chat.completion.chunk"):
+        return Api.CHAT
+    if obj == "response":
+        return Api.RESPONSES
+    kind = body.get("type")
+    if kind == "message":
+        return Api.MESSAGES
+    if isinstance(kind, str) and kind.startswith("response."):
+        return Api.RESPONSES
+    if isinstance(kind, str) and kind.startswith(("message_", "content_block_")):
+        return Api.MESSAGES
+    return None
+
+
+def _usage_api(usage: Mapping[str, Any]) -> Api:
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return Api.CHAT
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        return Api.MESSAGES
+    return Api.RESPONSES
+
+
+def _thinking(usage: Mapping[str, Any]) -> int:
+    details = usage.get("output_tokens_details")
+    return _int(details.get("thinking_tokens")) if isinstance(details, Mapping) else 0
+
+
+def normalise_usage(api: Api, usage: Mapping[str, Any]) -> TokenUsage:
+    """A provider usage object in Keel's convention (reasoning read for every API)."""
+    out = normalise(api, usage)
+    if api is Api.MESSAGES:
+        thinking = _thinking(usage)
+        if thinking:
+            out = consistent(out.input_tokens, out.cached_input_tokens, out.cache_write_tokens,
+                             out.output_tokens, thinking)
+    return out
+
+
+def read_usage(response: object) -> TokenUsage | None:
+    """The usage of a finished provider answer, or None when it carries none.
+
+    Accepts an OpenAI ``ChatCompletion`` or ``Response``, an Anthropic ``Message``,
+    any of their ``usage`` objects, or the same as mappings.
+    """
+    body = as_mapping(response)
+    if body is None:
+        raise TypeError(f"cannot read usage from {type(response).__name__}: expected an "
+                        "openai/anthropic response, its usage object or a mapping")
+    api = api_of(body)
+    if api is None:
+        if any(k in body for k in ("prompt_tokens", "input_tokens", "output_tokens",
+                                   "completion_tokens")):
+            return normalise_usage(_usage_api(body), body)
+        usage = as_mapping(body.get("usage"))
+        return None if usage is None else normalise_usage(_usage_api(usage), usage)
+    usage = as_mapping(body.get("usage"))
+    return None if usage is None else normalise_usage(api, usage)
+
+
+class UsageMeter:
+    """Reads usage from the items of a provider stream, fed one by one.
+
+    * OpenAI Chat Completions: the final chunk's ``usage`` (sent when the request
+      asked ``stream_options={"include_usage": True}``; the wrapper asks for it).
+    * OpenAI Responses: the ``usage`` of the response carried by
+      ``response.completed`` (or ``response.incomplete`` / ``response.failed``).
+    * Anthropic Messages: ``message_start`` carries the input side,
+      ``message_delta`` the cumulative output; the later value of a field wins.
+    """
+
+    def __init__(self) -> None:
+        self.api: Api | None = None
+        self.final: TokenUsage | None = None
+        self._partial: dict[str, Any] = {}
+        self.text_bytes = 0
+        self.items = 0
+        self.error = False
+        self.incomplete = False
+
+    def feed(self, item: object) -> None:
+        body = as_mapping(item)
+        if body is None:
+            return
+        self.items += 1
+        api = api_of(body) or self.api
+        if api is None:
+            return
+        self.api = api
+        if api is Api.CHAT:
+            self._chat(body)
+        elif api is Api.RESPONSES:
+            self._responses(body)
+        else:
+            self._messages(body)
+
+    def _text(self, value: object) -> None:
+        if isinstance(value, str):
+            self.text_bytes += len(value.encode("utf-8", "surrogatepass"))
+
+    def _chat(self, body: Mapping[str, Any]) -> None:
+        for choice in body.get("choices") or ():
+            if isinstance(choice, Mapping):
+                delta = choice.get("delta")
+                if isinstance(delta, Mapping):
+                    self._text(delta.get("content"))
+                    self._text(delta.get("refusal"))
+                if choice.get("finish_reason") == "length":
+                    self.incomplete = True
+        usage = as_mapping(body.get("usage"))
+        if usage is not None:
+            self.final = normalise_usage(Api.CHAT, usage)
+
+    def _responses(self, body: Mapping[str, Any]) -> None:
+        kind = body.get("type")
+        if kind in ("response.output_text.delta", "response.refusal.delta",
+                    "response.reasoning_text.delta"):
+            self._text(body.get("delta"))
+        elif kind == "error":
+            self.error = True
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.error = self.error or kind == "response.failed"
+            self.incomplete = self.incomplete or kind == "response.incomplete"
+            response = as_mapping(body.get("response")) or {}
+            usage = as_mapping(response.get("usage"))
+            if usage is not None:
+                self.final = normalise_usage(Api.RESPONSES, usage)
+        elif body.get("object") == "response":
+            usage = as_mapping(body.get("usage"))
+            if usage is not None:
+                self.final = normalise_usage(Api.RESPONSES, usage)
+
+    def _merge(self, usage: Mapping[str, Any] | None) -> None:
+        for key, value in (usage or {}).items():
+            if value is not None:
+                self._partial[key] = value
+
+    def _messages(self, body: Mapping[str, Any]) -> None:
+        kind = body.get("type")
+        if kind == "content_block_delta":
+            delta = as_mapping(body.get("delta")) or {}
+            self._text(delta.get("text"))
+            self._text(delta.get("thinking"))
+            self._text(delta.get("partial_json"))
+        elif kind == "message_start":
+            self._merge(as_mapping((as_mapping(body.get("message")) or {}).get("usage")))
+        elif kind == "message_delta":
+            self._merge(as_mapping(body.get("usage")))
+            delta = as_mapping(body.get("delta")) or {}
+            if delta.get("stop_reason") == "max_tokens":
+                self.incomplete = True
+        elif kind == "message_stop":
+            self.final = normalise_usage(Api.MESSAGES, self._partial) if self._partial else None
+        elif kind == "error":
+            self.error = True
+        elif kind == "message":  # a finished Message handed to the meter
+            usage = as_mapping(body.get("usage"))
+            if usage is not None:
+                self.final = normalise_usage(Api.MESSAGES, usage)
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        """The provider's final usage, once the stream has reported it."""
+        return self.final
+
+    @property
+    def partial_usage(self) -> TokenUsage | None:
+        """Usage fields seen so far (Anthropic's message_start), before the end."""
+        if self.final is not None:
+            return self.final
+        if not self._partial:
+            return None
+        return normalise_usage(Api.MESSAGES, self._partial)
+
+    def reading(self) -> Reading:
+        """What the meter knows, in the shape the settlement rule reads."""
+        return Reading(self.final, self.partial_usage, self.text_bytes, self.text_bytes,
+                       self.error, self.incomplete)

@@ -1,0 +1,359 @@
+"""Put an existing OpenAI or Anthropic client behind Keel with a two-line change.
+
+::
+
+    from keel_pdp.client import KeelClient
+    client = KeelClient("127.0.0.1:50051").wrap(openai.OpenAI(), tenant="acme",
+                                                workload="support-bot")
+
+``client.chat.completions.create``, ``client.responses.create`` (OpenAI) and
+``client.messages.create`` (Anthropic), streamed or not, then each run under one
+permit: the request is priced from its body (model, output cap, the input
+estimate of ``keel_pdp.mesh.request``), the permit's constraints are applied to
+the call (a lower output cap, a rerouted model; a cap is always sent, so the
+provider never generates more than was held), a chat stream asks for its final
+usage chunk, and the permit is closed out with the provider's usage when the
+answer (or the stream) ends. Every other attribute is the wrapped client's own,
+unmetered.
+
+How a call that goes wrong ends its permit follows the mesh's settlement rule
+(``keel_pdp.mesh.settle``): an HTTP error from the provider voids it (a 504 is
+booked at the hold), a connection error or timeout after the request left is
+booked at the hold (the provider may have billed it), a stream that breaks or
+that the caller stops reading is closed out PARTIAL with the usage seen so far.
+A DENY raises ``PermitDenied`` before the provider is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from keel_pdp.client._core import FailMode, Permit, PermitDenied, PermitRequest
+from keel_pdp.mesh import settle as rule
+from keel_pdp.mesh.request import CAP_FIELD_TO_ADD, CAP_FIELDS, Api, estimate_input_tokens
+from keel_pdp.mesh.usage import Reading
+
+if TYPE_CHECKING:
+    from keel_pdp.client.aio import AsyncKeelClient
+    from keel_pdp.client.sync import KeelClient
+
+__all__ = ["wrap_async", "wrap_sync"]
+
+# Keyword arguments of the SDKs' create() that are transport options, not body.
+_TRANSPORT = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+class Call:
+    """One create() call: its permit request and the keyword arguments to send."""
+
+    def __init__(self, api: Api, provider: str, kwargs: dict[str, Any]) -> None:
+        if not isinstance(kwargs.get("model"), str) or not kwargs["model"]:
+            raise TypeError(f"{api} create() needs model=")
+        self.api, self.provider = api, provider
+        self.kwargs = dict(kwargs)
+        body: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _TRANSPORT}
+        extra = kwargs.get("extra_body")
+        if isinstance(extra, Mapping):
+            body.update(extra)
+        self.body = body
+        self.cap_field = next((f for f in CAP_FIELDS[api] if isinstance(body.get(f), int)),
+                              CAP_FIELD_TO_ADD[api])
+        cap = body.get(self.cap_field)
+        self.cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0
+        self.stream = body.get("stream") is True
+
+    def permit_request(self, tenant: str, workload: str,
+                       labels: Mapping[str, str]) -> PermitRequest:
+        return PermitRequest(tenant, workload, self.body["model"], self.provider,
+                             estimate_input_tokens(self.api, self.body), self.cap, dict(labels))
+
+    def constrained_kwargs(self, p: Permit) -> dict[str, Any]:
+        """The create() arguments with the permit's constraints applied."""
+        kw = dict(self.kwargs)
+        if p.local:
+            return kw
+        if p.provider and p.provider != self.provider:
+            raise PermitDenied(
+                f"Keel rerouted request {p.request_id} to {p.provider}/{p.model}, which this "
+                f"{self.provider} client cannot call; allow a {self.provider} model in the "
+                "workload's downgrade chain", p.reasons, p.request_id, p.policy_revision)
+        kw["model"] = p.model
+        if p.max_output_tokens and (self.cap == 0 or p.max_output_tokens < self.cap):
+            kw[self.cap_field] = p.max_output_tokens
+        if self.stream and self.api is Api.CHAT:
+            opts = dict(kw.get("stream_options") or {})
+            opts["include_usage"] = True
+            kw["stream_options"] = opts
+        return kw
+
+
+def rule_for_error(p: Permit, exc: BaseException) -> rule.Settlement:
+    """How a create() that raised ends its permit (module docstring)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):  # the provider answered with an HTTP error
+        return rule.settle(p._rule_permit(), rule.Stage.RESPONDING, status, _EMPTY_READING)
+    if "APIConnectionError" in names or "APITimeoutError" in names:
+        return rule.settle(p._rule_permit(), rule.Stage.SENT, 0, None)
+    return rule.settle(p._rule_permit(), rule.Stage.REQUEST, 0, None)
+
+
+_EMPTY_READING = Reading(None, None, 0, 0, False, False)
+
+
+def settle_response(p: Permit, response: Any) -> None:
+    """A non-streamed answer: its usage, or the rule's estimate when it has none."""
+    p._meter_item(response)
+    p._meter_end(broken=False)
+
+
+# ---------------------------------------------------------------------- sync
+class MeteredStream:
+    """The SDK's stream, read through the permit; closing out when it ends."""
+
+    def __init__(self, stream: Any, p: Permit, keel: KeelClient) -> None:
+        self._stream, self._p, self._keel = stream, p, keel
+        self._it: Iterator[Any] = iter(stream)
+        self._done = False
+
+    def __iter__(self) -> MeteredStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._finish(broken=False)
+            raise
+        except BaseException as exc:
+            self._finish(broken=True, exc=exc)
+            raise
+        self._p._meter_item(item)
+        return item
+
+    def _finish(self, broken: bool, exc: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._p._meter_end(broken)
+        self._keel.end(self._p, exc if self._p.usage is None else None)
+
+    def close(self) -> None:
+        """Stop reading: the provider may still bill what it generated (PARTIAL)."""
+        try:
+            self._stream.close()
+        finally:
+            self._finish(broken=True)
+
+    def __enter__(self) -> MeteredStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def permit(self) -> Permit:
+        return self._p
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _Endpoint:
+    def __init__(self, w: _Wrapped, target: Any, api: Api) -> None:
+        self._w, self._target, self._api = w, target, api
+
+    def create(self, **kwargs: Any) -> Any:
+        w = self._w
+        call = Call(self._api, w.provider, kwargs)
+        p = w.keel.authorize(call.permit_request(w.tenant, w.workload, w.labels),
+                             fail_mode=w.fail_mode)
+        w.last_permit = p
+        try:
+            kw = call.constrained_kwargs(p)
+        except PermitDenied:
+            w.keel.end(p, None)
+            raise
+        try:
+            response = self._target.create(**kw)
+        except BaseException as exc:
+            p.apply_rule(rule_for_error(p, exc))
+            w.keel.end(p, exc if p.usage is None else None)
+            raise
+        if call.stream:
+            return MeteredStream(response, p, w.keel)
+        settle_response(p, response)
+        w.keel.end(p, None)
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class _Group:
+    """``client.chat`` of a wrapped OpenAI client: ``completions`` is metered."""
+
+    def __init__(self, w: _Wrapped, target: Any, endpoint: _Endpoint) -> None:
+        self._target, self.completions = target, endpoint
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class _Wrapped:
+    def __init__(self, keel: KeelClient, client: Any, provider: str, tenant: str,
+                 workload: str, labels: Mapping[str, str], fail_mode: FailMode | None) -> None:
+        self.keel, self.client, self.provider = keel, client, provider
+        self.tenant, self.workload, self.labels, self.fail_mode = (tenant, workload,
+                                                                   dict(labels), fail_mode)
+        self.last_permit: Permit | None = None
+        if provider == "openai":
+            self.chat = _Group(self, client.chat, _Endpoint(self, client.chat.completions,
+                                                            Api.CHAT))
+            self.responses = _Endpoint(self, client.responses, Api.RESPONSES)
+        else:
+            self.messages = _Endpoint(self, client.messages, Api.MESSAGES)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+# ---------------------------------------------------------------------- async
+class AsyncMeteredStream:
+    """The asyncio SDK's stream, read through the permit; closing out when it ends."""
+
+    def __init__(self, stream: Any, p: Permit, keel: AsyncKeelClient) -> None:
+        self._stream, self._p, self._keel = stream, p, keel
+        self._it: AsyncIterator[Any] = stream.__aiter__()
+        self._done = False
+
+    def __aiter__(self) -> AsyncMeteredStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._it.__anext__()
+        except StopAsyncIteration:
+            await self._finish(broken=False)
+            raise
+        except BaseException as exc:
+            await self._finish(broken=True, exc=exc)
+            raise
+        self._p._meter_item(item)
+        return item
+
+    async def _finish(self, broken: bool, exc: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._p._meter_end(broken)
+        await self._keel.end(self._p, exc if self._p.usage is None else None)
+
+    async def close(self) -> None:
+        try:
+            await self._stream.close()
+        finally:
+            await self._finish(broken=True)
+
+    async def __aenter__(self) -> AsyncMeteredStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def permit(self) -> Permit:
+        return self._p
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _AsyncEndpoint:
+    def __init__(self, w: _AsyncWrapped, target: Any, api: Api) -> None:
+        self._w, self._target, self._api = w, target, api
+
+    async def create(self, **kwargs: Any) -> Any:
+        w = self._w
+        call = Call(self._api, w.provider, kwargs)
+        p = await w.keel.authorize(call.permit_request(w.tenant, w.workload, w.labels),
+                                   fail_mode=w.fail_mode)
+        w.last_permit = p
+        try:
+            kw = call.constrained_kwargs(p)
+        except PermitDenied:
+            await w.keel.end(p, None)
+            raise
+        try:
+            response = await self._target.create(**kw)
+        except BaseException as exc:
+            p.apply_rule(rule_for_error(p, exc))
+            await w.keel.end(p, exc if p.usage is None else None)
+            raise
+        if call.stream:
+            return AsyncMeteredStream(response, p, w.keel)
+        settle_response(p, response)
+        await w.keel.end(p, None)
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class _AsyncGroup:
+    def __init__(self, w: _AsyncWrapped, target: Any, endpoint: _AsyncEndpoint) -> None:
+        self._target, self.completions = target, endpoint
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class _AsyncWrapped:
+    def __init__(self, keel: AsyncKeelClient, client: Any, provider: str, tenant: str,
+                 workload: str, labels: Mapping[str, str], fail_mode: FailMode | None) -> None:
+        self.keel, self.client, self.provider = keel, client, provider
+        self.tenant, self.workload, self.labels, self.fail_mode = (tenant, workload,
+                                                                   dict(labels), fail_mode)
+        self.last_permit: Permit | None = None
+        if provider == "openai":
+            self.chat = _AsyncGroup(self, client.chat, _AsyncEndpoint(
+                self, client.chat.completions, Api.CHAT))
+            self.responses = _AsyncEndpoint(self, client.responses, Api.RESPONSES)
+        else:
+            self.messages = _AsyncEndpoint(self, client.messages, Api.MESSAGES)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def provider_of(client: Any) -> str:
+    """``openai`` or ``anthropic``, from the SDK the client object comes from."""
+    root = type(client).__module__.split(".", 1)[0]
+    if root in ("openai", "anthropic"):
+        return root
+    raise TypeError(f"cannot wrap {type(client).__qualname__}: expected an openai.OpenAI / "
+                    "AsyncOpenAI or anthropic.Anthropic / AsyncAnthropic client")
+
+
+def _names(keel: Any, tenant: str | None, workload: str | None) -> tuple[str, str]:
+    t, w = tenant or keel.tenant, workload or keel.workload
+    if not t or not w:
+        raise ValueError("wrap() needs tenant= and workload= (here or on the KeelClient)")
+    return t, w
+
+
+def wrap_sync(keel: KeelClient, client: Any, *, tenant: str | None = None,
+              workload: str | None = None, labels: Mapping[str, str] | None = None,
+              fail_mode: FailMode | str | None = None) -> Any:
+    t, w = _names(keel, tenant, workload)
+    return _Wrapped(keel, client, provider_of(client), t, w, labels or {},
+                    FailMode(fail_mode) if fail_mode else None)
+
+
+def wrap_async(keel: AsyncKeelClient, client: Any, *, tenant: str | None = None,
+               workload: str | None = None, labels: Mapping[str, str] | None = None,
+               fail_mode: FailMode | str | None = None) -> Any:
+    t, w = _names(keel, tenant, workload)
+    return _AsyncWrapped(keel, client, provider_of(client), t, w, labels or {},
+                         FailMode(fail_mode) if fail_mode else None)
