@@ -53,13 +53,15 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
         outbox = f"{outbox}/worker-{worker}"  # each worker journals (and replays) its own
     engine = Engine(holder, store, metrics, outbox_dir=outbox)
     from keel_pdp.server.admin import add_admin
+    from keel_pdp.server.identity import caller_interceptors
     from keel_pdp.server.tls import ReloadingCredentials, TlsError, TlsFiles, check_listen
 
     tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
     try:
         check_listen(s.listen, tls, s.allow_insecure_listen)
         credentials = ReloadingCredentials(tls).credentials() if tls else None
-    except TlsError as exc:
+        interceptors = caller_interceptors(s, holder, metrics, store)
+    except (TlsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     extra: list[Any] = [add_admin(engine, s.admin_token, s.admin_identities)]
@@ -69,6 +71,7 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     server, health, port = build_server(engine, metrics, s.listen, extra_services=extra,
                                         credentials=credentials,
                                         max_concurrent_rpcs=s.max_concurrent_rpcs,
+                                        interceptors=interceptors,
                                         reuse_port=worker is not None)
     metrics_port = s.metrics_port + (worker or 0) if s.metrics_port else 0
     loop = asyncio.get_running_loop()

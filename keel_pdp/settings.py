@@ -38,6 +38,17 @@ class ServeSettings:
     outbox_dir: str = ""
     drain_delay_s: float = 1.0
     workers: int = 1
+    # open | enforce | observe; '' = open on a loopback listener, enforce otherwise
+    caller_auth: str = ""
+    caller_tokens_file: str = ""
+
+    @property
+    def caller_auth_mode(self) -> str:
+        """The caller identity mode in effect (see keel_pdp.server.identity)."""
+        if self.caller_auth:
+            return self.caller_auth
+        host = self.listen.rpartition(":")[0]
+        return "open" if host in ("127.0.0.1", "localhost", "::1", "[::1]") else "enforce"
 
     def admin_token(self) -> str | None:
         """Read on every call, so a rotated token file takes effect at once."""
@@ -71,6 +82,9 @@ class ServeSettings:
             raise SettingsError("--workers must be between 1 and 64")
         if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
             raise SettingsError("--max-concurrent-rpcs must be between 1 and 1000000")
+        if self.caller_auth not in ("", "open", "enforce", "observe"):
+            raise SettingsError(f"--caller-auth {self.caller_auth!r} must be open, enforce or "
+                                "observe")
         return self
 
 
@@ -127,6 +141,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=int(_env("KEEL_WORKERS", "1")),
                    help="pre-fork N processes sharing the port (SO_REUSEPORT); worker i serves "
                         "metrics on --metrics-port + i (env KEEL_WORKERS)")
+    p.add_argument("--caller-auth", default=_env("KEEL_CALLER_AUTH", ""),
+                   choices=("", "open", "enforce", "observe"),
+                   help="caller identity checks against the bundle's Callers bindings: open "
+                        "(none), enforce (refuse), observe (log and count); default open on a "
+                        "loopback listener, enforce otherwise (env KEEL_CALLER_AUTH)")
+    p.add_argument("--caller-tokens-file", default=_env("KEEL_CALLER_TOKENS_FILE", ""),
+                   help="file of '<identity> <bearer token>' lines: callers without a client "
+                        "certificate identify with a token (env KEEL_CALLER_TOKENS_FILE)")
     p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
                    help="seconds in-flight RPCs get to finish on SIGTERM")
 
@@ -142,5 +164,6 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         tls_client_ca=ns.tls_client_ca, allow_insecure_listen=ns.allow_insecure_listen,
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
         outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay, workers=ns.workers,
+        caller_auth=ns.caller_auth, caller_tokens_file=ns.caller_tokens_file,
         admin_identities=tuple(x.strip() for x in ns.admin_identities.split(",") if x.strip()),
     ).validate()

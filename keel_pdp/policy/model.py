@@ -202,3 +202,29 @@ class RoutesDoc(_Strict):
     apiVersion: Literal["keel.pdp/v1"]
     kind: Literal["Routes"]
     rules: list[RouteRule]
+
+
+# RPCs a caller binding may grant. ``mesh``: Envoy's ext_authz / ext_proc
+# (a proxy trusted to speak for the principal it verified).
+CallerRpc = Literal["authorize", "closeout", "void", "admin", "grant_exception", "mesh"]
+CALLER_RPCS: tuple[str, ...] = ("authorize", "closeout", "void", "admin", "grant_exception",
+                                "mesh")
+IdentityPattern = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class CallerBinding(_Strict):
+    """Identities (exact, or with ``*`` standing for one whole ``/`` segment)
+    and the tenants, workloads and RPCs they may name and call."""
+
+    id: Ident
+    identities: list[IdentityPattern] = Field(min_length=1)
+    tenants: list[ScopeValue] = []
+    workloads: list[ScopeValue] = ["*"]
+    rpcs: list[CallerRpc] = ["authorize", "closeout", "void"]
+    description: str = ""
+
+
+class CallersDoc(_Strict):
+    apiVersion: Literal["keel.pdp/v1"]
+    kind: Literal["Callers"]
+    bindings: list[CallerBinding]

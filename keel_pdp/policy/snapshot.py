@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from keel_pdp.pricing import Price
 from keel_pdp.windows import WindowKind
+
+if TYPE_CHECKING:
+    from keel_pdp.policy.callers import CallerIndex
 
 DIMENSIONS = ("tenant", "workload", "model", "provider")
 WILDCARD = "*"
@@ -127,6 +130,10 @@ class PolicySnapshot:
     routes: tuple[CompiledRoute, ...]
     exception_paths: dict[str, ExceptionRule]
     files: tuple[str, ...] = ()
+    # kind: Callers bindings; None when the bundle has no Callers document.
+    callers: CallerIndex | None = None
+    # Not errors, but worth a look (a binding naming a tenant no budget knows).
+    warnings: tuple[str, ...] = ()
     _budget_index: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
         default_factory=dict, repr=False
     )

@@ -1,0 +1,152 @@
+"""Caller bindings (``kind: Callers``), compiled: who may name which tenant and workload.
+
+An identity is the SPIFFE ID or certificate CN of a mutual-TLS client, or the
+name a bearer token maps to. A binding pattern is an identity whose ``/``
+segments may be ``*`` (one whole, non-empty segment): ``spiffe://corp/ns/support/sa/*``.
+Every binding that matches an identity applies (their grants add up); what an
+identity is granted is worked out once per identity and snapshot, so a check
+is a few set look-ups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keel_pdp.policy.snapshot import WILDCARD, bounded_put
+
+GRANTS_CACHE_SIZE = 4096
+# RPCs that name a tenant and workload (directly, or through a permit's); the
+# others (admin, grant_exception, mesh) are granted or not as a whole.
+SCOPED_RPCS = ("authorize", "closeout", "void")
+
+
+def pattern_problem(pattern: str) -> str:
+    """Why ``pattern`` cannot be an identity pattern ('' when it can)."""
+    if pattern != pattern.strip() or any(ord(ch) < 32 for ch in pattern):
+        return "identity patterns have no surrounding spaces or control characters"
+    for seg in pattern.split("/"):
+        if "*" in seg and seg != "*":
+            return (f"'*' stands for one whole '/' segment; {seg!r} mixes it with other "
+                    "characters")
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledBinding:
+    id: str
+    patterns: tuple[str, ...]
+    tenants: frozenset[str]
+    workloads: frozenset[str]
+    rpcs: frozenset[str]
+    description: str = ""
+
+    def matches(self, identity: str) -> bool:
+        return any(pattern_matches(p, identity) for p in self.patterns)
+
+    def grants(self, rpc: str, tenant: str, workload: str) -> bool:
+        if rpc not in self.rpcs:
+            return False
+        if rpc not in SCOPED_RPCS:
+            return True
+        return ((tenant in self.tenants or WILDCARD in self.tenants)
+                and (workload in self.workloads or WILDCARD in self.workloads))
+
+    def words(self) -> str:
+        def names(values: frozenset[str]) -> str:
+            return ", ".join(sorted(values)) or "(none)"
+        return (f"{self.id} (identities {', '.join(self.patterns)}; tenants "
+                f"{names(self.tenants)}; workloads {names(self.workloads)}; rpcs "
+                f"{', '.join(sorted(self.rpcs))})")
+
+
+def pattern_matches(pattern: str, identity: str) -> bool:
+    if "*" not in pattern:
+        return pattern == identity
+    want = pattern.split("/")
+    got = identity.split("/")
+    if len(want) != len(got):
+        return False
+    return all(w == g or (w == WILDCARD and g != "") for w, g in zip(want, got, strict=True))
+
+
+def specificity(pattern: str) -> tuple[int, int]:
+    """Higher is more specific: fewer wildcard segments, then more literal characters."""
+    segs = pattern.split("/")
+    return (-segs.count(WILDCARD), sum(len(s) for s in segs if s != WILDCARD))
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """Everything the bindings matching one identity allow."""
+
+    identity: str
+    bindings: tuple[CompiledBinding, ...]
+
+    def allows(self, rpc: str, tenant: str = "", workload: str = "") -> bool:
+        return any(b.grants(rpc, tenant, workload) for b in self.bindings)
+
+    def granting(self, rpc: str, tenant: str = "", workload: str = "") -> tuple[str, ...]:
+        return tuple(b.id for b in self.bindings if b.grants(rpc, tenant, workload))
+
+    def lacking(self, rpc: str, tenant: str = "", workload: str = "") -> str:
+        """Which binding is missing, in words ('' when allowed)."""
+        if self.allows(rpc, tenant, workload):
+            return ""
+        if not self.bindings:
+            return f"no Callers binding matches identity {self.identity!r}"
+        ids = ", ".join(b.id for b in self.bindings)
+        with_rpc = [b for b in self.bindings if rpc in b.rpcs]
+        if not with_rpc:
+            return f"its bindings ({ids}) do not grant the {rpc} RPC"
+        if rpc not in SCOPED_RPCS:
+            return ""  # pragma: no cover - granted above
+        if not any(tenant in b.tenants or WILDCARD in b.tenants for b in with_rpc):
+            return (f"no binding grants {rpc} for tenant {tenant!r} (its bindings with {rpc}: "
+                    f"{', '.join(b.id for b in with_rpc)})")
+        return (f"no binding grants {rpc} for tenant {tenant!r} with workload {workload!r} "
+                f"(its bindings with {rpc}: {', '.join(b.id for b in with_rpc)})")
+
+
+@dataclass(frozen=True)
+class CallerIndex:
+    bindings: tuple[CompiledBinding, ...]
+    _exact: dict[str, tuple[CompiledBinding, ...]] = field(default_factory=dict, repr=False)
+    # number of '/' segments -> (pattern, binding) with wildcards
+    _wild: dict[int, tuple[tuple[str, CompiledBinding], ...]] = field(
+        default_factory=dict, repr=False)
+    _cache: dict[str, Grants] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        exact: dict[str, list[CompiledBinding]] = {}
+        wild: dict[int, list[tuple[str, CompiledBinding]]] = {}
+        for b in self.bindings:
+            for p in b.patterns:
+                if "*" in p:
+                    wild.setdefault(p.count("/") + 1, []).append((p, b))
+                else:
+                    exact.setdefault(p, []).append(b)
+        self._exact.update({k: tuple(dict.fromkeys(v)) for k, v in exact.items()})
+        self._wild.update({k: tuple(v) for k, v in wild.items()})
+
+    def grants(self, identity: str) -> Grants:
+        hit = self._cache.get(identity)
+        if hit is not None:
+            return hit
+        found = list(self._exact.get(identity, ()))
+        for pattern, b in self._wild.get(identity.count("/") + 1, ()):
+            if b not in found and pattern_matches(pattern, identity):
+                found.append(b)
+        found.sort(key=lambda b: b.id)
+        return bounded_put(self._cache, identity, Grants(identity, tuple(found)),
+                           GRANTS_CACHE_SIZE)
+
+    def matching(self, identity: str) -> list[tuple[CompiledBinding, str]]:
+        """Each binding matching ``identity`` with the pattern that matched it
+        (its most specific one), most specific first."""
+        out: list[tuple[CompiledBinding, str]] = []
+        for b in self.bindings:
+            pats = [p for p in b.patterns if pattern_matches(p, identity)]
+            if pats:
+                out.append((b, max(pats, key=specificity)))
+        out.sort(key=lambda bp: (specificity(bp[1]), bp[0].id), reverse=True)
+        return out

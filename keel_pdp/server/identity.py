@@ -1,0 +1,428 @@
+"""Who is calling, and may they name this tenant and workload?
+
+A caller is identified by its mutual-TLS client certificate (its SPIFFE ID,
+the one ``spiffe://`` URI SAN, or else its subject CN) or by a bearer token
+that the ``--caller-tokens-file`` maps to an identity; the admin API reads
+peer names and bearer tokens through the same functions. The ``kind: Callers``
+bindings of the serving policy bundle say which tenants, workloads and RPCs
+each identity may use.
+
+The mode (``--caller-auth``) decides what a missing binding does: ``open``
+checks nothing (a sidecar on loopback: the application's own business),
+``enforce`` refuses with PERMISSION_DENIED naming the identity and what it
+lacks (UNAUTHENTICATED when there is no identity at all), ``observe`` logs and
+counts what enforce would refuse and serves the call.
+
+Authorize is checked on the tenant and workload it names. Closeout and Void
+are checked on the permit's own tenant and workload: remembered when this
+process answered the Authorize, otherwise read from the permit record in
+Redis (one extra round trip). Envoy's ext_authz is checked in
+``keel_pdp.mesh.authz`` through ``envoy_refusal``: a proxy bound to the
+``mesh`` RPC may vouch for the principal Envoy verified (``source.principal``);
+otherwise the proxy's own identity is the caller.
+
+Everything happens in a gRPC server interceptor, so the servicers are
+untouched and open mode costs nothing (the interceptor is not installed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from keel_pdp import caller
+from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
+from keel_pdp.budget.store import BudgetStore, StoreUnavailable
+from keel_pdp.metrics import Metrics
+from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.settings import ServeSettings
+
+log = logging.getLogger("keel_pdp.identity")
+
+MODES = ("open", "enforce", "observe")
+OWNER_CACHE_SIZE = 100_000
+OWNER_LOOKUP_TIMEOUT_S = 0.25
+TOKEN_RECHECK_S = 1.0
+_PDP = "/keel.pdp.v1.PolicyDecisionPoint/"
+AUTHZ_CHECK = "/envoy.service.auth.v3.Authorization/Check"
+EXT_PROC = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+# ------------------------------------------------------------ who is calling
+def _auth(context: Any) -> dict[str, list[bytes]]:
+    auth = context.auth_context() if context is not None else None
+    return auth or {}
+
+
+def peer_names(context: Any) -> list[str]:
+    """Every name the client certificate carries (CN and SANs); [] without one."""
+    auth = _auth(context)
+    return [v.decode(errors="replace") for k in ("x509_common_name",
+                                                 "x509_subject_alternative_name")
+            for v in auth.get(k, [])]
+
+
+def cert_identity(context: Any) -> str:
+    """The client certificate's SPIFFE ID, or its subject CN when it has no
+    SPIFFE URI SAN; '' without a certificate or with an ambiguous one (several
+    SPIFFE IDs, which gRPC then does not vouch for)."""
+    auth = _auth(context)
+    spiffe = auth.get("peer_spiffe_id")
+    if spiffe:
+        return spiffe[0].decode(errors="replace")
+    if any(u.startswith(b"spiffe://") for u in auth.get("peer_uri", [])):
+        return ""
+    cn = auth.get("x509_common_name")
+    return cn[0].decode(errors="replace") if cn else ""
+
+
+def bearer_token(context: Any) -> str:
+    """The ``authorization: Bearer <token>`` the call carries ('' if none)."""
+    for key, value in (context.invocation_metadata() if context is not None else None) or ():
+        if key == "authorization" and isinstance(value, str):
+            return value.removeprefix("Bearer ").strip()
+    return ""
+
+
+def token_matches(presented: str, expected: str) -> bool:
+    """Constant-time comparison of a presented token with the expected one."""
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class CallerTokens:
+    """Bearer tokens mapped to identities: a file of ``<identity> <token>``
+    lines (``#`` comments), re-read when its content changes (checked at most
+    once a second), so a rotated Secret takes effect without a restart.
+    Tokens are kept as SHA-256 digests and compared in constant time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._digest = b""
+        self._by_hash: dict[bytes, str] = {}
+        self._checked = 0.0
+        self.load()
+
+    def load(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            if not self._by_hash:
+                raise ValueError(f"cannot read caller tokens file {self.path}: {exc}") from exc
+            log.error("keeping the caller tokens read before: %s", exc)
+            return
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
+            return
+        table: dict[bytes, str] = {}
+        for n, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2 or len(parts[1]) < 16:
+                raise ValueError(f"{self.path}:{n}: expected '<identity> <token>' with a token "
+                                 "of at least 16 characters")
+            table[hashlib.sha256(parts[1].encode()).digest()] = parts[0]
+        self._by_hash, self._digest = table, digest
+        log.info("caller tokens: %d identities from %s", len(table), self.path)
+
+    def identity(self, token: str) -> str:
+        now = time.monotonic()
+        if now - self._checked >= TOKEN_RECHECK_S:
+            self._checked = now
+            try:
+                self.load()
+            except ValueError as exc:
+                log.error("caller tokens file rejected, keeping the previous one: %s", exc)
+        if not token:
+            return ""
+        h = hashlib.sha256(token.encode()).digest()
+        found = self._by_hash.get(h, "")
+        if found:
+            # The look-up keyed on a digest; confirm it in constant time as well.
+            for known, who in self._by_hash.items():
+                if who == found and hmac.compare_digest(known, h):
+                    return who
+        return ""
+
+
+# ---------------------------------------------------------------- decisions
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: grpc.StatusCode
+    reason: str  # metric label: no_identity | not_bound | rpc | scope | permit_owner
+    message: str
+    lacks: str = ""  # the missing binding, in words
+
+
+class CallerGuard:
+    """Judges calls against the serving bundle's Callers bindings."""
+
+    def __init__(self, mode: str, policies: PolicyHolder, metrics: Metrics,
+                 store: BudgetStore | None = None, tokens: CallerTokens | None = None,
+                 owner_cache_size: int = OWNER_CACHE_SIZE) -> None:
+        if mode not in MODES:
+            raise ValueError(f"caller auth mode {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
+        self.enforce = mode == "enforce"
+        self.policies = policies
+        self.metrics = metrics
+        self.store = store
+        self.tokens = tokens
+        # permit id -> "tenant\x1fworkload", for permits this process issued.
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._owner_cache_size = owner_cache_size
+
+    def identify(self, context: Any) -> str:
+        who = cert_identity(context)
+        if not who and self.tokens is not None:
+            who = self.tokens.identity(bearer_token(context))
+        return who[:caller.MAX_CALLER_CHARS]
+
+    def judge(self, rpc: str, identity: str, tenant: str = "", workload: str = ""
+              ) -> Refusal | None:
+        if not identity:
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, "no_identity",
+                           f"{rpc}: no caller identity: present a client certificate (mutual "
+                           "TLS) or a bearer token known to this service")
+        snap = self.policies.current
+        index = snap.callers if snap is not None else None
+        if index is None:
+            return Refusal(grpc.StatusCode.PERMISSION_DENIED, "not_bound",
+                           f"{rpc}: caller {identity!r} is not allowed: the policy bundle "
+                           "has no Callers bindings")
+        grants = index.grants(identity)
+        lacks = grants.lacking(rpc, tenant, workload)
+        if not lacks:
+            return None
+        reason = ("not_bound" if not grants.bindings else
+                  "rpc" if not any(rpc in b.rpcs for b in grants.bindings) else "scope")
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, reason,
+                       f"{rpc}: caller {identity!r} may not name tenant {tenant[:128]!r} "
+                       f"workload {workload[:128]!r}: {lacks}" if tenant else
+                       f"{rpc}: caller {identity!r} is not allowed: {lacks}", lacks)
+
+    def has_rpc(self, identity: str, rpc: str) -> bool:
+        """Whether any binding of ``identity`` grants ``rpc`` (for some tenant)."""
+        snap = self.policies.current
+        index = snap.callers if snap is not None else None
+        return bool(identity) and index is not None and any(
+            rpc in b.rpcs for b in index.grants(identity).bindings)
+
+    def count(self, rpc: str, refusal: Refusal) -> None:
+        self.metrics.child(self.metrics.caller_refusals, rpc, refusal.reason, self.mode).inc()
+        log.warning("%s%s", "" if self.enforce else "observe mode, served anyway: ",
+                    refusal.message)
+
+    async def refuse(self, rpc: str, refusal: Refusal | None, context: Any) -> None:
+        """Count a refusal; in enforce mode end the call with it."""
+        if refusal is None:
+            return
+        self.count(rpc, refusal)
+        if self.enforce:
+            await context.abort(refusal.code, refusal.message)
+
+    # -------------------------------------------------------- permit owners
+    def remember(self, permit_id: str, tenant: str, workload: str) -> None:
+        self._owners[permit_id] = f"{tenant}\x1f{workload}"
+        if len(self._owners) > self._owner_cache_size:
+            self._owners.popitem(last=False)
+
+    async def owner(self, permit_id: str) -> tuple[str, str] | None:
+        """The permit's (tenant, workload); None when no record of it exists.
+        Raises StoreUnavailable when the permit record cannot be read."""
+        hit = self._owners.get(permit_id)
+        if hit is not None:
+            t, _, w = hit.partition("\x1f")
+            return t, w
+        if self.store is None:
+            return None
+        rec = await self.store.permit(permit_id, OWNER_LOOKUP_TIMEOUT_S)
+        if rec is None:
+            return None
+        tenant, workload = rec.meta.get("t"), rec.meta.get("w")
+        if not isinstance(tenant, str) or not isinstance(workload, str):
+            return None
+        return tenant, workload
+
+
+# -------------------------------------------------------------- the Envoy path
+@dataclass(frozen=True, slots=True)
+class _EnvoyCall:
+    guard: CallerGuard
+    peer: str
+
+
+_ENVOY: ContextVar[_EnvoyCall | None] = ContextVar("keel_pdp_envoy_caller", default=None)
+
+
+def envoy_refusal(check: Any, tenant: str, workload: str) -> str:
+    """For ext_authz: '' when the call may go on, else the message to deny it
+    with (enforce mode). Sets the caller recorded on the permit's events.
+
+    ``check`` is Envoy's CheckRequest; outside an identity-checking server
+    (open mode, tests of the mesh alone) nothing is checked."""
+    call = _ENVOY.get()
+    if call is None:
+        return ""
+    guard = call.guard
+    principal = str(check.attributes.source.principal)[:caller.MAX_CALLER_CHARS]
+    who = call.peer
+    snap = guard.policies.current
+    index = snap.callers if snap is not None else None
+    if principal and call.peer and index is not None and index.grants(call.peer).allows("mesh"):
+        who = principal  # a trusted proxy speaks for the principal it verified
+    caller.CALLER.set(who)
+    refusal = guard.judge("authorize", who, tenant, workload)
+    if refusal is None:
+        return ""
+    guard.count("envoy_check", refusal)
+    return refusal.message if guard.enforce else ""
+
+
+# -------------------------------------------------------------- interceptor
+Behavior = Callable[[Any, Any], Awaitable[Any]]
+
+
+class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Checks every PDP and Envoy call against the Callers bindings."""
+
+    def __init__(self, guard: CallerGuard) -> None:
+        self.guard = guard
+        self._wrapped: dict[str, Any] = {}
+        self._makers: dict[str, Callable[[Any], Any]] = {
+            _PDP + "Authorize": self._authorize,
+            _PDP + "Closeout": lambda b: self._settle("closeout", b),
+            _PDP + "Void": lambda b: self._settle("void", b),
+            AUTHZ_CHECK: self._envoy_check,
+        }
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        found = self._wrapped.get(method)
+        if found is not None or handler is None:
+            return found or handler
+        if method in self._makers and handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._makers[method](handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        elif method == EXT_PROC and handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._ext_proc(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        else:
+            return handler
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _authorize(self, behavior: Behavior) -> Behavior:
+        guard = self.guard
+
+        async def authorize(request: Any, context: Any) -> Any:
+            who = guard.identify(context)
+            await guard.refuse("authorize", guard.judge(
+                "authorize", who, request.tenant, request.workload), context)
+            caller.CALLER.set(who)
+            resp = await behavior(request, context)
+            if resp.permit_id and resp.decision != pb.DENY:
+                guard.remember(resp.permit_id, request.tenant, request.workload)
+            return resp
+        return authorize
+
+    def _settle(self, rpc: str, behavior: Behavior) -> Behavior:
+        guard = self.guard
+        unavailable: Callable[[], Any] = (
+            (lambda: pb.CloseoutResponse(status=pb.CLOSEOUT_STORE_UNAVAILABLE))
+            if rpc == "closeout" else
+            (lambda: pb.VoidResponse(status=pb.VOID_STORE_UNAVAILABLE)))
+
+        async def settle(request: Any, context: Any) -> Any:
+            who = guard.identify(context)
+            # An identity without the RPC at all is refused before any look-up.
+            if not guard.has_rpc(who, rpc):
+                await guard.refuse(rpc, guard.judge(rpc, who), context)
+            else:
+                try:
+                    owner = await guard.owner(request.permit_id)
+                except StoreUnavailable:
+                    if guard.enforce:
+                        return unavailable()  # the answer the call itself would get
+                    owner = None
+                refusal = guard.judge(rpc, who, *owner) if owner is not None else None
+                if refusal is not None and owner is not None:
+                    refusal = Refusal(
+                        refusal.code, "permit_owner",
+                        f"{rpc}: caller {who!r} may not settle permit "
+                        f"{request.permit_id[:64]!r} of tenant {owner[0]!r} workload "
+                        f"{owner[1]!r}: {refusal.lacks}", refusal.lacks)
+                await guard.refuse(rpc, refusal, context)
+            caller.CALLER.set(who)
+            return await behavior(request, context)
+        return settle
+
+    def _envoy_check(self, behavior: Behavior) -> Behavior:
+        guard = self.guard
+
+        async def check(request: Any, context: Any) -> Any:
+            _ENVOY.set(_EnvoyCall(guard, guard.identify(context)))
+            return await behavior(request, context)
+        return check
+
+    def _ext_proc(self, behavior: Callable[[Any, Any], AsyncIterator[Any]]
+                  ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        guard = self.guard
+
+        async def process(requests: Any, context: Any) -> AsyncIterator[Any]:
+            who = guard.identify(context)
+            # ext_proc settles the permits its own Envoy's checks were issued:
+            # the proxy needs the mesh RPC, or closeout rights of its own.
+            refusal = guard.judge("mesh", who)
+            if refusal is not None and guard.has_rpc(who, "closeout"):
+                refusal = None
+            await guard.refuse("ext_proc", refusal, context)
+            caller.CALLER.set(who)
+            async for resp in behavior(requests, context):
+                yield resp
+        return process
+
+
+# ------------------------------------------------------------------- wiring
+def caller_interceptors(settings: ServeSettings, policies: PolicyHolder, metrics: Metrics,
+                        store: BudgetStore) -> list[Any]:
+    """The interceptors ``serve`` installs for its caller-auth mode ([] when open).
+
+    Raises ValueError when the mode checks identities but the sidecar has no
+    way to learn one (neither mutual TLS nor a caller tokens file)."""
+    policies.listeners.append(_log_warnings)
+    mode = settings.caller_auth_mode
+    if mode == "open":
+        log.info("caller identities: open (not checked): any caller may name any tenant")
+        return []
+    if not settings.tls_client_ca and not settings.caller_tokens_file:
+        raise ValueError(
+            f"--caller-auth {mode} (the default beyond loopback) needs a way to identify "
+            "callers: mutual TLS (--tls-client-ca) and/or --caller-tokens-file; or set "
+            "--caller-auth open if every caller may spend from every budget")
+    tokens = CallerTokens(settings.caller_tokens_file) if settings.caller_tokens_file else None
+    log.info("caller identities: %s, from %s", mode, " and ".join(
+        x for x in ("client certificates" if settings.tls_client_ca else "",
+                    "bearer tokens" if tokens else "") if x))
+    return [CallerInterceptor(CallerGuard(mode, policies, metrics, store, tokens))]
+
+
+def _log_warnings(snapshot: object, error: object) -> None:
+    for warning in getattr(snapshot, "warnings", ()):
+        log.warning("policy bundle: %s", warning)
