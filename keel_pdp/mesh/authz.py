@@ -37,6 +37,7 @@ from keel_pdp.mesh import envoy_types as et
 from keel_pdp.mesh import request as rq
 from keel_pdp.mesh.metrics import MeshMetrics
 from keel_pdp.mesh.watch import PermitWatch
+from keel_pdp.server.identity import envoy_refusal
 
 log = logging.getLogger("keel_pdp.mesh.authz")
 
@@ -249,6 +250,10 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
         api, default_provider = route
         tenant = ext.get("keel_tenant") or headers.get(cfg.tenant_header, "")
         workload = ext.get("keel_workload") or headers.get(cfg.workload_header, "")
+        refused = envoy_refusal(check, tenant, workload)  # caller bindings (enforce mode)
+        if refused:
+            self.m.checks.labels("deny").inc()
+            return _denied(403, error_body(403, "CALLER_NOT_BOUND", refused))
         rid = ""
         try:
             for name, value in ((cfg.tenant_header, tenant), (cfg.workload_header, workload)):
