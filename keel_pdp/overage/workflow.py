@@ -42,6 +42,8 @@ FUTURE_SLACK_MS = 5 * 60_000
 # issue time (the stream id is Redis' clock, the permit id the sidecar's).
 _SCAN_BEFORE_MS, _SCAN_AFTER_MS, _SCAN_PAGE, _SCAN_PAGES = 2_000, 10_000, 500, 40
 _FAILURES = (TimeoutError, RedisError, RespError, OSError)
+# Permit record states of a decision that allowed the call.
+_ALLOWED_STATES = frozenset({"held", "settled", "voided", "expired", "degraded"})
 
 
 class NotADenial(InvalidRequest):
@@ -215,12 +217,16 @@ class ExceptionDesk:
                             split: tuple[str, ...]) -> bool:
         """Refuse a permit that was allowed, or a denial by something other than
         this budget; True when the denial itself was read back from the stream."""
-        permit = await self._read(self.store.client.hget(self.keys.permit(pid), "state"))
-        if permit is not None:
-            raise NotADenial(f"permit {pid} was allowed (it is {_text(permit)}), not denied: an "
+        raw_state = await self._read(self.store.client.hget(self.keys.permit(pid), "state"))
+        state = _text(raw_state) if raw_state is not None else ""
+        if state in _ALLOWED_STATES:
+            raise NotADenial(f"permit {pid} was allowed (it is {state}), not denied: an "
                              "exception is requested from a denied Authorize")
         found = await self.find_decision(pid)
         if found is None:
+            if state == "denied":  # the marker of a denial recorded without a hold
+                raise NotADenial(f"denial {pid} was decided by policy or without the budget "
+                                 "store, not by a budget's cap: an exception cannot change it")
             return False
         data, res = found
         if res.get("d") != "DENY":
@@ -288,7 +294,8 @@ class ExceptionDesk:
                 f"exception path {rule.name} is decided by role {rule.approver_role!r}, "
                 f"not {approver_role!r}")
         if approver.strip().casefold() == view.requester.strip().casefold():
-            raise grants.GrantForbidden(f"{approver} requested {exc_id} and cannot decide it")
+            raise grants.GrantForbidden(f"{view.requester} requested {exc_id}: a requester "
+                                        "cannot decide their own exception")
         gid = grant_id_of(exc_id)
         expires = now + view.duration_seconds * 1000
         grant_data = ""
