@@ -57,6 +57,8 @@ def check(ns: argparse.Namespace) -> int:
     print(f"{ns.directory}: ok, revision {snap.policy_revision}, prices {snap.price_revision}, "
           f"{len(snap.budgets)} budgets, {len(snap.prices)} priced models, "
           f"{len(snap.routes)} routing rules, {len(snap.exception_paths)} exception paths")
+    for warning in snap.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -295,6 +297,17 @@ def explain(ns: argparse.Namespace) -> int:
     snap = _load(ns.policies)
     if snap is None:
         return 1
+    if ns.identity:
+        from keel_pdp.policy.callers import explain_lines as caller_lines
+
+        for line in caller_lines(snap.callers, ns.identity, ns.tenant, ns.workload):
+            print(line)
+        if not ns.model:
+            return 0
+    elif not ns.model:
+        print("error: --model is required (or --identity, to explain caller bindings)",
+              file=sys.stderr)
+        return 2
     for line in explain_lines(snap, ns.tenant, ns.workload, ns.model, ns.provider,
                               ns.input_tokens, ns.max_output_tokens):
         print(line)
@@ -316,7 +329,10 @@ def register(sub: Any) -> None:
     p.add_argument("--policies", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--workload", required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default="")
+    p.add_argument("--identity", default="",
+                   help="a caller identity: which Callers bindings match (overlaps "
+                        "included) and which RPCs they allow for --tenant/--workload")
     p.add_argument("--provider", default="")
     p.add_argument("--input-tokens", type=int, default=1000)
     p.add_argument("--max-output-tokens", type=int, default=0)
