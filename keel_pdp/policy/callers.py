@@ -150,3 +150,38 @@ class CallerIndex:
                 out.append((b, max(pats, key=specificity)))
         out.sort(key=lambda bp: (specificity(bp[1]), bp[0].id), reverse=True)
         return out
+
+
+RPC_NAMES = ("authorize", "closeout", "void", "admin", "grant_exception", "mesh")
+
+
+def explain_lines(index: CallerIndex | None, identity: str, tenant: str = "",
+                  workload: str = "") -> list[str]:
+    """Which bindings match ``identity`` (overlaps included) and what they allow."""
+    if index is None:
+        return ["The bundle has no Callers bindings: with --caller-auth enforce every call "
+                "is refused; with open nothing is checked."]
+    found = index.matching(identity)
+    if not found:
+        return [f"No binding matches identity {identity!r}: with --caller-auth enforce it is "
+                "refused every RPC."]
+    out = [f"Identity {identity!r}: {len(found)} binding{'s' if len(found) > 1 else ''} "
+           "match; their grants add up (no binding takes anything away from another)."]
+    for b, pattern in found:
+        how = ("exact identity" if "*" not in pattern else
+               f"wildcard {pattern} ({pattern.count('*')} wildcard segment"
+               f"{'s' if pattern.count('*') > 1 else ''})")
+        out.append(f"  binding {b.words()} matches as {how}.")
+    if len(found) > 1:
+        out.append(f"  Overlap: {', '.join(b.id for b, _ in found)} all apply to this identity; "
+                   "the most specific match is listed first.")
+    if tenant or workload:
+        grants = index.grants(identity)
+        out.append(f"For tenant {tenant!r} workload {workload!r}:")
+        for rpc in RPC_NAMES:
+            by = grants.granting(rpc, tenant, workload)
+            if by:
+                out.append(f"  {rpc}: allowed by {', '.join(by)}.")
+            else:
+                out.append(f"  {rpc}: refused ({grants.lacking(rpc, tenant, workload)}).")
+    return out

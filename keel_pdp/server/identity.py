@@ -283,6 +283,8 @@ def envoy_refusal(check: Any, tenant: str, workload: str) -> str:
     if principal and call.peer and index is not None and index.grants(call.peer).allows("mesh"):
         who = principal  # a trusted proxy speaks for the principal it verified
     caller.CALLER.set(who)
+    if not tenant or not workload:
+        return ""  # refused as a bad request: the header naming who pays is missing
     refusal = guard.judge("authorize", who, tenant, workload)
     if refusal is None:
         return ""
