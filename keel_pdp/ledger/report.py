@@ -321,13 +321,55 @@ def exception_lines(store: LedgerStore, period: str, as_of_ms: int) -> list[Exce
                 "JOIN ledger_entries e ON e.permit_id = b.permit_id "
                 "WHERE b.budget_id = ? AND b.split = ? AND b.applied = 1 "
                 "AND b.granted_micros > 0 AND b.permit_id >= ? AND b.permit_id < ? "
-                "AND b.settled_micros + b.held_micros > b.limit_micros",
+                "AND b.settled_micros + b.held_micros > b.limit_micros AND EXISTS ("
+                "SELECT 1 FROM ledger_entries p WHERE p.permit_id = b.permit_id "
+                "AND p.kind = 'permit')",
                 (x.budget_id, split, pid_bound(x.decided_at_ms),
                  pid_bound(x.grant_expires_at_ms)))[0])
         final.append(replace(x, denial_in_ledger=denied,
                              permits_allowed=permits, spend_allowed_micros=spend))
     final.sort(key=lambda x: (x.requested_at_ms, x.exception_id))
     return final
+
+
+@dataclass(frozen=True)
+class OverrunLine:
+    """A settlement booked above what its permit allowed (README "Overruns")."""
+
+    permit_id: str
+    ts_ms: int
+    tenant: str
+    workload: str
+    status: str
+    estimate_micros: int
+    actual_micros: int
+    output_tokens: int
+    flags: tuple[str, ...]
+
+
+def overrun_lines(store: LedgerStore, period: str) -> list[OverrunLine]:
+    rows = store.query(
+        "SELECT permit_id, ts_ms, tenant, workload, status, estimate_micros, actual_micros, "
+        "output_tokens, detail FROM ledger_entries WHERE kind = 'settlement' "
+        "AND belongs_to = ? AND detail LIKE ? ORDER BY ts_ms, permit_id",
+        (period, '%"flags"%'))
+    out = []
+    for pid, ts, tenant, workload, status, est, act, out_tok, detail in rows:
+        flags = _loads(detail).get("flags") or []
+        out.append(OverrunLine(str(pid), int(ts), str(tenant or ""), str(workload or ""),
+                               str(status), int(est), int(act), int(out_tok),
+                               tuple(str(f) for f in flags)))
+    return out
+
+
+OVERRUN_COLUMNS = ("permit_id", "settled_at", "tenant", "workload", "status", "estimate_usd",
+                   "actual_usd", "output_tokens", "flags")
+
+
+def overrun_cells(o: OverrunLine) -> list[str]:
+    return [o.permit_id, iso_utc(o.ts_ms), o.tenant, o.workload, o.status,
+            usd(o.estimate_micros), usd(o.actual_micros), str(o.output_tokens),
+            ",".join(o.flags)]
 
 
 @dataclass
@@ -339,6 +381,7 @@ class Report:
     groups: dict[tuple[str, ...], Figures]
     budgets: list[BudgetBurn] = field(default_factory=list)
     exceptions: list[ExceptionLine] = field(default_factory=list)
+    overruns: list[OverrunLine] = field(default_factory=list)
 
     @property
     def total(self) -> Figures:
@@ -357,7 +400,8 @@ def build_report(store: LedgerStore, period: str, by: Sequence[str],
     as_of = now_ms() if as_of_ms is None else as_of_ms
     groups = group_figures(raw_figures(store, period), by, mapping)
     return Report(period, store.period_state(period), tuple(by), as_of, groups,
-                  budget_burn(store, period, as_of), exception_lines(store, period, as_of))
+                  budget_burn(store, period, as_of), exception_lines(store, period, as_of),
+                  overrun_lines(store, period))
 
 
 # ------------------------------------------------------------------ rendering
@@ -435,6 +479,8 @@ def render(report: Report, fmt: str) -> str:
             "exceptions": [{**dict(zip(EXCEPTION_COLUMNS, exception_cells(x), strict=True)),
                             "justification": x.justification, "note": x.note}
                            for x in report.exceptions],
+            "overruns": [dict(zip(OVERRUN_COLUMNS, overrun_cells(o), strict=True))
+                         for o in report.overruns],
         }
         return json.dumps(doc, indent=2)
     if fmt == "csv":
@@ -454,6 +500,9 @@ def render(report: Report, fmt: str) -> str:
         parts += ["", "Exceptions requested in the period, with their outcome and the spend "
                   "they allowed", "",
                   text_table(EXCEPTION_COLUMNS, [exception_cells(x) for x in report.exceptions])]
+    if report.overruns:
+        parts += ["", "Settlements booked above what their permit allowed (flagged for review)",
+                  "", text_table(OVERRUN_COLUMNS, [overrun_cells(o) for o in report.overruns])]
     return "\n".join(parts) + "\n"
 
 
