@@ -101,7 +101,7 @@ async def test_the_period_report_lists_exceptions_with_outcome_and_spend_allowed
     await engine.closeout(fill.permit_id, usage, "SUCCEEDED", None)
     denied = [await engine.authorize(call(f"denied-{i}")) for i in range(3)]
     assert all(d.decision is DecisionKind.DENY for d in denied)
-    base = dict(budget_id="acme", scope=(), duration_seconds=3600,
+    base: dict[str, Any] = dict(budget_id="acme", scope=(), duration_seconds=3600,
                 justification="Launch week traffic, FIN-42", requester="olivia")
     approved = await desk.request(snapshot, ExceptionAsk(denied[0].permit_id,
                                                          amount_micros=12_000, **base))
