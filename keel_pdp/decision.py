@@ -61,6 +61,8 @@ class Code(StrEnum):
     BUDGET_THRESHOLD_CROSSED = "BUDGET_THRESHOLD_CROSSED"
     EXCEPTION_GRANT_APPLIED = "EXCEPTION_GRANT_APPLIED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    USAGE_ABOVE_PERMIT = "USAGE_ABOVE_PERMIT"
+    COST_ABOVE_HOLD = "COST_ABOVE_HOLD"
 
 
 # Reasons that explain an answer without blocking it.
@@ -230,9 +232,31 @@ if hasattr(os, "register_at_fork"):  # a forked worker must not reuse its parent
     os.register_at_fork(after_in_child=lambda: setattr(_random_hex, "_buf", b""))
 
 
+_PLAIN_NIBBLE = "0123456701234567"
+_DEGRADED_NIBBLE = "89abcdef89abcdef"
+
+
 def new_permit_id(now_ms: int | None = None) -> str:
+    """``pmt_`` + 12 hex digits of issue time (ms) + 16 random hex digits. The top bit
+    of the random part is clear: it is set only on degraded permits (see below)."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return f"pmt_{ms:012x}{_random_hex.next()}"
+    rnd = _random_hex.next()
+    return f"pmt_{ms:012x}{_PLAIN_NIBBLE[int(rnd[0], 16)]}{rnd[1:]}"
+
+
+def degraded_permit_id(permit_id: str) -> str:
+    """The id of a permit issued by fail mode instead of ``permit_id`` (whose hold
+    script may still run): the same id with the random part's top bit set, so any
+    sidecar can tell that such a permit exists before its record reaches the store."""
+    return f"{permit_id[:16]}{_DEGRADED_NIBBLE[int(permit_id[16], 16)]}{permit_id[17:]}"
+
+
+def is_degraded_permit_id(permit_id: str) -> bool:
+    return len(permit_id) > 16 and permit_id[16] in "89abcdef"
+
+
+def permit_issued_ms(permit_id: str) -> int:
+    return int(permit_id[4:16], 16)
 
 
 DIMENSION_NAMES = ("tenant", "workload", "model", "provider")
@@ -747,7 +771,10 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False,
 
 
 def without_store(p: Plan, code: Code = Code.STORE_UNAVAILABLE) -> Outcome:
-    """Apply each budget's fail mode when the store could not be consulted."""
+    """Apply each budget's fail mode when the store could not be consulted. The
+    answer carries the degraded permit id (``degraded_permit_id``), never the id the
+    hold script was sent with (that script may still run; the engine aborts it)."""
+    p = replace(p, permit_id=degraded_permit_id(p.permit_id))
     why = {Code.STORE_UNAVAILABLE: "the budget store did not answer in time",
            Code.INTERNAL_ERROR: "the sidecar failed unexpectedly while deciding",
            }.get(code, "the caller's deadline left no time to consult the budget store")
@@ -774,6 +801,16 @@ def internal_error(req: AuthorizeInput, permit_id: str) -> Outcome:
                         "The sidecar failed unexpectedly before it could match this request's "
                         "budgets; nothing was held. Retry; the error is logged and counted."),),
     )
+
+
+def request_id_ended(p: Plan, earlier_permit_id: str, state: str) -> Outcome:
+    """DENY a replay of a request_id whose permit has ended: a replay returns a permit
+    only while it is held, so no second provider call can ride on a finished one."""
+    return _base_outcome(p, DecisionKind.DENY, estimated_cost_micros=0, reasons=(Reason(
+        Code.REQUEST_ID_REUSED,
+        f"request_id {p.request.request_id[:64]!r} already carried permit {earlier_permit_id}, "
+        f"which is {state}; a permit serves one provider call. Send a new request_id for a "
+        "new call.", requested_micros=p.estimate_micros),))
 
 
 def not_loaded(req: AuthorizeInput, permit_id: str) -> Outcome:

@@ -20,6 +20,7 @@ from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
 from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import (
     BudgetStore,
+    DegradedPermit,
     HoldCandidate,
     HoldRequest,
     StoreUnavailable,
@@ -40,12 +41,25 @@ MAX_PROVIDER_COST_MICROS = 10**12
 OUTCOMES = ("OUTCOME_UNSPECIFIED", "SUCCEEDED", "FAILED", "CANCELLED", "PARTIAL")
 
 
+# The overrun rule (README "Overruns"): a Closeout whose cost is above
+# OVERRUN_FACTOR x the permit's estimate + OVERRUN_SLACK_MICROS is impossible for
+# the permit and books nothing (INVALID_ARGUMENT naming the field).
+OVERRUN_FACTOR = 4
+OVERRUN_SLACK_MICROS = 50_000
+# How long after issue a degraded permit that the store does not know yet answers
+# CLOSEOUT_PERMIT_PENDING (retry) instead of UNKNOWN_PERMIT: its issuing sidecar
+# journals it into Redis once the store answers again (or its journal is replayed
+# by the next process after a restart).
+DEGRADED_PENDING_MS = 3_600_000
+
+
 @dataclass(slots=True)
 class CachedPermit:
     keys: tuple[str, ...]
     meta: dict[str, object]
     degraded: bool = False
     expire_at_s: tuple[int, ...] = ()
+    idempotency_key: str = ""
 
 
 @dataclass(slots=True)
@@ -56,6 +70,7 @@ class CloseoutResult:
     correction_micros: int = 0
     held_micros: int = 0
     priced_cost_micros: int = 0
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -146,7 +161,7 @@ class Engine:
         # Compact entries (strings and a bool only): the garbage collector stops
         # tracking them, so a full cache does not lengthen collection pauses. An
         # OrderedDict evicts its oldest entry in O(1).
-        self._permits: OrderedDict[str, tuple[str, str, bool, str]] = OrderedDict()
+        self._permits: OrderedDict[str, tuple[str, str, bool, str, str]] = OrderedDict()
         self._permit_cache_size = permit_cache_size
         self._outbox = Outbox(outbox_size, outbox_dir)
         self._flush_task: asyncio.Task[int] | None = None
@@ -160,9 +175,9 @@ class Engine:
         return deadline_s - DEADLINE_MARGIN_S
 
     def _remember(self, pid: str, keys: tuple[str, ...], meta_json: str,
-                  degraded: bool = False, wexp: tuple[int, ...] = ()) -> None:
+                  degraded: bool = False, wexp: tuple[int, ...] = (), ik: str = "") -> None:
         self._permits[pid] = ("\n".join(keys), meta_json, degraded,
-                              ",".join(str(w) for w in wexp))
+                              ",".join(str(w) for w in wexp), ik)
         if len(self._permits) > self._permit_cache_size:
             self._permits.popitem(last=False)  # the oldest
 
@@ -170,13 +185,14 @@ class Engine:
         entry = self._permits.get(pid)
         if entry is None:
             return None
-        keys, meta, degraded, wexp = entry
+        keys, meta, degraded, wexp, ik = entry
         return CachedPermit(tuple(keys.split("\n")) if keys else (), json.loads(meta), degraded,
-                            tuple(int(w) for w in wexp.split(",")) if wexp else ())
+                            tuple(int(w) for w in wexp.split(",")) if wexp else (), ik)
 
-    def _enqueue(self, etype: str, pid: str, ts: int, data: str, res: str) -> None:
+    def _enqueue(self, etype: str, pid: str, ts: int, data: str, res: str,
+                 spec: str = "") -> None:
         before = self._outbox.dropped
-        self._outbox.append((etype, pid, ts, data, res))
+        self._outbox.append((etype, pid, ts, data, res, spec))
         if self._outbox.dropped != before:
             self.metrics.outbox_dropped.inc()
         self.metrics.outbox.set(len(self._outbox))
@@ -186,9 +202,9 @@ class Engine:
         done = 0
         async with self._flush_lock:
             while self._outbox:
-                etype, pid, ts, data, res = self._outbox.peek()
+                etype, pid, ts, data, res, spec = self._outbox.peek()
                 try:
-                    await self.store.record(etype, pid, ts, data, res, timeout_s=1.0)
+                    await self._replay_one(etype, pid, ts, data, res, spec)
                 except StoreUnavailable:
                     break
                 self._outbox.pop()
@@ -197,6 +213,39 @@ class Engine:
                 self._outbox.sync()
             self.metrics.outbox.set(len(self._outbox))
         return done
+
+    async def _replay_one(self, etype: str, pid: str, ts: int, data: str, res: str,
+                          spec: str) -> None:
+        """One outbox entry into the store; each kind is idempotent there, so an entry
+        whose earlier attempt ran but lost its reply is not applied twice."""
+        extra = json.loads(spec) if spec else {}
+        if etype == "abort":
+            out = await self.store.abort(pid, str(extra["ik"]), list(extra["keys"]), ts, data,
+                                         timeout_s=1.0)
+            self.metrics.child(self.metrics.holds_aborted, str(out["st"]).lower()).inc()
+            return
+        degraded = None
+        if extra:
+            degraded = DegradedPermit(
+                tuple(extra["keys"]), tuple(int(w) for w in extra["wx"]), str(extra["meta"]),
+                int(extra["est"]), int(extra["k"]), int(extra["exp"]), int(extra["ret"]))
+        await self.store.record(etype, pid, ts, data, res, timeout_s=1.0, degraded=degraded)
+
+    def _abort_later(self, p: dec.Plan, mat: _Material, ik: str) -> None:
+        """Undo the hold the authorize script may still make for ``p`` (its reply is
+        lost): journaled first, sent at once (abort.lua; either order is safe)."""
+        data = json.dumps({"v": 1, "now": p.now_ms,
+                           "reason": "aborted: the answer to this Authorize was not the "
+                                     "store's (store timeout or error)"},
+                          separators=(",", ":"))
+        self._enqueue("abort", p.permit_id, p.now_ms, data, "",
+                      json.dumps({"ik": ik, "keys": list(mat.window_keys)},
+                                 separators=(",", ":")))
+        self._kick_flush()
+
+    def _kick_flush(self) -> None:
+        if self._outbox and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.get_running_loop().create_task(self.flush_outbox())
 
     @property
     def outbox_len(self) -> int:
@@ -213,7 +262,7 @@ class Engine:
         assert p.shape is not None
         req = p.request
         mat = _material(p.shape, self.store.keys)
-        stamp = f"{p.now_ms}}}"
+        stamp = f'{p.now_ms},"ein":{req.estimated_input_tokens}}}'
         metas = [head + stamp for head in mat.meta_heads]
         hold = HoldRequest(
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
@@ -235,14 +284,7 @@ class Engine:
         budget = self._budget(deadline_s)
         if p.denial:
             out = dec.denied_by_policy(p)
-            deny = json.dumps({"d": "DENY", "pid": p.permit_id, "amt": 0, "k": 0},
-                              separators=(",", ":"))
-            try:
-                if budget is not None and budget <= 0:
-                    raise StoreUnavailable("no time left")
-                await self.store.record("decision", p.permit_id, now, data, deny, budget)
-            except StoreUnavailable:
-                self._enqueue("decision", p.permit_id, now, data, deny)
+            await self._record_denial(p, data, budget)
             return self._count(out)
         hold, mat, metas = self.prepare_hold(p, data)
         keys, wexp = mat.window_keys, mat.wexp
@@ -258,40 +300,87 @@ class Engine:
         except StoreUnavailable as exc:
             self.metrics.child(self.metrics.store_errors, "authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
-            out = dec.without_store(p)
-            self._record_degraded(p, data, out, tuple(keys[i] for i in first),
-                                  tuple(wexp[i] for i in first), metas[0])
-            return self._count(out)
+            return self._count(self._fail_after_send(p, data, mat, metas, hold.idempotency_key))
         finally:
             self._hold_latency.observe(time.perf_counter() - t0)
-        if res.get("r") == "reused":
-            raise InvalidRequest(
-                f"request_id {req.request_id[:64]!r} was already used by tenant "
-                f"{req.tenant[:64]!r} with different parameters")
-        if res.get("r") == "replay":
-            out = dec.conclude(p, res["res"], replayed=True)
-        else:
-            c, held = dec.held_by(p, res)
-            out = dec.conclude(p, res, held=(c, held))
-            if out.decision is not dec.DecisionKind.DENY:
-                self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c])
-                if res.get("alerts"):
-                    self.metrics.threshold_crossings.inc(len(res["alerts"]))
-        if self._outbox and (self._flush_task is None or self._flush_task.done()):
-            # Store is answering again: replay what was decided without it, once.
-            self._flush_task = asyncio.get_running_loop().create_task(self.flush_outbox())
+        try:
+            r = res.get("r")
+            if r == "reused":
+                raise InvalidRequest(
+                    f"request_id {req.request_id[:64]!r} was already used by tenant "
+                    f"{req.tenant[:64]!r} with different parameters")
+            if r == "ended":
+                out = dec.request_id_ended(p, str(res.get("pid", "")), str(res.get("st", "")))
+                await self._record_denial(p, data, budget, out)
+            elif r == "aborted":  # our own tombstone: an abort overtook this very call
+                out = self._fail_after_send(p, data, mat, metas, hold.idempotency_key)
+            elif r == "replay":
+                out = dec.conclude(p, res["res"], replayed=True)
+            else:
+                c, held = dec.held_by(p, res)
+                out = dec.conclude(p, res, held=(c, held))
+                if out.decision is not dec.DecisionKind.DENY:
+                    self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c],
+                                   ik=hold.idempotency_key)
+                    if res.get("alerts"):
+                        self.metrics.threshold_crossings.inc(len(res["alerts"]))
+        except InvalidRequest:
+            raise
+        except Exception:
+            # The script ran (it may have held) but its answer could not be turned into
+            # a decision: undo it and let the fail modes decide.
+            log.exception("authorize: the store's answer could not be concluded")
+            self.metrics.child(self.metrics.internal_errors, "Authorize").inc()
+            out = self._fail_after_send(p, data, mat, metas, hold.idempotency_key,
+                                        dec.Code.INTERNAL_ERROR)
+        # Store is answering again: replay what was decided without it, once.
+        self._kick_flush()
         return self._count(out)
+
+    def _fail_after_send(self, p: dec.Plan, data: str, mat: _Material, metas: list[str],
+                         ik: str, code: dec.Code = dec.Code.STORE_UNAVAILABLE) -> Outcome:
+        """The fail-mode answer once the hold script was sent but its answer is not
+        usable: abort what it may hold, then decide under the degraded permit id."""
+        self._abort_later(p, mat, ik)
+        out = dec.without_store(p, code)
+        first = p.candidates[0].target_idx
+        self._record_degraded(p, data, out, tuple(mat.window_keys[i] for i in first),
+                              tuple(mat.wexp[i] for i in first), metas[0])
+        return out
+
+    async def _record_denial(self, p: dec.Plan, data: str, budget: float | None,
+                             out: Outcome | None = None) -> None:
+        res = json.dumps({"d": "DENY", "pid": p.permit_id, "amt": 0, "k": 0,
+                          **({"reasons": [r.to_json() for r in out.reasons]} if out else {})},
+                         separators=(",", ":"))
+        try:
+            if budget is not None and budget <= 0:
+                raise StoreUnavailable("no time left")
+            await self.store.record("decision", p.permit_id, p.now_ms, data, res, budget)
+        except StoreUnavailable:
+            self._enqueue("decision", p.permit_id, p.now_ms, data, res)
 
     def _record_degraded(self, p: dec.Plan, data: str, out: Outcome,
                          keys: tuple[str, ...] = (), wexp: tuple[int, ...] = (),
                          meta: str = "") -> None:
-        res = json.dumps({"d": str(out.decision), "pid": out.permit_id, "amt": 0,
+        """Journal a fail-mode decision (outbox). A fail-open ALLOW also journals its
+        permit record, so any sidecar sharing the store can settle it once replayed."""
+        pid = out.permit_id
+        res = json.dumps({"d": str(out.decision), "pid": pid, "amt": 0,
                           "k": out.max_output_tokens, "degraded": True,
                           "reasons": [r.to_json() for r in out.reasons]},
                          separators=(",", ":"))
-        self._enqueue("decision", p.permit_id, p.now_ms, data, res)
+        spec = ""
         if out.decision is dec.DecisionKind.ALLOW and meta:
-            self._remember(out.permit_id, keys, meta, True, wexp)
+            spec = json.dumps({
+                "keys": list(keys), "wx": list(wexp), "meta": meta,
+                "est": out.estimated_cost_micros, "k": out.max_output_tokens,
+                "exp": out.expires_at_ms or p.expires_at_ms,
+                "ret": p.snapshot.settings.permit_retention_seconds},
+                separators=(",", ":"))
+        self._enqueue("decision", pid, p.now_ms, data, res, spec)
+        if spec:
+            self._remember(pid, keys, meta, True, wexp)
 
     def decide_on_failure(self, req: AuthorizeInput) -> Outcome:
         """The decision for an Authorize that raised unexpectedly (a bug, not an outage).
@@ -323,6 +412,26 @@ class Engine:
             return self._count(dec.internal_error(req, dec.new_permit_id(now)))
 
     # ---------------------------------------------------------------- closeout
+    async def _lookup(self, permit_id: str, budget: float | None) -> CachedPermit | str:
+        """The permit's keys and price, from this process's cache or the store; or the
+        status to answer when the store does not know it (yet)."""
+        cached = self._cached(permit_id)
+        if cached is not None and not cached.degraded:
+            return cached
+        if cached is not None and self._outbox:
+            # Our own degraded permit: its record reaches the store with the outbox.
+            await self.flush_outbox()
+        rec = await self.store.permit(permit_id, budget)
+        if rec is not None:
+            return CachedPermit(rec.keys, rec.meta, rec.state == "degraded", rec.wexp,
+                                rec.idempotency_key)
+        if cached is not None:
+            return "PENDING"
+        if dec.is_degraded_permit_id(permit_id) and (
+                _now_ms() - dec.permit_issued_ms(permit_id) < DEGRADED_PENDING_MS):
+            return "PENDING"
+        return "UNKNOWN"
+
     async def closeout(self, permit_id: str, usage: TokenUsage, outcome: str,
                        provider_cost_micros: int | None,
                        deadline_s: float | None = None) -> CloseoutResult:
@@ -341,16 +450,13 @@ class Engine:
         now = _now_ms()
         t0 = time.perf_counter()
         try:
-            cached = self._cached(permit_id)
-            if cached is None or cached.degraded:
-                # A degraded permit may still have been held: the store can run a
-                # script whose reply timed out. Its own record then wins.
-                rec = await self.store.permit(permit_id, budget)
-                if rec is not None:
-                    cached = CachedPermit(rec.keys, rec.meta)
-                elif cached is None:
-                    self.metrics.child(self.metrics.closeouts, "UNKNOWN_PERMIT").inc()
-                    return CloseoutResult("UNKNOWN_PERMIT")
+            found = await self._lookup(permit_id, budget)
+            if isinstance(found, str):
+                status = ("CLOSEOUT_PERMIT_PENDING" if found == "PENDING"
+                          else "UNKNOWN_PERMIT")
+                self.metrics.child(self.metrics.closeouts, status).inc()
+                return CloseoutResult(status)
+            cached = found
             price = _meta_price(cached.meta, usage.input_tokens)
             priced = usage_cost_micros(price, usage)
             actual = priced if provider_cost_micros is None else provider_cost_micros
@@ -362,23 +468,21 @@ class Engine:
                           "rsn": usage.reasoning_tokens},
                 **caller.event_fields(),
             }, separators=(",", ":"))
-            if cached.degraded:
-                res = json.dumps({"st": "SETTLED", "act": actual, "est": 0, "amt": 0,
-                                  "prior": "unheld"}, separators=(",", ":"))
-                await self.store.record("settlement", permit_id, now, data, res, budget,
-                                        settle_keys=cached.keys, settle_micros=actual,
-                                        expire_at_s=cached.expire_at_s,
-                                        permit_meta=json.dumps(cached.meta,
-                                                               separators=(",", ":")))
-                self._permits.pop(permit_id, None)
-                self.metrics.child(self.metrics.closeouts, "SETTLED").inc()
-                return CloseoutResult("SETTLED", actual, 0, actual, 0, priced)
-            out = await self.store.settle(permit_id, cached.keys, now, actual, data, budget)
+            ein = cached.meta.get("ein")
+            input_over = isinstance(ein, int) and usage.input_tokens > ein
+
+            async def settle(keys: tuple[str, ...], ik: str) -> dict[str, object]:
+                return await self.store.settle(
+                    permit_id, keys, now, actual, data, budget, idempotency_key=ik,
+                    output_tokens=usage.output_tokens, input_over=input_over,
+                    overrun_factor=OVERRUN_FACTOR, overrun_slack_micros=OVERRUN_SLACK_MICROS)
+
+            out = await settle(cached.keys, cached.idempotency_key)
             if out["st"] == "KEYS_MISMATCH":
                 rec = await self.store.permit(permit_id, budget)
                 if rec is None:
                     return CloseoutResult("UNKNOWN_PERMIT")
-                out = await self.store.settle(permit_id, rec.keys, now, actual, data, budget)
+                out = await settle(rec.keys, rec.idempotency_key)
         except StoreUnavailable as exc:
             self.metrics.child(self.metrics.store_errors, "closeout").inc()
             log.warning("budget store unavailable during closeout: %s", exc)
@@ -388,17 +492,42 @@ class Engine:
             self.metrics.child(self.metrics.store_latency, "closeout").observe(
                 time.perf_counter() - t0)
         status = str(out["st"])
+        if status == "IMPLAUSIBLE":
+            self._implausible(permit_id, out, usage, provider_cost_micros, actual)
         self.metrics.child(self.metrics.closeouts, status).inc()
         if status == "UNKNOWN_PERMIT":
             return CloseoutResult(status)
         self._permits.pop(permit_id, None)
-        act, amt = int(out["act"]), int(out["amt"])
-        if status != "ALREADY_SETTLED":
-            corr = act - amt if out.get("prior") == "held" else act
-            sign = "positive" if corr >= 0 else "negative"
-            self.metrics.child(self.metrics.correction, sign).inc(abs(corr))
-        return CloseoutResult(status, act, int(out["est"]), act - amt, amt,
-                              priced if status != "ALREADY_SETTLED" else act)
+        act, amt, est = int(out["act"]), int(out["amt"]), int(out["est"])  # type: ignore[call-overload]
+        prior = out.get("prior")
+        flags = tuple(str(f) for f in out.get("flags") or ())  # type: ignore[attr-defined]
+        if status == "ALREADY_SETTLED":
+            return CloseoutResult(status, act, est, act - amt, amt, act, flags)
+        # What this settlement released: the hold when it was still held; nothing when
+        # a void or an expiry had released it, or the permit never held (degraded).
+        held = amt if prior == "held" else 0
+        corr = act - held
+        self.metrics.child(self.metrics.correction,
+                           "positive" if corr >= 0 else "negative").inc(abs(corr))
+        for flag in flags:
+            self.metrics.child(self.metrics.closeout_overruns, flag).inc()
+        return CloseoutResult(status, act, est, corr, held, priced, flags)
+
+    def _implausible(self, permit_id: str, out: dict[str, object], usage: TokenUsage,
+                     provider_cost: int | None, actual: int) -> None:
+        est, k, ceiling = (int(out[x]) for x in ("est", "k", "ceiling"))  # type: ignore[call-overload]
+        if provider_cost is not None:
+            field = "provider_cost_micros"
+        elif k and usage.output_tokens > k:
+            field = "usage.output_tokens"
+        else:
+            field = "usage.input_tokens"
+        self.metrics.child(self.metrics.closeout_implausible, field).inc()
+        raise InvalidRequest(
+            f"{field}: a cost of {actual} micro-USD is impossible for permit {permit_id} "
+            f"(estimate {est} micro-USD, max_output_tokens {k}; the overrun ceiling is "
+            f"{OVERRUN_FACTOR} x estimate + {OVERRUN_SLACK_MICROS} = {ceiling} micro-USD, "
+            f"output_tokens {usage.output_tokens}); nothing was booked")
 
     # -------------------------------------------------------------------- void
     async def void(self, permit_id: str, reason: str = "",
@@ -410,29 +539,20 @@ class Engine:
         budget = self._budget(deadline_s)
         now = _now_ms()
         try:
-            cached = self._cached(permit_id)
-            if cached is not None and cached.degraded and await self.store.permit(
-                    permit_id, budget) is not None:
-                cached = None  # held after all (a timed-out reply): release it normally
-            if cached is not None and cached.degraded:
-                data = json.dumps({"v": 1, "now": now, "reason": reason,
-                                   **caller.event_fields()})
-                res = json.dumps({"st": "RELEASED", "amt": 0, "state": "voided"})
-                await self.store.record("void", permit_id, now, data, res, budget)
-                # Forgotten only once recorded: a void that failed can be retried.
-                self._permits.pop(permit_id, None)
-                return VoidResult("VOIDED", 0, "voided")
-            if cached is None:
-                rec = await self.store.permit(permit_id, budget)
-                if rec is None:
-                    self.metrics.child(self.metrics.voids, "VOID_UNKNOWN_PERMIT").inc()
-                    return VoidResult("VOID_UNKNOWN_PERMIT")
-                keys = rec.keys
-            else:
-                keys = cached.keys
+            found = await self._lookup(permit_id, budget)
+            if isinstance(found, str):
+                status = "VOID_STORE_UNAVAILABLE" if found == "PENDING" else "VOID_UNKNOWN_PERMIT"
+                self.metrics.child(self.metrics.voids, status).inc()
+                return VoidResult(status)
             data = json.dumps({"v": 1, "now": now, "reason": reason, **caller.event_fields()},
                               separators=(",", ":"))
-            out = await self.store.release(permit_id, keys, now, "voided", data, budget)
+            out = await self.store.release(permit_id, found.keys, now, "voided", data, budget,
+                                           idempotency_key=found.idempotency_key)
+            if out["st"] == "KEYS_MISMATCH":
+                rec = await self.store.permit(permit_id, budget)
+                if rec is not None:
+                    out = await self.store.release(permit_id, rec.keys, now, "voided", data,
+                                                   budget, idempotency_key=rec.idempotency_key)
         except StoreUnavailable as exc:
             self.metrics.child(self.metrics.store_errors, "void").inc()
             log.warning("budget store unavailable during void: %s", exc)
@@ -462,7 +582,8 @@ class Engine:
             rec = await self.store.permit(pid, 1.0)
             keys = rec.keys if rec is not None else ()
             data = json.dumps({"v": 1, "now": now}, separators=(",", ":"))
-            out = await self.store.release(pid, keys, now, "expired", data, 1.0)
+            out = await self.store.release(pid, keys, now, "expired", data, 1.0,
+                                           idempotency_key=rec.idempotency_key if rec else "")
             if out["st"] == "RELEASED":
                 expired += 1
                 self._permits.pop(pid, None)

@@ -76,6 +76,19 @@ class Metrics:
         self.idle_streams = Gauge(
             "keel_pdp_idle_streams", "Calls opened whose request message has not arrived yet.",
             registry=r)
+        self.closeout_overruns = Counter(
+            "keel_pdp_closeout_overruns_total",
+            "Closeouts booked above what their permit allowed, by flag "
+            "(USAGE_ABOVE_PERMIT, COST_ABOVE_HOLD).", ["flag"], registry=r)
+        self.closeout_implausible = Counter(
+            "keel_pdp_closeout_implausible_total",
+            "Closeouts refused because the usage or cost is impossible for the permit "
+            "(nothing booked), by the field named.", ["field"], registry=r)
+        self.holds_aborted = Counter(
+            "keel_pdp_holds_aborted_total",
+            "Authorize calls whose answer was not the store's (store timeout or error): "
+            "the hold they may have made is undone, by result "
+            "(released, tombstone, ended, pending).", ["result"], registry=r)
         self.idle_streams_closed = Counter(
             "keel_pdp_idle_streams_closed_total",
             "Calls ended because their request message never came, by reason "

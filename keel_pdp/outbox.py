@@ -18,7 +18,9 @@ from collections.abc import Iterator
 
 log = logging.getLogger("keel_pdp.outbox")
 
-Event = tuple[str, str, int, str, str]  # type, permit_id, ts_ms, data, res
+# type, permit_id, ts_ms, data, res, spec: "" for a plain event; JSON for a degraded
+# permit's record or for an "abort" (see Engine._enqueue)
+Event = tuple[str, str, int, str, str, str]
 
 
 class Outbox:
@@ -46,8 +48,11 @@ class Outbox:
                 continue
             for line in mine.read_text().splitlines():
                 try:
-                    etype, pid, ts, data, res = json.loads(line)
-                    self._q.append((str(etype), str(pid), int(ts), str(data), str(res)))
+                    row = json.loads(line)
+                    etype, pid, ts, data, res = row[:5]
+                    spec = row[5] if len(row) > 5 else ""
+                    self._q.append((str(etype), str(pid), int(ts), str(data), str(res),
+                                    str(spec)))
                 except (ValueError, TypeError):
                     log.error("outbox journal %s: skipping an unreadable line", mine.name)
             mine.unlink()

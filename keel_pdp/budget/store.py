@@ -80,6 +80,21 @@ class PermitRecord:
     keys: tuple[str, ...]
     meta: dict[str, Any]
     state: str
+    idempotency_key: str = ""
+    wexp: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DegradedPermit:
+    """What record.lua stores for a fail-open permit issued without a hold."""
+
+    keys: tuple[str, ...]
+    wexp: tuple[int, ...]
+    meta: str
+    estimate_micros: int
+    max_output_tokens: int
+    expires_at_ms: int
+    retention_s: int
 
 
 def _decode(raw: Any) -> dict[str, Any]:
@@ -145,6 +160,7 @@ class BudgetStore:
         self._closeout = t.script(_lua("closeout.lua"))
         self._release = t.script(_lua("release.lua"))
         self._record = t.script(_lua("record.lua"))
+        self._abort = t.script(_lua("abort.lua"))
         self._grant = t.script(_lua("grant.lua"))
 
     @classmethod
@@ -203,27 +219,51 @@ class BudgetStore:
 
     async def settle(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                      actual_micros: int, event_data: str,
-                     timeout_s: float | None = None) -> dict[str, Any]:
-        keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries, *window_keys]
-        args: list[str | int] = [permit_id, now_ms, actual_micros, event_data]
+                     timeout_s: float | None = None, *, idempotency_key: str = "",
+                     output_tokens: int = 0, input_over: bool = False,
+                     overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
+                     ) -> dict[str, Any]:
+        pkey = self.keys.permit(permit_id)
+        keys = [pkey, self.keys.stream, self.keys.expiries, idempotency_key or pkey,
+                *window_keys]
+        args: list[str | int] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
+                                 1 if input_over else 0, overrun_factor, overrun_slack_micros]
         return _decode(await self._script(self._closeout, keys, args, timeout_s))
 
     async def release(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                       target: str, event_data: str,
-                      timeout_s: float | None = None) -> dict[str, Any]:
-        keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries, *window_keys]
+                      timeout_s: float | None = None, *,
+                      idempotency_key: str = "") -> dict[str, Any]:
+        pkey = self.keys.permit(permit_id)
+        keys = [pkey, self.keys.stream, self.keys.expiries, idempotency_key or pkey,
+                *window_keys]
         args: list[str | int] = [permit_id, now_ms, target, event_data]
         return _decode(await self._script(self._release, keys, args, timeout_s))
 
+    async def abort(self, permit_id: str, idempotency_key: str, window_keys: Sequence[str],
+                    now_ms: int, event_data: str, timeout_s: float,
+                    tombstone_retention_s: int = 86400) -> dict[str, Any]:
+        """Undo an authorize whose reply was lost (see abort.lua); idempotent."""
+        keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries,
+                idempotency_key, *window_keys]
+        args: list[str | int] = [permit_id, now_ms, event_data, tombstone_retention_s]
+        return _decode(await self._script(self._abort, keys, args, timeout_s))
+
     async def record(self, event_type: str, permit_id: str, ts_ms: int, event_data: str,
                      result: str, timeout_s: float | None = None, *,
-                     settle_keys: tuple[str, ...] = (), settle_micros: int = 0,
-                     expire_at_s: tuple[int, ...] = (),
-                     retention_s: int = 7 * 86400, permit_meta: str = "{}") -> str:
-        args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result, settle_micros,
-                                 retention_s, permit_meta]
-        args.extend(expire_at_s)
-        keys = [self.keys.stream, self.keys.permit(permit_id), *settle_keys]
+                     degraded: DegradedPermit | None = None,
+                     retention_s: int = 900) -> str:
+        """Append an event that holds nothing, once per permit id (record.lua). With
+        ``degraded`` the permit record of a fail-open ALLOW is written with it."""
+        args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result]
+        keys = [self.keys.stream, self.keys.permit(permit_id), self.keys.expiries]
+        if degraded is None:
+            args.extend(("marker", retention_s, "{}", 0, 0, 0, ""))
+        else:
+            keys.extend(degraded.keys)
+            args.extend(("degraded", degraded.retention_s, degraded.meta,
+                         degraded.estimate_micros, degraded.max_output_tokens,
+                         degraded.expires_at_ms, ",".join(str(w) for w in degraded.wexp)))
         out = await self._script(self._record, keys, args, timeout_s)
         return out.decode() if isinstance(out, bytes) else str(out)
 
@@ -235,12 +275,14 @@ class BudgetStore:
 
     async def permit(self, permit_id: str, timeout_s: float | None = None) -> PermitRecord | None:
         raw = await self._command("HMGET", self.keys.permit(permit_id), "keys", "meta", "state",
-                                  timeout_s=self._budget(timeout_s))
-        if raw[0] is None:
+                                  "ik", "wx", timeout_s=self._budget(timeout_s))
+        state = raw[2].decode() if raw[2] else ""
+        if not state or state in ("denied", "aborted"):
             return None
         keys = tuple(raw[0].decode().split("\n")) if raw[0] else ()
         meta = json.loads(raw[1]) if raw[1] else {}
-        return PermitRecord(keys, meta, raw[2].decode() if raw[2] else "")
+        wexp = tuple(int(w) for w in raw[4].decode().split(",") if w) if raw[4] else ()
+        return PermitRecord(keys, meta, state, raw[3].decode() if raw[3] else "", wexp)
 
     async def due_expiries(self, now_ms: int, limit: int = 200) -> list[str]:
         raw = await self._command("ZRANGEBYSCORE", self.keys.expiries, "-inf", now_ms,
@@ -254,7 +296,8 @@ class BudgetStore:
     async def warm(self) -> bool:
         """Connect and load every script so the first decision pays for neither."""
         try:
-            for name in ("authorize.lua", "closeout.lua", "release.lua", "record.lua"):
+            for name in ("authorize.lua", "closeout.lua", "release.lua", "record.lua",
+                         "abort.lua"):
                 await self._command("SCRIPT", "LOAD", _lua(name), timeout_s=2.0)
             return True
         except StoreUnavailable:

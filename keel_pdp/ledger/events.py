@@ -381,6 +381,9 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
     pc = None if provider_cost is None else as_int(provider_cost, "data.provider_cost", lo=0)
     priced = _get_int(data, "priced", "data", default=act, lo=0)
     outcome = _get_str(data, "outcome", "data")
+    flags = res.get("flags") or []
+    if not isinstance(flags, list):
+        raise ParseError("res.flags is not a list")
     # The hold was released by this settlement only when it was still held;
     # otherwise a void or expiry already released it and the whole actual is new.
     released = amt if prior == "held" else 0
@@ -391,7 +394,7 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
         "input_tokens": tok["in"], "cached_input_tokens": tok["cached"],
         "cache_write_tokens": tok["cw"], "output_tokens": tok["out"],
         "reasoning_tokens": tok["rsn"], "reason": outcome, "caller": _caller(data),
-        "detail": {"prior": prior},
+        "detail": {"prior": prior, **({"flags": [str(f) for f in flags]} if flags else {})},
     }
     return [
         EntryRow(seq=0, kind="settlement", held_micros=amt, amount_micros=0,

@@ -74,7 +74,28 @@ def closeout_response(r: CloseoutResult) -> pb.CloseoutResponse:
     return pb.CloseoutResponse(
         status=pb.CloseoutStatus.Value(r.status), actual_cost_micros=r.actual_cost_micros,
         estimated_cost_micros=r.estimated_cost_micros, correction_micros=r.correction_micros,
-        held_micros=r.held_micros, priced_cost_micros=r.priced_cost_micros)
+        held_micros=r.held_micros, priced_cost_micros=r.priced_cost_micros,
+        flags=[_FLAG_TEXT[f](r) for f in r.flags if f in _FLAG_TEXT])
+
+
+def _above_permit(r: CloseoutResult) -> pb.BlockReason:
+    return pb.BlockReason(
+        code=pb.USAGE_ABOVE_PERMIT, requested_micros=r.actual_cost_micros,
+        held_micros=r.held_micros,
+        message="The reported usage is above what the permit allowed (output tokens above its "
+                "max_output_tokens, or input tokens above its estimate); booked and flagged "
+                "for review.")
+
+
+def _above_hold(r: CloseoutResult) -> pb.BlockReason:
+    return pb.BlockReason(
+        code=pb.COST_ABOVE_HOLD, requested_micros=r.actual_cost_micros,
+        held_micros=r.held_micros,
+        message=f"The booked cost ({r.actual_cost_micros} micro-USD) is above the permit's "
+                f"estimate ({r.estimated_cost_micros} micro-USD); booked and flagged.")
+
+
+_FLAG_TEXT = {"USAGE_ABOVE_PERMIT": _above_permit, "COST_ABOVE_HOLD": _above_hold}
 
 
 def void_response(r: VoidResult) -> pb.VoidResponse:

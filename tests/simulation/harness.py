@@ -374,6 +374,8 @@ class Simulation:
                     raise InvariantViolation(f"{key.decode()}: held left at the end")
             for raw in r.scan_iter(match=f"{PREFIX}:{{pdp}}:permit:*"):
                 state = (r.hget(raw, "state") or b"").decode()
+                if state in ("denied", "aborted"):
+                    continue  # a recorded denial's marker, an aborted decision's tombstone
                 if state not in ("settled", "voided", "expired"):
                     raise InvariantViolation(f"{raw.decode()} ended in state {state!r}")
             entries = r.xrange(self.keys.stream)

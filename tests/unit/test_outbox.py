@@ -35,13 +35,14 @@ async def test_journaled_outbox_survives_a_crash_and_replays_once(tmp_path: path
     outs = [await crashed.authorize(AuthorizeInput(f"r{i}", "acme", "w", "gpt-4o-mini",
                                                    "openai", 10, 10)) for i in range(3)]
     assert all(o.decision is DecisionKind.ALLOW and o.degraded for o in outs)
-    assert crashed.outbox_len == 3
+    # Per Authorize: the abort of the hold script it sent, then its degraded decision.
+    assert crashed.outbox_len == 6
     del crashed  # killed: nothing flushed, nothing closed
 
     up = fakeredis.FakeAsyncRedis()
     restarted = _engine(up, bundle, tmp_path / "outbox")
-    assert restarted.outbox_len == 3
-    assert await restarted.flush_outbox() == 3
+    assert restarted.outbox_len == 6
+    assert await restarted.flush_outbox() == 6
     client: Any = up
     entries = await client.xrange(restarted.store.keys.stream)
     assert [f[b"pid"].decode() for _, f in entries] == [o.permit_id for o in outs]
@@ -53,7 +54,7 @@ async def test_journaled_outbox_survives_a_crash_and_replays_once(tmp_path: path
 def test_full_outbox_drops_the_oldest_and_counts_it(tmp_path: pathlib.Path) -> None:
     box = Outbox(max_events=2, directory=str(tmp_path))
     for i in range(3):
-        box.append(("decision", f"p{i}", i, "{}", "{}"))
+        box.append(("decision", f"p{i}", i, "{}", "{}", ""))
     assert [e[1] for e in box] == ["p1", "p2"]
     assert box.dropped == 1
 

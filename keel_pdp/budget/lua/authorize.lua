@@ -11,8 +11,9 @@
 -- is held with the largest max_output_tokens that fits; failing that, DENY.
 -- Active exception grants raise a budget's limit while they last.
 --
--- KEYS[1]          idempotency hash (fp, res) of (tenant, request_id); holds only
--- KEYS[2]          permit hash (state, amount, keys, wx, meta, ...)
+-- KEYS[1]          idempotency hash (fp, res, pid, exp; st once the permit ended) of
+--                  (tenant, request_id); holds only
+-- KEYS[2]          permit hash (state, amount, keys, wx, meta, k, ik = KEYS[1], ...)
 -- KEYS[3]          expiry zset: permit_id scored by expires_at_ms
 -- KEYS[4]          decision stream
 -- KEYS[5..4+n]     one hash per budget window (s = settled, h = held micro-USD,
@@ -32,7 +33,8 @@
 --           may constrain (1|0), permit meta (JSON), m, then m budget indexes (1-based)
 --
 -- Returns a JSON string:
---   {"r":"replay","res":<stored result>} | {"r":"reused"} |
+--   {"r":"replay","res":<stored result>} | {"r":"reused"} | {"r":"aborted"} |
+--   {"r":"ended","pid":<earlier permit>,"st":"settled|voided|expired"} |
 --   {"d":"ALLOW|CONSTRAIN|DENY","pid":..,"exp":..,"amt":..,"k":..,"c":<candidate>,
 --    "b":[[settled,held],..] (every budget; after the hold for held ones),
 --    "held":[i..], "fail":i, "shadow":[i..], "alerts":[[i,P]..], "gr":[granted..]}
@@ -72,12 +74,24 @@ local now_ms = tonumber(now_text)
 local expires_at = tonumber(ARGV[S + 7])
 local event = ARGV[S + 8]
 
-local idem = redis.call('HMGET', KEYS[1], 'fp', 'res')
+local idem = redis.call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp')
 if idem[1] then
   if idem[1] ~= fingerprint then
     return cjson.encode({r = 'reused'})
   end
+  -- A replay returns the permit only while it is held: once it has ended (or its
+  -- hold time has passed) the request_id cannot carry another provider call.
+  local ended = idem[4]
+  if not ended and idem[5] and tonumber(idem[5]) <= now_ms then ended = 'expired' end
+  if ended then
+    return cjson.encode({r = 'ended', pid = idem[3], st = ended})
+  end
   return '{"r":"replay","res":' .. idem[2] .. '}'
+end
+-- The permit id is new for every decision; a record under it can only be the
+-- tombstone an aborted decision left (its answer timed out): hold nothing.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return cjson.encode({r = 'aborted'})
 end
 
 local settled, held, limits, enforce, wexp, thresholds, granted = {}, {}, {}, {}, {}, {}, {}
@@ -213,7 +227,7 @@ else
   end
   redis.call('HSET', KEYS[2], 'state', 'held', 'amount', amount, 'est', amount,
     'keys', table.concat(keys, '\n'), 'wx', table.concat(wx, ','),
-    'exp', expires_at, 'meta', cand.meta)
+    'exp', expires_at, 'meta', cand.meta, 'k', k, 'ik', KEYS[1])
   redis.call('EXPIREAT', KEYS[2], math.floor(expires_at / 1000) + retention)
   redis.call('ZADD', KEYS[3], expires_at, pid)
 end
@@ -247,7 +261,7 @@ end
 -- A denial is not replayed: no hold was made, so a retry may simply decide again
 -- (for example after an exception grant).
 if decision ~= 'DENY' then
-  redis.call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded)
+  redis.call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded, 'pid', pid, 'exp', expires_at)
   redis.call('EXPIRE', KEYS[1], idem_ttl)
 end
 return encoded

@@ -1,15 +1,17 @@
 -- release.lua: end a hold without settling it, as a void (caller) or an expiry (sweeper).
 --
--- Only a permit still in state "held" changes; any other state answers with
--- that state and writes nothing, so voids and sweeps are idempotent and a hold
--- reaches exactly one terminal state. An expiry is only applied once the
--- permit's expires_at has passed (a sweeper with a fast clock cannot cut a
--- live hold short).
+-- Only a permit still in state "held" (or "degraded": issued without a hold, so
+-- nothing to give back) changes; any other state answers with that state and
+-- writes nothing, so voids and sweeps are idempotent and a hold reaches exactly
+-- one terminal state. An expiry is only applied once the permit's expires_at has
+-- passed (a sweeper with a fast clock cannot cut a live hold short).
 --
 -- KEYS[1]   permit hash
 -- KEYS[2]   decision stream
 -- KEYS[3]   expiry zset
--- KEYS[4..] the permit's budget window hashes, in the order stored in the permit
+-- KEYS[4]   the permit's idempotency hash (KEYS[1] again when it has none): marked
+--           ended so a replay of its request_id cannot ride on a released permit
+-- KEYS[5..] the permit's budget window hashes, in the order stored in the permit
 --
 -- ARGV[1] permit_id   ARGV[2] now_ms   ARGV[3] "voided" | "expired"
 -- ARGV[4] event data (JSON, opaque here)
@@ -19,17 +21,17 @@
 
 local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'exp')
 local state = p[1]
-if not state then
+if not state or state == 'denied' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return cjson.encode({st = 'UNKNOWN_PERMIT'})
 end
-local n = #KEYS - 3
+local n = #KEYS - 4
 local expected = {}
-for i = 1, n do expected[i] = KEYS[3 + i] end
-if table.concat(expected, '\n') ~= p[3] then
+for i = 1, n do expected[i] = KEYS[4 + i] end
+if table.concat(expected, '\n') ~= (p[3] or '') then
   return cjson.encode({st = 'KEYS_MISMATCH'})
 end
-if state ~= 'held' then
+if state ~= 'held' and state ~= 'degraded' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return cjson.encode({st = 'NOOP', state = state})
 end
@@ -37,12 +39,18 @@ local target = ARGV[3]
 if target == 'expired' and tonumber(p[4]) > tonumber(ARGV[2]) then
   return cjson.encode({st = 'NOT_DUE'})
 end
-local amount = tonumber(p[2])
-for i = 1, n do
-  redis.call('HINCRBY', KEYS[3 + i], 'h', -amount)
+local amount = tonumber(p[2]) or 0
+if state == 'degraded' then amount = 0 end
+if amount ~= 0 then
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[4 + i], 'h', -amount)
+  end
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', target, 'released_at', ARGV[2])
+if KEYS[4] ~= KEYS[1] and redis.call('HGET', KEYS[4], 'pid') == ARGV[1] then
+  redis.call('HSET', KEYS[4], 'st', target)
+end
 local res = cjson.encode({st = 'RELEASED', amt = amount, state = target})
 local etype = 'void'
 if target == 'expired' then etype = 'expiry' end

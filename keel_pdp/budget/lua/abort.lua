@@ -1,0 +1,56 @@
+-- abort.lua: undo an authorize whose answer never reached the caller.
+--
+-- When the authorize script's reply times out, the sidecar answers by the
+-- budgets' fail modes under a new (degraded) permit id, and sends this script
+-- for the permit id it had sent. Either order is safe:
+--   * the authorize script has not run yet: a tombstone record is written, and
+--     the authorize script, seeing a record under its (always new) permit id,
+--     holds nothing and appends nothing;
+--   * it ran and held: the hold is released at once (state "voided", a void
+--     event whose reason says why), and the request_id's idempotency record is
+--     dropped so a retry is decided afresh instead of replaying an answer the
+--     caller never had.
+-- A permit that already ended (a replay delivered it and it was settled or
+-- voided) is left as it is.
+--
+-- KEYS[1]   permit hash
+-- KEYS[2]   decision stream
+-- KEYS[3]   expiry zset
+-- KEYS[4]   the request's idempotency hash
+-- KEYS[5..] every budget window the request could have held (the shape's windows)
+--
+-- ARGV[1] permit_id   ARGV[2] now_ms   ARGV[3] event data (JSON)
+-- ARGV[4] tombstone retention (s)
+--
+-- Returns JSON: {"st":"TOMBSTONE"} | {"st":"RELEASED","amt":..} | {"st":"NOOP","state":..}
+
+local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys')
+local state = p[1]
+if not state then
+  redis.call('HSET', KEYS[1], 'state', 'aborted', 'aborted_at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  return cjson.encode({st = 'TOMBSTONE'})
+end
+if state ~= 'held' then
+  return cjson.encode({st = 'NOOP', state = state})
+end
+local allowed = {}
+for i = 5, #KEYS do allowed[KEYS[i]] = true end
+local amount = tonumber(p[2]) or 0
+for key in string.gmatch(p[3] or '', '[^\n]+') do
+  if not allowed[key] then
+    return cjson.encode({st = 'KEYS_MISMATCH'})
+  end
+end
+for key in string.gmatch(p[3] or '', '[^\n]+') do
+  redis.call('HINCRBY', key, 'h', -amount)
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'voided', 'released_at', ARGV[2], 'aborted', '1')
+if redis.call('HGET', KEYS[4], 'pid') == ARGV[1] then
+  redis.call('DEL', KEYS[4])
+end
+local res = cjson.encode({st = 'RELEASED', amt = amount, state = 'voided'})
+redis.call('XADD', KEYS[2], '*', 'type', 'void', 'pid', ARGV[1], 'ts', ARGV[2],
+  'data', ARGV[3], 'res', res)
+return res
