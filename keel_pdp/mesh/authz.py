@@ -166,12 +166,13 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                 resp.dynamic_metadata.fields and not resp.dynamic_metadata["replayed"]:
             self._void_later(str(resp.dynamic_metadata["permit_id"]))
 
-    def _void_later(self, permit_id: str) -> None:
-        self.m.abandoned.inc()
+    def _void_later(self, permit_id: str, count: bool = True, reason: str = (
+            "Envoy gave up on the check (client gone or ext_authz timeout)")) -> None:
+        if count:
+            self.m.abandoned.inc()
         if self.watch is not None:
             self.watch.forget(permit_id)
-        task = asyncio.get_running_loop().create_task(self.engine.void(
-            permit_id, "Envoy gave up on the check (client gone or ext_authz timeout)", 1.0))
+        task = asyncio.get_running_loop().create_task(self.engine.void(permit_id, reason, 1.0))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -214,25 +215,29 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
         return _denied(409, error_body(409, Code.REQUEST_ID_REUSED, message),
                        ((c.H_DECISION, "DENY"), ("x-keel-reason", Code.REQUEST_ID_REUSED)))
 
-    def read_body(self, api: rq.Api, provider: str, headers: Mapping[str, str],
+    def read_body(self, route: rq.Route, provider: str, headers: Mapping[str, str],
                   raw: bytes) -> rq.LlmRequest:
         """The request body as Authorize needs it; a body Envoy cut (flagged, shorter than
         its content-length, or as long as max_request_bytes with no content-length and
         not a whole JSON document) is estimated from what arrived, never refused as 400."""
+        api = route.api
+        path_model = self.cfg.azure_model(route.deployment) if route.deployment \
+            else route.path_model
         encoding = headers.get("content-encoding", "")
         length_text = headers.get("content-length", "")
         length = int(length_text) if length_text.isdigit() else -1
         cut = headers.get("x-envoy-auth-partial-body") == "true" or 0 <= len(raw) < length
         if not cut:
             try:
-                return rq.parse_body(api, provider, rq.decode_body(raw, encoding))
+                return rq.parse_body(api, provider, rq.decode_body(raw, encoding), path_model,
+                                     route.stream)
             except rq.BadRequest:
                 if length >= 0 or len(raw) < self.cfg.max_request_bytes:
                     raise
         prefix = rq.decode_prefix(raw, encoding)
         # The whole body's size: content-length scaled by the prefix's compression ratio.
         total = len(prefix) if length < 0 else -(-length * len(prefix) // max(1, len(raw)))
-        return rq.parse_partial(api, provider, prefix, total)
+        return rq.parse_partial(api, provider, prefix, total, path_model, route.stream)
 
     async def check(self, check: Any, deadline_s: float | None) -> Any:
         cfg = self.cfg
@@ -244,10 +249,10 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
         host = http.host or headers.get(":authority", "")
         ext = attrs.context_extensions
         named_provider = ext.get("keel_provider") or headers.get(cfg.provider_header, "")
-        route = rq.match_path(method, path)
+        route = rq.route_for(method, path)
         if route is None:
             return self._unmetered(method, host, path, named_provider)
-        api, default_provider = route
+        api, default_provider = route.api, route.provider
         tenant = ext.get("keel_tenant") or headers.get(cfg.tenant_header, "")
         workload = ext.get("keel_workload") or headers.get(cfg.workload_header, "")
         refused = envoy_refusal(check, tenant, workload)  # caller bindings (enforce mode)
@@ -262,7 +267,7 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             provider = rq.provider_for(default_provider, host, named_provider,
                                        cfg.provider_hosts)
             raw = http.raw_body or http.body.encode("utf-8", "surrogatepass")
-            llm = self.read_body(api, provider, headers, raw)
+            llm = self.read_body(route, provider, headers, raw)
             rid = rq.request_id(headers.get(cfg.request_id_header, ""), http.id,
                                 (tenant.encode(), http.path.encode(), raw,
                                  attrs.request.time.SerializeToString()))
@@ -291,7 +296,23 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                                 "call needs its own request id. This call was not sent.")
         if out.decision is DecisionKind.DENY:
             return self._deny(out)
-        return self._allow(out, llm)
+        if api in rq.SIGNED_APIS and not cfg.resign_signed and llm.max_output_tokens and \
+                0 < out.max_output_tokens < llm.max_output_tokens:
+            # A lowered cap is a body change, which breaks a SigV4 signature
+            # unless Envoy re-signs after Keel: refuse rather than send uncapped.
+            self._void_later(out.permit_id, count=False,
+                             reason="the cap could not be written into a signed body")
+            self.m.checks.labels("deny").inc()
+            return _denied(403, error_body(
+                403, "SIGNED_BODY_NOT_REWRITABLE",
+                f"Keel would lower this call's output cap from {llm.max_output_tokens} to "
+                f"{out.max_output_tokens} tokens (decision {out.decision}, permit "
+                f"{out.permit_id}), but the request is SigV4-signed and this sidecar is not "
+                "told that Envoy re-signs it (KEEL_MESH_RESIGN_SIGNED). Ask for at most "
+                f"{out.max_output_tokens} tokens, or configure re-signing."),
+                ((c.H_DECISION, "DENY"), ("x-keel-reason", "SIGNED_BODY_NOT_REWRITABLE"),
+                 (c.H_PERMIT, out.permit_id)))
+        return self._allow(out, llm, rewritable=api not in rq.SIGNED_APIS or cfg.resign_signed)
 
     def _deny(self, out: Outcome) -> Any:
         self.m.checks.labels("deny").inc()
@@ -304,12 +325,15 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             hdrs.append(("retry-after", str(wait)))
         return _denied(status, deny_body(out, status), tuple(hdrs))
 
-    def _allow(self, out: Outcome, llm: rq.LlmRequest) -> Any:
+    def _allow(self, out: Outcome, llm: rq.LlmRequest, rewritable: bool = True) -> Any:
         self.m.checks.labels(str(out.decision).lower()).inc()
         # A reroute to another model also needs the body rewritten (its "model").
-        enforce = (out.max_output_tokens > 0 and (
-            llm.max_output_tokens == 0 or llm.max_output_tokens > out.max_output_tokens)) or (
-            out.model != llm.model)
+        # An API with no output cap (embeddings) has nothing to enforce; a signed
+        # body Envoy does not re-sign is left alone when its own cap fits.
+        enforce = rewritable and bool(rq.CAP_FIELD_TO_ADD[llm.api]) and ((
+            out.max_output_tokens > 0 and (
+                llm.max_output_tokens == 0 or llm.max_output_tokens > out.max_output_tokens))
+            or out.model != llm.model)
         facts: dict[str, str] = {
             c.H_PERMIT: out.permit_id,
             c.H_DECISION: str(out.decision),

@@ -34,7 +34,11 @@ EXT_PROC_ROLES = ("both", "cap", "closeout")
 # ext_authz puts its dynamic metadata under the filter's canonical name.
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
-DEFAULT_PROVIDER_HOSTS = (("anthropic", "anthropic"), ("openai", "openai"))
+# Host substring -> provider name, first match wins (Azure before OpenAI).
+DEFAULT_PROVIDER_HOSTS = (("openai.azure.com", "azure"), ("aiplatform.googleapis.com", "vertex"),
+                          ("generativelanguage.googleapis.com", "gemini"),
+                          ("bedrock-runtime", "bedrock"), ("anthropic", "anthropic"),
+                          ("openai", "openai"))
 
 # The public API hosts of LLM providers (exact names, or ``.suffix`` for a
 # family of hosts). A call to one of them that Keel cannot meter is refused
@@ -95,6 +99,13 @@ class MeshConfig:
     # pass untouched, counted and logged. Host "*": any host;
     # ".example.com": that domain and its subdomains.
     unmetered_routes: tuple[tuple[str, str], ...] = ()
+    # Azure OpenAI deployment -> model (the price table's name); a deployment
+    # not listed is priced as the model it is named after.
+    azure_deployments: tuple[tuple[str, str], ...] = ()
+    # Envoy re-signs SigV4 requests (Bedrock) after Keel's filters
+    # (docs/mesh-bedrock.md). Without it a body change would break the
+    # signature, so a CONSTRAIN on a signed API is answered as a DENY.
+    resign_signed: bool = False
     # Envoy's with_request_body.max_request_bytes: a body of exactly this length
     # with no content-length may have been cut.
     max_request_bytes: int = 1024 * 1024
@@ -133,6 +144,15 @@ class MeshConfig:
                     f"KEEL_MESH_UNMETERED_ROUTES item {item!r} must be HOST[/PATH_PREFIX] "
                     "(HOST: a name, .domain for its subdomains, or * for any host)")
             routes.append((host.lower(), slash + path))
+        deployments = []
+        for item in e.get("KEEL_MESH_AZURE_DEPLOYMENTS", "").split(","):
+            dep, sep, model = item.strip().partition("=")
+            if not item.strip():
+                continue
+            if not sep or not dep or not model:
+                raise MeshConfigError(
+                    f"KEEL_MESH_AZURE_DEPLOYMENTS item {item!r} must be DEPLOYMENT=MODEL")
+            deployments.append((dep, model))
         return cls(
             tenant_header=e.get("KEEL_MESH_TENANT_HEADER", cls.tenant_header).lower(),
             workload_header=e.get("KEEL_MESH_WORKLOAD_HEADER", cls.workload_header).lower(),
@@ -142,6 +162,8 @@ class MeshConfig:
             pass_unmetered=_bool(e, "KEEL_MESH_PASS_UNMETERED", cls.pass_unmetered),
             provider_hosts=hosts,
             unmetered_routes=tuple(routes),
+            azure_deployments=tuple(deployments),
+            resign_signed=_bool(e, "KEEL_MESH_RESIGN_SIGNED", cls.resign_signed),
             max_request_bytes=_int(e, "KEEL_MESH_MAX_REQUEST_BYTES", cls.max_request_bytes,
                                    1024, 1 << 30),
             max_response_bytes=_int(e, "KEEL_MESH_MAX_RESPONSE_BYTES", cls.max_response_bytes,
@@ -150,6 +172,12 @@ class MeshConfig:
                                    1, 20),
             unseen_permit_s=_int(e, "KEEL_MESH_UNSEEN_PERMIT_S", cls.unseen_permit_s, 0, 3600),
         )
+
+    def azure_model(self, deployment: str) -> str:
+        for dep, model in self.azure_deployments:
+            if dep == deployment:
+                return model
+        return deployment
 
     def is_provider_host(self, host: str) -> bool:
         """A host that serves LLM calls: a known API host or a configured provider host."""

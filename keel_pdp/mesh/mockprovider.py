@@ -1,6 +1,14 @@
-"""A mock OpenAI- and Anthropic-compatible provider, for tests, demos and benchmarks.
+"""A mock LLM provider (OpenAI, Azure OpenAI, Anthropic, Gemini/Vertex, Bedrock), for tests.
 
 Standard library only (asyncio). Serves, over HTTP/1.1 with keep-alive:
+
+* OpenAI / Azure OpenAI embeddings (``.../embeddings``), Azure deployment paths;
+* Gemini API and Vertex AI ``models/M:generateContent`` and
+  ``:streamGenerateContent`` (SSE with ``alt=sse``, else a JSON array streamed
+  an element at a time);
+* Bedrock Runtime ``/model/M/converse``, ``converse-stream``, ``invoke`` and
+  ``invoke-with-response-stream`` (Anthropic bodies), the streams as AWS
+  event-stream frames with their CRCs (``x-mock-bad-crc: 1`` corrupts one);
 
 * ``POST .../chat/completions`` (OpenAI Chat Completions; ``stream`` with
   ``stream_options.include_usage`` sends the final usage chunk),
@@ -16,7 +24,8 @@ request's cap; cached / cache-write / reasoning tokens from ``x-mock-cached-toke
 ``x-mock-cache-write-tokens``, ``x-mock-reasoning-tokens``. Each output token is
 the four bytes ``"tok "``, so text length / 4 is exactly the token count.
 
-Modes (``--mode`` for every call, ``x-mock-mode`` per call): ``ok``; ``break``
+``x-mock-split: N`` writes a stream in pieces of N bytes, so events and frames
+straddle chunks. Modes (``--mode`` for every call, ``x-mock-mode`` per call): ``ok``; ``break``
 (sends half the answer, then drops the connection); ``error500``; ``error429``;
 ``hang`` (never answers, until the client gives up).
 
@@ -27,16 +36,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import signal
+import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from keel_pdp.mesh.request import CAP_FIELDS, Api, estimate_input_tokens, match_path
+from keel_pdp.mesh.request import CAP_FIELDS, Api, estimate_input_tokens, route_for
 
 TOKEN = "tok "  # noqa: S105 - one output token of text, not a secret
 MAX_BODY = 64 * 1024 * 1024
@@ -142,6 +153,23 @@ class Plan:
     cache_write: int
     output_tokens: int
     reasoning: int
+    sse: bool = True  # Gemini streams: SSE (alt=sse) or a JSON array
+
+
+ANTHROPIC_LIKE = (Api.MESSAGES, Api.INVOKE_MESSAGES)
+
+
+def _dig(body: dict[str, Any], dotted: str) -> Any:
+    cur: Any = body
+    for part in dotted.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def body_caps(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k in CAP_FIELDS[api] if (v := _dig(body, k)) is not None}
 
 
 def _hint(headers: dict[str, str], name: str, default: int) -> int:
@@ -149,13 +177,15 @@ def _hint(headers: dict[str, str], name: str, default: int) -> int:
     return int(raw) if raw.isdigit() else default
 
 
-def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Options) -> Plan:
+def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Options,
+             model: str = "", stream: bool = False, sse: bool = True) -> Plan:
     cap = 0
     for name in CAP_FIELDS[api]:
-        if isinstance(body.get(name), int):
-            cap = body[name]
+        if isinstance(_dig(body, name), int):
+            cap = _dig(body, name)
             break
-    out = _hint(headers, "x-mock-output-tokens", opts.output_tokens)
+    out = 0 if api is Api.EMBEDDINGS else _hint(headers, "x-mock-output-tokens",
+                                                  opts.output_tokens)
     if cap:
         out = min(out, cap)
     inp = _hint(headers, "x-mock-input-tokens", estimate_input_tokens(api, body))
@@ -163,13 +193,27 @@ def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Opti
     write = min(_hint(headers, "x-mock-cache-write-tokens", 0), inp - cached)
     opts_ = body.get("stream_options")
     include = isinstance(opts_, dict) and opts_.get("include_usage") is True
-    return Plan(api, str(body.get("model", "")), body.get("stream") is True, include, inp,
-                cached, write, out, min(_hint(headers, "x-mock-reasoning-tokens", 0), out))
+    return Plan(api, model or str(body.get("model", "")), body.get("stream") is True or stream,
+                include, inp, cached, write, out,
+                min(_hint(headers, "x-mock-reasoning-tokens", 0), out), sse)
 
 
 def usage_object(p: Plan) -> dict[str, Any]:
     """The usage object the real provider would send for this plan."""
-    if p.api is Api.MESSAGES:
+    if p.api is Api.EMBEDDINGS:
+        return {"prompt_tokens": p.input_tokens, "total_tokens": p.input_tokens}
+    if p.api is Api.GENERATE_CONTENT:
+        # candidatesTokenCount excludes thinking; thoughtsTokenCount is billed as output.
+        return {"promptTokenCount": p.input_tokens, "cachedContentTokenCount": p.cached,
+                "candidatesTokenCount": p.output_tokens - p.reasoning,
+                "thoughtsTokenCount": p.reasoning,
+                "totalTokenCount": p.input_tokens + p.output_tokens}
+    if p.api is Api.CONVERSE:
+        return {"inputTokens": p.input_tokens - p.cached - p.cache_write,
+                "cacheReadInputTokens": p.cached, "cacheWriteInputTokens": p.cache_write,
+                "outputTokens": p.output_tokens,
+                "totalTokens": p.input_tokens + p.output_tokens}
+    if p.api in ANTHROPIC_LIKE:
         return {"input_tokens": p.input_tokens - p.cached - p.cache_write,
                 "cache_creation_input_tokens": p.cache_write,
                 "cache_read_input_tokens": p.cached, "output_tokens": p.output_tokens}
@@ -188,7 +232,18 @@ def usage_object(p: Plan) -> dict[str, Any]:
 def full_body(p: Plan) -> dict[str, Any]:
     text = TOKEN * p.output_tokens
     now = int(time.time())
-    if p.api is Api.MESSAGES:
+    if p.api is Api.EMBEDDINGS:
+        return {"object": "list", "model": p.model, "usage": usage_object(p),
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0] * 8}]}
+    if p.api is Api.GENERATE_CONTENT:
+        return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                "finishReason": "STOP", "index": 0}],
+                "usageMetadata": usage_object(p), "modelVersion": p.model}
+    if p.api is Api.CONVERSE:
+        return {"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": "end_turn", "usage": usage_object(p),
+                "metrics": {"latencyMs": 1}}
+    if p.api in ANTHROPIC_LIKE:
         return {"id": "msg_mock", "type": "message", "role": "assistant", "model": p.model,
                 "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                 "stop_sequence": None, "usage": usage_object(p)}
@@ -209,11 +264,80 @@ def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
     return ((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode()
 
 
+def frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One AWS event-stream frame (string headers), with both CRCs."""
+    hdr = b""
+    for k, v in headers.items():
+        kb, vb = k.encode(), v.encode()
+        hdr += bytes([len(kb)]) + kb + b"\x07" + struct.pack(">H", len(vb)) + vb
+    total = 12 + len(hdr) + len(payload) + 4
+    prelude = struct.pack(">II", total, len(hdr))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    body = prelude + hdr + payload
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def _event_frame(kind: str, obj: dict[str, Any]) -> bytes:
+    return frame({":event-type": kind, ":content-type": "application/json",
+                  ":message-type": "event"}, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def stream_content_type(p: Plan) -> str:
+    if p.api in (Api.CONVERSE, Api.INVOKE_MESSAGES):
+        return "application/vnd.amazon.eventstream"
+    if p.api is Api.GENERATE_CONTENT and not p.sse:
+        return "application/json"
+    return "text/event-stream"
+
+
 def stream_events(p: Plan, tokens_per_chunk: int) -> list[bytes]:
-    """Every SSE event of the streamed answer, in order."""
+    """Every event (SSE event, JSON array element, event-stream frame) of the streamed
+    answer, in order."""
     pieces = [TOKEN * min(tokens_per_chunk, p.output_tokens - i)
               for i in range(0, p.output_tokens, tokens_per_chunk)]
     ev: list[bytes] = []
+    if p.api is Api.GENERATE_CONTENT:
+        first = {"promptTokenCount": p.input_tokens, "cachedContentTokenCount": p.cached}
+        objs: list[dict[str, Any]] = [
+            {"candidates": [{"content": {"role": "model", "parts": [{"text": t}]},
+                             "index": 0}], "usageMetadata": first, "modelVersion": p.model}
+            for t in pieces]
+        objs.append({"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
+                                     "finishReason": "STOP", "index": 0}],
+                     "usageMetadata": usage_object(p), "modelVersion": p.model})
+        if p.sse:
+            return [b"data: " + json.dumps(o, separators=(",", ":")).encode() + b"\r\n\r\n"
+                    for o in objs]
+        out = [(b"[" if i == 0 else b",\r\n") + json.dumps(o).encode()
+               for i, o in enumerate(objs)]
+        out[-1] += b"]"
+        return out
+    if p.api is Api.CONVERSE:
+        ev.append(_event_frame("messageStart", {"role": "assistant"}))
+        ev += [_event_frame("contentBlockDelta", {"contentBlockIndex": 0,
+                                                  "delta": {"text": t}}) for t in pieces]
+        ev.append(_event_frame("contentBlockStop", {"contentBlockIndex": 0}))
+        ev.append(_event_frame("messageStop", {"stopReason": "end_turn"}))
+        ev.append(_event_frame("metadata", {"usage": usage_object(p),
+                                            "metrics": {"latencyMs": 1}}))
+        return ev
+    if p.api is Api.INVOKE_MESSAGES:
+        inner = stream_events(Plan(Api.MESSAGES, p.model, True, False, p.input_tokens,
+                                   p.cached, p.cache_write, p.output_tokens, 0),
+                              tokens_per_chunk)
+        out = []
+        for raw in inner:
+            obj = json.loads(raw.split(b"data: ", 1)[1])
+            if obj.get("type") == "message_stop":
+                obj["amazon-bedrock-invocationMetrics"] = {
+                    "inputTokenCount": p.input_tokens - p.cached - p.cache_write,
+                    "cacheReadInputTokenCount": p.cached,
+                    "cacheWriteInputTokenCount": p.cache_write,
+                    "outputTokenCount": p.output_tokens, "invocationLatency": 1,
+                    "firstByteLatency": 1}
+            payload = base64.b64encode(json.dumps(obj).encode()).decode()
+            out.append(_event_frame("chunk", {"bytes": payload}))
+        return out
     if p.api is Api.MESSAGES:
         start_usage = usage_object(p) | {"output_tokens": 1}
         ev.append(_sse({"type": "message_start", "message": {
@@ -304,14 +428,14 @@ class MockProvider:
             await w.drain()
             return True
         keel = {k: v for k, v in req.headers.items() if k.startswith("x-keel-")}
-        route = match_path(req.method, path)
+        route = route_for(req.method, req.path)
         if route is None:
             self.stats.record({"path": path, "method": req.method, "keel": keel})
             w.write(_json_response(404, "Not Found", {"error": {
                 "type": "not_found", "message": f"{req.method} {path} is not served"}}))
             await w.drain()
             return True
-        api = route[0]
+        api = route.api
         try:
             raw = req.body
             if req.headers.get("content-encoding", "").lower() in ("gzip", "deflate"):
@@ -325,10 +449,14 @@ class MockProvider:
             await w.drain()
             return True
         mode = req.headers.get("x-mock-mode", self.opts.mode)
-        caps = {k: body[k] for k in CAP_FIELDS[api] if k in body}
+        caps = body_caps(api, body)
+        model = route.path_model or route.deployment or str(body.get("model", ""))
         self.stats.record({"path": path, "method": req.method, "api": str(api),
-                           "model": body.get("model"), "stream": body.get("stream") is True,
-                           "mode": mode, "caps": caps, "keel": keel})
+                           "model": model, "stream": body.get("stream") is True or route.stream,
+                           "mode": mode, "caps": caps, "keel": keel,
+                           "headers": {k: v for k, v in req.headers.items()
+                                       if k in ("authorization", "api-key", "x-amz-date",
+                                                "x-goog-api-key")}})
         if mode == "hang":
             await asyncio.sleep(3600)
             return False
@@ -339,9 +467,12 @@ class MockProvider:
                 "message": "mock provider failure"}}))
             await w.drain()
             return True
-        p = plan_for(api, body, req.headers, self.opts)
+        p = plan_for(api, body, req.headers, self.opts, model, route.stream,
+                     sse="alt=sse" in req.path)
         if p.stream:
-            return await self._stream(p, w, breaks=mode == "break")
+            return await self._stream(p, w, breaks=mode == "break",
+                                      split=_hint(req.headers, "x-mock-split", 0),
+                                      bad_crc=req.headers.get("x-mock-bad-crc") == "1")
         data = json.dumps(full_body(p), separators=(",", ":")).encode()
         head = _head(200, "OK", [("content-type", "application/json"),
                                  ("content-length", str(len(data)))])
@@ -355,12 +486,23 @@ class MockProvider:
         await w.drain()
         return True
 
-    async def _stream(self, p: Plan, w: asyncio.StreamWriter, breaks: bool) -> bool:
-        w.write(_head(200, "OK", [("content-type", "text/event-stream"),
+    async def _stream(self, p: Plan, w: asyncio.StreamWriter, breaks: bool, split: int = 0,
+                      bad_crc: bool = False) -> bool:
+        w.write(_head(200, "OK", [("content-type", stream_content_type(p)),
                                   ("cache-control", "no-cache"),
                                   ("transfer-encoding", "chunked")]))
         events = stream_events(p, self.opts.tokens_per_chunk)
         stop_at = len(events) // 2 if breaks else len(events)
+        if bad_crc and len(events) > 2:
+            # Flip one payload byte of the second event: its message CRC no longer checks.
+            bad = bytearray(events[1])
+            bad[-6] ^= 0x01
+            events[1] = bytes(bad)
+        if split > 0:
+            # Re-cut the answer into pieces of ``split`` bytes: events straddle chunks.
+            whole = b"".join(events[:stop_at])
+            pieces = [whole[i:i + split] for i in range(0, len(whole), split)]
+            events, stop_at = pieces + ([b""] if breaks else []), len(pieces)
         for i, ev in enumerate(events):
             if i == stop_at:
                 # A provider dies mid-answer: what was sent gets through first.
@@ -370,8 +512,9 @@ class MockProvider:
                 return False
             w.write(_chunk(ev))
             await w.drain()
-            if self.opts.chunk_delay_s:
-                await asyncio.sleep(self.opts.chunk_delay_s)
+            if self.opts.chunk_delay_s or split:
+                # Split pieces are paused apart so they reach Envoy as separate reads.
+                await asyncio.sleep(self.opts.chunk_delay_s or 0.002)
         w.write(b"0\r\n\r\n")
         await w.drain()
         return True

@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import json
 import re
+import urllib.parse
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -54,29 +55,66 @@ class Api(StrEnum):
     CHAT = "chat.completions"
     RESPONSES = "responses"
     MESSAGES = "messages"
+    EMBEDDINGS = "embeddings"
+    GENERATE_CONTENT = "generate_content"  # Gemini API and Vertex AI
+    CONVERSE = "converse"  # Bedrock Converse / ConverseStream
+    INVOKE_MESSAGES = "invoke.messages"  # Bedrock InvokeModel with an Anthropic body
 
 
 # Path suffix -> (API, provider when nothing else names one). Suffixes, so a
-# gateway prefix (/openai/v1/chat/completions) or an Azure deployment path
-# (/openai/deployments/x/chat/completions) still match.
+# gateway prefix (/openai/v1/chat/completions) still matches.
 _PATHS: tuple[tuple[str, Api, str], ...] = (
     ("/chat/completions", Api.CHAT, "openai"),
     ("/v1/responses", Api.RESPONSES, "openai"),
     ("/v1/messages", Api.MESSAGES, "anthropic"),
+    ("/v1/embeddings", Api.EMBEDDINGS, "openai"),
 )
+# Azure OpenAI: the deployment in the path names the model (docs/mesh-azure.md).
+_AZURE = re.compile(r"/openai/deployments/([^/]{1,256})/(chat/completions|responses|embeddings)$")
+_AZURE_API = {"chat/completions": Api.CHAT, "responses": Api.RESPONSES,
+              "embeddings": Api.EMBEDDINGS}
+# Gemini API (/v1beta/models/M:op) and Vertex AI (/v1/projects/P/locations/L/
+# publishers/google/models/M:op).
+_GOOGLE = re.compile(r"/models/([^/:]{1,256}):(generateContent|streamGenerateContent)$")
+# Bedrock Runtime: /model/{modelId}/{converse|converse-stream|invoke|invoke-with-response-stream}
+_BEDROCK = re.compile(r"/model/([^/]{1,2048})/(converse|converse-stream|invoke|"
+                      r"invoke-with-response-stream)$")
 
-# Which body field carries the output cap, in order of preference.
+# Which body field carries the output cap, in order of preference (a dotted
+# name is a nested field).
 CAP_FIELDS: dict[Api, tuple[str, ...]] = {
     Api.CHAT: ("max_completion_tokens", "max_tokens"),
     Api.RESPONSES: ("max_output_tokens",),
     Api.MESSAGES: ("max_tokens",),
+    Api.EMBEDDINGS: (),
+    Api.GENERATE_CONTENT: ("generationConfig.maxOutputTokens",
+                           "generation_config.max_output_tokens"),
+    Api.CONVERSE: ("inferenceConfig.maxTokens",),
+    Api.INVOKE_MESSAGES: ("max_tokens",),
 }
 # The field written when the body names no cap and one must be enforced.
 CAP_FIELD_TO_ADD: dict[Api, str] = {
     Api.CHAT: "max_completion_tokens",
     Api.RESPONSES: "max_output_tokens",
     Api.MESSAGES: "max_tokens",
+    Api.EMBEDDINGS: "",
+    Api.GENERATE_CONTENT: "generationConfig.maxOutputTokens",
+    Api.CONVERSE: "inferenceConfig.maxTokens",
+    Api.INVOKE_MESSAGES: "max_tokens",
 }
+# APIs whose requests are SigV4-signed: a body Keel changes must be re-signed.
+SIGNED_APIS = frozenset({Api.CONVERSE, Api.INVOKE_MESSAGES})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What the method and path say about a metered call."""
+
+    api: Api
+    provider: str  # the provider when no header, context extension or host names one
+    path_model: str = ""  # the model the path names (Gemini, Vertex, Bedrock)
+    deployment: str = ""  # the Azure OpenAI deployment
+    stream: bool = False  # the path asks for a stream (Gemini, Bedrock)
 
 _IMAGE_TYPES = frozenset({"image_url", "image", "input_image"})
 _FILE_TYPES = frozenset({"file", "input_file", "document", "input_audio"})
@@ -95,15 +133,34 @@ class LlmRequest:
     partial: bool = False  # read from a truncated body (model and cap by pattern)
 
 
-def match_path(method: str, path: str) -> tuple[Api, str] | None:
-    """The metered API a request goes to, with its default provider, or None."""
+def route_for(method: str, path: str) -> Route | None:
+    """The metered API a request goes to, or None."""
     if method.upper() != "POST":
         return None
-    clean = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    clean = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0]).rstrip("/")
+    m = _AZURE.search(clean)
+    if m is not None:
+        return Route(_AZURE_API[m.group(2)], "azure", deployment=m.group(1))
+    m = _GOOGLE.search(clean)
+    if m is not None:
+        provider = "vertex" if "/projects/" in clean else "gemini"
+        return Route(Api.GENERATE_CONTENT, provider, path_model=m.group(1),
+                     stream=m.group(2) == "streamGenerateContent")
+    m = _BEDROCK.search(clean)
+    if m is not None:
+        op = m.group(2)
+        api = Api.CONVERSE if op.startswith("converse") else Api.INVOKE_MESSAGES
+        return Route(api, "bedrock", path_model=m.group(1), stream=op.endswith("stream"))
     for suffix, api, provider in _PATHS:
         if clean.endswith(suffix):
-            return api, provider
+            return Route(api, provider)
     return None
+
+
+def match_path(method: str, path: str) -> tuple[Api, str] | None:
+    """The metered API a request goes to, with its default provider, or None."""
+    route = route_for(method, path)
+    return None if route is None else (route.api, route.provider)
 
 
 def provider_for(default: str, host: str, header_value: str,
@@ -209,10 +266,81 @@ class _Counter:
                                    .encode("utf-8", "surrogatepass"))
 
 
+def _embedding_tokens(inp: object) -> int:
+    """Embeddings input: text by bytes / 4 (each string rounded up); token arrays counted."""
+    if isinstance(inp, str):
+        return -(-len(inp.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN)
+    if isinstance(inp, list):
+        if inp and all(isinstance(x, int) and not isinstance(x, bool) for x in inp):
+            return len(inp)
+        return sum(_embedding_tokens(x) for x in inp)
+    return 0
+
+
+_GOOGLE_FILE_KEYS = frozenset({"inlineData", "inline_data", "fileData", "file_data"})
+_CONVERSE_IMAGE_KEYS = frozenset({"image"})
+_CONVERSE_FILE_KEYS = frozenset({"document", "video"})
+
+
+def _blocks(c: _Counter, blocks: object) -> None:
+    """Gemini parts and Converse content blocks: media by flat figures, the rest as text."""
+    if not isinstance(blocks, list):
+        c.walk(blocks)
+        return
+    for block in blocks:
+        if isinstance(block, dict):
+            keys = set(block)
+            if keys & _GOOGLE_FILE_KEYS:
+                data = block.get("inlineData") or block.get("inline_data") or {}
+                mime = data.get("mimeType", data.get("mime_type", "")) if isinstance(
+                    data, dict) else ""
+                if isinstance(mime, str) and mime.startswith("image/"):
+                    c.images += 1
+                else:
+                    c.files += 1
+                continue
+            if keys & _CONVERSE_IMAGE_KEYS:
+                c.images += 1
+                continue
+            if keys & _CONVERSE_FILE_KEYS:
+                c.files += 1
+                continue
+        c.walk(block)
+
+
 def estimate_input_tokens(api: Api, body: Mapping[str, object]) -> int:
     """The documented heuristic (module docstring); deterministic for a given body."""
     c = _Counter()
     messages = 0
+    if api is Api.EMBEDDINGS:
+        return _embedding_tokens(body.get("input"))
+    if api is Api.GENERATE_CONTENT:
+        contents = body.get("contents")
+        items = contents if isinstance(contents, list) else [contents] if contents else []
+        messages = len(items)
+        for item in items:
+            _blocks(c, item.get("parts") if isinstance(item, dict) else item)
+        system = body.get("systemInstruction", body.get("system_instruction"))
+        if system is not None:
+            messages += 1
+            _blocks(c, system.get("parts") if isinstance(system, dict) else system)
+        c.schema(body.get("tools"))
+        return (-(-c.text_bytes // BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS * messages
+                + REPLY_PRIMING_TOKENS + IMAGE_TOKENS * c.images + FILE_TOKENS * c.files)
+    if api is Api.CONVERSE:
+        msgs = body.get("messages")
+        for msg in msgs if isinstance(msgs, list) else []:
+            messages += 1
+            _blocks(c, msg.get("content") if isinstance(msg, dict) else msg)
+        system = body.get("system")
+        if system is not None:
+            messages += 1
+            _blocks(c, system)
+        c.schema(body.get("toolConfig"))
+        return (-(-c.text_bytes // BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS * messages
+                + REPLY_PRIMING_TOKENS + IMAGE_TOKENS * c.images + FILE_TOKENS * c.files)
+    if api is Api.INVOKE_MESSAGES:
+        api = Api.MESSAGES
     if api is Api.RESPONSES:
         inp = body.get("input")
         if isinstance(inp, list):
@@ -241,15 +369,27 @@ def estimate_input_tokens(api: Api, body: Mapping[str, object]) -> int:
             + IMAGE_TOKENS * c.images + FILE_TOKENS * c.files)
 
 
+def _field(body: Mapping[str, object], dotted: str) -> object:
+    cur: object = body
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
 def _cap(api: Api, body: Mapping[str, object]) -> tuple[int, str]:
     for name in CAP_FIELDS[api]:
-        value = body.get(name)
+        value = _field(body, name)
         if value is not None:
             return _positive_int(name, value), name
     return 0, ""
 
 
-def parse_body(api: Api, provider: str, raw: bytes) -> LlmRequest:
+def parse_body(api: Api, provider: str, raw: bytes, path_model: str = "",
+               path_stream: bool = False) -> LlmRequest:
+    """``path_model``: the model the path (or an Azure deployment) names; it wins
+    over the body's. ``path_stream``: the path asks for a stream."""
     if not raw.strip():
         raise BadRequest("request body is empty; expected a JSON object with a model")
     try:
@@ -258,7 +398,7 @@ def parse_body(api: Api, provider: str, raw: bytes) -> LlmRequest:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    model = body.get("model")
+    model = path_model or body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadRequest("model is required (a non-empty string in the request body)")
     cap, cap_field = _cap(api, body)
@@ -266,14 +406,15 @@ def parse_body(api: Api, provider: str, raw: bytes) -> LlmRequest:
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream must be true or false")
     return LlmRequest(api, provider, model, cap, cap_field,
-                      estimate_input_tokens(api, body), bool(stream))
+                      estimate_input_tokens(api, body), bool(stream) or path_stream)
 
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 
 
-def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int) -> LlmRequest:
+def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int,
+                  path_model: str = "", path_stream: bool = False) -> LlmRequest:
     """Read a body Envoy truncated at ``max_request_bytes``.
 
     The model and the cap are taken by pattern from the prefix that arrived; the
@@ -283,20 +424,24 @@ def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int) -
     over-estimate of a text prompt that the closeout corrects.
     """
     m = _MODEL_RE.search(prefix)
-    if m is None:
+    if path_model:
+        model = path_model
+    elif m is None:
         raise BadRequest("request body was truncated before the model field; raise "
                          "with_request_body.max_request_bytes or put model first", status=413)
-    model = json.loads(b'"' + m.group(1) + b'"')
+    else:
+        model = json.loads(b'"' + m.group(1) + b'"')
     cap, cap_field = 0, ""
     for name in CAP_FIELDS[api]:
-        cm = re.search(rb'"' + name.encode() + rb'"\s*:\s*(\d{1,9})\b', prefix)
+        leaf = name.rsplit(".", 1)[-1]
+        cm = re.search(rb'"' + leaf.encode() + rb'"\s*:\s*(\d{1,9})\b', prefix)
         if cm is not None:
             cap, cap_field = _positive_int(name, int(cm.group(1))), name
             break
     total = max(content_length, len(prefix))
     return LlmRequest(api, provider, model, cap, cap_field,
                       -(-total // BYTES_PER_TOKEN) + REPLY_PRIMING_TOKENS,
-                      _STREAM_RE.search(prefix) is not None, partial=True)
+                      _STREAM_RE.search(prefix) is not None or path_stream, partial=True)
 
 
 def request_id(header_value: str, envoy_id: str, parts: Iterable[bytes]) -> str:
@@ -309,6 +454,18 @@ def request_id(header_value: str, envoy_id: str, parts: Iterable[bytes]) -> str:
         h.update(len(p).to_bytes(8, "big"))
         h.update(p)
     return "h-" + h.hexdigest()
+
+
+def _set_field(body: dict[str, object], dotted: str, value: int) -> None:
+    *parents, leaf = dotted.split(".")
+    cur = body
+    for part in parents:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[leaf] = value
 
 
 def rewrite_cap(api: Api, raw: bytes, cap: int, model: str = "") -> bytes | None:
@@ -327,16 +484,16 @@ def rewrite_cap(api: Api, raw: bytes, cap: int, model: str = "") -> bytes | None
     changed = False
     named = False
     for name in CAP_FIELDS[api]:
-        value = body.get(name)
+        value = _field(body, name)
         if isinstance(value, int) and not isinstance(value, bool):
             named = True
             if value > cap:
-                body[name] = cap
+                _set_field(body, name, cap)
                 changed = True
-    if not named:
-        body[CAP_FIELD_TO_ADD[api]] = cap
+    if not named and CAP_FIELD_TO_ADD[api]:
+        _set_field(body, CAP_FIELD_TO_ADD[api], cap)
         changed = True
-    if model and body.get("model") != model:
+    if model and "model" in body and body.get("model") != model:
         body["model"] = model
         changed = True
     if not changed:

@@ -19,16 +19,32 @@ Usage is normalised to Keel's convention (see ``keel_pdp.pricing.TokenUsage``):
   cached input = ``cache_read_input_tokens``; cache writes =
   ``cache_creation_input_tokens``; output = ``output_tokens`` (thinking included).
   In a stream, ``message_start`` carries the input side and ``message_delta``
-  the cumulative output; the later value of a field wins.
+  the cumulative output; the later value of a field wins. Bedrock
+  InvokeModel with an Anthropic body reports the same object (streamed as
+  ``chunk`` frames whose ``bytes`` are these events).
+* OpenAI / Azure embeddings: ``prompt_tokens`` -> input; no output.
+* Gemini API / Vertex AI ``usageMetadata``: input = ``promptTokenCount`` +
+  ``toolUsePromptTokenCount``; cached input = ``cachedContentTokenCount``
+  (part of the prompt count); output = ``candidatesTokenCount`` +
+  ``thoughtsTokenCount`` (thinking is billed as output); reasoning =
+  ``thoughtsTokenCount``. Streams repeat a cumulative ``usageMetadata``; the one
+  on the chunk with a ``finishReason`` is final.
+* Bedrock Converse ``usage`` (JSON, or the ``metadata`` event of
+  ConverseStream): ``inputTokens`` counts uncached input, so input =
+  ``inputTokens + cacheReadInputTokens + cacheWriteInputTokens``; output =
+  ``outputTokens``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from keel_pdp.mesh.eventstream import FrameDecoder
 from keel_pdp.mesh.request import BYTES_PER_TOKEN, Api
 from keel_pdp.pricing import TokenUsage
 
@@ -60,7 +76,23 @@ def consistent(input_tokens: int, cached: int, cache_write: int, output: int,
 
 def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
     """Provider usage object -> Keel's convention (module docstring)."""
-    if api is Api.MESSAGES or "cache_read_input_tokens" in usage \
+    if api is Api.GENERATE_CONTENT or "promptTokenCount" in usage:
+        thoughts = _get(usage, "thoughtsTokenCount")
+        return consistent(
+            _get(usage, "promptTokenCount") + _get(usage, "toolUsePromptTokenCount"),
+            _get(usage, "cachedContentTokenCount"), 0,
+            _get(usage, "candidatesTokenCount") + thoughts, thoughts)
+    if api is Api.CONVERSE or "inputTokens" in usage:
+        read = _get(usage, "cacheReadInputTokens")
+        write = _get(usage, "cacheWriteInputTokens")
+        return consistent(_get(usage, "inputTokens") + read + write, read, write,
+                          _get(usage, "outputTokens"), 0)
+    if "inputTokenCount" in usage:  # Bedrock's amazon-bedrock-invocationMetrics
+        read = _get(usage, "cacheReadInputTokenCount")
+        write = _get(usage, "cacheWriteInputTokenCount")
+        return consistent(_get(usage, "inputTokenCount") + read + write, read, write,
+                          _get(usage, "outputTokenCount"), 0)
+    if api in (Api.MESSAGES, Api.INVOKE_MESSAGES) or "cache_read_input_tokens" in usage \
             or "cache_creation_input_tokens" in usage:
         fresh = _get(usage, "input_tokens")
         read = _get(usage, "cache_read_input_tokens")
@@ -101,7 +133,15 @@ class ResponseMeter:
     def __init__(self, api: Api, content_type: str = "", content_encoding: str = "",
                  max_body_bytes: int = 32 * 1024 * 1024) -> None:
         self.api = api
-        self.sse = "text/event-stream" in content_type.lower()
+        ctype = content_type.lower()
+        self.sse = "text/event-stream" in ctype
+        # Bedrock's streaming APIs: AWS event-stream frames.
+        self.frames = FrameDecoder() if "amazon.eventstream" in ctype else None
+        # Gemini / Vertex answers (one JSON object, or a JSON array streamed an
+        # element at a time) are read element by element, so a broken stream
+        # still tells what it had.
+        self.elements = _JsonElements() if (api is Api.GENERATE_CONTENT and not self.sse
+                                              and self.frames is None) else None
         enc = content_encoding.strip().lower()
         self._inflate = zlib.decompressobj(47) if enc in ("gzip", "x-gzip", "deflate") else None
         self._opaque = enc not in ("", "identity", "gzip", "x-gzip", "deflate")
@@ -116,6 +156,7 @@ class ResponseMeter:
         self._partial: dict[str, object] = {}
         self._event = ""
         self._data: list[bytes] = []
+        self._metrics: dict[str, object] | None = None
 
     # ------------------------------------------------------------------ input
     def feed(self, chunk: bytes) -> None:
@@ -130,7 +171,15 @@ class ResponseMeter:
         self.body_bytes += len(chunk)
         if self._opaque:
             return
-        if self.sse:
+        if self.frames is not None:
+            for frame in self.frames.feed(chunk):
+                self._frame(frame.headers, frame.payload)
+            if self.frames.corrupt:
+                self.error = True
+        elif self.elements is not None:
+            for raw in self.elements.feed(chunk):
+                self._element(raw)
+        elif self.sse:
             self._feed_sse(chunk)
         elif not self._overflow:
             if len(self._buf) + len(chunk) > self._max:
@@ -177,7 +226,85 @@ class ResponseMeter:
         if isinstance(obj, dict):
             self._sse_object(event, obj)
 
+    def _element(self, raw: bytes) -> None:
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if isinstance(obj, dict):
+            self._google(obj)
+
+    def _google(self, obj: Mapping[str, object]) -> None:
+        """One GenerateContentResponse (a JSON answer, an SSE event or an array element)."""
+        if "error" in obj:
+            self.error = True
+            return
+        usage = obj.get("usageMetadata")
+        if isinstance(usage, dict):
+            self._partial = dict(usage)
+        candidates = obj.get("candidates")
+        finished = False
+        for cand in candidates if isinstance(candidates, list) else []:
+            if not isinstance(cand, dict):
+                continue
+            content = cand.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            for part in parts if isinstance(parts, list) else []:
+                if isinstance(part, dict):
+                    self.text_bytes += _text_len(part.get("text"))
+                    call = part.get("functionCall")
+                    if isinstance(call, dict):
+                        self.text_bytes += len(json.dumps(call.get("args", {})))
+            reason = cand.get("finishReason")
+            if isinstance(reason, str) and reason:
+                finished = True
+                if reason == "MAX_TOKENS":
+                    self.incomplete = True
+        if finished and self._partial:
+            self._final = dict(self._partial)
+
+    def _frame(self, headers: Mapping[str, str], payload: bytes) -> None:
+        """One Bedrock event-stream frame (ConverseStream or InvokeModelWithResponseStream)."""
+        if headers.get(":message-type", "event") != "event":
+            self.error = True  # an exception frame (throttling, validation, model error)
+            return
+        try:
+            obj = json.loads(payload) if payload else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = headers.get(":event-type", "")
+        if kind == "chunk":
+            try:
+                inner = json.loads(base64.b64decode(str(obj.get("bytes", "")), validate=True))
+            except (binascii.Error, ValueError):
+                return
+            if isinstance(inner, dict):
+                metrics = inner.get("amazon-bedrock-invocationMetrics")
+                if isinstance(metrics, dict) and self._final is None:
+                    self._metrics = metrics
+                self._sse_object("", inner)
+        elif kind == "contentBlockDelta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                self.text_bytes += _text_len(delta.get("text"))
+                for key in ("toolUse", "reasoningContent"):
+                    inner_delta = delta.get(key)
+                    if isinstance(inner_delta, dict):
+                        self.text_bytes += _text_len(inner_delta.get("input"))
+                        self.text_bytes += _text_len(inner_delta.get("text"))
+        elif kind == "metadata":
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self._final = usage
+        elif kind == "messageStop" and obj.get("stopReason") == "max_tokens":
+            self.incomplete = True
+
     def _sse_object(self, event: str, obj: dict[str, object]) -> None:
+        if self.api is Api.GENERATE_CONTENT:
+            self._google(obj)
+            return
         kind = obj.get("type") if isinstance(obj.get("type"), str) else event
         if kind == "error" or event == "error" or (self.api is Api.CHAT and "error" in obj):
             self.error = True
@@ -239,7 +366,20 @@ class ResponseMeter:
     # ----------------------------------------------------------------- output
     def reading(self, complete: bool = True) -> Reading:
         """What is known now; ``complete``: the body ended normally."""
-        if self.sse:
+        if self.frames is not None or self.elements is not None:
+            text = self.text_bytes
+            if self.frames is not None and self.frames.pending and complete:
+                self.error = True  # the stream ended inside a frame
+            if self._final is None and self._metrics is not None:
+                self._final = {"input_tokens": self._metrics.get("inputTokenCount"),
+                               "cache_read_input_tokens":
+                                   self._metrics.get("cacheReadInputTokenCount", 0),
+                               "cache_creation_input_tokens":
+                                   self._metrics.get("cacheWriteInputTokenCount", 0),
+                               "output_tokens": self._metrics.get("outputTokenCount")}
+            if self.elements is not None and complete and self._final is None and self._partial:
+                self._final = dict(self._partial)  # a complete answer with no finishReason
+        elif self.sse:
             if complete:  # a last line / event with no newline after it
                 if self._buf:
                     self._line(bytes(self._buf).rstrip(b"\r"))
@@ -250,6 +390,9 @@ class ResponseMeter:
             text = self.body_bytes
             if complete and not self._overflow and not self._opaque and self._buf:
                 self._json_body(bytes(self._buf))
+        if self.sse and self.api is Api.GENERATE_CONTENT and complete and self._final is None \
+                and self._partial:
+            self._final = dict(self._partial)
         final = normalise(self.api, self._final) if self._final is not None else None
         partial = normalise(self.api, self._partial) if self._partial else None
         return Reading(final, partial, text, self.body_bytes, self.error, self.incomplete)
@@ -266,5 +409,60 @@ class ResponseMeter:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._final = usage
-        if obj.get("stop_reason") == "max_tokens" or obj.get("status") == "incomplete":
+        if obj.get("stop_reason") == "max_tokens" or obj.get("status") == "incomplete" \
+                or obj.get("stopReason") == "max_tokens":
             self.incomplete = True
+
+
+class _JsonElements:
+    """Top-level JSON objects out of a byte stream: one object, or the elements of a
+    JSON array (Gemini's streamGenerateContent without ``alt=sse``), as each closes."""
+
+    __slots__ = ("_buf", "_depth", "_esc", "_start", "_str", "_top")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._depth = 0
+        self._str = False
+        self._esc = False
+        self._start = -1
+        self._top = 0  # the depth objects are elements at: 0 (one object) or 1 (array)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        base = len(self._buf)
+        self._buf += chunk
+        buf = self._buf
+        for i in range(base, len(buf)):
+            ch = buf[i]
+            if self._str:
+                if self._esc:
+                    self._esc = False
+                elif ch == 0x5C:  # backslash
+                    self._esc = True
+                elif ch == 0x22:
+                    self._str = False
+                continue
+            if ch == 0x22:
+                self._str = True
+            elif ch in (0x7B, 0x5B):  # { [
+                if self._depth == 0 and ch == 0x5B:
+                    self._top = 1
+                if ch == 0x7B and self._depth == self._top:
+                    self._start = i
+                self._depth += 1
+            elif ch in (0x7D, 0x5D):  # } ]
+                self._depth -= 1
+                if ch == 0x7D and self._depth == self._top and self._start >= 0:
+                    out.append(bytes(buf[self._start:i + 1]))
+                    self._start = -1
+        # Keep only the element being read.
+        if self._start < 0:
+            self._buf.clear()
+        elif self._start > 0:
+            del self._buf[:self._start]
+            self._start = 0
+        if len(self._buf) > MAX_SSE_EVENT_BYTES:
+            self._buf.clear()
+            self._start = -1
+        return out

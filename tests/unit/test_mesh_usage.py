@@ -8,23 +8,38 @@ from typing import Any
 
 import pytest
 
-from keel_pdp.mesh.mockprovider import Plan, full_body, stream_events
+from keel_pdp.mesh.mockprovider import (
+    Plan,
+    frame,
+    full_body,
+    stream_content_type,
+    stream_events,
+)
 from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.usage import ResponseMeter, consistent, normalise
 from keel_pdp.pricing import TokenUsage
 
+CACHE_WRITERS = (Api.MESSAGES, Api.INVOKE_MESSAGES, Api.CONVERSE)
+STREAMING = [a for a in Api if a is not Api.EMBEDDINGS]
 
-def plan(api: Api, include_usage: bool = True) -> Plan:
-    anthropic = api is Api.MESSAGES
+
+def plan(api: Api, include_usage: bool = True, sse: bool = True) -> Plan:
+    writes = api in CACHE_WRITERS
+    if api is Api.EMBEDDINGS:
+        return Plan(api, "m", False, False, 1000, 0, 0, 0, 0)
     return Plan(api, "m", True, include_usage, input_tokens=1000, cached=300,
-                cache_write=100 if anthropic else 0, output_tokens=24,
-                reasoning=0 if anthropic else 5)
+                cache_write=100 if writes else 0, output_tokens=24,
+                reasoning=0 if writes else 5, sse=sse)
+
+
+def expected(p: Plan) -> TokenUsage:
+    return consistent(p.input_tokens, p.cached, p.cache_write, p.output_tokens, p.reasoning)
 
 
 def meter_for(api: Api, chunks: list[bytes], sse: bool = True, complete: bool = True,
-              encoding: str = "") -> Any:
-    m = ResponseMeter(api, "text/event-stream; charset=utf-8" if sse else "application/json",
-                      encoding)
+              encoding: str = "", ctype: str = "") -> Any:
+    m = ResponseMeter(api, ctype or ("text/event-stream; charset=utf-8" if sse
+                                     else "application/json"), encoding)
     for c in chunks:
         m.feed(c)
     return m.reading(complete=complete)
@@ -60,17 +75,77 @@ def test_nonsense_fields_are_ignored_and_parts_never_exceed_totals() -> None:
     assert not consistent(1, 5, 5, 0, 9).problems()
 
 
-@pytest.mark.parametrize("api", list(Api))
+@pytest.mark.parametrize("api", STREAMING)
 def test_stream_usage_is_read_whatever_the_chunk_boundaries(api: Api) -> None:
     p = plan(api)
+    ctype = stream_content_type(p)
     data = b"".join(stream_events(p, 4))
-    whole = meter_for(api, [data])
-    bytewise = meter_for(api, [data[i:i + 1] for i in range(len(data))])
-    crlf = meter_for(api, [data.replace(b"\n", b"\r\n")])
-    expected = consistent(1000, 300, p.cache_write, 24, p.reasoning)
-    assert whole.usage == bytewise.usage == crlf.usage == expected
+    whole = meter_for(api, [data], ctype=ctype)
+    bytewise = meter_for(api, [data[i:i + 1] for i in range(len(data))], ctype=ctype)
+    readings = [whole, bytewise]
+    if "event-stream" in ctype and "amazon" not in ctype:
+        readings.append(meter_for(api, [data.replace(b"\n", b"\r\n")], ctype=ctype))
+    assert all(r.usage == expected(p) for r in readings), [r.usage for r in readings]
     assert whole.text_bytes == 24 * 4
     assert not whole.error
+
+
+def test_gemini_json_array_stream_is_read_element_by_element() -> None:
+    p = plan(Api.GENERATE_CONTENT, sse=False)
+    events = stream_events(p, 4)
+    data = b"".join(events)
+    assert data.startswith(b"[") and data.endswith(b"]")
+    r = meter_for(Api.GENERATE_CONTENT, [data[i:i + 3] for i in range(0, len(data), 3)],
+                  sse=False)
+    assert r.usage == expected(p) and r.text_bytes == 96
+    broken = meter_for(Api.GENERATE_CONTENT, [b"".join(events[:3])[:-5]], sse=False,
+                       complete=False)
+    assert broken.usage is None
+    assert broken.partial_usage is not None and broken.partial_usage.input_tokens == 1000
+    assert broken.text_bytes == 2 * 16  # two whole elements of four tokens
+
+
+def test_event_stream_frames_checked_by_crc() -> None:
+    p = plan(Api.CONVERSE)
+    frames = stream_events(p, 4)
+    ctype = stream_content_type(p)
+    bad = bytearray(b"".join(frames))
+    bad[len(frames[0]) + 20] ^= 0xFF  # inside the second frame
+    r = meter_for(Api.CONVERSE, [bytes(bad)], ctype=ctype)
+    assert r.error and r.usage is None and r.text_bytes == 0
+    # A frame cut by the end of the body is an error, not a silent loss.
+    cut = b"".join(frames)[:-7]
+    r = meter_for(Api.CONVERSE, [cut], ctype=ctype)
+    assert r.error and r.usage is None
+    # An exception frame is a provider error.
+    exc = frame({":message-type": "exception", ":exception-type": "throttlingException"},
+                b'{"message":"slow down"}')
+    r = meter_for(Api.CONVERSE, [frames[0], exc], ctype=ctype)
+    assert r.error
+
+
+def test_frame_prelude_with_impossible_length_is_corrupt_not_a_hang() -> None:
+    import struct
+    import zlib
+
+    prelude = struct.pack(">II", 1 << 30, 0)
+    m = ResponseMeter(Api.CONVERSE, "application/vnd.amazon.eventstream")
+    m.feed(prelude + struct.pack(">I", zlib.crc32(prelude)) + b"x" * 100)
+    assert m.frames is not None and "impossible" in m.frames.corrupt
+
+
+def test_gemini_usage_counts_thoughts_as_output_and_cache_inside_the_prompt() -> None:
+    u = normalise(Api.GENERATE_CONTENT, {"promptTokenCount": 1200,
+                                         "cachedContentTokenCount": 1000,
+                                         "candidatesTokenCount": 50, "thoughtsTokenCount": 150,
+                                         "toolUsePromptTokenCount": 10})
+    assert u == TokenUsage(1210, 1000, 0, 200, 150)
+
+
+def test_bedrock_converse_input_is_uncached_plus_cache_reads_and_writes() -> None:
+    u = normalise(Api.CONVERSE, {"inputTokens": 10, "cacheReadInputTokens": 900,
+                                 "cacheWriteInputTokens": 90, "outputTokens": 7})
+    assert u == TokenUsage(1000, 900, 90, 7, 0)
 
 
 def test_chat_stream_without_include_usage_has_no_usage_but_counts_text() -> None:
@@ -110,7 +185,7 @@ def test_json_body_usage(api: Api) -> None:
     p = plan(api)
     body = json.dumps(full_body(p)).encode()
     r = meter_for(api, [body[:10], body[10:]], sse=False)
-    assert r.usage == consistent(1000, 300, p.cache_write, 24, p.reasoning)
+    assert r.usage == expected(p)
     assert r.body_bytes == len(body)
 
 
