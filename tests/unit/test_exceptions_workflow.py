@@ -308,3 +308,35 @@ async def test_list_filters_by_state_and_budget_newest_first(engine: Engine) -> 
     await engine.store.client.delete(desk.record_key(acme.exception_id))
     assert [v.exception_id for v in await desk.list()] == [globex.exception_id]
     assert await engine.store.client.zcard(desk.index_key) == 1
+
+
+async def test_racing_approvers_make_exactly_one_grant(engine: Engine) -> None:
+    import asyncio
+
+    pid = await denial(engine)
+    desk = ExceptionDesk(engine.store)
+    asked = await desk.request(snap(engine), asking(pid))
+
+    async def approve(who: str) -> str:
+        try:
+            v = await desk.decide(snap(engine), asked.exception_id, "approve", who,
+                                  "finance-owner")
+            return f"ok:{v.decided_by}:{v.changed}"
+        except ExceptionConflict:
+            return "conflict"
+
+    results = await asyncio.gather(*(approve(f"approver-{i}") for i in range(8)))
+    winners = [r for r in results if r.startswith("ok") and r.endswith("True")]
+    assert len(winners) == 1 and results.count("conflict") == 7
+    grants: Any = await engine.store.client.hgetall(engine.store.keys.grants("acme", ()))
+    assert len(grants) == 1
+    assert [t for t, _, _, _ in await stream(engine)].count("grant") == 1
+
+
+def test_identities_bind_roles() -> None:
+    from keel_pdp.server.admin import parse_identities
+
+    got = parse_identities(("fin-bot=finance-owner", "ops", "fin-bot=platform-lead",
+                            " ops = ", "=orphan", "both=finance-owner", "both"))
+    assert got == {"fin-bot": frozenset({"finance-owner", "platform-lead"}), "ops": None,
+                   "both": None}
