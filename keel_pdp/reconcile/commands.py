@@ -57,6 +57,12 @@ def register(subparsers: Any) -> None:
                    help="how far from a UTC midnight a mis-stamped call can be (default 14)")
     p.add_argument("--internal-tz", default="UTC", metavar="ZONE",
                    help="time zone of internal timestamps written without an offset")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an existing draft whose memo differs (its signatures "
+                        "become void)")
+    p.add_argument("--ledger-clock", choices=("tenant", "utc"), default="tenant",
+                   help="ledger month of a request: its tenant's local calendar month when "
+                        "the mapping gives the tenant a time zone (default), or UTC")
     p.set_defaults(func=run_reconcile)
 
     s = subparsers.add_parser(
@@ -64,7 +70,7 @@ def register(subparsers: Any) -> None:
         description="Record a sign-off (name, time, SHA-256 of the memo) for a reconciled "
                     "period folder; the chargeback posts when all three roles have signed.")
     s.add_argument("--dir", required=True, type=pathlib.Path, metavar="DIR",
-                   help="the period folder written by reconcile (OUT/YYYY-MM)")
+                   help="the folder written by reconcile (OUT/YYYY-MM/PROVIDER)")
     s.add_argument("--role", choices=("engineering-owner", "finance-owner", "ai-program-lead"))
     s.add_argument("--name")
     s.add_argument("--status", action="store_true", help="show the sign-off state only")
@@ -85,7 +91,7 @@ def run_reconcile(ns: argparse.Namespace) -> int:
     from keel_pdp.reconcile.period import Period
     from keel_pdp.reconcile.prices import load_prices
     from keel_pdp.reconcile.report import BLOCKED, build_report
-    from keel_pdp.reconcile.variance import reconcile
+    from keel_pdp.reconcile.variance import ledger_window_ms, reconcile
 
     try:
         try:
@@ -94,7 +100,8 @@ def run_reconcile(ns: argparse.Namespace) -> int:
             raise ReconcileError(f"--period: {exc}") from None
         if ns.skew_hours < 0 or ns.skew_hours > 48:
             raise ReconcileError("--skew-hours must be between 0 and 48")
-        check_not_posted(period_dir(ns.out, str(period)))
+        if ns.provider != "csv":
+            check_not_posted(period_dir(ns.out, str(period), ns.provider))
         mapping = load_mapping(ns.mapping)
         column_map = load_column_map(ns.column_map) if ns.column_map else None
         prices = load_prices(ns.prices) if ns.prices else None
@@ -104,12 +111,14 @@ def run_reconcile(ns: argparse.Namespace) -> int:
                                   column_map)
         source: InternalSource = (LedgerInternalSource(ns.store) if ns.store
                                   else FileInternalSource(ns.internal, ns.internal_tz))
-        pad_ms = ns.skew_hours * 3_600_000
+        low, high = ledger_window_ms(period, mapping, ns.ledger_clock)
+        pad_ms = max(ns.skew_hours * 3_600_000, period.start_ms - low, high - period.end_ms)
         internal = source.lines_for_month(period, pad_ms)
         rec = reconcile(period, imported.provider, imported.lines, internal, mapping, prices,
-                        ns.skew_hours)
+                        ns.skew_hours, ns.ledger_clock)
         report = build_report(rec, mapping, ns.tolerance_pct)
-        target = write_period(ns.out, report, list(ns.export), imported.lines)
+        target = write_period(ns.out, report, list(ns.export), imported.lines,
+                              replace=ns.replace)
     except (ReconcileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing was written or posted", file=sys.stderr)

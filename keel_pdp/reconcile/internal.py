@@ -37,7 +37,8 @@ COST_COLUMNS = {
 EXPORT_COLUMNS = (
     "ts", "ts_ms", "tenant", "workload", "provider", "account", "api_key", "model",
     "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
-    "reasoning_tokens", "cost_micros", *COST_COLUMNS.values(), "status", "permit_id",
+    "reasoning_tokens", "cost_micros", *COST_COLUMNS.values(), "status", "error_type",
+    "permit_id",
 )
 
 
@@ -70,12 +71,18 @@ class InternalUsageLine:
     status: str = "ok"
     account: str = ""  # provider project / workspace when the telemetry knows it
     api_key: str = ""
+    error_type: str = ""  # free text: client_disconnected, overloaded_error, ...
 
     @property
     def failed(self) -> bool:
-        """An attempt that did not complete (failed, cancelled, partial)."""
-        return self.status.strip().lower() not in (
+        """An attempt that did not complete (failed, cancelled, partial), or one the
+        telemetry gave an error class."""
+        return bool(self.error_type.strip()) or self.status.strip().lower() not in (
             "", "ok", "success", "succeeded", "settled", "outcome_unspecified")
+
+    @property
+    def request_id(self) -> str:
+        return self.permit_id or f"{self.tenant}/{self.workload}@{iso_ms(self.ts_ms)}"
 
     def tokens_by_type(self) -> dict[str, int]:
         return {
@@ -140,7 +147,8 @@ class InternalUsageLine:
             "cached_input_cost_micros": opt(self.cached_input_cost_micros),
             "cache_write_cost_micros": opt(self.cache_write_cost_micros),
             "output_cost_micros": opt(self.output_cost_micros),
-            "status": self.status, "permit_id": self.permit_id,
+            "status": self.status, "error_type": self.error_type,
+            "permit_id": self.permit_id,
         }
 
 
@@ -285,6 +293,7 @@ class FileInternalSource:
             output_cost_micros=opt_micros("output_cost_micros"),
             permit_id=text("permit_id"), status=text("status") or "ok",
             account=text("account"), api_key=text("api_key"),
+            error_type=text("error_type"),
         )
         problems = line.problems()
         if problems:

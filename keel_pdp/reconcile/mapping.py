@@ -11,6 +11,7 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -46,6 +47,52 @@ class WorkloadOwner(_Strict):
     cost_center: str = ""
 
 
+class TenantClock(_Strict):
+    """The time zone a tenant's telemetry (and so its ledger month) runs on."""
+
+    tenant: Name
+    timezone: str = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> TenantClock:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"tenant {self.tenant}: unknown IANA time zone "
+                             f"{self.timezone!r}") from None
+        return self
+
+
+class TierRule(_Strict):
+    """Input size above which a provider bills a model at its long-context rates."""
+
+    provider: str = Field(min_length=1, max_length=64)
+    model: str = ""  # empty: every model of the provider
+    above_input_tokens: int = Field(gt=0)
+
+
+class FailedBilling(_Strict):
+    """Which error classes of failed attempts a provider bills (tokens as recorded)."""
+
+    provider: str = Field(min_length=1, max_length=64)
+    billed: list[str] = []
+    not_billed: list[str] = []
+
+
+# Documented defaults. A stream the client dropped (or the gateway stopped
+# waiting for) was still generated and billed; overloaded, rate-limited and
+# rejected attempts produced nothing billable. A failure without an error class
+# is taken as not billed.
+DEFAULT_BILLED = ("client_disconnected", "client_closed_request", "client_cancelled",
+                  "cancelled", "partial", "gateway_timeout", "deadline_exceeded",
+                  "stream_interrupted")
+DEFAULT_NOT_BILLED = ("overloaded_error", "overloaded", "rate_limit_error", "rate_limited",
+                      "api_error", "internal_server_error", "invalid_request_error",
+                      "authentication_error", "permission_error", "not_found_error",
+                      "request_too_large", "connection_error", "failed")
+DEFAULT_TIERS = {"openai": 272_000, "anthropic": 200_000}
+
+
 class MappingDoc(_Strict):
     apiVersion: Literal["keel.pdp/v1"] = "keel.pdp/v1"
     kind: Literal["ReconcileMapping"] = "ReconcileMapping"
@@ -54,9 +101,16 @@ class MappingDoc(_Strict):
     accounts: list[AccountMap] = Field(min_length=1)
     workloads: list[WorkloadOwner] = Field(min_length=1)
     models: dict[str, dict[str, str]] = {}
+    tenants: list[TenantClock] = []
+    tiers: list[TierRule] = []
+    failed_billing: list[FailedBilling] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> MappingDoc:
+        clocks = [t.tenant for t in self.tenants]
+        for name in clocks:
+            if clocks.count(name) > 1:
+                raise ValueError(f"tenant {name} is listed twice under tenants")
         owned = {(w.tenant, w.workload) for w in self.workloads}
         seen: set[tuple[str, str]] = set()
         for w in self.workloads:
@@ -121,6 +175,32 @@ class Mapping:
             if (w.tenant, w.workload) == workload:
                 return w.engineering_owner
         return ""
+
+    def tenant_zone(self, tenant: str) -> ZoneInfo | None:
+        for t in self.doc.tenants:
+            if t.tenant == tenant:
+                return ZoneInfo(t.timezone)
+        return None
+
+    def tier_threshold(self, provider: str, model: str) -> int:
+        best: int | None = None
+        for rule in self.doc.tiers:
+            if rule.provider == provider and rule.model == model:
+                return rule.above_input_tokens
+            if rule.provider == provider and not rule.model:
+                best = rule.above_input_tokens
+        return best if best is not None else DEFAULT_TIERS.get(provider, 200_000)
+
+    def failed_attempt_billed(self, provider: str, error_type: str, status: str) -> bool:
+        """Whether the provider bills a failed attempt of this error class."""
+        key = (error_type or status).strip().lower()
+        for rule in self.doc.failed_billing:
+            if rule.provider == provider:
+                if key in (b.lower() for b in rule.billed):
+                    return True
+                if key in (b.lower() for b in rule.not_billed):
+                    return False
+        return key in DEFAULT_BILLED
 
     def cost_center(self, workload: Workload) -> str:
         for w in self.doc.workloads:

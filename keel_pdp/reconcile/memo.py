@@ -87,6 +87,16 @@ def _days(days: list[Any]) -> str:
     return ", ".join(shown)
 
 
+def _types(rec: Any, category: str) -> str:
+    """Both sides' figures per token type: "output: provider $1.00 vs internal $0.00"."""
+    parts = []
+    for t, f in sorted(rec.evidence.figures.get(category, {}).items()):
+        if f.provider_micros or f.internal_micros:
+            parts.append(f"{t} ({f.tokens:,} tokens): provider {usd(f.provider_micros)} vs "
+                         f"internal {usd(f.internal_micros)}")
+    return "; ".join(parts) if parts else "no token figures"
+
+
 def paragraph(report: Report, c: CategoryReport) -> str:
     rec = report.rec
     ev = rec.evidence
@@ -94,55 +104,53 @@ def paragraph(report: Report, c: CategoryReport) -> str:
         return (f"No variance of this kind was found across the {len(rec.cells):,} line "
                 "items.")
     accounts = _accounts(report, c.accounts)
-    p, i, v = usd(c.provider_micros), usd(c.internal_micros), _variance(c.net_micros)
+    v = _variance(c.net_micros)
     decision = _decision(report, c)
     n = c.line_count
     items = f"{n} line item{'s' if n != 1 else ''}"
     if c.category == CLOCK_SKEW:
-        days = _days([cell.key.day for cell in rec.cells_in(CLOCK_SKEW)])
-        boundary = ""
-        if ev.skew_call_ids:
-            calls = len(ev.skew_call_ids)
-            boundary = (f"; at the month boundary, {calls} call(s) the gateway stamped "
-                        f"within {rec.skew_hours} hours on the other side of it "
-                        f"({usd(ev.skew_evidence_micros)} internally) matched "
-                        f"{usd(ev.skew_boundary_micros)} of the gap")
-        gross = ""
-        if c.gross_micros != abs(c.net_micros):
-            gross = f" (gross {usd(c.gross_micros)}, partly offsetting between adjacent days)"
-        return (f"Provider billed {p} on {items} at UTC day and month boundaries ({days}) on "
-                f"{accounts}; internal telemetry recorded {i} for the same line items because "
-                f"calls near midnight were stamped on the other side of it{boundary}. "
-                f"Provider window (UTC) applied. Variance: {v}{gross}. {decision}")
+        clock = ("each tenant's own time zone (from the mapping file; UTC where none is "
+                 "given)" if rec.ledger_clock == "tenant" else "UTC (forced)")
+        return (f"Provider billed {usd(ev.skew_provider_micros)} for "
+                f"{len(ev.skew_provider_only)} request(s) in its {rec.period} window (UTC) that "
+                f"the ledger books in another month, and the ledger booked "
+                f"{usd(ev.skew_ledger_micros)} for {len(ev.skew_ledger_only)} request(s) in "
+                f"{rec.period} that the provider billed in an adjacent month, because the "
+                f"ledger month runs on {clock}; {_types(rec, CLOCK_SKEW)}. Each request was "
+                f"counted whole, on {accounts}. Provider window (UTC) applied for what is "
+                f"paid. Variance: {v}. {decision}")
     if c.category == CACHE_RATE:
-        moved = ev.cache_moved_tokens
-        detail = ""
-        if moved:
-            detail = (f", {ev.cache_provider_cached_tokens:,} of its tokens billed as cache "
-                      f"reads at the discounted rate; internal telemetry recorded {i} with "
-                      f"{ev.cache_internal_cached_tokens:,} cache-read tokens, pricing the "
-                      f"other {moved:,} at the standard input rate because the gateway did "
-                      "not flag them as cache reads")
-        else:
-            detail = (f" at the discounted cache rate; internal telemetry recorded {i} at "
-                      "the standard input rate")
-        return (f"Provider billed {p} for input and cache tokens on {items} on "
-                f"{accounts}{detail}. Provider rate applied. Variance: {v}. {decision}")
+        rates = []
+        for (account, model, t), seen in sorted(ev.cache_internal_rates.items()):
+            card = [r for s_, days in ev.rates.items() if s_[:3] == (account, model, t)
+                    for _, r in days]
+            if card:
+                rates.append(f"{model} {t} on {account}: provider {per_million(card[0])} vs "
+                             f"internal {', '.join(per_million(x) for x in sorted(seen)[:2])}"
+                             " per 1M tokens")
+        listed = "; ".join(rates[:4]) or "a different cache rate"
+        return (f"Provider billed cache-read and cache-write tokens at its cache rates on "
+                f"{accounts}; internal telemetry priced them at other rates ({listed}); "
+                f"{_types(rec, CACHE_RATE)}, over {len(ev.requests[CACHE_RATE]):,} "
+                f"request(s), each sized as its cached tokens times the rate difference. "
+                f"Provider rate applied. Variance: {v}. {decision}")
     if c.category == TIER:
-        breaks = []
-        for (account, model, token_type), (day, before, after) in sorted(ev.tier_breaks.items()):
-            breaks.append(f"{model} {token_type} on {account} from {day.isoformat()} "
-                          f"({per_million(before)} to {per_million(after)} per 1M tokens)")
-        listed = "; ".join(breaks) if breaks else "a changed unit rate"
-        return (f"Provider billed {p} on {items} on {accounts} at a unit rate that changed "
-                f"during the month, a volume tier breakpoint: {listed}; internal telemetry "
-                f"recorded {i} for the same tokens at the single rate its price table "
-                f"assumed. Provider rate applied. Variance: {v}. {decision}")
+        tiers = []
+        for s_, days in sorted(ev.rates.items()):
+            if s_[3] and days:
+                tiers.append(f"{s_[1]} {s_[2]} on {s_[0]} at {per_million(days[0][1])}")
+        listed = "; ".join(tiers[:4]) or "tier lines"
+        return (f"Provider billed {len(ev.requests[TIER]):,} request(s) whose input was above "
+                f"the long-context threshold on its tier-marked lines ({listed} per 1M "
+                f"tokens) on {accounts}; internal telemetry priced them at the normal rates; "
+                f"{_types(rec, TIER)}. Provider rate applied. Variance: {v}. {decision}")
     if c.category == FAILED:
-        return (f"Provider billed {p} on {items} on {accounts}; internal telemetry recorded "
-                f"{i}, including {len(ev.failed_calls)} failed attempt(s) costing "
-                f"{usd(ev.failed_micros)} that the provider did not bill. Provider count of "
-                f"billable requests applied. Variance: {v}. {decision}")
+        return (f"Provider and gateway treated {len(ev.requests[FAILED]):,} failed "
+                f"attempt(s) differently on {accounts}: the provider bills generated tokens "
+                f"of the error classes configured as billed (a client-disconnected stream) "
+                f"and nothing for the others (overloaded, rate-limited); "
+                f"{_types(rec, FAILED)}. Provider count of billable units applied. "
+                f"Variance: {v}. {decision}")
     if c.category == CREDITS:
         lines = [a.line for a in rec.adjustments if a.category == CREDITS]
         what = "; ".join(f"{ln.description or CREDIT} {usd(ln.cost_micros or 0)}"
@@ -175,10 +183,10 @@ def paragraph(report: Report, c: CategoryReport) -> str:
                 "gateway rounds each request up to the micro-dollar. Provider figures "
                 f"applied. Variance: {v}. {decision}")
     gross = f" (gross {usd(c.gross_micros)})" if c.gross_micros != abs(c.net_micros) else ""
-    return (f"Provider billed {p} on {items} on {accounts} where internal telemetry recorded "
-            f"{i}, and no known cause explained the difference; the line items are listed "
-            f"below. Provider invoice carried into the chargeback. Variance: {v}{gross}. "
-            f"{decision}")
+    return (f"Provider billed {usd(c.provider_micros)} on {items} on {accounts} where internal "
+            f"telemetry recorded {usd(c.internal_micros)}, and no known cause explained the "
+            f"difference; the line items are listed below. Provider invoice carried into the "
+            f"chargeback. Variance: {v}{gross}. {decision}")
 
 
 def _line_item(report: Report, cell: Cell, category: str) -> dict[str, Any]:
@@ -188,6 +196,7 @@ def _line_item(report: Report, cell: Cell, category: str) -> dict[str, Any]:
         "account": cell.key.account,
         "model": cell.key.model,
         "token_type": cell.key.token_type,
+        "tier": cell.key.tier,
         "workloads": [f"{t}/{w}" for t, w in workloads],
         "provider_tokens": cell.provider_tokens,
         "provider_micros": cell.provider_micros,
@@ -230,6 +239,12 @@ def memo_json(report: Report, documents: dict[str, str]) -> dict[str, Any]:
         elif c.category in (UNEXPLAINED, CLOCK_SKEW, CACHE_RATE, TIER, FAILED):
             entry["line_items"] = [_line_item(report, cell, c.category)
                                    for cell in rec.cells_in(c.category)]
+        entry["request_ids"] = list(rec.evidence.requests.get(c.category, []))
+        entry["line_ids"] = list(rec.evidence.lines.get(c.category, []))
+        entry["by_token_type"] = {
+            t: {"tokens": f.tokens, "provider_micros": f.provider_micros,
+                "internal_micros": f.internal_micros}
+            for t, f in sorted(rec.evidence.figures.get(c.category, {}).items())}
         categories.append(entry)
     usage = rec.provider_usage_micros
     return {
@@ -254,6 +269,8 @@ def memo_json(report: Report, documents: dict[str, str]) -> dict[str, Any]:
                       "micros": report.tolerance_micros},
         "categories": categories,
         "escalations": report.escalations,
+        "ledger_clock": rec.ledger_clock,
+        "by_account": rec.by_account(),
         "unmapped_accounts": rec.unmapped_accounts,
         "chargeback": [
             {"kind": r.kind, "belongs_to": r.belongs_to, "tenant": r.tenant,
@@ -266,8 +283,27 @@ def memo_json(report: Report, documents: dict[str, str]) -> dict[str, Any]:
             "finance": report.mapping.doc.finance_owner,
             "ai_program_lead": report.mapping.doc.ai_program_lead,
         },
+        "signers": signers(report),
         "documents": documents,
     }
+
+
+def signers(report: Report) -> dict[str, Any]:
+    """Who must sign: every engineering owner a category was escalated to (or,
+    with no escalation, one of the engineering owners behind the chargeback),
+    the finance owner and the AI program lead named in the mapping."""
+    escalated: list[str] = []
+    for c in report.categories:
+        for w in c.workloads if c.decision == ESCALATED else []:
+            owner = report.mapping.owner(w)
+            if owner and owner not in escalated:
+                escalated.append(owner)
+    owners = sorted({r.engineering_owner for r in report.chargeback if r.engineering_owner}
+                    | set(escalated))
+    return {"engineering": sorted(escalated) if escalated else owners,
+            "engineering_all_required": bool(escalated),
+            "finance": report.mapping.doc.finance_owner,
+            "ai_program_lead": report.mapping.doc.ai_program_lead}
 
 
 def memo_markdown(report: Report, documents: dict[str, str]) -> str:

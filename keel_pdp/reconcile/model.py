@@ -26,6 +26,7 @@ CORRECTION = "correction"
 LINE_KINDS = (USAGE, CREDIT, CORRECTION)
 
 DEFAULT_ACCOUNT = "default"
+LONG_CONTEXT = "long_context"
 
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -77,3 +78,8 @@ class ProviderLine:
     where: str = ""
     precision_micros: int = 1
     requests: int | None = None
+    # A long-context (or other input-size) tier line: billed at the tier's rates
+    # for requests whose input is above ``tier_from`` tokens (0: the provider's
+    # documented threshold, from the mapping's ``tiers`` or the defaults).
+    tier: str = ""
+    tier_from: int = 0

@@ -101,8 +101,10 @@ def _chargeback(path: pathlib.Path, report: Report) -> None:
                 for r in report.chargeback))
 
 
-def period_dir(out: pathlib.Path, period: str) -> pathlib.Path:
-    return out / period
+def period_dir(out: pathlib.Path, period: str, provider: str) -> pathlib.Path:
+    """One folder per period and provider: ``OUT/YYYY-MM/<provider>``. A run for
+    one provider never touches another provider's draft or signatures."""
+    return out / period / provider
 
 
 def check_not_posted(target: pathlib.Path) -> None:
@@ -113,12 +115,16 @@ def check_not_posted(target: pathlib.Path) -> None:
 
 
 def write_period(out: pathlib.Path, report: Report, exports: list[pathlib.Path],
-                 provider_lines: list[ProviderLine]) -> pathlib.Path:
+                 provider_lines: list[ProviderLine], *, replace: bool = False
+                 ) -> pathlib.Path:
+    """Write the period folder; an existing draft is only replaced when it is
+    byte-identical (signatures stay valid) or ``replace`` is given (signatures
+    over the old memo stay in the history, void)."""
     rec = report.rec
-    target = period_dir(out, str(rec.period))
+    target = period_dir(out, str(rec.period), rec.provider)
     check_not_posted(target)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{rec.period}.tmp-", dir=out))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{rec.provider}.tmp-", dir=target.parent))
     try:
         originals = tmp / ORIGINALS
         originals.mkdir()
@@ -140,6 +146,11 @@ def write_period(out: pathlib.Path, report: Report, exports: list[pathlib.Path],
         data = memo_json(report, documents)
         data["memo_markdown_sha256"] = sha256_file(tmp / MEMO_MD)
         (tmp / MEMO_JSON).write_text(dumps(data), encoding="utf-8")
+        if target.exists() and not replace and not _same_memo(tmp, target):
+            raise ReconcileError(
+                f"{target} holds a draft with a different memo; it is not replaced silently "
+                "(signatures given on it would be void). Pass --replace to replace it, or "
+                "--out another folder")
         if (target / SIGNOFFS).exists():
             # Kept as history; signatures over a memo that changed are void by hash.
             shutil.copyfile(target / SIGNOFFS, tmp / SIGNOFFS)
@@ -148,6 +159,11 @@ def write_period(out: pathlib.Path, report: Report, exports: list[pathlib.Path],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _same_memo(new: pathlib.Path, old: pathlib.Path) -> bool:
+    return all((old / name).is_file() and sha256_file(old / name) == sha256_file(new / name)
+               for name in (MEMO_MD, MEMO_JSON))
 
 
 def _swap_into_place(tmp: pathlib.Path, target: pathlib.Path) -> None:

@@ -26,6 +26,7 @@ from keel_pdp.reconcile.variance import (
     CATEGORIES,
     CREDITS,
     PRIOR_PERIOD,
+    REQUEST_CATEGORIES,
     UNEXPLAINED,
     Cell,
     Reconciliation,
@@ -121,8 +122,13 @@ def _category_report(rec: Reconciliation, mapping: Mapping, category: str, title
         decision = RECORDED if lines else NONE
     else:
         cells = rec.cells_in(category)
-        provider = sum(c.provider_micros for c in cells)
-        internal = sum(c.internal_micros for c in cells)
+        if category in REQUEST_CATEGORIES:
+            figures = rec.evidence.figures.get(category, {}).values()
+            provider = sum(f.provider_micros for f in figures)
+            internal = sum(f.internal_micros for f in figures)
+        else:
+            provider = sum(c.provider_micros for c in cells)
+            internal = sum(c.internal_micros for c in cells)
         count = len(cells)
         for cell in cells:
             if cell.key.account not in accounts:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +55,7 @@ class Status:
     tampered: list[str]
     posted: dict[str, Any] | None
     edited: bool = False
+    engineering: dict[str, Signature] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -63,7 +64,11 @@ class Status:
     def lines(self) -> list[str]:
         out = [f"period {self.period}: memo sha256 {self.memo_sha256}"
                + (" (memo.md edited since the reconciliation wrote it)" if self.edited else "")]
-        for role in ROLES:
+        for name, eng in sorted(self.engineering.items()):
+            out.append(f"  {ROLES[0]}: signed by {name} at {eng.signed_at}")
+        if not self.engineering:
+            out.append(f"  {ROLES[0]}: not signed")
+        for role in ROLES[1:]:
             sig = self.valid.get(role)
             if sig is not None:
                 out.append(f"  {role}: signed by {sig.name} at {sig.signed_at}")
@@ -128,16 +133,28 @@ def status(directory: pathlib.Path) -> Status:
         path = directory / name
         if not path.is_file() or sha256_file(path) != digest:
             tampered.append(name)
-    latest: dict[str, Signature] = {}
+    latest: dict[tuple[str, str], Signature] = {}
     for sig in _history(directory):
-        latest[sig.role] = sig
-    valid = {r: s for r, s in latest.items()
-             if s.memo_sha256 == md_hash and s.memo_json_sha256 == json_hash and not tampered}
-    void = [s for r, s in latest.items() if r not in valid]
+        # Engineering owners sign one each; the other roles have one signer.
+        key = (sig.role, sig.name.casefold() if sig.role == ROLES[0] else "")
+        latest[key] = sig
+    good = {k: s for k, s in latest.items()
+            if s.memo_sha256 == md_hash and s.memo_json_sha256 == json_hash and not tampered}
+    void = [s for k, s in latest.items() if k not in good]
+    valid = {k[0]: s for k, s in good.items()}
+    engineering = {s.name: s for k, s in good.items() if k[0] == ROLES[0]}
+    missing = [r for r in ROLES[1:] if r not in valid]
+    required = memo.get("signers") or {}
+    if required.get("engineering_all_required"):
+        signed = {n.casefold() for n in engineering}
+        missing = [f"{ROLES[0]} ({n})" for n in required.get("engineering", [])
+                   if n.casefold() not in signed] + missing
+    elif not engineering:
+        missing = [ROLES[0], *missing]
     posted_path = directory / POSTED
     posted = _read_json(posted_path) if posted_path.exists() else None
     return Status(period=str(memo["period"]), memo_sha256=md_hash, valid=valid, void=void,
-                  missing=[r for r in ROLES if r not in valid],
+                  missing=missing, engineering=engineering,
                   blocked=memo.get("status") == BLOCKED, tampered=tampered, posted=posted,
                   edited=memo.get("memo_markdown_sha256") not in (None, md_hash))
 
@@ -151,6 +168,7 @@ def sign(directory: pathlib.Path, role: str, name: str, now: datetime | None = N
     if current.posted is not None:
         raise SignoffError(f"{directory}: period {current.period} is already posted; "
                            "corrections go to the next period")
+    _check_signer(_check_dir(directory), role, name.strip())
     if current.tampered:
         raise SignoffError(f"{directory}: {', '.join(current.tampered)} changed after the "
                            "reconciliation; re-run it before signing")
@@ -170,6 +188,24 @@ def sign(directory: pathlib.Path, role: str, name: str, now: datetime | None = N
     return after
 
 
+def _check_signer(memo: dict[str, Any], role: str, name: str) -> None:
+    """Only the owners the mapping names for a role may sign for it."""
+    signers = memo.get("signers")
+    if not isinstance(signers, dict):
+        return  # a memo written before signers were recorded
+    if role == ROLES[0]:
+        allowed = [str(n) for n in signers.get("engineering", [])]
+    else:
+        allowed = [str(signers.get("finance" if role == ROLES[1] else "ai_program_lead") or "")]
+    allowed = [a for a in allowed if a]
+    if not allowed:
+        raise SignoffError(f"no {role} is named in the mapping file for this memo; add it "
+                           "and re-run the reconciliation")
+    if name.casefold() not in {a.casefold() for a in allowed}:
+        raise SignoffError(f"{name!r} is not the {role} on file for this memo (expected "
+                           f"{' or '.join(allowed)})")
+
+
 def _sig_dict(sig: Signature) -> dict[str, str]:
     return {"role": sig.role, "name": sig.name, "signed_at": sig.signed_at,
             "memo_sha256": sig.memo_sha256, "memo_json_sha256": sig.memo_json_sha256}
@@ -187,5 +223,7 @@ def _post(directory: pathlib.Path, st: Status, at: str) -> None:
         "chargeback_sha256": sha256_file(directory / CHARGEBACK),
         "total_micros": sum(int(r["amount_micros"]) for r in rows),
         "rows": len(rows),
-        "signatures": [_sig_dict(st.valid[r]) for r in ROLES],
+        "signatures": [_sig_dict(sig) for sig in sorted(st.engineering.values(),
+                                                         key=lambda x: x.name)]
+        + [_sig_dict(st.valid[r]) for r in ROLES[1:]],
     })

@@ -1,24 +1,32 @@
-"""Join both sides at one grain and put every difference in a category.
+"""Attribute every difference between the invoice and the ledger to a category,
+request by request, with the evidence behind it.
 
-Grain: UTC day x provider account (project or workspace) x model x token type.
-Each line item's gap (provider minus internal) is explained, in this order, by
-the categories that have evidence for it; what is left goes to rounding when
-it is within what rounding can produce, and to unexplained otherwise:
+The provider's card is read off the export: for each account, model, token
+type and tier (long-context lines are their own series), the unit rate is the
+line amount over the tokens of the requests the provider billed on it, taken
+where the days agree (a day whose line rose without usage behind it does not
+set a rate). Every internal request is re-rated at that card; its difference
+with what the ledger booked goes to one category by the request's own
+evidence, in this order:
 
-1. credits and prior-period corrections: provider lines that are not usage;
-2. failed-request billing: internal surplus on lines that include failed
-   attempts (the gateway counts attempts, the invoice counts billable units);
-3. cache-read tokens at a different rate: same input token total for a day,
-   account and model, split differently between fresh input and cache reads or
-   writes; sized as the moved tokens at the provider's unit rates;
-4. tier breakpoints: same tokens, a different unit rate, where the provider's
-   rate for that account, model and token type changed during the month;
-5. clock skew at window boundaries: provider surplus on the first or last day
-   matched by internal calls stamped just outside the month, and offsetting
-   gaps on adjacent days matched by calls near the midnight between them;
-6. rounding: what is left on a line within the rounding of its sources (half
-   the provider's amount step per provider line, one micro-dollar per request);
-7. unexplained: everything else, with its line items.
+1. ``clock_skew``: the provider's month (UTC) and the ledger month (the
+   tenant's own calendar month when the mapping gives it a time zone) differ;
+   the request counts whole: + the provider's cost of a request the provider
+   put in the period and the ledger did not, - the ledger's cost of the reverse;
+2. ``failed_request_billing``: a failed attempt (either direction: billed by
+   the provider and booked at $0, or booked and not billed); which error classes
+   a provider bills is configuration (``failed_billing`` in the mapping);
+3. ``tier_breakpoint``: input above the tier threshold, billed on tier-marked
+   lines;
+4. ``cache_read_rate``: the cache-read (or cache-write) tokens times the rate
+   difference.
+
+Line-level categories: ``credits`` and ``prior_period_correction`` (invoice
+lines that are not usage), ``rounding`` (a line amount minus the per-request
+provider costs at micro precision, within what rounding can produce, plus
+per-request differences of a micro-dollar or two). Everything else is
+``unexplained``, on the line item it sits on. Nothing is absorbed: in micro-USD,
+per provider and per account, sum(categories) = provider total - internal total.
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ from keel_pdp.reconcile.errors import ReconcileError
 from keel_pdp.reconcile.internal import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping, Workload
 from keel_pdp.reconcile.model import (
+    CACHE_WRITE,
     CACHED_INPUT,
     CORRECTION,
     CREDIT,
     INPUT,
-    INPUT_GROUP,
+    OUTPUT,
+    TOKEN_TYPES,
     ProviderLine,
     normalise_model,
 )
@@ -47,9 +57,9 @@ from keel_pdp.reconcile.period import Period, day_of_ms
 from keel_pdp.reconcile.prices import PriceBook
 
 CLOCK_SKEW = "clock_skew"
-CACHE_RATE = "cache_rate"
+CACHE_RATE = "cache_read_rate"
 TIER = "tier_breakpoint"
-FAILED = "failed_requests"
+FAILED = "failed_request_billing"
 CREDITS = "credits"
 PRIOR_PERIOD = "prior_period_correction"
 ROUNDING = "rounding"
@@ -65,12 +75,19 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     (UNEXPLAINED, "Unexplained"),
 )
 TITLES = dict(CATEGORIES)
-# Two unit rates closer than this (relative) are the same rate.
-RATE_TOLERANCE = Fraction(1, 100)
-DAY_MS = 86_400_000
+REQUEST_CATEGORIES = (CLOCK_SKEW, CACHE_RATE, TIER, FAILED)
+# A request's difference on one token type up to this many micro-USD is the two
+# sides rounding the same rate (the gateway rounds each request up).
+REQUEST_ROUNDING_MICROS = 2
+# A day needs this much evidence (days in a row at one rate) to set a rate that
+# differs from the rest of the month.
+MIN_RATE_RUN_DAYS = 2
+# A published price is taken for the pooled rate only when it is this close.
+SNAP_RELATIVE = Fraction(1, 100)
+LEDGER_CLOCK_TENANT = "tenant"
+LEDGER_CLOCK_UTC = "utc"
 
-AccountKey = tuple[str, str, str]  # account, model, token type
-Event = tuple[int, int, int]  # ts_ms, micros, call number
+Series = tuple[str, str, str, str]  # account, model, token type, tier
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -79,10 +96,11 @@ class CellKey:
     account: str
     model: str
     token_type: str
+    tier: str = ""
 
     @property
-    def series(self) -> AccountKey:
-        return (self.account, self.model, self.token_type)
+    def series(self) -> Series:
+        return (self.account, self.model, self.token_type, self.tier)
 
 
 @dataclass
@@ -98,12 +116,10 @@ class Cell:
     internal_micros: int = 0
     internal_tokens: int = 0
     internal_requests: int = 0
-    failed_micros: int = 0
-    failed_tokens: int = 0
-    failed_requests: int = 0
-    failed_calls: set[int] = field(default_factory=set)
+    billed_tokens: int = 0  # tokens of the requests the provider bills on this line
+    billed_requests: int = 0
+    repriced_micros: int = 0  # those requests at the provider's card
     by_workload: dict[Workload, int] = field(default_factory=dict)
-    events: list[Event] = field(default_factory=list)
     alloc: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -115,23 +131,16 @@ class Cell:
     def residual(self) -> int:
         return self.gap - sum(self.alloc.values())
 
-    @property
-    def allowance(self) -> int:
-        """The most rounding alone can put on this line."""
-        return self.provider_allowance + self.internal_requests + 1
-
-    @property
-    def billed_tokens(self) -> int:
-        """Internal tokens of the attempts the provider would bill."""
-        return self.internal_tokens - self.failed_tokens
-
     def allocate(self, category: str, micros: int, note: str = "") -> None:
         if micros == 0:
             return
         self.alloc[category] = self.alloc.get(category, 0) + micros
         if note:
             prev = self.notes.get(category)
-            self.notes[category] = f"{prev}; {note}" if prev else note
+            if prev is None:
+                self.notes[category] = note
+            elif note not in prev.split("; "):
+                self.notes[category] = f"{prev}; {note}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,21 +150,36 @@ class Adjustment:
     category: str
     line: ProviderLine
 
+    @property
+    def line_id(self) -> str:
+        return f"{pathlib.PurePath(self.line.source).name}: {self.line.where}"
+
+
+@dataclass
+class Figures:
+    """Both sides of the requests in one category, for one token type."""
+
+    tokens: int = 0
+    provider_micros: int = 0
+    internal_micros: int = 0
+
 
 @dataclass
 class Evidence:
-    """Figures the memo quotes, collected while categorising."""
+    """What each category claims, and the requests and lines behind it."""
 
-    skew_call_ids: set[int] = field(default_factory=set)
-    skew_evidence_micros: int = 0
-    skew_boundary_micros: int = 0
-    skew_days: set[date] = field(default_factory=set)
-    cache_moved_tokens: int = 0
-    cache_provider_cached_tokens: int = 0
-    cache_internal_cached_tokens: int = 0
-    tier_breaks: dict[AccountKey, tuple[date, Fraction, Fraction]] = field(default_factory=dict)
-    failed_calls: set[int] = field(default_factory=set)
-    failed_micros: int = 0
+    requests: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    lines: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    figures: dict[str, dict[str, Figures]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(Figures)))
+    # clock skew: request ids on each side of each boundary
+    skew_provider_only: list[str] = field(default_factory=list)
+    skew_ledger_only: list[str] = field(default_factory=list)
+    skew_provider_micros: int = 0
+    skew_ledger_micros: int = 0
+    rates: dict[Series, list[tuple[date, Fraction]]] = field(default_factory=dict)
+    cache_internal_rates: dict[tuple[str, str, str], set[Fraction]] = field(
+        default_factory=lambda: defaultdict(set))
 
 
 @dataclass
@@ -169,6 +193,7 @@ class Reconciliation:
     evidence: Evidence
     unmapped_accounts: list[str]
     skew_hours: int
+    ledger_clock: str = LEDGER_CLOCK_TENANT
 
     @property
     def provider_usage_micros(self) -> int:
@@ -197,24 +222,169 @@ class Reconciliation:
     def cells_in(self, category: str) -> list[Cell]:
         return [c for k, c in sorted(self.cells.items()) if c.alloc.get(category, 0)]
 
+    def by_account(self) -> dict[str, dict[str, int]]:
+        """Per account: provider, internal and every category, in micro-USD."""
+        out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for key, cell in self.cells.items():
+            row = out[key.account]
+            row["provider_micros"] += cell.provider_micros
+            row["internal_micros"] += cell.internal_micros
+            for cat, micros in cell.alloc.items():
+                row[cat] += micros
+        for adj in self.adjustments:
+            row = out[adj.line.account]
+            row["provider_micros"] += adj.line.cost_micros or 0
+            row[adj.category] += adj.line.cost_micros or 0
+        return {a: {k: v for k, v in row.items()} for a, row in sorted(out.items())}
+
+
+@dataclass
+class _Request:
+    line: InternalUsageLine
+    account: str
+    model: str
+    day: date
+    in_provider: bool
+    in_ledger: bool
+    tiered: bool
+    billed: bool
+    tokens: dict[str, int]
+    internal: dict[str, int]
+    provider: dict[str, int] = field(default_factory=dict)
+
+
+def ledger_month(line: InternalUsageLine, mapping: Mapping, clock: str) -> Period:
+    """The month the ledger books a request in: the tenant's local month."""
+    zone = mapping.tenant_zone(line.tenant) if clock == LEDGER_CLOCK_TENANT else None
+    at = datetime.fromtimestamp(line.ts_ms / 1000, tz=zone or UTC)
+    return Period(at.year, at.month)
+
+
+def ledger_window_ms(period: Period, mapping: Mapping, clock: str) -> tuple[int, int]:
+    """Widest UTC window any tenant's ledger month of ``period`` can cover."""
+    pad = 0
+    if clock == LEDGER_CLOCK_TENANT:
+        for t in mapping.doc.tenants:
+            zone = mapping.tenant_zone(t.tenant)
+            if zone is None:
+                continue
+            for edge in (period.start, period.end):
+                offset = zone.utcoffset(edge.replace(tzinfo=None))
+                if offset is not None:
+                    pad = max(pad, abs(int(offset.total_seconds() * 1000)))
+    return period.start_ms - pad - 3_600_000, period.end_ms + pad + 3_600_000
+
+
+def per_million(rate: Fraction) -> str:
+    """micro-USD per token is numerically USD per million tokens."""
+    value = Decimal(rate.numerator) / Decimal(rate.denominator)
+    return f"${value.quantize(Decimal('0.000001'), rounding=ROUND_HALF_EVEN).normalize():f}"
+
+
+def _snap(rate: Fraction, tolerance: Fraction) -> Fraction:
+    """A published price (USD per 1M tokens, six decimals) when rounding allows it."""
+    for digits in (0, 1, 2, 3, 4, 6):
+        step = Fraction(1, 10 ** digits)
+        snapped = Fraction(round(rate / step)) * step
+        if abs(snapped - rate) <= min(tolerance, rate * SNAP_RELATIVE):
+            return snapped
+    return rate
+
+
+@dataclass
+class _Day:
+    day: date
+    amount: int
+    tokens: int
+    allowance: int
+
+    @property
+    def rate(self) -> Fraction:
+        return Fraction(self.amount, self.tokens)
+
+    @property
+    def tolerance(self) -> Fraction:
+        return Fraction(self.allowance, self.tokens)
+
+
+def _agree(a: _Day, b: _Day) -> bool:
+    return abs(a.rate - b.rate) <= a.tolerance + b.tolerance
+
+
+def _pooled(days: list[_Day]) -> Fraction:
+    amount = sum(d.amount for d in days)
+    tokens = sum(d.tokens for d in days)
+    rate = Fraction(amount, tokens)
+    return _snap(rate, Fraction(sum(d.allowance for d in days), tokens))
+
+
+def derive_card(days: list[_Day]) -> dict[date, Fraction]:
+    """The provider's rate for each day of a series, as its lines evidence it.
+
+    The month's rate is the one most of the billed tokens agree on; a run of at
+    least ``MIN_RATE_RUN_DAYS`` consecutive days at another rate is a rate
+    change from its first day. A lone day off the rate does not set a rate: what
+    its line carries beyond the card stays on the line (unexplained).
+    """
+    evidence = sorted((d for d in days if d.tokens > 0), key=lambda d: d.day)
+    if not evidence:
+        return {}
+    best: list[_Day] = []
+    best_score = (-1, -1)
+    for candidate in sorted(evidence, key=lambda d: -d.tokens)[:12]:
+        agree = [d for d in evidence if _agree(d, candidate)]
+        score = (sum(d.tokens for d in agree), len(agree))
+        if score > best_score:
+            best, best_score = agree, score
+    main = _pooled(best)
+    card: dict[date, Fraction] = {d.day: main for d in evidence}
+    members = {d.day for d in best}
+    others = [d for d in evidence if d.day not in members]
+    run: list[_Day] = []
+
+    def close(run: list[_Day]) -> None:
+        if len(run) >= MIN_RATE_RUN_DAYS:
+            rate = _pooled(run)
+            for d in run:
+                card[d.day] = rate
+
+    for d in others:
+        if run and (d.day - run[-1].day == timedelta(days=1)) and _agree(d, run[0]):
+            run.append(d)
+        else:
+            close(run)
+            run = [d]
+    close(run)
+    # Days without evidence take the rate in force before them (or the month's).
+    return card
+
+
+def _rate_on(card: dict[date, Fraction], day: date) -> Fraction | None:
+    if not card:
+        return None
+    if day in card:
+        return card[day]
+    before = [d for d in card if d <= day]
+    return card[max(before)] if before else card[min(card)]
+
 
 class _Builder:
     def __init__(self, period: Period, provider: str, mapping: Mapping,
-                 prices: PriceBook | None) -> None:
+                 prices: PriceBook | None, ledger_clock: str) -> None:
         self.period = period
         self.provider = provider
         self.mapping = mapping
         self.prices = prices
+        self.clock = ledger_clock
         self.aliases = mapping.aliases(provider)
         self.cells: dict[CellKey, Cell] = {}
         self.adjustments: list[Adjustment] = []
-        self.pad_before: dict[AccountKey, list[Event]] = defaultdict(list)
-        self.pad_after: dict[AccountKey, list[Event]] = defaultdict(list)
-        self.calls = 0
+        self.requests: list[_Request] = []
         self.window: list[InternalUsageLine] = []
         self.boundary: list[InternalUsageLine] = []
         self.evidence = Evidence()
         self.unmapped: set[str] = set()
+        self.tier_series: dict[tuple[str, str], int] = {}  # (account, model) -> threshold
 
     def cell(self, key: CellKey) -> Cell:
         found = self.cells.get(key)
@@ -225,14 +395,18 @@ class _Builder:
     def add_provider(self, line: ProviderLine) -> None:
         account = self.mapping.canonical_account(self.provider, line.account)
         if line.kind == CREDIT:
-            self.adjustments.append(Adjustment(CREDITS, _with_account(line, account)))
+            self.adjustments.append(Adjustment(CREDITS, replace(line, account=account)))
             return
         if line.kind == CORRECTION:
-            self.adjustments.append(Adjustment(PRIOR_PERIOD, _with_account(line, account)))
+            self.adjustments.append(Adjustment(PRIOR_PERIOD, replace(line, account=account)))
             return
         if not self.mapping.is_mapped(self.provider, account):
             self.unmapped.add(account)
-        cell = self.cell(CellKey(line.day, account, line.model, line.token_type))
+        key = CellKey(line.day, account, line.model, line.token_type, line.tier)
+        cell = self.cell(key)
+        if line.tier:
+            threshold = line.tier_from or self.mapping.tier_threshold(self.provider, line.model)
+            self.tier_series[(account, line.model)] = threshold
         if line.cost_micros is not None:
             cell.provider_micros += line.cost_micros
             cell.provider_has_cost = True
@@ -252,312 +426,216 @@ class _Builder:
     def add_internal(self, line: InternalUsageLine) -> None:
         if line.provider.strip().lower() != self.provider.lower():
             return
+        in_provider = self.period.start_ms <= line.ts_ms < self.period.end_ms
+        in_ledger = ledger_month(line, self.mapping, self.clock) == self.period
+        if in_ledger:
+            self.window.append(line)
+        else:
+            self.boundary.append(line)
+        if not (in_provider or in_ledger):
+            return
         model = normalise_model(line.model, self.aliases)
         account = self.internal_account(line)
         if account.startswith("(unmapped"):
             self.unmapped.add(account)
         costs = line.costs_by_type(self.prices, model)
         tokens = line.tokens_by_type()
-        day_ms = line.ts_ms
-        inside = self.period.start_ms <= day_ms < self.period.end_ms
-        if inside:
-            self.window.append(line)
-        else:
-            self.boundary.append(line)
-        day = day_of_ms(line.ts_ms)
-        workload = (line.tenant, line.workload)
-        self.calls += 1
-        for token_type, n in tokens.items():
-            micros = costs.get(token_type, 0)
-            if n == 0 and micros == 0:
-                continue
-            series = (account, model, token_type)
-            if not inside:
-                pad = self.pad_before if day_ms < self.period.start_ms else self.pad_after
-                pad[series].append((line.ts_ms, micros, self.calls))
-                continue
-            cell = self.cell(CellKey(day, account, model, token_type))
-            cell.internal_micros += micros
-            cell.internal_tokens += n
-            cell.internal_requests += 1
-            cell.by_workload[workload] = cell.by_workload.get(workload, 0) + micros
-            cell.events.append((line.ts_ms, micros, self.calls))
-            if line.failed:
-                cell.failed_micros += micros
-                cell.failed_tokens += n
-                cell.failed_requests += 1
-                cell.failed_calls.add(self.calls)
+        billed = (not line.failed) or self.mapping.failed_attempt_billed(
+            self.provider, line.error_type, line.status)
+        self.requests.append(_Request(
+            line=line, account=account, model=model, day=day_of_ms(line.ts_ms),
+            in_provider=in_provider, in_ledger=in_ledger, tiered=False, billed=billed,
+            tokens={t: tokens.get(t, 0) for t in TOKEN_TYPES},
+            internal={t: costs.get(t, 0) for t in TOKEN_TYPES}))
 
+    # ------------------------------------------------------------------ the card
 
-def _with_account(line: ProviderLine, account: str) -> ProviderLine:
-    return replace(line, account=account)
-
-
-# ------------------------------------------------------------------ categorisers
-
-
-def _failed(rec: Reconciliation) -> None:
-    for cell in sorted(rec.cells.values(), key=lambda c: c.key):
-        if cell.failed_micros > 0 and cell.residual < 0:
-            amount = min(-cell.residual, cell.failed_micros)
-            cell.allocate(FAILED, -amount, f"{cell.failed_requests} failed attempt(s) "
-                          "recorded internally, not billed by the provider")
-            rec.evidence.failed_calls |= cell.failed_calls
-            rec.evidence.failed_micros += cell.failed_micros
-
-
-def _rate(micros: int, tokens: int) -> Fraction | None:
-    return Fraction(micros, tokens) if tokens > 0 else None
-
-
-def _cache(rec: Reconciliation) -> None:
-    groups: dict[tuple[date, str, str], dict[str, Cell]] = defaultdict(dict)
-    for key, cell in rec.cells.items():
-        if key.token_type in INPUT_GROUP:
-            groups[(key.day, key.account, key.model)][key.token_type] = cell
-    for gkey in sorted(groups):
-        present = groups[gkey]
-        if len(present) < 2:
-            continue
-        billed = [c for c in present.values() if c.provider_has_cost or c.provider_tokens]
-        known = bool(billed) and all(c.provider_tokens is not None for c in billed)
-        if known:
-            p_total = sum(c.provider_tokens or 0 for c in present.values())
-            i_total = sum(c.billed_tokens for c in present.values())
-            if p_total != i_total:
-                continue
-            moves: list[tuple[Cell, int, Fraction]] = []
-            for cell in present.values():
-                delta = (cell.provider_tokens or 0) - cell.billed_tokens
-                if delta == 0:
+    def route(self) -> None:
+        """Tier requests, and the billed tokens of every provider line."""
+        for r in self.requests:
+            threshold = self.tier_series.get((r.account, r.model))
+            r.tiered = threshold is not None and r.line.input_tokens > threshold
+            workload = (r.line.tenant, r.line.workload)
+            for t in TOKEN_TYPES:
+                n, micros = r.tokens[t], r.internal[t]
+                if n == 0 and micros == 0:
                     continue
-                rate = (_rate(cell.provider_micros, cell.provider_tokens or 0)
-                        if cell.provider_has_cost else None)
-                if rate is None:
-                    rate = _rate(cell.internal_micros - cell.failed_micros, cell.billed_tokens)
-                if rate is None:
-                    moves = []
-                    break
-                moves.append((cell, delta, rate))
-            if not moves:
+                cell = self.cell(self.key(r, t))
+                if r.in_ledger:
+                    cell.internal_micros += micros
+                    cell.internal_tokens += n
+                    cell.internal_requests += 1
+                    cell.by_workload[workload] = cell.by_workload.get(workload, 0) + micros
+                if r.in_provider and r.billed:
+                    cell.billed_tokens += n
+                    cell.billed_requests += 1
+
+    def key(self, r: _Request, token_type: str) -> CellKey:
+        return CellKey(r.day, r.account, r.model, token_type,
+                       "long_context" if r.tiered else "")
+
+    def cards(self) -> dict[Series, dict[date, Fraction]]:
+        by_series: dict[Series, list[_Day]] = defaultdict(list)
+        for key, cell in self.cells.items():
+            if cell.provider_has_cost and cell.billed_tokens > 0:
+                by_series[key.series].append(_Day(
+                    key.day, cell.provider_micros, cell.billed_tokens,
+                    cell.provider_allowance + cell.billed_requests + 1))
+        cards = {s: derive_card(days) for s, days in by_series.items()}
+        for s, card in cards.items():
+            self.evidence.rates[s] = sorted(card.items())
+        return cards
+
+
+# ------------------------------------------------------------------ attribution
+
+
+def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
+    ev = b.evidence
+    for r in sorted(b.requests, key=lambda x: (x.line.ts_ms, x.line.request_id)):
+        rid = r.line.request_id
+        for t in TOKEN_TYPES:
+            n = r.tokens[t]
+            rate = _rate_on(cards.get(b.key(r, t).series, {}), r.day)
+            r.provider[t] = (round_fraction(n * rate) if r.billed and r.in_provider
+                             and rate is not None else 0)
+        if r.in_provider and not r.in_ledger:
+            _claim(b, r, CLOCK_SKEW, r.provider, {t: 0 for t in TOKEN_TYPES},
+                   "billed in this month; the ledger books it in "
+                   f"{ledger_month(r.line, b.mapping, b.clock)} (tenant clock)")
+            if sum(r.provider.values()):
+                ev.skew_provider_only.append(rid)
+                ev.skew_provider_micros += sum(r.provider.values())
+            continue
+        if r.in_ledger and not r.in_provider:
+            _claim(b, r, CLOCK_SKEW, {t: 0 for t in TOKEN_TYPES}, r.internal,
+                   "booked in this month on the tenant clock; billed by the provider in "
+                   f"{Period(r.day.year, r.day.month)} (UTC)")
+            if sum(r.internal.values()):
+                ev.skew_ledger_only.append(rid)
+                ev.skew_ledger_micros += sum(r.internal.values())
+            continue
+        # A failed attempt one side charged and the other did not. One both sides
+        # charged differs (if at all) for the reasons an ordinary request does.
+        billed_by_one = (sum(r.provider.values()) > REQUEST_ROUNDING_MICROS) != (
+            sum(r.internal.values()) > REQUEST_ROUNDING_MICROS)
+        if r.line.failed and billed_by_one:
+            kind = r.line.error_type or r.line.status
+            note = (f"failed attempts ({kind}) the provider bills" if r.billed
+                    else f"failed attempts ({kind}) the provider does not bill")
+            _claim(b, r, FAILED, r.provider, r.internal, note)
+            continue
+        if r.tiered:
+            _claim(b, r, TIER, r.provider, r.internal,
+                   "input above the long-context threshold, billed on tier lines")
+            continue
+        for t in TOKEN_TYPES:
+            diff = r.provider[t] - r.internal[t]
+            cell = b.cell(b.key(r, t))
+            if diff == 0:
                 continue
-            for cell, delta, rate in moves:
-                kind = cell.key.token_type
-                fresh = kind == INPUT
-                if not fresh and delta > 0:
-                    note = f"{delta:,} tokens billed as {kind} at the provider rate"
-                    rec.evidence.cache_moved_tokens += delta
-                elif not fresh:
-                    note = f"{-delta:,} tokens recorded as {kind} internally"
-                elif delta < 0:
-                    note = f"{-delta:,} tokens priced as fresh input internally"
-                else:
-                    note = f"{delta:,} tokens billed as fresh input"
-                cell.allocate(CACHE_RATE, round_fraction(delta * rate), note)
-            cached = present.get(CACHED_INPUT)
-            if cached is not None:
-                rec.evidence.cache_provider_cached_tokens += cached.provider_tokens or 0
-                rec.evidence.cache_internal_cached_tokens += cached.billed_tokens
-            continue
-        # Cost-only exports: a cache-read (or write) line the provider billed above
-        # the internal figure, next to a fresh-input line the gateway priced higher,
-        # netting to a saving: without token counts both lines are taken whole.
-        fresh_cell = present.get(INPUT)
-        if fresh_cell is None or fresh_cell.residual >= -fresh_cell.allowance:
-            continue
-        others = [c for t, c in present.items()
-                  if t != INPUT and c.residual > c.allowance]
-        if not others or fresh_cell.residual + sum(c.residual for c in others) >= 0:
-            continue
-        for other in others:
-            other.allocate(CACHE_RATE, other.residual, f"billed as {other.key.token_type} "
-                           "above the internal figure (cost-only export)")
-        fresh_cell.allocate(CACHE_RATE, fresh_cell.residual, "priced as fresh input "
-                            "internally (cost-only export)")
-
-
-def _tier(rec: Reconciliation) -> None:
-    series: dict[AccountKey, list[Cell]] = defaultdict(list)
-    for key, cell in sorted(rec.cells.items()):
-        if (cell.provider_has_cost and cell.provider_tokens and not cell.alloc
-                and cell.provider_tokens == cell.billed_tokens):
-            series[key.series].append(cell)
-    for skey, cells in series.items():
-        rates = [(c, Fraction(c.provider_micros, c.provider_tokens or 1)) for c in cells]
-        # Only lines large enough that rounding cannot move their rate by 1% define
-        # the rate levels.
-        solid = [r for c, r in rates if c.provider_micros >= 100 * (c.allowance + 1)]
-        levels: list[Fraction] = []
-        for rate in sorted(solid):
-            if not levels or rate - levels[-1] > levels[-1] * RATE_TOLERANCE:
-                levels.append(rate)
-        if len(levels) < 2:
-            continue
-        first_rate = rates[0][1]
-        breakpoint_: tuple[date, Fraction, Fraction] | None = None
-        for cell, rate in rates:
-            internal_rate = Fraction(cell.internal_micros - cell.failed_micros,
-                                     cell.billed_tokens)
-            if (abs(cell.residual) > cell.allowance
-                    and abs(rate - internal_rate) > internal_rate * RATE_TOLERANCE):
-                cell.allocate(TIER, cell.residual,
-                              f"provider rate {per_million(rate)} vs internal "
-                              f"{per_million(internal_rate)} per 1M tokens")
-                if breakpoint_ is None and abs(rate - first_rate) > first_rate * RATE_TOLERANCE:
-                    breakpoint_ = (cell.key.day, first_rate, rate)
-                elif breakpoint_ is None:
-                    breakpoint_ = (cell.key.day, internal_rate, rate)
-        if breakpoint_ is not None:
-            rec.evidence.tier_breaks[skey] = breakpoint_
-
-
-def per_million(rate: Fraction) -> str:
-    """micro-USD per token is numerically USD per million tokens."""
-    value = Decimal(rate.numerator) / Decimal(rate.denominator)
-    return f"${value.quantize(Decimal('0.0001'), rounding=ROUND_HALF_EVEN).normalize():f}"
-
-
-def _clock_skew(rec: Reconciliation, pad_before: dict[AccountKey, list[Event]],
-                pad_after: dict[AccountKey, list[Event]]) -> None:
-    period = rec.period
-    skew_ms = rec.skew_hours * 3_600_000
-    by_series: dict[AccountKey, dict[date, Cell]] = defaultdict(dict)
-    for key, cell in rec.cells.items():
-        by_series[key.series][key.day] = cell
-    for series in set(pad_before) | set(pad_after):
-        by_series.setdefault(series, {})
-    ahead_accounts: set[str] = set()
-    behind_accounts: set[str] = set()
-    ev = rec.evidence
-
-    def take(cell: Cell, amount: int, note: str, calls: list[Event]) -> None:
-        """Allocate ``amount`` (signed) from the calls nearest the boundary first."""
-        cell.allocate(CLOCK_SKEW, amount, note)
-        used = 0
-        for _, micros, call in calls:
-            if used >= abs(amount):
-                break
-            used += micros
-            ev.skew_call_ids.add(call)
-        ev.skew_evidence_micros += used
-        ev.skew_boundary_micros += amount
-        ev.skew_days.add(cell.key.day)
-
-    # Month boundaries: provider surplus matched by calls stamped just outside.
-    for series, days in sorted(by_series.items()):
-        last = days.get(period.last_day)
-        after = sorted(e for e in pad_after.get(series, []) if e[0] < period.end_ms + skew_ms)
-        if last is not None and last.residual > last.allowance and after:
-            amount = min(last.residual, sum(e[1] for e in after))
-            if amount > 0:
-                take(last, amount, f"calls stamped in the first {rec.skew_hours} h of "
-                     f"{period.next()}", after)
-                ahead_accounts.add(series[0])
-        first = days.get(period.first_day)
-        before = sorted((e for e in pad_before.get(series, [])
-                         if e[0] >= period.start_ms - skew_ms), reverse=True)
-        if first is not None and first.residual > first.allowance and before:
-            amount = min(first.residual, sum(e[1] for e in before))
-            if amount > 0:
-                take(first, amount, f"calls stamped in the last {rec.skew_hours} h of "
-                     f"{period.previous()}", before)
-                behind_accounts.add(series[0])
-    # The mirror image at the other boundary, for telemetry shown to be offset.
-    for series, days in sorted(by_series.items()):
-        first = days.get(period.first_day)
-        if series[0] in ahead_accounts and first is not None and first.residual < -first.allowance:
-            early = sorted(e for e in first.events if e[0] < period.start_ms + skew_ms)
-            amount = min(-first.residual, sum(e[1] for e in early))
-            if amount > 0:
-                take(first, -amount, "calls of the previous month stamped into this one",
-                     early)
-        last = days.get(period.last_day)
-        if series[0] in behind_accounts and last is not None and last.residual < -last.allowance:
-            late = sorted((e for e in last.events if e[0] >= period.end_ms - skew_ms), reverse=True)
-            amount = min(-last.residual, sum(e[1] for e in late))
-            if amount > 0:
-                take(last, -amount, "calls of the next month stamped into this one", late)
-    # Inside the month: offsetting gaps on adjacent days, matched by calls near the
-    # midnight between them. They net to zero for the month.
-    for _series, days in sorted(by_series.items()):
-        for day in period.days()[:-1]:
-            a, b = days.get(day), days.get(day + timedelta(days=1))
-            if a is None or b is None:
-                continue
-            ra, rb = a.residual, b.residual
-            midnight = b.key.day
-            midnight_ms = int(_midnight_ms(midnight))
-            if ra > a.allowance and rb < -b.allowance:
-                moved = [e for e in b.events if e[0] < midnight_ms + skew_ms]
-            elif ra < -a.allowance and rb > b.allowance:
-                moved = [e for e in a.events if e[0] >= midnight_ms - skew_ms]
+            if abs(diff) <= REQUEST_ROUNDING_MICROS:
+                cell.allocate(ROUNDING, diff)
+            elif t in (CACHED_INPUT, CACHE_WRITE) and r.tokens[t] > 0:
+                _claim_one(b, r, t, CACHE_RATE, cell, diff,
+                           f"{t} priced differently internally")
+                ev.cache_internal_rates[(r.account, r.model, t)].add(
+                    Fraction(r.internal[t], r.tokens[t]))
             else:
-                continue
-            amount = min(abs(ra), abs(rb), sum(e[1] for e in moved))
-            if amount <= 0:
-                continue
-            sign = 1 if ra > 0 else -1
-            a.allocate(CLOCK_SKEW, sign * amount, f"offset by {b.key.day.isoformat()}")
-            b.allocate(CLOCK_SKEW, -sign * amount, f"offset by {a.key.day.isoformat()}")
-            ev.skew_days.update({a.key.day, b.key.day})
+                cell.allocate(UNEXPLAINED, diff,
+                              "same tokens at a different rate with no evidence for it "
+                              "(check the price table)" if r.tokens[t] else
+                              "cost booked without tokens")
+                if rid not in ev.requests[UNEXPLAINED]:
+                    ev.requests[UNEXPLAINED].append(rid)
 
 
-def _midnight_ms(day: date) -> int:
-    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
-
-
-def _rounding(rec: Reconciliation) -> None:
-    for cell in rec.cells.values():
-        residual = cell.residual
-        if residual and abs(residual) <= cell.allowance:
-            cell.allocate(ROUNDING, residual)
-
-
-def _unexplained(rec: Reconciliation, mapping: Mapping) -> None:
-    for cell in sorted(rec.cells.values(), key=lambda c: c.key):
-        residual = cell.residual
-        if not residual:
+def _claim(b: _Builder, r: _Request, category: str, provider: dict[str, int],
+           internal: dict[str, int], note: str) -> None:
+    claimed = False
+    for t in TOKEN_TYPES:
+        diff = provider[t] - internal[t]
+        if diff == 0 and not r.tokens[t]:
             continue
-        reasons: list[str] = []
-        account = cell.key.account
-        if account.startswith("(unmapped") or not mapping.is_mapped(rec.provider, account):
-            reasons.append(f"account {account} is not in the mapping file")
-        if not cell.provider_has_cost and cell.provider_tokens is None:
-            reasons.append("internal usage the provider did not bill")
-        elif cell.internal_requests == 0:
-            reasons.append("billed by the provider, no internal usage recorded")
-        elif cell.provider_tokens is not None and cell.provider_tokens != cell.billed_tokens:
-            reasons.append(f"provider {cell.provider_tokens:,} tokens vs internal "
-                           f"{cell.billed_tokens:,}")
-        elif cell.provider_tokens:
-            reasons.append(
-                f"same tokens, provider rate "
-                f"{per_million(Fraction(cell.provider_micros, cell.provider_tokens))} vs "
-                f"internal {per_million(Fraction(cell.internal_micros, cell.internal_tokens))}"
-                " per 1M tokens all month: check the price table")
-        cell.allocate(UNEXPLAINED, residual, "; ".join(reasons))
+        fig = b.evidence.figures[category][t]
+        fig.tokens += r.tokens[t]
+        fig.provider_micros += provider[t]
+        fig.internal_micros += internal[t]
+        if diff:
+            b.cell(b.key(r, t)).allocate(category, diff, note)
+            claimed = True
+    if claimed:
+        b.evidence.requests[category].append(r.line.request_id)
+
+
+def _claim_one(b: _Builder, r: _Request, t: str, category: str, cell: Cell, diff: int,
+               note: str) -> None:
+    fig = b.evidence.figures[category][t]
+    fig.tokens += r.tokens[t]
+    fig.provider_micros += r.provider[t]
+    fig.internal_micros += r.internal[t]
+    cell.allocate(category, diff, note)
+    ids = b.evidence.requests[category]
+    if not ids or ids[-1] != r.line.request_id:
+        ids.append(r.line.request_id)
+
+
+def _lines(b: _Builder) -> None:
+    """What a line carries beyond its requests at the card: rounding or unexplained."""
+    repriced: dict[CellKey, int] = defaultdict(int)
+    for r in b.requests:
+        if r.in_provider:
+            for t in TOKEN_TYPES:
+                if r.provider[t]:
+                    repriced[b.key(r, t)] += r.provider[t]
+    for key, cell in sorted(b.cells.items()):
+        cell.repriced_micros = repriced.get(key, 0)
+        rest = cell.provider_micros - cell.repriced_micros
+        if rest == 0:
+            continue
+        bound = cell.provider_allowance + (cell.billed_requests + 1) // 2 + 1
+        if cell.provider_has_cost and cell.billed_tokens and abs(rest) <= bound:
+            cell.allocate(ROUNDING, rest)
+            continue
+        if cell.billed_tokens == 0:
+            note = "billed by the provider, no internal usage recorded"
+        elif not cell.provider_has_cost:
+            note = "internal usage the provider did not bill"
+        else:
+            note = (f"the line carries {rest / 1_000_000:+.6f} USD beyond its "
+                    f"{cell.billed_requests} request(s) at the provider's card")
+        if not b.mapping.is_mapped(b.provider, key.account):
+            note = f"account {key.account} is not in the mapping file; {note}"
+        cell.allocate(UNEXPLAINED, rest, note)
+        b.evidence.lines[UNEXPLAINED].extend(cell.provider_refs)
 
 
 def reconcile(period: Period, provider: str, provider_lines: list[ProviderLine],
               internal_lines: list[InternalUsageLine], mapping: Mapping,
-              prices: PriceBook | None = None, skew_hours: int = 14) -> Reconciliation:
-    builder = _Builder(period, provider, mapping, prices)
+              prices: PriceBook | None = None, skew_hours: int = 14,
+              ledger_clock: str = LEDGER_CLOCK_TENANT) -> Reconciliation:
+    b = _Builder(period, provider, mapping, prices, ledger_clock)
     for pline in provider_lines:
-        builder.add_provider(pline)
+        b.add_provider(pline)
     for iline in internal_lines:
-        builder.add_internal(iline)
+        b.add_internal(iline)
+    b.route()
+    cards = b.cards()
+    _attribute(b, cards)
+    _lines(b)
+    for adj in b.adjustments:
+        b.evidence.lines[adj.category].append(adj.line_id)
     rec = Reconciliation(
-        period=period, provider=provider, cells=builder.cells,
-        adjustments=builder.adjustments, window_lines=builder.window,
-        boundary_lines=builder.boundary, evidence=builder.evidence,
-        unmapped_accounts=sorted(builder.unmapped), skew_hours=skew_hours,
+        period=period, provider=provider, cells=b.cells,
+        adjustments=b.adjustments, window_lines=b.window,
+        boundary_lines=b.boundary, evidence=b.evidence,
+        unmapped_accounts=sorted(b.unmapped), skew_hours=skew_hours,
+        ledger_clock=ledger_clock,
     )
-    _failed(rec)
-    _cache(rec)
-    _tier(rec)
-    _clock_skew(rec, builder.pad_before, builder.pad_after)
-    _rounding(rec)
-    _unexplained(rec, mapping)
+    for cell in rec.cells.values():
+        if cell.residual:
+            raise ReconcileError(f"internal error: line {cell.key} keeps {cell.residual} "
+                                 "micro-USD outside every category")
     explained = sum(rec.category_net(c) for c, _ in CATEGORIES)
     if rec.internal_micros + explained != rec.invoice_micros:
         raise ReconcileError("internal error: the categories do not add up to the gap "
@@ -572,3 +650,6 @@ def workloads_of(rec: Reconciliation, mapping: Mapping, cell: Cell) -> list[Work
         if workload not in out:
             out.append(workload)
     return out
+
+
+__all__ = ["INPUT", "OUTPUT"]

@@ -114,11 +114,11 @@ async def test_reconcile_from_the_ledger_store(store_url: str, tmp_path: pathlib
     assert main(["reconcile", "--store", store_url, "--period", str(period), "--provider",
                  "openai", "--export", str(costs), "--mapping", str(mapping),
                  "--out", str(out)]) == 0
-    memo = json.loads((out / str(period) / "memo.json").read_text())
+    memo = json.loads((out / str(period) / "openai" / "memo.json").read_text())
     cats = {c["category"]: c for c in memo["categories"]}
     failed = next(s for s in settlements if s["outcome"] == "FAILED")
-    assert cats["failed_requests"]["net_micros"] == -failed["actual"]
-    for name in ("unexplained", "clock_skew", "cache_rate", "tier_breakpoint"):
+    assert cats["failed_request_billing"]["net_micros"] == -failed["actual"]
+    for name in ("unexplained", "clock_skew", "cache_read_rate", "tier_breakpoint"):
         assert cats[name]["net_micros"] == 0, name
     assert abs(cats["rounding"]["net_micros"]) <= 12
     assert memo["totals"]["internal_requests"] == 12

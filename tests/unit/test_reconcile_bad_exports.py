@@ -146,12 +146,12 @@ def test_a_bad_export_leaves_an_earlier_draft_untouched(
     out = tmp_path / "out"
     good = [copy(tmp_path, "openai/usage_completions.json"), copy(tmp_path, "openai/costs.json")]
     assert main(args(out, *good)) == 0
-    before = {p.name: p.read_bytes() for p in (out / "2026-01").iterdir() if p.is_file()}
+    before = {p.name: p.read_bytes() for p in (out / "2026-01" / "openai").iterdir() if p.is_file()}
     bad = tmp_path / "bad.json"
     bad.write_text('{"object": "page", "data": [')
     assert main(args(out, good[0], bad)) == 2
     assert "bad.json: line 1 column" in capsys.readouterr().err
-    after = {p.name: p.read_bytes() for p in (out / "2026-01").iterdir() if p.is_file()}
+    after = {p.name: p.read_bytes() for p in (out / "2026-01" / "openai").iterdir() if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir()) == ["2026-01"]
 

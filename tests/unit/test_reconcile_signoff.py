@@ -25,7 +25,7 @@ def period(tmp_path: pathlib.Path) -> pathlib.Path:
     argv = [*args(out, *EXPORTS), "--column-map",
             str(FIXTURES / "generic" / "invoice_adjustments.columns.yaml")]
     assert main(argv) == 0
-    return out / "2026-01"
+    return out / "2026-01" / "openai"
 
 
 def at(minute: int) -> datetime:
@@ -81,9 +81,13 @@ def test_signatures_over_an_earlier_memo_are_void_after_a_rerun_with_new_inputs(
         "line_item": "web search tool calls", "project_id": "proj_support"})
     repulled = tmp_path / "costs.json"
     repulled.write_text(json.dumps(costs))
-    argv = [*args(period.parent, EXPORTS[0], repulled, EXPORTS[2]), "--column-map",
+    argv = [*args(period.parent.parent, EXPORTS[0], repulled, EXPORTS[2]), "--column-map",
             str(FIXTURES / "generic" / "invoice_adjustments.columns.yaml")]
-    assert main(argv) == 0
+    before = (period / "memo.md").read_bytes()
+    assert main(argv) == 2  # a draft is never replaced silently
+    assert (period / "memo.md").read_bytes() == before
+    assert len(status(period).valid) == 2
+    assert main([*argv, "--replace"]) == 0
     st = status(period)
     assert st.valid == {} and len(st.void) == 2
     sign(period, *SIGNERS[2], now=at(3))
@@ -97,7 +101,7 @@ def test_signatures_over_an_earlier_memo_are_void_after_a_rerun_with_new_inputs(
 
 def test_an_unchanged_rerun_keeps_signatures_valid(period: pathlib.Path) -> None:
     sign(period, *SIGNERS[0], now=at(0))
-    argv = [*args(period.parent, *EXPORTS), "--column-map",
+    argv = [*args(period.parent.parent, *EXPORTS), "--column-map",
             str(FIXTURES / "generic" / "invoice_adjustments.columns.yaml")]
     assert main(argv) == 0
     assert set(status(period).valid) == {"engineering-owner"}
@@ -118,7 +122,7 @@ def test_a_posted_period_is_frozen(period: pathlib.Path,
     assert main(["signoff", "--dir", str(period), "--role", "finance-owner",
                  "--name", "Someone Else"]) == 2
     assert "already posted" in capsys.readouterr().err
-    argv = [*args(period.parent, *EXPORTS), "--column-map",
+    argv = [*args(period.parent.parent, *EXPORTS), "--column-map",
             str(FIXTURES / "generic" / "invoice_adjustments.columns.yaml")]
     assert main(argv) == 2
     assert "Corrections go to the next period" in capsys.readouterr().err
@@ -136,3 +140,35 @@ def test_signoff_cli_status_and_errors(period: pathlib.Path,
     assert main(["signoff", "--dir", str(period), "--role", "finance-owner"]) == 2
     assert main(["signoff", "--dir", str(period.parent), "--status"]) == 2
     assert "not a reconciled period folder" in capsys.readouterr().err
+
+
+def test_only_the_owners_on_file_sign_their_role(period: pathlib.Path) -> None:
+    with pytest.raises(SignoffError, match="not the finance-owner on file"):
+        sign(period, "finance-owner", "Lee Park", now=at(0))
+    with pytest.raises(SignoffError, match="not the engineering-owner on file"):
+        sign(period, "engineering-owner", "Priya Natarajan", now=at(0))
+    with pytest.raises(SignoffError, match="not the ai-program-lead on file"):
+        sign(period, "ai-program-lead", "Dana Ruiz", now=at(0))
+    assert not (period / "signoffs.json").exists()
+
+
+def test_every_escalated_engineering_owner_signs(tmp_path: pathlib.Path) -> None:
+    from tests.reconcile_month.generate import generate
+    from tests.unit.test_reconcile_e2e import reconcile_args
+
+    answer = generate(tmp_path / "in", seed=5, requests=2_000)
+    out = tmp_path / "out"
+    main(reconcile_args(tmp_path / "in", answer, "anthropic", out))
+    # A second provider's run into the same --out leaves the first one's folder alone.
+    folder = out / "2026-01" / "anthropic"
+    memo = json.loads((folder / "memo.json").read_text())
+    owners = memo["signers"]["engineering"]
+    assert memo["signers"]["engineering_all_required"] and len(owners) >= 2
+    sign(folder, "engineering-owner", owners[0], now=at(0))
+    sign(folder, "finance-owner", "Priya Natarajan", now=at(1))
+    st = sign(folder, "ai-program-lead", "Sam Okafor", now=at(2))
+    assert f"engineering-owner ({owners[1]})" in st.missing
+    main(reconcile_args(tmp_path / "in", answer, "openai", out))
+    assert status(folder).valid.keys() == {"engineering-owner", "finance-owner",
+                                           "ai-program-lead"}
+    assert (out / "2026-01" / "openai" / "memo.json").is_file()

@@ -41,6 +41,7 @@ from keel_pdp.reconcile.model import (
     CACHED_INPUT,
     DEFAULT_ACCOUNT,
     INPUT,
+    LONG_CONTEXT,
     OUTPUT,
     USAGE,
     WEB_SEARCH,
@@ -127,7 +128,8 @@ def _cost(path: pathlib.Path, period: Period, aliases: dict[str, str], where: st
           day_value: Any, day_column: str, amount: Any, amount_where: tuple[str, str],
           unit_micros: int, model_raw: str, token_type_raw: str, cost_type: str,
           workspace: Any, description: str, api_key: str,
-          mapping: dict[str, str], json_day: str | None = None) -> ProviderLine:
+          mapping: dict[str, str], json_day: str | None = None, context_window: Any = None
+          ) -> ProviderLine:
     day_where, day_col = day_place(where, day_column, json_day)
     day = parse_day(path, day_value, day_where, day_col)
     check_in_period(path, day, period, day_where, day_col)
@@ -159,7 +161,22 @@ def _cost(path: pathlib.Path, period: Period, aliases: dict[str, str], where: st
         token_type=token_type, tokens=None, cost_micros=micros, kind=kind, belongs_to=belongs,
         description=text, api_key=api_key, source=str(path), where=where,
         precision_micros=quantum_micros(value, unit_micros),
+        **_tier(context_window if kind == USAGE else None),
     )
+
+
+def _tier(context_window: Any) -> dict[str, Any]:
+    """``context_window`` "0-200k" is the normal tier; "200k-1M" the long-context one."""
+    text = text_field(context_window).lower().replace(" ", "")
+    low = text.split("-", 1)[0] if "-" in text else ""
+    scale = {"k": 1_000, "m": 1_000_000}
+    if not low or low == "0":
+        return {}
+    try:
+        number = int(low[:-1]) * scale[low[-1]] if low[-1] in scale else int(low)
+    except ValueError:
+        return {}
+    return {"tier": LONG_CONTEXT, "tier_from": number} if number > 0 else {}
 
 
 def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict[str, str],
@@ -219,7 +236,7 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
                         text_field(r.get("model")), text_field(r.get("token_type")),
                         text_field(r.get("cost_type")), r.get("workspace_id"),
                         text_field(r.get("description")), "", _API_TOKEN_TYPES,
-                        f"{b_where}.starting_at"))
+                        f"{b_where}.starting_at", r.get("context_window")))
         return lines
     if fmt == "usage-csv":
         _, rows = read_csv(path, text, USAGE_CSV_REQUIRED)
@@ -259,5 +276,5 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
             v.get("cost_usd"), (row.where, "cost_usd"), MICROS_PER_USD, v.get("model", ""),
             v.get("token_type", ""), v.get("cost_type", ""), v.get("workspace"),
             v.get("description", ""), v.get("api_key_id") or v.get("api_key", ""),
-            _CONSOLE_TOKEN_TYPES))
+            _CONSOLE_TOKEN_TYPES, None, v.get("context_window")))
     return lines

@@ -38,6 +38,7 @@ from keel_pdp.reconcile.model import (
     CACHED_INPUT,
     DEFAULT_ACCOUNT,
     INPUT,
+    LONG_CONTEXT,
     OUTPUT,
     USAGE,
     ProviderLine,
@@ -60,6 +61,12 @@ _LINE_TYPES = {
     "cached write": CACHE_WRITE,
     "output": OUTPUT,
 }
+# Long-context lines are separate line items ("gpt-5.4, input, long context",
+# "gpt-5.4, output (long context > 272k)"): billed at the tier's rates, never
+# merged with the normal lines.
+_TIER = re.compile(r"long[- ]context|context\s*>|>\s*\d+\s*k\b")
+_TIER_ABOVE = re.compile(r">\s*(\d+)\s*k\b")
+_PAREN = re.compile(r"\([^)]*\)")
 _LINE_ITEM = re.compile(r"^(?:(?P<tier>[^|]+)\|\s*)?(?P<model>[^,]+),\s*(?P<rest>.+)$")
 
 
@@ -150,12 +157,19 @@ def _cost_line(path: pathlib.Path, period: Period, aliases: dict[str, str], wher
     m = _LINE_ITEM.match(item)
     token_type = ""
     model = ""
+    tier = ""
+    tier_from = 0
     if m is not None:
         model_part = m.group("model").strip()
         rest = m.group("rest").strip().lower()
         first, _, modality = model_part.partition(" ")
         model = normalise_model(first, aliases)
-        kind_part = rest.split(",")[0].strip()
+        tier_match = _TIER.search(rest)
+        if tier_match is not None:
+            tier = LONG_CONTEXT
+            above = _TIER_ABOVE.search(rest)
+            tier_from = int(above.group(1)) * 1000 if above else 0
+        kind_part = _PAREN.sub("", rest.split(",")[0]).strip()
         token_type = _LINE_TYPES.get(kind_part, slug(kind_part))
         if modality:
             token_type = f"{slug(modality)}_{token_type}"
@@ -166,7 +180,8 @@ def _cost_line(path: pathlib.Path, period: Period, aliases: dict[str, str], wher
         day=parsed_day, account=_account(project), model=model if kind == USAGE else "",
         token_type=token_type if kind == USAGE else kind, tokens=None, cost_micros=micros,
         kind=kind, belongs_to=belongs, description=item, source=str(path), where=where,
-        precision_micros=quantum_micros(amount),
+        precision_micros=quantum_micros(amount), tier=tier if kind == USAGE else "",
+        tier_from=tier_from,
     )
 
 
