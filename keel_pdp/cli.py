@@ -124,6 +124,12 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
         loop.create_task(asyncio.to_thread(holder.reload, True))))
     tasks = [loop.create_task(holder.watch(s.reload_interval_s)),
              loop.create_task(engine.run_background(s.sweep_interval_s))]
+    if metrics_port and s.budget_metrics_interval_s > 0 and not worker:
+        from keel_pdp.budget.gauges import BudgetGauges
+        from keel_pdp.budget.status import StatusReader
+
+        gauges = BudgetGauges(metrics, holder, StatusReader(store))
+        tasks.append(loop.create_task(gauges.run(s.budget_metrics_interval_s)))
     await stop.wait()
     draining = True
     # Report NOT_SERVING first and keep serving for the drain delay, so callers

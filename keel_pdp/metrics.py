@@ -93,6 +93,20 @@ class Metrics:
             "keel_pdp_idle_streams_closed_total",
             "Calls ended because their request message never came, by reason "
             "(timeout, evicted).", ["reason"], registry=r)
+        # Budget ids come from the policy bundle (operators' names, not callers'),
+        # and only the most-used budgets are exported (keel_pdp.budget.gauges).
+        self.budget_utilisation = Gauge(
+            "keel_pdp_budget_utilisation_ratio",
+            "(settled + held) / cap in the current window, the highest counter of the budget.",
+            ["budget"], registry=r)
+        self.budget_projected = Gauge(
+            "keel_pdp_budget_projected_ratio",
+            "Spend projected at the window's end at the burn rate so far, / cap; the highest "
+            "counter of the budget.", ["budget"], registry=r)
+        self.budget_gauge_refreshes = Counter(
+            "keel_pdp_budget_gauge_refreshes_total",
+            "Refreshes of the budget gauges from the store, by result (ok, error).",
+            ["result"], registry=r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and

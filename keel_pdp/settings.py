@@ -41,6 +41,7 @@ class ServeSettings:
     # open | enforce | observe; '' = open on a loopback listener, enforce otherwise
     caller_auth: str = ""
     caller_tokens_file: str = ""
+    budget_metrics_interval_s: float = 15.0
 
     @property
     def caller_auth_mode(self) -> str:
@@ -151,6 +152,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "certificate identify with a token (env KEEL_CALLER_TOKENS_FILE)")
     p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
                    help="seconds in-flight RPCs get to finish on SIGTERM")
+    p.add_argument("--budget-metrics-interval", type=float,
+                   default=float(_env("KEEL_BUDGET_METRICS_INTERVAL", "15")),
+                   help="seconds between refreshes of the per-budget utilisation gauges from "
+                        "the store; 0 disables (env KEEL_BUDGET_METRICS_INTERVAL)")
 
 
 def serve_settings(ns: argparse.Namespace) -> ServeSettings:
@@ -165,5 +170,6 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
         outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay, workers=ns.workers,
         caller_auth=ns.caller_auth, caller_tokens_file=ns.caller_tokens_file,
+        budget_metrics_interval_s=ns.budget_metrics_interval,
         admin_identities=tuple(x.strip() for x in ns.admin_identities.split(",") if x.strip()),
     ).validate()
