@@ -7,7 +7,9 @@ batch delivered twice (the writer died between commit and acknowledgement)
 books nothing the second time.
 
 A connection-level failure surfaces as ``StoreUnavailable`` so the writer can
-back off and retry the same batch; anything else is a bug and propagates.
+back off and retry the same batch; anything else is a bug and propagates. On
+SQLite, only busy/locked/I-O/full/can't-open are outages; any other
+``OperationalError`` (a syntax error, "no such table") is ``StoreBroken``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,32 @@ class StoreUnavailable(Exception):
 
 class StoreError(Exception):
     """The store cannot be used as it is (bad URL, schema newer than this code)."""
+
+
+class StoreBroken(StoreError):
+    """The store refused the statement itself (a SQL error, a missing table): a bug
+    or a damaged schema, not an outage. Retrying cannot help; the writer stops."""
+
+
+# SQLite primary result codes that mean "not now" (https://sqlite.org/rescode.html):
+# BUSY, LOCKED, IOERR, FULL, CANTOPEN, and PROTOCOL (a WAL lock race). Anything
+# else (ERROR: syntax, no such table; CORRUPT, NOTADB, READONLY, ...) will not
+# get better by retrying the same batch.
+_SQLITE_OUTAGES = {5: "SQLITE_BUSY", 6: "SQLITE_LOCKED", 10: "SQLITE_IOERR",
+                   13: "SQLITE_FULL", 14: "SQLITE_CANTOPEN", 15: "SQLITE_PROTOCOL"}
+
+
+def sqlite_outage(exc: BaseException) -> bool:
+    """Whether a sqlite3 error is an outage (retry later) rather than a bug."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _SQLITE_OUTAGES
+
+
+def _sqlite_name(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f" [{name}]" if name else ""
 
 
 class StoreRejected(Exception):
@@ -181,13 +209,15 @@ class LedgerStore:
                 self._conn = self._connect()
             except Exception as exc:
                 if self._unavailable(exc):
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}"
+                                           f"{_sqlite_name(exc)}") from exc
+                self._raise_broken(exc)
                 raise
         return self._conn
 
     def _unavailable(self, exc: BaseException) -> bool:
         if self.dialect == "sqlite":
-            return isinstance(exc, sqlite3.OperationalError)
+            return sqlite_outage(exc)
         import psycopg
 
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
@@ -198,6 +228,13 @@ class LedgerStore:
         import psycopg
 
         return isinstance(exc, psycopg.IntegrityError | psycopg.DataError)
+
+    def _raise_broken(self, exc: BaseException) -> None:
+        if self.dialect == "sqlite" and isinstance(exc, sqlite3.OperationalError):
+            raise StoreBroken(
+                f"the SQLite ledger {self._path} refused a statement: {exc}{_sqlite_name(exc)}. "
+                "This is not an outage (retrying cannot help): the schema is damaged or "
+                "the statement is wrong; nothing of the batch was committed") from exc
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -226,9 +263,11 @@ class LedgerStore:
         except Exception as exc:
             if self._unavailable(exc):
                 self.close()
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}"
+                                       f"{_sqlite_name(exc)}") from exc
             if self._rejected(exc):
                 raise StoreRejected(f"{type(exc).__name__}: {exc}") from exc
+            self._raise_broken(exc)
             raise
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
