@@ -156,7 +156,7 @@ def _print_record(ns: argparse.Namespace, r: pb.ExceptionRecord) -> None:
     note = "" if r.changed else " (already recorded: nothing changed)"
     print(f"exception {r.exception_id}: {_STATE_NAMES.get(r.state, '?')}{note}")
     for k, v in exception_fields(r).items():
-        if v and k != "exception_id":
+        if v and k not in ("exception_id", "state"):
             print(f"  {k:17} {v}")
     if r.justification:
         print(f"  {'justification':17} {r.justification}")
