@@ -21,6 +21,7 @@ import pathlib
 import random
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +42,24 @@ from tests.conftest import RedisServer, free_port
 from tests.helpers import budget, write_bundle
 
 PREFIX = "sim"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
 TENANTS = ("acme", "globex", "initech")
 FAULTS = ("pause", "kill_conns", "script_flush", "redis_restart", "sidecar_kill",
-          "writer_kill", "policy_reload")
+          "writer_kill", "policy_reload", "busy")
+# A script that keeps Redis busy for ARGV[1] ms: every call queued behind it runs
+# after the sidecar's store timeout (the script ran, its answer came too late).
+BUSY_LUA = """
+local t0 = redis.call('TIME')
+local start = t0[1] * 1000000 + t0[2]
+repeat
+  local t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000
+return 1
+"""
 
 
 class InvariantViolation(AssertionError):
@@ -59,6 +75,8 @@ class Permit:
     input_tokens: int
     state: str = "held"  # held | settled | voided
     actual: int = -1
+    degraded: bool = False
+    expires_at_ms: int = 0
 
 
 @dataclass
@@ -72,12 +90,14 @@ class Report:
     ledger_events: int = 0
     lost: int = 0
     doubled: int = 0
+    replays: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
         return (f"seed {self.seed}: {self.steps} steps, {sum(self.ops.values())} operations "
                 f"({dict(self.ops)}), {sum(self.faults.values())} faults ({dict(self.faults)}), "
                 f"{self.checks} invariant checks, {self.events} events, "
-                f"{self.ledger_events} in the ledger, lost {self.lost}, doubled {self.doubled}")
+                f"{self.ledger_events} in the ledger, lost {self.lost}, doubled {self.doubled}, "
+                f"replays by permit state {dict(self.replays)}")
 
 
 def bundles(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -168,15 +188,26 @@ class Simulation:
             req, first_pid = self.requests[self.rng.choice(list(self.requests))]
         else:
             req, first_pid = self._new_request(), ""
+        before = self.permits.get(first_pid)
+        state = ""
+        if before is not None:
+            state = before.state
+            if state == "held" and before.expires_at_ms and before.expires_at_ms <= _now_ms():
+                state = "expired"
+            self.report.replays[state] += 1
         try:
             out = await eng.authorize(req)
         except InvalidRequest as exc:
             raise InvariantViolation(f"valid request rejected: {exc}") from exc
+        if before is not None and out.permit_id == first_pid and state != "held" and \
+                out.decision is not DecisionKind.DENY:
+            raise InvariantViolation(
+                f"replay of {req.request_id} rode on permit {first_pid} in state {state}")
         if out.decision is DecisionKind.DENY or out.degraded:
             if out.degraded and out.decision is not DecisionKind.DENY:
                 self.permits[out.permit_id] = Permit(out.permit_id, req.tenant, 0,
                                                      out.max_output_tokens,
-                                                     req.estimated_input_tokens)
+                                                     req.estimated_input_tokens, degraded=True)
             return
         if first_pid and out.replayed and out.permit_id != first_pid:
             raise InvariantViolation(f"retry of {req.request_id} got a second permit")
@@ -184,8 +215,10 @@ class Simulation:
             self.permits[out.permit_id] = Permit(out.permit_id, req.tenant,
                                                  out.estimated_cost_micros,
                                                  out.max_output_tokens,
-                                                 req.estimated_input_tokens)
-        self.requests.setdefault(req.request_id, (req, out.permit_id))
+                                                 req.estimated_input_tokens,
+                                                 expires_at_ms=out.expires_at_ms)
+        if not out.replayed:
+            self.requests[req.request_id] = (req, out.permit_id)
 
     def _usage(self, p: Permit) -> TokenUsage:
         # Never more than was authorized, so actual <= held for a held permit.
@@ -200,7 +233,7 @@ class Simulation:
         if done and (not open_ or self.rng.random() < 0.25):
             p = self.rng.choice(done)
             res = await eng.closeout(p.pid, self._usage(p), "SUCCEEDED", None)
-            if res.status == "CLOSEOUT_STORE_UNAVAILABLE":
+            if res.status in ("CLOSEOUT_STORE_UNAVAILABLE", "CLOSEOUT_PERMIT_PENDING"):
                 return
             if res.status != "ALREADY_SETTLED" or res.actual_cost_micros != p.actual:
                 raise InvariantViolation(f"closeout retry of {p.pid}: {res}")
@@ -212,9 +245,7 @@ class Simulation:
         if res.status in ("SETTLED", "SETTLED_AFTER_EXPIRY", "SETTLED_AFTER_VOID",
                           "ALREADY_SETTLED"):
             p.state, p.actual = "settled", res.actual_cost_micros
-        elif res.status == "UNKNOWN_PERMIT" and p.held == 0:
-            pass  # a fail-open permit whose sidecar died before the closeout
-        elif res.status != "CLOSEOUT_STORE_UNAVAILABLE":
+        elif res.status not in ("CLOSEOUT_STORE_UNAVAILABLE", "CLOSEOUT_PERMIT_PENDING"):
             raise InvariantViolation(f"closeout of {p.pid}: {res.status}")
 
     async def op_void(self) -> None:
@@ -258,6 +289,17 @@ class Simulation:
                 self.engines[i] = self._engine(i)  # the old one is simply gone
             elif kind == "writer_kill":
                 self._new_writer()
+            elif kind == "busy":
+                # Redis busy past the store timeout while this sidecar decides: the
+                # hold script runs late; the answer must still agree with Redis.
+                blocker = self._sync()
+                task = asyncio.get_running_loop().run_in_executor(
+                    None, lambda: blocker.eval(BUSY_LUA, 0, 150))
+                await asyncio.sleep(0.02)
+                for _ in range(self.rng.randrange(1, 4)):
+                    await self.op_authorize(retry=self.rng.random() < 0.3)
+                await task
+                blocker.close()
             elif kind == "policy_reload":
                 self.bundle = self.v2 if self.bundle == self.v1 else self.v1
                 snap = load_bundle(self.bundle)
@@ -354,6 +396,9 @@ class Simulation:
                         ok = v.status != "VOID_STORE_UNAVAILABLE"
                     if ok:
                         break
+        for eng in self.engines:
+            await eng.flush_outbox()
+        self.check_no_unanswered_hold()
         await self.op_sweep(far=True)
         for eng in self.engines:
             await eng.flush_outbox()
@@ -362,6 +407,21 @@ class Simulation:
         self.check_budgets()
         self._drain_writer()
         self.check_terminal_and_ledger()
+
+    def check_no_unanswered_hold(self) -> None:
+        """No hold without an ALLOW answer: once every outbox is replayed, each permit
+        record still holding was handed out by some answer."""
+        r = self._sync()
+        try:
+            for raw in r.scan_iter(match=f"{PREFIX}:{{pdp}}:permit:*"):
+                if r.hget(raw, "state") != b"held":
+                    continue
+                pid = raw.decode().rsplit(":", 1)[1]
+                if pid not in self.permits:
+                    raise InvariantViolation(f"{pid} holds but no answer gave it out")
+        finally:
+            r.close()
+        self.report.checks += 1
 
     def check_terminal_and_ledger(self) -> None:
         r = self._sync()
@@ -383,10 +443,15 @@ class Simulation:
             releases: Counter[str] = Counter()
             held: set[str] = set()
             settled_total = 0
+            decisions: Counter[str] = Counter()
             for _, f in entries:
                 etype = f[b"type"].decode()
                 pid = f[b"pid"].decode()
                 res = json.loads(f[b"res"])
+                if etype == "decision":
+                    decisions[pid] += 1
+                    if decisions[pid] > 1:
+                        raise InvariantViolation(f"{pid} has {decisions[pid]} decisions")
                 if etype == "decision" and res.get("d") in ("ALLOW", "CONSTRAIN") and \
                         not res.get("degraded"):
                     held.add(pid)
