@@ -91,6 +91,7 @@ def run_reconcile(ns: argparse.Namespace) -> int:
     from keel_pdp.reconcile.period import Period
     from keel_pdp.reconcile.prices import load_prices
     from keel_pdp.reconcile.report import BLOCKED, build_report
+    from keel_pdp.reconcile.units import check_units
     from keel_pdp.reconcile.variance import ledger_window_ms, reconcile
 
     try:
@@ -114,6 +115,7 @@ def run_reconcile(ns: argparse.Namespace) -> int:
         low, high = ledger_window_ms(period, mapping, ns.ledger_clock)
         pad_ms = max(ns.skew_hours * 3_600_000, period.start_ms - low, high - period.end_ms)
         internal = source.lines_for_month(period, pad_ms)
+        check_units(imported.provider, imported.lines, internal, period)
         rec = reconcile(period, imported.provider, imported.lines, internal, mapping, prices,
                         ns.skew_hours, ns.ledger_clock)
         report = build_report(rec, mapping, ns.tolerance_pct)

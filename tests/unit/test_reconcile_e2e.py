@@ -105,3 +105,31 @@ def test_an_unexplained_gap_above_tolerance_blocks_posting(
         assert main(["signoff", "--dir", str(folder), "--role", role, "--name", name]) == 0
     assert not (folder / "posted.json").exists()
     assert "not posted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("provider", "factor", "likely"), [
+    ("anthropic", 100, "cents read as dollars"),
+    ("openai", 100, "cents read as dollars"),
+    ("openai", "0.01", "dollars read as cents"),
+])
+def test_amounts_in_the_wrong_unit_stop_with_exit_2(
+        small: tuple[pathlib.Path, dict[str, Any]], tmp_path: pathlib.Path,
+        capsys: pytest.CaptureFixture[str], provider: str, factor: Any, likely: str) -> None:
+    from decimal import Decimal
+
+    month, answer = small
+    name = answer["providers"][provider]["exports"][0]
+    doc = json.loads((month / name).read_text(), parse_float=Decimal)
+    for page in doc:
+        for bucket in page["data"]:
+            for r in bucket["results"]:
+                if provider == "anthropic":
+                    r["amount"] = f"{Decimal(r['amount']) * Decimal(factor)}"
+                else:
+                    r["amount"]["value"] = f"@@{r['amount']['value'] * Decimal(factor)}@@"
+    (month / name).write_text(json.dumps(doc).replace('"@@', "").replace('@@"', ""))
+    out = tmp_path / "out"
+    assert main(reconcile_args(month, answer, provider, out)) == 2
+    err = capsys.readouterr().err
+    assert name in err and likely in err and "nothing was written" in err
+    assert not out.exists() or not any(out.rglob("memo.json"))
