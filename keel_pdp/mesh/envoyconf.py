@@ -31,7 +31,8 @@ CLOSEOUT_FILTER = "keel.closeout"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 # Credentials for the provider never need to reach the sidecar.
-SECRET_HEADERS = ("authorization", "x-api-key", "api-key", "cookie")
+SECRET_HEADERS = ("authorization", "x-api-key", "api-key", "cookie", "x-goog-api-key",
+                  "x-amz-security-token")
 
 
 @dataclass(frozen=True)

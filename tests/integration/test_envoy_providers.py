@@ -1,0 +1,260 @@
+"""Provider coverage through a real Envoy: Azure OpenAI, OpenAI embeddings, Gemini API,
+Vertex AI and Bedrock Runtime (issue 17).
+
+Each test names what it provokes: an allowed call settled at the exact cost
+from the provider's own usage (JSON, SSE, a JSON-array stream, AWS event-stream
+frames split across chunks), an over-budget call refused before the upstream
+sees it, a constrained call whose body reaches the upstream with the reduced
+cap (or, for a SigV4-signed Bedrock body Envoy does not re-sign, refused), a
+broken stream or a corrupt frame settled by the documented rule, and an
+unknown endpoint on a provider host refused as NOT_METERED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from keel_pdp.mesh.config import MeshConfig
+from keel_pdp.mesh.request import Api, estimate_input_tokens
+from keel_pdp.policy.loader import load_bundle
+from keel_pdp.pricing import PICO_PER_MICRO, TokenUsage, usage_cost_micros
+from tests.conftest import RedisServer
+from tests.integration.envoy_fixture import (
+    MESH_POLICIES,
+    MeshStack,
+    events,
+    mesh_stack,
+    permit_state,
+    redis_client,
+    window_figures,
+)
+
+SNAPSHOT = load_bundle(MESH_POLICIES)
+BEDROCK_MODEL = "anthropic.claude-sonnet-4-5-v1:0"
+GEMINI = "/v1beta/models/gemini-2.5-flash"
+VERTEX = "/v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pro"
+
+
+@pytest.fixture(scope="module")
+def mesh(redis_server: RedisServer) -> Iterator[MeshStack]:
+    cfg = MeshConfig(unmetered_routes=(("*", "/healthz"),),
+                     azure_deployments=(("chat-prod", "gpt-4.1-mini"),
+                                        ("embed", "text-embedding-3-small")))
+    yield from mesh_stack(redis_server, "split", cfg=cfg)
+
+
+@pytest.fixture
+def rdb(redis_url: str, redis_server: RedisServer) -> Iterator[redis.Redis]:
+    yield from redis_client(redis_server)
+
+
+def cost(provider: str, model: str, usage: TokenUsage) -> int:
+    mp = SNAPSHOT.price_for(provider, model)
+    assert mp is not None, (provider, model)
+    return usage_cost_micros(mp.price, usage)
+
+
+def settled(r: redis.Redis, pid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    permit_state(r, pid)
+    (ev,) = events(r, pid, "settlement")
+    return ev["data"], ev["res"]
+
+
+def as_usage(d: dict[str, int]) -> TokenUsage:
+    return TokenUsage(d["in"], d["cached"], d["cw"], d["out"], d["rsn"])
+
+
+def gemini_body(**gen: Any) -> dict[str, Any]:
+    return {"contents": [{"role": "user", "parts": [{"text": "What is a permit?"}]}],
+            "systemInstruction": {"parts": [{"text": "Be brief."}]},
+            "generationConfig": {"maxOutputTokens": 200, **gen}}
+
+
+def converse_body(max_tokens: int = 200) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [{"text": "What is a hold?"}]}],
+            "system": [{"text": "Be brief."}], "inferenceConfig": {"maxTokens": max_tokens}}
+
+
+def invoke_body(max_tokens: int = 200) -> dict[str, Any]:
+    return {"anthropic_version": "bedrock-2023-05-31", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "What is a hold?"}]}
+
+
+# --------------------------------------------------------------- embeddings, Azure
+def test_openai_embeddings_settle_input_only_and_are_never_rewritten(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    body = {"model": "text-embedding-3-small", "input": ["hello world", "a second text"]}
+    reply = mesh.call("/v1/embeddings", body)
+    assert reply.status == 200, reply.body
+    call = mesh.upstream_calls()[-1]
+    assert "x-keel-enforce-max-tokens" not in call["keel"]
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    inp = -(-len("hello world") // 4) + -(-len("a second text") // 4)
+    assert estimate_input_tokens(Api.EMBEDDINGS, body) == inp
+    assert data["usage"] == {"in": inp, "cached": 0, "cw": 0, "out": 0, "rsn": 0}
+    assert res["act"] == cost("openai", "text-embedding-3-small", TokenUsage(inp, 0, 0, 0, 0))
+
+
+def test_azure_deployment_names_the_model_and_settles_at_azure_prices(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    body = {"messages": [{"role": "user", "content": "Summarise."}], "max_tokens": 100}
+    reply = mesh.call("/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+                      body, headers={"api-key": "azure-secret", "x-mock-cached-tokens": "3"})
+    assert reply.status == 200, reply.body
+    call = mesh.upstream_calls()[-1]
+    assert call["keel"]["x-keel-model"] == "gpt-4.1-mini"
+    assert call["keel"]["x-keel-provider"] == "azure"
+    assert call["headers"]["api-key"] == "azure-secret"  # reaches the provider untouched
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    inp = estimate_input_tokens(Api.CHAT, body)
+    assert data["usage"] == {"in": inp, "cached": 3, "cw": 0, "out": 24, "rsn": 0}
+    assert res["act"] == cost("azure", "gpt-4.1-mini", TokenUsage(inp, 3, 0, 24, 0))
+    assert window_figures(rdb, "tenant-daily") == (res["act"], 0)
+
+
+def test_azure_embeddings_and_streamed_chat(mesh: MeshStack, rdb: redis.Redis) -> None:
+    reply = mesh.call("/openai/deployments/embed/embeddings?api-version=2024-10-21",
+                      {"input": [[1, 2, 3, 4, 5], [6, 7]]})
+    assert reply.status == 200, reply.body
+    data, _ = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"]["in"] == 7  # token arrays are counted, not measured
+    reply = mesh.call("/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+                      {"messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                       "stream_options": {"include_usage": True}},
+                      headers={"x-mock-input-tokens": "50", "x-mock-split": "9"})
+    assert reply.status == 200
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"] == {"in": 50, "cached": 0, "cw": 0, "out": 24, "rsn": 0}
+    assert res["act"] == cost("azure", "gpt-4.1-mini", TokenUsage(50, 0, 0, 24, 0))
+
+
+# ---------------------------------------------------------------- Gemini, Vertex
+@pytest.mark.parametrize("suffix", [":generateContent?key=K",
+                                    ":streamGenerateContent?alt=sse&key=K",
+                                    ":streamGenerateContent?key=K"],
+                         ids=["json", "sse", "json-array"])
+def test_gemini_settles_from_usage_metadata_with_thoughts_and_cache(
+        mesh: MeshStack, rdb: redis.Redis, suffix: str) -> None:
+    reply = mesh.call(GEMINI + suffix, gemini_body(), headers={
+        "x-mock-input-tokens": "900", "x-mock-cached-tokens": "600",
+        "x-mock-reasoning-tokens": "10", "x-mock-split": "11"})
+    assert reply.status == 200, reply.body
+    call = mesh.upstream_calls()[-1]
+    assert call["keel"]["x-keel-provider"] == "gemini"
+    assert call["keel"]["x-keel-model"] == "gemini-2.5-flash"
+    assert call["caps"] == {"generationConfig.maxOutputTokens": 200}
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"] == {"in": 900, "cached": 600, "cw": 0, "out": 24, "rsn": 10}
+    assert res["act"] == cost("gemini", "gemini-2.5-flash", TokenUsage(900, 600, 0, 24, 10))
+    assert data["outcome"] == "SUCCEEDED"
+
+
+def test_vertex_stream_is_priced_at_the_long_context_tier(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    body = gemini_body()
+    body["contents"][0]["parts"][0]["text"] = "word " * 200_000  # about 250k tokens
+    inp = estimate_input_tokens(Api.GENERATE_CONTENT, body)
+    assert inp > 200_000
+    reply = mesh.call(VERTEX + ":streamGenerateContent?alt=sse", body,
+                      headers={"x-mock-split": "5"})
+    assert reply.status == 200, reply.body
+    assert mesh.upstream_calls()[-1]["keel"]["x-keel-provider"] == "vertex"
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"]["in"] == inp
+    # Above 200k input tokens the whole request is priced at the tier's rates.
+    assert res["act"] == -(-(inp * 2_500_000 + 24 * 15_000_000) // PICO_PER_MICRO)
+    assert res["act"] > cost("vertex", "gemini-2.5-pro", TokenUsage(inp, 0, 0, 24, 0))  # base
+
+
+def test_gemini_constrained_call_reaches_upstream_with_the_reduced_cap(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    body = gemini_body(maxOutputTokens=1000)
+    reply = mesh.call(GEMINI + ":generateContent", body, tenant="tight")
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-keel-decision"] == "CONSTRAIN"
+    k = int(mesh.upstream_calls()[-1]["keel"]["x-keel-max-tokens"])
+    assert 16 <= k < 1000
+    assert mesh.upstream_calls()[-1]["caps"] == {"generationConfig.maxOutputTokens": k}
+
+
+def test_gemini_over_budget_is_refused_before_the_upstream(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    before = len(mesh.upstream_calls())
+    reply = mesh.call(GEMINI + ":generateContent", gemini_body(), tenant="broke")
+    assert reply.status == 429
+    assert reply.json()["error"]["code"] == "BUDGET_EXHAUSTED"
+    assert len(mesh.upstream_calls()) == before
+
+
+def test_gemini_stream_broken_half_way_keeps_the_reported_prompt(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    reply = mesh.call(GEMINI + ":streamGenerateContent?alt=sse", gemini_body(),
+                      headers={"x-mock-mode": "break", "x-mock-input-tokens": "777"})
+    data, _ = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["outcome"] == "PARTIAL"
+    assert data["usage"]["in"] == 777  # from the usageMetadata seen so far
+    assert 0 < data["usage"]["out"] < 24
+
+
+# ----------------------------------------------------------------------- Bedrock
+@pytest.mark.parametrize(("op", "body"), [
+    ("converse", converse_body()), ("converse-stream", converse_body()),
+    ("invoke", invoke_body()), ("invoke-with-response-stream", invoke_body())])
+def test_bedrock_settles_from_its_usage_frames_split_across_chunks(
+        mesh: MeshStack, rdb: redis.Redis, op: str, body: dict[str, Any]) -> None:
+    reply = mesh.call(f"/model/{BEDROCK_MODEL}/{op}", body, headers={
+        "authorization": "AWS4-HMAC-SHA256 Credential=x", "x-mock-input-tokens": "1000",
+        "x-mock-cached-tokens": "300", "x-mock-cache-write-tokens": "100",
+        "x-mock-split": "13"})
+    assert reply.status == 200, reply.body
+    call = mesh.upstream_calls()[-1]
+    assert call["keel"]["x-keel-provider"] == "bedrock"
+    assert call["keel"]["x-keel-model"] == BEDROCK_MODEL
+    assert call["headers"]["authorization"].startswith("AWS4-HMAC-SHA256")
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"] == {"in": 1000, "cached": 300, "cw": 100, "out": 24, "rsn": 0}
+    assert res["act"] == cost("bedrock", BEDROCK_MODEL, TokenUsage(1000, 300, 100, 24, 0))
+    assert data["outcome"] == "SUCCEEDED"
+
+
+def test_bedrock_frame_with_a_bad_crc_is_not_trusted(mesh: MeshStack, rdb: redis.Redis) -> None:
+    reply = mesh.call(f"/model/{BEDROCK_MODEL}/converse-stream", converse_body(),
+                      headers={"x-mock-bad-crc": "1", "x-mock-input-tokens": "1000"})
+    assert reply.status == 200
+    data, _ = settled(rdb, reply.headers["x-keel-permit-id"])
+    # Nothing after the corrupt frame is read: no usage, estimated, flagged FAILED.
+    assert data["outcome"] == "FAILED"
+    assert data["usage"]["in"] == estimate_input_tokens(Api.CONVERSE, converse_body())
+
+
+def test_bedrock_constrain_without_resigning_is_refused_and_the_hold_released(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    before = len(mesh.upstream_calls())
+    reply = mesh.call(f"/model/{BEDROCK_MODEL}/converse", converse_body(1000), tenant="tight")
+    assert reply.status == 403, reply.body
+    err = reply.json()["error"]
+    assert err["code"] == "SIGNED_BODY_NOT_REWRITABLE"
+    assert "KEEL_MESH_RESIGN_SIGNED" in err["message"]
+    assert len(mesh.upstream_calls()) == before
+    assert permit_state(rdb, reply.headers["x-keel-permit-id"])["state"] == "voided"
+    assert window_figures(rdb, "tight-hourly") == (0, 0)
+
+
+# -------------------------------------------------------------------- not metered
+@pytest.mark.parametrize(("host", "path"), [
+    ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.5-pro:countTokens"),
+    ("us-central1-aiplatform.googleapis.com", VERTEX + ":predict"),
+    ("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/async-invoke"),
+    ("my.openai.azure.com", "/openai/deployments/d/audio/speech"),
+    ("api.openai.com", "/v1/images/generations")])
+def test_unknown_endpoint_on_a_provider_host_is_refused(
+        mesh: MeshStack, rdb: redis.Redis, host: str, path: str) -> None:
+    before = len(mesh.upstream_calls())
+    reply = mesh.call(path, {"x": 1}, headers={"host": host})
+    assert reply.status == 403, reply.body
+    assert reply.json()["error"]["code"] == "NOT_METERED"
+    assert len(mesh.upstream_calls()) == before
