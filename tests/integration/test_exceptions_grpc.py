@@ -281,3 +281,11 @@ async def test_mtls_identities_decide_as_themselves_in_their_bound_roles(
         async with channel(port, "app") as ch:
             after = await pb_grpc.PolicyDecisionPointStub(ch).Authorize(authorize("after"))
             assert after.decision == pb.ALLOW
+        # The CLI over mutual TLS: the bound identity, no token.
+        tls = ("--target", f"127.0.0.1:{port}", "--tls-ca", str(d / "ca.pem"))
+        rc, out = await cli("exception", "list", *tls, "--tls-cert", str(d / "fin.pem"),
+                            "--tls-key", str(d / "fin.key"))
+        assert rc == 0 and asked.exception_id in out and "fin-bot" in out
+        rc, out = await cli("exception", "list", *tls, "--tls-cert", str(d / "app.pem"),
+                            "--tls-key", str(d / "app.key"))
+        assert rc == 1 and "UNAUTHENTICATED" in out
