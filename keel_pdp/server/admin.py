@@ -109,6 +109,26 @@ class AdminServicer(pb_grpc.AdminServicer):
                                 "missing or wrong admin token (authorization: Bearer <token>)")
         return Caller()
 
+    @staticmethod
+    async def _acting_as(caller: Caller, approver: str, role: str,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+        """The approver and role a decision is taken as: a client identity acts
+        as itself, and only in the roles it is bound to (if any)."""
+        if not caller.identity:
+            return approver, role
+        if approver and approver != caller.identity:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"client {caller.identity} decides as itself, not as {approver}")
+        if caller.roles is not None:
+            if not role and len(caller.roles) == 1:
+                role = next(iter(caller.roles))
+            if role not in caller.roles:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"client {caller.identity} holds role(s) {', '.join(sorted(caller.roles))}, "
+                    f"not {role or '(none given)'!r}")
+        return caller.identity, role
+
     async def _snapshot(self, context: grpc.aio.ServicerContext[Any, Any]) -> PolicySnapshot:
         snapshot = self.engine.policies.current
         if snapshot is None:
@@ -119,16 +139,18 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def GrantException(
         self, request: pb.GrantExceptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GrantExceptionResponse:
-        await self._authorize(context)
+        caller = await self._authorize(context)
         snapshot = self.engine.policies.current
         if snapshot is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no policy loaded")
         assert snapshot is not None
+        approver, role = await self._acting_as(caller, request.approver, request.approver_role,
+                                               context)
         g = grants.GrantRequest(
             exception_path=request.exception_path, budget_id=request.budget_id,
             scope=tuple(sorted(request.scope.items())), amount_micros=request.amount_micros,
-            duration_seconds=request.duration_seconds, approver=request.approver,
-            approver_role=request.approver_role, justification=request.justification,
+            duration_seconds=request.duration_seconds, approver=approver,
+            approver_role=role, justification=request.justification,
             grant_id=request.grant_id)
         try:
             res = await grants.record(self.engine.store, snapshot, g)
@@ -202,21 +224,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                       context: grpc.aio.ServicerContext[Any, Any]) -> pb.ExceptionRecord:
         caller = await self._authorize(context)
         snapshot = await self._snapshot(context)
-        approver, role = request.approver, request.approver_role
-        if caller.identity:
-            if approver and approver != caller.identity:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"client {caller.identity} decides as itself, not as "
-                                    f"{approver}")
-            approver = caller.identity
-            if caller.roles is not None:
-                if not role and len(caller.roles) == 1:
-                    role = next(iter(caller.roles))
-                if role not in caller.roles:
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"client {caller.identity} holds role(s) "
-                        f"{', '.join(sorted(caller.roles))}, not {role or '(none given)'!r}")
+        approver, role = await self._acting_as(caller, request.approver, request.approver_role,
+                                               context)
         view: wf.ExceptionView = await self._run(context, self.desk.decide(
             snapshot, request.exception_id, action, approver, role, request.note))
         return exception_record(view)

@@ -267,6 +267,13 @@ async def test_mtls_identities_decide_as_themselves_in_their_bound_roles(
             code, text = await code_of(pb_grpc.AdminStub(ch).ApproveException(decide))
             assert code == grpc.StatusCode.PERMISSION_DENIED
             assert "decided by role 'finance-owner', not 'platform-lead'" in text
+            # Nor can it grant directly by naming the finance role.
+            code, text = await code_of(pb_grpc.AdminStub(ch).GrantException(
+                pb.GrantExceptionRequest(
+                    exception_path="finance-overage", budget_id="acme",
+                    amount_micros=HOLD_MICROS, duration_seconds=600, approver_role="finance-owner",
+                    justification="Nightly batch ran long")))
+            assert code == grpc.StatusCode.PERMISSION_DENIED and "holds role(s)" in text
         async with channel(port, "fin") as ch:
             admin = pb_grpc.AdminStub(ch)
             code, text = await code_of(admin.ApproveException(pb.DecideExceptionRequest(
