@@ -340,3 +340,30 @@ def test_identities_bind_roles() -> None:
                             " ops = ", "=orphan", "both=finance-owner", "both"))
     assert got == {"fin-bot": frozenset({"finance-owner", "platform-lead"}), "ops": None,
                    "both": None}
+
+
+async def test_an_unreachable_store_is_a_clear_error_and_records_nothing(
+        engine: Engine) -> None:
+    from keel_pdp.budget.keys import KeySpace
+    from keel_pdp.budget.status import StatusReader
+    from keel_pdp.budget.store import BudgetStore, StoreUnavailable
+    from tests.conftest import free_port
+
+    pid = await denial(engine)
+    down = BudgetStore.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix="t",
+                                timeout_s=0.2)
+    assert isinstance(down.keys, KeySpace)
+    desk = ExceptionDesk(down, timeout_s=0.5)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await desk.request(snap(engine), asking(pid))
+        with pytest.raises(StoreUnavailable):
+            await desk.decide(snap(engine), "exc_000000000000000000000000", "approve", "dana",
+                              "finance-owner")
+        with pytest.raises(StoreUnavailable):
+            await desk.list()
+        with pytest.raises(StoreUnavailable):
+            await StatusReader(down, timeout_s=0.5).status(snap(engine))
+    finally:
+        await down.close()
+    assert [t for t, _, _, _ in await stream(engine)].count("exception") == 0
