@@ -394,6 +394,21 @@ class LedgerStore:
                           [_budget_values(b) for b in budgets])
         return new
 
+    def import_entries(self, rows: Sequence[EntryRow], at_ms: int | None = None) -> int:
+        """Append entries built from an imported usage export (``ledger import``):
+        no stream event behind them, so only the entries are written, booked like
+        any other (a closed period's rows go to the next open one). Idempotent on
+        (event id, seq) and on (permit, kind): a re-import books nothing. Returns
+        how many entries were new."""
+        if not rows:
+            return 0
+        at = now_ms() if at_ms is None else at_ms
+        with self.tx() as tx:
+            targets = self.book_targets(tx, {r.belongs_to for r in rows}, at)
+            return tx.insert_new("ledger_entries", _ENTRY_COLUMNS,
+                                 [_entry_values(r, r.dims, targets[r.belongs_to], at)
+                                  for r in rows])
+
     def manual_adjustment(self, *, key: str, belongs_to: str, amount_micros: int, tenant: str,
                           workload: str = "", model: str = "", provider: str = "",
                           reason: str, actor: str, at_ms: int | None = None) -> tuple[int, str]:
