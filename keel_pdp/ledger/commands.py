@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import signal
 import sys
 import uuid
@@ -52,6 +53,19 @@ def register(sub: Any) -> None:
     p.add_argument("--no-trim", action="store_true", help="never trim the stream")
     p.add_argument("--log-level", default=os.environ.get("KEEL_LOG_LEVEL", "INFO"))
     p.set_defaults(func=cmd_ledger)
+    lsub = p.add_subparsers(dest="ledger_command", required=False)
+    li = lsub.add_parser(
+        "import", help="load an internal usage export into the ledger store (append-only "
+                       "entries marked imported)",
+        description="Load an internal usage export (CSV or JSON lines, the columns "
+                    "`keel-pdp reconcile --internal` reads) into the ledger store, so months "
+                    "that predate the sidecar reconcile through --store. Idempotent by "
+                    "permit id; a bad row stops the import with nothing booked (exit 2).")
+    add_store(li)
+    li.add_argument("file", type=pathlib.Path, help="internal usage export")
+    li.add_argument("--internal-tz", default="UTC", metavar="ZONE",
+                    help="time zone of timestamps written without an offset")
+    li.set_defaults(func=cmd_ledger_import)
 
     pp = sub.add_parser("period", help="accounting periods: status, close, adjust")
     psub = pp.add_subparsers(dest="period_command", required=True)
@@ -138,6 +152,27 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
     finally:
         store.close()
         client.close()
+
+
+def cmd_ledger_import(ns: argparse.Namespace) -> int:
+    from keel_pdp.reconcile.errors import ReconcileError
+    from keel_pdp.reconcile.ledger_import import import_file
+
+    if not ns.store:
+        print("error: --store is required (or set KEEL_LEDGER_STORE)", file=sys.stderr)
+        return 2
+    try:
+        total, new = import_file(ns.store, ns.file, ns.internal_tz)
+    except ReconcileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("nothing was imported", file=sys.stderr)
+        return 2
+    except (StoreError, StoreUnavailable, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {new} of {total} request(s) from {ns.file.name} "
+          f"({total - new} already in the ledger)")
+    return 0
 
 
 # --------------------------------------------------------------------- periods

@@ -189,9 +189,12 @@ class FileInternalSource:
         return f"internal usage export {self.path.name}"
 
     def lines_for_month(self, period: Period, pad_ms: int = 0) -> list[InternalUsageLine]:
+        return [ln for ln in self.all_lines() if in_window(ln, period, pad_ms)]
+
+    def all_lines(self) -> list[InternalUsageLine]:
         if self._lines is None:
             self._lines = self._load()
-        return [ln for ln in self._lines if in_window(ln, period, pad_ms)]
+        return self._lines
 
     def _load(self) -> list[InternalUsageLine]:
         text = read_text(self.path)
@@ -326,23 +329,28 @@ def write_export(lines: list[InternalUsageLine], path: pathlib.Path) -> None:
 _SETTLEMENTS_SQL = (
     "SELECT s.permit_id, s.ts_ms, s.tenant, s.workload, s.provider, s.model, "
     "s.input_tokens, s.cached_input_tokens, s.cache_write_tokens, s.output_tokens, "
-    "s.reasoning_tokens, s.actual_micros, s.reason, p.price_input_pico, "
+    "s.reasoning_tokens, s.actual_micros, s.reason, s.detail, p.price_input_pico, "
     "p.price_cached_input_pico, p.price_cache_write_pico, p.price_output_pico "
     "FROM ledger_entries s LEFT JOIN ledger_entries p "
     "ON p.permit_id = s.permit_id AND p.kind = 'permit' "
     "WHERE s.kind = 'settlement' AND s.ts_ms >= ? AND s.ts_ms < ? "
     "ORDER BY s.ts_ms, s.permit_id"
 )
-_OK_OUTCOMES = ("", "succeeded", "outcome_unspecified")
+_OK_OUTCOMES = ("", "ok", "succeeded", "outcome_unspecified")
 
 
 def _ledger_line(row: tuple[Any, ...]) -> InternalUsageLine:
     (pid, ts, tenant, workload, provider, model, tin, tcached, twrite, tout, trsn, actual,
-     outcome, *price) = row
+     outcome, raw_detail, *price) = row
     tokens = {INPUT: int(tin) - int(tcached) - int(twrite), CACHED_INPUT: int(tcached),
               CACHE_WRITE: int(twrite), OUTPUT: int(tout)}
     per_type: dict[str, int] | None = None
-    if all(p is not None for p in price):
+    detail = _detail(raw_detail)
+    costs = detail.get("costs")
+    if isinstance(costs, dict) and all(isinstance(costs.get(t), int) for t in tokens):
+        # An imported row carries the per-type costs its export had.
+        per_type = {t: int(costs[t]) for t in tokens}
+    elif all(p is not None for p in price):
         rates = dict(zip((INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT),
                          (int(p) for p in price), strict=True))
         types = list(tokens)
@@ -360,7 +368,19 @@ def _ledger_line(row: tuple[Any, ...]) -> InternalUsageLine:
         cache_write_cost_micros=per_type[CACHE_WRITE] if per_type else None,
         output_cost_micros=per_type[OUTPUT] if per_type else None,
         permit_id=str(pid), status="ok" if status in _OK_OUTCOMES else status,
+        account=str(detail.get("account") or ""), api_key=str(detail.get("api_key") or ""),
+        error_type=str(detail.get("error_type") or ""),
     )
+
+
+def _detail(raw: Any) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def from_ledger(store_url: str, period: Period, pad_ms: int = 0) -> list[InternalUsageLine]:
