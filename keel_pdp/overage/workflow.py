@@ -93,6 +93,7 @@ class ExceptionView:
     grant_id: str = ""
     grant_expires_at_ms: int = 0
     changed: bool = True
+    split: tuple[str, ...] = ()  # the scope's values in the budget's per-dimension order
 
 
 def _lua(name: str) -> str:
@@ -312,20 +313,16 @@ class ExceptionDesk:
                 "approver": approver, "role": approver_role, "why": view.justification,
                 "rev": snapshot.policy_revision, "exc": exc_id,
                 "denial": view.denial_permit_id})
-        split = tuple(v for _, v in view.scope)
+        split = view.split  # in the budget's per-dimension order, as requested
         dec = {"by": approver, "role": approver_role, "note": note, "at": now}
         if action == "approve":
             dec.update({"grant": gid, "gexp": expires})
         event = _dumps({"v": 1, "exc": exc_id, "budget": view.budget_id,
                         "split": list(split), "path": view.exception_path, **dec,
                         "rev": snapshot.policy_revision})
-        budget = snapshot.budget(view.budget_id)
-        order = [DIMENSION_NAMES[i] for i in budget.per] if budget else []
-        given = dict(view.scope)
-        key_split = tuple(given[d] for d in order) if order else split
         out = await self._script(
             self._decide,
-            [self.record_key(exc_id), self.keys.grants(view.budget_id, key_split),
+            [self.record_key(exc_id), self.keys.grants(view.budget_id, split),
              self.keys.stream],
             [action, now, _dumps(dec), gid, view.amount_micros, expires,
              view.denial_permit_id, event, grant_data, exc_id])
@@ -413,4 +410,5 @@ def _view(raw: dict[Any, Any], now: int) -> ExceptionView | None:
         policy_revision=rec.get("rev", ""), denial_seen=bool(rec.get("seen")),
         decided_by=str(dec.get("by", "")), decided_role=str(dec.get("role", "")),
         decided_at_ms=int(dec.get("at", 0)), decision_note=str(dec.get("note", "")),
-        grant_id=str(dec.get("grant", "")), grant_expires_at_ms=int(dec.get("gexp", 0)))
+        grant_id=str(dec.get("grant", "")), grant_expires_at_ms=int(dec.get("gexp", 0)),
+        split=tuple(str(v) for v in rec.get("split") or ()))

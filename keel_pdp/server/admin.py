@@ -13,7 +13,6 @@ and the role in the call; the ledger records both.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from keel_pdp.decision import InvalidRequest
 from keel_pdp.engine import Engine
 from keel_pdp.overage import workflow as wf
 from keel_pdp.policy.snapshot import PolicySnapshot
+from keel_pdp.server.identity import bearer_token, peer_names, token_matches
 
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -83,10 +83,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def _peer_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
         if not self._identities:
             return None
-        auth = context.auth_context() or {}
-        names = [v.decode() for k in ("x509_common_name", "x509_subject_alternative_name")
-                 for v in auth.get(k, [])]
-        for n in names:
+        for n in peer_names(context):
             if n in self._identities:
                 return Caller(n, self._identities[n])
         return None
@@ -99,12 +96,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         if not expected:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "admin API disabled: no admin token is configured")
-        presented = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                presented = value.removeprefix("Bearer ").strip()
         assert expected is not None
-        if not hmac.compare_digest(presented.encode(), expected.encode()):
+        if not token_matches(bearer_token(context), expected):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong admin token (authorization: Bearer <token>)")
         return Caller()

@@ -367,3 +367,30 @@ async def test_an_unreachable_store_is_a_clear_error_and_records_nothing(
     finally:
         await down.close()
     assert [t for t, _, _, _ in await stream(engine)].count("exception") == 0
+
+
+async def test_a_grant_on_a_two_dimension_counter_reaches_the_hold_script(
+        aio_client: aioredis.Redis, tmp_path: pathlib.Path) -> None:
+    # per lists workload before tenant: the counter's key (and its grants) follow
+    # that order, not the alphabetical one.
+    bundle = write_bundle(
+        tmp_path / "two",
+        [budget("pair", "0.006000", per=["workload", "tenant"],
+                exception_path="finance-overage")],
+        exception_paths=[{"name": "finance-overage", "max_overage_usd": "1.00"}],
+        settings={"allow_constrain": False})
+    engine = make_engine(aio_client, bundle)
+    pid = await denial(engine)
+    desk = ExceptionDesk(engine.store)
+    asked = await desk.request(snap(engine), asking(
+        pid, budget_id="pair", scope=(("tenant", "acme"), ("workload", "chat")),
+        amount_micros=ONE_CALL_MICROS))
+    assert asked.split == ("chat", "acme")
+    await desk.decide(snap(engine), asked.exception_id, "approve", "dana", "finance-owner")
+    assert (await engine.authorize(call("granted"))).decision is DecisionKind.ALLOW
+    assert (await engine.authorize(call("spent"))).decision is DecisionKind.DENY
+    # Another workload of the same tenant is a different counter: not raised.
+    other = await engine.authorize(call("other-fill", workload="search"))
+    assert other.decision is DecisionKind.ALLOW
+    assert (await engine.authorize(call("other", workload="search"))).decision is \
+        DecisionKind.DENY
