@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from keel_pdp.settings import ServeSettings, SettingsError, add_serve_arguments, serve_settings
+from keel_pdp.settings import (
+    ServeSettings,
+    SettingsError,
+    add_serve_arguments,
+    redacted_url,
+    serve_settings,
+)
 
 log = logging.getLogger("keel_pdp")
 
@@ -98,7 +104,7 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     await health.set(False)
     if not await store.warm():
         log.warning("budget store %s not reachable yet; decisions follow each budget's "
-                    "fail mode until it is", s.redis_url.split("@")[-1])
+                    "fail mode until it is", redacted_url(s.redis_url))
     holder.reload(force=True)
     if holder.current is None:
         log.error("no valid policy bundle in %s yet: health is NOT_SERVING, every Authorize "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
@@ -64,8 +64,8 @@ class ServeSettings:
     def validate(self) -> ServeSettings:
         scheme = urlsplit(self.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError(
-                f"--redis-url {self.redis_url!r}: scheme must be redis://, rediss:// or unix://")
+            raise SettingsError(f"--redis-url {redacted_url(self.redis_url)!r}: scheme must be "
+                                "redis://, rediss:// or unix://")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise SettingsError(f"--listen {self.listen!r} must be HOST:PORT")
@@ -87,6 +87,30 @@ class ServeSettings:
             raise SettingsError(f"--caller-auth {self.caller_auth!r} must be open, enforce or "
                                 "observe")
         return self
+
+
+# Query parameters whose values are secrets (redis-py and our RESP client read
+# ``password``; the others are there for URLs written for other clients).
+_SECRET_PARAMS = ("pass", "secret", "token", "auth")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` fit for logs and errors: the password of ``user:password@`` and any
+    secret query parameter (``?password=``) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            # A lone userinfo may be a password written without its colon.
+            netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
+        query = "&".join(
+            f"{k}=***" if any(s in k.lower() for s in _SECRET_PARAMS) else f"{k}={v}"
+            for k, v in parse_qsl(parts.query, keep_blank_values=True))
+        return f"{parts.scheme}://{netloc}{parts.path}{'?' if query else ''}{query}"
+    except ValueError:
+        return f"{url.partition(':')[0]}://***"
 
 
 def _env(name: str, default: str) -> str:
