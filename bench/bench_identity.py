@@ -84,6 +84,7 @@ def run(ctx: Context) -> list[Row]:
     lats: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     n_lat = int(RATE * (2.0 if ctx.quick else 5.0))
     refused = 0
+    degraded = dict.fromkeys(modes, 0)
     with ctx.redis("redis-identity") as server:
         for rnd in range(max(1, ctx.rounds - 1)):
             for mode in modes:
@@ -92,8 +93,11 @@ def run(ctx: Context) -> list[Row]:
                     r = Runner(ctx, sc, server, f"id-{mode}-{rnd}")
                     r.floor(n=2000, duration=None)  # warm-up
                     a, _, counts = r.authorize(headers=header)
-                    if set(counts) != {"ALLOW"}:
+                    # A degraded ALLOW is Redis too slow for the store timeout on a busy
+                    # machine; a refusal would be an error (and stop the run).
+                    if any(not k.startswith("ALLOW") for k in counts):
                         raise BenchError(f"identity {mode}: answers {counts}")
+                    degraded[mode] += sum(v for k, v in counts.items() if k != "ALLOW")
                     loads[mode].append(a)
                     bodies = ctx.path(f"id-lat-{mode}-{rnd}.bin")
                     write_bodies(bodies, r.workload.authorize(f"idl{mode}{rnd}", 0, n_lat))
@@ -118,7 +122,7 @@ def run(ctx: Context) -> list[Row]:
     rows.append(Row(SECTION, "Authorize, caller-auth enforce (token identity, 201 bindings)",
                     rps["enforce"], "calls/s", rps["enforce"] / rps["open"], "open",
                     f"per-round ratios {spread(ratios) or ratios}; without a token enforce "
-                    f"refused {refused} of 100 calls"))
+                    f"refused {refused} of 100 calls; degraded ALLOWs (store timeout): {degraded}"))
     rows.append(Row(SECTION, "Authorize event-loop CPU per call, open", cpu["open"], "us"))
     rows.append(Row(SECTION, "Authorize event-loop CPU per call, enforce", cpu["enforce"],
                     "us", cpu["enforce"] / cpu["open"], "open"))

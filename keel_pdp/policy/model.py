@@ -2,7 +2,8 @@
 
 A bundle is a directory of YAML files. Each file holds one document with
 ``apiVersion: keel.pdp/v1`` and a ``kind``: exactly one ``Bundle`` (revision and
-settings), any number of ``PriceTable``, ``Budgets`` and ``Routes``.
+settings), any number of ``PriceTable``, ``Budgets``, ``Routes`` and ``Callers``
+(which identities may name which tenants and workloads: ``keel_pdp.policy.callers``).
 """
 
 from __future__ import annotations
