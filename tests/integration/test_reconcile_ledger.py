@@ -5,6 +5,7 @@ PostgreSQL server (the ledger's store fixture)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import pathlib
 from collections import defaultdict
@@ -134,3 +135,78 @@ def test_a_missing_ledger_database_is_a_clear_error(tmp_path: pathlib.Path,
                                   / "mapping.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "no ledger database at that path" in capsys.readouterr().err
     assert not (tmp_path / "nothing.db").exists()
+
+
+# ------------------------------------------------------------------ a month imported
+
+
+def _cli(argv: list[str]) -> int:
+    from keel_pdp.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def test_an_imported_month_reconciles_through_the_store_to_the_cent(
+        store_url: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.reconcile_month.generate import generate
+    from tests.unit.test_reconcile_e2e import reconcile_args
+
+    month = tmp_path / "in"
+    answer = generate(month, seed=21, requests=20_000)
+    internal = month / answer["internal"]
+    assert _cli(["ledger", "import", "--store", store_url, str(internal)]) == 0
+    assert "imported 20000 of 20000" in capsys.readouterr().out
+    # Importing the same file again books nothing.
+    assert _cli(["ledger", "import", "--store", store_url, str(internal)]) == 0
+    assert "imported 0 of 20000" in capsys.readouterr().out
+    store = LedgerStore(store_url)
+    try:
+        rows = store.query("SELECT kind, caller, COUNT(*), SUM(amount_micros) FROM "
+                           "ledger_entries GROUP BY kind, caller ORDER BY kind")
+    finally:
+        store.close()
+    with internal.open() as fh:
+        booked = sum(int(r["cost_micros"]) for r in csv.DictReader(fh))
+    assert [(k, c, int(n)) for k, c, n, _ in rows] == [("correction", "import", 20_000),
+                                                      ("settlement", "import", 20_000)]
+    assert sum(int(s) for *_, s in rows) == booked  # append-only, every micro once
+    for provider in ("openai", "anthropic"):
+        via_file = reconcile_args(month, answer, provider, tmp_path / "file")
+        assert main(via_file) == 1
+        i = via_file.index("--internal")
+        via_store = [*via_file[:i], "--store", store_url, *via_file[i + 2:]]
+        via_store[via_store.index("--out") + 1] = str(tmp_path / "store")
+        assert main(via_store) == 1
+        memos = [json.loads((tmp_path / d / "2026-01" / provider / "memo.json").read_text())
+                 for d in ("file", "store")]
+        by_file, by_store = ({c["category"]: (c["net_micros"], sorted(c["request_ids"]))
+                              for c in m["categories"]} for m in memos)
+        assert by_store == by_file
+        assert memos[1]["by_account"] == memos[0]["by_account"]
+        expected = answer["providers"][provider]["categories"]
+        for cat, (net, _) in by_store.items():
+            assert abs(net - Decimal(expected[cat])) < 5_000, (provider, cat)
+
+
+def test_a_bad_row_imports_nothing(store_url: str, tmp_path: pathlib.Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.reconcile_month.generate import generate
+
+    month = tmp_path / "in"
+    answer = generate(month, seed=22, requests=300)
+    path = month / answer["internal"]
+    lines = path.read_text().splitlines()
+    cells = lines[5].split(",")
+    cells[5] = "12x"  # input_tokens
+    lines[5] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    assert _cli(["ledger", "import", "--store", store_url, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "internal_usage.csv: row 6: column 'input_tokens'" in err
+    assert "nothing was imported" in err
+    store = LedgerStore(store_url)
+    try:
+        store.migrate()
+        assert store.query("SELECT COUNT(*) FROM ledger_entries")[0][0] == 0
+    finally:
+        store.close()
