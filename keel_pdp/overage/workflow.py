@@ -169,6 +169,10 @@ class ExceptionDesk:
                                  "(the permit_id of the denied Authorize)")
         if not ask.requester.strip():
             raise InvalidRequest("requester is required (who asks for the exception)")
+        if len(ask.requester) > 200:
+            raise InvalidRequest("requester is longer than 200 characters")
+        if len(ask.justification) > 2000:
+            raise InvalidRequest("justification is longer than 2000 characters")
         budget = snapshot.budget(ask.budget_id)
         if budget is None:
             raise InvalidRequest(f"budget_id {ask.budget_id!r} is not a budget of policy "

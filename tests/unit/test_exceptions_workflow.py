@@ -223,6 +223,18 @@ async def test_the_exception_paths_limits_hold_at_request_and_at_approval(
         await desk.request(snap(engine), asking(pid, justification="pls"))
     with pytest.raises(InvalidRequest, match="requester is required"):
         await desk.request(snap(engine), asking(pid, requester=""))
+    with pytest.raises(InvalidRequest, match="requester is longer than 200"):
+        await desk.request(snap(engine), asking(pid, requester="x" * 201))
+    with pytest.raises(InvalidRequest, match="justification is longer than 2000"):
+        await desk.request(snap(engine), asking(pid, justification="why " * 1000))
+    for absurd in (2**62, 10**18):
+        with pytest.raises(InvalidRequest, match="exceeds the maximum overage"):
+            await desk.request(snap(engine), asking(pid, amount_micros=absurd))
+    with pytest.raises(InvalidRequest, match="duration_seconds must be between"):
+        await desk.request(snap(engine), asking(pid, duration_seconds=-1))
+    with pytest.raises(InvalidRequest, match="must not be '\\*'"):
+        await desk.request(snap(engine), asking(pid, budget_id="per-tenant",
+                                                scope=(("tenant", "*"),), amount_micros=1))
     asked = await desk.request(snap(engine), asking(pid, amount_micros=9_000_000))
     # Finance lowers the path's maximum before anyone approves: the approval is
     # checked against the policy in force then.
