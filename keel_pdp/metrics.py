@@ -107,6 +107,13 @@ class Metrics:
             "keel_pdp_budget_gauge_refreshes_total",
             "Refreshes of the budget gauges from the store, by result (ok, error).",
             ["result"], registry=r)
+        # Series that alerts read with rate()/increase() exist from the start, so the
+        # first failure is an increase from 0 rather than a new series (which those
+        # functions cannot see).
+        for result in ("ok", "rejected"):
+            self.policy_loads.labels(result)
+        for script in ("authorize", "closeout", "void"):
+            self.store_errors.labels(script)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and
