@@ -18,12 +18,13 @@ help:
 
 # System packages (Debian): Redis for the budget store and tests, PostgreSQL for
 # the production ledger tests, nghttp2-client (h2load) and a C compiler for the
-# benchmarks' load driver.
+# benchmarks' load driver, prometheus (and its promtool) for the monitoring tests.
 deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	command -v cc >/dev/null || missing="$$missing build-essential"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
