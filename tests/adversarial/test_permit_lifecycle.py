@@ -119,7 +119,7 @@ async def test_concurrent_replays_share_one_hold_and_races_end_it_once(
     s, audit = _setup(tmp_path, redis_url, sidecars, 1_000_000)
     s2 = Sidecar(redis_url, s.bundle).start()
     sidecars.append(s2)
-    chans = [grpc.aio.insecure_channel(x.target) for x in (s, s2)]
+    chans: list[Any] = [grpc.aio.insecure_channel(x.target) for x in (s, s2)]
     stubs: list[Any] = [pb_grpc.PolicyDecisionPointStub(ch) for ch in chans]
     try:
         for n in range(5):
