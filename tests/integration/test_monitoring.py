@@ -98,6 +98,14 @@ def test_every_alert_has_a_unit_test_that_makes_it_fire() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
 
 
+def test_kubernetes_scrape_sets_the_component_label_the_rules_use() -> None:
+    sm = yaml.safe_load((ROOT / "deploy" / "k8s" / "servicemonitor.yaml").read_text())
+    given = {r["replacement"] for ep in sm["spec"]["endpoints"] for r in ep["relabelings"]
+             if r["targetLabel"] == "keel_component"}
+    used = set(re.findall(r'keel_component="([^"]+)"', RULES.read_text()))
+    assert used == given == {"sidecar", "ledger-writer"}
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: pathlib.Path) -> None:
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
