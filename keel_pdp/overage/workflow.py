@@ -7,6 +7,9 @@ step). Each step appends an ``exception`` event whose ``pid`` is the denial's
 permit id, so the ledger keeps the denial, the request and its outcome on one
 record; an approval also appends the ``grant`` event the ledger already books.
 
+A request nobody decides expires after ``PENDING_SECONDS``; its EXPIRED step is
+recorded by the first decision attempted on it or the first listing that shows it.
+
 The limits of the budget's exception path (maximum overage, maximum duration)
 are checked when the request is made and again, against the policy then in
 force, when it is approved. The requester cannot approve their own request.
@@ -341,6 +344,18 @@ class ExceptionDesk:
             return self._settled(after, action, approver)
         return after
 
+    async def _record_expiry(self, view: ExceptionView, now: int) -> ExceptionView | None:
+        """Put the EXPIRED step of a request nobody decided on the ledger (once)."""
+        exc_id = view.exception_id
+        event = _dumps({"v": 1, "exc": exc_id, "budget": view.budget_id,
+                        "split": list(view.split), "path": view.exception_path, "at": now})
+        await self._script(
+            self._decide, [self.record_key(exc_id), self.keys.grants(view.budget_id,
+                                                                     view.split),
+                           self.keys.stream],
+            ["expire", now, "{}", "", 0, 0, view.denial_permit_id, event, "", exc_id])
+        return await self.get(exc_id, now)
+
     @staticmethod
     def _settled(view: ExceptionView, action: str, approver: str) -> ExceptionView:
         """A request that is no longer pending: a retry of the decision that
@@ -383,6 +398,8 @@ class ExceptionDesk:
             gone = []
             for i, raw in zip(ids, rows, strict=True):
                 v = _view(raw, now)
+                if v is not None and v.state == "expired" and not v.decided_at_ms:
+                    v = await self._record_expiry(v, now)
                 if v is None:
                     gone.append(i)
                 elif (not state or v.state == state) and (not budget_id

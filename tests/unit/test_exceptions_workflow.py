@@ -199,6 +199,10 @@ async def test_an_expired_request_cannot_be_approved_and_its_expiry_is_recorded_
     late = asked.pending_until_ms + 1
     listed = await desk.list(now_ms=late)
     assert [v.state for v in listed] == ["expired"]
+    # The listing put the expiry on the ledger; listing again adds nothing.
+    await desk.list(now_ms=late + 1)
+    steps = [r.get("st") for t, _, r, _ in await stream(engine) if t == "exception"]
+    assert steps == ["PENDING", "EXPIRED"]
     for _ in range(2):
         with pytest.raises(ExceptionConflict, match="expired"):
             await desk.decide(snap(engine), asked.exception_id, "approve", "dana",

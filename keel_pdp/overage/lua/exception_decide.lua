@@ -9,11 +9,12 @@
 --
 -- KEYS[1] exception record hash   KEYS[2] grants hash of the budget
 -- KEYS[3] decision stream
--- ARGV[1] "approve" | "reject"   ARGV[2] now_ms   ARGV[3] decision (JSON)
+-- ARGV[1] "approve" | "reject" | "expire" (only record an expiry that is due)
+-- ARGV[2] now_ms   ARGV[3] decision (JSON)
 -- ARGV[4] grant id   ARGV[5] grant micros   ARGV[6] grant expires_at_ms
 -- ARGV[7] denial permit id   ARGV[8] exception event data (JSON)
 -- ARGV[9] grant event data (JSON)   ARGV[10] exception id
--- Returns JSON {"r":"unknown"} | {"r":"done","state":..} | {"r":"expired"} |
+-- Returns JSON {"r":"unknown"} | {"r":"done","state":..} | {"r":"expired"} | {"r":"pending"} |
 --   {"r":"decided","state":..,"dec":<stored decision>}
 
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -31,6 +32,9 @@ if now >= tonumber(redis.call('HGET', KEYS[1], 'until')) then
   redis.call('XADD', KEYS[3], '*', 'type', 'exception', 'pid', ARGV[7], 'ts', ARGV[2],
     'data', ARGV[8], 'res', string.format('{"st":"EXPIRED","exc":"%s"}', ARGV[10]))
   return '{"r":"expired"}'
+end
+if ARGV[1] == 'expire' then
+  return '{"r":"pending"}'
 end
 if ARGV[1] == 'approve' then
   local latest = tonumber(ARGV[6])
