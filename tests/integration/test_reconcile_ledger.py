@@ -210,3 +210,135 @@ def test_a_bad_row_imports_nothing(store_url: str, tmp_path: pathlib.Path,
         assert store.query("SELECT COUNT(*) FROM ledger_entries")[0][0] == 0
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------ a day through the sidecar
+
+DAY_PRICES = {"gpt-4o-mini": {"input": "0.15", "cached_input": "0.075", "output": "0.60"},
+              "gpt-4.1": {"input": "2.00", "cached_input": "0.50", "output": "8.00"}}
+DAY_PROJECTS = {("acme", "chat", "gpt-4o-mini"): "proj_chat",
+                ("globex", "search", "gpt-4.1"): "proj_search"}
+
+
+def test_a_day_of_sidecar_traffic_reconciles_from_the_ledger_store(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """The sidecar (``keel-pdp serve``) decides and settles a day of traffic over
+    gRPC, the ledger writer stores the decision stream, and reconcile reads the
+    store. The provider export is written here from the usage the callers sent,
+    priced with this test's own arithmetic; the provider did not bill the failed
+    attempts and one of its lines carries $1.23 with no usage behind it."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from decimal import Decimal
+
+    import grpc
+
+    from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
+    from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
+    from tests.conftest import free_port
+    from tests.helpers import budget, wait_serving, write_bundle
+    from tests.integration.conftest import PREFIX, drain, make_writer
+
+    bundle = write_bundle(tmp_path / "policies",
+                          [budget("org-monthly", "100000.00", window="monthly")])
+    port = free_port()
+    env = {**os.environ, "KEEL_POLICIES": str(bundle), "KEEL_REDIS_URL": redis_url,
+           "KEEL_LISTEN": f"127.0.0.1:{port}", "KEEL_KEY_PREFIX": PREFIX,
+           "KEEL_METRICS_PORT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rng = random.Random(5)
+    million = Decimal(1_000_000)
+    billed: dict[tuple[int, str, str, str], Decimal] = defaultdict(Decimal)
+    failed: dict[str, Decimal] = {}
+    internal_exact = Decimal(0)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        wait_serving(channel)
+        stub = pb_grpc.PolicyDecisionPointStub(channel)
+        for i in range(240):
+            (tenant, workload, model), project = rng.choice(list(DAY_PROJECTS.items()))
+            total_in = rng.randint(300, 20_000)
+            cached = rng.randint(0, total_in // 2) if rng.random() < 0.5 else 0
+            generated = rng.randint(20, 900)
+            r = stub.Authorize(pb.AuthorizeRequest(
+                request_id=f"day-{i}", tenant=tenant, workload=workload, model=model,
+                provider="openai", estimated_input_tokens=total_in, max_output_tokens=1000),
+                timeout=5)
+            assert r.decision == pb.ALLOW, r
+            outcome = pb.FAILED if rng.random() < 0.06 else pb.SUCCEEDED
+            day = int(time.time()) // 86_400 * 86_400
+            c = stub.Closeout(pb.CloseoutRequest(permit_id=r.permit_id, usage=pb.Usage(
+                input_tokens=total_in, cached_input_tokens=cached, output_tokens=generated),
+                outcome=outcome), timeout=5)
+            assert c.status == pb.SETTLED
+            p = DAY_PRICES[model]
+            parts = {"input": (total_in - cached) * Decimal(p["input"]) / million,
+                     "cached input": cached * Decimal(p["cached_input"]) / million,
+                     "output": generated * Decimal(p["output"]) / million}
+            internal_exact += sum(parts.values())
+            if outcome == pb.FAILED:
+                failed[r.permit_id] = sum(parts.values(), Decimal(0))
+                continue
+            for label, usd in parts.items():
+                if usd:
+                    billed[(day, project, model, label)] += usd
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, log
+
+    store_url = f"sqlite:///{tmp_path}/ledger.db"
+    store = LedgerStore(store_url)
+    store.migrate()
+    assert drain(make_writer(redis_url, store)) > 0
+    store.close()
+
+    planted = max(billed, key=lambda k: billed[k])
+    billed[planted] += Decimal("1.23")
+    buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    snapshot = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4.1": "gpt-4.1-2025-04-14"}
+    for (day, project, model, label), usd in sorted(billed.items()):
+        buckets[day].append({"object": "organization.costs.result",
+                             "amount": {"value": f"@@{usd:f}@@", "currency": "usd"},
+                             "line_item": f"{snapshot[model]}, {label}",
+                             "project_id": project})
+    page = {"object": "page", "has_more": False, "next_page": None, "data": [
+        {"object": "bucket", "start_time": d, "end_time": d + 86_400, "results": r}
+        for d, r in sorted(buckets.items())]}
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(page).replace('"@@', "").replace('@@"', ""))
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(
+        "finance_owner: Priya Natarajan\nai_program_lead: Sam Okafor\naccounts:\n"
+        "  - {provider: openai, account: proj_chat, tenant: acme, workload: chat}\n"
+        "  - {provider: openai, account: proj_search, tenant: globex, workload: search}\n"
+        "workloads:\n"
+        "  - {tenant: acme, workload: chat, engineering_owner: Dana Ruiz}\n"
+        "  - {tenant: globex, workload: search, engineering_owner: Lee Park}\n")
+    now = datetime.now(UTC)
+    period = f"{now.year:04d}-{now.month:02d}"
+    out = tmp_path / "out"
+    assert main(["reconcile", "--store", store_url, "--period", period, "--provider",
+                 "openai", "--export", str(costs), "--mapping", str(mapping),
+                 "--out", str(out), "--tolerance-pct", "50"]) == 0
+    memo = json.loads((out / period / "openai" / "memo.json").read_text())
+    cats = {c["category"]: c for c in memo["categories"]}
+    half_cent = 5_000
+    assert abs(memo["totals"]["internal_micros"] - internal_exact * million) < half_cent
+    assert abs(cats["failed_request_billing"]["net_micros"]
+               + sum(failed.values()) * million) < half_cent
+    assert sorted(cats["failed_request_billing"]["request_ids"]) == sorted(failed)
+    # the planted $1.23, give or take the rounding of its one line
+    assert abs(cats["unexplained"]["net_micros"] - 1_230_000) < 50
+    assert [(i["account"], i["model"]) for i in cats["unexplained"]["line_items"]] == [
+        (planted[1], planted[2])]
+    for name in ("clock_skew", "cache_read_rate", "tier_breakpoint"):
+        assert cats[name]["net_micros"] == 0, name
+    assert abs(cats["rounding"]["net_micros"]) < half_cent
+    assert memo["totals"]["internal_requests"] == 240
