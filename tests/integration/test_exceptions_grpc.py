@@ -14,11 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
-from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.cli import main
 from keel_pdp.engine import Engine
@@ -59,8 +57,9 @@ async def sidecar(redis_url: str, tmp_path: pathlib.Path, *, identities: tuple[s
                   ) -> AsyncIterator[tuple[int, Engine]]:
     holder = PolicyHolder(bundle(tmp_path))
     holder.reload()
-    # Prefix "t": the ledger test kit's writer reads the "t" stream.
-    store = BudgetStore(aioredis.Redis.from_url(redis_url), KeySpace("t"), 1.0)
+    # As `keel-pdp serve` builds it (the pipelined RESP client). Prefix "t": the ledger
+    # test kit's writer reads the "t" stream.
+    store = BudgetStore.from_url(redis_url, prefix="t", timeout_s=1.0)
     engine = Engine(holder, store, Metrics())
     server, _, port = build_server(engine, engine.metrics, f"127.0.0.1:{free_port()}",
                                    credentials=credentials,
