@@ -153,3 +153,21 @@ async def test_the_period_report_lists_exceptions_with_outcome_and_spend_allowed
         f"{spent // 1_000_000}.{spent % 1_000_000:06d}"
     assert by_id[rejected.exception_id]["outcome"] == "REJECTED"
     ledger.close()
+
+
+def test_golden_steps_round_trip_through_the_store_unchanged(tmp_path: pathlib.Path) -> None:
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/golden.db")
+    ledger.migrate()
+    golden = {f"1764000000000-{n}": entry(st)
+              for n, st in enumerate(("PENDING", "APPROVED", "REJECTED", "EXPIRED"))}
+    events = [parse_entry(eid, f) for eid, f in golden.items()]
+    assert ledger.write_batch(events) == 4
+    assert ledger.write_batch(events) == 0  # delivered again: stored once
+    rows = ledger.query("SELECT event_id, etype, permit_id, ts_ms, data, res FROM ledger_events "
+                        "ORDER BY event_id")
+    assert [(str(e), str(t), str(p), int(ts), str(d).encode(), str(r).encode())
+            for e, t, p, ts, d, r in rows] == [
+        (eid, "exception", DENIAL, 1_764_000_000_000, f[b"data"], f[b"res"])
+        for eid, f in golden.items()]
+    assert ledger.query("SELECT COUNT(*) FROM ledger_entries")[0][0] == 0  # no money moved
+    ledger.close()
