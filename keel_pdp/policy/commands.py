@@ -114,6 +114,9 @@ def diff_snapshots(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
     lines.extend(_diff_prices(old, new))
     lines.extend(_diff_routes(old, new))
     lines.extend(_diff_exceptions(old.exception_paths, new.exception_paths))
+    from keel_pdp.policy.callers import diff_lines as caller_diff
+
+    lines.extend(caller_diff(old.callers, new.callers))
     if old.settings != new.settings:
         for name in old.settings.__slots__:
             a_, b_ = getattr(old.settings, name), getattr(new.settings, name)
