@@ -185,3 +185,28 @@ def explain_lines(index: CallerIndex | None, identity: str, tenant: str = "",
             else:
                 out.append(f"  {rpc}: refused ({grants.lacking(rpc, tenant, workload)}).")
     return out
+
+
+def diff_lines(old: CallerIndex | None, new: CallerIndex | None) -> list[str]:
+    """Caller bindings added, removed or changed between two bundles, in words."""
+    if old is None and new is None:
+        return []
+    if new is None:
+        return ["The Callers bindings were removed: with --caller-auth enforce every call will "
+                "be refused."]
+    before = {b.id: b for b in (old.bindings if old is not None else ())}
+    after = {b.id: b for b in new.bindings}
+    lines = [f"Caller binding {bid} removed (was {before[bid].words()})."
+             for bid in sorted(before.keys() - after.keys())]
+    lines += [f"Caller binding {bid} added: {after[bid].words()}."
+              for bid in sorted(after.keys() - before.keys())]
+    for bid in sorted(before.keys() & after.keys()):
+        a, b = before[bid], after[bid]
+        for name in ("patterns", "tenants", "workloads", "rpcs"):
+            x, y = set(getattr(a, name)), set(getattr(b, name))
+            if x != y:
+                what = "identities" if name == "patterns" else name
+                parts = ([f"now also {', '.join(sorted(y - x))}"] if y - x else []) + (
+                    [f"no longer {', '.join(sorted(x - y))}"] if x - y else [])
+                lines.append(f"Caller binding {bid}: {what} {'; '.join(parts)}.")
+    return lines

@@ -244,3 +244,21 @@ def test_enforce_without_any_way_to_identify_callers_refuses_to_start() -> None:
     assert res.returncode == 2
     assert "--caller-auth enforce (the default beyond loopback) needs a way to identify" \
         in res.stderr
+
+
+def test_policy_diff_names_binding_changes(tmp_path: pathlib.Path) -> None:
+    from keel_pdp.policy.commands import diff_snapshots
+
+    old = load_bundle(bundle(tmp_path / "old", BINDINGS))
+    changed = [dict(b) for b in BINDINGS if b["id"] != "legacy"]
+    changed[0]["tenants"] = ["acme", "globex"]
+    changed.append({"id": "newcomer", "identities": ["x"], "tenants": ["acme"]})
+    new = load_bundle(bundle(tmp_path / "new", changed))
+    lines = diff_snapshots(old, new)
+    assert "Caller binding support: tenants now also globex." in lines
+    assert any(x.startswith("Caller binding legacy removed (was legacy (identities "
+                            "legacy-batch;") for x in lines)
+    assert any(x.startswith("Caller binding newcomer added: newcomer (identities x;")
+               for x in lines)
+    gone = diff_snapshots(old, load_bundle(bundle(tmp_path / "none", None)))
+    assert any("Callers bindings were removed" in x for x in gone)
