@@ -334,6 +334,12 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             out.max_output_tokens > 0 and (
                 llm.max_output_tokens == 0 or llm.max_output_tokens > out.max_output_tokens))
             or out.model != llm.model)
+        # A chat stream that does not ask for its usage is asked for it (the same
+        # body rewrite), so it settles on the provider's count, not an estimate.
+        stream_usage = self.cfg.stream_usage if (
+            llm.api is rq.Api.CHAT and llm.stream and not llm.include_usage
+            and self.cfg.stream_usage != "off" and out.max_output_tokens > 0) else ""
+        enforce = enforce or bool(stream_usage)
         facts: dict[str, str] = {
             c.H_PERMIT: out.permit_id,
             c.H_DECISION: str(out.decision),
@@ -352,6 +358,10 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             ok.headers.append(et.header_option(c.H_ENFORCE, str(out.max_output_tokens)))
         else:
             ok.headers_to_remove.append(c.H_ENFORCE)
+        if stream_usage:
+            ok.headers.append(et.header_option(c.H_STREAM_USAGE, stream_usage))
+        else:
+            ok.headers_to_remove.append(c.H_STREAM_USAGE)
         if self.watch is not None and not out.replayed:
             self.watch.issued(out.permit_id)
         ok.response_headers_to_add.append(et.header_option(c.H_PERMIT, out.permit_id))
@@ -363,5 +373,6 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             "max_tokens": out.max_output_tokens, "input_tokens": llm.estimated_input_tokens,
             "estimated_cost_micros": str(out.estimated_cost_micros), "api": str(llm.api),
             "enforce_max_tokens": enforce, "degraded": out.degraded, "replayed": out.replayed,
+            "stream_usage": stream_usage,
         })
         return resp

@@ -23,8 +23,10 @@ H_ENFORCE = "x-keel-enforce-max-tokens"
 H_INPUT = "x-keel-input-tokens"
 H_REVISION = "x-keel-policy-revision"
 H_API = "x-keel-api"
+H_STREAM_USAGE = "x-keel-stream-usage"  # "strip" / "pass": Keel asked the stream for usage
 KEEL_SET_HEADERS = (H_PERMIT, H_DECISION, H_MODEL, H_PROVIDER, H_MAX_TOKENS, H_ENFORCE,
-                    H_INPUT, H_REVISION, H_API)
+                    H_INPUT, H_REVISION, H_API, H_STREAM_USAGE)
+STREAM_USAGE_MODES = ("strip", "pass", "off")
 
 # gRPC metadata (``grpc_service.initial_metadata``) naming the part one ext_proc
 # filter plays: "cap" (request body), "closeout" (response), "both" (default).
@@ -70,6 +72,15 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise MeshConfigError(f"{name}={raw!r} is not a boolean (true/false)")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise MeshConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -102,6 +113,10 @@ class MeshConfig:
     # Azure OpenAI deployment -> model (the price table's name); a deployment
     # not listed is priced as the model it is named after.
     azure_deployments: tuple[tuple[str, str], ...] = ()
+    # OpenAI-style chat streams that do not ask for usage: "strip" (Keel asks
+    # for it and removes the extra final chunk before the client), "pass" (asks;
+    # the chunk reaches the client), "off" (settle on the text estimate).
+    stream_usage: str = "strip"
     # Envoy re-signs SigV4 requests (Bedrock) after Keel's filters
     # (docs/mesh-bedrock.md). Without it a body change would break the
     # signature, so a CONSTRAIN on a signed API is answered as a DENY.
@@ -164,6 +179,8 @@ class MeshConfig:
             unmetered_routes=tuple(routes),
             azure_deployments=tuple(deployments),
             resign_signed=_bool(e, "KEEL_MESH_RESIGN_SIGNED", cls.resign_signed),
+            stream_usage=_choice(e, "KEEL_MESH_STREAM_USAGE", cls.stream_usage,
+                                 STREAM_USAGE_MODES),
             max_request_bytes=_int(e, "KEEL_MESH_MAX_REQUEST_BYTES", cls.max_request_bytes,
                                    1024, 1 << 30),
             max_response_bytes=_int(e, "KEEL_MESH_MAX_RESPONSE_BYTES", cls.max_response_bytes,

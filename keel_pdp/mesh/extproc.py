@@ -36,7 +36,7 @@ from keel_pdp.engine import Engine
 from keel_pdp.mesh import config as c
 from keel_pdp.mesh import envoy_types as et
 from keel_pdp.mesh.metrics import MeshMetrics
-from keel_pdp.mesh.request import Api, rewrite_cap
+from keel_pdp.mesh.request import Api, UsageChunkStripper, rewrite_cap
 from keel_pdp.mesh.settle import Permit, Settlement, Stage, settle
 from keel_pdp.mesh.usage import ResponseMeter
 from keel_pdp.mesh.watch import PermitWatch
@@ -91,6 +91,9 @@ class _Call:
         self.stage = Stage.REQUEST
         self.status = 0
         self.meter: ResponseMeter | None = None
+        # Keel asked this chat stream for its usage ("strip": and removes the chunk).
+        self.stream_usage = ""
+        self.stripper: UsageChunkStripper | None = None
         # Only a stream that sees the response ends the permit.
         self.settled = role == "cap"
 
@@ -114,6 +117,7 @@ class _Call:
             self.api = Api.CHAT
         self.permit = Permit(pid, _int(facts.get("input_tokens")), _int(facts.get("max_tokens")))
         self.model = str(facts.get("model") or "")
+        self.stream_usage = str(facts.get("stream_usage") or "")
         if self.role != "cap" and self.proc.watch is not None:
             self.proc.watch.seen(pid)
         if msg.observability_mode:
@@ -121,13 +125,21 @@ class _Call:
             self.stage = Stage.SENT
             return resp
         common.header_mutation.remove_headers.append("accept-encoding")
+        strip = self.stream_usage == "strip"
         if self.role == "cap":
             if enforce > 0 and not msg.request_headers.end_of_stream:
                 self.enforce_cap = enforce
-                _override(resp, et.BODY_BUFFERED, et.HEADERS_SKIP, et.BODY_NONE)
+                if strip:
+                    # This filter also sees the answer, to take the usage chunk out.
+                    self.stripper = UsageChunkStripper()
+                    _override(resp, et.BODY_BUFFERED, et.HEADERS_SEND, et.BODY_STREAMED)
+                else:
+                    _override(resp, et.BODY_BUFFERED, et.HEADERS_SKIP, et.BODY_NONE)
             else:
                 _override(resp, et.BODY_NONE, et.HEADERS_SKIP, et.BODY_NONE)
             return resp
+        if strip:
+            self.stripper = UsageChunkStripper()
         if enforce > 0 and not msg.request_headers.end_of_stream:
             self.enforce_cap = enforce
             _override(resp, et.BODY_BUFFERED, et.HEADERS_SEND, et.BODY_STREAMED)
@@ -144,13 +156,14 @@ class _Call:
 
                 return {"permit_id": get("permit_id"), "input_tokens": get("input_tokens"),
                         "max_tokens": get("max_tokens"), "api": get("api"),
-                        "model": get("model"),
+                        "model": get("model"), "stream_usage": get("stream_usage"),
                         "enforce": get("max_tokens") if get("enforce_max_tokens") is True
                         else 0}
         if headers.get(c.H_PERMIT):
             return {"permit_id": headers[c.H_PERMIT], "input_tokens": headers.get(c.H_INPUT),
                     "max_tokens": headers.get(c.H_MAX_TOKENS), "api": headers.get(c.H_API),
                     "model": headers.get(c.H_MODEL),
+                    "stream_usage": headers.get(c.H_STREAM_USAGE, ""),
                     "enforce": headers.get(c.H_ENFORCE, "")}
         return {}
 
@@ -160,7 +173,8 @@ class _Call:
         common = resp.request_body.response
         body = msg.request_body
         if self.enforce_cap and body.end_of_stream:
-            new = rewrite_cap(self.api, body.body, self.enforce_cap, self.model)
+            new = rewrite_cap(self.api, body.body, self.enforce_cap, self.model,
+                              request_usage=bool(self.stream_usage))
             if new is not None:
                 common.body_mutation.body = new
                 common.header_mutation.set_headers.append(
@@ -200,6 +214,14 @@ class _Call:
                 self.finish()
         resp = et.proc.ProcessingResponse()
         resp.response_body.SetInParent()
+        if self.stripper is not None and not msg.observability_mode and self.status < 300:
+            out = self.stripper.feed(body.body, body.end_of_stream)
+            if out != body.body:
+                mutation = resp.response_body.response.body_mutation
+                if out:
+                    mutation.body = out
+                else:
+                    mutation.clear_body = True  # the whole chunk is held back or dropped
         return resp
 
     def on_response_trailers(self) -> Any:
@@ -289,7 +311,7 @@ class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type
                     r = await self.engine.closeout(permit_id, s.usage, s.outcome, None,
                                                    SETTLE_DEADLINE_S)
                     status = r.status
-                    done = status != "CLOSEOUT_STORE_UNAVAILABLE"
+                    done = status not in ("CLOSEOUT_STORE_UNAVAILABLE", "CLOSEOUT_PERMIT_PENDING")
             except InvalidRequest as exc:
                 log.error("ext_proc %s of %s rejected: %s", s.kind, permit_id, exc)
                 self.m.settle_failures.inc()

@@ -454,6 +454,8 @@ class MockProvider:
         self.stats.record({"path": path, "method": req.method, "api": str(api),
                            "model": model, "stream": body.get("stream") is True or route.stream,
                            "mode": mode, "caps": caps, "keel": keel,
+                           "include_usage": isinstance(body.get("stream_options"), dict)
+                           and body["stream_options"].get("include_usage") is True,
                            "headers": {k: v for k, v in req.headers.items()
                                        if k in ("authorization", "api-key", "x-amz-date",
                                                 "x-goog-api-key")}})

@@ -131,6 +131,7 @@ class LlmRequest:
     estimated_input_tokens: int
     stream: bool
     partial: bool = False  # read from a truncated body (model and cap by pattern)
+    include_usage: bool = False  # an OpenAI chat stream that asks for its usage chunk
 
 
 def route_for(method: str, path: str) -> Route | None:
@@ -405,12 +406,16 @@ def parse_body(api: Api, provider: str, raw: bytes, path_model: str = "",
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream must be true or false")
+    opts = body.get("stream_options")
+    include = isinstance(opts, dict) and opts.get("include_usage") is True
     return LlmRequest(api, provider, model, cap, cap_field,
-                      estimate_input_tokens(api, body), bool(stream) or path_stream)
+                      estimate_input_tokens(api, body), bool(stream) or path_stream,
+                      include_usage=include)
 
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+_INCLUDE_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 
 
 def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int,
@@ -441,7 +446,8 @@ def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int,
     total = max(content_length, len(prefix))
     return LlmRequest(api, provider, model, cap, cap_field,
                       -(-total // BYTES_PER_TOKEN) + REPLY_PRIMING_TOKENS,
-                      _STREAM_RE.search(prefix) is not None or path_stream, partial=True)
+                      _STREAM_RE.search(prefix) is not None or path_stream, partial=True,
+                      include_usage=_INCLUDE_USAGE_RE.search(prefix) is not None)
 
 
 def request_id(header_value: str, envoy_id: str, parts: Iterable[bytes]) -> str:
@@ -468,12 +474,15 @@ def _set_field(body: dict[str, object], dotted: str, value: int) -> None:
     cur[leaf] = value
 
 
-def rewrite_cap(api: Api, raw: bytes, cap: int, model: str = "") -> bytes | None:
+def rewrite_cap(api: Api, raw: bytes, cap: int, model: str = "",
+                request_usage: bool = False) -> bytes | None:
     """The body with its output cap lowered to ``cap`` (None if nothing changes).
 
     Every cap field the body names is lowered; a body that names none gets the
     API's field added. With ``model`` (a reroute decided by Keel) the body's
-    model is replaced too. Key order and all other fields are kept.
+    model is replaced too. With ``request_usage`` (a chat stream) the body asks
+    for the final usage chunk (``stream_options.include_usage``). Key order and
+    all other fields are kept.
     """
     try:
         body = json.loads(raw)
@@ -493,9 +502,63 @@ def rewrite_cap(api: Api, raw: bytes, cap: int, model: str = "") -> bytes | None
     if not named and CAP_FIELD_TO_ADD[api]:
         _set_field(body, CAP_FIELD_TO_ADD[api], cap)
         changed = True
+    if request_usage and body.get("stream") is True:
+        opts = body.get("stream_options")
+        if not isinstance(opts, dict):
+            opts = {}
+            body["stream_options"] = opts
+        if opts.get("include_usage") is not True:
+            opts["include_usage"] = True
+            changed = True
     if model and "model" in body and body.get("model") != model:
         body["model"] = model
         changed = True
     if not changed:
         return None
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class UsageChunkStripper:
+    """Removes, from an OpenAI chat SSE stream, the usage chunk Keel asked for.
+
+    The chunk (``"choices": []`` with a ``usage`` object) is dropped; every other
+    event passes byte for byte. A chunk of the stream may end inside an event:
+    that tail is held back until its end arrives (or the stream ends).
+    """
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+        self.stripped = 0
+
+    def feed(self, chunk: bytes, end: bool = False) -> bytes:
+        self._held += chunk
+        buf = bytes(self._held)
+        if end:
+            cut = len(buf)
+        else:
+            lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\r\n\r\n")
+            cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        ready, rest = buf[:cut], buf[cut:]
+        self._held = bytearray(rest)
+        if b'"usage"' not in ready:
+            return ready
+        out = []
+        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", ready):
+            if event and self._is_usage_chunk(event):
+                self.stripped += 1
+                continue
+            out.append(event)
+        return b"".join(out)
+
+    @staticmethod
+    def _is_usage_chunk(event: bytes) -> bool:
+        if b'"usage"' not in event:
+            return False
+        data = b"\n".join(line[5:].strip() for line in event.splitlines()
+                          if line.startswith(b"data:"))
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(
+            obj.get("usage"), dict)

@@ -109,6 +109,39 @@ def test_streamed_chat_settles_from_the_final_usage_chunk(
     assert res["act"] == cost("openai", "gpt-4.1-mini", TokenUsage(900, 100, 0, 40, 8))
 
 
+def test_chat_stream_without_include_usage_is_asked_for_it_and_the_chunk_stripped(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    """A stream that did not ask for usage settles exactly (Keel asks the provider), and
+    the client gets the stream it asked for: no extra usage chunk."""
+    reply = mesh.call("/v1/chat/completions", chat(stream=True),
+                      headers={"x-mock-input-tokens": "700", "x-mock-split": "23"})
+    assert reply.status == 200
+    call = mesh.upstream_calls()[-1]
+    assert call["include_usage"] is True  # the body Keel released asked for it
+    assert b'"usage":{' not in reply.body
+    assert reply.body.rstrip().endswith(b"data: [DONE]")
+    assert reply.body.count(b"tok ") == 24  # every content chunk arrived, in one piece
+    data, res = settled_usage(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"] == {"in": 700, "cached": 0, "cw": 0, "out": 24, "rsn": 0}
+    assert res["act"] == cost("openai", "gpt-4.1-mini", TokenUsage(700, 0, 0, 24, 0))
+
+
+def test_official_openai_sdk_reads_a_stream_keel_asked_usage_for(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{mesh.port}/v1", api_key="sk-test",
+                           default_headers={"x-keel-tenant": "acme", "x-keel-workload": "chat"},
+                           max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-4.1-mini", stream=True, max_tokens=50,
+        messages=[{"role": "user", "content": "Say tok."}])
+    # The usual client loop indexes choices[0] on every chunk: a usage chunk
+    # (choices == []) it did not ask for would raise IndexError here.
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert text == "tok " * 24
+
+
 def test_streamed_anthropic_counts_cache_reads_and_writes_as_input(
         mesh: MeshStack, rdb: redis.Redis) -> None:
     reply = mesh.call("/v1/messages", claude(stream=True), headers={

@@ -40,8 +40,10 @@ MAX_REQUEST_BYTES = 8192
 
 @pytest.fixture(scope="module")
 def mesh(redis_server: RedisServer) -> Iterator[MeshStack]:
+    # stream_usage="pass": Keel asks chat streams for usage and lets the chunk through
+    # (the documented alternative to stripping it; see the SDK test below).
     cfg = MeshConfig(unmetered_routes=(("*", "/healthz"), ("api.openai.com", "/v1/files")),
-                     max_request_bytes=MAX_REQUEST_BYTES)
+                     max_request_bytes=MAX_REQUEST_BYTES, stream_usage="pass")
     yield from mesh_stack(redis_server, "split", cfg=cfg, max_request_bytes=MAX_REQUEST_BYTES)
 
 
@@ -211,3 +213,22 @@ def test_listed_non_llm_route_passes_counted_and_logged_without_keel_headers(
     logged = [r.getMessage() for r in caplog.records if "unmetered" in r.getMessage()]
     assert any("api.openai.com/v1/files" in m for m in logged), logged
     assert not any("secret-key" in m for m in logged)
+
+
+def test_usage_chunk_passed_through_reaches_the_official_sdk_as_an_empty_choices_chunk(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    """KEEL_MESH_STREAM_USAGE=pass: the extra chunk arrives; the OpenAI SDK yields it
+    with choices == [] and usage set, so a loop that indexes choices[0] breaks (why
+    "strip" is the default)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{mesh.port}/v1", api_key="sk-test",
+                           default_headers={"x-keel-tenant": "acme", "x-keel-workload": "chat"},
+                           max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="gpt-4.1-mini", stream=True, max_tokens=50,
+        messages=[{"role": "user", "content": "Say tok."}]))
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    with pytest.raises(IndexError):
+        "".join(c.choices[0].delta.content or "" for c in chunks)

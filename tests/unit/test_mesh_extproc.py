@@ -133,13 +133,41 @@ async def test_json_response_is_closed_out_with_the_provider_usage() -> None:
 
 async def test_sse_response_in_small_chunks_is_passed_on_and_closed_out() -> None:
     s = Stack()
-    req = await s.authorize({**CHAT, "stream": True})
+    req = await s.authorize({**CHAT, "stream": True,
+                             "stream_options": {"include_usage": True}})
+    assert "x-keel-stream-usage" not in req  # the client asked for usage itself
     stream = b"".join(stream_events(plan(stream=True), 4))
     out = await run(s.proc, [headers_msg("request_headers", req),
                              *response_flow(stream, ctype="text/event-stream", chunk=7)])
     assert all(not r.response_body.response.HasField("body_mutation") for r in out[2:])
     data = await s.settlement(req["x-keel-permit-id"])
     assert data["usage"]["in"] == 1200 and data["usage"]["out"] == 24
+
+
+async def test_stream_keel_asked_usage_for_settles_exactly_and_loses_the_usage_chunk() -> None:
+    s = Stack()
+    req = await s.authorize({**CHAT, "stream": True})
+    assert req["x-keel-stream-usage"] == "strip"
+    assert req["x-keel-enforce-max-tokens"] == "100"  # the body rewrite that asks for it
+    original = json.dumps({**CHAT, "stream": True}).encode()
+    stream = b"".join(stream_events(plan(stream=True), 4))
+    out = await run(s.proc, [headers_msg("request_headers", req),
+                             body_msg("request_body", original, end=True),
+                             *response_flow(stream, ctype="text/event-stream", chunk=7)])
+    sent = json.loads(out[1].request_body.response.body_mutation.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    passed = b""
+    for r, piece in zip(out[3:], [stream[i:i + 7] for i in range(0, len(stream), 7)],
+                        strict=True):
+        m = r.response_body.response
+        if not m.HasField("body_mutation"):
+            passed += piece
+        elif m.body_mutation.WhichOneof("mutation") == "body":
+            passed += m.body_mutation.body
+    without = b"".join(stream_events(Plan(Api.CHAT, "m", True, False, 1200, 400, 0, 24, 0), 4))
+    assert passed == without
+    data = await s.settlement(req["x-keel-permit-id"])
+    assert data["usage"]["in"] == 1200 and data["usage"]["cached"] == 400
 
 
 async def test_enforced_cap_buffers_and_rewrites_the_request_body() -> None:

@@ -204,3 +204,63 @@ def test_rewrite_for_a_reroute_replaces_the_model_and_keeps_the_rest() -> None:
     assert new is not None
     assert json.loads(new) == {"model": "gpt-4.1-mini", "messages": [], "max_tokens": 100}
     assert rewrite_cap(Api.CHAT, raw, 500, "gpt-4.1") is None  # nothing to change
+
+
+def test_usage_chunk_is_stripped_whatever_the_chunk_boundaries() -> None:
+    from keel_pdp.mesh.mockprovider import Plan, stream_events
+    from keel_pdp.mesh.request import UsageChunkStripper
+
+    with_usage = b"".join(stream_events(Plan(Api.CHAT, "m", True, True, 10, 0, 0, 24, 0), 4))
+    without = b"".join(stream_events(Plan(Api.CHAT, "m", True, False, 10, 0, 0, 24, 0), 4))
+    for step in (1, 7, 64, len(with_usage)):
+        for data in (with_usage, with_usage.replace(b"\n", b"\r\n")):
+            s = UsageChunkStripper()
+            pieces = [data[i:i + step] for i in range(0, len(data), step)]
+            out = b"".join(s.feed(p, end=i == len(pieces) - 1) for i, p in enumerate(pieces))
+            expected = without if b"\r\n" not in data else without.replace(b"\n", b"\r\n")
+            assert out == expected, step
+            assert s.stripped == 1
+    # A chunk with choices and a usage field (include_usage on every chunk) stays.
+    keep = b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n'
+    assert UsageChunkStripper().feed(keep, end=True) == keep
+
+
+def test_rewrite_asks_a_chat_stream_for_usage_once() -> None:
+    body = {"model": "m", "stream": True, "messages": [], "max_tokens": 10}
+    out = rewrite_cap(Api.CHAT, raw(body), 10, request_usage=True)
+    assert out is not None
+    assert json.loads(out)["stream_options"] == {"include_usage": True}
+    assert rewrite_cap(Api.CHAT, out, 10, request_usage=True) is None  # nothing left to do
+    assert rewrite_cap(Api.CHAT, raw({**body, "stream": False}), 10, request_usage=True) is None
+
+
+def test_nested_caps_of_gemini_and_converse_are_read_and_lowered() -> None:
+    g = {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 900,
+                                                                        "temperature": 0}}
+    llm = parse_body(Api.GENERATE_CONTENT, "gemini", raw(g), "gemini-2.5-pro", True)
+    assert (llm.model, llm.max_output_tokens, llm.stream) == ("gemini-2.5-pro", 900, True)
+    out = rewrite_cap(Api.GENERATE_CONTENT, raw(g), 100)
+    assert out is not None
+    assert json.loads(out)["generationConfig"] == {"maxOutputTokens": 100, "temperature": 0}
+    added = rewrite_cap(Api.CONVERSE, raw({"messages": []}), 64)
+    assert added is not None and json.loads(added) == {"messages": [],
+                                                       "inferenceConfig": {"maxTokens": 64}}
+    assert rewrite_cap(Api.EMBEDDINGS, raw({"model": "e", "input": "x"}), 5) is None
+    with pytest.raises(BadRequest):
+        parse_body(Api.CONVERSE, "bedrock", raw({"inferenceConfig": {"maxTokens": -1}}), "m")
+
+
+def test_estimates_for_embeddings_gemini_and_converse() -> None:
+    assert estimate_input_tokens(Api.EMBEDDINGS, {"input": "abcdefgh"}) == 2
+    assert estimate_input_tokens(Api.EMBEDDINGS, {"input": ["abc", "abcde"]}) == 1 + 2
+    assert estimate_input_tokens(Api.EMBEDDINGS, {"input": [[1, 2, 3], [4]]}) == 4
+    gem = {"contents": [{"role": "user", "parts": [
+        {"text": "abcd"}, {"inlineData": {"mimeType": "image/png", "data": "AAAA"}},
+        {"inlineData": {"mimeType": "application/pdf", "data": "AAAA"}}]}],
+        "systemInstruction": {"parts": [{"text": "abcdefgh"}]}}
+    assert estimate_input_tokens(Api.GENERATE_CONTENT, gem) == (
+        3 + 4 * 2 + 3 + IMAGE_TOKENS + 1000)
+    conv = {"messages": [{"role": "user", "content": [
+        {"text": "abcd"}, {"image": {"format": "png", "source": {"bytes": "AAAA"}}}]}],
+        "system": [{"text": "abcd"}]}
+    assert estimate_input_tokens(Api.CONVERSE, conv) == 2 + 4 * 2 + 3 + IMAGE_TOKENS
