@@ -38,6 +38,9 @@ HEALTH = "/grpc.health.v1.Health/Check"
 # HTTP/2 frame types and flags (RFC 7540 section 6).
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+# RST_STREAM codes for a stream over the peer's limit: REFUSED_STREAM, or
+# ENHANCE_YOUR_CALM (what grpc core sends).
+REFUSED = frozenset({0x7, 0xB})
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -84,7 +87,7 @@ class RawH2:
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1, 2))
     opened: list[int] = field(default_factory=list)
     ended: dict[int, float] = field(default_factory=dict)  # stream -> when it ended
-    refused: set[int] = field(default_factory=set)  # RST_STREAM from the server
+    resets: dict[int, int] = field(default_factory=dict)  # stream -> RST_STREAM error code
     goaway: bool = False
     _task: asyncio.Task[None] | None = None
 
@@ -113,6 +116,11 @@ class RawH2:
         await self.writer.drain()
 
     @property
+    def refused(self) -> set[int]:
+        """Streams the server refused outright, over its per-connection limit."""
+        return {s for s, code in self.resets.items() if code in REFUSED}
+
+    @property
     def still_open(self) -> int:
         return sum(1 for s in self.opened if s not in self.ended)
 
@@ -130,7 +138,7 @@ class RawH2:
                 elif ftype == PING and not flags & ACK:
                     self.writer.write(h2_frame(PING, ACK, 0, payload))
                 elif ftype == RST_STREAM:
-                    self.refused.add(sid)
+                    self.resets[sid] = int.from_bytes(payload[:4], "big")
                     self.ended.setdefault(sid, time.monotonic())
                 elif ftype in (HEADERS, DATA) and flags & END_STREAM:
                     self.ended.setdefault(sid, time.monotonic())
@@ -276,11 +284,12 @@ async def test_1100_idle_streams_do_not_starve_callers_at_the_default_limit(
 async def test_one_connection_cannot_hold_more_idle_streams_than_its_stream_limit(
         redis_url: str, tmp_path: pathlib.Path) -> None:
     """--max-concurrent-rpcs 64: one connection may open 128 streams; the rest of
-    its 300 are refused by HTTP/2 itself (RST_STREAM), the sidecar never sees them."""
+    its 300 are refused by HTTP/2 itself (RST_STREAM at once, before any first-message
+    timeout), the sidecar never sees them."""
     with sidecar(redis_url, tmp_path, "--max-concurrent-rpcs", "64") as sc:
         (conn,) = await open_idle(sc.port, 300, per_connection=300)
         try:
-            assert await wait_for(lambda: len(conn.refused) >= 300 - 128, 5), len(conn.refused)
+            assert await wait_for(lambda: len(conn.refused) == 300 - 128, 1.5), conn.resets
             assert sc.metric("keel_pdp_idle_streams") <= 128
             results = await real_calls(sc.port, 20, "oneconn")
             assert results == ["ALLOW"] * 20 + ["SERVING"] * 20, results
