@@ -24,7 +24,8 @@ def _envoy_config(ns: argparse.Namespace) -> int:
 
     setup = EnvoySetup(listen_port=ns.listen_port, keel=ns.keel, upstream=ns.upstream,
                        admin_port=ns.admin_port, plain_port=ns.plain_port,
-                       authz_timeout_s=ns.authz_timeout_ms / 1000, mode=ns.mode)
+                       authz_timeout_s=ns.authz_timeout_ms / 1000, mode=ns.mode,
+                       aws_sign_region=ns.aws_sign_region)
     yaml.safe_dump(bootstrap(setup), sys.stdout, sort_keys=False)
     return 0
 
@@ -52,9 +53,13 @@ def register(sub: Any) -> None:
     ec.add_argument("--mode", choices=("split", "split-ungated", "single"), default="split",
                     help="filter shape (docs/mesh.md): cap + observability-mode closeout "
                     "(default), the same with the cap on every route, or one ext_proc")
+    ec.add_argument("--aws-sign-region", default="",
+                    help="re-sign requests (SigV4, Bedrock) after Keel's filters for this "
+                    "region; run the sidecar with KEEL_MESH_RESIGN_SIGNED=true")
     ec.set_defaults(func=_envoy_config)
     mp = msub.add_parser("mock-provider",
-                         help="run the mock OpenAI/Anthropic-compatible provider")
+                         help="run the mock LLM provider (OpenAI, Azure, Anthropic, Gemini, "
+                         "Vertex, Bedrock formats)")
     from keel_pdp.mesh.mockprovider import build_parser
 
     build_parser(mp)

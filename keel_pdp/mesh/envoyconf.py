@@ -26,6 +26,8 @@ EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Extern
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3." \
                      "ExtProcPerRoute"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+AWS_SIGNING = "type.googleapis.com/envoy.extensions.filters.http.aws_request_signing.v3." \
+              "AwsRequestSigning"
 CAP_FILTER = "keel.cap"
 CLOSEOUT_FILTER = "keel.closeout"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -49,6 +51,20 @@ class EnvoySetup:
     route_timeout_s: int = 300
     mode: str = "split"  # "split-ungated" or "single" (see keel_filters)
     deferred_close_s: float = 1.0
+    # Re-sign requests (SigV4) after Keel's filters, for Bedrock: the region
+    # ("" : no signing filter). Credentials come from Envoy's environment / pod role.
+    aws_sign_region: str = ""
+    aws_sign_service: str = "bedrock"
+
+
+def aws_signing_filter(region: str, service: str = "bedrock") -> dict[str, Any]:
+    """Envoy's SigV4 signer, placed after Keel's filters: a body Keel rewrote (a lowered
+    cap) is signed as sent. The payload is hashed, so the body is buffered."""
+    return {"name": "envoy.filters.http.aws_request_signing", "typed_config": {
+        "@type": AWS_SIGNING, "service_name": service, "region": region,
+        "use_unsigned_payload": False,
+        "match_excluded_headers": [{"prefix": "x-keel-"}, {"exact": "x-request-id"}],
+    }}
 
 
 def _addr(host: str, port: int) -> dict[str, Any]:
@@ -169,6 +185,8 @@ def routes(s: EnvoySetup, with_keel: bool) -> list[dict[str, Any]]:
 
 def _listener(name: str, s: EnvoySetup, port: int, with_keel: bool) -> dict[str, Any]:
     filters = keel_filters(s) if with_keel else []
+    if s.aws_sign_region:
+        filters.append(aws_signing_filter(s.aws_sign_region, s.aws_sign_service))
     return {
         "name": name,
         "address": _addr(s.host, port),

@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import signal
 import struct
@@ -458,7 +459,8 @@ class MockProvider:
                            and body["stream_options"].get("include_usage") is True,
                            "headers": {k: v for k, v in req.headers.items()
                                        if k in ("authorization", "api-key", "x-amz-date",
-                                                "x-goog-api-key")}})
+                                                "x-amz-content-sha256", "x-goog-api-key")},
+                           "body_sha256": hashlib.sha256(req.body).hexdigest()})
         if mode == "hang":
             await asyncio.sleep(3600)
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import pathlib
 import subprocess
 import tempfile
@@ -55,7 +56,8 @@ class Reply:
 class MeshStack:
     def __init__(self, redis_server: RedisServer, workdir: pathlib.Path,
                  mode: str = "split", cfg: MeshConfig | None = None,
-                 policies: pathlib.Path = MESH_POLICIES, **setup: Any) -> None:
+                 policies: pathlib.Path = MESH_POLICIES, envoy_env: dict[str, str] | None = None,
+                 **setup: Any) -> None:
         self.redis_server = redis_server
         self.mode = mode
         # Tests route to the mock on 127.0.0.1 (not a provider host); the few
@@ -63,6 +65,7 @@ class MeshStack:
         self.cfg = cfg or MeshConfig(unmetered_routes=(("*", "/healthz"), ("*", "/v1/files")))
         self.policies = policies
         self.setup = setup
+        self.envoy_env = envoy_env
         self.metrics = Metrics()
         self.workdir = workdir
         self.loop = asyncio.new_event_loop()
@@ -117,7 +120,8 @@ class MeshStack:
         log = (self.workdir / "envoy.log").open("wb")
         self.envoy = subprocess.Popen(
             [binary, "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",
-             "-l", "warning"], stdout=log, stderr=subprocess.STDOUT)
+             "-l", "warning"], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.envoy_env} if self.envoy_env else None)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.envoy.poll() is not None:

@@ -35,6 +35,17 @@ def test_generated_bootstrap_is_valid(tmp_path: pathlib.Path, mode: str) -> None
                                   plain_port=10001, mode=mode)), tmp_path)
 
 
+def test_bootstrap_with_bedrock_re_signing_is_valid(tmp_path: pathlib.Path) -> None:
+    config = bootstrap(EnvoySetup(listen_port=10000, keel=("127.0.0.1", 50051),
+                                  upstream=("127.0.0.1", 8081), admin_port=9901,
+                                  aws_sign_region="us-east-1"))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    names = [f["name"] for f in hcm["typed_config"]["http_filters"]]
+    # Signed last, after every filter that may change the body.
+    assert names[-2:] == ["envoy.filters.http.aws_request_signing", "envoy.filters.http.router"]
+    validate(config, tmp_path)
+
+
 def test_cli_envoy_config_prints_the_same_bootstrap(tmp_path: pathlib.Path) -> None:
     import argparse
 

@@ -35,6 +35,7 @@ from tests.integration.envoy_fixture import (
 
 SNAPSHOT = load_bundle(MESH_POLICIES)
 BEDROCK_MODEL = "anthropic.claude-sonnet-4-5-v1:0"
+TEST_AKID = "AKIDKEELTEST0000"
 GEMINI = "/v1beta/models/gemini-2.5-flash"
 VERTEX = "/v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pro"
 
@@ -45,6 +46,15 @@ def mesh(redis_server: RedisServer) -> Iterator[MeshStack]:
                      azure_deployments=(("chat-prod", "gpt-4.1-mini"),
                                         ("embed", "text-embedding-3-small")))
     yield from mesh_stack(redis_server, "split", cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def signed_mesh(redis_server: RedisServer) -> Iterator[MeshStack]:
+    """Envoy re-signs (SigV4) after Keel's filters, and Keel is told so."""
+    yield from mesh_stack(redis_server, "split", cfg=MeshConfig(resign_signed=True),
+                          aws_sign_region="us-east-1",
+                          envoy_env={"AWS_ACCESS_KEY_ID": TEST_AKID,
+                                     "AWS_SECRET_ACCESS_KEY": "keel-test-secret"})
 
 
 @pytest.fixture
@@ -242,6 +252,27 @@ def test_bedrock_constrain_without_resigning_is_refused_and_the_hold_released(
     assert len(mesh.upstream_calls()) == before
     assert permit_state(rdb, reply.headers["x-keel-permit-id"])["state"] == "voided"
     assert window_figures(rdb, "tight-hourly") == (0, 0)
+
+
+def test_bedrock_constrained_call_is_re_signed_by_envoy_with_the_reduced_cap(
+        signed_mesh: MeshStack, rdb: redis.Redis) -> None:
+    for op, body in (("converse", converse_body(1000)), ("invoke", invoke_body(1000))):
+        reply = signed_mesh.call(f"/model/{BEDROCK_MODEL}/{op}", body, tenant="tight",
+                                 headers={"authorization": "AWS4-HMAC-SHA256 Credential=app"})
+        assert reply.status == 200, reply.body
+        assert reply.headers["x-keel-decision"] == "CONSTRAIN"
+        call = signed_mesh.upstream_calls()[-1]
+        k = int(call["keel"]["x-keel-max-tokens"])
+        assert 16 <= k < 1000
+        field = "inferenceConfig.maxTokens" if op == "converse" else "max_tokens"
+        assert call["caps"] == {field: k}
+        # Signed by Envoy after the rewrite, with the pod's credentials, over the new body.
+        auth = call["headers"]["authorization"]
+        assert auth.startswith(f"AWS4-HMAC-SHA256 Credential={TEST_AKID}/")
+        assert "/us-east-1/bedrock/aws4_request" in auth
+        assert call["body_sha256"] == call["headers"]["x-amz-content-sha256"]
+        data, _ = settled(rdb, reply.headers["x-keel-permit-id"])
+        assert data["usage"]["out"] == min(24, k)
 
 
 # -------------------------------------------------------------------- not metered
