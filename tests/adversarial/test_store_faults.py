@@ -49,7 +49,7 @@ async def _busy_redis_scenario(redis_url: str, tmp_path: pathlib.Path,
         await asyncio.sleep(1.0)  # the sidecars' background loops send the aborts
         # A retry of a timed-out call is decided afresh: never a replay of an answer
         # the caller did not get.
-        for r, o in timed_out[:20]:
+        for r, _o in timed_out[:20]:
             again = await stubs[0].Authorize(r, timeout=10)
             if r.model == "gpt-4o-mini":
                 assert again.decision == pb.ALLOW and not again.replayed and not again.degraded
