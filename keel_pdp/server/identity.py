@@ -296,6 +296,11 @@ def envoy_refusal(check: Any, tenant: str, workload: str) -> str:
 Behavior = Callable[[Any, Any], Awaitable[Any]]
 
 
+async def _cannot_check(request: Any, context: Any) -> Any:
+    await context.abort(grpc.StatusCode.INTERNAL, "caller identity checks could not be "
+                        "applied to this method; refusing rather than serving it unchecked")
+
+
 class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks every PDP and Envoy call against the Callers bindings."""
 
@@ -325,6 +330,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 self._ext_proc(handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+        elif method in self._makers or method == EXT_PROC:
+            # Not the servicer's own handler (another interceptor inside this one):
+            # refuse rather than serve the call unchecked.
+            log.error("caller identity checks cannot wrap %s: refusing its calls", method)
+            wrapped = grpc.unary_unary_rpc_method_handler(_cannot_check)
         else:
             return handler
         self._wrapped[method] = wrapped

@@ -262,3 +262,30 @@ def test_policy_diff_names_binding_changes(tmp_path: pathlib.Path) -> None:
                for x in lines)
     gone = diff_snapshots(old, load_bundle(bundle(tmp_path / "none", None)))
     assert any("Callers bindings were removed" in x for x in gone)
+
+
+async def test_the_interceptor_refuses_a_handler_it_cannot_wrap(tmp_path: pathlib.Path) -> None:
+    from keel_pdp.server.identity import CallerInterceptor
+
+    holder = PolicyHolder(bundle(tmp_path, BINDINGS))
+    holder.reload()
+    icpt = CallerInterceptor(CallerGuard("enforce", holder, Metrics()))
+
+    async def streaming(requests: Any, context: Any) -> Any:
+        return None
+
+    class Details:
+        method = "/keel.pdp.v1.PolicyDecisionPoint/Authorize"
+
+    async def continuation(details: Any) -> Any:
+        return grpc.stream_unary_rpc_method_handler(streaming)
+
+    handler = await icpt.intercept_service(continuation, Details())
+    assert handler.unary_unary is not None and handler.stream_unary is None
+
+    class Ctx:
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise RuntimeError(f"{code.name}: {details}")
+
+    with pytest.raises(RuntimeError, match="INTERNAL: caller identity checks could not"):
+        await handler.unary_unary(None, Ctx())
