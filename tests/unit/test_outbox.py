@@ -76,3 +76,41 @@ async def test_fail_open_answer_for_a_too_short_deadline_still_books_its_closeou
     assert res.status == "SETTLED"  # not UNKNOWN_PERMIT: the provider's cost is booked
     raw: Any = await client.keys("t:{pdp}:b:open:*")
     assert int(await client.hget(raw[0], "s") or 0) == res.actual_cost_micros == 156
+
+
+async def test_outbox_event_whose_reply_was_lost_reaches_the_stream_once(
+        tmp_path: pathlib.Path) -> None:
+    """The store ran the record script but its reply timed out: the outbox keeps the
+    event and sends it again; the stream must still hold it once (and the degraded
+    permit's record once, unbooked)."""
+    from keel_pdp.budget.store import StoreUnavailable
+
+    bundle = write_bundle(tmp_path / "b", [budget("open", "10", fail_mode="open")])
+    down = aioredis.Redis(port=free_port(), socket_connect_timeout=0.05, socket_timeout=0.05)
+    crashed = _engine(down, bundle, tmp_path / "outbox")
+    outs = [await crashed.authorize(AuthorizeInput(f"r{i}", "acme", "w", "gpt-4o-mini",
+                                                   "openai", 10, 10)) for i in range(2)]
+    del crashed
+    up = fakeredis.FakeAsyncRedis()
+    engine = _engine(up, bundle, tmp_path / "outbox")
+    real_record, real_abort = engine.store.record, engine.store.abort
+
+    async def lost_reply(*a: Any, **kw: Any) -> str:
+        await real_record(*a, **kw)
+        raise StoreUnavailable("test: reply lost after the script ran")
+
+    async def lost_abort_reply(*a: Any, **kw: Any) -> dict[str, Any]:
+        await real_abort(*a, **kw)
+        raise StoreUnavailable("test: reply lost after the script ran")
+
+    engine.store.record = lost_reply  # type: ignore[method-assign]
+    engine.store.abort = lost_abort_reply  # type: ignore[method-assign]
+    for _ in range(3):
+        assert await engine.flush_outbox() == 0  # every attempt "failed"
+    engine.store.record, engine.store.abort = real_record, real_abort  # type: ignore[method-assign]
+    assert await engine.flush_outbox() == 4
+    client: Any = up
+    entries = await client.xrange(engine.store.keys.stream)
+    assert [f[b"pid"].decode() for _, f in entries] == [o.permit_id for o in outs]
+    for o in outs:
+        assert await client.hget(engine.store.keys.permit(o.permit_id), "state") == b"degraded"
