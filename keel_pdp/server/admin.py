@@ -28,7 +28,7 @@ from keel_pdp.decision import InvalidRequest
 from keel_pdp.engine import Engine
 from keel_pdp.overage import workflow as wf
 from keel_pdp.policy.snapshot import PolicySnapshot
-from keel_pdp.server.identity import bearer_token, peer_names, token_matches
+from keel_pdp.server.identity import admin_binding, bearer_token, peer_names, token_matches
 
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -92,6 +92,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         peer = self._peer_identity(context)
         if peer is not None:
             return peer
+        bound = admin_binding()  # a Callers binding opens it too (--caller-auth enforce)
+        if bound:
+            return Caller(bound)
         expected = self._token()
         if not expected:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,

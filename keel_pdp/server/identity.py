@@ -256,6 +256,17 @@ class CallerGuard:
         return tenant, workload
 
 
+# ----------------------------------------------------------------- admin API
+ADMIN = "/keel.pdp.v1.Admin/"
+_ADMIN: ContextVar[str] = ContextVar("keel_pdp_admin_caller", default="")
+
+
+def admin_binding() -> str:
+    """The identity whose Callers binding opens the admin method being served
+    (enforce mode; '' when none does). See ``CallerInterceptor._admin``."""
+    return _ADMIN.get()
+
+
 # -------------------------------------------------------------- the Envoy path
 @dataclass(frozen=True, slots=True)
 class _EnvoyCall:
@@ -330,6 +341,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 self._ext_proc(handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+        elif method.startswith(ADMIN) and handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._admin(method.removeprefix(ADMIN), handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
         elif method in self._makers or method == EXT_PROC:
             # Not the servicer's own handler (another interceptor inside this one):
             # refuse rather than serve the call unchecked.
@@ -384,6 +400,22 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             caller.CALLER.set(who)
             return await behavior(request, context)
         return settle
+
+    def _admin(self, name: str, behavior: Behavior) -> Behavior:
+        """Admin keeps its own gate (token, --admin-identities); in enforce mode a
+        Callers binding granting ``admin`` (any admin method) or
+        ``grant_exception`` (the exception methods) opens it as well."""
+        guard = self.guard
+        rpc = "grant_exception" if "Exception" in name else "admin"
+
+        async def admin(request: Any, context: Any) -> Any:
+            if guard.enforce:
+                who = guard.identify(context)
+                if who and (guard.judge("admin", who) is None
+                            or guard.judge(rpc, who) is None):
+                    _ADMIN.set(who)
+            return await behavior(request, context)
+        return admin
 
     def _envoy_check(self, behavior: Behavior) -> Behavior:
         guard = self.guard
