@@ -296,11 +296,11 @@ def _write_openai(out: pathlib.Path, reqs: list[Request], amounts: dict[LineKey,
     return [costs_path.name, usage_path.name]
 
 
-def _write_anthropic(out: pathlib.Path, reqs: list[Request], amounts: dict[LineKey, Decimal]
-                     ) -> list[str]:
+def _write_anthropic(out: pathlib.Path, reqs: list[Request], amounts: dict[LineKey, Decimal],
+                     analytics: bool = False) -> list[str]:
     costs: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for (day, account, model, t, long), amount in sorted(amounts.items()):
-        cents = (amount * 100).quantize(Decimal("0.01"))
+        cents = (amount * 100).quantize(Decimal("0.0001" if analytics else "0.01"))
         costs[day].append({
             "currency": "USD", "amount": f"{cents:f}", "workspace_id": account,
             "description": f"{model} {t}" + (" long context" if long else ""),
@@ -330,6 +330,29 @@ def _write_anthropic(out: pathlib.Path, reqs: list[Request], amounts: dict[LineK
     cost_path = out / "anthropic_cost_report.json"
     cost_path.write_text(json.dumps(_pages(costs, "starting_at", "ending_at", 31, True),
                                     indent=1))
+    if analytics:
+        # The cost analytics export: one item per row, amounts in fractional cents,
+        # list (pre-discount) beside the amount charged.
+        items = []
+        for day, rows in sorted(costs.items()):
+            for row in rows:
+                fractional = str(row["amount"])
+                items.append({
+                    "starting_at": datetime.fromtimestamp(day, tz=UTC).isoformat()
+                    .replace("+00:00", "Z"),
+                    "ending_at": datetime.fromtimestamp(day + 86_400, tz=UTC).isoformat()
+                    .replace("+00:00", "Z"),
+                    "group": {"workspace_id": row["workspace_id"], "model": row["model"],
+                              "cost_type": "tokens", "token_type": row["token_type"],
+                              "context_window": row["context_window"],
+                              "service_tier": "standard"},
+                    "cost": {"amount": fractional, "list_amount": fractional,
+                             "currency": "USD",
+                             "requests": None}})
+        cost_path.unlink()
+        cost_path = out / "anthropic_cost_analytics.json"
+        cost_path.write_text(json.dumps({"data": items, "has_more": False,
+                                         "next_page": None}, indent=1))
     usage_path = out / "anthropic_usage_report.json"
     usage_path.write_text(json.dumps(_pages(ubuckets, "starting_at", "ending_at", 31, True),
                                      indent=1))
@@ -483,8 +506,12 @@ def _expected(provider: str, reqs: list[Request], exact: dict[LineKey, Decimal],
     }
 
 
-def generate(out: pathlib.Path, seed: int, requests: int = 20_000) -> dict[str, Any]:
-    """Write a month into ``out`` and return the expected reconciliation."""
+def generate(out: pathlib.Path, seed: int, requests: int = 20_000,
+             anthropic_analytics: bool = False) -> dict[str, Any]:
+    """Write a month into ``out`` and return the expected reconciliation.
+
+    ``anthropic_analytics``: Anthropic's costs as the cost analytics export
+    (fractional cents) instead of the cost report (cents to two places)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     every: list[Request] = []
@@ -500,11 +527,15 @@ def generate(out: pathlib.Path, seed: int, requests: int = 20_000) -> dict[str, 
             raise RuntimeError(f"seed {seed}: no traffic on the planted line {planted}")
         for key, amount in exact.items():
             amount += PLANTED[provider][4] if key == planted else Decimal(0)
-            # OpenAI amounts: JSON numbers to 1e-8 USD; Anthropic: cents to 1e-2 cent.
-            step = Decimal("1e-8") if provider == "openai" else Decimal("1e-4")
+            # OpenAI amounts: JSON numbers to 1e-8 USD; Anthropic: cents to two places
+            # (cost report) or to four (analytics export).
+            step = Decimal("1e-8") if provider == "openai" else (
+                Decimal("1e-6") if anthropic_analytics else Decimal("1e-4"))
             written[key] = amount.quantize(step, rounding=ROUND_HALF_EVEN)
-        exports = (_write_openai if provider == "openai" else _write_anthropic)(
-            out, reqs, written)
+        if provider == "openai":
+            exports = _write_openai(out, reqs, written)
+        else:
+            exports = _write_anthropic(out, reqs, written, anthropic_analytics)
         adjustments = _write_adjustments(out, provider)
         files[provider] = exports + adjustments[:1]
         answer["providers"][provider] = _expected(provider, reqs, exact, written)

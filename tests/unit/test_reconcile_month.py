@@ -51,11 +51,15 @@ def _memo(out: pathlib.Path, period: str, provider: str) -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda s: f"seed{s}")
+# The third month gives Anthropic's costs as the cost analytics export
+# (fractional cents, list amounts) instead of the cost report.
+@pytest.fixture(scope="module", params=[(1, False), (2, False), (3, True)],
+                ids=["seed1", "seed2", "seed3-analytics"])
 def month(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> tuple[pathlib.Path, dict[str, Any], dict[str, dict[str, Any]]]:
-    root = tmp_path_factory.mktemp(f"month{request.param}")
-    answer = generate(root / "in", seed=request.param, requests=20_000)
+    seed, analytics = request.param
+    root = tmp_path_factory.mktemp(f"month{seed}")
+    answer = generate(root / "in", seed=seed, requests=20_000, anthropic_analytics=analytics)
     memos = {}
     for provider in ("openai", "anthropic"):
         code = _run(root / "in", answer, provider, root / "out")

@@ -31,6 +31,7 @@ from keel_pdp.reconcile.adapters.common import (
     day_place,
     iter_buckets,
     load_json,
+    pages,
     parse_day,
     read_csv,
     text_field,
@@ -80,6 +81,8 @@ _CONSOLE_TOKEN_TYPES = {
 
 def detect(path: pathlib.Path, text: str) -> str | None:
     stripped = text.lstrip()
+    if stripped.startswith(("{", "[")) and '"list_amount"' in text:
+        return "analytics-json"
     if stripped.startswith(("{", "[")):
         if '"uncached_input_tokens"' in text and '"amount"' not in text:
             return "usage-json"
@@ -179,8 +182,72 @@ def _tier(context_window: Any) -> dict[str, Any]:
     return {"tier": LONG_CONTEXT, "tier_from": number} if number > 0 else {}
 
 
+def _analytics_rows(path: pathlib.Path, doc: Any
+                    ) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(where, day path, day value, flat row) of a cost analytics export: items
+    ``{starting_at, ending_at, group: {...}, cost: {amount, list_amount, ...}}``,
+    or bucketed pages ``data[].results[]`` with the same fields flat."""
+    out: list[tuple[str, str, Any, dict[str, Any]]] = []
+    many = isinstance(doc, list)
+    for p_index, page in enumerate(pages(path, doc)):
+        prefix = f"[{p_index}]." if many else ""
+        data = page.get("data")
+        if not isinstance(data, list):
+            raise InputError(str(path), "missing the 'data' list", where=f"{prefix}data")
+        for i, item in enumerate(data):
+            where = f"{prefix}data[{i}]"
+            if not isinstance(item, dict):
+                raise InputError(str(path), "an item must be an object", where=where)
+            if isinstance(item.get("results"), list):
+                for j, r in enumerate(item["results"]):
+                    if not isinstance(r, dict):
+                        raise InputError(str(path), "a result must be an object",
+                                         where=f"{where}.results[{j}]")
+                    out.append((f"{where}.results[{j}]", f"{where}.starting_at",
+                                item.get("starting_at"), r))
+                continue
+            group, cost = item.get("group") or {}, item.get("cost")
+            if not isinstance(cost, dict) or not isinstance(group, dict):
+                raise InputError(str(path), "an item needs a 'cost' object (and a 'group' "
+                                 "object when grouped)", where=f"{where}.cost")
+            out.append((where, f"{where}.starting_at", item.get("starting_at"),
+                        {**group, **cost, "_cost_path": f"{where}.cost"}))
+    return out
+
+
+def _analytics(path: pathlib.Path, text: str, period: Period, aliases: dict[str, str],
+               guard: DuplicateGuard) -> list[ProviderLine]:
+    lines: list[ProviderLine] = []
+    for where, day_where, start, r in _analytics_rows(path, load_json(path, text)):
+        at = str(r.get("_cost_path") or where)
+        guard.check(path, ("anthropic-analytics", start, r.get("workspace_id"),
+                           r.get("api_key_id"), r.get("model"), r.get("token_type"),
+                           r.get("cost_type"), r.get("service_tier"),
+                           r.get("context_window"), r.get("inference_geo"), r.get("speed"),
+                           r.get("product"), r.get("description")), where)
+        if "amount" not in r:
+            raise InputError(str(path), "missing 'amount'", where=f"{at}.amount")
+        check_currency(path, r.get("currency"), f"{at}.currency", "")
+        model = text_field(r.get("model"))
+        token_type = text_field(r.get("token_type"))
+        description = text_field(r.get("description"))
+        listed = text_field(r.get("list_amount"))
+        if not description:
+            description = " ".join(x for x in (model, token_type) if x)
+            if listed and listed != text_field(r.get("amount")):
+                description += f" (list {listed} cents)"
+        lines.append(_cost(path, period, aliases, where, start, "", r.get("amount"),
+                           (f"{at}.amount", ""), MICROS_PER_CENT, model, token_type,
+                           text_field(r.get("cost_type")), r.get("workspace_id"),
+                           description, text_field(r.get("api_key_id")), _API_TOKEN_TYPES,
+                           day_where, r.get("context_window")))
+    return lines
+
+
 def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict[str, str],
           guard: DuplicateGuard) -> list[ProviderLine]:
+    if fmt == "analytics-json":
+        return _analytics(path, text, period, aliases, guard)
     lines: list[ProviderLine] = []
     if fmt in ("usage-json", "cost-json"):
         doc = load_json(path, text)

@@ -16,8 +16,8 @@ PROVIDERS = ("openai", "anthropic", "csv")
 _EXPECTED = {
     "openai": "an Usage API completions page, a Costs API page, or the usage dashboard's "
               "usage or cost CSV",
-    "anthropic": "an Admin API messages usage report, a cost report, or the console's usage "
-                 "or cost CSV",
+    "anthropic": "an Admin API messages usage report, a cost report, a cost analytics export, "
+                 "or the console's usage or cost CSV",
 }
 
 
