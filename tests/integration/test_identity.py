@@ -36,6 +36,7 @@ from keel_pdp.mesh import services as mesh_services
 from keel_pdp.mesh.config import MeshConfig
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.server.admin import add_admin
 from keel_pdp.server.identity import CallerGuard, CallerInterceptor, CallerTokens
 from keel_pdp.server.service import build_server
 from keel_pdp.server.tls import ReloadingCredentials, TlsFiles
@@ -113,7 +114,8 @@ class Sidecar:
 @asynccontextmanager
 async def sidecar(redis_url: str, policies: pathlib.Path, mode: str, prefix: str,
                   tls: tuple[pathlib.Path, pathlib.Path, pathlib.Path] | None,
-                  tokens: CallerTokens | None = None) -> AsyncIterator[Sidecar]:
+                  tokens: CallerTokens | None = None,
+                  admin_token: str | None = None) -> AsyncIterator[Sidecar]:
     holder = PolicyHolder(policies)
     holder.reload()
     keys = KeySpace(prefix)
@@ -125,7 +127,8 @@ async def sidecar(redis_url: str, policies: pathlib.Path, mode: str, prefix: str
     server, _, port = build_server(
         engine, metrics, f"127.0.0.1:{free_port()}",
         credentials=creds.credentials() if creds else None,
-        extra_services=mesh_services(engine, metrics, MeshConfig()),
+        extra_services=[*mesh_services(engine, metrics, MeshConfig()),
+                        add_admin(engine, lambda: admin_token)],
         interceptors=[CallerInterceptor(guard)])
     await server.start()
     try:
@@ -342,6 +345,34 @@ async def test_bindings_reload_with_the_bundle(redis_url: str, tmp_path: pathlib
         assert sc.holder.reload()
         r = await stub.Authorize(areq(ETL), timeout=5)
         assert r.decision == pb.ALLOW
+
+
+@pytest.mark.parametrize("mode", ["enforce", "observe"])
+async def test_bindings_open_the_admin_api_in_enforce_mode(
+        redis_url: str, tmp_path: pathlib.Path, pki: pathlib.Path, mode: str) -> None:
+    ops = "spiffe://corp/ns/ops/sa/admin"
+    d = bundle(tmp_path / "b", [
+        *BINDINGS, {"id": "ops", "identities": [ops], "rpcs": ["admin"]},
+        {"id": "approvers", "identities": [BILLING], "rpcs": ["grant_exception"]}])
+    prefix = f"id-adm-{mode}-{next(_ids)}"
+    # No admin token and no --admin-identities: only bindings can open the admin API.
+    async with sidecar(redis_url, d, mode, prefix, mtls(pki)) as sc:
+        outcomes: dict[tuple[str, str], str] = {}
+        for client in ("ops", "billing", "support"):
+            async with channel(pki, sc.port, client) as ch:
+                stub = pb_grpc.AdminStub(ch)
+                for name, call in (
+                        ("ReloadPolicy", stub.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=5)),
+                        ("ListExceptions",
+                         stub.ListExceptions(pb.ListExceptionsRequest(), timeout=5))):
+                    try:
+                        await call
+                        outcomes[(client, name)] = "OK"
+                    except grpc.aio.AioRpcError as exc:
+                        outcomes[(client, name)] = exc.code().name
+        opened = {("ops", "ReloadPolicy"), ("ops", "ListExceptions"),
+                  ("billing", "ListExceptions")} if mode == "enforce" else set()
+        assert outcomes == {k: "OK" if k in opened else "PERMISSION_DENIED" for k in outcomes}
 
 
 # ---------------------------------------------------------------- tokens
