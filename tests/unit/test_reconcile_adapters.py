@@ -173,17 +173,17 @@ def test_usage_without_any_cost_export_is_rejected() -> None:
 def test_the_cost_analytics_export_in_both_shapes(tmp_path: pathlib.Path) -> None:
     import json
 
+    group = {"workspace_id": "wrkspc_a", "model": "claude-sonnet-4-5-20250929",
+             "cost_type": "tokens", "token_type": "output_tokens", "context_window": "200k-1M"}
+    cost = {"amount": "123.456789", "list_amount": "150.00", "currency": "USD"}
     item = {"starting_at": "2026-01-05T00:00:00Z", "ending_at": "2026-01-06T00:00:00Z",
-            "group": {"workspace_id": "wrkspc_a", "model": "claude-sonnet-4-5-20250929",
-                      "cost_type": "tokens", "token_type": "output_tokens",
-                      "context_window": "200k-1M"},
-            "cost": {"amount": "123.456789", "list_amount": "150.00", "currency": "USD"}}
+            "group": group, "cost": cost}
     flat = tmp_path / "analytics.json"
     flat.write_text(json.dumps({"data": [item], "has_more": False, "next_page": None}))
     bucketed = tmp_path / "analytics_bucketed.json"
     bucketed.write_text(json.dumps({"data": [{
         "starting_at": "2026-01-06T00:00:00Z", "ending_at": "2026-01-07T00:00:00Z",
-        "results": [{**item["group"], **item["cost"], "context_window": "0-200k"}]}]}))
+        "results": [{**group, **cost, "context_window": "0-200k"}]}]}))
     lines = import_exports("anthropic", [flat, bucketed], JAN, {}, None).lines
     assert [(ln.day.day, ln.account, ln.model, ln.token_type, ln.cost_micros, ln.tier)
             for ln in lines] == [
