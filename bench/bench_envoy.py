@@ -18,7 +18,13 @@ tests/fixtures/mesh_policies. h2load sends HTTP/1.1 chat completions with one
 connection and one request at a time (latency, not throughput), the paths in
 rotating order within each round, and writes every request's latency
 (``--log-file``); p50 and p99 are taken over all rounds. A streamed (SSE)
-variant runs the same way. Envoy generates a fresh x-request-id per request,
+variant runs the same way, then one scenario per provider format (plain
+against ``keel`` only): OpenAI embeddings, Azure OpenAI chat, Gemini JSON and
+SSE, Vertex JSON-array stream, Bedrock Converse and ConverseStream (event-stream
+frames), and a chat stream that did not ask for usage (Keel rewrites the body
+to ask, and strips the extra chunk: the extra request-path step, compared with
+the same stream that asked itself). Each scenario bills its own tenant, so no
+budget runs out mid-run. Envoy generates a fresh x-request-id per request,
 so every call is a new Authorize and every response a Closeout; at the end
 the benchmark checks that no hold was left open.
 """
@@ -57,10 +63,40 @@ SECTION = "envoy"
 UNSEEN_ENV = "KEEL_MESH_UNSEEN_PERMIT_S"
 UNSEEN_GRACE_S = 2
 POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
-HEADERS = ("x-keel-tenant: bench", "x-keel-workload: chat", "content-type: application/json")
+HEADERS = ("x-keel-workload: chat", "content-type: application/json")
 CHAT = {"model": "gpt-4.1-mini", "max_tokens": 64,
         "messages": [{"role": "system", "content": "You are terse."},
                      {"role": "user", "content": "Summarise the spend policy in one line."}]}
+_ASK = "Summarise the spend policy in one line."
+_GEMINI: dict[str, object] = {"contents": [{"role": "user", "parts": [{"text": _ASK}]}],
+           "generationConfig": {"maxOutputTokens": 64}}
+_CONVERSE: dict[str, object] = {"messages": [{"role": "user", "content": [{"text": _ASK}]}],
+             "inferenceConfig": {"maxTokens": 64}}
+_VERTEX = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro"
+_BEDROCK = "/model/anthropic.claude-sonnet-4-5-v1%3A0"
+# scenario -> (label, path, body, listeners); listeners: "all" or "split" (plain + keel).
+SCENARIOS: dict[str, tuple[str, str, dict[str, object], str]] = {
+    "json": ("chat completion", "/v1/chat/completions", CHAT, "all"),
+    "sse": ("streamed chat (SSE, 10 events)", "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, "split"),
+    "sse-ask-usage": ("streamed chat without include_usage (Keel asks, strips the chunk)",
+                      "/v1/chat/completions", {**CHAT, "stream": True}, "split"),
+    "embeddings": ("OpenAI embeddings", "/v1/embeddings",
+                   {"model": "text-embedding-3-small", "input": [_ASK, _ASK]}, "split"),
+    "azure": ("Azure OpenAI chat (deployment path)",
+              "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21",
+              {"messages": CHAT["messages"], "max_tokens": 64}, "split"),
+    "gemini-json": ("Gemini generateContent", "/v1beta/models/gemini-2.5-flash:generateContent",
+                    _GEMINI, "split"),
+    "gemini-sse": ("Gemini streamGenerateContent (SSE)",
+                   "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", _GEMINI,
+                   "split"),
+    "vertex-array": ("Vertex streamGenerateContent (JSON array)",
+                     _VERTEX + ":streamGenerateContent", _GEMINI, "split"),
+    "converse": ("Bedrock Converse", _BEDROCK + "/converse", _CONVERSE, "split"),
+    "converse-stream": ("Bedrock ConverseStream (event-stream frames)",
+                        _BEDROCK + "/converse-stream", _CONVERSE, "split"),
+}
 
 
 @dataclass
@@ -114,16 +150,17 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, log: pathlib.
 
 
 def h2load_latencies(port: int, body: pathlib.Path, duration_s: float, log: pathlib.Path,
-                     conns: int = 1) -> list[float]:
+                     conns: int = 1, path: str = "/v1/chat/completions",
+                     tenant: str = "bench") -> list[float]:
     """Per-request latency in microseconds of one timed h2load run (HTTP/1.1)."""
     exe = shutil.which("h2load")
     if exe is None:
         raise BenchError("h2load is not installed (make deps installs nghttp2-client)")
     cmd = [exe, "--h1", "-c", str(conns), "-m", "1", "-D", str(max(1, round(duration_s))),
            "-d", str(body), f"--log-file={log}"]
-    for h in HEADERS:
+    for h in (*HEADERS, f"x-keel-tenant: {tenant}"):
         cmd += ["-H", h]
-    cmd.append(f"http://127.0.0.1:{port}/v1/chat/completions")
+    cmd.append(f"http://127.0.0.1:{port}{path}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120,
                           check=False)
     if proc.returncode != 0:
@@ -191,10 +228,9 @@ def _measure(ctx: Context, envoy: str, keel: Sidecar, server: RedisServer,
     config["static_resources"]["listeners"].append(extra)
     cfg = work / "envoy.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    bodies = {"json": work / "chat.json", "sse": work / "chat-sse.json"}
-    bodies["json"].write_text(json.dumps(CHAT))
-    bodies["sse"].write_text(json.dumps({**CHAT, "stream": True,
-                                         "stream_options": {"include_usage": True}}))
+    bodies = {name: work / f"{name}.json" for name in SCENARIOS}
+    for name, (_label, _path, body, _which) in SCENARIOS.items():
+        bodies[name].write_text(json.dumps(body))
     mock_cmd = [sys.executable, "-m", "keel_pdp.mesh.mockprovider", "--port", str(mock_port),
                 "--output-tokens", "24", "--tokens-per-chunk", "4"]
     with _process(mock_cmd, work / "mock.log") as mock, \
@@ -205,17 +241,28 @@ def _measure(ctx: Context, envoy: str, keel: Sidecar, server: RedisServer,
         _wait_http(f"http://127.0.0.1:{admin}/ready", env, "envoy", work / "envoy.log")
         rows: list[Row] = []
         duration = ctx.duration_s
-        for scenario in ("json", "sse"):
-            named = paths.named() if scenario == "json" else paths.named()[:2]
+        p50s: dict[str, float] = {}
+        for scenario, (label, path, _body, which) in SCENARIOS.items():
+            named = paths.named() if which == "all" else paths.named()[:2]
             lat: dict[str, list[float]] = {name: [] for name, _ in named}
+            tenant = f"bench-{scenario}"
             for _name, port in named:  # warm-up: connections, caches
-                h2load_latencies(port, bodies[scenario], 1, work / "warm.tsv")
+                h2load_latencies(port, bodies[scenario], 1, work / "warm.tsv", path=path,
+                                 tenant=tenant)
             for r in range(ctx.rounds):
                 order = named[r % len(named):] + named[:r % len(named)]
                 for name, port in order:
                     lat[name] += h2load_latencies(port, bodies[scenario], duration,
-                                                  work / f"{scenario}-{name}-{r}.tsv")
-            rows += _rows(scenario, lat, ctx.rounds, duration)
+                                                  work / f"{scenario}-{name}-{r}.tsv",
+                                                  path=path, tenant=tenant)
+            rows += _rows(label, lat, ctx.rounds, duration)
+            p50s[scenario] = percentile(sorted(lat["keel"]), 0.5)
+        ask, asked = p50s["sse-ask-usage"], p50s["sse"]
+        rows.append(Row(SECTION, "streamed chat: Keel asks for usage and strips it, p50",
+                        ask / 1000, "ms", ask / asked if asked else None,
+                        "the same stream asking for usage itself (Envoy + Keel p50)",
+                        note=f"the request-body rewrite and the streamed strip add "
+                        f"{(ask - asked) / 1000:.2f} ms at p50"))
         time.sleep(UNSEEN_GRACE_S + 1.5)  # closeouts in flight, deferred closes, the watch
         held, settled = open_holds(server)
         rows.append(Row(SECTION, "holds left open after the run", held, "micro-USD",
@@ -226,11 +273,10 @@ def _measure(ctx: Context, envoy: str, keel: Sidecar, server: RedisServer,
         return rows
 
 
-def _rows(scenario: str, lat: dict[str, list[float]], rounds: int,
+def _rows(label: str, lat: dict[str, list[float]], rounds: int,
           duration: float) -> list[Row]:
     base = sorted(lat["plain"])
     p50b, p99b = percentile(base, 0.5), percentile(base, 0.99)
-    label = "chat completion" if scenario == "json" else "streamed chat (SSE, 10 events)"
     out = [
         Row(SECTION, f"{label}: Envoy without Keel p50", p50b / 1000, "ms",
             note=f"{len(base)} requests over {rounds} round(s) of {duration:g}s, 1 connection"),
