@@ -33,10 +33,11 @@ from tests.helpers import budget, make_engine, write_bundle
 
 STREAM = "t:{pdp}:events"
 
-# Each is not a valid encoding of any message with a string field 1.
+# None is a valid encoding of a message whose field 1 is a string.
 GARBAGE = {
     "truncated varint": b"\x08\xff",
     "length past the end": b"\x0a\x7f",
+    "invalid utf-8 in a string": b"\x0a\x02\xff\xfe",
     "group end without start": b"\x0c",
     "reserved wire type": b"\x0f\x00",
 }
@@ -102,6 +103,8 @@ def _authorize(rid: str, tenant: str = "acme") -> pb.AuthorizeRequest:
 async def test_undecodable_request_is_invalid_argument_naming_the_type(
         served: Served, kind: str) -> None:
     for method, type_name in METHODS.items():
+        if kind == "invalid utf-8 in a string" and method.endswith("/Noop"):
+            continue  # Noop's field 1 is bytes: any bytes are valid there
         call = served.channel.unary_unary(method, None, None)  # bytes in, bytes out
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(GARBAGE[kind], timeout=5)

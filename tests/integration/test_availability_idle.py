@@ -89,6 +89,8 @@ class RawH2:
     ended: dict[int, float] = field(default_factory=dict)  # stream -> when it ended
     resets: dict[int, int] = field(default_factory=dict)  # stream -> RST_STREAM error code
     goaway: bool = False
+    eof: bool = False  # the server closed the connection
+    received: dict[int, bytearray] = field(default_factory=dict)  # DATA by stream
     _task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -140,10 +142,13 @@ class RawH2:
                 elif ftype == RST_STREAM:
                     self.resets[sid] = int.from_bytes(payload[:4], "big")
                     self.ended.setdefault(sid, time.monotonic())
-                elif ftype in (HEADERS, DATA) and flags & END_STREAM:
+                if ftype == DATA:
+                    self.received.setdefault(sid, bytearray()).extend(payload)
+                if ftype in (HEADERS, DATA) and flags & END_STREAM:
                     self.ended.setdefault(sid, time.monotonic())
                 elif ftype == GOAWAY:
                     self.goaway = True
+        self.eof = True
 
     async def close(self) -> None:
         if self._task is not None:
