@@ -85,6 +85,7 @@ def run(ctx: Context) -> list[Row]:
     n_lat = int(RATE * (2.0 if ctx.quick else 5.0))
     refused = 0
     degraded = dict.fromkeys(modes, 0)
+    lat_errors = dict.fromkeys(modes, 0)
     with ctx.redis("redis-identity") as server:
         for rnd in range(max(1, ctx.rounds - 1)):
             for mode in modes:
@@ -103,8 +104,12 @@ def run(ctx: Context) -> list[Row]:
                     write_bodies(bodies, r.workload.authorize(f"idl{mode}{rnd}", 0, n_lat))
                     res = drive(ctx.driver, sc.port, AUTHORIZE, bodies, rps=RATE, n=n_lat,
                                 headers=header)
-                    if res["errors"]:
-                        raise BenchError(f"identity {mode}: {res['errors']} calls failed")
+                    # Every call carries the same identity, so a refusal would fail them
+                    # all; a few errors are an overloaded machine (the stderr says which).
+                    if res["errors"] > n_lat // 100:
+                        raise BenchError(f"identity {mode}: {res['errors']} calls failed "
+                                         f"({res['stderr']})")
+                    lat_errors[mode] += int(res["errors"])
                     lats[mode].append(dict(res["lat_us"]))
                     if mode == "enforce" and rnd == 0:
                         probe = ctx.path("id-probe.bin")
@@ -131,5 +136,7 @@ def run(ctx: Context) -> list[Row]:
         e = median([x[q] for x in lats["enforce"]]) / 1000
         rows.append(Row(SECTION, f"Authorize {q} at 1,000/s, open", o, "ms"))
         rows.append(Row(SECTION, f"Authorize {q} at 1,000/s, enforce", e, "ms",
-                        e / o if o else None, "open"))
+                        e / o if o else None, "open",
+                        f"calls that failed at 1,000/s (overload): {lat_errors}"
+                        if q == "p99" else ""))
     return rows
