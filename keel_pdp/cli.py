@@ -119,8 +119,7 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     if metrics_port:
         print(f"keel-pdp {who}metrics on http://{s.metrics_host}:{metrics_port}/metrics",
               flush=True)
-    print(f"keel-pdp budget store {store.client.connection_pool.connection_kwargs.get('host', '')}"
-          f":{store.client.connection_pool.connection_kwargs.get('port', '')}", flush=True)
+    print(f"keel-pdp budget store {store.where}", flush=True)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

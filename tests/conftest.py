@@ -42,7 +42,7 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed (make deps installs it)")
+            pytest.skip("redis-server is not installed (make deps installs it)")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
@@ -90,16 +90,25 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
+# Set on a client whose engine (tests.helpers.make_engine) must use the production
+# pipelined RESP transport; the redis-py client stays for the test's own reads.
+RESP_URL_ATTR = "keel_resp_url"
+
+
+@pytest.fixture(params=["fakeredis", "redis", "resp"])
 async def aio_client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
-    """One test body over fakeredis and a real Redis server."""
+    """One test body over fakeredis, redis-py + a real Redis server, and the production
+    RESP client + the same server (``make_engine`` builds the store with it)."""
     if request.param == "fakeredis":
         import fakeredis
 
         client: aioredis.Redis = fakeredis.FakeAsyncRedis()
     else:
+        request.applymarker(pytest.mark.redis)
         url = request.getfixturevalue("redis_url")
         client = aioredis.Redis.from_url(url)
+        if request.param == "resp":
+            setattr(client, RESP_URL_ATTR, url)
     try:
         yield client
     finally:
@@ -108,8 +117,11 @@ async def aio_client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.R
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in item.nodeid.split("/"):
+        parts = item.nodeid.split("/")
+        if "integration" in parts or "adversarial" in parts:
             item.add_marker(pytest.mark.integration)
+        if "redis_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
 
 
 os.environ.setdefault("KEEL_LOG_LEVEL", "WARNING")

@@ -12,6 +12,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.resp import RespClient
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.engine import Engine
 from keel_pdp.metrics import Metrics
@@ -64,7 +65,14 @@ def make_engine(client: aioredis.Redis, bundle_dir: pathlib.Path,
                 timeout_s: float = 1.0) -> Engine:
     holder = PolicyHolder(bundle_dir)
     holder.set(load_bundle(bundle_dir))
-    store = BudgetStore(client, KeySpace("t"), timeout_s)
+    resp_url = getattr(client, "keel_resp_url", None)  # tests.conftest.RESP_URL_ATTR
+    if resp_url:
+        # The production transport for the scripts; the test's redis-py client for the
+        # administrative reads, as `keel-pdp serve` would build them lazily.
+        store = BudgetStore(client, KeySpace("t"), timeout_s,
+                            transport=RespClient.from_url(resp_url))
+    else:
+        store = BudgetStore(client, KeySpace("t"), timeout_s)
     return Engine(holder, store, Metrics())
 
 

@@ -216,11 +216,14 @@ class _Connection(asyncio.Protocol):
         """Whether the socket holds data the event loop has not read yet."""
         if self._fd < 0 or self.closed:
             return False
+        # poll, not select: select cannot watch a descriptor numbered 1024 or more,
+        # which a busy sidecar (many client connections) reaches.
+        poller = select.poll()
         try:
-            ready, _, _ = select.select([self._fd], [], [], 0)
+            poller.register(self._fd, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return False
-        return bool(ready)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
@@ -148,13 +149,37 @@ class RedisPyTransport:
 _FAILURES = (TimeoutError, RedisError, RespError, OSError)
 
 
+def describe_url(url: str) -> str:
+    """Where a Redis URL points, without its credentials (for logs)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}"
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+
+
 class BudgetStore:
-    def __init__(self, client: aioredis.Redis, keys: KeySpace, timeout_s: float = 0.025, *,
-                 transport: Transport | None = None) -> None:
-        self.client = client
+    """The budget store: holds, settlements, releases and events in Redis, one Lua
+    script call per operation (see the module docstring).
+
+    ``client`` (redis-py) serves the administrative reads (budget status, exception
+    workflow); with the production RESP transport it is only built on first use, so
+    a sidecar that never serves those calls never opens a redis-py pool.
+    """
+
+    def __init__(self, client: aioredis.Redis | None, keys: KeySpace,
+                 timeout_s: float = 0.025, *, transport: Transport | None = None,
+                 client_factory: Callable[[], aioredis.Redis] | None = None,
+                 where: str = "") -> None:
+        self._client = client
+        self._client_factory = client_factory
+        self.where = where
         self.keys = keys
         self.timeout_s = timeout_s
-        self.transport: Transport = transport or RedisPyTransport(client)
+        if transport is None:
+            if client is None:
+                raise ValueError("BudgetStore needs a redis-py client or a transport")
+            transport = RedisPyTransport(client)
+        self.transport: Transport = transport
         t = self.transport
         self._authorize = t.script(_lua("authorize.lua"))
         self._closeout = t.script(_lua("closeout.lua"))
@@ -163,24 +188,35 @@ class BudgetStore:
         self._abort = t.script(_lua("abort.lua"))
         self._grant = t.script(_lua("grant.lua"))
 
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            if self._client_factory is None:
+                raise RuntimeError("this budget store has no redis-py client")
+            self._client = self._client_factory()
+        return self._client
+
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
                  max_connections: int = 64, client: str = "resp") -> BudgetStore:
         """``client``: "resp" (pipelined, the default) or "redis-py" for every call."""
-        redis_py = aioredis.Redis.from_url(
-            url,
-            socket_timeout=max(timeout_s * 4, 0.25),
-            socket_connect_timeout=max(timeout_s * 4, 0.25),
-            max_connections=max_connections,
-            health_check_interval=0,
-            retry_on_timeout=False,
-        )
+        def redis_py() -> aioredis.Redis:
+            return aioredis.Redis.from_url(
+                url,
+                socket_timeout=max(timeout_s * 4, 0.25),
+                socket_connect_timeout=max(timeout_s * 4, 0.25),
+                max_connections=max_connections,
+                health_check_interval=0,
+                retry_on_timeout=False,
+            )
+
         if client == "redis-py":
-            return cls(redis_py, KeySpace(prefix), timeout_s)
+            return cls(redis_py(), KeySpace(prefix), timeout_s, where=describe_url(url))
         if client != "resp":
             raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
         resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
-        return cls(redis_py, KeySpace(prefix), timeout_s, transport=resp)
+        return cls(None, KeySpace(prefix), timeout_s, transport=resp, client_factory=redis_py,
+                   where=describe_url(url))
 
     def _budget(self, timeout_s: float | None) -> float:
         budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
@@ -290,7 +326,7 @@ class BudgetStore:
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
     async def window(self, key: str) -> tuple[int, int]:
-        raw = await self.client.hmget(key, "s", "h")
+        raw = await self._command("HMGET", key, "s", "h", timeout_s=max(self.timeout_s, 1.0))
         return int(raw[0] or 0), int(raw[1] or 0)
 
     async def warm(self) -> bool:
@@ -313,5 +349,6 @@ class BudgetStore:
     async def close(self) -> None:
         if not isinstance(self.transport, RedisPyTransport):
             await self.transport.close()
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 

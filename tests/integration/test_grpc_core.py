@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.resp import RespClient
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.engine import Engine
 from keel_pdp.metrics import Metrics
@@ -37,13 +38,15 @@ class Sidecar:
 
 
 async def start_sidecar(redis_url: str, bundle: pathlib.Path | None,
-                        timeout_s: float = 0.025) -> tuple[Sidecar, object]:
+                        timeout_s: float = 0.025,
+                        transport: str = "redis-py") -> tuple[Sidecar, object]:
     holder = PolicyHolder(bundle)
     if bundle is not None:
         holder.set(load_bundle(bundle))
     client = aioredis.Redis.from_url(redis_url, socket_timeout=0.25,
                                      socket_connect_timeout=0.25, max_connections=256)
-    store = BudgetStore(client, KeySpace("it"), timeout_s)
+    store = BudgetStore(client, KeySpace("it"), timeout_s, transport=(
+        RespClient.from_url(redis_url) if transport == "resp" else None))
     engine = Engine(holder, store, Metrics())
     server, health, port = build_server(engine, engine.metrics, f"127.0.0.1:{free_port()}")
     await server.start()
@@ -68,14 +71,16 @@ def areq(rid: str, tenant: str = "acme", tin: int = 1000, tout: int = 500,
                                max_output_tokens=tout)
 
 
+@pytest.mark.parametrize("transport", ["redis-py", "resp"])
 async def test_200_concurrent_authorize_admit_exactly_the_n_that_fit(
-        redis_url: str, tmp_path: pathlib.Path, sidecar_factory: list[Sidecar]) -> None:
+        redis_url: str, tmp_path: pathlib.Path, sidecar_factory: list[Sidecar],
+        transport: str) -> None:
     # Each request costs exactly 450 micro-USD; room for exactly 37 of them.
     n_fit = 37
     d = write_bundle(tmp_path, [budget("cap", f"0.{450 * n_fit + 449:06d}",
                                        scope={"tenant": "acme"})],
                      settings={"allow_constrain": False})
-    sc, _ = await start_sidecar(redis_url, d, timeout_s=2.0)
+    sc, _ = await start_sidecar(redis_url, d, timeout_s=2.0, transport=transport)
     sidecar_factory.append(sc)
     results = await asyncio.gather(
         *(sc.stub.Authorize(areq(f"c{i}"), timeout=10) for i in range(200)))
