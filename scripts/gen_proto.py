@@ -13,17 +13,19 @@ PROTO_DIR = ROOT / "proto"
 OUT = ROOT / "keel_pdp" / "api"
 
 
-def main() -> int:
+def main(out: pathlib.Path = OUT) -> int:
+    """Generate into ``out`` (keel_pdp/api by default; proto-check passes a scratch
+    copy so the check never writes into the working tree)."""
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",
         f"-I{PROTO_DIR}",
         f"-I{include}",
-        f"--python_out={OUT}",
-        f"--grpc_python_out={OUT}",
-        f"--mypy_out={OUT}",
-        f"--mypy_grpc_out={OUT}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         *protos,
     ]
     bindir = pathlib.Path(sys.executable).parent
@@ -32,13 +34,13 @@ def main() -> int:
     if protoc.main(args) != 0:
         return 1
     # protoc writes absolute imports rooted at the proto path; root them in our package.
-    for path in OUT.rglob("*.py*"):
+    for path in out.rglob("*.py*"):
         text = path.read_text()
         fixed = re.sub(r"^from keel\.", "from keel_pdp.api.keel.", text, flags=re.M)
         fixed = re.sub(r"^import keel\.", "import keel_pdp.api.keel.", fixed, flags=re.M)
         if fixed != text:
             path.write_text(fixed)
-    for d in [OUT, *[p for p in OUT.rglob("*") if p.is_dir()]]:
+    for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         init = d / "__init__.py"
         if not init.exists():
             init.write_text("")
@@ -46,4 +48,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(pathlib.Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else OUT))
