@@ -3,8 +3,9 @@
     python -m bench.anatomy_server --port P --redis-url URL --mode canned|script
 
 It serves the real ``PolicyDecisionPoint`` and ``Diagnostics`` servicers of
-``keel_pdp.server.service`` (request conversion, deadline, metrics, response
-building) over grpc.aio on uvloop, like ``keel-pdp serve``, but the engine
+``keel_pdp.server.service`` (request conversion, deadline, response building)
+behind the server's interceptor (``keel_pdp.server.guard``: RPC metrics,
+admission) over grpc.aio on uvloop, like ``keel-pdp serve``, but the engine
 decides nothing: ``canned`` answers at once with a fixed ALLOW in three
 budgets, ``script`` first runs a one-line Lua script through the production
 Redis client (one round trip). Their ratios to the Noop floor bound what any
@@ -26,6 +27,7 @@ from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.resp import RespClient
 from keel_pdp.decision import AuthorizeInput, DecisionKind, HoldFigure, Outcome
 from keel_pdp.metrics import Metrics
+from keel_pdp.server.guard import ServerGuard
 from keel_pdp.server.service import DiagnosticsServicer, PdpServicer
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -57,9 +59,12 @@ async def serve(port: int, redis_url: str, mode: str) -> int:
     engine = CannedEngine(client)
     if client is not None:
         await client.command("PING", timeout_s=2.0)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    metrics = Metrics()
+    # The interceptor keel-pdp serve runs (RPC metrics, admission, idle streams).
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=[ServerGuard(metrics, max_concurrent_rpcs=1024)])
     engine_any: Any = engine
-    pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine_any, Metrics()), server)
+    pb_grpc.add_PolicyDecisionPointServicer_to_server(PdpServicer(engine_any, metrics), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     await serve_until_signalled(server, port, f"anatomy {mode}")
     if client is not None:
