@@ -296,23 +296,33 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                                 "call needs its own request id. This call was not sent.")
         if out.decision is DecisionKind.DENY:
             return self._deny(out)
+        if (route.path_model or route.deployment) and out.model != llm.model:
+            # A reroute changes the body's model; these APIs name it in the path.
+            return self._refuse_after_hold(
+                out, "REROUTE_NOT_POSSIBLE",
+                f"Keel would reroute this call from {llm.model} to {out.model} (decision "
+                f"{out.decision}, permit {out.permit_id}), but this API names the model in "
+                f"the request path, which Keel does not rewrite. Call {out.model} directly.")
         if api in rq.SIGNED_APIS and not cfg.resign_signed and llm.max_output_tokens and \
                 0 < out.max_output_tokens < llm.max_output_tokens:
             # A lowered cap is a body change, which breaks a SigV4 signature
             # unless Envoy re-signs after Keel: refuse rather than send uncapped.
-            self._void_later(out.permit_id, count=False,
-                             reason="the cap could not be written into a signed body")
-            self.m.checks.labels("deny").inc()
-            return _denied(403, error_body(
-                403, "SIGNED_BODY_NOT_REWRITABLE",
+            return self._refuse_after_hold(
+                out, "SIGNED_BODY_NOT_REWRITABLE",
                 f"Keel would lower this call's output cap from {llm.max_output_tokens} to "
                 f"{out.max_output_tokens} tokens (decision {out.decision}, permit "
                 f"{out.permit_id}), but the request is SigV4-signed and this sidecar is not "
                 "told that Envoy re-signs it (KEEL_MESH_RESIGN_SIGNED). Ask for at most "
-                f"{out.max_output_tokens} tokens, or configure re-signing."),
-                ((c.H_DECISION, "DENY"), ("x-keel-reason", "SIGNED_BODY_NOT_REWRITABLE"),
-                 (c.H_PERMIT, out.permit_id)))
+                f"{out.max_output_tokens} tokens, or configure re-signing.")
         return self._allow(out, llm, rewritable=api not in rq.SIGNED_APIS or cfg.resign_signed)
+
+    def _refuse_after_hold(self, out: Outcome, code: str, message: str) -> Any:
+        """Refuse a call Keel allowed but cannot enforce as decided: release its hold now."""
+        self._void_later(out.permit_id, count=False, reason=f"{code}: {message}"[:500])
+        self.m.checks.labels("deny").inc()
+        return _denied(403, error_body(403, code, message),
+                       ((c.H_DECISION, "DENY"), ("x-keel-reason", code),
+                        (c.H_PERMIT, out.permit_id)))
 
     def _deny(self, out: Outcome) -> Any:
         self.m.checks.labels("deny").inc()

@@ -327,3 +327,37 @@ async def test_check_envoy_gave_up_on_releases_its_hold(
             break
     assert kinds.count(b"void") == 1
     assert s.m.abandoned._value.get() == 1
+
+
+async def test_reroute_of_a_model_named_in_the_path_is_refused_and_released() -> None:
+    s = servicer()
+    body = {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 10}}
+    req = check_request(body, path="/v1beta/models/gemini-2.5-pro:generateContent",
+                        workload="cheap-gemini", host="generativelanguage.googleapis.com")
+    code, h, out = denied(await s.check(req, None))
+    assert (code, out["error"]["code"]) == (403, "REROUTE_NOT_POSSIBLE")
+    assert h["x-keel-reason"] == "REROUTE_NOT_POSSIBLE"
+    assert "gemini-2.5-flash" in out["error"]["message"]
+    client: Any = s.engine.store.client
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
+        if b"void" in kinds:
+            break
+    assert kinds.count(b"void") == 1  # the hold the decision made is released at once
+    assert s.m.abandoned._value.get() == 0
+
+
+async def test_azure_deployment_map_and_embeddings_are_read() -> None:
+    cfg = MeshConfig(azure_deployments=(("prod", "gpt-4.1-mini"),))
+    resp = await servicer(cfg=cfg).check(check_request(
+        {"messages": [{"role": "user", "content": "hi"}], "model": "ignored"},
+        path="/openai/deployments/prod/chat/completions?api-version=2024-10-21",
+        host="x.openai.azure.com"), None)
+    h = headers_of(resp.ok_response.headers)
+    assert (h["x-keel-model"], h["x-keel-provider"]) == ("gpt-4.1-mini", "azure")
+    resp = await servicer().check(check_request(
+        {"model": "text-embedding-3-small", "input": "abcdefgh"}, path="/v1/embeddings"), None)
+    h = headers_of(resp.ok_response.headers)
+    assert (h["x-keel-api"], h["x-keel-input-tokens"]) == ("embeddings", "2")
+    assert "x-keel-enforce-max-tokens" not in h
