@@ -110,10 +110,10 @@ def bundles(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     ]
     v1 = write_bundle(root / "v1", [*common, budget(
         "globex-open", "0.040000", scope={"tenant": "globex"}, fail_mode="open")],
-        settings={"hold_ttl_seconds": 30, "min_output_tokens": 20}, revision="sim-1")
+        settings={"hold_ttl_seconds": 5, "min_output_tokens": 20}, revision="sim-1")
     v2 = write_bundle(root / "v2", [*common, budget(
         "globex-open", "0.060000", scope={"tenant": "globex"}, fail_mode="open")],
-        settings={"hold_ttl_seconds": 30, "min_output_tokens": 20}, revision="sim-2")
+        settings={"hold_ttl_seconds": 5, "min_output_tokens": 20}, revision="sim-2")
     return v1, v2
 
 
@@ -194,7 +194,7 @@ class Simulation:
             state = before.state
             if state == "held" and before.expires_at_ms and before.expires_at_ms <= _now_ms():
                 state = "expired"
-            self.report.replays[state] += 1
+            self.report.replays["degraded" if before.degraded else state] += 1
         try:
             out = await eng.authorize(req)
         except InvalidRequest as exc:
@@ -208,6 +208,8 @@ class Simulation:
                 self.permits[out.permit_id] = Permit(out.permit_id, req.tenant, 0,
                                                      out.max_output_tokens,
                                                      req.estimated_input_tokens, degraded=True)
+                # Its request may be replayed too (decided afresh: no hold was made).
+                self.requests.setdefault(req.request_id, (req, out.permit_id))
             return
         if first_pid and out.replayed and out.permit_id != first_pid:
             raise InvariantViolation(f"retry of {req.request_id} got a second permit")
