@@ -289,3 +289,30 @@ async def test_the_interceptor_refuses_a_handler_it_cannot_wrap(tmp_path: pathli
 
     with pytest.raises(RuntimeError, match="INTERNAL: caller identity checks could not"):
         await handler.unary_unary(None, Ctx())
+
+
+def test_ledger_migration_3_adds_the_caller_to_an_existing_store(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel_pdp.ledger import migrations
+    from keel_pdp.ledger import store as ledger_store
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    # The store as the release before caller identities left it: schema 2, one entry.
+    monkeypatch.setattr(ledger_store, "MIGRATIONS", migrations.MIGRATIONS[:2])
+    monkeypatch.setattr(ledger_store, "LATEST", 2)
+    old = ledger_store.open_store(url)
+    with old.tx() as tx:
+        tx.run("INSERT INTO ledger_entries (event_id, seq, kind, permit_id, ts_ms, "
+               "booked_at_ms, period, belongs_to) VALUES ('1-0', 0, 'void', 'pmt_x', 1, 1, "
+               "'2026-11', '2026-11')")
+    old.close()
+    monkeypatch.undo()
+    new = ledger_store.open_store(url)
+    try:
+        assert new.schema_version() == 3
+        assert new.query("SELECT caller FROM ledger_entries") == [("",)]
+        # The append-only guards still hold for the new column.
+        with pytest.raises(Exception, match="append-only"), new.tx() as tx:
+            tx.run("UPDATE ledger_entries SET caller = 'someone'")
+    finally:
+        new.close()
