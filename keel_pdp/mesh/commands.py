@@ -6,6 +6,7 @@ Imported by the CLI on every start: the Envoy and YAML code loads only when a co
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from typing import Any
 
@@ -27,6 +28,47 @@ def _envoy_config(ns: argparse.Namespace) -> int:
                        authz_timeout_s=ns.authz_timeout_ms / 1000, mode=ns.mode,
                        aws_sign_region=ns.aws_sign_region)
     yaml.safe_dump(bootstrap(setup), sys.stdout, sort_keys=False)
+    return 0
+
+
+def _route(ns: argparse.Namespace) -> int:
+    """Which API, provider and model a provider call resolves to, and its price."""
+    from keel_pdp.mesh.config import MeshConfig
+    from keel_pdp.mesh.request import CAP_FIELDS, provider_for, route_for
+
+    cfg = MeshConfig.from_env()
+    route = route_for(ns.method, ns.path)
+    host = ns.host or ""
+    if route is None:
+        listed = cfg.listed_unmetered(host, ns.path)
+        verdict = ("passed unmetered (KEEL_MESH_UNMETERED_ROUTES)" if listed else
+                   "refused: 403 NOT_METERED" + (" (a provider host)"
+                                                 if cfg.is_provider_host(host) else ""))
+        print(f"{ns.method} {host}{ns.path.split('?', 1)[0]}: not a metered API; {verdict}")
+        return 0 if listed else 1
+    provider = provider_for(route.provider, host, ns.provider, cfg.provider_hosts)
+    model = cfg.azure_model(route.deployment) if route.deployment else (
+        route.path_model or ns.model or "(the body's model)")
+    print(f"api:      {route.api}")
+    print(f"provider: {provider}")
+    print(f"model:    {model}" + (f"  (Azure deployment {route.deployment})"
+                                   if route.deployment else ""))
+    print(f"cap:      {', '.join(CAP_FIELDS[route.api]) or '(none: input only)'}")
+    print(f"stream:   {'by path' if route.stream else 'by the body'}")
+    if ns.policies and not model.startswith("("):
+        from decimal import Decimal
+
+        from keel_pdp.policy.loader import load_bundle
+
+        found = load_bundle(ns.policies).price_for(provider, model)
+        if found is None:
+            print("price:    none: refused as UNKNOWN_MODEL_PRICE")
+        else:
+            per_m = {k: Decimal(getattr(found.price, k)) / 1_000_000
+                     for k in ("input", "cached_input", "cache_write", "output")}
+            print("price:    USD per million tokens: " + ", ".join(
+                f"{k} {v.normalize():f}" for k, v in per_m.items())
+                + (f"; {len(found.tiers)} long-context tier(s)" if found.tiers else ""))
     return 0
 
 
@@ -57,6 +99,17 @@ def register(sub: Any) -> None:
                     help="re-sign requests (SigV4, Bedrock) after Keel's filters for this "
                     "region; run the sidecar with KEEL_MESH_RESIGN_SIGNED=true")
     ec.set_defaults(func=_envoy_config)
+    rt = msub.add_parser("route", help="which API, provider and model a provider call "
+                         "resolves to on the Envoy path (and its price with --policies)")
+    rt.add_argument("path", help="the request path, e.g. /v1beta/models/gemini-2.5-pro:"
+                    "generateContent")
+    rt.add_argument("--method", default="POST")
+    rt.add_argument("--host", default="", help="the :authority the call goes to")
+    rt.add_argument("--provider", default="", help="as x-keel-provider would name it")
+    rt.add_argument("--model", default="", help="the body's model, where the path has none")
+    rt.add_argument("--policies", type=pathlib.Path, default=None,
+                    help="a bundle directory: print the price the model resolves to")
+    rt.set_defaults(func=_route)
     mp = msub.add_parser("mock-provider",
                          help="run the mock LLM provider (OpenAI, Azure, Anthropic, Gemini, "
                          "Vertex, Bedrock formats)")

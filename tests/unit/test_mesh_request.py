@@ -264,3 +264,25 @@ def test_estimates_for_embeddings_gemini_and_converse() -> None:
         {"text": "abcd"}, {"image": {"format": "png", "source": {"bytes": "AAAA"}}}]}],
         "system": [{"text": "abcd"}]}
     assert estimate_input_tokens(Api.CONVERSE, conv) == 2 + 4 * 2 + 3 + IMAGE_TOKENS
+
+
+def test_cli_mesh_route_names_api_provider_model_and_price(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from keel_pdp.mesh import commands
+    from tests.conftest import ROOT
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    policies = str(ROOT / "tests" / "fixtures" / "mesh_policies")
+    ns = parser.parse_args(["mesh", "route", "--policies", policies, "/v1/projects/p/locations/"
+                            "l/publishers/google/models/gemini-2.5-pro:streamGenerateContent"])
+    assert ns.func(ns) == 0
+    out = capsys.readouterr().out
+    assert "api:      generate_content" in out and "provider: vertex" in out
+    assert "model:    gemini-2.5-pro" in out and "generationConfig.maxOutputTokens" in out
+    assert "input 1.25, cached_input 0.125" in out and "1 long-context tier" in out
+    ns = parser.parse_args(["mesh", "route", "--host", "api.openai.com", "/v1/batches"])
+    assert ns.func(ns) == 1
+    assert "403 NOT_METERED (a provider host)" in capsys.readouterr().out
