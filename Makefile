@@ -7,7 +7,8 @@ LISTEN ?= 127.0.0.1:50051
 METRICS_PORT ?= 9464
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv run test lint typecheck proto proto-check check clean bench demo
+.PHONY: help deps venv run test lint typecheck proto proto-check check clean bench demo \
+	deps-container image test-container
 
 help:
 	@echo "make run    - install what is needed, start Redis and the sidecar on policies/"
@@ -15,6 +16,8 @@ help:
 	@echo "make bench  - run the benchmarks (prints ratios against a same-run baseline)"
 	@echo "make demo   - Redis, the sidecar, a mock provider and Envoy locally; narrated calls"
 	@echo "make proto  - regenerate keel_pdp/api from proto/"
+	@echo "make image  - build the container image (buildah; Debian base by debootstrap)"
+	@echo "make test-container - build the image and run the sidecar from it (minutes)"
 
 # System packages (Debian): Redis for the budget store and tests, PostgreSQL for
 # the production ledger tests, nghttp2-client (h2load) and a C compiler for the
@@ -59,6 +62,25 @@ check: lint typecheck proto-check
 
 test: deps venv check
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The container image (Containerfile): buildah builds it on a Debian base made with
+# debootstrap, so no registry is needed. Building the base takes minutes, so the
+# image tests are not part of `make test`.
+deps-container:
+	@missing=""; \
+	command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+image: deps-container venv
+	bash scripts/build-image.sh --debootstrap-base
+
+test-container: deps deps-container venv
+	KEEL_CONTAINER_TESTS=1 $(VENV)/bin/pytest -q -p no:cacheprovider -m container tests/integration/test_container.py
 
 demo: deps venv
 	@bash scripts/demo.sh
