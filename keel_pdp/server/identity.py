@@ -361,8 +361,10 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def authorize(request: Any, context: Any) -> Any:
             who = guard.identify(context)
-            await guard.refuse("authorize", guard.judge(
-                "authorize", who, request.tenant, request.workload), context)
+            if request.tenant and request.workload:
+                await guard.refuse("authorize", guard.judge(
+                    "authorize", who, request.tenant, request.workload), context)
+            # else: INVALID_ARGUMENT naming the empty field, from the servicer (no hold)
             caller.CALLER.set(who)
             resp = await behavior(request, context)
             if resp.permit_id and resp.decision != pb.DENY:

@@ -75,6 +75,20 @@ async def test_a_caller_naming_someone_elses_tenant_is_refused_and_holds_nothing
         assert len(events(redis_url, sc.keys)) == before  # no decision, no hold
 
 
+async def test_an_empty_tenant_is_a_bad_request_whoever_asks(
+        redis_url: str, tmp_path: pathlib.Path, pki: pathlib.Path) -> None:
+    async with sidecar(redis_url, bundle(tmp_path / "b"), "enforce", "hostile-empty",
+                       mtls(pki)) as sc, channel(pki, sc.port, "stranger") as ch:
+        before = len(events(redis_url, sc.keys))
+        req = areq(BOT)
+        req.tenant = ""
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.PolicyDecisionPointStub(ch).Authorize(req, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tenant" in (info.value.details() or "")
+        assert len(events(redis_url, sc.keys)) == before
+
+
 async def test_a_caller_closing_out_someone_elses_permit_is_refused_and_moves_nothing(
         redis_url: str, tmp_path: pathlib.Path, pki: pathlib.Path) -> None:
     prefix = "hostile-close"
