@@ -191,13 +191,36 @@ def test_gemini_constrained_call_reaches_upstream_with_the_reduced_cap(
     assert mesh.upstream_calls()[-1]["caps"] == {"generationConfig.maxOutputTokens": k}
 
 
-def test_gemini_over_budget_is_refused_before_the_upstream(
-        mesh: MeshStack, rdb: redis.Redis) -> None:
+@pytest.mark.parametrize(("path", "body"), [
+    (GEMINI + ":generateContent", gemini_body()),
+    (VERTEX + ":streamGenerateContent?alt=sse", gemini_body()),
+    ("/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+     {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi " * 1000}),
+    (f"/model/{BEDROCK_MODEL}/converse-stream", converse_body()),
+    (f"/model/{BEDROCK_MODEL}/invoke", invoke_body())],
+    ids=["gemini", "vertex", "azure", "embeddings", "converse", "invoke"])
+def test_over_budget_is_refused_before_the_upstream(
+        mesh: MeshStack, rdb: redis.Redis, path: str, body: dict[str, Any]) -> None:
     before = len(mesh.upstream_calls())
-    reply = mesh.call(GEMINI + ":generateContent", gemini_body(), tenant="broke")
-    assert reply.status == 429
+    reply = mesh.call(path, body, tenant="broke")
+    assert reply.status == 429, reply.body
     assert reply.json()["error"]["code"] == "BUDGET_EXHAUSTED"
     assert len(mesh.upstream_calls()) == before
+    assert window_figures(rdb, "broke-daily") == (0, 0)
+
+
+def test_azure_constrained_call_reaches_upstream_with_the_reduced_cap(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    reply = mesh.call("/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+                      {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000},
+                      tenant="tight")
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-keel-decision"] == "CONSTRAIN"
+    call = mesh.upstream_calls()[-1]
+    k = int(call["keel"]["x-keel-max-tokens"])
+    assert 16 <= k < 5000
+    assert call["caps"] == {"max_tokens": k}
 
 
 def test_gemini_stream_broken_half_way_keeps_the_reported_prompt(
@@ -229,6 +252,22 @@ def test_bedrock_settles_from_its_usage_frames_split_across_chunks(
     assert data["usage"] == {"in": 1000, "cached": 300, "cw": 100, "out": 24, "rsn": 0}
     assert res["act"] == cost("bedrock", BEDROCK_MODEL, TokenUsage(1000, 300, 100, 24, 0))
     assert data["outcome"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("op", ["converse-stream", "invoke-with-response-stream"])
+def test_bedrock_stream_broken_half_way_settles_partial(
+        mesh: MeshStack, rdb: redis.Redis, op: str) -> None:
+    body = converse_body() if op.startswith("converse") else invoke_body()
+    reply = mesh.call(f"/model/{BEDROCK_MODEL}/{op}", body, headers={
+        "x-mock-mode": "break", "x-mock-input-tokens": "555", "x-mock-split": "17"})
+    data, _ = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["outcome"] == "PARTIAL"
+    assert 0 < data["usage"]["out"] < 24
+    if op.startswith("invoke"):
+        assert data["usage"]["in"] == 555  # message_start arrived before the break
+    else:
+        # ConverseStream reports usage only at the end: Keel's estimate.
+        assert data["usage"]["in"] == estimate_input_tokens(Api.CONVERSE, body)
 
 
 def test_bedrock_frame_with_a_bad_crc_is_not_trusted(mesh: MeshStack, rdb: redis.Redis) -> None:
