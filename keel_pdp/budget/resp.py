@@ -36,9 +36,9 @@ Semantics the budget store relies on:
   ``ssl_check_hostname``, as redis-py names them).
 
 Error replies raise ``RespError``; the budget store maps every exception here
-to ``StoreUnavailable``. Redis Cluster: all Keel keys carry one hash tag, so a
-cluster deployment needs only the owner of that slot; following a ``MOVED``
-reply to it is the one addition this client would need.
+to ``StoreUnavailable``. ``RespNotSent``, a ``RespConnectionError``, says the
+command was never written. Redis Cluster: ``keel_pdp.budget.cluster`` keeps one
+of these clients per master and routes each call by its keys' slot.
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class RespError(Exception):
 
 class RespConnectionError(ConnectionError):
     """No usable connection: connect failed, connection lost, back-off, overload."""
+
+
+class RespNotSent(RespConnectionError):
+    """The command was never written (no connection, back-off, overload, closed):
+    it certainly did not run, so a caller may send it elsewhere (Redis Cluster)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,9 +259,9 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------- sending
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.closed:
-            raise RespConnectionError("connection to Redis is closed")
+            raise RespNotSent("connection to Redis is closed")
         if len(self.pending) >= self._client.config.max_pending:
-            raise RespConnectionError("too many calls waiting for Redis")
+            raise RespNotSent("too many calls waiting for Redis")
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.pending.append((fut, time.monotonic()))
         # Written at once. Gathering the commands of a loop turn into one write
@@ -364,6 +369,19 @@ class RespClient:
         load.add_done_callback(_consume)
         return await self._wait(run, left, conn)
 
+    async def pipelined(self, commands: Sequence[bytes], timeout_s: float) -> Any:
+        """Write already packed ``commands`` back to back on one connection and
+        return the last one's reply (earlier replies are read and dropped).
+        Redis Cluster's ASK needs this: ASKING applies to the next command on
+        the same connection only."""
+        conn = self._ready()
+        if conn is None:
+            conn = await self._connect_within(timeout_s)
+        futs = [conn.send(c) for c in commands]
+        for f in futs[:-1]:
+            f.add_done_callback(_consume)
+        return await self._wait(futs[-1], timeout_s, conn)
+
     async def _wait(self, fut: asyncio.Future[Any], timeout_s: float,
                     conn: _Connection) -> Any:
         handle = asyncio.get_running_loop().call_later(
@@ -395,13 +413,13 @@ class RespClient:
 
     async def _connect_within(self, timeout_s: float) -> _Connection:
         if self._closed:
-            raise RespConnectionError("client is closed")
+            raise RespNotSent("client is closed")
         slot = next((i for i, c in enumerate(self._conns) if c is None), 0)
         task = self._connecting[slot]
         if task is None:
             now = time.monotonic()
             if now < self._retry_at[slot]:
-                raise RespConnectionError(
+                raise RespNotSent(
                     f"Redis unreachable; next connect attempt in "
                     f"{(self._retry_at[slot] - now) * 1000:.0f} ms")
             task = asyncio.get_running_loop().create_task(self._open(slot))
@@ -437,12 +455,12 @@ class RespClient:
             self._retry_at[slot] = time.monotonic() + delay * random.uniform(0.5, 1.0)
             log.warning("cannot connect to Redis (%s: %s); retrying in <= %.0f ms",
                         type(exc).__name__, exc, delay * 1000)
-            raise RespConnectionError(f"cannot connect to Redis: {exc}") from exc
+            raise RespNotSent(f"cannot connect to Redis: {exc}") from exc
         finally:
             self._connecting[slot] = None
         if self._closed:
             conn.close()
-            raise RespConnectionError("client is closed")
+            raise RespNotSent("client is closed")
         self._failures[slot] = 0
         self._conns[slot] = conn
         self.connects += 1
