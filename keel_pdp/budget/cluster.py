@@ -1,0 +1,583 @@
+"""Redis Cluster for the hot path: the pipelined RESP client, once per master.
+
+A cluster is named by ``redis+cluster://`` (``rediss+cluster://`` for TLS) and
+a comma-separated list of seed nodes; see ``parse_cluster_url`` and
+docs/redis-cluster.md for why this form. ``ClusterClient`` has the interface of
+``keel_pdp.budget.resp.RespClient`` (``script``, ``eval_script``, ``command``,
+``close``), so the budget store takes it as its transport unchanged.
+
+How a call travels:
+
+* The slot of every key of the call is computed here (CRC16 of the key's hash
+  tag, modulo 16384, as Redis does). All keys of one call must share a slot,
+  since a script runs on one node; a call whose keys do not is refused with
+  ``CrossSlotError`` naming them. It is a ``ValueError``, not a store failure, on
+  purpose: it must never be mistaken for "Redis unavailable" and fail open.
+* The slot map (CLUSTER SLOTS, asked of a known node or a seed) says which
+  master owns the slot; each master has one ``RespClient`` with one pipelined
+  connection. The common case is therefore one write and one reply, as on a
+  single node.
+* ``MOVED slot host:port``: the slot has a new owner. The map entry is fixed at
+  once, the call is re-sent there, and the whole map is refreshed in the
+  background. ``ASK slot host:port`` (a slot being migrated, this key already
+  moved): the call is re-sent to the target as ``ASKING`` + the command on one
+  connection, and the map is left alone. ``TRYAGAIN`` (the keys of a call are
+  split between the two nodes of a migration for a moment) and ``CLUSTERDOWN``
+  (a master failed and its replica is not promoted yet) are retried after a
+  short pause. Each of these replies means the command did not run, so
+  re-sending it is safe; all of it happens within the call's own timeout.
+* A command that was never written (``RespNotSent``: connection refused, the
+  node in back-off) is re-sent once the map has been refreshed, if the slot
+  now has another owner. A command that was written and then lost its
+  connection is NOT re-sent (it may have run): the call fails, as on a single
+  node, and the map is refreshed for the calls that follow.
+* NOSCRIPT is handled per node by its ``RespClient``; every node loads the
+  registered scripts when it connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+from urllib.parse import parse_qs, quote, urlsplit
+
+import hiredis
+
+from keel_pdp.budget.resp import (
+    Arg,
+    RespClient,
+    RespConfig,
+    RespConnectionError,
+    RespError,
+    RespNotSent,
+    Script,
+    Shared,
+    pack_evalsha,
+    parse_url,
+)
+
+log = logging.getLogger("keel_pdp.budget.cluster")
+
+SLOTS = 16384
+SCHEMES = ("redis+cluster", "rediss+cluster")
+
+_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+_ASKING = _pack(("ASKING",))
+
+
+# ------------------------------------------------------------------ key slots
+def _crc16_table() -> tuple[int, ...]:
+    # CRC-16/XMODEM (polynomial 0x1021, initial value 0), the CRC Redis Cluster uses.
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return tuple(table)
+
+
+_TABLE = _crc16_table()
+
+
+def crc16(data: bytes) -> int:
+    crc = 0
+    table = _TABLE
+    for b in data:
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ b]
+    return crc
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` that is hashed: the text between the first ``{`` and the
+    first ``}`` after it, when that is not empty; otherwise the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+_slot_cache: dict[str, int] = {}
+_SLOT_CACHE_MAX = 65_536
+
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster slot of ``key`` (what ``CLUSTER KEYSLOT`` answers)."""
+    if isinstance(key, bytes):
+        # "{" and "}" never occur inside a UTF-8 multi-byte sequence, so the tag
+        # found in bytes is the tag found in text; bytes that are not UTF-8 are
+        # hashed as they are.
+        start = key.find(b"{")
+        if start >= 0:
+            end = key.find(b"}", start + 1)
+            if end > start + 1:
+                return crc16(key[start + 1:end]) & (SLOTS - 1)
+        return crc16(key) & (SLOTS - 1)
+    tag = hash_tag(key)
+    slot = _slot_cache.get(tag)
+    if slot is None:
+        slot = crc16(tag.encode("utf-8", "surrogatepass")) & (SLOTS - 1)
+        if len(_slot_cache) >= _SLOT_CACHE_MAX:
+            _slot_cache.clear()
+        _slot_cache[tag] = slot
+    return slot
+
+
+class CrossSlotError(ValueError):
+    """The keys of one call live in different cluster slots. A programming or
+    key-layout error, never a store outage: it is not a ``RespError`` or an
+    ``OSError``, so the budget store does not turn it into a fail-open decision."""
+
+
+def call_slot(keys: Sequence[str]) -> int | None:
+    """The one slot of ``keys`` (None for no keys); ``CrossSlotError`` if they differ."""
+    if not keys:
+        return None
+    first = key_slot(keys[0])
+    for k in keys[1:]:
+        if key_slot(k) != first:
+            by_slot: dict[int, list[str]] = {}
+            for key in keys:
+                by_slot.setdefault(key_slot(key), []).append(key)
+            detail = "; ".join(f"slot {s}: {', '.join(repr(k) for k in ks[:4])}"
+                               + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")
+                               for s, ks in sorted(by_slot.items()))
+            raise CrossSlotError(
+                f"the keys of one Redis Cluster call must share a slot (one hash tag); "
+                f"these span {len(by_slot)} slots: {detail}")
+    return first
+
+
+# --------------------------------------------------------------------- URL
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    seeds: tuple[Address, ...]
+    # Connection settings every node shares (auth, TLS, timeouts); host/port unused.
+    node: RespConfig = field(default_factory=RespConfig)
+    # Background refreshes (after MOVED, a lost connection or a timeout) at most
+    # this often; a call that cannot reach its master waits for one at once.
+    refresh_interval_s: float = 0.1
+    # How long one node may take to answer CLUSTER SLOTS during a refresh.
+    refresh_timeout_s: float = 0.5
+    max_redirects: int = 5
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme.lower() in SCHEMES
+
+
+_KNOWN_QUERY = frozenset({"password", "username", "ssl_cert_reqs", "ssl_ca_certs",
+                          "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"})
+
+
+def _seed(text: str, url: str) -> Address:
+    if not text:
+        raise ValueError(f"Redis Cluster URL {url!r} has an empty seed node "
+                         f"(seeds are host:port, separated by commas)")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"Redis Cluster seed {text!r}: an IPv6 address is written "
+                             f"[address]:port")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = text.partition(":")
+        if ":" in port_text:
+            raise ValueError(f"Redis Cluster seed {text!r}: an IPv6 address is written "
+                             f"[address]:port")
+    if not host:
+        raise ValueError(f"Redis Cluster seed {text!r} has no host")
+    if not port_text:
+        return host, 6379
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"Redis Cluster seed {text!r}: port {port_text!r} is not a "
+                         f"number from 1 to 65535")
+    return host, int(port_text)
+
+
+def parse_cluster_url(url: str, **overrides: Any) -> ClusterConfig:
+    """``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/]``, or
+    ``rediss+cluster://`` for TLS (the ``ssl_*`` query parameters of ``parse_url``).
+    ``overrides`` set fields of the per-node ``RespConfig`` (``connect_timeout_s``,
+    ``stall_s``, ...)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        hint = (" (several hosts name a cluster: write redis+cluster://h1:p1,h2:p2/)"
+                if "," in parts.netloc else "")
+        raise ValueError(f"a Redis Cluster URL starts with redis+cluster:// or "
+                         f"rediss+cluster://, not {scheme + '://' if scheme else url!r}{hint}")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at:
+        userinfo, hosts = "", parts.netloc
+    if not hosts:
+        raise ValueError(f"Redis Cluster URL {url!r} names no seed node")
+    seeds: list[Address] = []
+    for text in hosts.split(","):
+        seed = _seed(text.strip(), url)
+        if seed not in seeds:
+            seeds.append(seed)
+    path = parts.path.strip("/")
+    if path not in ("", "0"):
+        raise ValueError(f"Redis Cluster has only database 0; the URL names database "
+                         f"{path!r}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if "db" in query and query["db"][-1] not in ("", "0"):
+        raise ValueError(f"Redis Cluster has only database 0; the URL names database "
+                         f"{query['db'][-1]!r}")
+    unknown = sorted(set(query) - _KNOWN_QUERY - {"db"})
+    if unknown:
+        raise ValueError(f"Redis Cluster URL: unknown parameter(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(_KNOWN_QUERY))})")
+    # The auth and TLS settings are those of a single-node URL: parse them the same way.
+    host, port = seeds[0]
+    shown = f"[{host}]" if ":" in host else quote(host, safe=".-_")
+    single = f"{scheme.split('+')[0]}://{userinfo + '@' if at else ''}{shown}:{port}/"
+    if parts.query:
+        single += "?" + parts.query
+    node = replace(parse_url(single), connections=1, db=0)
+    cluster_fields = {k: overrides.pop(k) for k in list(overrides)
+                      if k in ("refresh_interval_s", "refresh_timeout_s", "max_redirects")}
+    if overrides:
+        node = replace(node, **overrides)
+    return ClusterConfig(tuple(seeds), node, **cluster_fields)
+
+
+# ------------------------------------------------------------------ routing
+# Commands with no key: sent to any master. SCRIPT and FUNCTION go to every master.
+_KEYLESS = frozenset({"PING", "ECHO", "TIME", "INFO", "CLUSTER", "CONFIG", "DBSIZE",
+                      "COMMAND", "CLIENT", "LASTSAVE", "MEMORY", "SLOWLOG", "LATENCY",
+                      "ACL", "HELLO", "AUTH", "READONLY", "READWRITE"})
+_BROADCAST = frozenset({"SCRIPT", "FUNCTION"})
+# Commands whose every argument after the name is a key.
+_ALL_KEYS = frozenset({"DEL", "UNLINK", "EXISTS", "MGET", "TOUCH", "WATCH", "SINTER",
+                       "SUNION", "SDIFF", "PFCOUNT"})
+_NUMKEYS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+
+
+def _text(value: Arg) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def command_keys(args: Sequence[Arg]) -> list[str]:
+    """The keys of a plain command, for routing: the first argument for most
+    commands, every argument for DEL/MGET/..., KEYS of EVAL-style commands, every
+    other argument of MSET, none for server commands."""
+    if not args:
+        raise ValueError("empty Redis command")
+    name = _text(args[0]).upper()
+    rest = [_text(a) for a in args[1:]]
+    if name in _KEYLESS or name in _BROADCAST:
+        return []
+    if name in _ALL_KEYS:
+        return rest
+    if name in ("MSET", "MSETNX"):
+        return rest[0::2]
+    if name in _NUMKEYS:
+        if len(rest) < 2 or not rest[1].isdigit():
+            raise ValueError(f"{name} needs a script and a number of keys")
+        return rest[2:2 + int(rest[1])]
+    return rest[:1]
+
+
+def _redirect(message: str) -> tuple[int, Address] | None:
+    """Slot and address of ``MOVED 3999 127.0.0.1:6381`` / ``ASK ...``."""
+    fields = message.split()
+    if len(fields) < 3 or not fields[1].isdigit():
+        return None
+    host, _, port = fields[2].rpartition(":")
+    if not port.isdigit():
+        return None
+    return int(fields[1]), (host.strip("[]"), int(port))
+
+
+class ClusterClient:
+    """Routes each call to the master owning its keys' slot; see the module docstring."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        if not config.seeds:
+            raise ValueError("a Redis Cluster needs at least one seed node")
+        self.config = config
+        self._nodes: dict[Address, RespClient] = {}
+        self._slots: list[RespClient | None] = [None] * SLOTS
+        self._masters: list[RespClient] = []
+        self._scripts: dict[str, Script] = {}
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refreshed_at = -1e9
+        self._closed = False
+        self.refreshes = 0
+        self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0, "resent": 0}
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> ClusterClient:
+        return cls(parse_cluster_url(url, **overrides))
+
+    def script(self, source: str) -> Script:
+        s = Script.from_source(source)
+        self._scripts[s.sha] = s
+        for node in self._nodes.values():
+            node.script(source)
+        return s
+
+    # ----------------------------------------------------------- the calls
+    async def eval_script(self, script: Script, keys: Sequence[str],
+                          args: Sequence[Arg], timeout_s: float,
+                          shared: Shared | None = None) -> Any:
+        """EVALSHA on the master owning the slot of ``keys`` (and ``shared.keys``)."""
+        every = [*keys, *shared.keys] if shared is not None else keys
+        slot = call_slot(every)
+        packed: bytes | None = None
+
+        def attempt(node: RespClient, asking: bool, left: float) -> Awaitable[Any]:
+            nonlocal packed
+            if not asking:
+                return node.eval_script(script, keys, args, left, shared)
+            if packed is None:
+                packed = pack_evalsha(script.sha, keys, args, shared)
+            return self._asking_eval(node, script, packed, left)
+
+        return await self._route(slot, attempt, timeout_s)
+
+    async def command(self, *args: Arg, timeout_s: float) -> Any:
+        """One command, on the master owning its key's slot (SCRIPT and FUNCTION:
+        on every master; commands without keys: on any master)."""
+        keys = command_keys(args)
+        if _text(args[0]).upper() in _BROADCAST:
+            return await self._broadcast(args, timeout_s)
+        slot = call_slot(keys)
+        packed = _pack(tuple(args))
+
+        def attempt(node: RespClient, asking: bool, left: float) -> Awaitable[Any]:
+            if asking:
+                return node.pipelined((_ASKING, packed), left)
+            return node.command(*args, timeout_s=left)
+
+        return await self._route(slot, attempt, timeout_s)
+
+    async def _asking_eval(self, node: RespClient, script: Script, packed: bytes,
+                           left: float) -> Any:
+        started = time.monotonic()
+        try:
+            return await node.pipelined((_ASKING, packed), left)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        left -= time.monotonic() - started
+        if left <= 0:
+            raise TimeoutError("no time left to load the script")
+        load = _pack(("SCRIPT", "LOAD", script.source))
+        return await node.pipelined((load, _ASKING, packed), left)
+
+    async def _broadcast(self, args: Sequence[Arg], timeout_s: float) -> Any:
+        async with asyncio.timeout(timeout_s):
+            if not self._masters:
+                await self._refresh_now()
+            masters = list(self._masters)
+        results = await asyncio.gather(
+            *(m.command(*args, timeout_s=timeout_s) for m in masters), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results[0]
+
+    async def _route(self, slot: int | None,
+                     attempt: Callable[[RespClient, bool, float], Awaitable[Any]],
+                     timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        node = self._owner(slot)
+        asking = False
+        redirects = 0
+        pause = 0.001
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"Redis Cluster did not answer within "
+                                   f"{timeout_s * 1000:.0f} ms (slot {slot})")
+            if node is None:
+                await self._refresh_within(left)
+                node = self._owner(slot)
+                if node is None:
+                    raise RespConnectionError(f"no Redis Cluster master serves slot {slot}")
+                continue
+            try:
+                return await attempt(node, asking, left)
+            except RespNotSent:
+                # Never written, so it did not run: send it to whoever owns the
+                # slot once the map is fresh, if that is another node.
+                self.redirects["resent"] += 1
+                before = node
+                await self._refresh_within(deadline - time.monotonic())
+                node = self._owner(slot)
+                asking = False
+                if node is before or node is None:
+                    raise
+            except RespError as exc:
+                message = str(exc)
+                kind = message.split(" ", 1)[0]
+                if kind in ("MOVED", "ASK"):
+                    target = _redirect(message)
+                    redirects += 1
+                    if target is None or redirects > self.config.max_redirects:
+                        raise
+                    self.redirects[kind] += 1
+                    node = self._node(target[1])
+                    asking = kind == "ASK"
+                    if kind == "MOVED":
+                        self._slots[target[0]] = node
+                        self._refresh_later()
+                elif kind in ("TRYAGAIN", "CLUSTERDOWN"):
+                    self.redirects[kind] += 1
+                    if kind == "CLUSTERDOWN":
+                        self._refresh_later()
+                    await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                    pause = min(pause * 2, 0.05)
+                    if kind == "CLUSTERDOWN":
+                        node, asking = self._owner(slot), False
+                else:
+                    raise
+            except (OSError, TimeoutError):
+                # Written, then lost or unanswered: it may have run, so it is not
+                # re-sent. A failover shows up here first; look for the new master.
+                self._refresh_later()
+                raise
+
+    # ------------------------------------------------------------ the map
+    def _owner(self, slot: int | None) -> RespClient | None:
+        if slot is None:
+            masters = self._masters
+            return masters[0] if masters else None
+        return self._slots[slot]
+
+    def _node(self, address: Address) -> RespClient:
+        node = self._nodes.get(address)
+        if node is None:
+            host, port = address
+            cfg = self.config.node
+            node = RespClient(replace(
+                cfg, host=host, port=port, unix_path=None, connections=1,
+                server_hostname=host if cfg.ssl_context is not None else None))
+            for s in self._scripts.values():
+                node.script(s.source)
+            self._nodes[address] = node
+        return node
+
+    def _refresh_later(self) -> None:
+        if self._closed or self._refreshing is not None:
+            return
+        if time.monotonic() - self._refreshed_at < self.config.refresh_interval_s:
+            return
+        self._start_refresh()
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._discover())
+        task.add_done_callback(self._refresh_done)
+        self._refreshing = task
+        return task
+
+    def _refresh_done(self, task: asyncio.Task[None]) -> None:
+        self._refreshing = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("Redis Cluster slot map refresh failed: %s", task.exception())
+
+    async def _refresh_now(self) -> None:
+        task = self._refreshing
+        if task is None:
+            if time.monotonic() - self._refreshed_at < self.config.refresh_interval_s and \
+                    self._masters:
+                return
+            task = self._start_refresh()
+        await asyncio.shield(task)
+
+    async def _refresh_within(self, left: float) -> None:
+        if left <= 0:
+            raise TimeoutError("no time left to refresh the Redis Cluster slot map")
+        try:
+            async with asyncio.timeout(left):
+                await self._refresh_now()
+        except TimeoutError:
+            raise TimeoutError("refreshing the Redis Cluster slot map took longer than "
+                               "the call's budget") from None
+
+    async def refresh(self, timeout_s: float = 2.0) -> None:
+        """Read the slot map now (the first call does this by itself)."""
+        async with asyncio.timeout(timeout_s):
+            task = self._refreshing or self._start_refresh()
+            await asyncio.shield(task)
+
+    async def _discover(self) -> None:
+        if self._closed:
+            raise RespConnectionError("client is closed")
+        known = list(dict.fromkeys(self._masters))
+        random.shuffle(known)
+        addresses = [a for a, n in self._nodes.items() if n in known]
+        addresses += [s for s in self.config.seeds if s not in addresses]
+        failures = []
+        for address in addresses:
+            try:
+                raw = await self._node(address).command(
+                    "CLUSTER", "SLOTS", timeout_s=self.config.refresh_timeout_s)
+                self._install(raw, address)
+                return
+            except (OSError, TimeoutError, RespError, ValueError) as exc:
+                failures.append(f"{address[0]}:{address[1]}: {exc}")
+        raise RespConnectionError("no Redis Cluster node answered CLUSTER SLOTS ("
+                                  + "; ".join(failures) + ")")
+
+    def _install(self, raw: Any, asked: Address) -> None:
+        if not isinstance(raw, list) or not raw:
+            raise ValueError(f"CLUSTER SLOTS answered {raw!r:.80}")
+        slots: list[RespClient | None] = [None] * SLOTS
+        masters: list[RespClient] = []
+        for entry in raw:
+            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            if host in ("", "?"):
+                host = asked[0]  # the node does not know its own address: ours
+            node = self._node((host, int(primary[1])))
+            if node not in masters:
+                masters.append(node)
+            slots[start:end + 1] = [node] * (end - start + 1)
+        self._slots = slots
+        self._masters = masters
+        self._refreshed_at = time.monotonic()
+        self.refreshes += 1
+
+    # ----------------------------------------------------------- lifecycle
+    @property
+    def masters(self) -> list[Address]:
+        """Addresses of the masters in the current slot map."""
+        return [a for a, n in self._nodes.items() if n in self._masters]
+
+    def owner_of(self, key: str) -> Address | None:
+        node = self._slots[key_slot(key)]
+        return next((a for a, n in self._nodes.items() if n is node), None)
+
+    @property
+    def connected(self) -> bool:
+        return any(n.connected for n in self._nodes.values())
+
+    @property
+    def connects(self) -> int:
+        return sum(n.connects for n in self._nodes.values())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refreshing
+        for node in self._nodes.values():
+            await node.close()

@@ -1,0 +1,224 @@
+"""A real local Redis Cluster: 3 masters + 3 replicas on free loopback ports.
+
+Each node is its own ``redis-server --cluster-enabled yes`` in a temporary
+directory; ``redis-cli --cluster create ... --cluster-replicas 1`` assigns the
+slots and the replicas. The fixture waits until every node reports
+``cluster_state:ok`` and every replica's link to its master is up, so a test
+may kill a master at once. Nodes are stopped by pid. A short node timeout makes
+a failover take about two seconds instead of fifteen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import free_port
+
+NODE_TIMEOUT_MS = 1000
+
+
+@dataclass
+class ClusterNode:
+    port: int
+    workdir: pathlib.Path
+    bus_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=2)
+
+    def start(self, binary: str) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             # An explicit bus port: port + 10000 may be out of range or taken.
+             "--cluster-port", str(self.bus_port),
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no last write to its replica."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+
+def _ping_until(node: ClusterNode, deadline: float) -> None:
+    client = node.client()
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {node.port} did not start") from None
+            time.sleep(0.02)
+
+
+@dataclass
+class RedisCluster:
+    """The running cluster; ``masters()``/``replica_of()`` read the live topology."""
+
+    nodes: list[ClusterNode]
+    binary: str = ""
+    started_s: float = 0.0
+    _admin: dict[int, redis.Redis] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """Two seed nodes, as a deployment would list them."""
+        return f"redis+cluster://{self.nodes[0].address},{self.nodes[1].address}/"
+
+    def admin(self, port: int) -> redis.Redis:
+        if port not in self._admin:
+            self._admin[port] = redis.Redis(port=port, socket_timeout=5)
+        return self._admin[port]
+
+    def cmd(self, port: int, *args: str | int) -> Any:
+        """One command to the node on ``port`` (no redirection)."""
+        return self.cmd(port, *args)
+
+    def live(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def topology(self) -> list[dict[str, str]]:
+        """CLUSTER NODES of a live node, one dict per node (id, port, role, master id, slots)."""
+        raw = self.cmd(self.live()[0].port, "CLUSTER", "NODES")
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        out = []
+        for line in text.strip().splitlines():
+            f = line.split()
+            out.append({"id": f[0], "port": f[1].split("@")[0].rsplit(":", 1)[1],
+                        "flags": f[2], "master": f[3], "link": f[7],
+                        "slots": " ".join(f[8:])})
+        return out
+
+    def masters(self) -> list[int]:
+        """Ports of the masters that serve slots, by their first slot."""
+        rows = [r for r in self.topology()
+                if "master" in r["flags"] and "fail" not in r["flags"] and r["slots"]]
+        rows.sort(key=lambda r: int(r["slots"].split()[0].split("-")[0]))
+        return [int(r["port"]) for r in rows]
+
+    def node_id(self, port: int) -> str:
+        raw = self.cmd(port, "CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def replica_of(self, master_port: int) -> int:
+        mid = self.node_id(master_port)
+        for r in self.topology():
+            if r["master"] == mid and "fail" not in r["flags"]:
+                return int(r["port"])
+        raise LookupError(f"master {master_port} has no replica")
+
+    def owner(self, slot: int) -> int:
+        """Port of the master serving ``slot`` (CLUSTER SHARDS is not in every 7.0;
+        CLUSTER SLOTS is)."""
+        for entry in self.cmd(self.live()[0].port, "CLUSTER", "SLOTS"):
+            if int(entry[0]) <= slot <= int(entry[1]):
+                return int(entry[2][1])
+        raise LookupError(f"slot {slot} is not served")
+
+    def node(self, port: int) -> ClusterNode:
+        return next(n for n in self.nodes if n.port == port)
+
+    def wait_ok(self, timeout_s: float = 30.0, *, replicas: int = 3) -> None:
+        """Until every live node says cluster_state:ok, agrees on the masters, and
+        ``replicas`` replicas have their link to a master up."""
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                states = []
+                for n in self.live():
+                    info = self.cmd(n.port, "CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    states.append("cluster_state:ok" in text)
+                views = {tuple(sorted(
+                    int(e[2][1]) for e in self.cmd(n.port, "CLUSTER", "SLOTS")))
+                    for n in self.live()}
+                linked = 0
+                for n in self.live():
+                    repl = self.admin(n.port).info("replication")
+                    if repl.get("role") == "slave" and repl.get("master_link_status") == "up":
+                        linked += 1
+                last = f"ok={states} views={views} linked={linked}"
+                if all(states) and len(views) == 1 and linked >= replicas:
+                    return
+            except redis.RedisError as exc:
+                last = repr(exc)
+            time.sleep(0.05)
+        raise RuntimeError(f"Redis Cluster did not become ready: {last}")
+
+    def stop(self) -> None:
+        for client in self._admin.values():
+            with contextlib.suppress(Exception):
+                client.close()
+        self._admin.clear()
+        for n in self.nodes:
+            n.stop()
+
+
+def start_cluster(workdir: pathlib.Path) -> RedisCluster:
+    server = shutil.which("redis-server")
+    cli = shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.skip("redis-server and redis-cli are needed for the Redis Cluster tests "
+                    "(make deps installs the Debian package redis-server)")
+    began = time.monotonic()
+    nodes = [ClusterNode(free_port(), workdir / f"n{i}") for i in range(6)]
+    cluster = RedisCluster(nodes, server)
+    try:
+        for n in nodes:
+            n.start(server)
+        deadline = time.monotonic() + 10
+        for n in nodes:
+            _ping_until(n, deadline)
+        subprocess.run(
+            [cli, "--cluster", "create", *(n.address for n in nodes),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+        cluster.wait_ok()
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.started_s = time.monotonic() - began
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisCluster]:
+    with tempfile.TemporaryDirectory(prefix="keel-cluster-") as d:
+        cluster = start_cluster(pathlib.Path(d))
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
