@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TypeVar, cast
 
+from keel_pdp.budget.replies import HoldReply
 from keel_pdp.caller import CALLER
 from keel_pdp.policy.snapshot import (
     SHAPE_CACHE_SIZE,
@@ -665,29 +666,23 @@ def denied_by_policy(p: Plan) -> Outcome:
     return _base_outcome(p, DecisionKind.DENY, reasons=p.denial, estimated_cost_micros=0)
 
 
-def _ints(value: object) -> list[int]:
-    # The script writes these lists with '%d', so JSON gives ints already.
-    return value if isinstance(value, list) else []
-
-
-def held_by(p: Plan, res: dict[str, object]) -> tuple[int, list[int]]:
+def held_by(p: Plan, res: HoldReply) -> tuple[int, tuple[int, ...]]:
     """The candidate the hold script chose (0-based) and the targets it held."""
-    c = int(res.get("c", 1)) - 1  # type: ignore[call-overload]
-    return c, [i - 1 for i in _ints(res.get("held"))] or list(p.candidates[c].target_idx)
+    c = res.candidate
+    return c, res.held or p.candidates[c].target_idx
 
 
-def conclude(p: Plan, res: dict[str, object], replayed: bool = False,
-             held: tuple[int, list[int]] | None = None) -> Outcome:
+def conclude(p: Plan, res: HoldReply, replayed: bool = False,
+             held: tuple[int, tuple[int, ...]] | None = None) -> Outcome:
     """Turn the hold script's answer into the decision (``held``: ``held_by(p, res)``
     when the caller has it already)."""
-    figures = res.get("b") or []
-    assert isinstance(figures, list)
-    amount = int(res["amt"])  # type: ignore[call-overload]
-    k = int(res["k"])  # type: ignore[call-overload]
-    d = DecisionKind(str(res["d"]))
+    figures = res.figures
+    amount = res.amount_micros
+    k = res.max_output_tokens
+    d = DecisionKind(res.decision)
     c, held_idx = held if held is not None else held_by(p, res)
     chosen = p.candidates[c]
-    granted = _ints(res.get("gr")) or [0] * len(p.targets)
+    granted = res.granted or (0,) * len(p.targets)
 
     def limit(i: int) -> int:
         return p.targets[i].budget.limit_micros + granted[i]
@@ -696,28 +691,27 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False,
         t = p.targets[i]
         b = t.budget
         return HoldFigure(b.id, b.scope_text, b.window, t.window_start_ms, t.window_end_ms,
-                          limit(i), int(figures[i][0]), int(figures[i][1]),
+                          limit(i), figures[i][0], figures[i][1],
                           "enforce" if b.enforce else "observe")
 
     reasons: list[Reason] = list(p.pre_reasons)
     if d is DecisionKind.DENY:
         first = p.candidates[0]
         holds = [figure(i) for i in first.target_idx]
-        idx = res.get("fail")
-        if isinstance(idx, int) and 1 <= idx <= len(p.targets):
-            t = p.targets[idx - 1]
-            s, h = int(figures[idx - 1][0]), int(figures[idx - 1][1])
-            room = limit(idx - 1) - s - h
+        idx = res.fail
+        if 0 <= idx < len(p.targets):
+            t = p.targets[idx]
+            s, h = figures[idx]
+            room = limit(idx) - s - h
             tried = "" if len(p.candidates) == 1 else (
                 " No cheaper model of the downgrade chain fits either.")
             reason = _budget_reason(
                 Code.BUDGET_EXHAUSTED, t, s, h, amount, p.now_ms,
                 f"Budget {t.budget.id} ({t.budget.window}) has {_usd(max(room, 0))} left of "
-                f"{_usd(limit(idx - 1))}; this request needs {_usd(amount)}.{tried}"
+                f"{_usd(limit(idx))}; this request needs {_usd(amount)}.{tried}"
                 + (f" Ask for an exception via {t.budget.exception_path}."
                    if t.budget.exception_path else ""))
-            reasons.insert(0, replace(reason, limit_micros=limit(idx - 1),
-                                      rule_id=p.rule_id))
+            reasons.insert(0, replace(reason, limit_micros=limit(idx), rule_id=p.rule_id))
         return _base_outcome(p, d, reasons=tuple(reasons), holds=tuple(holds),
                              estimated_cost_micros=amount, replayed=replayed)
     holds = [figure(i) for i in held_idx]
@@ -744,28 +738,24 @@ def conclude(p: Plan, res: dict[str, object], replayed: bool = False,
                 f"Budget {t.budget.id} is raised by {_usd(granted[i])} through an exception "
                 f"grant on {t.budget.exception_path}.", budget_id=t.budget.id,
                 limit_micros=limit(i), exception_path=t.budget.exception_path))
-    for idx in _ints(res.get("shadow")):
-        t = p.targets[idx - 1]
-        fig = figures[idx - 1]
+    for idx in res.shadow:
+        t = p.targets[idx]
+        fig = figures[idx]
         reasons.append(replace(_budget_reason(
-            Code.SHADOW_BUDGET_EXCEEDED, t, int(fig[0]), int(fig[1]) - amount, amount, p.now_ms,
+            Code.SHADOW_BUDGET_EXCEEDED, t, fig[0], fig[1] - amount, amount, p.now_ms,
             f"Budget {t.budget.id} would have blocked this request "
             f"({'observe-mode routing rule' if p.observe else 'observe-mode budget'})."),
-            limit_micros=limit(idx - 1)))
-    alerts = res.get("alerts") or []
-    assert isinstance(alerts, list)
-    for pair in alerts:
-        i, pct = int(pair[0]) - 1, int(pair[1])
+            limit_micros=limit(idx)))
+    for i, pct in res.alerts:
         t = p.targets[i]
         reasons.append(replace(_budget_reason(
-            Code.BUDGET_THRESHOLD_CROSSED, t, int(figures[i][0]), int(figures[i][1]), amount,
+            Code.BUDGET_THRESHOLD_CROSSED, t, figures[i][0], figures[i][1], amount,
             p.now_ms, f"Budget {t.budget.id} crossed {pct}% of its cap in this window."),
             limit_micros=limit(i)))
-    exp = res.get("exp", p.expires_at_ms)
     return _base_outcome(
         p, d, reasons=tuple(reasons), holds=tuple(holds), estimated_cost_micros=amount,
-        max_output_tokens=k, expires_at_ms=int(exp),  # type: ignore[call-overload]
-        replayed=replayed, permit_id=str(res.get("pid", p.permit_id)),
+        max_output_tokens=k, expires_at_ms=res.expires_at_ms or p.expires_at_ms,
+        replayed=replayed, permit_id=res.permit_id or p.permit_id,
         model=chosen.model, provider=chosen.provider,
         matched_budgets=tuple(p.targets[i].budget.id for i in held_idx))
 

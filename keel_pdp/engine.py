@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from keel_pdp import caller
 from keel_pdp import decision as dec
 from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
+from keel_pdp.budget.replies import SettleReply
 from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import (
     BudgetStore,
@@ -222,7 +223,7 @@ class Engine:
         if etype == "abort":
             out = await self.store.abort(pid, str(extra["ik"]), list(extra["keys"]), ts, data,
                                          timeout_s=1.0)
-            self.metrics.child(self.metrics.holds_aborted, str(out["st"]).lower()).inc()
+            self.metrics.child(self.metrics.holds_aborted, out.status.lower()).inc()
             return
         degraded = None
         if extra:
@@ -304,26 +305,26 @@ class Engine:
         finally:
             self._hold_latency.observe(time.perf_counter() - t0)
         try:
-            r = res.get("r")
+            r = res.outcome
             if r == "reused":
                 raise InvalidRequest(
                     f"request_id {req.request_id[:64]!r} was already used by tenant "
                     f"{req.tenant[:64]!r} with different parameters")
             if r == "ended":
-                out = dec.request_id_ended(p, str(res.get("pid", "")), str(res.get("st", "")))
+                out = dec.request_id_ended(p, res.permit_id, res.ended_state)
                 await self._record_denial(p, data, budget, out)
             elif r == "aborted":  # our own tombstone: an abort overtook this very call
                 out = self._fail_after_send(p, data, mat, metas, hold.idempotency_key)
             elif r == "replay":
-                out = dec.conclude(p, res["res"], replayed=True)
+                out = dec.conclude(p, res, replayed=True)
             else:
                 c, held = dec.held_by(p, res)
                 out = dec.conclude(p, res, held=(c, held))
                 if out.decision is not dec.DecisionKind.DENY:
                     self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c],
                                    ik=hold.idempotency_key)
-                    if res.get("alerts"):
-                        self.metrics.threshold_crossings.inc(len(res["alerts"]))
+                    if res.alerts:
+                        self.metrics.threshold_crossings.inc(len(res.alerts))
         except InvalidRequest:
             raise
         except Exception:
@@ -471,14 +472,14 @@ class Engine:
             ein = cached.meta.get("ein")
             input_over = isinstance(ein, int) and usage.input_tokens > ein
 
-            async def settle(keys: tuple[str, ...], ik: str) -> dict[str, object]:
+            async def settle(keys: tuple[str, ...], ik: str) -> SettleReply:
                 return await self.store.settle(
                     permit_id, keys, now, actual, data, budget, idempotency_key=ik,
                     output_tokens=usage.output_tokens, input_over=input_over,
                     overrun_factor=OVERRUN_FACTOR, overrun_slack_micros=OVERRUN_SLACK_MICROS)
 
             out = await settle(cached.keys, cached.idempotency_key)
-            if out["st"] == "KEYS_MISMATCH":
+            if out.status == "KEYS_MISMATCH":
                 rec = await self.store.permit(permit_id, budget)
                 if rec is None:
                     return CloseoutResult("UNKNOWN_PERMIT")
@@ -491,16 +492,16 @@ class Engine:
         finally:
             self.metrics.child(self.metrics.store_latency, "closeout").observe(
                 time.perf_counter() - t0)
-        status = str(out["st"])
+        status = out.status
         if status == "IMPLAUSIBLE":
             self._implausible(permit_id, out, usage, provider_cost_micros, actual)
         self.metrics.child(self.metrics.closeouts, status).inc()
         if status == "UNKNOWN_PERMIT":
             return CloseoutResult(status)
         self._permits.pop(permit_id, None)
-        act, amt, est = int(out["act"]), int(out["amt"]), int(out["est"])  # type: ignore[call-overload]
-        prior = out.get("prior")
-        flags = tuple(str(f) for f in out.get("flags") or ())  # type: ignore[attr-defined]
+        act, amt, est = out.actual_micros, out.amount_micros, out.estimate_micros
+        prior = out.prior
+        flags = out.flags
         if status == "ALREADY_SETTLED":
             return CloseoutResult(status, act, est, act - amt, amt, act, flags)
         # What this settlement released: the hold when it was still held; nothing when
@@ -513,9 +514,9 @@ class Engine:
             self.metrics.child(self.metrics.closeout_overruns, flag).inc()
         return CloseoutResult(status, act, est, corr, held, priced, flags)
 
-    def _implausible(self, permit_id: str, out: dict[str, object], usage: TokenUsage,
+    def _implausible(self, permit_id: str, out: SettleReply, usage: TokenUsage,
                      provider_cost: int | None, actual: int) -> None:
-        est, k, ceiling = (int(out[x]) for x in ("est", "k", "ceiling"))  # type: ignore[call-overload]
+        est, k, ceiling = out.estimate_micros, out.max_output_tokens, out.ceiling_micros
         if provider_cost is not None:
             field = "provider_cost_micros"
         elif k and usage.output_tokens > k:
@@ -548,7 +549,7 @@ class Engine:
                               separators=(",", ":"))
             out = await self.store.release(permit_id, found.keys, now, "voided", data, budget,
                                            idempotency_key=found.idempotency_key)
-            if out["st"] == "KEYS_MISMATCH":
+            if out.status == "KEYS_MISMATCH":
                 rec = await self.store.permit(permit_id, budget)
                 if rec is not None:
                     out = await self.store.release(permit_id, rec.keys, now, "voided", data,
@@ -558,12 +559,12 @@ class Engine:
             log.warning("budget store unavailable during void: %s", exc)
             self.metrics.child(self.metrics.voids, "VOID_STORE_UNAVAILABLE").inc()
             return VoidResult("VOID_STORE_UNAVAILABLE")
-        st = out["st"]
+        st = out.status
         if st == "RELEASED":
             self._permits.pop(permit_id, None)
-            result = VoidResult("VOIDED", int(out["amt"]), "voided")
+            result = VoidResult("VOIDED", out.amount_micros, "voided")
         elif st == "NOOP":
-            state = str(out["state"])
+            state = out.state
             result = VoidResult("ALREADY_VOIDED" if state == "voided" else "NOT_VOIDABLE",
                                 0, state)
         else:
@@ -584,7 +585,7 @@ class Engine:
             data = json.dumps({"v": 1, "now": now}, separators=(",", ":"))
             out = await self.store.release(pid, keys, now, "expired", data, 1.0,
                                            idempotency_key=rec.idempotency_key if rec else "")
-            if out["st"] == "RELEASED":
+            if out.status == "RELEASED":
                 expired += 1
                 self._permits.pop(pid, None)
         if expired:

@@ -25,6 +25,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.replies import (
+    HoldReply,
+    ReleaseReply,
+    SettleReply,
+    hold_reply,
+    release_reply,
+    settle_reply,
+)
 from keel_pdp.budget.resp import RespClient, RespError, Shared
 
 
@@ -236,9 +244,9 @@ class BudgetStore:
         except _FAILURES as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    async def hold(self, r: HoldRequest, timeout_s: float | None = None) -> dict[str, Any]:
+    async def hold(self, r: HoldRequest, timeout_s: float | None = None) -> HoldReply:
         keys, args = self.hold_call(r)
-        return _decode(await self._script(self._authorize, keys, args, timeout_s, r.shape))
+        return hold_reply(await self._script(self._authorize, keys, args, timeout_s, r.shape))
 
     def hold_call(self, r: HoldRequest) -> tuple[list[str], list[Arg]]:
         """The request's own KEYS and ARGV of the authorize script (``r.shape`` has
@@ -258,32 +266,32 @@ class BudgetStore:
                      timeout_s: float | None = None, *, idempotency_key: str = "",
                      output_tokens: int = 0, input_over: bool = False,
                      overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
-                     ) -> dict[str, Any]:
+                     ) -> SettleReply:
         pkey = self.keys.permit(permit_id)
         keys = [pkey, self.keys.stream, self.keys.expiries, idempotency_key or pkey,
                 *window_keys]
         args: list[str | int] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
                                  1 if input_over else 0, overrun_factor, overrun_slack_micros]
-        return _decode(await self._script(self._closeout, keys, args, timeout_s))
+        return settle_reply(await self._script(self._closeout, keys, args, timeout_s))
 
     async def release(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                       target: str, event_data: str,
                       timeout_s: float | None = None, *,
-                      idempotency_key: str = "") -> dict[str, Any]:
+                      idempotency_key: str = "") -> ReleaseReply:
         pkey = self.keys.permit(permit_id)
         keys = [pkey, self.keys.stream, self.keys.expiries, idempotency_key or pkey,
                 *window_keys]
         args: list[str | int] = [permit_id, now_ms, target, event_data]
-        return _decode(await self._script(self._release, keys, args, timeout_s))
+        return release_reply(await self._script(self._release, keys, args, timeout_s))
 
     async def abort(self, permit_id: str, idempotency_key: str, window_keys: Sequence[str],
                     now_ms: int, event_data: str, timeout_s: float,
-                    tombstone_retention_s: int = 86400) -> dict[str, Any]:
+                    tombstone_retention_s: int = 86400) -> ReleaseReply:
         """Undo an authorize whose reply was lost (see abort.lua); idempotent."""
         keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries,
                 idempotency_key, *window_keys]
         args: list[str | int] = [permit_id, now_ms, event_data, tombstone_retention_s]
-        return _decode(await self._script(self._abort, keys, args, timeout_s))
+        return release_reply(await self._script(self._abort, keys, args, timeout_s))
 
     async def record(self, event_type: str, permit_id: str, ts_ms: int, event_data: str,
                      result: str, timeout_s: float | None = None, *,

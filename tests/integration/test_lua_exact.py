@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.replies import HoldReply
 from keel_pdp.budget.store import BudgetStore, HoldCandidate, HoldRequest, hold_shape
 from keel_pdp.pricing import (
     MAX_PRICE_PICO_PER_TOKEN,
@@ -53,7 +53,7 @@ def test_hold_script_matches_python_reference(
     settled = limit * settled_frac // 100
     price = Price(pin, pin, pin, pout)
 
-    async def run() -> dict[str, object]:
+    async def run() -> HoldReply:
         client = aioredis.Redis.from_url(redis_url)
         try:
             store = BudgetStore(client, KeySpace("x"), timeout_s=2.0)
@@ -67,13 +67,13 @@ def test_hold_script_matches_python_reference(
     headroom = limit - settled
     full = estimate_cost_micros(price, tin, tout)
     if full <= headroom:
-        assert (res["d"], res["amt"], res["k"]) == ("ALLOW", full, tout)
+        assert (res.decision, res.amount_micros, res.max_output_tokens) == ("ALLOW", full, tout)
         return
     k = min(max_output_tokens_within(price, tin, headroom), tout)
     if k >= min_out and k >= 0:
-        assert res["d"] == "CONSTRAIN", (res, k)
-        assert res["k"] == k
-        assert res["amt"] == estimate_cost_micros(price, tin, k) <= headroom
+        assert res.decision == "CONSTRAIN", (res, k)
+        assert res.max_output_tokens == k
+        assert res.amount_micros == estimate_cost_micros(price, tin, k) <= headroom
     else:
-        assert res["d"] == "DENY", json.dumps(res)
-        assert res["amt"] == full
+        assert res.decision == "DENY", res
+        assert res.amount_micros == full
