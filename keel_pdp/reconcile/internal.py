@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from keel_pdp.reconcile.adapters.common import as_count, csv_header, read_csv, read_text
 from keel_pdp.reconcile.errors import InputError, ReconcileError
-from keel_pdp.reconcile.model import CACHE_WRITE, CACHED_INPUT, INPUT, OUTPUT
+from keel_pdp.reconcile.model import CACHE_WRITE, CACHE_WRITE_1H, CACHED_INPUT, INPUT, OUTPUT
 from keel_pdp.reconcile.money import parse_decimal, split_exact, to_micros
 from keel_pdp.reconcile.period import Period, iso_ms
 from keel_pdp.reconcile.prices import PriceBook, split_cost
@@ -36,8 +36,9 @@ COST_COLUMNS = {
 }
 EXPORT_COLUMNS = (
     "ts", "ts_ms", "tenant", "workload", "provider", "account", "api_key", "model",
-    "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
-    "reasoning_tokens", "cost_micros", *COST_COLUMNS.values(), "status", "error_type",
+    "input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+    "output_tokens", "reasoning_tokens", "cost_micros", *COST_COLUMNS.values(),
+    "cache_write_1h_cost_micros", "status", "error_type",
     "permit_id",
 )
 
@@ -72,6 +73,9 @@ class InternalUsageLine:
     account: str = ""  # provider project / workspace when the telemetry knows it
     api_key: str = ""
     error_type: str = ""  # free text: client_disconnected, overloaded_error, ...
+    # Of cache_write_tokens (and their cost), the 1-hour cache writes.
+    cache_write_1h_tokens: int = 0
+    cache_write_1h_cost_micros: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -88,7 +92,8 @@ class InternalUsageLine:
         return {
             INPUT: self.input_tokens - self.cached_input_tokens - self.cache_write_tokens,
             CACHED_INPUT: self.cached_input_tokens,
-            CACHE_WRITE: self.cache_write_tokens,
+            CACHE_WRITE: self.cache_write_tokens - self.cache_write_1h_tokens,
+            CACHE_WRITE_1H: self.cache_write_1h_tokens,
             OUTPUT: self.output_tokens,
         }
 
@@ -97,10 +102,18 @@ class InternalUsageLine:
 
     def costs_by_type(self, prices: PriceBook | None, model_key: str) -> dict[str, int]:
         if self.input_cost_micros is not None:
+            write = self.cache_write_cost_micros or 0
+            if self.cache_write_1h_cost_micros is not None:
+                write_1h = self.cache_write_1h_cost_micros
+            else:  # without its own figure, the 1-hour part by token count
+                write_1h = split_exact(write, [
+                    self.cache_write_tokens - self.cache_write_1h_tokens,
+                    self.cache_write_1h_tokens])[1] if self.cache_write_tokens else 0
             return {
                 INPUT: self.input_cost_micros,
                 CACHED_INPUT: self.cached_input_cost_micros or 0,
-                CACHE_WRITE: self.cache_write_cost_micros or 0,
+                CACHE_WRITE: write - write_1h,
+                CACHE_WRITE_1H: write_1h,
                 OUTPUT: self.output_cost_micros or 0,
             }
         price = (prices.price_for(self.provider, model_key, self.ts_ms, self.input_tokens)
@@ -117,6 +130,13 @@ class InternalUsageLine:
         if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens:
             out.append("cached_input_tokens + cache_write_tokens exceed input_tokens "
                        "(input_tokens includes them)")
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            out.append("cache_write_1h_tokens exceed cache_write_tokens (cache_write_tokens "
+                       "includes them)")
+        if (self.cache_write_1h_cost_micros is not None
+                and not 0 <= self.cache_write_1h_cost_micros
+                <= (self.cache_write_cost_micros or 0)):
+            out.append("cache_write_1h_cost_micros must be part of cache_write_cost_micros")
         if self.reasoning_tokens > self.output_tokens:
             out.append("reasoning_tokens exceed output_tokens (output_tokens includes them)")
         parts = [self.input_cost_micros, self.cached_input_cost_micros,
@@ -140,6 +160,8 @@ class InternalUsageLine:
             "input_tokens": str(self.input_tokens),
             "cached_input_tokens": str(self.cached_input_tokens),
             "cache_write_tokens": str(self.cache_write_tokens),
+            "cache_write_1h_tokens": str(self.cache_write_1h_tokens),
+            "cache_write_1h_cost_micros": opt(self.cache_write_1h_cost_micros),
             "output_tokens": str(self.output_tokens),
             "reasoning_tokens": str(self.reasoning_tokens),
             "cost_micros": str(self.cost_micros),
@@ -297,6 +319,8 @@ class FileInternalSource:
             permit_id=text("permit_id"), status=text("status") or "ok",
             account=text("account"), api_key=text("api_key"),
             error_type=text("error_type"),
+            cache_write_1h_tokens=count("cache_write_1h_tokens"),
+            cache_write_1h_cost_micros=opt_micros("cache_write_1h_cost_micros"),
         )
         problems = line.problems()
         if problems:
@@ -370,7 +394,14 @@ def _ledger_line(row: tuple[Any, ...]) -> InternalUsageLine:
         permit_id=str(pid), status="ok" if status in _OK_OUTCOMES else status,
         account=str(detail.get("account") or ""), api_key=str(detail.get("api_key") or ""),
         error_type=str(detail.get("error_type") or ""),
+        cache_write_1h_tokens=_int_or(detail.get("cache_write_1h_tokens"), 0) or 0,
+        cache_write_1h_cost_micros=_int_or(costs.get("cache_write_1h"), None)
+        if isinstance(costs, dict) else None,
     )
+
+
+def _int_or(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _detail(raw: Any) -> dict[str, Any]:

@@ -47,6 +47,10 @@ def entry_rows(lines: list[InternalUsageLine], source: pathlib.Path,
                                "cached_input": line.cached_input_cost_micros,
                                "cache_write": line.cache_write_cost_micros,
                                "output": line.output_cost_micros}
+            if line.cache_write_1h_cost_micros is not None:
+                detail["costs"]["cache_write_1h"] = line.cache_write_1h_cost_micros
+        if line.cache_write_1h_tokens:
+            detail["cache_write_1h_tokens"] = line.cache_write_1h_tokens
         for key in ("account", "api_key", "error_type"):
             if getattr(line, key):
                 detail[key] = getattr(line, key)

@@ -1,8 +1,9 @@
 """Normalised provider line items and the names both sides share.
 
 Token types follow Keel's pricing: ``input`` is fresh (uncached) input,
-``cached_input`` prompt-cache reads, ``cache_write`` prompt-cache writes (both
-Anthropic write lifetimes), ``output`` includes reasoning tokens. Non-token
+``cached_input`` prompt-cache reads, ``cache_write`` prompt-cache writes (the
+5-minute lifetime, and OpenAI's), ``cache_write_1h`` Anthropic's 1-hour cache
+writes (a rate of their own), ``output`` includes reasoning tokens. Non-token
 charges (web search, code execution) keep their own type name.
 """
 
@@ -15,9 +16,10 @@ from datetime import date
 INPUT = "input"
 CACHED_INPUT = "cached_input"
 CACHE_WRITE = "cache_write"
+CACHE_WRITE_1H = "cache_write_1h"
 OUTPUT = "output"
-TOKEN_TYPES = (INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT)
-INPUT_GROUP = (INPUT, CACHED_INPUT, CACHE_WRITE)
+TOKEN_TYPES = (INPUT, CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H, OUTPUT)
+INPUT_GROUP = (INPUT, CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H)
 WEB_SEARCH = "web_search"
 
 USAGE = "usage"

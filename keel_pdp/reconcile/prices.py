@@ -19,7 +19,14 @@ from keel_pdp.policy.model import PriceTableDoc
 from keel_pdp.policy.snapshot import ModelPrice
 from keel_pdp.pricing import Price
 from keel_pdp.reconcile.errors import InputError
-from keel_pdp.reconcile.model import CACHE_WRITE, CACHED_INPUT, INPUT, OUTPUT, normalise_model
+from keel_pdp.reconcile.model import (
+    CACHE_WRITE,
+    CACHE_WRITE_1H,
+    CACHED_INPUT,
+    INPUT,
+    OUTPUT,
+    normalise_model,
+)
 from keel_pdp.reconcile.money import split_exact
 
 
@@ -83,12 +90,21 @@ def load_prices(path: pathlib.Path) -> PriceBook:
 
 
 def split_cost(total_micros: int, price: Price, tokens: dict[str, int]) -> dict[str, int]:
-    """``total_micros`` across token types in proportion to tokens x price."""
+    """``total_micros`` across token types in proportion to tokens x price.
+
+    The price table has one cache-write rate: 1-hour writes are priced with it and
+    take their share of the cache-write part by token count."""
     rates = {INPUT: price.input, CACHED_INPUT: price.cached_input,
              CACHE_WRITE: price.cache_write, OUTPUT: price.output}
-    types = [t for t in (INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT)]
-    weights = [tokens.get(t, 0) * rates[t] for t in types]
+    types = [INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT]
+    five, hour = tokens.get(CACHE_WRITE, 0), tokens.get(CACHE_WRITE_1H, 0)
+    merged = {**tokens, CACHE_WRITE: five + hour}
+    weights = [merged.get(t, 0) * rates[t] for t in types]
     if sum(weights) == 0:
-        weights = [tokens.get(t, 0) for t in types]
+        weights = [merged.get(t, 0) for t in types]
     parts = split_exact(total_micros, weights)
-    return {t: p for t, p in zip(types, parts, strict=True) if p or tokens.get(t, 0)}
+    out = {t: p for t, p in zip(types, parts, strict=True) if p or merged.get(t, 0)}
+    if hour:
+        out[CACHE_WRITE], out[CACHE_WRITE_1H] = split_exact(out.pop(CACHE_WRITE, 0),
+                                                            [five, hour])
+    return out

@@ -43,6 +43,7 @@ from keel_pdp.reconcile.internal import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping, Workload
 from keel_pdp.reconcile.model import (
     CACHE_WRITE,
+    CACHE_WRITE_1H,
     CACHED_INPUT,
     CORRECTION,
     CREDIT,
@@ -536,7 +537,7 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
                 continue
             if abs(diff) <= REQUEST_ROUNDING_MICROS:
                 cell.allocate(ROUNDING, diff)
-            elif t in (CACHED_INPUT, CACHE_WRITE) and r.tokens[t] > 0:
+            elif t in (CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H) and r.tokens[t] > 0:
                 _claim_one(b, r, t, CACHE_RATE, cell, diff,
                            f"{t} priced differently internally")
                 ev.cache_internal_rates[(r.account, r.model, t)].add(

@@ -47,7 +47,7 @@ START = datetime(YEAR, MONTH, 1, tzinfo=UTC)
 END = datetime(YEAR, MONTH + 1, 1, tzinfo=UTC)
 MARGIN = timedelta(hours=20)  # traffic simulated either side of the month
 MILLION = Decimal(1_000_000)
-TYPES = ("input", "cached_input", "cache_write", "output")
+TYPES = ("input", "cached_input", "cache_write", "cache_write_1h", "output")
 
 # Tenants and their clocks: west and east of UTC, and one on UTC.
 TENANTS = {"acme": "America/Los_Angeles", "globex": "Asia/Tokyo", "initech": None}
@@ -55,20 +55,21 @@ TENANTS = {"acme": "America/Los_Angeles", "globex": "Asia/Tokyo", "initech": Non
 # USD per 1M tokens as the providers publish them.
 CARDS: dict[str, dict[str, str]] = {
     "gpt-5": {"input": "1.25", "cached_input": "0.125", "cache_write": "1.25",
-              "output": "10.00"},
+              "cache_write_1h": "1.25", "output": "10.00"},
     "gpt-4o-mini": {"input": "0.15", "cached_input": "0.075", "cache_write": "0.15",
-                    "output": "0.60"},
+                    "cache_write_1h": "0.15", "output": "0.60"},
     "claude-sonnet-4-5": {"input": "3.00", "cached_input": "0.30", "cache_write": "3.75",
-                          "output": "15.00"},
+                          "cache_write_1h": "6.00", "output": "15.00"},
     "claude-haiku-4-5": {"input": "1.00", "cached_input": "0.10", "cache_write": "1.25",
-                         "output": "5.00"},
+                         "cache_write_1h": "2.00", "output": "5.00"},
 }
 # Long-context rates (the whole request, when its input is above the threshold).
 LONG: dict[str, tuple[int, dict[str, str]]] = {
     "gpt-5": (272_000, {"input": "2.50", "cached_input": "0.25", "cache_write": "2.50",
-                        "output": "15.00"}),
+                        "cache_write_1h": "2.50", "output": "15.00"}),
     "claude-sonnet-4-5": (200_000, {"input": "6.00", "cached_input": "0.60",
-                                    "cache_write": "7.50", "output": "22.50"}),
+                                    "cache_write": "7.50", "cache_write_1h": "12.00",
+                                    "output": "22.50"}),
 }
 SNAPSHOT = {"gpt-5": "gpt-5-2025-08-07", "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
             "claude-sonnet-4-5": "claude-sonnet-4-5-20250929",
@@ -125,7 +126,8 @@ class Request:
 
     @property
     def input_total(self) -> int:
-        return self.tokens["input"] + self.tokens["cached_input"] + self.tokens["cache_write"]
+        return (self.tokens["input"] + self.tokens["cached_input"] + self.tokens["cache_write"]
+                + self.tokens["cache_write_1h"])
 
     @property
     def long(self) -> bool:
@@ -188,8 +190,11 @@ def _simulate(provider: str, n: int, rng: random.Random) -> list[Request]:
         elif roll < 0.04:
             error = REJECTED[provider]
             output = 0
+        # A third of the cache writes use the 1-hour lifetime (its own rate).
+        write_1h = write if write and rng.random() < 0.33 else 0
         tokens = {"input": total_in - cached - write, "cached_input": cached,
-                  "cache_write": write, "output": output}
+                  "cache_write": write - write_1h, "cache_write_1h": write_1h,
+                  "output": output}
         req = Request(f"pm-{provider[:2]}-{i:06d}", ts, acct, model, tokens, error, booked_zero)
         long = req.long
         for t in TYPES:
@@ -237,6 +242,7 @@ def _planted_key(provider: str) -> LineKey:
 _OPENAI_LABEL = {"input": "input", "cached_input": "cached input", "output": "output"}
 _ANTHROPIC_TYPE = {"input": "uncached_input_tokens", "cached_input": "cache_read_input_tokens",
                    "cache_write": "cache_creation.ephemeral_5m_input_tokens",
+                   "cache_write_1h": "cache_creation.ephemeral_1h_input_tokens",
                    "output": "output_tokens"}
 
 
@@ -315,6 +321,7 @@ def _write_anthropic(out: pathlib.Path, reqs: list[Request], amounts: dict[LineK
         row["uncached_input_tokens"] += r.tokens["input"]
         row["cache_read_input_tokens"] += r.tokens["cached_input"]
         row["cache_write_5m"] += r.tokens["cache_write"]
+        row["cache_write_1h"] += r.tokens["cache_write_1h"]
         row["output_tokens"] += r.tokens["output"]
     ubuckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for (day, account, model), row in sorted(usage.items()):
@@ -322,7 +329,7 @@ def _write_anthropic(out: pathlib.Path, reqs: list[Request], amounts: dict[LineK
             "uncached_input_tokens": row["uncached_input_tokens"],
             "cache_read_input_tokens": row["cache_read_input_tokens"],
             "cache_creation": {"ephemeral_5m_input_tokens": row["cache_write_5m"],
-                               "ephemeral_1h_input_tokens": 0},
+                               "ephemeral_1h_input_tokens": row["cache_write_1h"]},
             "output_tokens": row["output_tokens"],
             "server_tool_use": {"web_search_requests": 0},
             "api_key_id": None, "workspace_id": account, "model": SNAPSHOT[model],
@@ -387,17 +394,20 @@ def _write_internal(out: pathlib.Path, reqs: list[Request]) -> str:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["ts", "tenant", "workload", "provider", "model", "input_tokens",
-                    "cached_input_tokens", "cache_write_tokens", "output_tokens",
-                    "cost_micros", "input_cost_micros", "cached_input_cost_micros",
-                    "cache_write_cost_micros", "output_cost_micros", "status", "error_type",
-                    "permit_id"])
+                    "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+                    "output_tokens", "cost_micros", "input_cost_micros",
+                    "cached_input_cost_micros", "cache_write_cost_micros",
+                    "cache_write_1h_cost_micros", "output_cost_micros", "status",
+                    "error_type", "permit_id"])
         for r in reqs:
             b = r.booked_micros
             w.writerow([r.local_stamp(), r.acct.tenant, r.acct.workload, r.acct.provider,
                         r.model, r.input_total, r.tokens["cached_input"],
-                        r.tokens["cache_write"], r.tokens["output"], sum(b.values()),
-                        b["input"], b["cached_input"], b["cache_write"], b["output"],
-                        "failed" if r.error else "ok", r.error, r.rid])
+                        r.tokens["cache_write"] + r.tokens["cache_write_1h"],
+                        r.tokens["cache_write_1h"], r.tokens["output"], sum(b.values()),
+                        b["input"], b["cached_input"], b["cache_write"] + b["cache_write_1h"],
+                        b["cache_write_1h"], b["output"], "failed" if r.error else "ok",
+                        r.error, r.rid])
     return path.name
 
 

@@ -71,9 +71,10 @@ def test_anthropic_usage_and_cost_reports_read_cents_and_cache_writes() -> None:
     lines = load("anthropic", "anthropic/usage_report.json", "anthropic/cost_report.json")
     cells = totals(lines)
     ws = "wrkspc_01JwQvzr7rXLA5AGx3HKfFUJ"
-    # amount is a decimal string in cents: "37.5" is $0.375; both write lifetimes
-    # add up under cache_write (5m at $3.75/M plus 1h at $6/M).
-    assert cells[("2026-01-05", ws, "claude-sonnet-4-5", "cache_write")] == [120_000, 495_000]
+    # amount is a decimal string in cents: "37.5" is $0.375; the two write lifetimes
+    # are separate token types with their own rates (5m at $3.75/M, 1h at $6/M).
+    assert cells[("2026-01-05", ws, "claude-sonnet-4-5", "cache_write")] == [100_000, 375_000]
+    assert cells[("2026-01-05", ws, "claude-sonnet-4-5", "cache_write_1h")] == [20_000, 120_000]
     assert cells[("2026-01-05", ws, "claude-sonnet-4-5", "input")] == [300_000, 900_000]
     assert cells[("2026-01-05", ws, "", "web_search")] == [12, 120_000]
     # A null workspace is the default workspace.

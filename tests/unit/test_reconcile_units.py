@@ -270,3 +270,25 @@ def test_the_commands_are_wired_into_the_cli() -> None:
     from keel_pdp.cli import COMMAND_MODULES
 
     assert "keel_pdp.reconcile.commands" in COMMAND_MODULES
+
+
+def test_one_hour_cache_writes_priced_at_the_five_minute_rate_are_the_cache_category(
+        ) -> None:
+    # The provider bills 1-hour writes at $6/M and 5-minute writes at $3.75/M; the
+    # gateway's card has one write rate, so it booked both at $3.75/M.
+    def write_line(day: int) -> InternalUsageLine:
+        ts = int(datetime(2026, 1, day, 9, tzinfo=UTC).timestamp() * 1000)
+        return InternalUsageLine(
+            ts_ms=ts, tenant="a", workload="w", provider="openai", model="gpt-4o",
+            input_tokens=300_000, cache_write_tokens=300_000, cache_write_1h_tokens=100_000,
+            cost_micros=1_125_000, input_cost_micros=0, cached_input_cost_micros=0,
+            cache_write_cost_micros=1_125_000, output_cost_micros=0, permit_id=f"w{day}")
+    provider = [pline(d, t, None, m) for d in (5, 6, 7)
+                for t, m in (("cache_write", 750_000), ("cache_write_1h", 600_000))]
+    rec = reconcile(JAN, "openai", provider, [write_line(d) for d in (5, 6, 7)], MAPPING)
+    assert rec.category_net(CACHE_RATE) == 3 * (600_000 - 375_000)
+    assert rec.category_net(UNEXPLAINED) == 0
+    assert sorted(rec.evidence.requests[CACHE_RATE]) == ["w5", "w6", "w7"]
+    figures = rec.evidence.figures[CACHE_RATE]["cache_write_1h"]
+    assert (figures.tokens, figures.provider_micros, figures.internal_micros) == (
+        300_000, 1_800_000, 1_125_000)

@@ -39,6 +39,7 @@ from keel_pdp.reconcile.adapters.common import (
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.model import (
     CACHE_WRITE,
+    CACHE_WRITE_1H,
     CACHED_INPUT,
     DEFAULT_ACCOUNT,
     INPUT,
@@ -67,14 +68,14 @@ _API_TOKEN_TYPES = {
     "uncached_input_tokens": INPUT,
     "cache_read_input_tokens": CACHED_INPUT,
     "cache_creation.ephemeral_5m_input_tokens": CACHE_WRITE,
-    "cache_creation.ephemeral_1h_input_tokens": CACHE_WRITE,
+    "cache_creation.ephemeral_1h_input_tokens": CACHE_WRITE_1H,
     "output_tokens": OUTPUT,
 }
 _CONSOLE_TOKEN_TYPES = {
     "input_no_cache": INPUT,
     "input_cache_read": CACHED_INPUT,
     "input_cache_write_5m": CACHE_WRITE,
-    "input_cache_write_1h": CACHE_WRITE,
+    "input_cache_write_1h": CACHE_WRITE_1H,
     "output": OUTPUT,
 }
 
@@ -119,7 +120,7 @@ def _usage(path: pathlib.Path, period: Period, aliases: dict[str, str], where: s
                         tokens=counts[INPUT], cost_micros=None, api_key=text_field(api_key),
                         source=str(path), where=where)
     out = [base]
-    for token_type in (CACHED_INPUT, CACHE_WRITE, OUTPUT):
+    for token_type in (CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H, OUTPUT):
         out.append(replace(base, token_type=token_type, tokens=counts[token_type]))
     if searches:
         # The cost report prices web search per workspace, without a model.
@@ -265,12 +266,12 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
                                 r_where)
                     creation = r.get("cache_creation")
                     creation = creation if isinstance(creation, dict) else {}
-                    write = (as_count(path, creation.get("ephemeral_5m_input_tokens",
-                                                         r.get("cache_creation_5m_input_tokens")),
-                                      f"{r_where}.cache_creation.ephemeral_5m_input_tokens")
-                             + as_count(path, creation.get("ephemeral_1h_input_tokens",
-                                                           r.get("cache_creation_1h_input_tokens")),
-                                        f"{r_where}.cache_creation.ephemeral_1h_input_tokens"))
+                    write = as_count(path, creation.get("ephemeral_5m_input_tokens",
+                                                        r.get("cache_creation_5m_input_tokens")),
+                                     f"{r_where}.cache_creation.ephemeral_5m_input_tokens")
+                    write_1h = as_count(path, creation.get(
+                        "ephemeral_1h_input_tokens", r.get("cache_creation_1h_input_tokens")),
+                        f"{r_where}.cache_creation.ephemeral_1h_input_tokens")
                     tools = r.get("server_tool_use")
                     tools = tools if isinstance(tools, dict) else {}
                     counts = {
@@ -279,6 +280,7 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
                         CACHED_INPUT: as_count(path, r.get("cache_read_input_tokens"),
                                                f"{r_where}.cache_read_input_tokens"),
                         CACHE_WRITE: write,
+                        CACHE_WRITE_1H: write_1h,
                         OUTPUT: as_count(path, r.get("output_tokens"),
                                          f"{r_where}.output_tokens", optional=False),
                     }
@@ -321,8 +323,8 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
             counts = {
                 INPUT: count("usage_input_tokens_no_cache"),
                 CACHED_INPUT: count("usage_input_tokens_cache_read"),
-                CACHE_WRITE: count("usage_input_tokens_cache_write_5m")
-                + count("usage_input_tokens_cache_write_1h"),
+                CACHE_WRITE: count("usage_input_tokens_cache_write_5m"),
+                CACHE_WRITE_1H: count("usage_input_tokens_cache_write_1h"),
                 OUTPUT: count("usage_output_tokens"),
             }
             lines += _usage(path, period, aliases, row.where, v.get("usage_date_utc"),
