@@ -76,8 +76,9 @@ def retry_after(out: Outcome, status: int) -> int | None:
     return None
 
 
-def deny_body(out: Outcome, status: int) -> dict[str, object]:
-    """The JSON error body: readable by OpenAI and Anthropic clients (``error.message``)."""
+def deny_body(out: Outcome, status: int, api: str = "") -> dict[str, object]:
+    """The JSON error body: readable by OpenAI and Anthropic clients (``error.message``);
+    it names the provider, model and API the call resolved to."""
     first = next((r for r in out.reasons if r.code == out.primary_code), None)
     message = first.message if first else "Denied by Keel policy."
     return {"type": "error", "error": {
@@ -86,6 +87,9 @@ def deny_body(out: Outcome, status: int) -> dict[str, object]:
         "message": message,
         "permit_id": out.permit_id,
         "policy_revision": out.policy_revision,
+        "provider": out.provider,
+        "model": out.model,
+        **({"api": api} if api else {}),
         "block_reasons": [r.to_json() for r in out.reasons],
     }}
 
@@ -295,7 +299,7 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                                 f"{out.permit_id} for a call with this body; every provider "
                                 "call needs its own request id. This call was not sent.")
         if out.decision is DecisionKind.DENY:
-            return self._deny(out)
+            return self._deny(out, str(api))
         if (route.path_model or route.deployment) and out.model != llm.model:
             # A reroute changes the body's model; these APIs name it in the path.
             return self._refuse_after_hold(
@@ -324,7 +328,7 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                        ((c.H_DECISION, "DENY"), ("x-keel-reason", code),
                         (c.H_PERMIT, out.permit_id)))
 
-    def _deny(self, out: Outcome) -> Any:
+    def _deny(self, out: Outcome, api: str = "") -> Any:
         self.m.checks.labels("deny").inc()
         status = deny_status(out)
         hdrs: list[tuple[str, str]] = [(c.H_DECISION, "DENY"), ("x-keel-reason", out.primary_code)]
@@ -333,7 +337,9 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
         wait = retry_after(out, status)
         if wait is not None:
             hdrs.append(("retry-after", str(wait)))
-        return _denied(status, deny_body(out, status), tuple(hdrs))
+        if out.provider:
+            hdrs.append((c.H_PROVIDER, out.provider))
+        return _denied(status, deny_body(out, status, api), tuple(hdrs))
 
     def _allow(self, out: Outcome, llm: rq.LlmRequest, rewritable: bool = True) -> Any:
         self.m.checks.labels(str(out.decision).lower()).inc()

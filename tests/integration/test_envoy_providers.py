@@ -205,7 +205,12 @@ def test_over_budget_is_refused_before_the_upstream(
     before = len(mesh.upstream_calls())
     reply = mesh.call(path, body, tenant="broke")
     assert reply.status == 429, reply.body
-    assert reply.json()["error"]["code"] == "BUDGET_EXHAUSTED"
+    err = reply.json()["error"]
+    assert err["code"] == "BUDGET_EXHAUSTED"
+    # The refusal names where the call was going.
+    assert err["provider"] == reply.headers["x-keel-provider"]
+    assert err["provider"] in ("gemini", "vertex", "azure", "openai", "bedrock")
+    assert err["model"] and err["api"]
     assert len(mesh.upstream_calls()) == before
     assert window_figures(rdb, "broke-daily") == (0, 0)
 
