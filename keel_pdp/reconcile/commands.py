@@ -51,8 +51,10 @@ def register(subparsers: Any) -> None:
                    help="accepted variance as a percent of the invoice total (default 1.0)")
     p.add_argument("--column-map", type=pathlib.Path, metavar="FILE",
                    help="column-mapping YAML for generic CSV exports")
-    p.add_argument("--prices", type=pathlib.Path, metavar="FILE|DIR",
-                   help="price table used to split internal totals by token type")
+    p.add_argument("--prices", action="append", default=[], metavar="[ACCOUNT=]FILE|DIR",
+                   help="the gateway's price table (PriceTable file or bundle directory), used to "
+                        "split internal totals by token type; ACCOUNT=FILE gives one "
+                        "project / workspace its own card (repeatable)")
     p.add_argument("--skew-hours", type=int, default=14, metavar="H",
                    help="how far from a UTC midnight a mis-stamped call can be (default 14)")
     p.add_argument("--internal-tz", default="UTC", metavar="ZONE",
@@ -89,7 +91,7 @@ def run_reconcile(ns: argparse.Namespace) -> int:
     from keel_pdp.reconcile.money import usd
     from keel_pdp.reconcile.output import check_not_posted, period_dir, write_period
     from keel_pdp.reconcile.period import Period
-    from keel_pdp.reconcile.prices import load_prices
+    from keel_pdp.reconcile.prices import load_cards
     from keel_pdp.reconcile.report import BLOCKED, build_report
     from keel_pdp.reconcile.units import check_units
     from keel_pdp.reconcile.variance import ledger_window_ms, reconcile
@@ -105,7 +107,7 @@ def run_reconcile(ns: argparse.Namespace) -> int:
             check_not_posted(period_dir(ns.out, str(period), ns.provider))
         mapping = load_mapping(ns.mapping)
         column_map = load_column_map(ns.column_map) if ns.column_map else None
-        prices = load_prices(ns.prices) if ns.prices else None
+        prices = load_cards(list(ns.prices))
         imported = import_exports(ns.provider, list(ns.export), period,
                                   mapping.aliases(ns.provider if ns.provider != "csv" else
                                                   (column_map.provider if column_map else "")),

@@ -57,6 +57,35 @@ class PriceBook:
         return bool(self.entries)
 
 
+@dataclass
+class PriceCards:
+    """The gateway's price cards: one default and one per provider account
+    (project / workspace) that was priced differently."""
+
+    default: PriceBook | None = None
+    by_account: dict[str, PriceBook] = field(default_factory=dict)
+
+    def book(self, account: str) -> PriceBook | None:
+        return self.by_account.get(account, self.default)
+
+
+def load_cards(specs: list[str]) -> PriceCards | None:
+    """``--prices FILE|DIR`` (the default card) and ``--prices ACCOUNT=FILE|DIR``."""
+    cards = PriceCards()
+    for spec in specs:
+        account, sep, rest = spec.partition("=")
+        if sep and account and not pathlib.Path(spec).exists():
+            if account in cards.by_account:
+                raise InputError("--prices", f"account {account!r} is given two price cards")
+            cards.by_account[account] = load_prices(pathlib.Path(rest))
+        else:
+            if cards.default is not None:
+                raise InputError("--prices", "two default price cards; name the account of "
+                                 "the others as ACCOUNT=FILE")
+            cards.default = load_prices(pathlib.Path(spec))
+    return cards if (cards.default or cards.by_account) else None
+
+
 def load_prices(path: pathlib.Path) -> PriceBook:
     """Every ``PriceTable`` document in a YAML file or a policy bundle directory."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) \

@@ -55,7 +55,7 @@ from keel_pdp.reconcile.model import (
 )
 from keel_pdp.reconcile.money import round_fraction
 from keel_pdp.reconcile.period import Period, day_of_ms
-from keel_pdp.reconcile.prices import PriceBook
+from keel_pdp.reconcile.prices import PriceBook, PriceCards
 
 CLOCK_SKEW = "clock_skew"
 CACHE_RATE = "cache_read_rate"
@@ -371,7 +371,7 @@ def _rate_on(card: dict[date, Fraction], day: date) -> Fraction | None:
 
 class _Builder:
     def __init__(self, period: Period, provider: str, mapping: Mapping,
-                 prices: PriceBook | None, ledger_clock: str) -> None:
+                 prices: PriceBook | PriceCards | None, ledger_clock: str) -> None:
         self.period = period
         self.provider = provider
         self.mapping = mapping
@@ -439,7 +439,9 @@ class _Builder:
         account = self.internal_account(line)
         if account.startswith("(unmapped"):
             self.unmapped.add(account)
-        costs = line.costs_by_type(self.prices, model)
+        book = (self.prices.book(account) if isinstance(self.prices, PriceCards)
+                else self.prices)
+        costs = line.costs_by_type(book, model)
         tokens = line.tokens_by_type()
         billed = (not line.failed) or self.mapping.failed_attempt_billed(
             self.provider, line.error_type, line.status)
@@ -613,7 +615,7 @@ def _lines(b: _Builder) -> None:
 
 def reconcile(period: Period, provider: str, provider_lines: list[ProviderLine],
               internal_lines: list[InternalUsageLine], mapping: Mapping,
-              prices: PriceBook | None = None, skew_hours: int = 14,
+              prices: PriceBook | PriceCards | None = None, skew_hours: int = 14,
               ledger_clock: str = LEDGER_CLOCK_TENANT) -> Reconciliation:
     b = _Builder(period, provider, mapping, prices, ledger_clock)
     for pline in provider_lines:

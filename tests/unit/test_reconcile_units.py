@@ -292,3 +292,40 @@ def test_one_hour_cache_writes_priced_at_the_five_minute_rate_are_the_cache_cate
     figures = rec.evidence.figures[CACHE_RATE]["cache_write_1h"]
     assert (figures.tokens, figures.provider_micros, figures.internal_micros) == (
         300_000, 1_800_000, 1_125_000)
+
+
+def test_a_price_card_per_account_splits_that_accounts_totals(tmp_path: pathlib.Path) -> None:
+    from keel_pdp.reconcile.prices import load_cards
+
+    card = ("apiVersion: keel.pdp/v1\nkind: PriceTable\nrevision: r\nproviders:\n  openai:\n"
+            "    gpt-4o: {{input: \"2.50\", cached_input: \"{cached}\", output: \"10.00\"}}\n")
+    (tmp_path / "default.yaml").write_text(card.format(cached="1.25"))
+    (tmp_path / "p2.yaml").write_text(card.format(cached="2.50"))  # cache reads at full rate
+    mapping = Mapping(MappingDoc.model_validate({
+        "accounts": [{"provider": "openai", "account": "p1", "tenant": "a", "workload": "w"},
+                     {"provider": "openai", "account": "p2", "tenant": "a", "workload": "v"}],
+        "workloads": [{"tenant": "a", "workload": "w", "engineering_owner": "Owner"},
+                      {"tenant": "a", "workload": "v", "engineering_owner": "Owner"}]}))
+
+    def total_only(day: int, workload: str, cost: int) -> InternalUsageLine:
+        ts = int(datetime(2026, 1, day, 9, tzinfo=UTC).timestamp() * 1000)
+        return InternalUsageLine(ts_ms=ts, tenant="a", workload=workload, provider="openai",
+                                 model="gpt-4o", input_tokens=200_000,
+                                 cached_input_tokens=100_000, cost_micros=cost,
+                                 permit_id=f"{workload}{day}")
+    # p1 booked with the right card (0.25 + 0.125), p2 with cache reads at 2.50.
+    internal = [total_only(d, "w", 375_000) for d in (3, 4, 5)]
+    internal += [total_only(d, "v", 500_000) for d in (3, 4, 5)]
+    provider = [pline(d, t, None, m, account=a) for d in (3, 4, 5) for a in ("p1", "p2")
+                for t, m in (("input", 250_000), ("cached_input", 125_000))]
+    cards = load_cards([str(tmp_path / "default.yaml"), f"p2={tmp_path / 'p2.yaml'}"])
+    rec = reconcile(JAN, "openai", provider, internal, mapping, cards)
+    assert rec.category_net(CACHE_RATE) == -3 * 125_000
+    assert rec.category_net(UNEXPLAINED) == 0
+    assert sorted(rec.evidence.requests[CACHE_RATE]) == ["v3", "v4", "v5"]
+    # With one card for both, p2's total is split the wrong way: nothing explains it.
+    single = load_cards([str(tmp_path / "default.yaml")])
+    rec = reconcile(JAN, "openai", provider, internal, mapping, single)
+    assert rec.category_net(UNEXPLAINED) != 0
+    with pytest.raises(InputError, match="two default price cards"):
+        load_cards([str(tmp_path / "default.yaml"), str(tmp_path / "p2.yaml")])
