@@ -8,6 +8,7 @@ default that matches docs/mesh.md and deploy/k8s/.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,18 +43,20 @@ DEFAULT_PROVIDER_HOSTS = (("openai.azure.com", "azure"), ("aiplatform.googleapis
                           ("bedrock-runtime", "bedrock"), ("anthropic", "anthropic"),
                           ("openai", "openai"))
 
-# The public API hosts of LLM providers (exact names, or ``.suffix`` for a
-# family of hosts). A call to one of them that Keel cannot meter is refused
-# (403 NOT_METERED) unless KEEL_MESH_UNMETERED_ROUTES lists it: an unknown
-# endpoint of a provider is a provider call that nothing would book.
+# The public API hosts of LLM providers, as domains: a host is one when it is
+# the domain, or ends in "." or "-" + the domain (us-central1-aiplatform...).
+# Bedrock's hosts are bedrock*.{region}.amazonaws.com. A call to one of them
+# that Keel cannot meter is refused (403 NOT_METERED) unless
+# KEEL_MESH_UNMETERED_ROUTES lists it: an unknown endpoint of a provider is a
+# provider call that nothing would book.
 KNOWN_PROVIDER_HOSTS = (
-    "api.openai.com", "api.anthropic.com", ".openai.azure.com", ".services.ai.azure.com",
-    ".cognitiveservices.azure.com", "generativelanguage.googleapis.com",
-    "aiplatform.googleapis.com", ".aiplatform.googleapis.com", ".amazonaws.com",
-    "api.mistral.ai", "api.cohere.com", "api.cohere.ai", "api.groq.com",
-    "api.together.xyz", "api.fireworks.ai", "api.deepseek.com", "api.x.ai",
+    "api.openai.com", "api.anthropic.com", "openai.azure.com", "services.ai.azure.com",
+    "cognitiveservices.azure.com", "generativelanguage.googleapis.com",
+    "aiplatform.googleapis.com", "api.mistral.ai", "api.cohere.com", "api.cohere.ai",
+    "api.groq.com", "api.together.xyz", "api.fireworks.ai", "api.deepseek.com", "api.x.ai",
     "openrouter.ai",
 )
+_BEDROCK_HOST = re.compile(r"^bedrock(-[a-z]+)*\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
 
 
 class MeshConfigError(ValueError):
@@ -201,8 +204,10 @@ class MeshConfig:
         name = host.lower().rsplit(":", 1)[0] if host.count(":") == 1 else host.lower()
         if any(sub in name for sub, _ in self.provider_hosts):
             return True
-        return any(name == h or (h.startswith(".") and name.endswith(h))
-                   for h in KNOWN_PROVIDER_HOSTS)
+        if _BEDROCK_HOST.match(name):
+            return True
+        return any(name == d or name.endswith("." + d) or name.endswith("-" + d)
+                   for d in KNOWN_PROVIDER_HOSTS)
 
     def listed_unmetered(self, host: str, path: str) -> bool:
         """Whether KEEL_MESH_UNMETERED_ROUTES names this host and path as not LLM traffic."""

@@ -361,3 +361,15 @@ async def test_azure_deployment_map_and_embeddings_are_read() -> None:
     h = headers_of(resp.ok_response.headers)
     assert (h["x-keel-api"], h["x-keel-input-tokens"]) == ("embeddings", "2")
     assert "x-keel-enforce-max-tokens" not in h
+
+
+def test_provider_hosts_are_known_whatever_the_configured_substrings() -> None:
+    cfg = MeshConfig(provider_hosts=(("llm-gw", "openai"),))
+    for host in ("api.openai.com", "api.openai.com:443", "res1.openai.azure.com",
+                 "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com",
+                 "generativelanguage.googleapis.com", "bedrock-runtime.eu-west-1.amazonaws.com",
+                 "bedrock-runtime-fips.us-east-1.amazonaws.com", "llm-gw.internal"):
+        assert cfg.is_provider_host(host), host
+    for host in ("s3.us-east-1.amazonaws.com", "storage.googleapis.com", "example.com",
+                 "notopenai.com"):
+        assert not cfg.is_provider_host(host), host
