@@ -452,7 +452,7 @@ class _JsonElements:
                     self._start = i
                 self._depth += 1
             elif ch in (0x7D, 0x5D):  # } ]
-                self._depth -= 1
+                self._depth = max(0, self._depth - 1)
                 if ch == 0x7D and self._depth == self._top and self._start >= 0:
                     out.append(bytes(buf[self._start:i + 1]))
                     self._start = -1

@@ -286,3 +286,33 @@ def test_cli_mesh_route_names_api_provider_model_and_price(
     ns = parser.parse_args(["mesh", "route", "--host", "api.openai.com", "/v1/batches"])
     assert ns.func(ns) == 1
     assert "403 NOT_METERED (a provider host)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("api", "body", "field"), [
+    (Api.GENERATE_CONTENT, {"contents": "hi", "generationConfig": {"maxOutputTokens": "100"}},
+     "generationConfig.maxOutputTokens"),
+    (Api.CONVERSE, {"messages": "x", "inferenceConfig": {"maxTokens": 0}},
+     "inferenceConfig.maxTokens"),
+    (Api.INVOKE_MESSAGES, {"messages": [], "max_tokens": True}, "max_tokens"),
+])
+def test_bad_nested_caps_are_400_naming_the_field(api: Api, body: dict[str, Any],
+                                                   field: str) -> None:
+    with pytest.raises(BadRequest, match=field.replace(".", r"\.")):
+        parse_body(api, "p", raw(body), "m")
+
+
+def test_odd_shapes_of_new_apis_still_estimate() -> None:
+    assert estimate_input_tokens(Api.GENERATE_CONTENT, {"contents": "abcd"}) == 1 + 4 + 3
+    assert estimate_input_tokens(Api.GENERATE_CONTENT, {"contents": {"parts": "x"}}) == 1 + 4 + 3
+    assert estimate_input_tokens(Api.CONVERSE, {"messages": ["abcd", 5, None]}) == 1 + 12 + 3
+    assert estimate_input_tokens(Api.EMBEDDINGS, {"input": {"odd": "shape"}}) == 0
+    assert estimate_input_tokens(Api.EMBEDDINGS, {}) == 0
+
+
+def test_model_named_by_path_wins_over_the_body_and_a_cut_body_keeps_it() -> None:
+    body = raw({"model": "other", "messages": [{"role": "user", "content": "x" * 100}],
+                "max_tokens": 50})
+    assert parse_body(Api.INVOKE_MESSAGES, "bedrock", body, "anthropic.m").model == "anthropic.m"
+    cut = parse_partial(Api.CONVERSE, "bedrock", b'{"messages": [{"role"', 5000, "a.m", True)
+    assert (cut.model, cut.stream, cut.partial) == ("a.m", True, True)
+    assert cut.estimated_input_tokens == 1250 + 3
