@@ -159,6 +159,10 @@ def test_gemini_settles_from_usage_metadata_with_thoughts_and_cache(
     assert call["caps"] == {"generationConfig.maxOutputTokens": 200}
     data, res = settled(rdb, reply.headers["x-keel-permit-id"])
     assert data["usage"] == {"in": 900, "cached": 600, "cw": 0, "out": 24, "rsn": 10}
+    # The ledger's decision event names the provider, the model and the API.
+    (dec,) = events(rdb, reply.headers["x-keel-permit-id"], "decision")
+    assert (dec["data"]["provider"], dec["data"]["model"]) == ("gemini", "gemini-2.5-flash")
+    assert dec["data"]["labels"]["api"] == "generate_content"
     assert res["act"] == cost("gemini", "gemini-2.5-flash", TokenUsage(900, 600, 0, 24, 10))
     assert data["outcome"] == "SUCCEEDED"
 
