@@ -26,7 +26,9 @@ the four bytes ``"tok "``, so text length / 4 is exactly the token count.
 
 ``x-mock-split: N`` writes a stream in pieces of N bytes, so events and frames
 straddle chunks. Modes (``--mode`` for every call, ``x-mock-mode`` per call): ``ok``; ``break``
-(sends half the answer, then drops the connection); ``error500``; ``error429``;
+(sends half the answer, then drops the connection); ``stream-error`` (half the
+stream, then the provider's in-stream error event or exception frame);
+``error500``; ``error429``;
 ``hang`` (never answers, until the client gives up).
 
 Run: ``python -m keel_pdp.mesh.mockprovider --port 8081``.
@@ -283,6 +285,23 @@ def _event_frame(kind: str, obj: dict[str, Any]) -> bytes:
                   ":message-type": "event"}, json.dumps(obj, separators=(",", ":")).encode())
 
 
+def error_event(p: Plan) -> bytes:
+    """The provider's own in-stream error (an overloaded model), in the stream's format."""
+    if p.api in (Api.CONVERSE, Api.INVOKE_MESSAGES):
+        return frame({":message-type": "exception", ":exception-type":
+                      "modelStreamErrorException", ":content-type": "application/json"},
+                     b'{"message":"The model is overloaded"}')
+    if p.api is Api.GENERATE_CONTENT:
+        obj = json.dumps({"error": {"code": 503, "message": "The model is overloaded",
+                                    "status": "UNAVAILABLE"}}).encode()
+        return b"data: " + obj + b"\r\n\r\n" if p.sse else b",\r\n" + obj + b"]"
+    if p.api in (Api.MESSAGES, Api.RESPONSES):
+        kind = "overloaded_error" if p.api is Api.MESSAGES else "server_error"
+        return _sse({"type": "error", "error": {"type": kind, "message": "Overloaded"}},
+                    "error")
+    return _sse({"error": {"type": "server_error", "message": "The model is overloaded"}})
+
+
 def stream_content_type(p: Plan) -> str:
     if p.api in (Api.CONVERSE, Api.INVOKE_MESSAGES):
         return "application/vnd.amazon.eventstream"
@@ -474,7 +493,7 @@ class MockProvider:
         p = plan_for(api, body, req.headers, self.opts, model, route.stream,
                      sse="alt=sse" in req.path)
         if p.stream:
-            return await self._stream(p, w, breaks=mode == "break",
+            return await self._stream(p, w, breaks=mode == "break", fails=mode == "stream-error",
                                       split=_hint(req.headers, "x-mock-split", 0),
                                       bad_crc=req.headers.get("x-mock-bad-crc") == "1")
         data = json.dumps(full_body(p), separators=(",", ":")).encode()
@@ -491,11 +510,16 @@ class MockProvider:
         return True
 
     async def _stream(self, p: Plan, w: asyncio.StreamWriter, breaks: bool, split: int = 0,
-                      bad_crc: bool = False) -> bool:
+                      bad_crc: bool = False, fails: bool = False) -> bool:
         w.write(_head(200, "OK", [("content-type", stream_content_type(p)),
                                   ("cache-control", "no-cache"),
                                   ("transfer-encoding", "chunked")]))
         events = stream_events(p, self.opts.tokens_per_chunk)
+        if fails:
+            # Half the answer, then the provider's in-stream error; the stream ends cleanly.
+            events = [*events[: len(events) // 2], error_event(p)]
+            if p.api is Api.GENERATE_CONTENT and not p.sse:
+                events[0] = events[0] if events[0].startswith(b"[") else b"[" + events[0]
         stop_at = len(events) // 2 if breaks else len(events)
         if bad_crc and len(events) > 2:
             # Flip one payload byte of the second event: its message CRC no longer checks.
@@ -545,7 +569,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--mode", default="ok",
-                        choices=["ok", "break", "error500", "error429", "hang"])
+                        choices=["ok", "break", "stream-error", "error500", "error429", "hang"])
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
                         help="pause between streamed events")
     parser.add_argument("--tokens-per-chunk", type=int, default=4)

@@ -377,7 +377,8 @@ class ResponseMeter:
                                "cache_creation_input_tokens":
                                    self._metrics.get("cacheWriteInputTokenCount", 0),
                                "output_tokens": self._metrics.get("outputTokenCount")}
-            if self.elements is not None and complete and self._final is None and self._partial:
+            if self.elements is not None and complete and self._final is None \
+                    and self._partial and not self.error:
                 self._final = dict(self._partial)  # a complete answer with no finishReason
         elif self.sse:
             if complete:  # a last line / event with no newline after it
@@ -391,7 +392,7 @@ class ResponseMeter:
             if complete and not self._overflow and not self._opaque and self._buf:
                 self._json_body(bytes(self._buf))
         if self.sse and self.api is Api.GENERATE_CONTENT and complete and self._final is None \
-                and self._partial:
+                and self._partial and not self.error:
             self._final = dict(self._partial)
         final = normalise(self.api, self._final) if self._final is not None else None
         partial = normalise(self.api, self._partial) if self._partial else None

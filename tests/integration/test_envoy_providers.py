@@ -279,6 +279,23 @@ def test_bedrock_stream_broken_half_way_settles_partial(
         assert data["usage"]["in"] == estimate_input_tokens(Api.CONVERSE, body)
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    (f"/model/{BEDROCK_MODEL}/converse-stream", converse_body()),
+    (f"/model/{BEDROCK_MODEL}/invoke-with-response-stream", invoke_body()),
+    (GEMINI + ":streamGenerateContent?alt=sse", gemini_body()),
+    (VERTEX + ":streamGenerateContent", gemini_body()),
+    ("/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+     {"messages": [{"role": "user", "content": "hi"}], "stream": True})],
+    ids=["converse", "invoke", "gemini-sse", "vertex-array", "azure"])
+def test_in_stream_provider_error_settles_failed_with_what_was_seen(
+        mesh: MeshStack, rdb: redis.Redis, path: str, body: dict[str, Any]) -> None:
+    reply = mesh.call(path, body, headers={"x-mock-mode": "stream-error", "x-mock-split": "19"})
+    assert reply.status == 200
+    data, _ = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["outcome"] == "FAILED"
+    assert 0 < data["usage"]["out"] < 24  # the half of the answer that arrived
+
+
 def test_bedrock_frame_with_a_bad_crc_is_not_trusted(mesh: MeshStack, rdb: redis.Redis) -> None:
     reply = mesh.call(f"/model/{BEDROCK_MODEL}/converse-stream", converse_body(),
                       headers={"x-mock-bad-crc": "1", "x-mock-input-tokens": "1000"})

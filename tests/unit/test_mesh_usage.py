@@ -213,3 +213,16 @@ def test_json_error_and_truncation_flags() -> None:
         "input_tokens": 1, "output_tokens": 2}}).encode()], sse=False)
     assert r.incomplete and r.usage == TokenUsage(1, 0, 0, 2, 0)
 
+
+
+@pytest.mark.parametrize("api", STREAMING)
+def test_in_stream_error_is_flagged_and_never_taken_for_final_usage(api: Api) -> None:
+    from keel_pdp.mesh.mockprovider import error_event
+
+    for sse in ((True, False) if api is Api.GENERATE_CONTENT else (True,)):
+        p = plan(api, sse=sse)
+        events = stream_events(p, 4)
+        data = b"".join(events[: len(events) // 2]) + error_event(p)
+        r = meter_for(api, [data], ctype=stream_content_type(p))
+        assert r.error, (api, sse)
+        assert r.usage is None or r.usage.output_tokens < 24
