@@ -77,6 +77,7 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     server, health, port = build_server(engine, metrics, s.listen, extra_services=extra,
                                         credentials=credentials,
                                         max_concurrent_rpcs=s.max_concurrent_rpcs,
+                                        first_message_timeout_s=s.first_message_timeout_s,
                                         interceptors=interceptors,
                                         reuse_port=worker is not None)
     metrics_port = s.metrics_port + (worker or 0) if s.metrics_port else 0

@@ -34,6 +34,7 @@ class ServeSettings:
     tls_client_ca: str = ""
     allow_insecure_listen: bool = False
     max_concurrent_rpcs: int = 1024
+    first_message_timeout_s: float = 2.0
     admin_identities: tuple[str, ...] = ()
     outbox_dir: str = ""
     drain_delay_s: float = 1.0
@@ -83,6 +84,8 @@ class ServeSettings:
             raise SettingsError("--workers must be between 1 and 64")
         if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
             raise SettingsError("--max-concurrent-rpcs must be between 1 and 1000000")
+        if not 0.05 <= self.first_message_timeout_s <= 60:
+            raise SettingsError("--first-message-timeout must be between 0.05 and 60 seconds")
         if self.caller_auth not in ("", "open", "enforce", "observe"):
             raise SettingsError(f"--caller-auth {self.caller_auth!r} must be open, enforce or "
                                 "observe")
@@ -154,7 +157,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow a plaintext listener on a non-loopback address")
     p.add_argument("--max-concurrent-rpcs", type=int,
                    default=int(_env("KEEL_MAX_CONCURRENT_RPCS", "1024")),
-                   help="beyond this many in-flight RPCs, answer RESOURCE_EXHAUSTED at once")
+                   help="beyond this many RPCs being served (request received), answer "
+                        "RESOURCE_EXHAUSTED at once; calls still waiting for their request "
+                        "are not counted, health checks are never refused")
+    p.add_argument("--first-message-timeout", type=float,
+                   default=float(_env("KEEL_FIRST_MESSAGE_TIMEOUT", "2.0")),
+                   help="seconds a call may wait between its headers and its request message "
+                        "before it is ended (idle or half-sent streams; env "
+                        "KEEL_FIRST_MESSAGE_TIMEOUT)")
     p.add_argument("--admin-identities", default=_env("KEEL_ADMIN_IDENTITIES", ""),
                    help="comma-separated client certificate names (CN or SAN) allowed to call "
                         "the admin API without a token (mutual TLS only)")
@@ -192,6 +202,7 @@ def serve_settings(ns: argparse.Namespace) -> ServeSettings:
         admin_token_file=ns.admin_token_file, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca, allow_insecure_listen=ns.allow_insecure_listen,
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
+        first_message_timeout_s=ns.first_message_timeout,
         outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay, workers=ns.workers,
         caller_auth=ns.caller_auth, caller_tokens_file=ns.caller_tokens_file,
         budget_metrics_interval_s=ns.budget_metrics_interval,

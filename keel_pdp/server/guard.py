@@ -94,6 +94,9 @@ class ServerGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def intercept_service(self, continuation: _Continuation,
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
+        # One wrapped handler per method, built on the first call: an interceptor
+        # inside this one must decide per call inside its behaviour (as the caller
+        # identity checks do), not by returning a different handler per call.
         method = handler_call_details.method
         found = self._handlers.get(method)
         if found is not None:

@@ -323,3 +323,25 @@ async def test_a_request_that_follows_its_headers_late_but_in_time_is_served(
             assert sc.metric("keel_pdp_idle_streams_closed_total") == 0
         finally:
             await c.close()
+
+
+async def test_first_message_timeout_is_configurable(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    with sidecar(redis_url, tmp_path, "--first-message-timeout", "0.3") as sc:
+        (conn,) = await open_idle(sc.port, 20, per_connection=20)
+        try:
+            t0 = time.monotonic()
+            assert await wait_for(lambda: conn.still_open == 0, 5)
+            assert time.monotonic() - t0 < 1.5  # not the default 2 s
+            assert sc.metric("keel_pdp_idle_streams_closed_total") == 20
+        finally:
+            await conn.close()
+
+
+def test_a_first_message_timeout_out_of_range_is_refused(tmp_path: pathlib.Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(tmp_path),
+         "--first-message-timeout", "0"], capture_output=True, text=True, timeout=60,
+        check=False)
+    assert proc.returncode == 2
+    assert "--first-message-timeout must be between" in proc.stderr
