@@ -319,7 +319,7 @@ class ClusterClient:
         self._refreshed_at = -1e9
         self._closed = False
         self.refreshes = 0
-        self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0, "resent": 0}
+        self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0, "not_sent": 0}
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> ClusterClient:
@@ -417,7 +417,7 @@ class ClusterClient:
             except RespNotSent:
                 # Never written, so it did not run: send it to whoever owns the
                 # slot once the map is fresh, if that is another node.
-                self.redirects["resent"] += 1
+                self.redirects["not_sent"] += 1
                 before = node
                 await self._refresh_within(deadline - time.monotonic())
                 node = self._owner(slot)

@@ -104,7 +104,7 @@ class RedisCluster:
 
     def cmd(self, port: int, *args: str | int) -> Any:
         """One command to the node on ``port`` (no redirection)."""
-        return self.cmd(port, *args)
+        return self.admin(port).execute_command(*args)  # type: ignore[no-untyped-call]
 
     def live(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.proc is not None]
