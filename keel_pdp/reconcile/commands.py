@@ -7,6 +7,7 @@ variance outside tolerance); 2 bad input, nothing written or posted.
 from __future__ import annotations
 
 import argparse
+import gc
 import pathlib
 import sys
 from decimal import Decimal, InvalidOperation
@@ -80,6 +81,18 @@ def register(subparsers: Any) -> None:
 
 
 def run_reconcile(ns: argparse.Namespace) -> int:
+    # A month is up to millions of small objects without reference cycles; the
+    # cyclic collector would rescan them again and again as they are created.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_reconcile(ns)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _run_reconcile(ns: argparse.Namespace) -> int:
     from keel_pdp.reconcile.adapters.generic import load_column_map
     from keel_pdp.reconcile.adapters.imports import import_exports
     from keel_pdp.reconcile.internal import (

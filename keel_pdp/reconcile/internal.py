@@ -329,6 +329,8 @@ class FileInternalSource:
 
 
 def _micros_int(path: pathlib.Path, value: Any, where: str, column: str) -> int:
+    if type(value) is str and value.isdigit() and value.isascii():
+        return int(value)
     if isinstance(value, bool) or (not isinstance(value, int) and not str(value).strip()
                                    .lstrip("-").isdigit()):
         raise InputError(str(path), f"{value!r} is not an integer number of micro-USD",

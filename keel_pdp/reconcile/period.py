@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -35,11 +36,12 @@ class Period:
 
     @property
     def start_ms(self) -> int:
-        return int(self.start.timestamp()) * 1000
+        return _month_start_ms(self.year, self.month)
 
     @property
     def end_ms(self) -> int:
-        return int(self.end.timestamp()) * 1000
+        n = self.next()
+        return _month_start_ms(n.year, n.month)
 
     @property
     def first_day(self) -> date:
@@ -65,6 +67,11 @@ class Period:
 
     def previous(self) -> Period:
         return Period(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _month_start_ms(year: int, month: int) -> int:
+    return int(datetime(year, month, 1, tzinfo=UTC).timestamp()) * 1000
 
 
 def day_of_ms(ms: int) -> date:

@@ -31,10 +31,11 @@ per provider and per account, sum(categories) = provider total - internal total.
 
 from __future__ import annotations
 
+import gc
 import pathlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 
@@ -53,7 +54,6 @@ from keel_pdp.reconcile.model import (
     ProviderLine,
     normalise_model,
 )
-from keel_pdp.reconcile.money import round_fraction
 from keel_pdp.reconcile.period import Period, day_of_ms
 from keel_pdp.reconcile.prices import PriceBook, PriceCards
 
@@ -257,7 +257,11 @@ class _Request:
 def ledger_month(line: InternalUsageLine, mapping: Mapping, clock: str) -> Period:
     """The month the ledger books a request in: the tenant's local month."""
     zone = mapping.tenant_zone(line.tenant) if clock == LEDGER_CLOCK_TENANT else None
-    at = datetime.fromtimestamp(line.ts_ms / 1000, tz=zone or UTC)
+    return _month_at(line.ts_ms, zone)
+
+
+def _month_at(ts_ms: int, zone: tzinfo | None) -> Period:
+    at = datetime.fromtimestamp(ts_ms / 1000, tz=zone or UTC)
     return Period(at.year, at.month)
 
 
@@ -386,6 +390,9 @@ class _Builder:
         self.evidence = Evidence()
         self.unmapped: set[str] = set()
         self.tier_series: dict[tuple[str, str], int] = {}  # (account, model) -> threshold
+        self.zones: dict[str, tzinfo | None] = {}
+        self.start_ms, self.end_ms = period.start_ms, period.end_ms
+        self.accounts: dict[tuple[str, str, str], str] = {}
 
     def cell(self, key: CellKey) -> Cell:
         found = self.cells.get(key)
@@ -427,8 +434,11 @@ class _Builder:
     def add_internal(self, line: InternalUsageLine) -> None:
         if line.provider.strip().lower() != self.provider.lower():
             return
-        in_provider = self.period.start_ms <= line.ts_ms < self.period.end_ms
-        in_ledger = ledger_month(line, self.mapping, self.clock) == self.period
+        in_provider = self.start_ms <= line.ts_ms < self.end_ms
+        if line.tenant not in self.zones:
+            self.zones[line.tenant] = (self.mapping.tenant_zone(line.tenant)
+                                       if self.clock == LEDGER_CLOCK_TENANT else None)
+        in_ledger = _month_at(line.ts_ms, self.zones[line.tenant]) == self.period
         if in_ledger:
             self.window.append(line)
         else:
@@ -436,7 +446,10 @@ class _Builder:
         if not (in_provider or in_ledger):
             return
         model = normalise_model(line.model, self.aliases)
-        account = self.internal_account(line)
+        akey = (line.account, line.tenant, line.workload)
+        account = self.accounts.get(akey)
+        if account is None:
+            account = self.accounts[akey] = self.internal_account(line)
         if account.startswith("(unmapped"):
             self.unmapped.add(account)
         book = (self.prices.book(account) if isinstance(self.prices, PriceCards)
@@ -500,7 +513,7 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
         for t in TOKEN_TYPES:
             n = r.tokens[t]
             rate = _rate_on(cards.get(b.key(r, t).series, {}), r.day)
-            r.provider[t] = (round_fraction(n * rate) if r.billed and r.in_provider
+            r.provider[t] = (_times(n, rate) if r.billed and r.in_provider
                              and rate is not None else 0)
         if r.in_provider and not r.in_ledger:
             _claim(b, r, CLOCK_SKEW, r.provider, {t: 0 for t in TOKEN_TYPES},
@@ -551,6 +564,15 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
                               "cost booked without tokens")
                 if rid not in ev.requests[UNEXPLAINED]:
                     ev.requests[UNEXPLAINED].append(rid)
+
+
+def _times(tokens: int, rate: Fraction) -> int:
+    """``tokens x rate`` rounded half-even to the micro-dollar, in integers."""
+    q, rest = divmod(tokens * rate.numerator, rate.denominator)
+    twice = 2 * rest
+    if twice > rate.denominator or (twice == rate.denominator and q % 2):
+        q += 1
+    return q
 
 
 def _claim(b: _Builder, r: _Request, category: str, provider: dict[str, int],
@@ -618,14 +640,22 @@ def reconcile(period: Period, provider: str, provider_lines: list[ProviderLine],
               prices: PriceBook | PriceCards | None = None, skew_hours: int = 14,
               ledger_clock: str = LEDGER_CLOCK_TENANT) -> Reconciliation:
     b = _Builder(period, provider, mapping, prices, ledger_clock)
-    for pline in provider_lines:
-        b.add_provider(pline)
-    for iline in internal_lines:
-        b.add_internal(iline)
-    b.route()
-    cards = b.cards()
-    _attribute(b, cards)
-    _lines(b)
+    # Hundreds of thousands of small objects and no reference cycles among them:
+    # the cyclic collector would only rescan them over and over (superlinear).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for pline in provider_lines:
+            b.add_provider(pline)
+        for iline in internal_lines:
+            b.add_internal(iline)
+        b.route()
+        cards = b.cards()
+        _attribute(b, cards)
+        _lines(b)
+    finally:
+        if collecting:
+            gc.enable()
     for adj in b.adjustments:
         b.evidence.lines[adj.category].append(adj.line_id)
     rec = Reconciliation(

@@ -157,6 +157,8 @@ def iter_buckets(path: pathlib.Path, doc: Any) -> Iterator[tuple[str, dict[str, 
 def as_count(path: pathlib.Path, value: Any, where: str, column: str = "",
              *, optional: bool = True) -> int:
     """A token or request count: an integer, or an integral decimal ("59200.0")."""
+    if type(value) is str and value.isdigit() and value.isascii():
+        return int(value)  # the common case, without a Decimal
     if value is None or (isinstance(value, str) and not value.strip()):
         if optional:
             return 0
