@@ -376,3 +376,26 @@ def test_a_request_the_sidecar_refuses_is_an_error_even_when_failing_open(
             keel.permit("", tenant="acme", workload="chat"):
         pytest.fail("the block must not run")
     keel.close()
+
+
+def test_retry_of_a_held_request_replays_and_reuse_after_the_end_is_refused(
+        stack: Stack, rdb: redis.Redis) -> None:
+    """What the client's same-id retries rely on, against the real sidecar: while the
+    permit is held the same request id answers the same permit and holds nothing
+    more; once it has ended, the id cannot carry a second provider call."""
+    keel = KeelClient(stack.target, tenant="acme", workload="chat", timeout=5)
+    req = keel.request("gpt-4o-mini", provider="openai", estimated_input_tokens=1_000,
+                       max_output_tokens=100, request_id="order-42")
+    first = keel.authorize(req)
+    again = keel.authorize(req)
+    assert (again.permit_id, again.replayed) == (first.permit_id, True)
+    assert len(events(rdb, first.permit_id, "decision")) == 1
+    first.record_usage(TokenUsage(input_tokens=900, output_tokens=80))
+    keel.end(first)
+    assert first.settlement is not None and first.settlement.status == "SETTLED"
+    with pytest.raises(PermitDenied) as info, keel.permit(
+            "gpt-4o-mini", provider="openai", estimated_input_tokens=1_000,
+            max_output_tokens=100, request_id="order-42"):
+        pytest.fail("a settled permit's request id must not authorize a new call")
+    assert info.value.codes == ("REQUEST_ID_REUSED",)
+    keel.close()

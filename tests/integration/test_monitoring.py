@@ -128,6 +128,53 @@ def test_dashboard_queries_are_valid_promql(tmp_path: pathlib.Path) -> None:
         assert metric in text
 
 
+# ---------------------------------------------------------------- budget gauges
+async def test_budget_gauges_export_the_busiest_counter_of_the_top_budgets(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """Real engine and Redis: spend in four budgets (one split per tenant), then one
+    refresh. Each gauge is the busiest counter's figure, worked out here from the
+    price table; only the ``top`` budgets by projection are exported."""
+    import redis.asyncio as aioredis
+
+    from keel_pdp.budget.gauges import BudgetGauges
+    from keel_pdp.budget.status import StatusReader
+    from keel_pdp.decision import AuthorizeInput
+    from tests.helpers import make_engine
+
+    bundle = write_bundle(tmp_path / "p", [
+        budget("per-tenant", "1.00", per=["tenant"]),
+        budget("acme-only", "2.00", scope={"tenant": "acme"}),
+        budget("globex-only", "50.00", scope={"tenant": "globex"}),
+        budget("idle", "1.00", scope={"tenant": "nobody"}),
+    ])
+    client = aioredis.Redis.from_url(redis_url)
+    engine = make_engine(client, bundle)
+    spent: dict[str, int] = {"acme": 0, "globex": 0}
+    for i, tenant in enumerate(["acme", "acme", "acme", "globex"]):
+        res = await engine.authorize(AuthorizeInput(
+            f"g-{i}", tenant, "chat", "gpt-4o-mini", "openai", 20_000, 1_000))
+        await engine.closeout(res.permit_id, USAGE, "SUCCEEDED", None)
+        spent[tenant] += cost_micros("openai", "gpt-4o-mini", USAGE)
+    gauges = BudgetGauges(engine.metrics, engine.policies, StatusReader(engine.store), top=2)
+    assert await gauges.refresh() == 2
+
+    def gauge(name: str) -> dict[str, Decimal]:
+        return {s.labels["budget"]: Decimal(repr(s.value))
+                for m in engine.metrics.registry.collect() if m.name == name
+                for s in m.samples}
+
+    util = gauge("keel_pdp_budget_utilisation_ratio")
+    # per-tenant: acme's counter (3 calls) is the busiest of its two; acme-only: the same
+    # spend against twice the cap; globex-only (1 call, cap 50) ranks third and is left out
+    assert set(util) == {"per-tenant", "acme-only"}
+    assert abs(util["per-tenant"] - Decimal(spent["acme"]) / 1_000_000) < Decimal("1e-12")
+    assert abs(util["acme-only"] - Decimal(spent["acme"]) / 2_000_000) < Decimal("1e-12")
+    proj = gauge("keel_pdp_budget_projected_ratio")
+    assert set(proj) == set(util)
+    assert proj["per-tenant"] >= util["per-tenant"]
+    await client.aclose()
+
+
 # ------------------------------------------------------------------------ live
 CAP_USD = "5.00"
 USAGE = TokenUsage(input_tokens=20_000, cached_input_tokens=5_000, output_tokens=800,
