@@ -139,21 +139,36 @@ class CrossSlotError(ValueError):
 
 def call_slot(keys: Sequence[str]) -> int | None:
     """The one slot of ``keys`` (None for no keys); ``CrossSlotError`` if they differ."""
-    if not keys:
-        return None
-    first = key_slot(keys[0])
-    for k in keys[1:]:
-        if key_slot(k) != first:
-            by_slot: dict[int, list[str]] = {}
-            for key in keys:
-                by_slot.setdefault(key_slot(key), []).append(key)
-            detail = "; ".join(f"slot {s}: {', '.join(repr(k) for k in ks[:4])}"
-                               + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")
-                               for s, ks in sorted(by_slot.items()))
-            raise CrossSlotError(
-                f"the keys of one Redis Cluster call must share a slot (one hash tag); "
-                f"these span {len(by_slot)} slots: {detail}")
-    return first
+    # key_slot, inlined: this runs for every key of every call.
+    cache = _slot_cache
+    slot = -1
+    for k in keys:
+        start = k.find("{")
+        if start >= 0:
+            end = k.find("}", start + 1)
+            tag = k[start + 1:end] if end > start + 1 else k
+        else:
+            tag = k
+        got = cache.get(tag)
+        if got is None:
+            got = key_slot(tag)  # a tag has no "}", so it hashes whole: the key's slot
+        if slot < 0:
+            slot = got
+        elif got != slot:
+            raise _cross_slot(keys)
+    return None if slot < 0 else slot
+
+
+def _cross_slot(keys: Sequence[str]) -> CrossSlotError:
+    by_slot: dict[int, list[str]] = {}
+    for key in keys:
+        by_slot.setdefault(key_slot(key), []).append(key)
+    detail = "; ".join(f"slot {s}: {', '.join(repr(k) for k in ks[:4])}"
+                       + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")
+                       for s, ks in sorted(by_slot.items()))
+    return CrossSlotError(
+        f"the keys of one Redis Cluster call must share a slot (one hash tag); "
+        f"these span {len(by_slot)} slots: {detail}")
 
 
 # --------------------------------------------------------------------- URL
@@ -315,6 +330,7 @@ class ClusterClient:
         self._slots: list[RespClient | None] = [None] * SLOTS
         self._masters: list[RespClient] = []
         self._scripts: dict[str, Script] = {}
+        self._shared_slots: dict[int, tuple[Shared, int | None]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1e9
         self._closed = False
@@ -337,8 +353,16 @@ class ClusterClient:
                           args: Sequence[Arg], timeout_s: float,
                           shared: Shared | None = None) -> Any:
         """EVALSHA on the master owning the slot of ``keys`` (and ``shared.keys``)."""
-        every = [*keys, *shared.keys] if shared is not None else keys
-        slot = call_slot(every)
+        slot = self._slot_of(keys, shared)
+        started = time.monotonic()
+        node = self._slots[slot] if slot is not None else self._owner(None)
+        failed: Exception | None = None
+        if node is not None:
+            # The common case: the map is known and the master answers. One write.
+            try:
+                return await node.eval_script(script, keys, args, timeout_s, shared)
+            except (RespError, OSError, TimeoutError) as exc:
+                failed = exc
         packed: bytes | None = None
 
         def attempt(node: RespClient, asking: bool, left: float) -> Awaitable[Any]:
@@ -349,7 +373,7 @@ class ClusterClient:
                 packed = pack_evalsha(script.sha, keys, args, shared)
             return self._asking_eval(node, script, packed, left)
 
-        return await self._route(slot, attempt, timeout_s)
+        return await self._route(slot, attempt, started + timeout_s, node, failed)
 
     async def command(self, *args: Arg, timeout_s: float) -> Any:
         """One command, on the master owning its key's slot (SCRIPT and FUNCTION:
@@ -365,7 +389,8 @@ class ClusterClient:
                 return node.pipelined((_ASKING, packed), left)
             return node.command(*args, timeout_s=left)
 
-        return await self._route(slot, attempt, timeout_s)
+        return await self._route(slot, attempt, time.monotonic() + timeout_s,
+                                 self._owner(slot), None)
 
     async def _asking_eval(self, node: RespClient, script: Script, packed: bytes,
                            left: float) -> Any:
@@ -382,56 +407,81 @@ class ClusterClient:
         return await node.pipelined((load, _ASKING, packed), left)
 
     async def _broadcast(self, args: Sequence[Arg], timeout_s: float) -> Any:
-        async with asyncio.timeout(timeout_s):
-            if not self._masters:
-                await self._refresh_now()
-            masters = list(self._masters)
+        deadline = time.monotonic() + timeout_s
+        if not self._masters:
+            await self._refresh_within(timeout_s)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left after reading the Redis Cluster slot map")
         results = await asyncio.gather(
-            *(m.command(*args, timeout_s=timeout_s) for m in masters), return_exceptions=True)
+            *(m.command(*args, timeout_s=left) for m in list(self._masters)),
+            return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         return results[0]
 
+    def _slot_of(self, keys: Sequence[str], shared: Shared | None) -> int | None:
+        slot = None
+        if shared is not None:
+            # A shape's shared keys are the same for every call of that shape.
+            hit = self._shared_slots.get(id(shared))
+            if hit is None or hit[0] is not shared:
+                if len(self._shared_slots) >= 4096:
+                    self._shared_slots.clear()
+                hit = (shared, call_slot(shared.keys))
+                self._shared_slots[id(shared)] = hit
+            slot = hit[1]
+        if keys:
+            own = call_slot(keys)
+            if slot is not None and own != slot:
+                raise _cross_slot([*keys, *(shared.keys if shared is not None else ())])
+            slot = own
+        return slot
+
     async def _route(self, slot: int | None,
                      attempt: Callable[[RespClient, bool, float], Awaitable[Any]],
-                     timeout_s: float) -> Any:
-        deadline = time.monotonic() + timeout_s
-        node = self._owner(slot)
+                     deadline: float, node: RespClient | None,
+                     failed: Exception | None) -> Any:
+        """Send (again) until an answer, an error that must not be retried, or the deadline.
+        ``failed``: what the first try on ``node`` raised, if it was made already."""
         asking = False
         redirects = 0
         pause = 0.001
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"Redis Cluster did not answer within "
-                                   f"{timeout_s * 1000:.0f} ms (slot {slot})")
-            if node is None:
-                await self._refresh_within(left)
-                node = self._owner(slot)
+            if failed is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"Redis Cluster did not answer in time (slot {slot})")
                 if node is None:
-                    raise RespConnectionError(f"no Redis Cluster master serves slot {slot}")
-                continue
-            try:
-                return await attempt(node, asking, left)
-            except RespNotSent:
+                    await self._refresh_within(left)
+                    node = self._owner(slot)
+                    if node is None:
+                        raise RespConnectionError(
+                            f"no Redis Cluster master serves slot {slot}")
+                    continue
+                try:
+                    return await attempt(node, asking, left)
+                except (RespError, OSError, TimeoutError) as exc:
+                    failed = exc
+            error, failed = failed, None
+            if isinstance(error, RespNotSent):
                 # Never written, so it did not run: send it to whoever owns the
                 # slot once the map is fresh, if that is another node.
                 self.redirects["not_sent"] += 1
                 before = node
                 await self._refresh_within(deadline - time.monotonic())
-                node = self._owner(slot)
-                asking = False
+                node, asking = self._owner(slot), False
                 if node is before or node is None:
-                    raise
-            except RespError as exc:
-                message = str(exc)
+                    raise error
+            elif isinstance(error, RespError):
+                message = str(error)
                 kind = message.split(" ", 1)[0]
                 if kind in ("MOVED", "ASK"):
                     target = _redirect(message)
                     redirects += 1
                     if target is None or redirects > self.config.max_redirects:
-                        raise
+                        raise error
                     self.redirects[kind] += 1
                     node = self._node(target[1])
                     asking = kind == "ASK"
@@ -447,12 +497,12 @@ class ClusterClient:
                     if kind == "CLUSTERDOWN":
                         node, asking = self._owner(slot), False
                 else:
-                    raise
-            except (OSError, TimeoutError):
+                    raise error
+            else:
                 # Written, then lost or unanswered: it may have run, so it is not
                 # re-sent. A failover shows up here first; look for the new master.
                 self._refresh_later()
-                raise
+                raise error
 
     # ------------------------------------------------------------ the map
     def _owner(self, slot: int | None) -> RespClient | None:
