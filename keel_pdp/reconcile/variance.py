@@ -490,12 +490,22 @@ class _Builder:
         return CellKey(r.day, r.account, r.model, token_type,
                        "long_context" if r.tiered else "")
 
+    def rate_tokens(self, key: CellKey, cell: Cell) -> int:
+        """The tokens a line's amount is divided by: the provider's own count when
+        its usage export gives one for exactly this line (so requests the gateway
+        missed do not inflate the rate), else those of the requests it billed."""
+        if (cell.provider_tokens and not key.tier
+                and (key.account, key.model) not in self.tier_series):
+            return cell.provider_tokens
+        return cell.billed_tokens
+
     def cards(self) -> dict[Series, dict[date, Fraction]]:
         by_series: dict[Series, list[_Day]] = defaultdict(list)
         for key, cell in self.cells.items():
-            if cell.provider_has_cost and cell.billed_tokens > 0:
+            tokens = self.rate_tokens(key, cell)
+            if cell.provider_has_cost and tokens > 0 and cell.billed_tokens > 0:
                 by_series[key.series].append(_Day(
-                    key.day, cell.provider_micros, cell.billed_tokens,
+                    key.day, cell.provider_micros, tokens,
                     cell.provider_allowance + cell.billed_requests + 1))
         cards = {s: derive_card(days) for s, days in by_series.items()}
         for s, card in cards.items():
@@ -558,10 +568,18 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
                 ev.cache_internal_rates[(r.account, r.model, t)].add(
                     Fraction(r.internal[t], r.tokens[t]))
             else:
-                cell.allocate(UNEXPLAINED, diff,
-                              "same tokens at a different rate with no evidence for it "
-                              "(check the price table)" if r.tokens[t] else
-                              "cost booked without tokens")
+                if r.account.startswith("(unmapped") or not b.mapping.is_mapped(
+                        b.provider, r.account):
+                    note = f"account {r.account} is not in the mapping file"
+                elif b.key(r, t).series not in cards:
+                    note = ("no provider line for this account, model and token type "
+                            "(not billed, or billed under another account or model)")
+                elif r.tokens[t]:
+                    note = ("same tokens at a different rate with no evidence for it "
+                            "(check the price table)")
+                else:
+                    note = "cost booked without tokens"
+                cell.allocate(UNEXPLAINED, diff, note)
                 if rid not in ev.requests[UNEXPLAINED]:
                     ev.requests[UNEXPLAINED].append(rid)
 
@@ -626,6 +644,10 @@ def _lines(b: _Builder) -> None:
             note = "billed by the provider, no internal usage recorded"
         elif not cell.provider_has_cost:
             note = "internal usage the provider did not bill"
+        elif cell.provider_tokens is not None and b.rate_tokens(key, cell) != (
+                cell.billed_tokens):
+            note = (f"provider {cell.provider_tokens:,} tokens vs internal "
+                    f"{cell.billed_tokens:,} billable tokens")
         else:
             note = (f"the line carries {rest / 1_000_000:+.6f} USD beyond its "
                     f"{cell.billed_requests} request(s) at the provider's card")

@@ -329,3 +329,23 @@ def test_a_price_card_per_account_splits_that_accounts_totals(tmp_path: pathlib.
     assert rec.category_net(UNEXPLAINED) != 0
     with pytest.raises(InputError, match="two default price cards"):
         load_cards([str(tmp_path / "default.yaml"), str(tmp_path / "p2.yaml")])
+
+
+def test_requests_the_gateway_missed_are_unexplained_not_a_cache_rate() -> None:
+    # The provider's usage export counts 10 requests a day; the gateway recorded 9.
+    # The card comes from the provider's own token counts, so the missing request
+    # stays on its lines and no cache-rate difference is invented.
+    tokens = {"input": 100_000, "cached_input": 50_000}
+    provider = []
+    for d in (3, 4, 5):
+        for t, rate in (("input", 25), ("cached_input", 125)):
+            n = 10 * tokens[t]
+            provider.append(pline(d, t, n, None))
+            provider.append(pline(d, t, None, n * rate // 10))
+    internal = [replace(iline(d, 9 + i, {"input": 250_000, "cached_input": 625_000}, tokens),
+                        permit_id=f"r{d}-{i}") for d in (3, 4, 5) for i in range(9)]
+    rec = reconcile(JAN, "openai", provider, internal, MAPPING)
+    assert rec.category_net(CACHE_RATE) == 0
+    assert rec.category_net(UNEXPLAINED) == 3 * (250_000 + 625_000)
+    notes = {c.notes[UNEXPLAINED] for c in rec.cells_in(UNEXPLAINED)}
+    assert any("provider 1,000,000 tokens vs internal 900,000" in n for n in notes)
