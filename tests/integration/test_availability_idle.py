@@ -264,6 +264,10 @@ async def test_300_idle_streams_do_not_starve_authorize_or_health_with_limit_64(
             assert sc.metric("keel_pdp_idle_streams") == 0
             closed = sc.metric("keel_pdp_idle_streams_closed_total")
             assert closed == 300
+            # At most 4 x 64 = 256 wait at once: the oldest 44 (and one more for each
+            # real call that arrived while 256 waited) were ended to make room.
+            evicted = sc.metric('keel_pdp_idle_streams_closed_total{reason="evicted"}')
+            assert 44 <= evicted <= 44 + 80, evicted
         finally:
             for c in conns:
                 await c.close()
