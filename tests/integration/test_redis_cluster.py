@@ -15,6 +15,7 @@ import asyncio
 import binascii
 import pathlib
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from keel_pdp.budget.cluster import (
     parse_cluster_url,
 )
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.resp import RespClient, RespError
+from keel_pdp.budget.resp import RespClient, RespError, Shared
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.decision import AuthorizeInput
 from keel_pdp.engine import Engine
@@ -228,6 +229,15 @@ async def test_a_cross_slot_call_is_refused_and_writes_nothing(
         await client.eval_script(incr_all, [a, b], [1], timeout_s=5)
     with pytest.raises(CrossSlotError):
         await client.command("MGET", a, b, timeout_s=5)
+    # The keys a request shape shares and the request's own keys are checked together.
+    shape = Shared.of([a + ":w1", a + ":w2"], [1])
+    assert await client.eval_script(incr_all, [a + ":own"], [], timeout_s=5, shared=shape) == 3
+    with pytest.raises(CrossSlotError, match=re.escape(repr(b + ":own"))):
+        await client.eval_script(incr_all, [b + ":own"], [], timeout_s=5, shared=shape)
+    with pytest.raises(CrossSlotError):
+        await client.eval_script(incr_all, [], [], timeout_s=5, shared=Shared.of([a, b], [1]))
+    assert redis_cluster.admin(redis_cluster.owner(reference_slot(b.encode()))).exists(
+        b + ":own") == 0
     for key in (a, b):
         assert redis_cluster.admin(redis_cluster.owner(reference_slot(key.encode()))).exists(
             key) == 0
