@@ -145,12 +145,13 @@ def paragraph(report: Report, c: CategoryReport) -> str:
                 f"tokens) on {accounts}; internal telemetry priced them at the normal rates; "
                 f"{_types(rec, TIER)}. Provider rate applied. Variance: {v}. {decision}")
     if c.category == FAILED:
-        return (f"Provider and gateway treated {len(ev.requests[FAILED]):,} failed "
-                f"attempt(s) differently on {accounts}: the provider bills generated tokens "
-                f"of the error classes configured as billed (a client-disconnected stream) "
-                f"and nothing for the others (overloaded, rate-limited); "
-                f"{_types(rec, FAILED)}. Provider count of billable units applied. "
-                f"Variance: {v}. {decision}")
+        billed, unbilled = ev.failed_billed, ev.failed_unbilled
+        return (f"Provider billed {usd(billed[1])} for {billed[0]:,} failed attempt(s) of the "
+                f"error classes it bills (generated tokens of client-disconnected streams) "
+                f"that the gateway booked at {usd(billed[2])}, and nothing for {unbilled[0]:,} "
+                f"attempt(s) it does not bill (overloaded, rate-limited) that the gateway "
+                f"booked at {usd(unbilled[2])}, on {accounts}; {_types(rec, FAILED)}. "
+                f"Provider count of billable units applied. Variance: {v}. {decision}")
     if c.category == CREDITS:
         lines = [a.line for a in rec.adjustments if a.category == CREDITS]
         what = "; ".join(f"{ln.description or CREDIT} {usd(ln.cost_micros or 0)}"

@@ -179,6 +179,9 @@ class Evidence:
     skew_provider_micros: int = 0
     skew_ledger_micros: int = 0
     rates: dict[Series, list[tuple[date, Fraction]]] = field(default_factory=dict)
+    # failed attempts: (requests, provider micros, internal micros) each way
+    failed_billed: list[int] = field(default_factory=lambda: [0, 0, 0])
+    failed_unbilled: list[int] = field(default_factory=lambda: [0, 0, 0])
     cache_internal_rates: dict[tuple[str, str, str], set[Fraction]] = field(
         default_factory=lambda: defaultdict(set))
 
@@ -283,7 +286,10 @@ def ledger_window_ms(period: Period, mapping: Mapping, clock: str) -> tuple[int,
 def per_million(rate: Fraction) -> str:
     """micro-USD per token is numerically USD per million tokens."""
     value = Decimal(rate.numerator) / Decimal(rate.denominator)
-    return f"${value.quantize(Decimal('0.000001'), rounding=ROUND_HALF_EVEN).normalize():f}"
+    text = value.quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN).normalize()
+    if text.as_tuple().exponent > -2:  # type: ignore[operator]
+        text = text.quantize(Decimal("0.01"))
+    return f"${text:f}"
 
 
 def _snap(rate: Fraction, tolerance: Fraction) -> Fraction:
@@ -550,6 +556,10 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
             note = (f"failed attempts ({kind}) the provider bills" if r.billed
                     else f"failed attempts ({kind}) the provider does not bill")
             _claim(b, r, FAILED, r.provider, r.internal, note)
+            side = ev.failed_billed if r.billed else ev.failed_unbilled
+            side[0] += 1
+            side[1] += sum(r.provider.values())
+            side[2] += sum(r.internal.values())
             continue
         if r.tiered:
             _claim(b, r, TIER, r.provider, r.internal,

@@ -150,6 +150,8 @@ def test_the_memo_shows_both_sides_for_the_token_type(
     assert fig["internal_micros"] > fig["provider_micros"] > 0
     assert "cached_input" in cache["paragraph"] and "provider $" in cache["paragraph"]
     assert "rate change" not in cats["tier_breakpoint"]["paragraph"]
+    failed = cats["failed_request_billing"]["paragraph"]
+    assert "booked at $0.00" in failed and "it does not bill" in failed
 
 
 def test_a_utc_ledger_clock_moves_the_skew(
