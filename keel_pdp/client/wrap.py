@@ -18,10 +18,10 @@ unmetered.
 
 How a call that goes wrong ends its permit follows the mesh's settlement rule
 (``keel_pdp.mesh.settle``): an HTTP error from the provider voids it (a 504 is
-booked at the hold), a connection error or timeout after the request left is
-booked at the hold (the provider may have billed it), a stream that breaks or
-that the caller stops reading is closed out PARTIAL with the usage seen so far.
-A DENY raises ``PermitDenied`` before the provider is called.
+booked at the hold); a connection error, a timeout or a cancellation while the
+call was out is booked at the hold (the provider may have billed it); a stream
+that breaks or that the caller stops reading is closed out PARTIAL with the
+usage seen so far. A DENY raises ``PermitDenied`` before the provider is called.
 """
 
 from __future__ import annotations
@@ -94,8 +94,11 @@ def rule_for_error(p: Permit, exc: BaseException) -> rule.Settlement:
     status = getattr(exc, "status_code", None)
     if isinstance(status, int):  # the provider answered with an HTTP error
         return rule.settle(p._rule_permit(), rule.Stage.RESPONDING, status, _EMPTY_READING)
-    if "APIConnectionError" in names or "APITimeoutError" in names:
+    if names & {"APIConnectionError", "APITimeoutError", "CancelledError",
+                 "KeyboardInterrupt"}:
+        # the request may have reached the provider: booked at the hold (CANCELLED)
         return rule.settle(p._rule_permit(), rule.Stage.SENT, 0, None)
+    # raised before anything was sent (arguments the SDK refused, ...): void
     return rule.settle(p._rule_permit(), rule.Stage.REQUEST, 0, None)
 
 

@@ -399,3 +399,44 @@ def test_retry_of_a_held_request_replays_and_reuse_after_the_end_is_refused(
         pytest.fail("a settled permit's request id must not authorize a new call")
     assert info.value.codes == ("REQUEST_ID_REUSED",)
     keel.close()
+
+
+def keel_estimate(prompt: str, messages: int = 1) -> int:
+    """The documented input estimate (docs/mesh.md): ceil(text bytes / 4) + 4 per message
+    + 3, worked out here."""
+    return -(-len(prompt.encode()) // 4) + 4 * messages + 3
+
+
+def test_provider_timeout_is_booked_at_the_hold(stack: Stack, rdb: redis.Redis) -> None:
+    """The request left and no answer came: the provider may have billed it, so the
+    permit is closed out at what it held (CANCELLED), not voided."""
+    oai = openai.OpenAI(api_key="test", base_url=stack.base_url + "/v1", max_retries=0,
+                        timeout=0.5)
+    keel = KeelClient(stack.target, timeout=5)
+    client = keel.wrap(oai, tenant="acme", workload="chat")
+    with pytest.raises(openai.APITimeoutError):
+        sdk_call(client, "chat", False, **{"x-mock-mode": "hang"})
+    p = client.last_permit
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    (ev,) = events(rdb, p.permit_id, "settlement")
+    assert ev["data"]["outcome"] == "CANCELLED"
+    at_hold = TokenUsage(input_tokens=keel_estimate(PROMPT), output_tokens=CAP)
+    assert ev["res"]["act"] == expected_cost("openai", "gpt-4o-mini", at_hold)
+    keel.close()
+
+
+async def test_cancelled_async_call_is_booked_at_the_hold(stack: Stack, rdb: redis.Redis) -> None:
+    ant = anthropic.AsyncAnthropic(api_key="test", base_url=stack.base_url, max_retries=0)
+    async with AsyncKeelClient(stack.target, timeout=5) as keel:
+        client = keel.wrap(ant, tenant="acme", workload="chat")
+        task = asyncio.create_task(async_sdk_call(client, "messages", False,
+                                                  **{"x-mock-mode": "hang"}))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        p = client.last_permit
+        assert p.settlement is not None and p.settlement.status == "SETTLED"
+    (ev,) = events(rdb, p.permit_id, "settlement")
+    assert ev["data"]["outcome"] == "CANCELLED"
+    assert ev["data"]["usage"]["out"] == CAP
