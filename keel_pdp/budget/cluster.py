@@ -221,6 +221,12 @@ def _seed(text: str, url: str) -> Address:
     return host, int(port_text)
 
 
+def describe_cluster_url(url: str) -> str:
+    """Where a cluster URL points, without its credentials (for logs)."""
+    seeds = parse_cluster_url(url).seeds
+    return "cluster " + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in seeds)
+
+
 def parse_cluster_url(url: str, **overrides: Any) -> ClusterConfig:
     """``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/]``, or
     ``rediss+cluster://`` for TLS (the ``ssl_*`` query parameters of ``parse_url``).

@@ -30,6 +30,7 @@ from keel_pdp.budget.cluster import (
     call_slot,
     command_keys,
     crc16,
+    describe_cluster_url,
     hash_tag,
     is_cluster_url,
     key_slot,
@@ -133,6 +134,8 @@ def test_cluster_url_forms_and_clear_errors() -> None:
                             connect_timeout_s=0.3)
     assert tls.node.ssl_context is not None and tls.node.connect_timeout_s == 0.3
     assert is_cluster_url("REDIS+CLUSTER://h:1") and not is_cluster_url("redis://h:1")
+    assert describe_cluster_url("rediss+cluster://u:secret@h1:1,[::1]:2/?password=x") == \
+        "cluster h1:1,[::1]:2"
     bad = {
         "redis://h1:1,h2:2/": "redis+cluster://h1:p1,h2:p2",
         "redis+cluster:///": "names no seed node",
@@ -321,6 +324,8 @@ async def test_a_slot_migrated_under_traffic_loses_nothing_and_doubles_nothing(
     finally:
         stop.set()
         await asyncio.gather(*workers)
+    print(f"migration: {sum(sent.values())} increments, {moved} keys moved, "
+          f"client {client.redirects}")
     assert errors == []
     assert moved >= len(singles)
     assert redis_cluster.owner(slot) == target
