@@ -110,7 +110,18 @@ def test_openai_embeddings_settle_input_only_and_are_never_rewritten(
 
 
 def test_azure_deployment_names_the_model_and_settles_at_azure_prices(
-        mesh: MeshStack, rdb: redis.Redis) -> None:
+        mesh: MeshStack, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel_pdp.mesh import authz
+
+    seen: list[dict[str, str]] = []
+    real = authz.request_headers
+
+    def spy(check: Any) -> dict[str, str]:
+        headers = real(check)
+        seen.append(headers)
+        return headers
+
+    monkeypatch.setattr(authz, "request_headers", spy)
     body = {"messages": [{"role": "user", "content": "Summarise."}], "max_tokens": 100}
     reply = mesh.call("/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
                       body, headers={"api-key": "azure-secret", "x-mock-cached-tokens": "3"})
@@ -119,6 +130,7 @@ def test_azure_deployment_names_the_model_and_settles_at_azure_prices(
     assert call["keel"]["x-keel-model"] == "gpt-4.1-mini"
     assert call["keel"]["x-keel-provider"] == "azure"
     assert call["headers"]["api-key"] == "azure-secret"  # reaches the provider untouched
+    assert seen and all("api-key" not in h for h in seen)  # never the sidecar
     data, res = settled(rdb, reply.headers["x-keel-permit-id"])
     inp = estimate_input_tokens(Api.CHAT, body)
     assert data["usage"] == {"in": inp, "cached": 3, "cw": 0, "out": 24, "rsn": 0}
