@@ -32,8 +32,9 @@ from bench.harness import Context, Row, Sample, Sidecar, Workload, median, sprea
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.resp import pack_evalsha
 from keel_pdp.budget.store import BudgetStore
-from keel_pdp.decision import AuthorizeInput, event_data, plan
+from keel_pdp.decision import AuthorizeInput, ShapeCache, plan
 from keel_pdp.engine import Engine
+from keel_pdp.events import decision_data
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
@@ -99,9 +100,12 @@ def time_decisions(snap: PolicySnapshot, tenants: int, n: int, seed: int,
     """Seconds per decision; ``cold`` turns the match and shape caches off, so
     every request is matched from the index and its shape built (as the first
     time a sidecar sees a request shape)."""
-    for name in ("_match_cache", "_shape_cache"):
-        if cold or isinstance(getattr(snap, name), _NoCache):
-            object.__setattr__(snap, name, _NoCache() if cold else {})
+    if cold or isinstance(snap._match_cache, _NoCache):
+        object.__setattr__(snap, "_match_cache", _NoCache() if cold else {})
+    shapes = ShapeCache()
+    if cold:
+        shapes.shapes = _NoCache()  # type: ignore[assignment]
+        shapes.snapshot = snap
     store = ENGINE.store
     rng = random.Random(seed)
     reqs = [AuthorizeInput(f"r{i}", f"tenant-{rng.randrange(tenants):05d}",
@@ -110,8 +114,8 @@ def time_decisions(snap: PolicySnapshot, tenants: int, n: int, seed: int,
     now = int(time.time() * 1000)
     t0 = time.perf_counter()
     for r in reqs:
-        p = plan(snap, r, now)
-        hold, _, _ = ENGINE.prepare_hold(p, event_data(p))
+        p = plan(snap, r, now, ENGINE.ids.new(now), shapes)
+        hold, _, _ = ENGINE.prepare_hold(p, decision_data(p))
         keys, args = store.hold_call(hold)
         pack_evalsha(SHA, keys, args, hold.shape)
     return (time.perf_counter() - t0) / n

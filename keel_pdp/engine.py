@@ -1,38 +1,44 @@
 """Authorize, Closeout and Void: policy snapshot + pure decision + budget store.
 
-The engine owns the deadline arithmetic, the fail-mode path, the outbox of
-events taken while the store was unreachable, the local permit cache that
-lets Closeout and Void take one round trip, and the expiry sweeper.
+The engine owns the clock and the permit ids it injects into the decision, the
+deadline arithmetic and the fail-mode path. Beside it: ``permit_cache`` (so
+Closeout and Void of its own permits take one round trip), ``outbox.OutboxRelay``
+(what was decided without the store, replayed once) and ``sweeper`` (expiry).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
-from keel_pdp import caller
+from keel_pdp import caller, events
 from keel_pdp import decision as dec
-from keel_pdp.budget.keys import PERMIT_ID_RE, KeySpace
+from keel_pdp.budget.keys import PERMIT_ID_RE
+from keel_pdp.budget.material import (
+    Material,
+    Materials,
+    meta_input_estimate,
+    meta_price,
+    meta_stamp,
+)
 from keel_pdp.budget.replies import SettleReply
-from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import (
     BudgetStore,
     DegradedPermit,
     HoldCandidate,
     HoldRequest,
-    StoreUnavailable,
-    hold_shape,
 )
-from keel_pdp.decision import AuthorizeInput, InvalidRequest, Outcome
+from keel_pdp.decision import AuthorizeInput, Outcome
+from keel_pdp.errors import InvalidRequest, RequestIdReused, StoreUnavailable
 from keel_pdp.metrics import Metrics
-from keel_pdp.outbox import Outbox
+from keel_pdp.outbox import OutboxRelay
+from keel_pdp.permit_cache import CachedPermit, PermitCache
+from keel_pdp.permits import PermitIds, is_degraded_permit_id, permit_issued_ms
 from keel_pdp.policy.reload import PolicyHolder
-from keel_pdp.policy.snapshot import ModelPrice
-from keel_pdp.pricing import Price, TokenUsage, usage_cost_micros
+from keel_pdp.pricing import TokenUsage, usage_cost_micros
+from keel_pdp.sweeper import sweep
 
 log = logging.getLogger("keel_pdp.engine")
 
@@ -40,8 +46,6 @@ log = logging.getLogger("keel_pdp.engine")
 DEADLINE_MARGIN_S = 0.002
 MAX_PROVIDER_COST_MICROS = 10**12
 OUTCOMES = ("OUTCOME_UNSPECIFIED", "SUCCEEDED", "FAILED", "CANCELLED", "PARTIAL")
-
-
 # The overrun rule (README "Overruns"): a Closeout whose cost is above
 # OVERRUN_FACTOR x the permit's estimate + OVERRUN_SLACK_MICROS is impossible for
 # the permit and books nothing (INVALID_ARGUMENT naming the field).
@@ -53,14 +57,7 @@ OVERRUN_SLACK_MICROS = 50_000
 # by the next process after a restart).
 DEGRADED_PENDING_MS = 3_600_000
 
-
-@dataclass(slots=True)
-class CachedPermit:
-    keys: tuple[str, ...]
-    meta: dict[str, object]
-    degraded: bool = False
-    expire_at_s: tuple[int, ...] = ()
-    idempotency_key: str = ""
+__all__ = ["CachedPermit", "CloseoutResult", "Engine", "VoidResult"]
 
 
 @dataclass(slots=True)
@@ -81,93 +78,24 @@ class VoidResult:
     state: str = ""
 
 
-def _meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
-    """The permit record's metadata up to its timestamp: ``head + str(now) + "}"``."""
-    def row(p: Price) -> list[int]:
-        return [p.input, p.cached_input, p.cache_write, p.output]
-
-    meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
-                               "price": row(mp.price)}
-    if mp.tiers:
-        meta["tiers"] = [[above, *row(price)] for above, price in mp.tiers]
-    return json.dumps(meta, separators=(",", ":"))[:-1] + ',"ts":'
-
-
-@dataclass(frozen=True, slots=True)
-class _Material:
-    """What a shape means to this engine's budget store, derived once per shape."""
-
-    keyspace: KeySpace
-    window_keys: tuple[str, ...]
-    wexp: tuple[int, ...]
-    shared: Shared  # the authorize script's KEYS and ARGV common to the shape
-    meta_heads: tuple[str, ...]  # per candidate
-
-
-def _material(shape: dec.Shape, keyspace: KeySpace) -> _Material:
-    m = shape.material
-    if isinstance(m, _Material) and m.keyspace is keyspace:
-        return m
-    targets = shape.targets
-    settings = shape.snapshot.settings
-    observe = shape.route_mode == "observe"
-    wexp = tuple(t.window_end_ms // 1000 + settings.permit_retention_seconds for t in targets)
-    window_keys = tuple(keyspace.window(t.budget.id, t.split, t.window_start_ms)
-                        for t in targets)
-    m = _Material(
-        keyspace, window_keys, wexp,
-        hold_shape(
-            window_keys, [keyspace.grants(t.budget.id, t.split) for t in targets],
-            [t.budget.limit_micros for t in targets],
-            # Under an observe-mode routing rule nothing blocks; the script then
-            # reports the budgets that would have (shadow).
-            [t.budget.enforce and not observe for t in targets], wexp,
-            [t.budget.thresholds for t in targets],
-            idempotency_ttl_s=settings.idempotency_ttl_seconds,
-            permit_retention_s=settings.permit_retention_seconds,
-            min_output_tokens=settings.min_output_tokens),
-        tuple(_meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices))
-    shape.material = m
-    return m
-
-
-def _meta_price(meta: dict[str, object], input_tokens: int) -> Price:
-    """The rate the permit's model had when it was issued, for this input size.
-
-    A record without a price (written by an older version for a fail-open
-    settlement) prices at zero: such a permit is settled already, and the
-    closeout script answers with the booked figures.
-    """
-    base = meta.get("price")
-    if not isinstance(base, list):
-        return Price(0, 0, 0, 0)
-    tiers = meta.get("tiers") or []
-    assert isinstance(tiers, list)
-    issued = ModelPrice("", "", Price(*[int(x) for x in base]), 0, tiers=tuple(
-        (int(t[0]), Price(*[int(x) for x in t[1:5]])) for t in tiers))
-    return issued.for_input(input_tokens)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Engine:
+    """The sidecar's decisions: Authorize (plan, hold, conclude), Closeout and Void,
+    with every failure answered by the budgets' fail modes. One per process; its
+    collaborators (policy holder, budget store, metrics) are injected, and so are
+    the permit-id source and the clock (``ids``)."""
+
     def __init__(self, policies: PolicyHolder, store: BudgetStore, metrics: Metrics, *,
                  permit_cache_size: int = 100_000, outbox_size: int = 100_000,
-                 outbox_dir: str | None = None) -> None:
+                 outbox_dir: str | None = None, ids: PermitIds | None = None) -> None:
         self.policies = policies
         self.store = store
         self.metrics = metrics
-        # Compact entries (strings and a bool only): the garbage collector stops
-        # tracking them, so a full cache does not lengthen collection pauses. An
-        # OrderedDict evicts its oldest entry in O(1).
-        self._permits: OrderedDict[str, tuple[str, str, bool, str, str]] = OrderedDict()
-        self._permit_cache_size = permit_cache_size
-        self._outbox = Outbox(outbox_size, outbox_dir)
-        self._flush_task: asyncio.Task[int] | None = None
+        self.ids = ids or PermitIds()
+        self.shapes = dec.ShapeCache()
+        self._materials = Materials(store.keys)
+        self._permits = PermitCache(permit_cache_size)
+        self.relay = OutboxRelay(store, metrics, outbox_size, outbox_dir)
         self._hold_latency = metrics.store_latency.labels("authorize")
-        self._flush_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- helpers
     def _budget(self, deadline_s: float | None) -> float | None:
@@ -175,95 +103,34 @@ class Engine:
             return None
         return deadline_s - DEADLINE_MARGIN_S
 
-    def _remember(self, pid: str, keys: tuple[str, ...], meta_json: str,
-                  degraded: bool = False, wexp: tuple[int, ...] = (), ik: str = "") -> None:
-        self._permits[pid] = ("\n".join(keys), meta_json, degraded,
-                              ",".join(str(w) for w in wexp), ik)
-        if len(self._permits) > self._permit_cache_size:
-            self._permits.popitem(last=False)  # the oldest
-
-    def _cached(self, pid: str) -> CachedPermit | None:
-        entry = self._permits.get(pid)
-        if entry is None:
-            return None
-        keys, meta, degraded, wexp, ik = entry
-        return CachedPermit(tuple(keys.split("\n")) if keys else (), json.loads(meta), degraded,
-                            tuple(int(w) for w in wexp.split(",")) if wexp else (), ik)
-
-    def _enqueue(self, etype: str, pid: str, ts: int, data: str, res: str,
-                 spec: str = "") -> None:
-        before = self._outbox.dropped
-        self._outbox.append((etype, pid, ts, data, res, spec))
-        if self._outbox.dropped != before:
-            self.metrics.outbox_dropped.inc()
-        self.metrics.outbox.set(len(self._outbox))
-
     async def flush_outbox(self) -> int:
-        """Append events decided while the store was unreachable; returns how many."""
-        done = 0
-        async with self._flush_lock:
-            while self._outbox:
-                etype, pid, ts, data, res, spec = self._outbox.peek()
-                try:
-                    await self._replay_one(etype, pid, ts, data, res, spec)
-                except StoreUnavailable:
-                    break
-                self._outbox.pop()
-                done += 1
-            if done:
-                self._outbox.sync()
-            self.metrics.outbox.set(len(self._outbox))
-        return done
-
-    async def _replay_one(self, etype: str, pid: str, ts: int, data: str, res: str,
-                          spec: str) -> None:
-        """One outbox entry into the store; each kind is idempotent there, so an entry
-        whose earlier attempt ran but lost its reply is not applied twice."""
-        extra = json.loads(spec) if spec else {}
-        if etype == "abort":
-            out = await self.store.abort(pid, str(extra["ik"]), list(extra["keys"]), ts, data,
-                                         timeout_s=1.0)
-            self.metrics.child(self.metrics.holds_aborted, out.status.lower()).inc()
-            return
-        degraded = None
-        if extra:
-            degraded = DegradedPermit(
-                tuple(extra["keys"]), tuple(int(w) for w in extra["wx"]), str(extra["meta"]),
-                int(extra["est"]), int(extra["k"]), int(extra["exp"]), int(extra["ret"]))
-        await self.store.record(etype, pid, ts, data, res, timeout_s=1.0, degraded=degraded)
-
-    def _abort_later(self, p: dec.Plan, mat: _Material, ik: str) -> None:
-        """Undo the hold the authorize script may still make for ``p`` (its reply is
-        lost): journaled first, sent at once (abort.lua; either order is safe)."""
-        data = json.dumps({"v": 1, "now": p.now_ms,
-                           "reason": "aborted: the answer to this Authorize was not the "
-                                     "store's (store timeout or error)"},
-                          separators=(",", ":"))
-        self._enqueue("abort", p.permit_id, p.now_ms, data, "",
-                      json.dumps({"ik": ik, "keys": list(mat.window_keys)},
-                                 separators=(",", ":")))
-        self._kick_flush()
-
-    def _kick_flush(self) -> None:
-        if self._outbox and (self._flush_task is None or self._flush_task.done()):
-            self._flush_task = asyncio.get_running_loop().create_task(self.flush_outbox())
+        """Replay what was decided without the store; returns how many entries."""
+        return await self.relay.flush()
 
     @property
     def outbox_len(self) -> int:
-        return len(self._outbox)
+        return len(self.relay)
 
     def _count(self, out: Outcome) -> Outcome:
         self.metrics.child(self.metrics.decisions, str(out.decision), out.primary_code).inc()
         return out
 
     # --------------------------------------------------------------- authorize
-    def prepare_hold(self, p: dec.Plan, data: str) -> tuple[HoldRequest, _Material, list[str]]:
+    def plan(self, req: AuthorizeInput, now: int) -> tuple[dec.Plan, str] | None:
+        """The plan for ``req`` and its decision event data; None without a policy."""
+        snapshot = self.policies.current
+        if snapshot is None:
+            return None
+        p = dec.plan(snapshot, req, now, self.ids.new(now), self.shapes)
+        return p, events.decision_data(p, caller.current())
+
+    def prepare_hold(self, p: dec.Plan, data: str) -> tuple[HoldRequest, Material, list[str]]:
         """The hold script's request for plan ``p`` (no I/O); also the shape's
         store material and each candidate's permit metadata."""
         assert p.shape is not None
         req = p.request
-        mat = _material(p.shape, self.store.keys)
-        stamp = f'{p.now_ms},"ein":{req.estimated_input_tokens}}}'
+        mat = self._materials(p.shape)
+        stamp = meta_stamp(p.now_ms, req.estimated_input_tokens)
         metas = [head + stamp for head in mat.meta_heads]
         hold = HoldRequest(
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
@@ -276,12 +143,11 @@ class Engine:
 
     async def authorize(self, req: AuthorizeInput, deadline_s: float | None = None) -> Outcome:
         dec.validate(req)
-        now = _now_ms()
-        snapshot = self.policies.current
-        if snapshot is None:
-            return self._count(dec.not_loaded(req, dec.new_permit_id(now)))
-        p = dec.plan(snapshot, req, now)
-        data = dec.event_data(p)
+        now = self.ids.now_ms()
+        planned = self.plan(req, now)
+        if planned is None:
+            return self._count(dec.not_loaded(req, self.ids.new(now)))
+        p, data = planned
         budget = self._budget(deadline_s)
         if p.denial:
             out = dec.denied_by_policy(p)
@@ -302,12 +168,19 @@ class Engine:
             self.metrics.child(self.metrics.store_errors, "authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
             return self._count(self._fail_after_send(p, data, mat, metas, hold.idempotency_key))
+        except Exception:
+            # A client bug, not an outage: the script may still have been sent, so it
+            # is aborted like a timed-out one, and the fail modes decide.
+            log.exception("authorize: the hold call failed unexpectedly")
+            self.metrics.child(self.metrics.internal_errors, "Authorize").inc()
+            return self._count(self._fail_after_send(p, data, mat, metas, hold.idempotency_key,
+                                                     dec.Code.INTERNAL_ERROR))
         finally:
             self._hold_latency.observe(time.perf_counter() - t0)
         try:
             r = res.outcome
             if r == "reused":
-                raise InvalidRequest(
+                raise RequestIdReused(
                     f"request_id {req.request_id[:64]!r} was already used by tenant "
                     f"{req.tenant[:64]!r} with different parameters")
             if r == "ended":
@@ -321,8 +194,8 @@ class Engine:
                 c, held = dec.held_by(p, res)
                 out = dec.conclude(p, res, held=(c, held))
                 if out.decision is not dec.DecisionKind.DENY:
-                    self._remember(out.permit_id, tuple(keys[i] for i in held), metas[c],
-                                   ik=hold.idempotency_key)
+                    self._permits.remember(out.permit_id, tuple(keys[i] for i in held),
+                                           metas[c], ik=hold.idempotency_key)
                     if res.alerts:
                         self.metrics.threshold_crossings.inc(len(res.alerts))
         except InvalidRequest:
@@ -335,14 +208,14 @@ class Engine:
             out = self._fail_after_send(p, data, mat, metas, hold.idempotency_key,
                                         dec.Code.INTERNAL_ERROR)
         # Store is answering again: replay what was decided without it, once.
-        self._kick_flush()
+        self.relay.kick()
         return self._count(out)
 
-    def _fail_after_send(self, p: dec.Plan, data: str, mat: _Material, metas: list[str],
+    def _fail_after_send(self, p: dec.Plan, data: str, mat: Material, metas: list[str],
                          ik: str, code: dec.Code = dec.Code.STORE_UNAVAILABLE) -> Outcome:
         """The fail-mode answer once the hold script was sent but its answer is not
         usable: abort what it may hold, then decide under the degraded permit id."""
-        self._abort_later(p, mat, ik)
+        self.relay.abort_later(p.permit_id, p.now_ms, ik, mat.window_keys)
         out = dec.without_store(p, code)
         first = p.candidates[0].target_idx
         self._record_degraded(p, data, out, tuple(mat.window_keys[i] for i in first),
@@ -351,15 +224,13 @@ class Engine:
 
     async def _record_denial(self, p: dec.Plan, data: str, budget: float | None,
                              out: Outcome | None = None) -> None:
-        res = json.dumps({"d": "DENY", "pid": p.permit_id, "amt": 0, "k": 0,
-                          **({"reasons": [r.to_json() for r in out.reasons]} if out else {})},
-                         separators=(",", ":"))
+        res = events.denial_res(p.permit_id, out.reasons if out else ())
         try:
             if budget is not None and budget <= 0:
                 raise StoreUnavailable("no time left")
             await self.store.record("decision", p.permit_id, p.now_ms, data, res, budget)
         except StoreUnavailable:
-            self._enqueue("decision", p.permit_id, p.now_ms, data, res)
+            self.relay.enqueue("decision", p.permit_id, p.now_ms, data, res)
 
     def _record_degraded(self, p: dec.Plan, data: str, out: Outcome,
                          keys: tuple[str, ...] = (), wexp: tuple[int, ...] = (),
@@ -367,21 +238,14 @@ class Engine:
         """Journal a fail-mode decision (outbox). A fail-open ALLOW also journals its
         permit record, so any sidecar sharing the store can settle it once replayed."""
         pid = out.permit_id
-        res = json.dumps({"d": str(out.decision), "pid": pid, "amt": 0,
-                          "k": out.max_output_tokens, "degraded": True,
-                          "reasons": [r.to_json() for r in out.reasons]},
-                         separators=(",", ":"))
-        spec = ""
+        record = None
         if out.decision is dec.DecisionKind.ALLOW and meta:
-            spec = json.dumps({
-                "keys": list(keys), "wx": list(wexp), "meta": meta,
-                "est": out.estimated_cost_micros, "k": out.max_output_tokens,
-                "exp": out.expires_at_ms or p.expires_at_ms,
-                "ret": p.snapshot.settings.permit_retention_seconds},
-                separators=(",", ":"))
-        self._enqueue("decision", pid, p.now_ms, data, res, spec)
-        if spec:
-            self._remember(pid, keys, meta, True, wexp)
+            record = DegradedPermit(keys, wexp, meta, out.estimated_cost_micros,
+                                    out.max_output_tokens, out.expires_at_ms or p.expires_at_ms,
+                                    p.snapshot.settings.permit_retention_seconds)
+        self.relay.enqueue("decision", pid, p.now_ms, data, events.degraded_res(out), record)
+        if record is not None:
+            self._permits.remember(pid, keys, meta, True, wexp)
 
     def decide_on_failure(self, req: AuthorizeInput) -> Outcome:
         """The decision for an Authorize that raised unexpectedly (a bug, not an outage).
@@ -391,13 +255,12 @@ class Engine:
         fail-open ALLOW is a degraded permit that Closeout settles). If even planning
         fails, no budget is known and the answer is DENY.
         """
-        now = _now_ms()
+        now = self.ids.now_ms()
         try:
-            snapshot = self.policies.current
-            if snapshot is None:
-                return self._count(dec.not_loaded(req, dec.new_permit_id(now)))
-            p = dec.plan(snapshot, req, now)
-            data = dec.event_data(p)
+            planned = self.plan(req, now)
+            if planned is None:
+                return self._count(dec.not_loaded(req, self.ids.new(now)))
+            p, data = planned
             if p.denial:
                 out = dec.denied_by_policy(p)
                 self._record_degraded(p, data, out)
@@ -410,26 +273,26 @@ class Engine:
             return self._count(out)
         except Exception:
             log.exception("authorize failed and so did its fail-mode decision; denying")
-            return self._count(dec.internal_error(req, dec.new_permit_id(now)))
+            return self._count(dec.internal_error(req, self.ids.new(now)))
 
     # ---------------------------------------------------------------- closeout
     async def _lookup(self, permit_id: str, budget: float | None) -> CachedPermit | str:
         """The permit's keys and price, from this process's cache or the store; or the
         status to answer when the store does not know it (yet)."""
-        cached = self._cached(permit_id)
+        cached = self._permits.get(permit_id)
         if cached is not None and not cached.degraded:
             return cached
-        if cached is not None and self._outbox:
+        if cached is not None and self.relay:
             # Our own degraded permit: its record reaches the store with the outbox.
-            await self.flush_outbox()
+            await self.relay.flush()
         rec = await self.store.permit(permit_id, budget)
         if rec is not None:
             return CachedPermit(rec.keys, rec.meta, rec.state == "degraded", rec.wexp,
                                 rec.idempotency_key)
         if cached is not None:
             return "PENDING"
-        if dec.is_degraded_permit_id(permit_id) and (
-                _now_ms() - dec.permit_issued_ms(permit_id) < DEGRADED_PENDING_MS):
+        if is_degraded_permit_id(permit_id) and (
+                self.ids.now_ms() - permit_issued_ms(permit_id) < DEGRADED_PENDING_MS):
             return "PENDING"
         return "UNKNOWN"
 
@@ -448,7 +311,7 @@ class Engine:
         if outcome not in OUTCOMES:
             raise InvalidRequest(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
         budget = self._budget(deadline_s)
-        now = _now_ms()
+        now = self.ids.now_ms()
         t0 = time.perf_counter()
         try:
             found = await self._lookup(permit_id, budget)
@@ -458,19 +321,12 @@ class Engine:
                 self.metrics.child(self.metrics.closeouts, status).inc()
                 return CloseoutResult(status)
             cached = found
-            price = _meta_price(cached.meta, usage.input_tokens)
-            priced = usage_cost_micros(price, usage)
+            priced = usage_cost_micros(meta_price(cached.meta, usage.input_tokens), usage)
             actual = priced if provider_cost_micros is None else provider_cost_micros
-            data = json.dumps({
-                "v": 1, "now": now, "outcome": outcome, "priced": priced,
-                "provider_cost": provider_cost_micros, "actual": actual,
-                "usage": {"in": usage.input_tokens, "cached": usage.cached_input_tokens,
-                          "cw": usage.cache_write_tokens, "out": usage.output_tokens,
-                          "rsn": usage.reasoning_tokens},
-                **caller.event_fields(),
-            }, separators=(",", ":"))
-            ein = cached.meta.get("ein")
-            input_over = isinstance(ein, int) and usage.input_tokens > ein
+            data = events.settlement_data(now, outcome, priced, provider_cost_micros, actual,
+                                          usage, caller.current())
+            ein = meta_input_estimate(cached.meta)
+            input_over = ein is not None and usage.input_tokens > ein
 
             async def settle(keys: tuple[str, ...], ik: str) -> SettleReply:
                 return await self.store.settle(
@@ -498,7 +354,7 @@ class Engine:
         self.metrics.child(self.metrics.closeouts, status).inc()
         if status == "UNKNOWN_PERMIT":
             return CloseoutResult(status)
-        self._permits.pop(permit_id, None)
+        self._permits.forget(permit_id)
         act, amt, est = out.actual_micros, out.amount_micros, out.estimate_micros
         prior = out.prior
         flags = out.flags
@@ -538,15 +394,14 @@ class Engine:
         if len(reason) > 512:
             raise InvalidRequest("reason is longer than 512 characters")
         budget = self._budget(deadline_s)
-        now = _now_ms()
+        now = self.ids.now_ms()
         try:
             found = await self._lookup(permit_id, budget)
             if isinstance(found, str):
                 status = "VOID_STORE_UNAVAILABLE" if found == "PENDING" else "VOID_UNKNOWN_PERMIT"
                 self.metrics.child(self.metrics.voids, status).inc()
                 return VoidResult(status)
-            data = json.dumps({"v": 1, "now": now, "reason": reason, **caller.event_fields()},
-                              separators=(",", ":"))
+            data = events.release_data(now, reason, caller.current())
             out = await self.store.release(permit_id, found.keys, now, "voided", data, budget,
                                            idempotency_key=found.idempotency_key)
             if out.status == "KEYS_MISMATCH":
@@ -561,7 +416,7 @@ class Engine:
             return VoidResult("VOID_STORE_UNAVAILABLE")
         st = out.status
         if st == "RELEASED":
-            self._permits.pop(permit_id, None)
+            self._permits.forget(permit_id)
             result = VoidResult("VOIDED", out.amount_micros, "voided")
         elif st == "NOOP":
             state = out.state
@@ -575,30 +430,22 @@ class Engine:
     # ----------------------------------------------------------------- expiry
     async def sweep_once(self, now_ms: int | None = None, limit: int = 200) -> int:
         """Release holds whose TTL passed; safe to run in many sidecars at once."""
-        now = _now_ms() if now_ms is None else now_ms
-        expired = 0
-        for pid in await self.store.due_expiries(now, limit):
-            if not PERMIT_ID_RE.match(pid):
-                continue
-            rec = await self.store.permit(pid, 1.0)
-            keys = rec.keys if rec is not None else ()
-            data = json.dumps({"v": 1, "now": now}, separators=(",", ":"))
-            out = await self.store.release(pid, keys, now, "expired", data, 1.0,
-                                           idempotency_key=rec.idempotency_key if rec else "")
-            if out.status == "RELEASED":
-                expired += 1
-                self._permits.pop(pid, None)
-        if expired:
-            self.metrics.holds_expired.inc(expired)
-        return expired
+        now = self.ids.now_ms() if now_ms is None else now_ms
+        released = await sweep(self.store, now, limit)
+        for pid in released:
+            self._permits.forget(pid)
+        if released:
+            self.metrics.holds_expired.inc(len(released))
+        return len(released)
 
     async def run_background(self, interval_s: float = 1.0) -> None:
+        """Every ``interval_s``: sweep expired holds, replay the outbox."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.sweep_once()
-                if self._outbox:
-                    await self.flush_outbox()
+                if self.relay:
+                    await self.relay.flush()
             except StoreUnavailable as exc:
                 log.debug("sweeper: store unavailable: %s", exc)
             except Exception:

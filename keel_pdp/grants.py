@@ -3,18 +3,17 @@ exception path and checked against that path's limits before it is recorded."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 
+from keel_pdp import events
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.decision import DIMENSION_NAMES, InvalidRequest, check_name
+from keel_pdp.errors import GrantForbidden
 from keel_pdp.policy.snapshot import PolicySnapshot
 
-
-class GrantForbidden(Exception):
-    """The approver's role may not approve on this exception path."""
+__all__ = ["GrantForbidden"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +90,9 @@ async def record(store: BudgetStore, snapshot: PolicySnapshot, g: GrantRequest,
     now = int(time.time() * 1000) if now_ms is None else now_ms
     grant_id = g.grant_id or f"grt_{now:012x}{os.urandom(6).hex()}"
     expires = now + g.duration_seconds * 1000
-    data = json.dumps({
-        "v": 1, "now": now, "budget": g.budget_id, "split": list(split),
-        "path": g.exception_path, "amount": g.amount_micros, "exp": expires,
-        "approver": g.approver, "role": g.approver_role, "why": g.justification,
-        "rev": snapshot.policy_revision,
-    }, separators=(",", ":"))
+    data = events.grant_data(now, g.budget_id, tuple(split), g.exception_path, g.amount_micros,
+                             expires, g.approver, g.approver_role, g.justification,
+                             snapshot.policy_revision)
     out = await store.grant(store.keys.grants(g.budget_id, split), grant_id, g.amount_micros,
                             expires, now, data)
     return GrantResult(grant_id, g.budget_id, int(out["amt"]), int(out["exp"]),

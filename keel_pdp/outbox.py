@@ -1,4 +1,4 @@
-"""Decision events taken while the budget store was unreachable.
+"""Decision events taken while the budget store was unreachable, and their relay.
 
 They wait here, in order, until the store is back. With a directory
 configured, every event is also appended (and fsynced) to a journal file
@@ -9,12 +9,18 @@ directory (by an atomic rename) and replays it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import pathlib
 from collections import deque
 from collections.abc import Iterator
+
+from keel_pdp.budget.store import BudgetStore, DegradedPermit
+from keel_pdp.errors import StoreUnavailable
+from keel_pdp.events import ABORT_REASON, release_data
+from keel_pdp.metrics import Metrics
 
 log = logging.getLogger("keel_pdp.outbox")
 
@@ -107,3 +113,89 @@ class Outbox:
 
     def __iter__(self) -> Iterator[Event]:
         return iter(self._q)
+
+
+class OutboxRelay:
+    """What was decided without the store, replayed into it in order, each entry once.
+
+    Two kinds of entries wait here: decision events (a denial the store did not
+    take in time, a fail-mode decision, a degraded permit with its record) and
+    aborts of hold scripts whose answer was lost. Each kind is idempotent in the
+    store (record.lua writes a record first, abort.lua a tombstone), so an entry
+    whose earlier attempt ran but lost its reply is not applied twice.
+    """
+
+    def __init__(self, store: BudgetStore, metrics: Metrics, size: int = 100_000,
+                 directory: str | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._box = Outbox(size, directory)
+        self._task: asyncio.Task[int] | None = None
+        self._lock = asyncio.Lock()
+
+    def __len__(self) -> int:
+        return len(self._box)
+
+    def __bool__(self) -> bool:
+        return bool(self._box)
+
+    def enqueue(self, etype: str, pid: str, ts: int, data: str, res: str,
+                degraded: DegradedPermit | None = None) -> None:
+        spec = "" if degraded is None else json.dumps({
+            "keys": list(degraded.keys), "wx": list(degraded.wexp), "meta": degraded.meta,
+            "est": degraded.estimate_micros, "k": degraded.max_output_tokens,
+            "exp": degraded.expires_at_ms, "ret": degraded.retention_s},
+            separators=(",", ":"))
+        self._append((etype, pid, ts, data, res, spec))
+
+    def abort_later(self, pid: str, ts: int, idempotency_key: str,
+                    window_keys: tuple[str, ...]) -> None:
+        """Undo the hold the authorize script may still make under ``pid`` (its reply
+        was lost): journaled first, sent at once (abort.lua; either order is safe)."""
+        self._append(("abort", pid, ts, release_data(ts, ABORT_REASON), "",
+                      json.dumps({"ik": idempotency_key, "keys": list(window_keys)},
+                                 separators=(",", ":"))))
+        self.kick()
+
+    def _append(self, ev: Event) -> None:
+        before = self._box.dropped
+        self._box.append(ev)
+        if self._box.dropped != before:
+            self.metrics.outbox_dropped.inc()
+        self.metrics.outbox.set(len(self._box))
+
+    def kick(self) -> None:
+        """Start a flush in the background unless one is running."""
+        if self._box and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> int:
+        """Replay what waits, in order, until the store fails; returns how many."""
+        done = 0
+        async with self._lock:
+            while self._box:
+                try:
+                    await self._replay(*self._box.peek())
+                except StoreUnavailable:
+                    break
+                self._box.pop()
+                done += 1
+            if done:
+                self._box.sync()
+            self.metrics.outbox.set(len(self._box))
+        return done
+
+    async def _replay(self, etype: str, pid: str, ts: int, data: str, res: str,
+                      spec: str) -> None:
+        extra = json.loads(spec) if spec else {}
+        if etype == "abort":
+            out = await self.store.abort(pid, str(extra["ik"]), list(extra["keys"]), ts, data,
+                                         timeout_s=1.0)
+            self.metrics.child(self.metrics.holds_aborted, out.status.lower()).inc()
+            return
+        degraded = None
+        if extra:
+            degraded = DegradedPermit(
+                tuple(extra["keys"]), tuple(int(w) for w in extra["wx"]), str(extra["meta"]),
+                int(extra["est"]), int(extra["k"]), int(extra["exp"]), int(extra["ret"]))
+        await self.store.record(etype, pid, ts, data, res, timeout_s=1.0, degraded=degraded)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
+from keel_pdp.errors import ReplyError
 
-class ReplyError(Exception):
-    """A script answered something that is not its documented reply."""
+__all__ = ["ReplyError"]
 
 
 class HoldReply(NamedTuple):

@@ -34,10 +34,9 @@ from keel_pdp.budget.replies import (
     settle_reply,
 )
 from keel_pdp.budget.resp import RespClient, RespError, Shared
+from keel_pdp.errors import StoreUnavailable
 
-
-class StoreUnavailable(Exception):
-    """Redis did not answer, or answered with an error, within the store timeout."""
+__all__ = ["StoreUnavailable"]
 
 
 def _lua(name: str) -> str:

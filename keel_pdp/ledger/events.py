@@ -1,24 +1,33 @@
 """Decision-stream entries -> typed events -> ledger entry rows.
 
-This is the one place that knows the stream's wire format (written by the
-budget Lua scripts and the engine). Parsing is strict: an entry that does not
-match the contract raises ``ParseError`` with a reason, and the writer moves it
-to the dead-letter stream instead of guessing. JSON numbers are read as
-integers or Decimals, never floats, so no money passes through a float.
+The wire format itself (fields, JSON, strict number reading) lives in
+``keel_pdp.events``; this module says what each kind of event books. Parsing is
+strict: an entry that does not match the contract raises ``ParseError`` with a
+reason, and the writer moves it to the dead-letter stream instead of guessing.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from typing import Any, Literal
 
+from keel_pdp.errors import ParseError
+from keel_pdp.events import (
+    EVENT_TYPES,
+    EXCEPTION_STEPS,
+    MAX_MICROS,
+    MAX_TOKENS,
+    as_int,
+    get_int,
+    get_str,
+    loads_object,
+    read_fields,
+)
 from keel_pdp.ledger.periods import period_of_ms, permit_issued_ms
 
-EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant", "exception")
-# The steps of an exception request ("exception" events, pid = the denial's permit id).
-EXCEPTION_STEPS = ("PENDING", "APPROVED", "REJECTED", "EXPIRED")
+__all__ = ["EVENT_TYPES", "EXCEPTION_STEPS", "MAX_MICROS", "MAX_TOKENS", "ParseError", "as_int"]
+
 EntryKind = Literal["permit", "denial", "settlement", "correction", "void", "expiry",
                     "exception_grant", "manual_adjustment"]
 ENTRY_KINDS: tuple[EntryKind, ...] = ("permit", "denial", "settlement", "correction", "void",
@@ -28,13 +37,7 @@ ENTRY_KINDS: tuple[EntryKind, ...] = ("permit", "denial", "settlement", "correct
 # attempt did land) still books it once.
 ONCE_PER_PERMIT: tuple[EntryKind, ...] = ("permit", "denial", "settlement", "correction", "void",
                                           "expiry")
-MAX_MICROS = 10**15
-MAX_TOKENS = 10**12
 _NON_BLOCKING = ("FALLBACK_PRICE_USED", "SHADOW_BUDGET_EXCEEDED")
-
-
-class ParseError(ValueError):
-    """A stream entry that does not follow the event contract."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,81 +132,11 @@ class BudgetRow:
 
 
 # --------------------------------------------------------------------- parsing
-def _text(fields: dict[Any, Any], name: str) -> str:
-    raw = fields.get(name.encode(), fields.get(name))
-    if raw is None:
-        raise ParseError(f"field {name!r} is missing")
-    if isinstance(raw, bytes | bytearray):
-        try:
-            return bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ParseError(f"field {name!r} is not UTF-8") from exc
-    return str(raw)
-
-
-def _json_object(text: str, name: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text, parse_float=Decimal)
-    except ValueError as exc:
-        raise ParseError(f"field {name!r} is not JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ParseError(f"field {name!r} is not a JSON object")
-    return value
-
-
-def as_int(value: Any, where: str, *, lo: int = -MAX_MICROS, hi: int = MAX_MICROS) -> int:
-    """A JSON integer (or an integral Decimal, as Lua's cjson writes large numbers)."""
-    if type(value) is int and lo <= value <= hi:
-        return value
-    if isinstance(value, bool):
-        raise ParseError(f"{where} is a boolean, expected an integer")
-    if isinstance(value, Decimal):
-        if not value.is_finite() or value != value.to_integral_value():
-            raise ParseError(f"{where} is {value}, expected an integer")
-        value = int(value)
-    if not isinstance(value, int):
-        raise ParseError(f"{where} is {type(value).__name__}, expected an integer")
-    if not lo <= value <= hi:
-        raise ParseError(f"{where} = {value} is out of range")
-    return value
-
-
-def _get_int(obj: dict[str, Any], key: str, where: str, *, default: int | None = None,
-             lo: int = -MAX_MICROS, hi: int = MAX_MICROS) -> int:
-    if key not in obj or obj[key] is None:
-        if default is None:
-            raise ParseError(f"{where}.{key} is missing")
-        return default
-    return as_int(obj[key], f"{where}.{key}", lo=lo, hi=hi)
-
-
-def _get_str(obj: dict[str, Any], key: str, where: str, *, required: bool = False) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise ParseError(f"{where}.{key} is missing")
-        return ""
-    if not isinstance(value, str):
-        raise ParseError(f"{where}.{key} is not a string")
-    return value
-
-
 def parse_entry(event_id: str, fields: dict[Any, Any] | None) -> StreamEvent:
     """Validate one stream entry against the contract of its type."""
-    if not fields:
-        raise ParseError("entry has no fields (deleted from the stream)")
-    etype = _text(fields, "type")
-    if etype not in EVENT_TYPES:
-        raise ParseError(f"unknown event type {etype!r}")
-    pid = _text(fields, "pid")
-    if not pid or len(pid) > 128:
-        raise ParseError("pid is empty or longer than 128 characters")
-    ts_text = _text(fields, "ts")
-    if not ts_text.isdigit() or len(ts_text) > 15:
-        raise ParseError(f"ts {ts_text[:40]!r} is not epoch milliseconds")
-    raw_data, raw_res = _text(fields, "data"), _text(fields, "res")
-    data, res = _json_object(raw_data, "data"), _json_object(raw_res, "res")
-    ev = StreamEvent(event_id, etype, pid, int(ts_text), data, res, raw_data, raw_res)
+    etype, pid, ts, raw_data, raw_res = read_fields(fields)
+    data, res = loads_object(raw_data, "data"), loads_object(raw_res, "res")
+    ev = StreamEvent(event_id, etype, pid, ts, data, res, raw_data, raw_res)
     # Deriving the rows runs every check of the type-specific contract.
     rows, budgets = derive(ev)
     return replace(ev, rows=tuple(rows), budgets=tuple(budgets))
@@ -221,25 +154,25 @@ def _primary_reason(reasons: Any) -> str:
 
 
 def _caller(data: dict[str, Any]) -> str:
-    return _get_str(data, "caller", "data")[:512]
+    return get_str(data, "caller", "data")[:512]
 
 
 def _dims(data: dict[str, Any]) -> Dims:
-    return Dims(_get_str(data, "tenant", "data"), _get_str(data, "workload", "data"),
-                _get_str(data, "model", "data"), _get_str(data, "provider", "data"))
+    return Dims(get_str(data, "tenant", "data"), get_str(data, "workload", "data"),
+                get_str(data, "model", "data"), get_str(data, "provider", "data"))
 
 
 def _decision(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
     data, res = ev.data, ev.res
-    d = _get_str(res, "d", "res", required=True)
+    d = get_str(res, "d", "res", required=True)
     if d not in ("ALLOW", "CONSTRAIN", "DENY"):
         raise ParseError(f"res.d {d!r} is not ALLOW, CONSTRAIN or DENY")
     dims = _dims(data)
     if not dims.tenant:
         raise ParseError("data.tenant is missing")
-    est = _get_int(data, "est", "data", default=0, lo=0)
-    amt = _get_int(res, "amt", "res", lo=0)
-    k = _get_int(res, "k", "res", default=0, lo=0, hi=MAX_TOKENS)
+    est = get_int(data, "est", "data", default=0, lo=0)
+    amt = get_int(res, "amt", "res", lo=0)
+    k = get_int(res, "k", "res", default=0, lo=0, hi=MAX_TOKENS)
     price = data.get("price")
     detail: dict[str, Any] = {}
     # With a routing rule the hold may be for a cheaper candidate than the model
@@ -254,12 +187,12 @@ def _decision(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
         if not isinstance(cand, dict):
             raise ParseError(f"data.cands[{chosen - 1}] is not an object")
         where = f"data.cands[{chosen - 1}]"
-        model, provider = _get_str(cand, "m", where), _get_str(cand, "p", where)
+        model, provider = get_str(cand, "m", where), get_str(cand, "p", where)
         if (model, provider) != (dims.model, dims.provider):
             detail["requested"] = {"model": dims.model, "provider": dims.provider}
             dims = Dims(dims.tenant, dims.workload, model or dims.model,
                         provider or dims.provider)
-        est = _get_int(cand, "est", where, default=est, lo=0)
+        est = get_int(cand, "est", where, default=est, lo=0)
         price = cand.get("price", price)
         raw_idx = cand.get("budgets") or []
         if not isinstance(raw_idx, list):
@@ -308,13 +241,13 @@ def _decision(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
     common = {
         "event_id": ev.event_id, "seq": 0, "permit_id": ev.permit_id, "ts_ms": ev.ts_ms,
         "belongs_to": ev.belongs_to, "dims": dims, "decision": d,
-        "request_id": _get_str(data, "rid", "data"),
-        "policy_revision": _get_str(data, "rev", "data"),
-        "price_revision": _get_str(data, "prev", "data"),
+        "request_id": get_str(data, "rid", "data"),
+        "policy_revision": get_str(data, "rev", "data"),
+        "price_revision": get_str(data, "prev", "data"),
         "estimate_micros": est, "max_output_tokens": k, "price_pico": price_pico,
         "degraded": degraded, "detail": detail, "reason": reason, "caller": _caller(data),
-        "input_tokens": _get_int(data, "in_tok", "data", default=0, lo=0, hi=MAX_TOKENS),
-        "output_tokens": _get_int(data, "out_tok", "data", default=0, lo=0, hi=MAX_TOKENS),
+        "input_tokens": get_int(data, "in_tok", "data", default=0, lo=0, hi=MAX_TOKENS),
+        "output_tokens": get_int(data, "out_tok", "data", default=0, lo=0, hi=MAX_TOKENS),
     }
     if d == "DENY":
         # The amount a denial asked for is informational; it moves no money.
@@ -341,11 +274,11 @@ def _decision(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
             raise ParseError(f"{where}.split is not a list of strings")
         brows.append(BudgetRow(
             permit_id=ev.permit_id, ordinal=i + 1, event_id=ev.event_id,
-            budget_id=_get_str(b, "id", where, required=True), scope=_get_str(b, "scope", where),
-            window_kind=_get_str(b, "window", where),
-            window_start_ms=_get_int(b, "ws", where, lo=0),
-            window_end_ms=_get_int(b, "we", where, lo=0),
-            limit_micros=_get_int(b, "limit", where, lo=0), mode=_get_str(b, "mode", where),
+            budget_id=get_str(b, "id", where, required=True), scope=get_str(b, "scope", where),
+            window_kind=get_str(b, "window", where),
+            window_start_ms=get_int(b, "ws", where, lo=0),
+            window_end_ms=get_int(b, "we", where, lo=0),
+            limit_micros=get_int(b, "limit", where, lo=0), mode=get_str(b, "mode", where),
             split=json.dumps(split, ensure_ascii=True, separators=(",", ":")),
             settled_micros=settled, held_micros=held, failed=fail_idx == i + 1,
             applied=(i + 1 in held_set) if held_set else
@@ -363,24 +296,24 @@ def _with_requested(row: EntryRow, requested: int) -> EntryRow:
 
 def _settlement(ev: StreamEvent) -> list[EntryRow]:
     data, res = ev.data, ev.res
-    st = _get_str(res, "st", "res", required=True)
+    st = get_str(res, "st", "res", required=True)
     if st not in ("SETTLED", "SETTLED_AFTER_EXPIRY", "SETTLED_AFTER_VOID"):
         raise ParseError(f"res.st {st!r} is not a settlement status")
-    prior = _get_str(res, "prior", "res", required=True)
+    prior = get_str(res, "prior", "res", required=True)
     if prior not in ("held", "expired", "voided", "unheld"):
         raise ParseError(f"res.prior {prior!r} is not held, expired, voided or unheld")
-    act = _get_int(res, "act", "res", lo=0)
-    amt = _get_int(res, "amt", "res", lo=0)
-    est = _get_int(res, "est", "res", default=0, lo=0)
+    act = get_int(res, "act", "res", lo=0)
+    amt = get_int(res, "amt", "res", lo=0)
+    est = get_int(res, "est", "res", default=0, lo=0)
     usage = data.get("usage")
     if not isinstance(usage, dict):
         raise ParseError("data.usage is missing")
-    tok = {k: _get_int(usage, k, "data.usage", default=0, lo=0, hi=MAX_TOKENS)
+    tok = {k: get_int(usage, k, "data.usage", default=0, lo=0, hi=MAX_TOKENS)
            for k in ("in", "cached", "cw", "out", "rsn")}
     provider_cost = data.get("provider_cost")
     pc = None if provider_cost is None else as_int(provider_cost, "data.provider_cost", lo=0)
-    priced = _get_int(data, "priced", "data", default=act, lo=0)
-    outcome = _get_str(data, "outcome", "data")
+    priced = get_int(data, "priced", "data", default=act, lo=0)
+    outcome = get_str(data, "outcome", "data")
     flags = res.get("flags") or []
     if not isinstance(flags, list):
         raise ParseError("res.flags is not a list")
@@ -406,8 +339,8 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
 
 def _release(ev: StreamEvent) -> list[EntryRow]:
     res = ev.res
-    amt = _get_int(res, "amt", "res", lo=0)
-    state = _get_str(res, "state", "res")
+    amt = get_int(res, "amt", "res", lo=0)
+    state = get_str(res, "state", "res")
     expected = "voided" if ev.etype == "void" else "expired"
     if state and state != expected:
         raise ParseError(f"res.state {state!r} does not match event type {ev.etype!r}")
@@ -415,31 +348,31 @@ def _release(ev: StreamEvent) -> list[EntryRow]:
     return [EntryRow(event_id=ev.event_id, seq=0, kind=kind, permit_id=ev.permit_id,
                      ts_ms=ev.ts_ms, belongs_to=ev.belongs_to, status="RELEASED",
                      held_micros=amt, amount_micros=-amt,
-                     reason=_get_str(ev.data, "reason", "data")[:512], caller=_caller(ev.data))]
+                     reason=get_str(ev.data, "reason", "data")[:512], caller=_caller(ev.data))]
 
 
 def _grant(ev: StreamEvent) -> list[EntryRow]:
     data, res = ev.data, ev.res
-    amount = _get_int(res, "amt", "res", lo=0)
+    amount = get_int(res, "amt", "res", lo=0)
     detail = {
-        "budget": _get_str(data, "budget", "data", required=True),
+        "budget": get_str(data, "budget", "data", required=True),
         "split": data.get("split") or [],
-        "path": _get_str(data, "path", "data"),
-        "approver": _get_str(data, "approver", "data"),
-        "role": _get_str(data, "role", "data"),
-        "expires_at_ms": _get_int(res, "exp", "res", lo=0),
+        "path": get_str(data, "path", "data"),
+        "approver": get_str(data, "approver", "data"),
+        "role": get_str(data, "role", "data"),
+        "expires_at_ms": get_int(res, "exp", "res", lo=0),
         "amount_micros": amount,
     }
     # Granted through the exception workflow: linked to the request and its denial.
     for key, name in (("exc", "exception_id"), ("denial", "denial_permit_id")):
-        value = _get_str(data, key, "data")
+        value = get_str(data, key, "data")
         if value:
             detail[name] = value
     # A grant raises a cap; it moves no money, so its amount stays out of the books.
     return [EntryRow(event_id=ev.event_id, seq=0, kind="exception_grant", permit_id=ev.permit_id,
                      ts_ms=ev.ts_ms, belongs_to=ev.belongs_to, status="GRANTED",
-                     policy_revision=_get_str(data, "rev", "data"),
-                     reason=_get_str(data, "why", "data")[:2000], detail=detail)]
+                     policy_revision=get_str(data, "rev", "data"),
+                     reason=get_str(data, "why", "data")[:2000], detail=detail)]
 
 
 def check_exception(ev: StreamEvent) -> str:
@@ -450,22 +383,22 @@ def check_exception(ev: StreamEvent) -> str:
     booked by its own ``grant`` event.
     """
     data, res = ev.data, ev.res
-    step = _get_str(res, "st", "res", required=True)
+    step = get_str(res, "st", "res", required=True)
     if step not in EXCEPTION_STEPS:
         raise ParseError(f"res.st {step!r} is not one of {', '.join(EXCEPTION_STEPS)}")
-    exc = _get_str(data, "exc", "data", required=True)
-    if _get_str(res, "exc", "res", required=True) != exc:
+    exc = get_str(data, "exc", "data", required=True)
+    if get_str(res, "exc", "res", required=True) != exc:
         raise ParseError("res.exc does not match data.exc")
     if not ev.permit_id.startswith("pmt_"):
         raise ParseError("an exception step's pid is not the denial's permit id")
-    _get_str(data, "budget", "data", required=True)
+    get_str(data, "budget", "data", required=True)
     if step == "PENDING":
-        _get_int(data, "amt", "data", lo=1)
-        _get_int(data, "dur", "data", lo=1, hi=10**9)
+        get_int(data, "amt", "data", lo=1)
+        get_int(data, "dur", "data", lo=1, hi=10**9)
     if step == "APPROVED":
-        _get_str(res, "grant", "res", required=True)
-        _get_int(res, "amt", "res", lo=1)
-        _get_int(res, "exp", "res", lo=0)
+        get_str(res, "grant", "res", required=True)
+        get_int(res, "amt", "res", lo=1)
+        get_int(res, "exp", "res", lo=0)
     return step
 
 
@@ -482,7 +415,7 @@ def derive(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
     if ev.etype == "grant":
         return _grant(ev), []
     if ev.etype == "alert":
-        _get_int(ev.res, "budget", "res", lo=1, hi=10_000)
+        get_int(ev.res, "budget", "res", lo=1, hi=10_000)
         return [], []
     if ev.etype == "exception":
         check_exception(ev)

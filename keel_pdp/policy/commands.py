@@ -243,7 +243,7 @@ def explain_lines(snap: PolicySnapshot, tenant: str, workload: str, model: str,
                          max_output_tokens)
     try:
         validate(req)
-        p = plan(snap, req, now)
+        p = plan(snap, req, now, "pmt_explain")
     except InvalidRequest as exc:
         return [f"Invalid request: {exc}"]
     out = [f"Policy {snap.policy_revision}, prices {snap.price_revision}."]

@@ -148,11 +148,6 @@ class PolicySnapshot:
     _match_cache: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
         default_factory=dict, repr=False
     )
-    # "tenant\x1fworkload\x1fmodel\x1fprovider" -> decision.Shape, filled by the
-    # decision module (which this one cannot import).
-    _shape_cache: dict[str, object] = field(
-        default_factory=dict, repr=False
-    )
     # Tenants with few budgets are matched by a short scan instead of 8 probes.
     _tenant_lists: dict[str, tuple[CompiledBudget, ...]] = field(
         default_factory=dict, repr=False

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from keel_pdp import engine as engine_module
 from keel_pdp.cli import main
 from keel_pdp.decision import AuthorizeInput, DecisionKind
 from keel_pdp.ledger.periods import PeriodError, bounds_ms, period_of_ms, previous_period
 from keel_pdp.ledger.report import build_report
 from keel_pdp.ledger.store import LedgerStore
+from keel_pdp.permits import PermitIds
 from keel_pdp.pricing import TokenUsage
 from tests.helpers import make_engine
 from tests.integration.conftest import drain, ledger_bundle, make_writer
@@ -31,7 +31,8 @@ IN_PREVIOUS = bounds_ms(PREVIOUS)[0] + 9 * 86_400_000 + 12 * 3_600_000
 class Clock:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, at_ms: int) -> None:
         self.at = at_ms
-        monkeypatch.setattr(engine_module, "_now_ms", lambda: self.at)
+        # The engine's clock is its permit-id source's (keel_pdp.permits.PermitIds).
+        monkeypatch.setattr(PermitIds, "now_ms", lambda _ids: self.at)
 
 
 def ask(rid: str, tenant: str = "acme", workload: str = "chat",

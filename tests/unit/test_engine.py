@@ -248,11 +248,11 @@ async def test_permit_cache_is_bounded_and_invisible_to_the_garbage_collector(
     import gc
 
     engine = make_engine(aio_client, bundle)
-    engine._permit_cache_size = 3
+    engine._permits.size = 3
     outs = [await engine.authorize(req(f"g{i}", tout=1)) for i in range(5)]
-    assert list(engine._permits) == [o.permit_id for o in outs[2:]]  # oldest evicted
+    assert list(engine._permits._entries) == [o.permit_id for o in outs[2:]]  # oldest evicted
     gc.collect()
-    assert not any(gc.is_tracked(entry) for entry in engine._permits.values())
+    assert not any(gc.is_tracked(entry) for entry in engine._permits._entries.values())
     # An evicted permit still closes out (one extra read of its record).
     res = await engine.closeout(outs[0].permit_id, TokenUsage(10, 0, 0, 1), "SUCCEEDED", None)
     assert res.status == "SETTLED"

@@ -99,7 +99,7 @@ async def test_outbox_event_whose_reply_was_lost_reaches_the_stream_once(
         await real_record(*a, **kw)
         raise StoreUnavailable("test: reply lost after the script ran")
 
-    async def lost_abort_reply(*a: Any, **kw: Any) -> dict[str, Any]:
+    async def lost_abort_reply(*a: Any, **kw: Any) -> Any:
         await real_abort(*a, **kw)
         raise StoreUnavailable("test: reply lost after the script ran")
 

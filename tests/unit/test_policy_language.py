@@ -13,7 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from keel_pdp import grants
-from keel_pdp.decision import AuthorizeInput, Code, DecisionKind, InvalidRequest, plan
+from keel_pdp.decision import AuthorizeInput, Code, DecisionKind, InvalidRequest
+from keel_pdp.decision import plan as _plan
 from keel_pdp.engine import Engine
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.policy.reload import PolicyHolder
@@ -79,8 +80,8 @@ def test_price_history_prices_a_request_by_when_it_ran(tmp_path: pathlib.Path) -
         {"input": "1.00", "output": "4.00", "max_output_tokens": 100,
          "effective_from": "2026-12-01"}]}}
     snap = load_bundle(write_bundle(tmp_path, [budget("b", "10")], prices=prices))
-    before = plan(snap, req(), _ms(2026, 11, 30, 23, 59))
-    after = plan(snap, req(), _ms(2026, 12, 1, 0, 0))
+    before = _plan(snap, req(), _ms(2026, 11, 30, 23, 59), "pmt_a")
+    after = _plan(snap, req(), _ms(2026, 12, 1, 0, 0), "pmt_b")
     assert before.estimate_micros == 1000 * 2 + 500 * 8
     assert after.estimate_micros == 1000 * 1 + 500 * 4
 

@@ -8,12 +8,23 @@ import pathlib
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-
-from keel_pdp import decision
-from keel_pdp.decision import AuthorizeInput, Code, event_data, fingerprint, plan
+from keel_pdp import decision, events, permits
+from keel_pdp.decision import AuthorizeInput, Code, Plan, ShapeCache, fingerprint
 from keel_pdp.policy.loader import load_bundle
+from keel_pdp.policy.snapshot import PolicySnapshot
 from tests.helpers import budget, write_bundle
+
+# One cache per snapshot, as the engine keeps one (it starts afresh on a new snapshot).
+_CACHES: dict[int, ShapeCache] = {}
+
+
+def plan(snap: PolicySnapshot, r: AuthorizeInput, now_ms: int) -> Plan:
+    cache = _CACHES.setdefault(id(snap), ShapeCache())
+    return decision.plan(snap, r, now_ms, permits.new_permit_id(now_ms), cache)
+
+
+def event_data(p: Plan) -> str:
+    return events.decision_data(p)
 
 
 def _ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0) -> int:
@@ -119,17 +130,33 @@ def test_fingerprint_keeps_its_stored_format() -> None:
     assert fingerprint(r) == hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
 
-def test_shape_cache_is_bounded(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(decision, "SHAPE_CACHE_SIZE", 5)
+def test_shape_cache_is_bounded_and_starts_afresh_on_a_new_snapshot(
+        tmp_path: pathlib.Path) -> None:
     snap = load_bundle(write_bundle(tmp_path, [budget("day", "10", per=["tenant"])]))
+    cache = ShapeCache(limit=5)
     sizes = []
     for i in range(20):
-        plan(snap, req(f"r{i}", tenant=f"t{i}"), _ms(2026, 11, 22, 10))
-        sizes.append(len(snap._shape_cache))
+        decision.plan(snap, req(f"r{i}", tenant=f"t{i}"), _ms(2026, 11, 22, 10), f"p{i}", cache)
+        sizes.append(len(cache))
     assert max(sizes) == 5
+    newer = load_bundle(write_bundle(tmp_path / "v2", [budget("day", "20", per=["tenant"])]))
+    p = decision.plan(newer, req("x", tenant="t19"), _ms(2026, 11, 22, 10), "px", cache)
+    assert len(cache) == 1 and p.targets[0].budget.limit_micros == 20_000_000
 
 
 def test_permit_ids_are_unique_and_well_formed() -> None:
-    ids: Any = {decision.new_permit_id(1) for _ in range(2000)}  # crosses a 4 KiB refill
+    ids: Any = {permits.new_permit_id(1) for _ in range(2000)}  # crosses a 4 KiB refill
     assert len(ids) == 2000
     assert all(len(i) == 32 and i.startswith("pmt_000000000001") for i in ids)
+    assert not any(permits.is_degraded_permit_id(i) for i in ids)
+    twins = {permits.degraded_permit_id(i) for i in ids}
+    assert len(twins) == 2000 and twins.isdisjoint(ids)
+    assert all(permits.is_degraded_permit_id(i) and permits.permit_issued_ms(i) == 1
+               for i in twins)
+
+
+def test_permit_ids_come_from_the_injected_randomness_and_clock() -> None:
+    ids = permits.PermitIds(random_bytes=lambda n: bytes([0xFF]) * n, clock_ms=lambda: 0xABC)
+    pid = ids.new()
+    assert pid == "pmt_000000000abc" + "7" + "f" * 15  # top bit of the random part cleared
+    assert permits.degraded_permit_id(pid) == "pmt_000000000abc" + "f" * 16

@@ -1,0 +1,114 @@
+"""What a request shape means to the budget store, and the permit record's metadata.
+
+Both are Redis encodings, so they live in ``budget/``: the window and grant keys of
+a shape, the authorize script's arguments every request of the shape shares
+(``hold_shape``), and the permit metadata the scripts store with each hold (the
+tenant, workload, model and the price in effect, so any sidecar can price its
+Closeout). ``Materials`` keeps them per shape, weakly: a shape dropped from the
+decision's cache takes its material with it.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.resp import Shared
+from keel_pdp.budget.store import hold_shape
+from keel_pdp.decision.shape import Shape
+from keel_pdp.policy.snapshot import ModelPrice
+from keel_pdp.pricing import Price
+
+
+@dataclass(frozen=True, slots=True)
+class Material:
+    """What a shape means to one budget store, derived once per shape."""
+
+    window_keys: tuple[str, ...]
+    wexp: tuple[int, ...]  # per window: when its hash may expire (s)
+    shared: Shared  # the authorize script's KEYS and ARGV common to the shape
+    meta_heads: tuple[str, ...]  # per candidate: the permit metadata up to its stamp
+
+
+def meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
+    """The permit record's metadata up to its stamp: ``head + meta_stamp(...)``."""
+    def row(p: Price) -> list[int]:
+        return [p.input, p.cached_input, p.cache_write, p.output]
+
+    meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
+                               "price": row(mp.price)}
+    if mp.tiers:
+        meta["tiers"] = [[above, *row(price)] for above, price in mp.tiers]
+    return json.dumps(meta, separators=(",", ":"))[:-1] + ',"ts":'
+
+
+def meta_stamp(now_ms: int, estimated_input_tokens: int) -> str:
+    """The end of a permit's metadata: when it was issued and its input estimate."""
+    return f'{now_ms},"ein":{estimated_input_tokens}}}'
+
+
+def load_meta(text: str | bytes) -> dict[str, Any]:
+    value = json.loads(text) if text else {}
+    return value if isinstance(value, dict) else {}
+
+
+def meta_price(meta: dict[str, Any], input_tokens: int) -> Price:
+    """The rate the permit's model had when it was issued, for this input size.
+
+    A record without a price (written by an older version for a fail-open
+    settlement) prices at zero: such a permit is settled already, and the
+    closeout script answers with the booked figures.
+    """
+    base = meta.get("price")
+    if not isinstance(base, list):
+        return Price(0, 0, 0, 0)
+    tiers = meta.get("tiers") or []
+    issued = ModelPrice("", "", Price(*[int(x) for x in base]), 0, tiers=tuple(
+        (int(t[0]), Price(*[int(x) for x in t[1:5]])) for t in tiers))
+    return issued.for_input(input_tokens)
+
+
+def meta_input_estimate(meta: dict[str, Any]) -> int | None:
+    ein = meta.get("ein")
+    return ein if isinstance(ein, int) else None
+
+
+class Materials:
+    """Material per shape for one key space (weakly keyed by the shape)."""
+
+    def __init__(self, keyspace: KeySpace) -> None:
+        self.keyspace = keyspace
+        self._by_shape: weakref.WeakKeyDictionary[Shape, Material] = (
+            weakref.WeakKeyDictionary())
+
+    def __call__(self, shape: Shape) -> Material:
+        found = self._by_shape.get(shape)
+        if found is None:
+            found = self._by_shape[shape] = self._build(shape)
+        return found
+
+    def _build(self, shape: Shape) -> Material:
+        keyspace = self.keyspace
+        targets = shape.targets
+        settings = shape.snapshot.settings
+        observe = shape.route_mode == "observe"
+        wexp = tuple(t.window_end_ms // 1000 + settings.permit_retention_seconds
+                     for t in targets)
+        window_keys = tuple(keyspace.window(t.budget.id, t.split, t.window_start_ms)
+                            for t in targets)
+        return Material(
+            window_keys, wexp,
+            hold_shape(
+                window_keys, [keyspace.grants(t.budget.id, t.split) for t in targets],
+                [t.budget.limit_micros for t in targets],
+                # Under an observe-mode routing rule nothing blocks; the script then
+                # reports the budgets that would have (shadow).
+                [t.budget.enforce and not observe for t in targets], wexp,
+                [t.budget.thresholds for t in targets],
+                idempotency_ttl_s=settings.idempotency_ttl_seconds,
+                permit_retention_s=settings.permit_retention_seconds,
+                min_output_tokens=settings.min_output_tokens),
+            tuple(meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices))

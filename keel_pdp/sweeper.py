@@ -1,0 +1,28 @@
+"""Expiry: holds whose time passed are released, by any sidecar, once.
+
+The sweep reads due permit ids from the expiry set and releases each through
+release.lua, which applies an expiry only once the permit's own ``expires_at`` has
+passed (a sweeper with a fast clock cannot cut a live hold short) and only to a
+permit still held (so many sidecars sweeping at once release each hold once).
+"""
+
+from __future__ import annotations
+
+from keel_pdp import events
+from keel_pdp.budget.keys import PERMIT_ID_RE
+from keel_pdp.budget.store import BudgetStore
+
+
+async def sweep(store: BudgetStore, now_ms: int, limit: int = 200) -> list[str]:
+    """Release up to ``limit`` due holds; returns the permit ids this call released."""
+    released: list[str] = []
+    for pid in await store.due_expiries(now_ms, limit):
+        if not PERMIT_ID_RE.match(pid):
+            continue
+        rec = await store.permit(pid, 1.0)
+        out = await store.release(pid, rec.keys if rec is not None else (), now_ms, "expired",
+                                  events.release_data(now_ms), 1.0,
+                                  idempotency_key=rec.idempotency_key if rec else "")
+        if out.status == "RELEASED":
+            released.append(pid)
+    return released
