@@ -241,6 +241,10 @@ def memo_json(report: Report, documents: dict[str, str]) -> dict[str, Any]:
             entry["line_items"] = [_line_item(report, cell, c.category)
                                    for cell in rec.cells_in(c.category)]
         entry["request_ids"] = list(rec.evidence.requests.get(c.category, []))
+        if c.category == CLOCK_SKEW:
+            # + billed in this month, booked in another; - the reverse
+            entry["provider_month_only_ids"] = list(rec.evidence.skew_provider_only)
+            entry["ledger_month_only_ids"] = list(rec.evidence.skew_ledger_only)
         entry["line_ids"] = list(rec.evidence.lines.get(c.category, []))
         entry["by_token_type"] = {
             t: {"tokens": f.tokens, "provider_micros": f.provider_micros,

@@ -15,8 +15,10 @@ usage behind it.
 
 from __future__ import annotations
 
+import csv
 import json
 import pathlib
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -70,8 +72,16 @@ def month(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def test_the_month_is_realistic(month: tuple[pathlib.Path, dict[str, Any],
                                              dict[str, dict[str, Any]]]) -> None:
-    _, answer, _ = month
+    root, answer, _ = month
     assert sum(p["requests"] for p in answer["providers"].values()) >= 15_000
+    # clock skew at both month boundaries, from tenants west and east of UTC
+    skewed = {i for p in answer["providers"].values() for i in p["request_ids"]["clock_skew"]}
+    with (root / "in" / answer["internal"]).open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["permit_id"] in skewed]
+    utc_days = {datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).astimezone(UTC)
+                .date().isoformat() for r in rows}
+    assert {"2025-12-31", "2026-01-01", "2026-01-31", "2026-02-01"} <= utc_days
+    assert {r["tenant"] for r in rows} == {"acme", "globex"}  # Los Angeles and Tokyo
     for provider in ("openai", "anthropic"):
         ids = answer["providers"][provider]["request_ids"]
         # every request-level category is seeded, and clock skew on both sides
@@ -128,6 +138,10 @@ def test_the_request_ids_behind_each_category(
     for cat in ("clock_skew", "cache_read_rate", "tier_breakpoint", "failed_request_billing"):
         assert sorted(cats[cat]["request_ids"]) == expected[cat], cat
     assert cats["unexplained"]["request_ids"] == []
+    skew = cats["clock_skew"]
+    both = skew["provider_month_only_ids"] + skew["ledger_month_only_ids"]
+    assert sorted(both) == expected["clock_skew"]
+    assert skew["provider_month_only_ids"] and skew["ledger_month_only_ids"]
     planted = answer["providers"][provider]["unexplained_line"]
     items = cats["unexplained"]["line_items"]
     assert [(i["day"], i["account"], i["model"], i["token_type"]) for i in items] == [
