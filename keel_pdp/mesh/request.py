@@ -151,6 +151,8 @@ def route_for(method: str, path: str) -> Route | None:
     if m is not None:
         op = m.group(2)
         api = Api.CONVERSE if op.startswith("converse") else Api.INVOKE_MESSAGES
+        if api is Api.INVOKE_MESSAGES and "anthropic." not in m.group(1):
+            return None  # InvokeModel bodies are per model family; Keel reads Anthropic's
         return Route(api, "bedrock", path_model=m.group(1), stream=op.endswith("stream"))
     for suffix, api, provider in _PATHS:
         if clean.endswith(suffix):

@@ -357,6 +357,7 @@ def test_bedrock_constrained_call_is_re_signed_by_envoy_with_the_reduced_cap(
     ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.5-pro:countTokens"),
     ("us-central1-aiplatform.googleapis.com", VERTEX + ":predict"),
     ("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/async-invoke"),
+    ("bedrock-runtime.us-east-1.amazonaws.com", "/model/meta.llama3-70b-instruct-v1%3A0/invoke"),
     ("my.openai.azure.com", "/openai/deployments/d/audio/speech"),
     ("api.openai.com", "/v1/images/generations")])
 def test_unknown_endpoint_on_a_provider_host_is_refused(
