@@ -47,15 +47,20 @@ class FailMode(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Retries of one RPC on UNAVAILABLE, all inside the caller's deadline."""
+    """Retries of one RPC on UNAVAILABLE, all inside the caller's deadline.
 
-    attempts: int = 4
+    ``attempts`` bounds the Authorize attempts; None (the default) retries for as
+    long as the deadline allows, so a sidecar restart shorter than the deadline
+    costs a delay, not a fail-mode decision."""
+
+    attempts: int | None = None
     initial_backoff_s: float = 0.02
     max_backoff_s: float = 0.25
     multiplier: float = 2.0
 
     def backoff(self, attempt: int) -> float:
-        return float(min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** attempt))
+        growth = self.multiplier ** min(attempt, 64)  # no float overflow on long deadlines
+        return float(min(self.max_backoff_s, self.initial_backoff_s * growth))
 
 
 @dataclass(frozen=True, slots=True)

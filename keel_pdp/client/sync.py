@@ -85,7 +85,10 @@ class KeelClient:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         message = req.to_pb(rid)
         last: grpc.RpcError | None = None
-        for attempt in range(self.retry.attempts):
+        limit = self.retry.attempts
+        for attempt in itertools.count():
+            if limit is not None and attempt >= limit:
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from decimal import ROUND_CEILING, Decimal
@@ -440,3 +441,48 @@ async def test_cancelled_async_call_is_booked_at_the_hold(stack: Stack, rdb: red
     (ev,) = events(rdb, p.permit_id, "settlement")
     assert ev["data"]["outcome"] == "CANCELLED"
     assert ev["data"]["usage"]["out"] == CAP
+
+
+def test_authorize_waits_out_a_sidecar_restart_with_one_request_id(
+        rdb: redis.Redis, redis_server: RedisServer,
+        tmp_path: pathlib.Path) -> None:
+    """Nothing listens yet when the client asks: it retries UNAVAILABLE with the same
+    request id until a sidecar comes up within the deadline, and gets one permit."""
+    port = free_port()
+    keel = KeelClient(f"127.0.0.1:{port}", tenant="acme", workload="chat", timeout=30)
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            result["permit"] = keel.authorize(keel.request(
+                "gpt-4o-mini", provider="openai", estimated_input_tokens=100,
+                max_output_tokens=50))
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(0.5)  # several refused attempts
+    assert asker.is_alive()
+    policies = write_bundle(tmp_path / "p", [budget("acme-daily", "100.00",
+                                                    scope={"tenant": "acme"})])
+    env = {**os.environ, "KEEL_POLICIES": str(policies), "KEEL_REDIS_URL": redis_server.url,
+           "KEEL_LISTEN": f"127.0.0.1:{port}", "KEEL_METRICS_PORT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        asker.join(40)
+        assert not asker.is_alive()
+        assert "error" not in result, result.get("error")
+        p = result["permit"]
+        assert p.decision == "ALLOW" and not p.local and not p.replayed
+        entries: Any = rdb.xrange("keel:{pdp}:events")
+        decisions = [f for _, f in entries if f.get("type") == "decision"]
+        assert len(decisions) == 1  # one hold, however many attempts
+        p.record_usage(TokenUsage(input_tokens=100, output_tokens=50))
+        keel.end(p)
+        assert p.settlement is not None and p.settlement.status == "SETTLED"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        keel.close()
