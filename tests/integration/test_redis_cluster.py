@@ -37,7 +37,7 @@ from keel_pdp.budget.cluster import (
     parse_cluster_url,
 )
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.resp import RespClient, RespError, Shared
+from keel_pdp.budget.resp import RespClient, RespConnectionError, RespError, RespNotSent, Shared
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.decision import AuthorizeInput
 from keel_pdp.engine import Engine
@@ -167,6 +167,37 @@ def test_cross_slot_keys_are_named_in_the_refusal() -> None:
     assert command_keys(("EVALSHA", "0" * 40, 2, "k1", "k2", "v")) == ["k1", "k2"]
     assert command_keys(("MSET", "a", 1, "b", 2)) == ["a", "b"]
     assert command_keys(("PING",)) == []
+
+
+async def test_only_a_command_never_written_is_marked_safe_to_send_elsewhere(
+        redis_url: str) -> None:
+    # The cluster client re-sends RespNotSent only; a command lost after it was
+    # written must not look like one.
+    from tests.conftest import free_port
+
+    nowhere = RespClient.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(RespNotSent):
+            await nowhere.command("INCR", "k", timeout_s=1)
+        with pytest.raises(RespNotSent, match="next connect attempt"):
+            await nowhere.command("INCR", "k", timeout_s=1)  # in back-off
+    finally:
+        await nowhere.close()
+    client = RespClient.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        assert await client.command("PING", timeout_s=1) == b"PONG"
+        waiting = asyncio.ensure_future(client.command("BLPOP", "never", 5, timeout_s=5))
+        await asyncio.sleep(0.1)
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # type: ignore[no-untyped-call]
+        with pytest.raises(RespConnectionError) as info:
+            await waiting
+        assert not isinstance(info.value, RespNotSent)
+    finally:
+        admin.close()
+        await client.close()
+    with pytest.raises(RespNotSent):
+        await client.command("PING", timeout_s=1)  # closed
 
 
 # ------------------------------------------------------------------ the real cluster
