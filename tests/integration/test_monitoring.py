@@ -106,6 +106,17 @@ def test_kubernetes_scrape_sets_the_component_label_the_rules_use() -> None:
     assert used == given == {"sidecar", "ledger-writer"}
 
 
+def test_the_documented_prometheus_config_is_valid(tmp_path: pathlib.Path) -> None:
+    doc = (ROOT / "docs" / "adopting-platform.md").read_text()
+    found = re.search(r"```yaml\n(scrape_configs:.*?)```", doc, re.S)
+    assert found, "docs/adopting-platform.md lost its Prometheus example"
+    shutil.copy(RULES, tmp_path / RULES.name)
+    (tmp_path / "prometheus.yml").write_text(found.group(1))
+    out = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: pathlib.Path) -> None:
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
