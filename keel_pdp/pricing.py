@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from keel_pdp.errors import PriceError as PriceError
+
 PICO_PER_MICRO = 1_000_000
 # Guards that keep every intermediate product below 2**53, so the Lua scripts
 # (doubles only) compute the same exact integers as Python.
@@ -18,8 +20,6 @@ MAX_PRICE_PICO_PER_TOKEN = 1_000_000_000  # $1,000 per million tokens
 MAX_TOKENS = 2_000_000
 
 
-class PriceError(ValueError):
-    """A price string that cannot be represented exactly."""
 
 
 def parse_price(text: str) -> int:

@@ -12,6 +12,8 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from keel_pdp.errors import PeriodError as PeriodError
+
 PeriodState = Literal["open", "closing", "closed"]
 STATES: tuple[PeriodState, ...] = ("open", "closing", "closed")
 _PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
@@ -19,8 +21,6 @@ _PID_RE = re.compile(r"^pmt_([0-9a-f]{12})[0-9a-f]{16}$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class PeriodError(ValueError):
-    """A malformed period name or an invalid period transition."""
 
 
 def parse_period(text: str) -> tuple[int, int]:

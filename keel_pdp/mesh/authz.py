@@ -32,6 +32,7 @@ import grpc
 
 from keel_pdp.decision import AuthorizeInput, Code, DecisionKind, InvalidRequest, Outcome
 from keel_pdp.engine import Engine
+from keel_pdp.errors import RequestIdReused
 from keel_pdp.mesh import config as c
 from keel_pdp.mesh import envoy_types as et
 from keel_pdp.mesh import request as rq
@@ -286,11 +287,11 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             out = await self._authorize(inp, deadline_s)
         except rq.BadRequest as exc:
             return self._bad(exc)
+        except RequestIdReused as exc:
+            return self._reused(f"{exc}: x-request-id {rid[:64]!r} came with another "
+                                "body or parameters; every provider call needs its own "
+                                "request id. This call was not sent.")
         except InvalidRequest as exc:
-            if "already used" in str(exc):
-                return self._reused(f"{exc}: x-request-id {rid[:64]!r} came with another "
-                                    "body or parameters; every provider call needs its own "
-                                    "request id. This call was not sent.")
             return self._bad(exc)
         if out.replayed and out.decision is not DecisionKind.DENY:
             # Every Check is a provider call: none may ride on a permit another call

@@ -33,6 +33,8 @@ from keel_pdp.budget.keys import PERMIT_ID_RE
 from keel_pdp.budget.resp import RespError
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 from keel_pdp.decision import DIMENSION_NAMES, InvalidRequest
+from keel_pdp.errors import ExceptionConflict as ExceptionConflict
+from keel_pdp.errors import UnknownException as UnknownException
 from keel_pdp.policy.snapshot import CompiledBudget, PolicySnapshot
 
 State = Literal["pending", "approved", "rejected", "expired"]
@@ -53,12 +55,8 @@ class NotADenial(InvalidRequest):
     """The permit named is not a budget denial of the budget named."""
 
 
-class UnknownException(LookupError):
-    """No exception request with this id (never made, or past its retention)."""
 
 
-class ExceptionConflict(Exception):
-    """The request is no longer pending, or was made before with other content."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,13 @@ from typing import Any
 
 import grpc
 
+from keel_pdp.errors import TlsError as TlsError
+
 log = logging.getLogger("keel_pdp.tls")
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
-class TlsError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
