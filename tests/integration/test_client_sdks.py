@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from keel_pdp.client import (
     read_usage,
 )
 from keel_pdp.mesh.mockprovider import MockProvider, Options
-from tests.conftest import RedisServer, free_port
+from tests.conftest import ROOT, RedisServer, free_port
 from tests.helpers import PRICES, budget, wait_ready, write_bundle
 from tests.integration.envoy_fixture import events, permit_state
 
@@ -486,3 +487,23 @@ def test_authorize_waits_out_a_sidecar_restart_with_one_request_id(
         proc.terminate()
         proc.wait(20)
         keel.close()
+
+
+def test_the_application_guide_example_runs_as_printed(stack: Stack) -> None:
+    """docs/adopting-application.md, section 1: the example, pointed at this test's
+    sidecar and mock provider, prints what the page says it prints."""
+    doc = (ROOT / "docs" / "adopting-application.md").read_text()
+    found = re.search(r"\.venv/bin/python - <<'EOF'\n(.*?)\nEOF\n# -> (.*?)\n", doc, re.S)
+    assert found, "the guide lost its first example"
+    code = found.group(1).replace("127.0.0.1:50051", stack.target).replace(
+        "http://127.0.0.1:8081", stack.base_url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    printed = found.group(2)
+    # the page's output, with the permit id left open; the cost worked out here:
+    # input = the documented estimate of the message, output = the mock's 24 tokens
+    usage = TokenUsage(input_tokens=keel_estimate("What is a permit?"), output_tokens=24)
+    want = expected_cost("openai", "gpt-4o-mini", usage)
+    assert printed == f"ALLOW pmt_… settled: SETTLED {want} micro-USD"
+    assert re.fullmatch(rf"ALLOW pmt_\w+ settled: SETTLED {want} micro-USD\n", out.stdout)
