@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keel_pdp.decision import AuthorizeInput, InvalidRequest, Plan, plan
+from keel_pdp.events import loads_object
 from keel_pdp.ledger.cli_support import add_store, open_for_cli, period_arg, run_cli
 from keel_pdp.ledger.money import usd
 from keel_pdp.ledger.periods import bounds_ms
@@ -120,7 +121,7 @@ def recorded(store: LedgerStore, period: str) -> list[Recorded]:
         if pid in seen:
             continue
         seen.add(pid)
-        data, res = json.loads(data_text), json.loads(res_text)
+        data, res = loads_object(data_text, "data"), loads_object(res_text, "res")
         labels = tuple(sorted((str(k), str(v)) for k, v in (data.get("labels") or {}).items()))
         req = AuthorizeInput(str(data.get("rid", pid)), str(data["tenant"]),
                              str(data.get("workload", "")), str(data.get("model", "")),

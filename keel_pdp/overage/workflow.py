@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
-from keel_pdp import grants
+from keel_pdp import events, grants
 from keel_pdp.budget.keys import PERMIT_ID_RE
 from keel_pdp.budget.resp import RespError
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
@@ -101,8 +100,7 @@ def _lua(name: str) -> str:
     return resources.files("keel_pdp.overage").joinpath("lua", name).read_text()
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+_dumps = events.dumps
 
 
 def _now_ms() -> int:
@@ -150,9 +148,7 @@ class ExceptionDesk:
             raw = await self.store.transport.eval_script(script, keys, args, self.timeout_s)
         except _FAILURES as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        out = json.loads(_text(raw))
-        assert isinstance(out, dict)
-        return out
+        return events.loads_object(_text(raw), "exception script reply")
 
     async def _read(self, coro: Any) -> Any:
         try:
@@ -266,8 +262,8 @@ class ExceptionDesk:
                 self.keys.stream, min=lo, max=hi, count=_SCAN_PAGE))
             for _eid, fields in page:
                 if fields.get(b"pid") == want and fields.get(b"type") == b"decision":
-                    return (json.loads(fields.get(b"data", b"{}")),
-                            json.loads(fields.get(b"res", b"{}")))
+                    return (events.loads_object(fields.get(b"data", b"{}"), "data"),
+                            events.loads_object(fields.get(b"res", b"{}"), "res"))
             if len(page) < _SCAN_PAGE:
                 return None
             lo = "(" + _text(page[-1][0])
@@ -414,8 +410,8 @@ def _view(raw: dict[Any, Any], now: int) -> ExceptionView | None:
     if not raw:
         return None
     f = {_text(k): _text(v) for k, v in raw.items()}
-    rec = json.loads(f["rec"])
-    dec = json.loads(f.get("dec") or "{}")
+    rec = events.loads_object(f["rec"], "rec")
+    dec = events.loads_object(f.get("dec") or "{}", "dec")
     state = f.get("state", "pending")
     if state == "pending" and now >= int(f.get("until", rec["until"])):
         state = "expired"
