@@ -1,28 +1,37 @@
-"""The ledger store: one schema on SQLite (embedded default) or PostgreSQL.
+"""The ledger store: what is written to the ledger, and how periods move.
 
 Every write is idempotent on the stream entry id: the events table is keyed by
 it, entries are unique on (event id, sequence) and, for the facts a permit has
 at most once, on (permit id, kind). Inserts use ON CONFLICT DO NOTHING, so a
 batch delivered twice (the writer died between commit and acknowledgement)
-books nothing the second time.
+books nothing the second time. An amount belonging to a closed period is booked
+into the next period that is not closed (``book_targets``).
 
-A connection-level failure surfaces as ``StoreUnavailable`` so the writer can
-back off and retry the same batch; anything else is a bug and propagates. On
-SQLite, only busy/locked/I-O/full/can't-open are outages; any other
-``OperationalError`` (a syntax error, "no such table") is ``StoreBroken``.
+The database underneath (SQLite, the embedded default, or PostgreSQL), its
+transactions and how its failures are sorted (``StoreUnavailable``: retry;
+``StoreRejected``: the rows themselves; ``StoreBroken``: a bug) are
+``keel_pdp.ledger.connection``; the column order is ``keel_pdp.ledger.rows``.
+Both are re-exported here, the import path the rest of the code uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from keel_pdp.ledger.connection import (
+    LedgerConnection,
+    StoreBroken,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+    Tx,
+    now_ms,
+    sqlite_outage,
+)
+from keel_pdp.ledger.connection import insert_sql as _insert
 from keel_pdp.ledger.events import (
     BudgetRow,
     Dims,
@@ -38,248 +47,30 @@ from keel_pdp.ledger.periods import (
     check_period,
     next_period,
 )
+from keel_pdp.ledger.rows import BUDGET_COLUMNS as _BUDGET_COLUMNS
+from keel_pdp.ledger.rows import ENTRY_COLUMNS as _ENTRY_COLUMNS
+from keel_pdp.ledger.rows import budget_values as _budget_values
+from keel_pdp.ledger.rows import entry_values as _entry_values
+
+__all__ = ["LedgerStore", "StoreBroken", "StoreError", "StoreRejected", "StoreUnavailable",
+           "Transition", "Tx", "now_ms", "open_store", "sqlite_outage"]
 
 _CHUNK = 500
-_ENTRY_COLUMNS = (
-    "event_id", "seq", "kind", "permit_id", "ts_ms", "booked_at_ms", "period", "belongs_to",
-    "decision", "status", "tenant", "workload", "model", "provider", "request_id",
-    "policy_revision", "price_revision", "estimate_micros", "held_micros", "actual_micros",
-    "priced_micros", "provider_cost_micros", "amount_micros", "input_tokens",
-    "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
-    "max_output_tokens", "price_input_pico", "price_cached_input_pico",
-    "price_cache_write_pico", "price_output_pico", "reason", "degraded", "actor", "detail",
-    "caller",
-)
-_BUDGET_COLUMNS = (
-    "permit_id", "ordinal", "event_id", "budget_id", "scope", "window_kind", "window_start_ms",
-    "window_end_ms", "limit_micros", "mode", "split", "settled_micros", "held_micros", "failed",
-    "applied", "granted_micros",
-)
-
-
-class StoreUnavailable(Exception):
-    """The store could not be reached or did not accept the transaction; retry later."""
-
-
-class StoreError(Exception):
-    """The store cannot be used as it is (bad URL, schema newer than this code)."""
-
-
-class StoreBroken(StoreError):
-    """The store refused the statement itself (a SQL error, a missing table): a bug
-    or a damaged schema, not an outage. Retrying cannot help; the writer stops."""
-
-
-# SQLite primary result codes that mean "not now" (https://sqlite.org/rescode.html):
-# BUSY, LOCKED, IOERR, FULL, CANTOPEN, and PROTOCOL (a WAL lock race). Anything
-# else (ERROR: syntax, no such table; CORRUPT, NOTADB, READONLY, ...) will not
-# get better by retrying the same batch.
-_SQLITE_OUTAGES = {5: "SQLITE_BUSY", 6: "SQLITE_LOCKED", 10: "SQLITE_IOERR",
-                   13: "SQLITE_FULL", 14: "SQLITE_CANTOPEN", 15: "SQLITE_PROTOCOL"}
-
-
-def sqlite_outage(exc: BaseException) -> bool:
-    """Whether a sqlite3 error is an outage (retry later) rather than a bug."""
-    if not isinstance(exc, sqlite3.Error):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and (code & 0xFF) in _SQLITE_OUTAGES
-
-
-def _sqlite_name(exc: BaseException) -> str:
-    name = getattr(exc, "sqlite_errorname", None)
-    return f" [{name}]" if name else ""
-
-
-class StoreRejected(Exception):
-    """The store refused the data itself (a constraint or a value it cannot hold);
-    retrying the same rows cannot succeed."""
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _insert(table: str, columns: Sequence[str]) -> str:
-    # Table and column names are module constants, never input.
-    marks = ", ".join("?" for _ in columns)
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "  # noqa: S608
-            "ON CONFLICT DO NOTHING")
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """A period's move from one state to the next, with the books' summary at that moment."""
+
     period: str
     from_state: str
     to_state: str
     summary: dict[str, Any]
 
 
-class Tx:
-    """A cursor inside one transaction; SQL uses ``?`` placeholders on both dialects."""
-
-    def __init__(self, store: LedgerStore, cur: Any) -> None:
-        self._store = store
-        self._cur = cur
-
-    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self._cur.execute(self._store.sql(sql), tuple(params))
-        if self._cur.description is None:
-            return []
-        return [tuple(r) for r in self._cur.fetchall()]
-
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-        if not rows:
-            return 0
-        self._cur.executemany(self._store.sql(sql), rows)
-        return int(self._cur.rowcount or 0)
-
-    def script(self, sql: str) -> None:
-        """DDL with no parameters (PostgreSQL bodies may contain '%')."""
-        self._cur.execute(sql)
-
-    def insert_new(self, table: str, columns: Sequence[str],
-                   rows: Sequence[Sequence[Any]]) -> int:
-        """Insert rows, skipping any that conflict with a unique key; returns how many
-        were new. PostgreSQL goes through COPY into a temporary table (one round trip
-        for the rows instead of one statement each), in the order given."""
-        if not rows:
-            return 0
-        if self._store.dialect != "postgresql":
-            return self.many(_insert(table, columns), rows)
-        # Table and column names are module constants, never input.
-        cols = ", ".join(columns)
-        tmp = f"ledger_load_{table}"
-        self._cur.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {tmp} ON COMMIT DELETE ROWS AS "  # noqa: S608
-            f"SELECT {cols}, 0 AS ord FROM {table} WITH NO DATA")
-        with self._cur.copy(f"COPY {tmp} ({cols}, ord) FROM STDIN") as copy:
-            for i, row in enumerate(rows):
-                copy.write_row((*row, i))
-        self._cur.execute(
-            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {tmp} "  # noqa: S608
-            "ORDER BY ord ON CONFLICT DO NOTHING")
-        return int(self._cur.rowcount or 0)
-
-
-class LedgerStore:
-    """A connection to the ledger, reconnecting after connection-level failures."""
-
-    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
-        self.url = url
-        self.connect_timeout_s = connect_timeout_s
-        parts = urlsplit(url)
-        if parts.scheme == "sqlite":
-            if not url.startswith("sqlite:///"):
-                raise StoreError(f"store URL {url!r}: use sqlite:///relative/path or "
-                                 "sqlite:////absolute/path")
-            self.dialect = "sqlite"
-            self._path = url[len("sqlite:///"):]
-            if not self._path:
-                raise StoreError(f"store URL {url!r} names no file")
-        elif parts.scheme in ("postgresql", "postgres"):
-            self.dialect = "postgresql"
-            self._path = ""
-        else:
-            raise StoreError(f"store URL {url!r}: scheme must be sqlite:/// or postgresql://")
-        self._conn: Any = None
-
-    # ---------------------------------------------------------- connection
-    def sql(self, text: str) -> str:
-        return text.replace("?", "%s") if self.dialect == "postgresql" else text
-
-    def _connect(self) -> Any:
-        if self.dialect == "sqlite":
-            conn: Any = sqlite3.connect(self._path, isolation_level=None,
-                                   timeout=self.connect_timeout_s)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed batch survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            return conn
-        import psycopg
-
-        conn = psycopg.connect(self.url, autocommit=True,
-                               connect_timeout=max(1, int(self.connect_timeout_s)))
-        conn.execute("SET statement_timeout = 30000")
-        return conn
-
-    def connection(self) -> Any:
-        if self._conn is None:
-            try:
-                self._conn = self._connect()
-            except Exception as exc:
-                if self._unavailable(exc):
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}"
-                                           f"{_sqlite_name(exc)}") from exc
-                self._raise_broken(exc)
-                raise
-        return self._conn
-
-    def _unavailable(self, exc: BaseException) -> bool:
-        if self.dialect == "sqlite":
-            return sqlite_outage(exc)
-        import psycopg
-
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-
-    def _rejected(self, exc: BaseException) -> bool:
-        if self.dialect == "sqlite":
-            return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError)
-        import psycopg
-
-        return isinstance(exc, psycopg.IntegrityError | psycopg.DataError)
-
-    def _raise_broken(self, exc: BaseException) -> None:
-        if self.dialect == "sqlite" and isinstance(exc, sqlite3.OperationalError):
-            raise StoreBroken(
-                f"the SQLite ledger {self._path} refused a statement: {exc}{_sqlite_name(exc)}. "
-                "This is not an outage (retrying cannot help): the schema is damaged or "
-                "the statement is wrong; nothing of the batch was committed") from exc
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    @contextlib.contextmanager
-    def tx(self) -> Iterator[Tx]:
-        """One transaction (SQLite: BEGIN IMMEDIATE, so writers are serialised)."""
-        conn = self.connection()
-        try:
-            if self.dialect == "sqlite":
-                cur = conn.cursor()
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Tx(self, cur)
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        cur.execute("ROLLBACK")
-                    raise
-                cur.execute("COMMIT")
-            else:
-                with conn.transaction(), conn.cursor() as cur:
-                    yield Tx(self, cur)
-        except Exception as exc:
-            if self._unavailable(exc):
-                self.close()
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}"
-                                       f"{_sqlite_name(exc)}") from exc
-            if self._rejected(exc):
-                raise StoreRejected(f"{type(exc).__name__}: {exc}") from exc
-            self._raise_broken(exc)
-            raise
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self.tx() as tx:
-            return tx.run(sql, params)
-
-    def ping(self) -> bool:
-        try:
-            self.query("SELECT 1")
-            return True
-        except StoreUnavailable:
-            return False
+class LedgerStore(LedgerConnection):
+    """The ledger: migrations, idempotent booking of stream events, imported usage
+    and manual adjustments, and period states (open -> closing -> closed)."""
 
     # ---------------------------------------------------------- migrations
     def migrate(self) -> list[int]:
@@ -501,34 +292,6 @@ class LedgerStore:
         return {"entries": int(booked[0]), "max_entry_id": int(booked[1]),
                 "booked_micros": int(booked[2]), "adjustments_in_micros": int(booked[3]),
                 "open_permits": int(opened[0]), "open_accrual_micros": int(opened[1])}
-
-
-def _text(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; the raw event keeps the original.
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
-def _entry_values(r: EntryRow, dims: Dims, period: str, at: int) -> tuple[Any, ...]:
-    price = r.price_pico or (None, None, None, None)
-    return (
-        r.event_id, r.seq, r.kind, _text(r.permit_id), r.ts_ms, at, period, r.belongs_to,
-        r.decision, _text(r.status), _text(dims.tenant), _text(dims.workload),
-        _text(dims.model), _text(dims.provider), _text(r.request_id),
-        _text(r.policy_revision), _text(r.price_revision), r.estimate_micros, r.held_micros,
-        r.actual_micros, r.priced_micros, r.provider_cost_micros, r.amount_micros,
-        r.input_tokens, r.cached_input_tokens, r.cache_write_tokens, r.output_tokens,
-        r.reasoning_tokens, r.max_output_tokens, price[0], price[1], price[2], price[3],
-        _text(r.reason), 1 if r.degraded else 0, "",
-        json.dumps(r.detail, separators=(",", ":"), sort_keys=True, default=str),
-        _text(r.caller),
-    )
-
-
-def _budget_values(b: BudgetRow) -> tuple[Any, ...]:
-    return (b.permit_id, b.ordinal, b.event_id, b.budget_id, b.scope, b.window_kind,
-            b.window_start_ms, b.window_end_ms, b.limit_micros, b.mode, b.split,
-            b.settled_micros, b.held_micros, 1 if b.failed else 0, 1 if b.applied else 0,
-            b.granted_micros)
 
 
 def open_store(url: str, *, migrate: bool = True) -> LedgerStore:
