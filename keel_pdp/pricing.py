@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from keel_pdp.errors import PriceError as PriceError
+from keel_pdp.money import format_usd as format_usd
 
 PICO_PER_MICRO = 1_000_000
 # Guards that keep every intermediate product below 2**53, so the Lua scripts
@@ -44,17 +45,6 @@ def parse_price(text: str) -> int:
 def format_pico_price(pico: int) -> str:
     """Integer pico-USD per token -> USD per million tokens as a decimal string."""
     return str((Decimal(pico) / PICO_PER_MICRO).normalize())
-
-
-def format_usd(micros: int) -> str:
-    """Integer micro-USD -> "$1,234.50" for people: cents when exact, else all six digits.
-
-    Decimal, never float: a message quotes the same amount the ledger books.
-    """
-    value = Decimal(micros).scaleb(-6)
-    if value == value.quantize(Decimal("0.01")):
-        return f"${value:,.2f}"
-    return f"${value:,.6f}"
 
 
 def ceil_div(num: int, den: int) -> int:

@@ -17,10 +17,11 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import redis
+
+from keel_pdp.money import usd_plain
 
 STREAM = "keel:{pdp}:events"
 
@@ -108,8 +109,8 @@ def _booked(r: redis.Redis, permit_id: str, timeout_s: float = 5.0) -> dict[str,
 
 
 def _usd(micros: int) -> str:
-    # Always six digits, so the narration lines up; Decimal, never float.
-    return f"${Decimal(micros).scaleb(-6):.6f}"
+    # Always six digits, so the narration lines up.
+    return "$" + usd_plain(micros)
 
 
 def narrate(envoy: str, mock: str, r: redis.Redis) -> int:

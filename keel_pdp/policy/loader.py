@@ -12,12 +12,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from keel_pdp.money import MAX_MICROS, parse_usd
 from keel_pdp.policy.callers import CallerIndex, CompiledBinding, pattern_problem
 from keel_pdp.policy.model import (
     BudgetsDoc,
@@ -91,18 +91,7 @@ def content_hash(directory: pathlib.Path) -> str:
 
 
 def _usd_to_micros(text: str) -> int:
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise ValueError(f"{text!r} is not a decimal amount") from exc
-    if not value.is_finite() or value < 0:
-        raise ValueError(f"{text!r} must be a finite, non-negative amount")
-    micros = value * 1_000_000
-    if micros != micros.to_integral_value():
-        raise ValueError(f"{text!r} has more than 6 fractional digits")
-    if micros > 10**15:
-        raise ValueError(f"{text!r} exceeds the supported maximum of 1,000,000,000 USD")
-    return int(micros)
+    return parse_usd(text, non_negative=True, max_micros=MAX_MICROS)
 
 
 _UNION_TAG = re.compile(r"^(?:[A-Z]\w*|list\[.*\]|dict\[.*\])$")
