@@ -1,7 +1,9 @@
 """Every Prometheus metric of the sidecar, defined in one place.
 
 Label values come from small closed sets (decision, reason code, RPC method,
-script name, outcome): never a tenant, workload or permit id.
+status code, script name, outcome, flag): never a tenant, workload, identity or
+permit id. The one open set, budget ids on the budget gauges, is capped to the
+busiest 200 budgets.
 """
 
 from __future__ import annotations

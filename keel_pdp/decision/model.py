@@ -64,6 +64,8 @@ INFORMATIONAL = frozenset({
 
 @dataclass(slots=True)
 class AuthorizeInput:
+    """An Authorize request as the decision reads it (validated by ``validate``)."""
+
     request_id: str
     tenant: str
     workload: str
@@ -76,6 +78,10 @@ class AuthorizeInput:
 
 @dataclass(slots=True)
 class Reason:
+    """Why an answer is what it is: a stable code, words for people, and the figures
+    behind it (the budget, its window, limit, settled, held, requested, the
+    exception path to ask for)."""
+
     code: Code
     message: str
     budget_id: str = ""
@@ -107,6 +113,8 @@ def _reason_items(r: Reason) -> list[tuple[str, object]]:
 
 @dataclass(slots=True)
 class HoldFigure:
+    """One budget window as a decision saw it: limit, settled and held after it."""
+
     budget_id: str
     scope: str
     window: str
@@ -148,6 +156,10 @@ class Candidate:
 
 @dataclass(slots=True)
 class Plan:
+    """What one request must check and hold: its candidates (the model asked for,
+    then cheaper ones of the downgrade chain) with their exact costs, and the budget
+    windows each needs. Built by ``plan``; consumed by the engine and ``conclude``."""
+
     permit_id: str
     request: AuthorizeInput
     snapshot: PolicySnapshot
@@ -175,6 +187,9 @@ class Plan:
 
 @dataclass(slots=True)
 class Outcome:
+    """The answer to one Authorize: decision, permit, constraints, reasons and the
+    holds it made, as the transports return it and the metrics count it."""
+
     decision: DecisionKind
     permit_id: str
     policy_revision: str
