@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -109,11 +110,33 @@ def expected_cost(model: str, u: TokenUsage) -> int:
     raise AssertionError("policies/ has no PriceTable")
 
 
+# Paths the runtime itself provides (buildah run writes these for the process).
+RUNTIME_PATHS = ("tmp", "var/tmp", "run", "proc", "sys", "dev", "etc/hosts", "etc/resolv.conf",
+                 "etc/hostname")
+
+
+def written_since(root: pathlib.Path, since: float) -> list[str]:
+    out = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(RUNTIME_PATHS):
+            continue
+        try:
+            if path.lstat().st_mtime > since and not path.is_dir():
+                out.append(rel)
+        except OSError:
+            continue
+    return sorted(out)
+
+
 def test_sidecar_from_the_image_serves_authorize_and_closeout(
         image: str, redis_url: str, tmp_path: pathlib.Path) -> None:
     assert BUILDAH is not None
     ctr = subprocess.run([BUILDAH, "from", "--quiet", image], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
+    root = pathlib.Path(subprocess.run([BUILDAH, "mount", ctr], capture_output=True, text=True,
+                                       timeout=60, check=True).stdout.strip())
+    started = time.time() - 1
     port = free_port()
     log = (tmp_path / "sidecar.log").open("wb")
     proc = subprocess.Popen(
@@ -145,6 +168,9 @@ def test_sidecar_from_the_image_serves_authorize_and_closeout(
         (ev,) = events(r, p.permit_id, "settlement")
         assert ev["res"]["act"] == want
         r.close()
+        # Read-only root filesystem friendly: serving wrote nothing into the image's
+        # filesystem (byte code was compiled at build time; /tmp is a volume in k8s).
+        assert written_since(root, started) == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -154,4 +180,5 @@ def test_sidecar_from_the_image_serves_authorize_and_closeout(
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         log.close()
+        subprocess.run([BUILDAH, "umount", ctr], capture_output=True, timeout=60)
         subprocess.run([BUILDAH, "rm", ctr], capture_output=True, timeout=120)
