@@ -72,6 +72,11 @@ def permit_issued_ms(permit_id: str) -> int | None:
     return int(m.group(1), 16) if m else None
 
 
+def pid_bound(ms: int) -> str:
+    """The smallest permit id issued at ``ms`` (permit ids sort by issue time)."""
+    return f"pmt_{ms:012x}"
+
+
 def iso_utc(ms: int) -> str:
     """FOCUS date/time format: YYYY-MM-DDTHH:mm:ssZ (UTC)."""
     return to_datetime(ms).strftime("%Y-%m-%dT%H:%M:%SZ")
