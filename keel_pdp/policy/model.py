@@ -2,12 +2,15 @@
 
 A bundle is a directory of YAML files. Each file holds one document with
 ``apiVersion: keel.pdp/v1`` and a ``kind``: exactly one ``Bundle`` (revision and
-settings), any number of ``PriceTable``, ``Budgets``, ``Routes`` and ``Callers``
-(which identities may name which tenants and workloads: ``keel_pdp.policy.callers``).
+settings), any number of ``PriceTable``, ``Budgets``, ``Routes``, ``Callers``
+(which identities may name which tenants and workloads: ``keel_pdp.policy.callers``)
+and ``Deployments`` (which priced model a provider deployment serves:
+``keel_pdp.policy.deployments``).
 """
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from typing import Annotated, Literal
 
@@ -229,3 +232,36 @@ class CallersDoc(_Strict):
     apiVersion: Literal["keel.pdp/v1"]
     kind: Literal["Callers"]
     bindings: list[CallerBinding]
+
+
+_DEPLOYMENT_NAME = re.compile(r"^[^/?#\s]{1,256}$")
+
+
+class Deployment(_Strict):
+    # As it appears in the request path: one path segment.
+    name: str
+    # The price table's model name under the document's provider.
+    model: ScopeValue
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _one_segment(cls, name: str) -> str:
+        if not _DEPLOYMENT_NAME.match(name):
+            raise ValueError(f"deployment name {name[:80]!r} must be one path segment: 1 to "
+                             "256 characters, no '/', '?', '#' or whitespace")
+        return name
+
+
+class DeploymentsDoc(_Strict):
+    """Deployment -> model for a provider whose request paths name a deployment
+    instead of a model (Azure OpenAI: ``/openai/deployments/{name}/...``).
+
+    A list rather than a mapping so that a name given twice is an error, not
+    silently the last one (YAML mappings keep the last duplicate key).
+    """
+
+    apiVersion: Literal["keel.pdp/v1"]
+    kind: Literal["Deployments"]
+    provider: Ident = "azure"
+    deployments: list[Deployment]

@@ -134,6 +134,8 @@ class PolicySnapshot:
     callers: CallerIndex | None = None
     # Not errors, but worth a look (a binding naming a tenant no budget knows).
     warnings: tuple[str, ...] = ()
+    # kind: Deployments: (provider, deployment name) -> the priced model it serves.
+    deployments: dict[tuple[str, str], str] = field(default_factory=dict)
     _budget_index: dict[tuple[str, str, str, str], tuple[CompiledBudget, ...]] = field(
         default_factory=dict, repr=False
     )
@@ -228,6 +230,10 @@ class PolicySnapshot:
             if mp.effective_from_ms <= at_ms:
                 chosen = mp
         return chosen
+
+    def deployment_model(self, provider: str, deployment: str) -> str | None:
+        """The model a provider's deployment serves, when the bundle maps it."""
+        return self.deployments.get((provider, deployment))
 
     def budget(self, budget_id: str) -> CompiledBudget | None:
         for b in self.budgets:
