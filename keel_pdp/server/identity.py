@@ -23,15 +23,14 @@ otherwise the proxy's own identity is the caller.
 
 Everything happens in a gRPC server interceptor, so the servicers are
 untouched and open mode costs nothing (the interceptor is not installed).
+This module is that interceptor and its wiring; reading the identity is
+``keel_pdp.server.peers`` and judging it ``keel_pdp.server.caller_guard`` (both
+re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -44,216 +43,33 @@ from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.server.caller_guard import (
+    MODES,
+    OWNER_CACHE_SIZE,
+    OWNER_LOOKUP_TIMEOUT_S,
+    CallerGuard,
+    Refusal,
+)
+from keel_pdp.server.peers import (
+    TOKEN_RECHECK_S,
+    CallerTokens,
+    bearer_token,
+    cert_identity,
+    peer_names,
+    token_matches,
+)
 from keel_pdp.settings import ServeSettings
+
+__all__ = ["ADMIN", "AUTHZ_CHECK", "EXT_PROC", "MODES", "OWNER_CACHE_SIZE",
+           "OWNER_LOOKUP_TIMEOUT_S", "TOKEN_RECHECK_S", "CallerGuard", "CallerInterceptor",
+           "CallerTokens", "Refusal", "admin_binding", "bearer_token", "caller_interceptors",
+           "cert_identity", "envoy_refusal", "peer_names", "token_matches"]
 
 log = logging.getLogger("keel_pdp.identity")
 
-MODES = ("open", "enforce", "observe")
-OWNER_CACHE_SIZE = 100_000
-OWNER_LOOKUP_TIMEOUT_S = 0.25
-TOKEN_RECHECK_S = 1.0
 _PDP = "/keel.pdp.v1.PolicyDecisionPoint/"
 AUTHZ_CHECK = "/envoy.service.auth.v3.Authorization/Check"
 EXT_PROC = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-
-
-# ------------------------------------------------------------ who is calling
-def _auth(context: Any) -> dict[str, list[bytes]]:
-    auth = context.auth_context() if context is not None else None
-    return auth or {}
-
-
-def peer_names(context: Any) -> list[str]:
-    """Every name the client certificate carries (CN and SANs); [] without one."""
-    auth = _auth(context)
-    return [v.decode(errors="replace") for k in ("x509_common_name",
-                                                 "x509_subject_alternative_name")
-            for v in auth.get(k, [])]
-
-
-def cert_identity(context: Any) -> str:
-    """The client certificate's SPIFFE ID, or its subject CN when it has no
-    SPIFFE URI SAN; '' without a certificate or with an ambiguous one (several
-    SPIFFE IDs, which gRPC then does not vouch for)."""
-    auth = _auth(context)
-    spiffe = auth.get("peer_spiffe_id")
-    if spiffe:
-        return spiffe[0].decode(errors="replace")
-    if any(u.startswith(b"spiffe://") for u in auth.get("peer_uri", [])):
-        return ""
-    cn = auth.get("x509_common_name")
-    return cn[0].decode(errors="replace") if cn else ""
-
-
-def bearer_token(context: Any) -> str:
-    """The ``authorization: Bearer <token>`` the call carries ('' if none)."""
-    for key, value in (context.invocation_metadata() if context is not None else None) or ():
-        if key == "authorization" and isinstance(value, str):
-            return value.removeprefix("Bearer ").strip()
-    return ""
-
-
-def token_matches(presented: str, expected: str) -> bool:
-    """Constant-time comparison of a presented token with the expected one."""
-    return hmac.compare_digest(presented.encode(), expected.encode())
-
-
-class CallerTokens:
-    """Bearer tokens mapped to identities: a file of ``<identity> <token>``
-    lines (``#`` comments), re-read when its content changes (checked at most
-    once a second), so a rotated Secret takes effect without a restart.
-    Tokens are kept as SHA-256 digests and compared in constant time."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._digest = b""
-        self._by_hash: dict[bytes, str] = {}
-        self._checked = 0.0
-        self.load()
-
-    def load(self) -> None:
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            if not self._by_hash:
-                raise ValueError(f"cannot read caller tokens file {self.path}: {exc}") from exc
-            log.error("keeping the caller tokens read before: %s", exc)
-            return
-        digest = hashlib.sha256(data).digest()
-        if digest == self._digest:
-            return
-        table: dict[bytes, str] = {}
-        for n, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 2 or len(parts[1]) < 16:
-                raise ValueError(f"{self.path}:{n}: expected '<identity> <token>' with a token "
-                                 "of at least 16 characters")
-            table[hashlib.sha256(parts[1].encode()).digest()] = parts[0]
-        self._by_hash, self._digest = table, digest
-        log.info("caller tokens: %d identities from %s", len(table), self.path)
-
-    def identity(self, token: str) -> str:
-        now = time.monotonic()
-        if now - self._checked >= TOKEN_RECHECK_S:
-            self._checked = now
-            try:
-                self.load()
-            except ValueError as exc:
-                log.error("caller tokens file rejected, keeping the previous one: %s", exc)
-        if not token:
-            return ""
-        h = hashlib.sha256(token.encode()).digest()
-        found = self._by_hash.get(h, "")
-        if found:
-            # The look-up keyed on a digest; confirm it in constant time as well.
-            for known, who in self._by_hash.items():
-                if who == found and hmac.compare_digest(known, h):
-                    return who
-        return ""
-
-
-# ---------------------------------------------------------------- decisions
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    code: grpc.StatusCode
-    reason: str  # metric label: no_identity | not_bound | rpc | scope | permit_owner
-    message: str
-    lacks: str = ""  # the missing binding, in words
-
-
-class CallerGuard:
-    """Judges calls against the serving bundle's Callers bindings."""
-
-    def __init__(self, mode: str, policies: PolicyHolder, metrics: Metrics,
-                 store: BudgetStore | None = None, tokens: CallerTokens | None = None,
-                 owner_cache_size: int = OWNER_CACHE_SIZE) -> None:
-        if mode not in MODES:
-            raise ValueError(f"caller auth mode {mode!r} is not one of {', '.join(MODES)}")
-        self.mode = mode
-        self.enforce = mode == "enforce"
-        self.policies = policies
-        self.metrics = metrics
-        self.store = store
-        self.tokens = tokens
-        # permit id -> "tenant\x1fworkload", for permits this process issued.
-        self._owners: OrderedDict[str, str] = OrderedDict()
-        self._owner_cache_size = owner_cache_size
-
-    def identify(self, context: Any) -> str:
-        who = cert_identity(context)
-        if not who and self.tokens is not None:
-            who = self.tokens.identity(bearer_token(context))
-        return who[:caller.MAX_CALLER_CHARS]
-
-    def judge(self, rpc: str, identity: str, tenant: str = "", workload: str = ""
-              ) -> Refusal | None:
-        if not identity:
-            return Refusal(grpc.StatusCode.UNAUTHENTICATED, "no_identity",
-                           f"{rpc}: no caller identity: present a client certificate (mutual "
-                           "TLS) or a bearer token known to this service")
-        snap = self.policies.current
-        index = snap.callers if snap is not None else None
-        if index is None:
-            return Refusal(grpc.StatusCode.PERMISSION_DENIED, "not_bound",
-                           f"{rpc}: caller {identity!r} is not allowed: the policy bundle "
-                           "has no Callers bindings")
-        grants = index.grants(identity)
-        lacks = grants.lacking(rpc, tenant, workload)
-        if not lacks:
-            return None
-        reason = ("not_bound" if not grants.bindings else
-                  "rpc" if not any(rpc in b.rpcs for b in grants.bindings) else "scope")
-        return Refusal(grpc.StatusCode.PERMISSION_DENIED, reason,
-                       f"{rpc}: caller {identity!r} may not name tenant {tenant[:128]!r} "
-                       f"workload {workload[:128]!r}: {lacks}" if tenant else
-                       f"{rpc}: caller {identity!r} is not allowed: {lacks}", lacks)
-
-    def has_rpc(self, identity: str, rpc: str) -> bool:
-        """Whether any binding of ``identity`` grants ``rpc`` (for some tenant)."""
-        snap = self.policies.current
-        index = snap.callers if snap is not None else None
-        return bool(identity) and index is not None and any(
-            rpc in b.rpcs for b in index.grants(identity).bindings)
-
-    def count(self, rpc: str, refusal: Refusal) -> None:
-        self.metrics.child(self.metrics.caller_refusals, rpc, refusal.reason, self.mode).inc()
-        log.warning("%s%s", "" if self.enforce else "observe mode, served anyway: ",
-                    refusal.message)
-
-    async def refuse(self, rpc: str, refusal: Refusal | None, context: Any) -> None:
-        """Count a refusal; in enforce mode end the call with it."""
-        if refusal is None:
-            return
-        self.count(rpc, refusal)
-        if self.enforce:
-            await context.abort(refusal.code, refusal.message)
-
-    # -------------------------------------------------------- permit owners
-    def remember(self, permit_id: str, tenant: str, workload: str) -> None:
-        self._owners[permit_id] = f"{tenant}\x1f{workload}"
-        if len(self._owners) > self._owner_cache_size:
-            self._owners.popitem(last=False)
-
-    async def owner(self, permit_id: str) -> tuple[str, str] | None:
-        """The permit's (tenant, workload); None when no record of it exists.
-        Raises StoreUnavailable when the permit record cannot be read."""
-        hit = self._owners.get(permit_id)
-        if hit is not None:
-            t, _, w = hit.partition("\x1f")
-            return t, w
-        if self.store is None:
-            return None
-        rec = await self.store.permit(permit_id, OWNER_LOOKUP_TIMEOUT_S)
-        if rec is None:
-            return None
-        tenant, workload = rec.meta.get("t"), rec.meta.get("w")
-        if not isinstance(tenant, str) or not isinstance(workload, str):
-            return None
-        return tenant, workload
 
 
 # ----------------------------------------------------------------- admin API
