@@ -42,6 +42,10 @@ _NON_BLOCKING = ("FALLBACK_PRICE_USED", "SHADOW_BUDGET_EXCEEDED")
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
+    """One decision-stream entry as the ledger writer read it: the stream id, the
+    event type and permit, the decoded ``data``/``res`` and their raw JSON (stored
+    verbatim, so the ledger keeps exactly what the sidecar wrote)."""
+
     event_id: str
     etype: str
     permit_id: str
@@ -63,6 +67,8 @@ class StreamEvent:
 
 @dataclass(frozen=True, slots=True)
 class Dims:
+    """Who and what an entry is charged to: the dimensions reports group by."""
+
     tenant: str = ""
     workload: str = ""
     model: str = ""
