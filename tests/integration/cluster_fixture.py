@@ -150,6 +150,15 @@ class RedisCluster:
     def node(self, port: int) -> ClusterNode:
         return next(n for n in self.nodes if n.port == port)
 
+    def wait_replicated(self, master: int, replica: int, timeout_s: float = 10.0) -> None:
+        """Until ``replica`` has processed everything ``master`` has written so far."""
+        target = int(self.admin(master).info("replication")["master_repl_offset"])
+        deadline = time.monotonic() + timeout_s
+        while int(self.admin(replica).info("replication").get("slave_repl_offset", -1)) < target:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {replica} did not catch up with {master}")
+            time.sleep(0.01)
+
     def wait_ok(self, timeout_s: float = 30.0, *, replicas: int = 3) -> None:
         """Until every live node says cluster_state:ok, agrees on the masters, and
         ``replicas`` replicas have their link to a master up."""

@@ -39,11 +39,12 @@ from keel_pdp.budget.cluster import (
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.resp import RespClient, RespConnectionError, RespError, RespNotSent, Shared
 from keel_pdp.budget.store import BudgetStore
-from keel_pdp.decision import AuthorizeInput
+from keel_pdp.decision import AuthorizeInput, Code, DecisionKind
 from keel_pdp.engine import Engine
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
+from tests.helpers import budget, write_bundle
 from tests.integration.cluster_fixture import RedisCluster, redis_cluster
 from tests.integration.conftest import ledger_bundle, stream_totals, traffic
 
@@ -494,19 +495,42 @@ async def test_the_budget_stores_scripts_run_unchanged_on_the_cluster(
 
 # ------------------------------------------------------------------ last: it changes the cluster
 async def test_a_master_killed_mid_traffic_fails_calls_within_their_timeout_then_recovers(
-        redis_cluster: RedisCluster, client: ClusterClient) -> None:
-    tag = "failover"
-    slot = key_slot(tag)
+        redis_cluster: RedisCluster, client: ClusterClient, tmp_path: pathlib.Path) -> None:
+    # The victim is the master of Keel's own slot: raw script calls and real
+    # Authorize calls (one fail-open tenant, one fail-closed) run through the kill.
+    keys = KeySpace("t")
+    slot = key_slot(keys.stream)
     victim = redis_cluster.owner(slot)
     heir = redis_cluster.replica_of(victim)
     incr = client.script(INCR)
-    key = f"fo:{{{tag}}}"
+    key = "fo:{pdp}"
     timeout = 0.2
+    bundle = write_bundle(tmp_path / "b", [
+        budget("open-org", "1000", fail_mode="open"),
+        budget("closed-team", "100", fail_mode="closed", scope={"tenant": "strict"})])
+    holder = PolicyHolder(bundle)
+    holder.set(load_bundle(bundle))
+    engine = Engine(holder, BudgetStore(None, keys, timeout, transport=client), Metrics())
+    n = 0
+
+    async def authorize(tenant: str) -> tuple[float, Any]:
+        nonlocal n
+        n += 1
+        started = time.monotonic()
+        out = await engine.authorize(AuthorizeInput(
+            f"fo-{n}", tenant, "chat", "gpt-4o-mini", "openai", 100, 20), deadline_s=timeout)
+        return time.monotonic() - started, out
+
+    for tenant in ("acme", "strict"):
+        assert (await authorize(tenant))[1].decision is DecisionKind.ALLOW
     assert await client.eval_script(incr, [key], [1], timeout_s=1) == 1
-    # The replica has everything written so far.
-    redis_cluster.cmd(victim, "WAIT", 1, 2000)
+    # The replica has everything written so far. (Not WAIT from another
+    # connection: WAIT covers only its own connection's writes. Without this, a
+    # write the master acknowledged but had not replicated is lost with it: seen.)
+    redis_cluster.wait_replicated(victim, heir)
     ok = 1
     failures: list[tuple[float, BaseException]] = []
+    answers: list[tuple[str, float, Any]] = []
     redis_cluster.node(victim).kill()
     killed = time.monotonic()
     recovered_after: float | None = None
@@ -522,19 +546,35 @@ async def test_a_master_killed_mid_traffic_fails_calls_within_their_timeout_then
         except Exception as exc:
             failures.append((time.monotonic() - started, exc))
             assert recovered_after is None, f"failed again after recovering: {exc!r}"
+        if recovered_after is None:
+            for tenant in ("acme", "strict"):
+                answers.append((tenant, *await authorize(tenant)))
         await asyncio.sleep(0.01)
     assert recovered_after is not None, f"never recovered: {failures[-3:]}"
     assert failures, "the kill was not noticed"
     wrong = [e for _, e in failures if not isinstance(e, STORE_FAILURES)]
     assert wrong == []
     slowest = max(d for d, _ in failures)
+    slowest_answer = max(d for _, d, _ in answers)
     kinds = Counter(type(e).__name__ for _, e in failures)
+    unavailable = Counter((t, o.decision.name) for t, _, o in answers
+                          if any(r.code is Code.STORE_UNAVAILABLE for r in o.reasons))
     print(f"failover: {len(failures)} calls failed ({dict(kinds)}), slowest "
           f"{slowest * 1000:.0f} ms of {timeout * 1000:.0f}; first success "
-          f"{recovered_after:.2f} s after the kill; client {client.redirects}")
+          f"{recovered_after:.2f} s after the kill; client {client.redirects}; "
+          f"Authorize answers {len(answers)}, slowest {slowest_answer * 1000:.0f} ms, "
+          f"store unavailable: {dict(unavailable)}")
     assert slowest < timeout + 0.1, slowest  # inside the call's timeout (+ event-loop slack)
+    # Every Authorize during the failover was answered inside its deadline, by
+    # each budget's fail mode: the fail-open tenant admitted, the fail-closed one not.
+    assert slowest_answer < timeout + 0.1, slowest_answer
+    assert unavailable[("acme", "ALLOW")] > 0 and unavailable[("strict", "DENY")] > 0
+    assert set(unavailable) <= {("acme", "ALLOW"), ("strict", "DENY")}
     redis_cluster.wait_ok(replicas=2)
     assert redis_cluster.owner(slot) == heir
-    assert client.owner_of(f"{{{tag}}}") == ("127.0.0.1", heir)
+    assert client.owner_of(keys.stream) == ("127.0.0.1", heir)
     # Written before the kill and replicated (WAIT), plus everything after: all there.
     assert int(redis_cluster.admin(heir).get(key) or 0) == ok
+    for tenant in ("acme", "strict"):
+        _, out = await authorize(tenant)
+        assert out.decision is DecisionKind.ALLOW and not out.reasons, out
