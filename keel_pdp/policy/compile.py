@@ -1,7 +1,7 @@
 """A bundle's documents, validated together and compiled into a ``PolicySnapshot``.
 
 ``compile_bundle`` runs named steps in a fixed order (documents, the Bundle,
-exception paths, prices, budgets, routes, callers); each step appends what is
+exception paths, prices, budgets, routes, callers, deployments); each step appends what is
 wrong to one problem list and compiles what it can, so a single run reports
 every problem of every file. Only a bundle with no problem at all becomes a
 snapshot: one bad file rejects the whole bundle.
@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from keel_pdp.policy.compile_budgets import compile_budgets
 from keel_pdp.policy.compile_callers import compile_callers
 from keel_pdp.policy.compile_prices import Prices, compile_prices, price_of, usd_to_micros
+from keel_pdp.policy.deployments import compile_deployments
 from keel_pdp.policy.documents import parse_documents
 from keel_pdp.policy.model import BundleDoc, BundleSettings, RouteRule, RoutesDoc
 from keel_pdp.policy.problems import PolicyError, Problem
@@ -38,6 +39,7 @@ def compile_bundle(
     budgets = compile_budgets(docs, exception_paths, problems)
     routes = compile_routes(docs, prices, problems)
     callers, warnings = compile_callers(docs, budgets, routes, problems)
+    deployments = compile_deployments(docs, prices, problems)
     if problems or bundle is None:
         raise PolicyError(problems)
     return PolicySnapshot(
@@ -52,6 +54,7 @@ def compile_bundle(
         files=tuple(n for n, _ in files),
         callers=callers,
         warnings=tuple(warnings),
+        deployments=deployments,
     )
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from keel_pdp.policy.model import DeploymentsDoc
+from keel_pdp.policy.problems import Problem
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from keel_pdp.policy.loader import Problem
     from keel_pdp.policy.snapshot import ModelPrice
 
 
@@ -26,8 +26,6 @@ def compile_deployments(
 ) -> dict[tuple[str, str], str]:
     """(provider, deployment) -> model; appends a Problem for a deployment named
     twice (in any file) or mapped to a model the price tables do not list."""
-    from keel_pdp.policy.loader import Problem
-
     out: dict[tuple[str, str], str] = {}
     first: dict[tuple[str, str], str] = {}
     for name, doc in docs:

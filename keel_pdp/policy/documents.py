@@ -19,6 +19,7 @@ from keel_pdp.policy.model import (
     BudgetsDoc,
     BundleDoc,
     CallersDoc,
+    DeploymentsDoc,
     PriceTableDoc,
     RoutesDoc,
 )
@@ -30,6 +31,7 @@ _KINDS: dict[str, type[BaseModel]] = {
     "Budgets": BudgetsDoc,
     "Routes": RoutesDoc,
     "Callers": CallersDoc,
+    "Deployments": DeploymentsDoc,
 }
 # libyaml's safe loader when PyYAML was built with it (ten times faster on
 # large bundles), the pure-Python one otherwise; both build plain data only.
