@@ -221,13 +221,12 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                        ((c.H_DECISION, "DENY"), ("x-keel-reason", Code.REQUEST_ID_REUSED)))
 
     def read_body(self, route: rq.Route, provider: str, headers: Mapping[str, str],
-                  raw: bytes) -> rq.LlmRequest:
+                  raw: bytes, path_model: str) -> rq.LlmRequest:
         """The request body as Authorize needs it; a body Envoy cut (flagged, shorter than
         its content-length, or as long as max_request_bytes with no content-length and
-        not a whole JSON document) is estimated from what arrived, never refused as 400."""
+        not a whole JSON document) is estimated from what arrived, never refused as 400.
+        ``path_model``: the model the path names (resolved, for an Azure deployment)."""
         api = route.api
-        path_model = self.cfg.azure_model(route.deployment) if route.deployment \
-            else route.path_model
         encoding = headers.get("content-encoding", "")
         length_text = headers.get("content-length", "")
         length = int(length_text) if length_text.isdigit() else -1
@@ -254,10 +253,13 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
         host = http.host or headers.get(":authority", "")
         ext = attrs.context_extensions
         named_provider = ext.get("keel_provider") or headers.get(cfg.provider_header, "")
-        route = rq.route_for(method, path)
-        if route is None:
+        # The serving snapshot, read once per check: a reloaded bundle's
+        # deployment map applies from the next call on.
+        resolved = cfg.resolve(method, path, host, named_provider, self.engine.policies.current)
+        if resolved is None:
             return self._unmetered(method, host, path, named_provider)
-        api, default_provider = route.api, route.provider
+        route, provider = resolved.route, resolved.provider
+        api = route.api
         tenant = ext.get("keel_tenant") or headers.get(cfg.tenant_header, "")
         workload = ext.get("keel_workload") or headers.get(cfg.workload_header, "")
         refused = envoy_refusal(check, tenant, workload)  # caller bindings (enforce mode)
@@ -269,10 +271,8 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             for name, value in ((cfg.tenant_header, tenant), (cfg.workload_header, workload)):
                 if not value:
                     raise rq.BadRequest(f"header {name} is required: it names who pays")
-            provider = rq.provider_for(default_provider, host, named_provider,
-                                       cfg.provider_hosts)
             raw = http.raw_body or http.body.encode("utf-8", "surrogatepass")
-            llm = self.read_body(route, provider, headers, raw)
+            llm = self.read_body(route, provider, headers, raw, resolved.model)
             rid = rq.request_id(headers.get(cfg.request_id_header, ""), http.id,
                                 (tenant.encode(), http.path.encode(), raw,
                                  attrs.request.time.SerializeToString()))

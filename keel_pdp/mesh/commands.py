@@ -34,33 +34,42 @@ def _envoy_config(ns: argparse.Namespace) -> int:
 def _route(ns: argparse.Namespace) -> int:
     """Which API, provider and model a provider call resolves to, and its price."""
     from keel_pdp.mesh.config import MeshConfig
-    from keel_pdp.mesh.request import CAP_FIELDS, provider_for, route_for
+    from keel_pdp.mesh.request import CAP_FIELDS
 
     cfg = MeshConfig.from_env()
-    route = route_for(ns.method, ns.path)
+    snap = None
+    if ns.policies:
+        from keel_pdp.policy.loader import PolicyError, load_bundle
+
+        try:
+            snap = load_bundle(ns.policies)
+        except PolicyError as exc:
+            print(f"error: {ns.policies}: {exc}", file=sys.stderr)
+            return 1
     host = ns.host or ""
-    if route is None:
+    res = cfg.resolve(ns.method, ns.path, host, ns.provider, snap)
+    if res is None:
         listed = cfg.listed_unmetered(host, ns.path)
         verdict = ("passed unmetered (KEEL_MESH_UNMETERED_ROUTES)" if listed else
                    "refused: 403 NOT_METERED" + (" (a provider host)"
                                                  if cfg.is_provider_host(host) else ""))
         print(f"{ns.method} {host}{ns.path.split('?', 1)[0]}: not a metered API; {verdict}")
         return 0 if listed else 1
-    provider = provider_for(route.provider, host, ns.provider, cfg.provider_hosts)
-    model = cfg.azure_model(route.deployment) if route.deployment else (
-        route.path_model or ns.model or "(the body's model)")
+    route, provider = res.route, res.provider
+    model = res.model or ns.model or "(the body's model)"
+    where = ""
+    if route.deployment:
+        where = f"  (Azure deployment {route.deployment}, from {res.model_source}" + (
+            "; give --policies for the bundle's map)" if snap is None else ")")
     print(f"api:      {route.api}")
     print(f"provider: {provider}")
-    print(f"model:    {model}" + (f"  (Azure deployment {route.deployment})"
-                                   if route.deployment else ""))
+    print(f"model:    {model}{where}")
     print(f"cap:      {', '.join(CAP_FIELDS[route.api]) or '(none: input only)'}")
     print(f"stream:   {'by path' if route.stream else 'by the body'}")
-    if ns.policies and not model.startswith("("):
+    if snap is not None and not model.startswith("("):
         from decimal import Decimal
 
-        from keel_pdp.policy.loader import load_bundle
-
-        found = load_bundle(ns.policies).price_for(provider, model)
+        found = snap.price_for(provider, model)
         if found is None:
             print("price:    none: refused as UNKNOWN_MODEL_PRICE")
         else:
@@ -108,7 +117,8 @@ def register(sub: Any) -> None:
     rt.add_argument("--provider", default="", help="as x-keel-provider would name it")
     rt.add_argument("--model", default="", help="the body's model, where the path has none")
     rt.add_argument("--policies", type=pathlib.Path, default=None,
-                    help="a bundle directory: print the price the model resolves to")
+                    help="a bundle directory: resolve Azure deployments through its "
+                    "Deployments map and print the price the model resolves to")
     rt.set_defaults(func=_route)
     mp = msub.add_parser("mock-provider",
                          help="run the mock LLM provider (OpenAI, Azure, Anthropic, Gemini, "

@@ -12,6 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from keel_pdp.mesh.request import DeploymentMap, Resolved, resolve
+
 # Headers Keel sets on the request it lets through (ext_authz OK response).
 # ext_proc reads them back; a client-supplied copy is always overwritten or
 # removed, so a caller cannot point the closeout at somebody else's permit.
@@ -113,8 +115,10 @@ class MeshConfig:
     # pass untouched, counted and logged. Host "*": any host;
     # ".example.com": that domain and its subdomains.
     unmetered_routes: tuple[tuple[str, str], ...] = ()
-    # Azure OpenAI deployment -> model (the price table's name); a deployment
-    # not listed is priced as the model it is named after.
+    # Azure OpenAI deployment -> model (the price table's name): a fallback for
+    # deployments the policy bundle's kind: Deployments does not map (the
+    # bundle wins); a deployment neither lists is priced as the model it is
+    # named after.
     azure_deployments: tuple[tuple[str, str], ...] = ()
     # OpenAI-style chat streams that do not ask for usage: "strip" (Keel asks
     # for it and removes the extra final chunk before the client), "pass" (asks;
@@ -193,11 +197,12 @@ class MeshConfig:
             unseen_permit_s=_int(e, "KEEL_MESH_UNSEEN_PERMIT_S", cls.unseen_permit_s, 0, 3600),
         )
 
-    def azure_model(self, deployment: str) -> str:
-        for dep, model in self.azure_deployments:
-            if dep == deployment:
-                return model
-        return deployment
+    def resolve(self, method: str, path: str, host: str, named_provider: str,
+                bundle: DeploymentMap | None) -> Resolved | None:
+        """The call's API, provider and path-named model, as this sidecar resolves it
+        with ``bundle`` (the serving policy snapshot; None when none is loaded)."""
+        return resolve(method, path, host, named_provider, self.provider_hosts, bundle,
+                       self.azure_deployments)
 
     def is_provider_host(self, host: str) -> bool:
         """A host that serves LLM calls: a known API host or a configured provider host."""

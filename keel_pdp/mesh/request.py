@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 BYTES_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -158,6 +159,70 @@ def route_for(method: str, path: str) -> Route | None:
         if clean.endswith(suffix):
             return Route(api, provider)
     return None
+
+
+class DeploymentMap(Protocol):
+    """The policy bundle's ``kind: Deployments`` (``PolicySnapshot``)."""
+
+    def deployment_model(self, provider: str, deployment: str) -> str | None: ...
+
+
+# Where the model of a call comes from (``path_model``), in words.
+FROM_PATH = "the request path"
+FROM_BUNDLE = "the bundle's Deployments map"
+FROM_ENV = "KEEL_MESH_AZURE_DEPLOYMENTS"
+FROM_NAME = "the deployment's own name (not mapped)"
+FROM_BODY = "the body's model"
+
+
+def path_model(route: Route, provider: str, bundle: DeploymentMap | None,
+               fallback: Iterable[tuple[str, str]] = ()) -> tuple[str, str]:
+    """The model the path names, and where it came from; ("", FROM_BODY) when
+    only the body names it.
+
+    An Azure deployment resolves through the serving bundle's Deployments map
+    under ``provider`` first, then the ``fallback`` pairs (the sidecar's
+    KEEL_MESH_AZURE_DEPLOYMENTS), else to a model named after the deployment
+    (which fails closed as UNKNOWN_MODEL_PRICE when nothing prices that name).
+    """
+    if route.path_model:
+        return route.path_model, FROM_PATH
+    if not route.deployment:
+        return "", FROM_BODY
+    mapped = bundle.deployment_model(provider, route.deployment) if bundle else None
+    if mapped:
+        return mapped, FROM_BUNDLE
+    for dep, model in fallback:
+        if dep == route.deployment:
+            return model, FROM_ENV
+    return route.deployment, FROM_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A metered call's API, provider and (where the path decides it) model."""
+
+    route: Route
+    provider: str
+    model: str  # "" when the body names the model
+    model_source: str
+
+
+def resolve(method: str, path: str, host: str, named_provider: str,
+            hosts: Iterable[tuple[str, str]], bundle: DeploymentMap | None,
+            fallback: Iterable[tuple[str, str]] = ()) -> Resolved | None:
+    """What the mesh resolves a call to before reading its body (None: not metered).
+
+    ``named_provider``: the provider a context extension or header names.
+    The ext_authz check, ``keel-pdp mesh route`` and ``keel-pdp policy explain
+    --path`` all resolve through here.
+    """
+    route = route_for(method, path)
+    if route is None:
+        return None
+    provider = provider_for(route.provider, host, named_provider, hosts)
+    model, source = path_model(route, provider, bundle, fallback)
+    return Resolved(route, provider, model, source)
 
 
 def match_path(method: str, path: str) -> tuple[Api, str] | None:

@@ -117,6 +117,9 @@ def diff_snapshots(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
     from keel_pdp.policy.callers import diff_lines as caller_diff
 
     lines.extend(caller_diff(old.callers, new.callers))
+    from keel_pdp.policy.deployments import diff_lines as deployment_diff
+
+    lines.extend(deployment_diff(old.deployments, new.deployments))
     if old.settings != new.settings:
         for name in old.settings.__slots__:
             a_, b_ = getattr(old.settings, name), getattr(new.settings, name)
@@ -296,10 +299,51 @@ def explain_lines(snap: PolicySnapshot, tenant: str, workload: str, model: str,
     return out
 
 
+def route_lines(snap: PolicySnapshot, method: str, path: str, host: str,
+                named_provider: str, body_model: str) -> tuple[list[str], str, str]:
+    """What the Envoy path resolves a provider call to with this bundle (the mesh's own
+    resolution), in words, and the (provider, model) to explain; ("", "") when the call
+    is not metered or names no model."""
+    from keel_pdp.mesh.config import MeshConfig
+
+    res = MeshConfig.from_env().resolve(method, path, host, named_provider, snap)
+    where = f"{method} {host}{path.split('?', 1)[0]}"
+    if res is None:
+        return [f"Route: {where} is not an API Keel meters: the Envoy path refuses it as "
+                "NOT_METERED (unless KEEL_MESH_UNMETERED_ROUTES lists it as not LLM "
+                "traffic)."], "", ""
+    route = res.route
+    model = res.model or body_model
+    src = res.model_source if res.model else FROM_BODY_WORDS
+    dep = f" (Azure deployment {route.deployment!r})" if route.deployment else ""
+    lines = [f"Route: {where} resolves to API {route.api}, provider {res.provider}, model "
+             f"{model or '(none)'} from {src}{dep}."]
+    if not model:
+        lines.append("The body names the model on this API: give --model.")
+        return lines, "", ""
+    if route.deployment and res.model and body_model and body_model != res.model:
+        lines.append(f"The body's model {body_model!r} is ignored: the deployment decides.")
+    return lines, res.provider, model
+
+
+FROM_BODY_WORDS = "the body (--model)"
+
+
 def explain(ns: argparse.Namespace) -> int:
     snap = _load(ns.policies)
     if snap is None:
         return 1
+    if ns.path:
+        lines, provider, model = route_lines(snap, ns.method, ns.path, ns.host,
+                                             ns.provider, ns.model)
+        for line in lines:
+            print(line)
+        if not model:
+            return 1
+        for line in explain_lines(snap, ns.tenant, ns.workload, model, provider,
+                                  ns.input_tokens, ns.max_output_tokens):
+            print(line)
+        return 0
     if ns.identity:
         from keel_pdp.policy.callers import explain_lines as caller_lines
 
@@ -308,7 +352,8 @@ def explain(ns: argparse.Namespace) -> int:
         if not ns.model:
             return 0
     elif not ns.model:
-        print("error: --model is required (or --identity, to explain caller bindings)",
+        print("error: --model is required (or --path, to resolve a provider call as the "
+              "mesh does; or --identity, to explain caller bindings)",
               file=sys.stderr)
         return 2
     for line in explain_lines(snap, ns.tenant, ns.workload, ns.model, ns.provider,
@@ -336,7 +381,15 @@ def register(sub: Any) -> None:
     p.add_argument("--identity", default="",
                    help="a caller identity: which Callers bindings match (overlaps "
                         "included) and which RPCs they allow for --tenant/--workload")
-    p.add_argument("--provider", default="")
+    p.add_argument("--provider", default="",
+                   help="the provider (with --path: as x-keel-provider would name it)")
+    p.add_argument("--path", default="",
+                   help="a provider call's path as Envoy sees it, e.g. /openai/deployments/"
+                        "chat-prod/chat/completions?api-version=2024-10-21: resolve its API, "
+                        "provider and model as the mesh does (Azure deployments through the "
+                        "bundle's Deployments map), then explain that model")
+    p.add_argument("--host", default="", help="with --path: the :authority the call goes to")
+    p.add_argument("--method", default="POST", help="with --path: the HTTP method")
     p.add_argument("--input-tokens", type=int, default=1000)
     p.add_argument("--max-output-tokens", type=int, default=0)
     p.set_defaults(func=explain)
