@@ -349,3 +349,17 @@ def test_requests_the_gateway_missed_are_unexplained_not_a_cache_rate() -> None:
     assert rec.category_net(UNEXPLAINED) == 3 * (250_000 + 625_000)
     notes = {c.notes[UNEXPLAINED] for c in rec.cells_in(UNEXPLAINED)}
     assert any("provider 1,000,000 tokens vs internal 900,000" in n for n in notes)
+
+
+def test_a_line_priced_impossibly_against_its_own_tokens_is_a_unit_error() -> None:
+    from keel_pdp.reconcile.units import check_units
+
+    # 10,000 output tokens for "$80.00": $8,000 per 1M tokens, cents read as dollars.
+    bad = replace(pline(4, "output", 10_000, 80_000_000), source="usage.csv", where="row 7")
+    with pytest.raises(InputError, match=r"usage\.csv: row 7: .*8000 USD per 1M tokens.*"
+                                         r"cents read as dollars"):
+        check_units("openai", [bad], [], JAN)
+    tiny = replace(bad, cost_micros=5)  # $0.0005 per 1M tokens
+    with pytest.raises(InputError, match="dollars read as cents"):
+        check_units("openai", [tiny], [], JAN)
+    check_units("openai", [replace(bad, cost_micros=80_000)], [], JAN)  # $8 per 1M: fine
