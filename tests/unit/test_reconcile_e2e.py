@@ -69,6 +69,15 @@ def test_the_document_set_is_written_with_hashes_and_reproduced(
         stamps = sorted(row["ts"] for row in csv.DictReader(fh))
     assert stamps[0].startswith("2025-12-31T") and stamps[-1].startswith("2026-02-01T")
     assert [p.name for p in out.iterdir()] == [PERIOD]
+    # Every line item: its categories add up to its gap; tier lines stand apart.
+    with (folder / "line_items.csv").open() as fh:
+        items = list(csv.DictReader(fh))
+    cats = [k for k in items[0] if k.endswith("_micros") and k not in (
+        "provider_micros", "internal_micros", "gap_micros")]
+    assert len(cats) == 8
+    for row in items:
+        assert sum(int(row[c]) for c in cats) == int(row["gap_micros"]), row
+    assert {row["tier"] for row in items} == {"", "long_context"}
     before = (folder / "memo.md").read_bytes()
     assert main([*args, "--replace"]) == 1
     assert (folder / "memo.md").read_bytes() == before
