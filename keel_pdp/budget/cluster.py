@@ -454,11 +454,13 @@ class ClusterClient:
         asking = False
         redirects = 0
         pause = 0.001
+        last = ""
         while True:
             if failed is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"Redis Cluster did not answer in time (slot {slot})")
+                    raise TimeoutError(f"Redis Cluster did not answer in time (slot {slot})"
+                                       + (f"; last reply: {last}" if last else ""))
                 if node is None:
                     await self._refresh_within(left)
                     node = self._owner(slot)
@@ -496,6 +498,7 @@ class ClusterClient:
                         self._refresh_later()
                 elif kind in ("TRYAGAIN", "CLUSTERDOWN"):
                     self.redirects[kind] += 1
+                    last = message
                     if kind == "CLUSTERDOWN":
                         self._refresh_later()
                     await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
