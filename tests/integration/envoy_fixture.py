@@ -76,6 +76,8 @@ class MeshStack:
         self.admin_port = 0
         self._server: Any = None
         self._store: BudgetStore | None = None
+        # The sidecar's policy holder (a test reloads it to swap bundles under traffic).
+        self.holder: PolicyHolder | None = None
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -85,6 +87,7 @@ class MeshStack:
         holder = PolicyHolder(self.policies)
         holder.reload(force=True)
         assert holder.current is not None, "tests/fixtures/mesh_policies does not load"
+        self.holder = holder
         self._store = BudgetStore.from_url(self.redis_server.url, prefix=PREFIX, timeout_s=0.5)
         engine = Engine(holder, self._store, metrics)
         adders = services(engine, metrics, self.cfg)
