@@ -12,11 +12,15 @@ unknown endpoint on a provider host refused as NOT_METERED.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from keel_pdp.mesh.config import MeshConfig
 from keel_pdp.mesh.request import Api, estimate_input_tokens
@@ -42,10 +46,23 @@ VERTEX = "/v1/projects/p1/locations/us-central1/publishers/google/models/gemini-
 
 @pytest.fixture(scope="module")
 def mesh(redis_server: RedisServer) -> Iterator[MeshStack]:
+    # The bundle's Deployments map (tests/fixtures/mesh_policies/deployments.yaml)
+    # maps chat-prod and embed; the sidecar's fallback (KEEL_MESH_AZURE_DEPLOYMENTS)
+    # says otherwise for chat-prod, which the bundle must win, and alone maps
+    # legacy-chat.
     cfg = MeshConfig(unmetered_routes=(("*", "/healthz"),),
-                     azure_deployments=(("chat-prod", "gpt-4.1-mini"),
-                                        ("embed", "text-embedding-3-small")))
+                     azure_deployments=(("chat-prod", "gpt-4o-mini"),
+                                        ("legacy-chat", "gpt-4.1-mini")))
     yield from mesh_stack(redis_server, "split", cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def reload_mesh(redis_server: RedisServer,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshStack]:
+    """A stack serving a copy of the mesh bundle that a test edits and reloads."""
+    policies = tmp_path_factory.mktemp("policies")
+    shutil.copytree(MESH_POLICIES, policies, dirs_exist_ok=True)
+    yield from mesh_stack(redis_server, "split", policies=policies)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +169,98 @@ def test_azure_embeddings_and_streamed_chat(mesh: MeshStack, rdb: redis.Redis) -
     data, res = settled(rdb, reply.headers["x-keel-permit-id"])
     assert data["usage"] == {"in": 50, "cached": 0, "cw": 0, "out": 24, "rsn": 0}
     assert res["act"] == cost("azure", "gpt-4.1-mini", TokenUsage(50, 0, 0, 24, 0))
+
+
+AZURE_CHAT = "/openai/deployments/{}/chat/completions?api-version=2024-10-21"
+
+
+def bundle_deployments() -> dict[str, str]:
+    """The fixture's Azure map, read from its YAML here (not through the loader)."""
+    doc = yaml.safe_load((MESH_POLICIES / "deployments.yaml").read_text())
+    assert doc["provider"] == "azure"
+    return {d["name"]: d["model"] for d in doc["deployments"]}
+
+
+def test_azure_body_without_a_model_is_priced_through_the_bundle_map(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    model = bundle_deployments()["chat-prod"]
+    assert dict(mesh.cfg.azure_deployments)["chat-prod"] != model  # the fallback disagrees
+    raw = json.dumps({"messages": [{"role": "user", "content": "Which model am I?"}],
+                      "max_tokens": 60}).encode()
+    reply = mesh.call(AZURE_CHAT.format("chat-prod"), raw,
+                      headers={"x-mock-input-tokens": "40"})
+    assert reply.status == 200, reply.body
+    call = mesh.upstream_calls()[-1]
+    assert call["keel"]["x-keel-model"] == model
+    assert call["body_sha256"] == hashlib.sha256(raw).hexdigest()  # no model written in
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert data["usage"] == {"in": 40, "cached": 0, "cw": 0, "out": 24, "rsn": 0}
+    assert res["act"] == cost("azure", model, TokenUsage(40, 0, 0, 24, 0))
+    assert (ev := events(rdb, reply.headers["x-keel-permit-id"], "decision"))
+    assert (ev[0]["data"]["model"], ev[0]["data"]["provider"]) == (model, "azure")
+
+
+def test_azure_body_naming_another_model_is_still_priced_as_the_deployment(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    model = bundle_deployments()["chat-prod"]
+    reply = mesh.call(AZURE_CHAT.format("chat-prod"),
+                      {"model": "gpt-4.1", "messages": [{"role": "user", "content": "Hi"}],
+                       "max_tokens": 60})
+    assert reply.status == 200, reply.body
+    assert mesh.upstream_calls()[-1]["keel"]["x-keel-model"] == model
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert res["act"] == cost("azure", model, as_usage(data["usage"]))
+
+
+def test_azure_deployment_only_the_sidecar_fallback_maps(
+        mesh: MeshStack, rdb: redis.Redis) -> None:
+    assert "legacy-chat" not in bundle_deployments()
+    reply = mesh.call(AZURE_CHAT.format("legacy-chat"),
+                      {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60})
+    assert reply.status == 200, reply.body
+    assert mesh.upstream_calls()[-1]["keel"]["x-keel-model"] == "gpt-4.1-mini"
+    data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+    assert res["act"] == cost("azure", "gpt-4.1-mini", as_usage(data["usage"]))
+
+
+def test_azure_deployment_nothing_maps_or_prices_is_refused_before_the_upstream(
+        mesh: MeshStack) -> None:
+    before = len(mesh.upstream_calls())
+    reply = mesh.call(AZURE_CHAT.format("team-x-experiment"),
+                      {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60})
+    assert reply.status == 403, reply.body
+    err = reply.json()["error"]
+    assert (err["code"], err["provider"], err["model"]) == (
+        "UNKNOWN_MODEL_PRICE", "azure", "team-x-experiment")
+    assert len(mesh.upstream_calls()) == before
+
+
+def test_a_reloaded_bundle_remaps_a_deployment_and_a_bad_map_is_not_served(
+        reload_mesh: MeshStack, rdb: redis.Redis) -> None:
+    holder = reload_mesh.holder
+    assert holder is not None and holder.directory is not None
+    path = holder.directory / "deployments.yaml"
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60}
+
+    def model_of_a_call() -> str:
+        reply = reload_mesh.call(AZURE_CHAT.format("chat-prod"), body)
+        assert reply.status == 200, reply.body
+        model = str(reload_mesh.upstream_calls()[-1]["keel"]["x-keel-model"])
+        data, res = settled(rdb, reply.headers["x-keel-permit-id"])
+        assert res["act"] == cost("azure", model, as_usage(data["usage"]))
+        return model
+
+    assert model_of_a_call() == bundle_deployments()["chat-prod"]
+    doc = yaml.safe_load(path.read_text())
+    doc["deployments"][0]["model"] = "gpt-4o-mini"
+    path.write_text(yaml.safe_dump(doc))
+    assert holder.reload()
+    assert model_of_a_call() == "gpt-4o-mini"
+    doc["deployments"][0]["model"] = "gpt-5-unpriced"
+    path.write_text(yaml.safe_dump(doc))
+    assert not holder.reload()
+    assert "deployments.0.model: unknown model 'gpt-5-unpriced'" in str(holder.last_error)
+    assert model_of_a_call() == "gpt-4o-mini"  # the last good map keeps serving
 
 
 # ---------------------------------------------------------------- Gemini, Vertex
