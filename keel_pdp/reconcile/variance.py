@@ -32,6 +32,7 @@ per provider and per account, sum(categories) = provider total - internal total.
 from __future__ import annotations
 
 import gc
+import itertools
 import pathlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -584,6 +585,8 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
                 elif b.key(r, t).series not in cards:
                     note = ("no provider line for this account, model and token type "
                             "(not billed, or billed under another account or model)")
+                elif r.tokens[t] and len(set(cards[b.key(r, t).series].values())) > 1:
+                    note = _rate_change(cards[b.key(r, t).series])
                 elif r.tokens[t]:
                     note = ("same tokens at a different rate with no evidence for it "
                             "(check the price table)")
@@ -592,6 +595,17 @@ def _attribute(b: _Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
                 cell.allocate(UNEXPLAINED, diff, note)
                 if rid not in ev.requests[UNEXPLAINED]:
                     ev.requests[UNEXPLAINED].append(rid)
+
+
+def _rate_change(card: dict[date, Fraction]) -> str:
+    """A provider rate that changed during the month, which the internal card
+    did not follow: not a tier (no tier lines), so unexplained, with the dates."""
+    days = sorted(card)
+    changes = [f"{per_million(card[a])} to {per_million(card[d])} per 1M tokens on "
+               f"{d.isoformat()}" for a, d in itertools.pairwise(days)
+               if card[a] != card[d]]
+    return ("the provider's rate changed during the month (" + "; ".join(changes[:3])
+            + ") and the internal price table did not: check it")
 
 
 def _times(tokens: int, rate: Fraction) -> int:

@@ -363,3 +363,20 @@ def test_a_line_priced_impossibly_against_its_own_tokens_is_a_unit_error() -> No
     with pytest.raises(InputError, match="dollars read as cents"):
         check_units("openai", [tiny], [], JAN)
     check_units("openai", [replace(bad, cost_micros=80_000)], [], JAN)  # $8 per 1M: fine
+
+
+def test_a_mid_month_provider_rate_change_is_unexplained_with_its_date() -> None:
+    # Output at $10/M until the 10th, $8/M from the 11th; the gateway kept $10/M.
+    provider = [pline(d, "output", None, 1_000_000 if d <= 10 else 800_000)
+                for d in range(1, 21)]
+    internal = [iline(d, 12, {"output": 1_000_000}, {"output": 100_000}) for d in range(1, 21)]
+    rec = reconcile(JAN, "openai", provider, internal, MAPPING)
+    assert rec.category_net(TIER) == 0
+    assert rec.category_net(UNEXPLAINED) == -10 * 200_000
+    note = rec.cells_in(UNEXPLAINED)[0].notes[UNEXPLAINED]
+    assert "$10.00 to $8.00 per 1M tokens on 2026-01-11" in note
+    # A single day off the rate is not a rate change: it stays on its line.
+    provider[4] = pline(5, "output", None, 1_300_000)
+    rec = reconcile(JAN, "openai", provider, internal, MAPPING)
+    five = [c for c in rec.cells_in(UNEXPLAINED) if c.key.day == date(2026, 1, 5)]
+    assert [c.alloc[UNEXPLAINED] for c in five] == [300_000]
