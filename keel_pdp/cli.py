@@ -1,4 +1,11 @@
-"""The one place objects are wired together: ``keel-pdp serve | policy check``."""
+"""``keel-pdp``: the one place objects are wired together.
+
+``serve`` (the sidecar) is built here; the other commands (``policy``, ``ledger``,
+``reconcile``, ``mesh``, ``exceptions``, ...) register from their packages
+(``COMMAND_MODULES``). Building the parsers reads no environment variable: each
+command resolves its own settings when it runs (keel_pdp.settings), and a bad
+setting ends it with exit 2 and one line naming the flag and the variable.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,11 @@ from keel_pdp.settings import (
     redacted_url,
     serve_settings,
 )
+
+SERVE_DESCRIPTION = (
+    "Run the gRPC sidecar. Every flag can also be set by the environment variable its help "
+    "names; a flag wins over its variable. Durations are seconds, decimals allowed "
+    "(--store-timeout 0.025 is 25 ms).")
 
 log = logging.getLogger("keel_pdp")
 
@@ -53,7 +65,7 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     metrics = Metrics()
     holder = PolicyHolder(s.policies)
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
-                                 timeout_s=s.store_timeout_ms / 1000)
+                                 timeout_s=s.store_timeout_s)
     outbox = s.outbox_dir or None
     if outbox and worker is not None:
         outbox = f"{outbox}/worker-{worker}"  # each worker journals (and replays) its own
@@ -73,7 +85,7 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     extra: list[Any] = [add_admin(engine, s.admin_token, s.admin_identities)]
     if _available("keel_pdp.mesh"):
         # Envoy ext_authz / ext_proc on the same port (see keel_pdp/mesh).
-        extra += importlib.import_module("keel_pdp.mesh").services(engine, metrics)
+        extra += importlib.import_module("keel_pdp.mesh").services(engine, metrics, s.mesh)
     server, health, port = build_server(engine, metrics, s.listen, extra_services=extra,
                                         credentials=credentials,
                                         max_concurrent_rpcs=s.max_concurrent_rpcs,
@@ -165,32 +177,50 @@ def _run(s: ServeSettings, worker: int | None) -> int:
         return asyncio.run(serve(s, worker))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keel-pdp", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="run the gRPC sidecar")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keel-pdp", description="Keel PDP: the LLM spend sidecar (serve) and its policy, "
+        "ledger, reconciliation and exception tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_serve = sub.add_parser("serve", help="run the gRPC sidecar", description=SERVE_DESCRIPTION)
     add_serve_arguments(p_serve)
     for name in COMMAND_MODULES:
         if _available(name):
             importlib.import_module(name).register(sub)
-    ns = parser.parse_args(argv)
-    if getattr(ns, "func", None) is not None:
-        return int(ns.func(ns))
+    return parser
 
-    if ns.command == "serve":
-        try:
-            s = serve_settings(ns)
-        except SettingsError as exc:
-            parser.error(str(exc))
-        logging.basicConfig(level=s.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        if s.workers > 1:
-            from keel_pdp.workers import run_workers
 
-            return run_workers(s.workers, lambda i: _run(s, i), grace_s=s.grace_s)
-        return _run(s, None)
-    parser.error("unknown command")
+def _fail(command: str, exc: Exception) -> int:
+    print(f"keel-pdp {command}: error: {exc}", file=sys.stderr)
     return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    note = getattr(ns, "deprecated_spelling", None)
+    if note:
+        print(f"keel-pdp: note: {note}", file=sys.stderr)
+    if getattr(ns, "func", None) is not None:
+        try:
+            return int(ns.func(ns))
+        except SettingsError as exc:
+            return _fail(ns.command, exc)
+    if ns.command != "serve":
+        return _fail(ns.command, ValueError("nothing to run (see --help)"))
+
+    try:
+        s = serve_settings(ns)
+    except SettingsError as exc:
+        return _fail("serve", exc)
+    for line in s.notes:
+        print(f"keel-pdp serve: note: {line}", file=sys.stderr)
+    logging.basicConfig(level=s.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if s.workers > 1:
+        from keel_pdp.workers import run_workers
+
+        return run_workers(s.workers, lambda i: _run(s, i), grace_s=s.grace_s)
+    return _run(s, None)
 
 
 if __name__ == "__main__":

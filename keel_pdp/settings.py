@@ -1,28 +1,449 @@
-"""Runtime settings: command-line flags, each with an environment variable."""
+"""Settings of the long-running commands: flags, each with an environment variable.
+
+Each command has one settings model (``ServeSettings`` here, the ledger writer's
+in ``keel_pdp.ledger.commands``) described by a table of ``Setting`` rows: flag,
+environment variable, built-in default, kind (integer, seconds, choice, ...) and
+help. Building a parser reads nothing from the environment (every flag's
+argparse default is ``None``); the command that runs resolves its own table
+after parsing: the flag if given, else the variable, else the default. So a bad
+``KEEL_METRICS_PORT`` concerns ``serve`` only, never ``policy check``.
+
+A bad value is a ``SettingsError`` whose message names the flag and the
+variable; the CLI prints it and exits 2.
+
+Durations are seconds, decimals allowed (``--store-timeout 0.025`` is 25 ms):
+most durations were already seconds (grace, drain delay, intervals), Python's
+and gRPC's timeouts are seconds, and Prometheus reports seconds. The old
+millisecond spellings (``--store-timeout-ms``, the ledger writer's
+``--block-ms``, ...) stay accepted as deprecated aliases that print a note.
+Intervals of loops have a floor (0 would spin a core).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
+
+from keel_pdp.errors import SettingsError
+
+if TYPE_CHECKING:
+    from keel_pdp.mesh.config import MeshConfig
+
+__all__ = ["SERVE", "ServeSettings", "Setting", "SettingsError", "add_serve_arguments",
+           "add_settings", "redacted_url", "resolve", "serve_settings"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class SettingsError(ValueError):
+class Bad(ValueError):
+    """A value a kind refuses: ``template`` names it as ``{name}`` and shows ``{raw}``."""
+
+    def __init__(self, template: str) -> None:
+        super().__init__(template)
+        self.template = template
+
+
+# ------------------------------------------------------------------ kinds
+class Kind:
+    """Text in, value out; ``check`` also runs on values given in code."""
+
+    def convert(self, text: str) -> Any:
+        return text
+
+    def check(self, value: Any) -> None:
+        return None
+
+    def parse(self, text: str) -> Any:
+        value = self.convert(text)
+        self.check(value)
+        return value
+
+
+class Text(Kind):
     pass
 
 
 @dataclass(frozen=True)
+class Integer(Kind):
+    lo: int
+    hi: int
+    what: str = ""
+
+    def convert(self, text: str) -> int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise Bad("{name} {raw!r} is not an integer") from None
+
+    def check(self, value: Any) -> None:
+        if not self.lo <= value <= self.hi:
+            raise Bad(f"{{name}} must be between {self.lo} and {self.hi}{self.what}, "
+                      "not {raw}")
+
+
+class Port(Integer):
+    def __init__(self) -> None:
+        super().__init__(0, 65535)
+
+    def check(self, value: Any) -> None:
+        if not 0 <= value <= 65535:
+            raise Bad("{name} {raw} is not a port (0 disables)")
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    """A duration in seconds, decimals allowed; ``zero_off``: 0 switches the thing off."""
+
+    lo: float
+    hi: float
+    zero_off: bool = False
+
+    def convert(self, text: str) -> float:
+        try:
+            d = Decimal(text.strip())
+        except InvalidOperation:
+            raise Bad("{name} {raw!r} is not a number of seconds (decimals allowed, "
+                      "e.g. 0.025)") from None
+        if not d.is_finite():
+            raise Bad("{name} {raw!r} is not a number of seconds")
+        return float(d)
+
+    def check(self, value: Any) -> None:
+        if (self.zero_off and value == 0) or self.lo <= value <= self.hi:
+            return
+        why = " (0 disables)" if self.zero_off else (
+            " (a shorter pause would spin)" if isinstance(self, Loop) else "")
+        raise Bad(f"{{name}} must be between {_num(self.lo)} and {_num(self.hi)} "
+                  f"seconds{why}, not {{raw}}")
+
+
+class Loop(Seconds):
+    """The pause of a background loop: 0 or less would busy-loop."""
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    options: tuple[str, ...]
+    upper: bool = False
+
+    def convert(self, text: str) -> str:
+        return text.strip().upper() if self.upper else text.strip().lower()
+
+    def check(self, value: Any) -> None:
+        if value not in self.options:
+            shown = [o for o in self.options if o]
+            raise Bad(f"{{name}} {{raw!r}} must be {', '.join(shown[:-1])} or {shown[-1]}")
+
+
+class Switch(Kind):
+    def convert(self, text: str) -> bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("", "0", "false", "no", "off"):
+            return False
+        raise Bad("{name} {raw!r} is not a boolean (true/false)")
+
+
+class RedisUrl(Kind):
+    def check(self, value: Any) -> None:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise Bad("{name} {safe!r}: scheme must be redis://, rediss:// or unix://")
+
+
+class HostPort(Kind):
+    def check(self, value: Any) -> None:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise Bad("{name} {raw!r} must be HOST:PORT")
+
+
+def _num(x: float) -> str:
+    return format(Decimal(repr(x)).normalize(), "f")
+
+
+# ------------------------------------------------------------------ table
+@dataclass(frozen=True)
+class Alias:
+    """A deprecated spelling: its own flag/variable and kind, converted to the new value."""
+
+    flag: str
+    env: str
+    kind: Kind
+    to_new: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    flag: str
+    env: str
+    default: str
+    kind: Kind = field(default_factory=Text)
+    help: str = ""
+    metavar: str | None = None
+    alias: Alias | None = None
+    show_default: bool = True
+
+    def message(self, bad: Bad, raw: object, from_env: str = "") -> str:
+        shown = redacted_url(str(raw)) if isinstance(self.kind, RedisUrl) else raw
+        if from_env:
+            text = bad.template.format(name=from_env, raw=shown, safe=shown)
+            return f"{text} (flag {self.flag})"
+        text = bad.template.format(name=self.flag, raw=shown, safe=shown)
+        return f"{text} (env {self.env})"
+
+
+def ms_to_seconds(ms: Any) -> float:
+    return float(Decimal(int(ms)) / 1000)
+
+
+class _Unparsed:
+    """A flag value its kind refused; reported when the command's settings resolve."""
+
+    def __init__(self, text: str, bad: Bad) -> None:
+        self.text, self.bad = text, bad
+
+
+def _lenient(kind: Kind) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return kind.parse(text)
+        except Bad as bad:
+            return _Unparsed(text, bad)
+
+    return convert
+
+
+def add_settings(p: argparse.ArgumentParser, table: Sequence[Setting]) -> None:
+    """Add each setting's flag (and its hidden deprecated spelling) to ``p``.
+
+    Nothing is read from the environment here: defaults are ``None``."""
+    for s in table:
+        default = f", default {s.default}" if s.show_default and s.default else ""
+        text = f"{s.help} (env {s.env}{default})" if s.help else f"env {s.env}{default}"
+        if s.alias is not None:
+            text += f"; formerly {s.alias.flag}"
+        if isinstance(s.kind, Switch):
+            p.add_argument(s.flag, dest=s.name, action="store_const", const=True, default=None,
+                           help=text)
+        else:
+            p.add_argument(s.flag, dest=s.name, type=_lenient(s.kind), default=None,
+                           metavar=s.metavar, help=text)
+        if s.alias is not None:
+            p.add_argument(s.alias.flag, dest=f"{s.name}__alias", type=_lenient(s.alias.kind),
+                           default=None, help=argparse.SUPPRESS)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    values: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+def resolve(ns: argparse.Namespace, table: Sequence[Setting],
+            env: Mapping[str, str] | None = None) -> Resolved:
+    """Each setting's value: flag, deprecated flag, variable, deprecated variable, default.
+
+    Raises ``SettingsError`` naming the flag and the variable of the first bad value."""
+    e = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    for s in table:
+        given = getattr(ns, s.name, None)
+        old = getattr(ns, f"{s.name}__alias", None)
+        if given is not None and old is not None and s.alias is not None:
+            raise SettingsError(f"{s.flag} and its old spelling {s.alias.flag} are both "
+                                "given; keep " + s.flag)
+        if isinstance(given, _Unparsed):
+            raise SettingsError(s.message(given.bad, given.text))
+        if given is not None:
+            values[s.name] = given
+            continue
+        if old is not None and s.alias is not None:
+            if isinstance(old, _Unparsed):
+                raise SettingsError(_alias_message(s, s.alias.flag, old.bad, old.text))
+            values[s.name] = _checked(s, s.alias.to_new(old), s.alias.flag)
+            notes.append(f"{s.alias.flag} is deprecated: use {s.flag} "
+                         f"{_shown(values[s.name])}")
+            continue
+        raw = e.get(s.env)
+        if raw:  # set and not empty (an empty value in a manifest means unset)
+            try:
+                values[s.name] = s.kind.parse(raw)
+            except Bad as bad:
+                raise SettingsError(s.message(bad, raw, from_env=s.env)) from None
+            continue
+        raw = e.get(s.alias.env) if s.alias is not None else None
+        if s.alias is not None and raw:
+            try:
+                values[s.name] = _checked(s, s.alias.to_new(s.alias.kind.parse(raw)),
+                                          s.alias.env)
+            except Bad as bad:
+                raise SettingsError(_alias_message(s, s.alias.env, bad, raw)) from None
+            notes.append(f"{s.alias.env} is deprecated: use {s.env}="
+                         f"{_shown(values[s.name])}")
+            continue
+        values[s.name] = s.kind.parse(s.default)
+    return Resolved(values, tuple(notes))
+
+
+def _alias_message(s: Setting, old: str, bad: Bad, raw: object) -> str:
+    text = bad.template.format(name=old, raw=raw, safe=raw)
+    return f"{text} (deprecated spelling of {s.flag}, env {s.env})"
+
+
+def _checked(s: Setting, value: Any, old: str) -> Any:
+    try:
+        s.kind.check(value)
+    except Bad as bad:
+        raise SettingsError(f"{old} (deprecated spelling of {s.flag}): "
+                            + s.message(bad, _shown(value))) from None
+    return value
+
+
+def _shown(value: Any) -> str:
+    return _num(value) if isinstance(value, float) else str(value)
+
+
+# ------------------------------------------------------------------ serve
+SERVE: tuple[Setting, ...] = (
+    Setting("policies", "--policies", "KEEL_POLICIES", "policies", metavar="DIR",
+            help="policy bundle directory"),
+    Setting("redis_url", "--redis-url", "KEEL_REDIS_URL", "redis://127.0.0.1:6379/0",
+            RedisUrl(), "Redis URL: redis://, rediss:// (TLS) or unix://", "URL"),
+    Setting("listen", "--listen", "KEEL_LISTEN", DEFAULT_LISTEN, HostPort(), "gRPC address",
+            "HOST:PORT"),
+    Setting("metrics_port", "--metrics-port", "KEEL_METRICS_PORT", str(DEFAULT_METRICS_PORT),
+            Port(), "Prometheus /metrics port, 0 disables", "PORT"),
+    Setting("metrics_host", "--metrics-host", "KEEL_METRICS_HOST", "127.0.0.1",
+            help="address the metrics endpoint binds", metavar="HOST"),
+    Setting("store_timeout_s", "--store-timeout", "KEEL_STORE_TIMEOUT", "0.025",
+            Seconds(0.001, 5), "seconds each budget store call may take", "S",
+            Alias("--store-timeout-ms", "KEEL_STORE_TIMEOUT_MS", Integer(1, 5000, " ms"),
+                  ms_to_seconds)),
+    Setting("key_prefix", "--key-prefix", "KEEL_KEY_PREFIX", "keel", help="Redis key prefix",
+            metavar="P"),
+    Setting("sweep_interval_s", "--sweep-interval", "KEEL_SWEEP_INTERVAL", "1",
+            Loop(0.01, 3600), "seconds between expiry sweeps", "S"),
+    Setting("reload_interval_s", "--reload-interval", "KEEL_RELOAD_INTERVAL", "2",
+            Loop(0.01, 3600), "seconds between policy directory checks", "S"),
+    Setting("log_level", "--log-level", "KEEL_LOG_LEVEL", "INFO", Choice(LOG_LEVELS, True),
+            "DEBUG, INFO, WARNING, ERROR or CRITICAL", "LEVEL"),
+    Setting("admin_token_file", "--admin-token-file", "KEEL_ADMIN_TOKEN_FILE", "",
+            help="file holding the admin API bearer token, re-read on each call (or the "
+                 "token itself in KEEL_ADMIN_TOKEN)", metavar="FILE"),
+    Setting("tls_cert", "--tls-cert", "KEEL_TLS_CERT", "", metavar="FILE",
+            help="PEM certificate chain for the gRPC port (reloaded when it changes)"),
+    Setting("tls_key", "--tls-key", "KEEL_TLS_KEY", "", help="PEM private key",
+            metavar="FILE"),
+    Setting("tls_client_ca", "--tls-client-ca", "KEEL_TLS_CLIENT_CA", "", metavar="FILE",
+            help="PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    Setting("allow_insecure_listen", "--allow-insecure-listen", "KEEL_ALLOW_INSECURE_LISTEN",
+            "false", Switch(), "allow a plaintext listener on a non-loopback address",
+            show_default=False),
+    Setting("max_concurrent_rpcs", "--max-concurrent-rpcs", "KEEL_MAX_CONCURRENT_RPCS", "1024",
+            Integer(1, 1_000_000), "beyond this many RPCs being served (request received), "
+            "answer RESOURCE_EXHAUSTED at once; calls still waiting for their request are not "
+            "counted, health checks are never refused", "N"),
+    Setting("first_message_timeout_s", "--first-message-timeout", "KEEL_FIRST_MESSAGE_TIMEOUT",
+            "2", Seconds(0.05, 60), "seconds a call may wait between its headers and its "
+            "request message before it is ended (idle or half-sent streams)", "S"),
+    Setting("admin_identities", "--admin-identities", "KEEL_ADMIN_IDENTITIES", "",
+            help="comma-separated client certificate names (CN or SAN) allowed to call the "
+                 "admin API without a token (mutual TLS only)", metavar="A,B"),
+    Setting("outbox_dir", "--outbox-dir", "KEEL_OUTBOX_DIR", "", metavar="DIR",
+            help="journal decisions taken while Redis is unreachable in this directory, so a "
+                 "restart replays them (default: memory only)"),
+    Setting("drain_delay_s", "--drain-delay", "KEEL_DRAIN_DELAY", "1", Seconds(0, 3600),
+            "seconds to keep serving after SIGTERM while health says NOT_SERVING", "S"),
+    Setting("workers", "--workers", "KEEL_WORKERS", "1", Integer(1, 64),
+            "pre-fork N processes sharing the port (SO_REUSEPORT); worker i serves metrics on "
+            "--metrics-port + i", "N"),
+    Setting("caller_auth", "--caller-auth", "KEEL_CALLER_AUTH", "",
+            Choice(("", "open", "enforce", "observe")),
+            "caller identity checks against the bundle's Callers bindings: open (none), "
+            "enforce (refuse), observe (log and count); default open on a loopback listener, "
+            "enforce otherwise", "MODE"),
+    Setting("caller_tokens_file", "--caller-tokens-file", "KEEL_CALLER_TOKENS_FILE", "",
+            help="file of '<identity> <bearer token>' lines: callers without a client "
+                 "certificate identify with a token", metavar="FILE"),
+    Setting("grace_s", "--grace", "KEEL_GRACE", "5", Seconds(0, 3600),
+            "seconds in-flight RPCs get to finish on SIGTERM", "S"),
+    Setting("budget_metrics_interval_s", "--budget-metrics-interval",
+            "KEEL_BUDGET_METRICS_INTERVAL", "15", Loop(0.05, 3600, zero_off=True),
+            "seconds between refreshes of the per-budget utilisation gauges from the store; "
+            "0 disables", "S"),
+)
+_SERVE = {s.name: s for s in SERVE}
+
+# The mesh adapters' settings (keel_pdp.mesh.config reads and checks them):
+# flag, variable, metavar, help.
+MESH: tuple[tuple[str, str, str, str], ...] = (
+    ("--mesh-tenant-header", "KEEL_MESH_TENANT_HEADER", "NAME",
+     "header naming the tenant (default x-keel-tenant)"),
+    ("--mesh-workload-header", "KEEL_MESH_WORKLOAD_HEADER", "NAME",
+     "header naming the workload (default x-keel-workload)"),
+    ("--mesh-provider-header", "KEEL_MESH_PROVIDER_HEADER", "NAME",
+     "header naming the provider (default x-keel-provider)"),
+    ("--mesh-request-id-header", "KEEL_MESH_REQUEST_ID_HEADER", "NAME",
+     "header carrying the idempotency key (default x-request-id)"),
+    ("--mesh-pass-unmetered", "KEEL_MESH_PASS_UNMETERED", "BOOL",
+     "true: pass calls Keel cannot meter to hosts that are not LLM providers (counted, "
+     "logged); default false"),
+    ("--mesh-unmetered-routes", "KEEL_MESH_UNMETERED_ROUTES", "HOST[/PATH],...",
+     "routes explicitly not LLM traffic: passed, counted, logged"),
+    ("--mesh-azure-deployments", "KEEL_MESH_AZURE_DEPLOYMENTS", "DEPLOYMENT=MODEL,...",
+     "Azure OpenAI deployment -> price-table model"),
+    ("--mesh-resign-signed", "KEEL_MESH_RESIGN_SIGNED", "BOOL",
+     "true: Envoy re-signs SigV4 requests after Keel's filters, so Keel may rewrite Bedrock "
+     "bodies; default false"),
+    ("--mesh-stream-usage", "KEEL_MESH_STREAM_USAGE", "strip|pass|off",
+     "chat streams that do not ask for usage: ask and strip the extra chunk, ask and pass "
+     "it, or settle on the estimate; default strip"),
+    ("--mesh-provider-hosts", "KEEL_MESH_PROVIDER_HOSTS", "SUBSTRING=PROVIDER,...",
+     "host substring -> provider, replacing the built-in list"),
+    ("--mesh-max-request-bytes", "KEEL_MESH_MAX_REQUEST_BYTES", "N",
+     "Envoy's with_request_body.max_request_bytes; default 1048576"),
+    ("--mesh-max-response-bytes", "KEEL_MESH_MAX_RESPONSE_BYTES", "N",
+     "largest JSON response kept in memory to read its usage; default 33554432"),
+    ("--mesh-closeout-attempts", "KEEL_MESH_CLOSEOUT_ATTEMPTS", "N",
+     "closeout/void attempts while Redis is unreachable; default 5"),
+    ("--mesh-unseen-permit", "KEEL_MESH_UNSEEN_PERMIT_S", "S",
+     "seconds after which a permit whose call never reached ext_proc is voided, whole "
+     "seconds, 0 never; default 30"),
+)
+
+
+def _mesh_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    add_settings(p, SERVE)
+    g = p.add_argument_group("service mesh (Envoy ext_authz / ext_proc on the same port)")
+    for flag, env, metavar, text in MESH:
+        g.add_argument(flag, dest=_mesh_dest(flag), default=None, metavar=metavar,
+                       help=f"{text} (env {env})")
+
+
+@dataclass(frozen=True)
 class ServeSettings:
+    """What ``keel-pdp serve`` runs with; ``validate`` checks values given in code too."""
+
     policies: str
     redis_url: str
     listen: str
     metrics_port: int
     metrics_host: str
-    store_timeout_ms: int
+    store_timeout_s: float
     key_prefix: str
     sweep_interval_s: float
     reload_interval_s: float
@@ -43,6 +464,10 @@ class ServeSettings:
     caller_auth: str = ""
     caller_tokens_file: str = ""
     budget_metrics_interval_s: float = 15.0
+    # The mesh adapters' settings; None: read KEEL_MESH_* when the server is built.
+    mesh: MeshConfig | None = None
+    # Deprecated spellings that were used (printed once at start).
+    notes: tuple[str, ...] = ()
 
     @property
     def caller_auth_mode(self) -> str:
@@ -63,33 +488,57 @@ class ServeSettings:
         return os.environ.get("KEEL_ADMIN_TOKEN") or None
 
     def validate(self) -> ServeSettings:
-        scheme = urlsplit(self.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError(f"--redis-url {redacted_url(self.redis_url)!r}: scheme must be "
-                                "redis://, rediss:// or unix://")
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise SettingsError(f"--listen {self.listen!r} must be HOST:PORT")
-        if not 0 <= self.metrics_port < 65536:
-            raise SettingsError(f"--metrics-port {self.metrics_port} is not a port (0 disables)")
-        if not 1 <= self.store_timeout_ms <= 5000:
-            raise SettingsError("--store-timeout-ms must be between 1 and 5000")
+        for name, s in _SERVE.items():
+            value = getattr(self, name)
+            if name == "admin_identities":
+                continue
+            try:
+                s.kind.check(value)
+            except Bad as bad:
+                raise SettingsError(s.message(bad, value)) from None
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise SettingsError("--tls-cert and --tls-key go together")
+            raise SettingsError("--tls-cert and --tls-key go together (env KEEL_TLS_CERT, "
+                                "KEEL_TLS_KEY)")
         if self.tls_client_ca and not self.tls_cert:
             raise SettingsError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.admin_identities and not self.tls_client_ca:
-            raise SettingsError("--admin-identities needs mutual TLS (--tls-client-ca)")
-        if not 1 <= self.workers <= 64:
-            raise SettingsError("--workers must be between 1 and 64")
-        if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
-            raise SettingsError("--max-concurrent-rpcs must be between 1 and 1000000")
-        if not 0.05 <= self.first_message_timeout_s <= 60:
-            raise SettingsError("--first-message-timeout must be between 0.05 and 60 seconds")
-        if self.caller_auth not in ("", "open", "enforce", "observe"):
-            raise SettingsError(f"--caller-auth {self.caller_auth!r} must be open, enforce or "
-                                "observe")
+            raise SettingsError("--admin-identities (env KEEL_ADMIN_IDENTITIES) needs mutual "
+                                "TLS (--tls-client-ca)")
         return self
+
+
+def mesh_config(ns: argparse.Namespace, env: Mapping[str, str]) -> MeshConfig | None:
+    """The mesh adapters' settings: flags over ``KEEL_MESH_*``; None without the mesh."""
+    try:
+        from keel_pdp.mesh.config import MeshConfig
+    except ImportError:  # pragma: no cover - a build without the mesh package
+        return None
+    merged = {k: v for k, v in env.items() if k.startswith("KEEL_MESH_")}
+    for flag, name, _, _ in MESH:
+        given = getattr(ns, _mesh_dest(flag), None)
+        if given is not None:
+            merged[name] = given
+    try:
+        return MeshConfig.from_env(merged)
+    except ValueError as exc:
+        text = str(exc)
+        for flag, name, _, _ in MESH:
+            if name in text:
+                source = "given as " + flag if getattr(ns, _mesh_dest(flag), None) is not None \
+                    else "from env " + name
+                raise SettingsError(f"{flag} (env {name}): {text} ({source})") from None
+        raise SettingsError(f"mesh settings: {text}") from None
+
+
+def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None
+                   ) -> ServeSettings:
+    """``serve``'s settings from its parsed flags and the environment, validated."""
+    e = os.environ if env is None else env
+    r = resolve(ns, SERVE, e)
+    v = dict(r.values)
+    v["admin_identities"] = tuple(x.strip() for x in v["admin_identities"].split(",")
+                                  if x.strip())
+    return ServeSettings(**v, mesh=mesh_config(ns, e), notes=r.notes).validate()
 
 
 # Query parameters whose values are secrets (redis-py and our RESP client read
@@ -114,97 +563,3 @@ def redacted_url(url: str) -> str:
         return f"{parts.scheme}://{netloc}{parts.path}{'?' if query else ''}{query}"
     except ValueError:
         return f"{url.partition(':')[0]}://***"
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", default=_env("KEEL_POLICIES", "policies"),
-                   help="policy bundle directory (env KEEL_POLICIES, default ./policies)")
-    p.add_argument("--redis-url", default=_env("KEEL_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   help="Redis URL: redis://, rediss:// (TLS) or unix:// (env KEEL_REDIS_URL)")
-    p.add_argument("--listen", default=_env("KEEL_LISTEN", DEFAULT_LISTEN),
-                   help=f"gRPC HOST:PORT (env KEEL_LISTEN, default {DEFAULT_LISTEN})")
-    p.add_argument("--metrics-port", type=int,
-                   default=int(_env("KEEL_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
-                   help="Prometheus /metrics port, 0 disables (env KEEL_METRICS_PORT)")
-    p.add_argument("--metrics-host", default=_env("KEEL_METRICS_HOST", "127.0.0.1"),
-                   help="address the metrics endpoint binds (env KEEL_METRICS_HOST)")
-    p.add_argument("--store-timeout-ms", type=int,
-                   default=int(_env("KEEL_STORE_TIMEOUT_MS", "25")),
-                   help="budget store call timeout in ms (env KEEL_STORE_TIMEOUT_MS, default 25)")
-    p.add_argument("--key-prefix", default=_env("KEEL_KEY_PREFIX", "keel"),
-                   help="Redis key prefix (env KEEL_KEY_PREFIX)")
-    p.add_argument("--sweep-interval", type=float,
-                   default=float(_env("KEEL_SWEEP_INTERVAL", "1.0")),
-                   help="seconds between expiry sweeps (env KEEL_SWEEP_INTERVAL)")
-    p.add_argument("--reload-interval", type=float,
-                   default=float(_env("KEEL_RELOAD_INTERVAL", "2.0")),
-                   help="seconds between policy directory checks (env KEEL_RELOAD_INTERVAL)")
-    p.add_argument("--log-level", default=_env("KEEL_LOG_LEVEL", "INFO"))
-    p.add_argument("--admin-token-file", default=_env("KEEL_ADMIN_TOKEN_FILE", ""),
-                   help="file holding the admin API bearer token, re-read on each call "
-                        "(env KEEL_ADMIN_TOKEN_FILE; or the token itself in KEEL_ADMIN_TOKEN)")
-    p.add_argument("--tls-cert", default=_env("KEEL_TLS_CERT", ""),
-                   help="PEM certificate chain for the gRPC port (reloaded when it changes)")
-    p.add_argument("--tls-key", default=_env("KEEL_TLS_KEY", ""), help="PEM private key")
-    p.add_argument("--tls-client-ca", default=_env("KEEL_TLS_CLIENT_CA", ""),
-                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
-    p.add_argument("--allow-insecure-listen", action="store_true",
-                   default=_env("KEEL_ALLOW_INSECURE_LISTEN", "") in ("1", "true", "yes"),
-                   help="allow a plaintext listener on a non-loopback address")
-    p.add_argument("--max-concurrent-rpcs", type=int,
-                   default=int(_env("KEEL_MAX_CONCURRENT_RPCS", "1024")),
-                   help="beyond this many RPCs being served (request received), answer "
-                        "RESOURCE_EXHAUSTED at once; calls still waiting for their request "
-                        "are not counted, health checks are never refused")
-    p.add_argument("--first-message-timeout", type=float,
-                   default=float(_env("KEEL_FIRST_MESSAGE_TIMEOUT", "2.0")),
-                   help="seconds a call may wait between its headers and its request message "
-                        "before it is ended (idle or half-sent streams; env "
-                        "KEEL_FIRST_MESSAGE_TIMEOUT)")
-    p.add_argument("--admin-identities", default=_env("KEEL_ADMIN_IDENTITIES", ""),
-                   help="comma-separated client certificate names (CN or SAN) allowed to call "
-                        "the admin API without a token (mutual TLS only)")
-    p.add_argument("--outbox-dir", default=_env("KEEL_OUTBOX_DIR", ""),
-                   help="journal decisions taken while Redis is unreachable in this directory, "
-                        "so a restart replays them (env KEEL_OUTBOX_DIR; default: memory only)")
-    p.add_argument("--drain-delay", type=float, default=float(_env("KEEL_DRAIN_DELAY", "1.0")),
-                   help="seconds to keep serving after SIGTERM while health says NOT_SERVING")
-    p.add_argument("--workers", type=int, default=int(_env("KEEL_WORKERS", "1")),
-                   help="pre-fork N processes sharing the port (SO_REUSEPORT); worker i serves "
-                        "metrics on --metrics-port + i (env KEEL_WORKERS)")
-    p.add_argument("--caller-auth", default=_env("KEEL_CALLER_AUTH", ""),
-                   choices=("", "open", "enforce", "observe"),
-                   help="caller identity checks against the bundle's Callers bindings: open "
-                        "(none), enforce (refuse), observe (log and count); default open on a "
-                        "loopback listener, enforce otherwise (env KEEL_CALLER_AUTH)")
-    p.add_argument("--caller-tokens-file", default=_env("KEEL_CALLER_TOKENS_FILE", ""),
-                   help="file of '<identity> <bearer token>' lines: callers without a client "
-                        "certificate identify with a token (env KEEL_CALLER_TOKENS_FILE)")
-    p.add_argument("--grace", type=float, default=float(_env("KEEL_GRACE", "5.0")),
-                   help="seconds in-flight RPCs get to finish on SIGTERM")
-    p.add_argument("--budget-metrics-interval", type=float,
-                   default=float(_env("KEEL_BUDGET_METRICS_INTERVAL", "15")),
-                   help="seconds between refreshes of the per-budget utilisation gauges from "
-                        "the store; 0 disables (env KEEL_BUDGET_METRICS_INTERVAL)")
-
-
-def serve_settings(ns: argparse.Namespace) -> ServeSettings:
-    return ServeSettings(
-        policies=ns.policies, redis_url=ns.redis_url, listen=ns.listen,
-        metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
-        store_timeout_ms=ns.store_timeout_ms, key_prefix=ns.key_prefix,
-        sweep_interval_s=ns.sweep_interval, reload_interval_s=ns.reload_interval,
-        log_level=ns.log_level.upper(), grace_s=ns.grace,
-        admin_token_file=ns.admin_token_file, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
-        tls_client_ca=ns.tls_client_ca, allow_insecure_listen=ns.allow_insecure_listen,
-        max_concurrent_rpcs=ns.max_concurrent_rpcs,
-        first_message_timeout_s=ns.first_message_timeout,
-        outbox_dir=ns.outbox_dir, drain_delay_s=ns.drain_delay, workers=ns.workers,
-        caller_auth=ns.caller_auth, caller_tokens_file=ns.caller_tokens_file,
-        budget_metrics_interval_s=ns.budget_metrics_interval,
-        admin_identities=tuple(x.strip() for x in ns.admin_identities.split(",") if x.strip()),
-    ).validate()

@@ -1,4 +1,4 @@
-"""Helpers shared by the ledger's CLI commands (argument types, store opening)."""
+"""Helpers shared by the ledger's CLI commands (argument types, store opening, aliases)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,28 @@ def period_arg(text: str) -> str:
 
 
 def add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=os.environ.get("KEEL_LEDGER_STORE", ""),
+    # Read from the environment when the command runs (open_for_cli), not here.
+    p.add_argument("--store", default=None, metavar="URL",
                    help="sqlite:///path or postgresql://... (env KEEL_LEDGER_STORE)")
+
+
+def store_url(given: str | None) -> str:
+    """``--store`` if given, else ``KEEL_LEDGER_STORE`` ('' when neither)."""
+    return given if given is not None else os.environ.get("KEEL_LEDGER_STORE", "")
+
+
+def hide(sub: Any, name: str) -> None:
+    """Keep sub-command ``name`` working but out of the help listing."""
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
+
+
+def add_alias(sub: Any, name: str, register: Any, new: str) -> None:
+    """An old spelling of a command: ``register(sub)`` adds it under ``sub`` as ``name``,
+    hidden from help; running it prints a note naming ``new``."""
+    register(sub)
+    hide(sub, name)
+    sub.choices[name].set_defaults(
+        deprecated_spelling=f"this spelling is deprecated: use `{new}` (same arguments)")
 
 
 def actor() -> str:
@@ -38,7 +58,8 @@ def actor() -> str:
         return "unknown"
 
 
-def open_for_cli(url: str) -> LedgerStore:
+def open_for_cli(given: str | None) -> LedgerStore:
+    url = store_url(given)
     if not url:
         raise StoreError("--store is required (or set KEEL_LEDGER_STORE)")
     store = LedgerStore(url)

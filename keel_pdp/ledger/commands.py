@@ -1,59 +1,166 @@
-"""CLI: ``keel-pdp ledger | period | report | export | replay``.
+"""CLI: ``keel-pdp ledger [import | period | report | export | replay]``.
 
 The one place the ledger's objects are wired together (the sidecar's own
-commands live in ``keel_pdp/cli.py``, which registers these).
+commands live in ``keel_pdp/cli.py``, which registers these). ``keel-pdp
+ledger`` alone runs the writer; the top-level ``period``, ``report``, ``export``,
+``replay`` and ``policy replay`` of earlier releases are hidden aliases.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import pathlib
 import signal
 import sys
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from keel_pdp.ledger import export, replay, report
 from keel_pdp.ledger.cli_support import (
     actor,
+    add_alias,
     add_store,
     open_for_cli,
     period_arg,
-    positive_int,
     run_cli,
+    store_url,
 )
 from keel_pdp.ledger.money import parse_usd, usd
 from keel_pdp.ledger.periods import iso_utc
 from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
+from keel_pdp.settings import (
+    LOG_LEVELS,
+    Alias,
+    Choice,
+    Integer,
+    Loop,
+    Port,
+    RedisUrl,
+    Seconds,
+    Setting,
+    SettingsError,
+    Switch,
+    add_settings,
+    ms_to_seconds,
+    resolve,
+)
+
+if TYPE_CHECKING:
+    from keel_pdp.ledger.writer import WriterConfig
 
 log = logging.getLogger("keel_pdp.ledger")
 
 
+# The ledger writer's settings (keel_pdp.settings explains the table and the
+# units: durations are seconds; the old millisecond flags still work).
+WRITER: tuple[Setting, ...] = (
+    Setting("redis_url", "--redis-url", "KEEL_REDIS_URL", "redis://127.0.0.1:6379/0",
+            RedisUrl(), "Redis URL: redis://, rediss:// (TLS) or unix://", "URL"),
+    Setting("store", "--store", "KEEL_LEDGER_STORE", "", metavar="URL",
+            help="ledger store: sqlite:///path or postgresql://... (required)"),
+    Setting("key_prefix", "--key-prefix", "KEEL_KEY_PREFIX", "keel", help="Redis key prefix",
+            metavar="P"),
+    Setting("metrics_port", "--metrics-port", "KEEL_LEDGER_METRICS_PORT", "0", Port(),
+            "Prometheus port, 0 disables", "PORT"),
+    Setting("metrics_host", "--metrics-host", "KEEL_LEDGER_METRICS_HOST", "0.0.0.0",
+            help="address the metrics endpoint binds", metavar="HOST"),
+    Setting("group", "--group", "KEEL_LEDGER_GROUP", "keel-ledger",
+            help="consumer group name", metavar="NAME"),
+    Setting("consumer", "--consumer", "KEEL_LEDGER_CONSUMER", "", metavar="NAME",
+            help="consumer name (default: host name; keep it stable across restarts)"),
+    Setting("batch_size", "--batch-size", "KEEL_LEDGER_BATCH_SIZE", "500",
+            Integer(1, 100_000), "stream entries read and stored per batch", "N"),
+    Setting("block_s", "--block", "KEEL_LEDGER_BLOCK", "1", Seconds(0.001, 60),
+            "seconds one stream read waits for new entries", "S",
+            Alias("--block-ms", "KEEL_LEDGER_BLOCK_MS", Integer(1, 60_000, " ms"),
+                  ms_to_seconds)),
+    Setting("claim_idle_s", "--claim-idle", "KEEL_LEDGER_CLAIM_IDLE", "60",
+            Seconds(0.001, 86_400), "claim entries another consumer has held this many "
+            "seconds without acking", "S",
+            Alias("--claim-idle-ms", "KEEL_LEDGER_CLAIM_IDLE_MS", Integer(1, 86_400_000, " ms"),
+                  ms_to_seconds)),
+    Setting("claim_interval_s", "--claim-interval", "KEEL_LEDGER_CLAIM_INTERVAL", "10",
+            Loop(0.01, 3600), "seconds between claims of stale entries", "S",
+            Alias("--claim-interval-s", "", Seconds(-1e9, 1e9), float)),
+    Setting("trim_interval_s", "--trim-interval", "KEEL_LEDGER_TRIM_INTERVAL", "30",
+            Loop(0.01, 86_400), "seconds between stream trims", "S",
+            Alias("--trim-interval-s", "", Seconds(-1e9, 1e9), float)),
+    Setting("no_trim", "--no-trim", "KEEL_LEDGER_NO_TRIM", "false", Switch(),
+            "never trim the stream", show_default=False),
+    Setting("log_level", "--log-level", "KEEL_LOG_LEVEL", "INFO", Choice(LOG_LEVELS, True),
+            "DEBUG, INFO, WARNING, ERROR or CRITICAL", "LEVEL"),
+)
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    """What ``keel-pdp ledger`` (the writer) runs with."""
+
+    redis_url: str
+    store: str
+    key_prefix: str
+    metrics_port: int
+    metrics_host: str
+    group: str
+    consumer: str
+    batch_size: int
+    block_s: float
+    claim_idle_s: float
+    claim_interval_s: float
+    trim_interval_s: float
+    no_trim: bool
+    log_level: str
+    notes: tuple[str, ...] = ()
+
+    def config(self) -> WriterConfig:
+        from keel_pdp.ledger.writer import WriterConfig
+
+        return WriterConfig(
+            key_prefix=self.key_prefix, group=self.group, consumer=self.consumer,
+            batch_size=self.batch_size, block_ms=max(1, round(self.block_s * 1000)),
+            claim_idle_ms=max(1, round(self.claim_idle_s * 1000)),
+            claim_interval_s=self.claim_interval_s, trim=not self.no_trim,
+            trim_interval_s=self.trim_interval_s)
+
+
+def writer_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None
+                    ) -> WriterSettings:
+    r = resolve(ns, WRITER, env)
+    if not r.values["store"]:
+        raise SettingsError("--store is required (or set KEEL_LEDGER_STORE)")
+    return WriterSettings(**r.values, notes=r.notes)
+
+
+LEDGER_HELP = "the ledger: its writer (decision stream -> ledger store), periods, reports"
+LEDGER_DESCRIPTION = (
+    "Without a sub-command: run the ledger writer, which consumes the decision stream into "
+    "the ledger store. The sub-commands read and book the ledger store: import, period, "
+    "report, export, replay.")
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("ledger", help="run the ledger writer (decision stream -> ledger store)")
-    p.add_argument("--redis-url", default=os.environ.get("KEEL_REDIS_URL",
-                                                         "redis://127.0.0.1:6379/0"))
-    add_store(p)
-    p.add_argument("--key-prefix", default=os.environ.get("KEEL_KEY_PREFIX", "keel"))
-    p.add_argument("--metrics-port", type=int,
-                   default=int(os.environ.get("KEEL_LEDGER_METRICS_PORT", "0")),
-                   help="Prometheus port (0 disables)")
-    p.add_argument("--metrics-host", default="0.0.0.0")
-    p.add_argument("--group", default="keel-ledger", help="consumer group name")
-    p.add_argument("--consumer", default=os.environ.get("KEEL_LEDGER_CONSUMER", ""),
-                   help="consumer name (default: host name; keep it stable across restarts)")
-    p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--block-ms", type=positive_int, default=1000)
-    p.add_argument("--claim-idle-ms", type=positive_int, default=60_000,
-                   help="claim entries another consumer has held this long without acking")
-    p.add_argument("--claim-interval-s", type=float, default=10.0)
-    p.add_argument("--trim-interval-s", type=float, default=30.0)
-    p.add_argument("--no-trim", action="store_true", help="never trim the stream")
-    p.add_argument("--log-level", default=os.environ.get("KEEL_LOG_LEVEL", "INFO"))
+    p = sub.add_parser("ledger", help=LEDGER_HELP, description=LEDGER_DESCRIPTION)
+    add_settings(p, WRITER)
     p.set_defaults(func=cmd_ledger)
-    lsub = p.add_subparsers(dest="ledger_command", required=False)
+    lsub = p.add_subparsers(dest="ledger_command", required=False, metavar="COMMAND")
+    _register_import(lsub)
+    # The ledger's tools live under `keel-pdp ledger`; their old top-level
+    # spellings (and `policy replay`) keep working, hidden, with a note.
+    for name, reg in (("period", _register_period), ("report", report.register),
+                      ("export", export.register), ("replay", replay.register)):
+        reg(lsub)
+        add_alias(sub, name, reg, f"keel-pdp ledger {name}")
+    from keel_pdp.policy.commands import POLICY_SUBPARSERS
+
+    for psub in POLICY_SUBPARSERS:  # one per parser built in this process
+        if "replay" not in psub.choices:
+            add_alias(psub, "replay", replay.register, "keel-pdp ledger replay")
+
+
+def _register_import(lsub: Any) -> None:
     li = lsub.add_parser(
         "import", help="load an internal usage export into the ledger store (append-only "
                        "entries marked imported)",
@@ -67,6 +174,8 @@ def register(sub: Any) -> None:
                     help="time zone of timestamps written without an offset")
     li.set_defaults(func=cmd_ledger_import)
 
+
+def _register_period(sub: Any) -> None:
     pp = sub.add_parser("period", help="accounting periods: status, close, adjust")
     psub = pp.add_subparsers(dest="period_command", required=True)
     ps = psub.add_parser("status", help="state and totals of a period (or of all periods)")
@@ -94,10 +203,6 @@ def register(sub: Any) -> None:
     pa.add_argument("--key", default="", help="idempotency key (default: random)")
     pa.set_defaults(func=cmd_period_adjust)
 
-    report.register(sub)
-    export.register(sub)
-    replay.register(sub)
-
 
 # --------------------------------------------------------------------- writer
 def cmd_ledger(ns: argparse.Namespace) -> int:
@@ -105,31 +210,27 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from keel_pdp.ledger.metrics import LedgerMetrics
-    from keel_pdp.ledger.writer import Backoff, LedgerWriter, WriterConfig
+    from keel_pdp.ledger.writer import Backoff, LedgerWriter
 
-    logging.basicConfig(level=ns.log_level.upper(),
+    s = writer_settings(ns)
+    for note in s.notes:
+        print(f"keel-pdp ledger: note: {note}", file=sys.stderr)
+    logging.basicConfig(level=s.log_level,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if not ns.store:
-        print("error: --store is required (or set KEEL_LEDGER_STORE)", file=sys.stderr)
-        return 2
     try:
-        store = LedgerStore(ns.store)
+        store = LedgerStore(s.store)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = WriterConfig(
-        key_prefix=ns.key_prefix, group=ns.group, consumer=ns.consumer,
-        batch_size=ns.batch_size, block_ms=ns.block_ms, claim_idle_ms=ns.claim_idle_ms,
-        claim_interval_s=ns.claim_interval_s, trim=not ns.no_trim,
-        trim_interval_s=ns.trim_interval_s)
-    client = redis.Redis.from_url(ns.redis_url, socket_timeout=ns.block_ms / 1000 + 5,
+    config = s.config()
+    client = redis.Redis.from_url(s.redis_url, socket_timeout=s.block_s + 5,
                                   socket_connect_timeout=5)
     metrics = LedgerMetrics()
     writer = LedgerWriter(config, store, client, metrics)
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())
     signal.signal(signal.SIGINT, lambda *_: writer.stop())
-    if ns.metrics_port:
-        start_http_server(ns.metrics_port, addr=ns.metrics_host, registry=metrics.registry)
+    if s.metrics_port:
+        start_http_server(s.metrics_port, addr=s.metrics_host, registry=metrics.registry)
     # The store may not be up yet (PostgreSQL starting next to us): wait for it.
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
     while not writer.stopping.is_set():
@@ -158,11 +259,12 @@ def cmd_ledger_import(ns: argparse.Namespace) -> int:
     from keel_pdp.reconcile.errors import ReconcileError
     from keel_pdp.reconcile.ledger_import import import_file
 
-    if not ns.store:
+    url = store_url(ns.store)
+    if not url:
         print("error: --store is required (or set KEEL_LEDGER_STORE)", file=sys.stderr)
         return 2
     try:
-        total, new = import_file(ns.store, ns.file, ns.internal_tz)
+        total, new = import_file(url, ns.file, ns.internal_tz)
     except ReconcileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing was imported", file=sys.stderr)

@@ -314,15 +314,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    help_text = "re-decide a period's recorded requests under a candidate bundle"
-    _add_arguments(sub.add_parser("replay", help=help_text))
-    try:
-        from keel_pdp.policy.commands import POLICY_SUBPARSERS
-    except ImportError:
-        return
-    for psub in POLICY_SUBPARSERS:
-        if "replay" not in psub.choices:
-            _add_arguments(psub.add_parser("replay", help=help_text))
+    """``replay`` under ``sub`` (``keel-pdp ledger``; keel_pdp.ledger.commands adds the
+    old spellings as aliases)."""
+    _add_arguments(sub.add_parser(
+        "replay", help="re-decide a period's recorded requests under a candidate bundle"))
 
 
 def cmd_replay(ns: argparse.Namespace) -> int:

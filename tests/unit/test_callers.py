@@ -219,7 +219,7 @@ def test_tokens_map_to_identities_and_follow_the_file(tmp_path: pathlib.Path) ->
 def _settings(**kw: Any) -> ServeSettings:
     base: dict[str, Any] = {
         "policies": "p", "redis_url": "redis://x", "listen": "127.0.0.1:1", "metrics_port": 0,
-        "metrics_host": "127.0.0.1", "store_timeout_ms": 25, "key_prefix": "k",
+        "metrics_host": "127.0.0.1", "store_timeout_s": 0.025, "key_prefix": "k",
         "sweep_interval_s": 1.0, "reload_interval_s": 1.0, "log_level": "INFO",
         "grace_s": 1.0}
     base.update(kw)
