@@ -326,6 +326,12 @@ def memo_markdown(report: Report, documents: dict[str, str]) -> str:
     w(f"- Internal telemetry: {usd(rec.internal_micros)} over {len(rec.window_lines):,} "
       f"recorded requests, {len(rec.cells):,} line items at the grain UTC day x account x "
       "model x token type.")
+    zones = ", ".join(f"{t.tenant} {t.timezone}" for t in report.mapping.doc.tenants)
+    if rec.ledger_clock == "tenant" and zones:
+        w(f"- Ledger month: each tenant's own calendar month ({zones}; UTC for the others); "
+          "requests on the other side of a month boundary are clock skew.")
+    else:
+        w("- Ledger month: the UTC calendar month.")
     w(f"- Gap (provider minus internal): {_variance(rec.invoice_micros - rec.internal_micros)}.")
     w(f"- Tolerance: {report.tolerance_pct.normalize():f}% of the invoice, "
       f"{usd(report.tolerance_micros)}.")
