@@ -202,6 +202,12 @@ def start_cluster(workdir: pathlib.Path) -> RedisCluster:
     if server is None or cli is None:
         pytest.skip("redis-server and redis-cli are needed for the Redis Cluster tests "
                     "(make deps installs the Debian package redis-server)")
+    version = subprocess.run([server, "--version"], capture_output=True, text=True,
+                             check=False).stdout
+    major = version.partition(" v=")[2].split(".")[0]
+    if not major.isdigit() or int(major) < 7:
+        pytest.skip(f"the Redis Cluster fixture needs Redis 7 (--cluster-port); found "
+                    f"{version.strip() or 'no version'}")
     began = time.monotonic()
     nodes = [ClusterNode(free_port(), workdir / f"n{i}") for i in range(6)]
     cluster = RedisCluster(nodes, server)
