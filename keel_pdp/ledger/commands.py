@@ -18,6 +18,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from keel_pdp.errors import SettingsError
+from keel_pdp.flags import (
+    LOG_LEVELS,
+    Alias,
+    Choice,
+    Integer,
+    Loop,
+    Port,
+    RedisUrl,
+    Seconds,
+    Setting,
+    Switch,
+    add_settings,
+    ms_to_seconds,
+    resolve,
+)
 from keel_pdp.ledger import export, replay, report
 from keel_pdp.ledger.cli_support import (
     actor,
@@ -31,22 +47,6 @@ from keel_pdp.ledger.cli_support import (
 from keel_pdp.ledger.money import parse_usd, usd
 from keel_pdp.ledger.periods import iso_utc
 from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
-from keel_pdp.settings import (
-    LOG_LEVELS,
-    Alias,
-    Choice,
-    Integer,
-    Loop,
-    Port,
-    RedisUrl,
-    Seconds,
-    Setting,
-    SettingsError,
-    Switch,
-    add_settings,
-    ms_to_seconds,
-    resolve,
-)
 
 if TYPE_CHECKING:
     from keel_pdp.ledger.writer import WriterConfig
