@@ -56,7 +56,8 @@ def check(ns: argparse.Namespace) -> int:
         return 1
     print(f"{ns.directory}: ok, revision {snap.policy_revision}, prices {snap.price_revision}, "
           f"{len(snap.budgets)} budgets, {len(snap.prices)} priced models, "
-          f"{len(snap.routes)} routing rules, {len(snap.exception_paths)} exception paths")
+          f"{len(snap.routes)} routing rules, {len(snap.exception_paths)} exception paths"
+          + (f", {len(snap.deployments)} mapped deployments" if snap.deployments else ""))
     for warning in snap.warnings:
         print(f"warning: {warning}")
     return 0
