@@ -84,7 +84,7 @@ class Stack:
         self.port = free_port()
         env = {**os.environ, "KEEL_POLICIES": str(policies),
                "KEEL_REDIS_URL": redis_server.url, "KEEL_LISTEN": f"127.0.0.1:{self.port}",
-               "KEEL_METRICS_PORT": "0", "KEEL_STORE_TIMEOUT_MS": "1000"}
+               "KEEL_METRICS_PORT": "0", "KEEL_STORE_TIMEOUT": "1"}
         self.log = (workdir / "sidecar.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)

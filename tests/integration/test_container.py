@@ -142,7 +142,7 @@ def test_sidecar_from_the_image_serves_authorize_and_closeout(
     proc = subprocess.Popen(
         [BUILDAH, "run", "--isolation", "chroot", "--network", "host", ctr, "--",
          "keel-pdp", "serve", f"--listen=127.0.0.1:{port}", f"--redis-url={redis_url}",
-         "--metrics-port=0", "--store-timeout-ms=1000"],
+         "--metrics-port=0", "--store-timeout=1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:

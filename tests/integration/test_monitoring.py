@@ -220,13 +220,13 @@ class Live:
         self.spawn("sidecar", [sys.executable, "-m", "keel_pdp.cli", "serve"], {
             **base, "KEEL_POLICIES": str(good), "KEEL_REDIS_URL": self.redis_url,
             "KEEL_LISTEN": f"127.0.0.1:{self.port}", "KEEL_METRICS_PORT": str(self.mport),
-            "KEEL_METRICS_HOST": "127.0.0.1", "KEEL_STORE_TIMEOUT_MS": "1000",
+            "KEEL_METRICS_HOST": "127.0.0.1", "KEEL_STORE_TIMEOUT": "1",
             "KEEL_BUDGET_METRICS_INTERVAL": "0.5"})
         self.spawn("sidecar-no-redis", [sys.executable, "-m", "keel_pdp.cli", "serve"], {
             **base, "KEEL_POLICIES": str(broken),
             "KEEL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
             "KEEL_LISTEN": f"127.0.0.1:{self.bad_port}", "KEEL_METRICS_PORT": str(self.bad_mport),
-            "KEEL_METRICS_HOST": "127.0.0.1", "KEEL_STORE_TIMEOUT_MS": "20"})
+            "KEEL_METRICS_HOST": "127.0.0.1", "KEEL_STORE_TIMEOUT": "0.02"})
         self.spawn("ledger", [sys.executable, "-m", "keel_pdp.cli", "ledger",
                               "--redis-url", self.redis_url,
                               "--store", f"sqlite:///{work}/ledger.db",
