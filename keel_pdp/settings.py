@@ -144,7 +144,8 @@ MESH: tuple[tuple[str, str, str, str], ...] = (
     ("--mesh-unmetered-routes", "KEEL_MESH_UNMETERED_ROUTES", "HOST[/PATH],...",
      "routes explicitly not LLM traffic: passed, counted, logged"),
     ("--mesh-azure-deployments", "KEEL_MESH_AZURE_DEPLOYMENTS", "DEPLOYMENT=MODEL,...",
-     "Azure OpenAI deployment -> price-table model"),
+     "fallback Azure OpenAI deployment -> price-table model, for deployments the bundle's "
+     "kind: Deployments does not map (the bundle wins)"),
     ("--mesh-resign-signed", "KEEL_MESH_RESIGN_SIGNED", "BOOL",
      "true: Envoy re-signs SigV4 requests after Keel's filters, so Keel may rewrite Bedrock "
      "bodies; default false"),
