@@ -12,7 +12,7 @@ Definitions (all integer micro-USD; per group of permits belonging to the period
   adjustments for earlier closed periods); late_out: amounts belonging to the
   period but booked in a later one because they arrived after it closed.
 
-This module assembles the report and registers ``keel-pdp report``; the parts
+This module assembles the report and registers ``keel-pdp ledger report``; the parts
 are ``figures`` (the groups), ``burn`` (per budget), ``sections`` (exceptions,
 overruns) and ``render`` (table, CSV, JSON), re-exported here.
 """
