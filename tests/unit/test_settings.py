@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 import pytest
+import yaml
 
 from keel_pdp import cli
 from keel_pdp.errors import SettingsError
@@ -339,3 +340,19 @@ def test_old_spellings_parse_to_the_same_command_with_a_note(old: list[str]) -> 
 def test_parsers_built_twice_in_one_process_register_replay_once_each() -> None:
     for _ in range(3):
         cli.build_parser()  # a conflicting `replay` would raise here
+
+
+def test_the_kubernetes_manifests_use_no_deprecated_spelling() -> None:
+    seen = set()
+    for path in sorted((ROOT / "deploy" / "k8s").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+            for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+                args = c.get("args", [])
+                if args[:1] == ["serve"]:
+                    assert serve_settings(parse(*args), {}).notes == (), path
+                    seen.add("serve")
+                elif args[:1] == ["ledger"]:
+                    assert writer_settings(parse(*args), {}).notes == (), path
+                    seen.add("ledger")
+    assert seen == {"serve", "ledger"}
