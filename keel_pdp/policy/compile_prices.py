@@ -8,10 +8,10 @@ sidecars and finance use one reading of a price table.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 
 from pydantic import BaseModel
 
+from keel_pdp.money import MAX_MICROS, parse_usd
 from keel_pdp.policy.model import PriceSpec, PriceTableDoc, PriceTier
 from keel_pdp.policy.problems import Problem
 from keel_pdp.policy.snapshot import ModelPrice
@@ -23,18 +23,7 @@ Prices = dict[tuple[str, str], tuple[ModelPrice, ...]]
 def usd_to_micros(text: str) -> int:
     """A decimal USD amount of the bundle (a cap, an overage limit) in micro-USD;
     ValueError saying why when it is not an exact, non-negative amount."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise ValueError(f"{text!r} is not a decimal amount") from exc
-    if not value.is_finite() or value < 0:
-        raise ValueError(f"{text!r} must be a finite, non-negative amount")
-    micros = value * 1_000_000
-    if micros != micros.to_integral_value():
-        raise ValueError(f"{text!r} has more than 6 fractional digits")
-    if micros > 10**15:
-        raise ValueError(f"{text!r} exceeds the supported maximum of 1,000,000,000 USD")
-    return int(micros)
+    return parse_usd(text, non_negative=True, max_micros=MAX_MICROS)
 
 
 def price_of(spec: PriceSpec | PriceTier) -> Price:
