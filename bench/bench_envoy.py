@@ -5,7 +5,7 @@
     python -m bench.run_all --only envoy
 
 One Envoy process (``--concurrency 1``) has three listeners in front of the mock
-provider (keel_pdp.mesh.mockprovider, a process of its own):
+provider (tools.mockprovider, a process of its own):
 
 * ``plain``: no Keel (the baseline);
 * ``keel``: ext_authz + the ``keel.cap`` / ``keel.closeout`` ext_proc filters
@@ -231,7 +231,7 @@ def _measure(ctx: Context, envoy: str, keel: Sidecar, server: RedisServer,
     bodies = {name: work / f"{name}.json" for name in SCENARIOS}
     for name, (_label, _path, body, _which) in SCENARIOS.items():
         bodies[name].write_text(json.dumps(body))
-    mock_cmd = [sys.executable, "-m", "keel_pdp.mesh.mockprovider", "--port", str(mock_port),
+    mock_cmd = [sys.executable, "-m", "tools.mockprovider", "--port", str(mock_port),
                 "--output-tokens", "24", "--tokens-per-chunk", "4"]
     with _process(mock_cmd, work / "mock.log") as mock, \
             _process([envoy, "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",

@@ -45,7 +45,7 @@ REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 pids+=($!)
 wait_for "keel-pdp serve" "$DEMO/keel.log" "gRPC listening on"
 
-"$PY" -m keel_pdp.mesh.mockprovider --port "$MOCK_PORT" --chunk-delay-ms 5 >"$DEMO/mock.log" 2>&1 &
+"$PY" -m tools.mockprovider --port "$MOCK_PORT" --chunk-delay-ms 5 >"$DEMO/mock.log" 2>&1 &
 pids+=($!)
 wait_for "mock provider" "$DEMO/mock.log" "listening on"
 
@@ -61,5 +61,5 @@ done
 
 echo "redis $REDIS_URL | keel-pdp 127.0.0.1:$KEEL_PORT (policies $POLICIES) |" \
   "mock provider 127.0.0.1:$MOCK_PORT | envoy 127.0.0.1:$ENVOY_PORT (admin $ADMIN_PORT)"
-"$PY" -m keel_pdp.mesh.demo --envoy "http://127.0.0.1:$ENVOY_PORT" \
+"$PY" -m tools.demo --envoy "http://127.0.0.1:$ENVOY_PORT" \
   --mock "http://127.0.0.1:$MOCK_PORT" --redis-url "$REDIS_URL"

@@ -4,7 +4,7 @@ Each call goes through Envoy to the mock provider with Keel as ext_authz and
 ext_proc, and the demo prints what the client got, what the provider saw and
 what Keel booked (the settlement or void event on the decision stream).
 
-    python -m keel_pdp.mesh.demo --envoy http://127.0.0.1:10000 \\
+    python -m tools.demo --envoy http://127.0.0.1:10000 \\
         --mock http://127.0.0.1:8081 --redis-url redis://127.0.0.1:6379/0
 """
 
@@ -167,7 +167,7 @@ def narrate(envoy: str, mock: str, r: redis.Redis) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m keel_pdp.mesh.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envoy", required=True, help="Envoy listener URL (with Keel)")
     ap.add_argument("--mock", required=True, help="mock provider URL")

@@ -31,7 +31,7 @@ stream, then the provider's in-stream error event or exception frame);
 ``error500``; ``error429``;
 ``hang`` (never answers, until the client gives up).
 
-Run: ``python -m keel_pdp.mesh.mockprovider --port 8081``.
+Run: ``python -m tools.mockprovider --port 8081``.
 """
 
 from __future__ import annotations
@@ -564,7 +564,7 @@ async def serve(host: str, port: int, opts: Options,
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = p or argparse.ArgumentParser(prog="python -m keel_pdp.mesh.mockprovider",
+    parser = p or argparse.ArgumentParser(prog="python -m tools.mockprovider",
                                           description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)

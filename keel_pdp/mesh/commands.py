@@ -81,12 +81,6 @@ def _route(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _mock(ns: argparse.Namespace) -> int:
-    from keel_pdp.mesh import mockprovider
-
-    return mockprovider.run(ns)
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser("mesh", help="Envoy integration helpers")
     msub = p.add_subparsers(dest="mesh_command", required=True)
@@ -120,10 +114,3 @@ def register(sub: Any) -> None:
                     help="a bundle directory: resolve Azure deployments through its "
                     "Deployments map and print the price the model resolves to")
     rt.set_defaults(func=_route)
-    mp = msub.add_parser("mock-provider",
-                         help="run the mock LLM provider (OpenAI, Azure, Anthropic, Gemini, "
-                         "Vertex, Bedrock formats)")
-    from keel_pdp.mesh.mockprovider import build_parser
-
-    build_parser(mp)
-    mp.set_defaults(func=_mock)

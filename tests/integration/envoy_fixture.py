@@ -31,11 +31,11 @@ from keel_pdp.engine import Engine
 from keel_pdp.mesh import services
 from keel_pdp.mesh.config import MeshConfig
 from keel_pdp.mesh.envoyconf import EnvoySetup, bootstrap, find_envoy
-from keel_pdp.mesh.mockprovider import MockProvider, Options
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.server.service import build_server
 from tests.conftest import ROOT, RedisServer, free_port
+from tools.mockprovider import MockProvider, Options
 
 MESH_POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
 PREFIX = "keel"

@@ -38,10 +38,10 @@ from keel_pdp.client import (
     TokenUsage,
     read_usage,
 )
-from keel_pdp.mesh.mockprovider import MockProvider, Options
 from tests.conftest import ROOT, RedisServer, free_port
 from tests.helpers import PRICES, budget, wait_ready, write_bundle
 from tests.integration.envoy_fixture import events, permit_state
+from tools.mockprovider import MockProvider, Options
 
 # Each test sends a prompt of about 10,000 tokens by Keel's estimate and the mock
 # reports exactly these figures (its x-mock-* headers).

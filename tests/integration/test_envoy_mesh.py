@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import redis
 
-from keel_pdp.mesh.mockprovider import Options, plan_for, stream_events
 from keel_pdp.mesh.request import Api, estimate_input_tokens
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.pricing import PICO_PER_MICRO, Price, TokenUsage, ceil_div, usage_cost_micros
@@ -28,6 +27,7 @@ from tests.integration.envoy_fixture import (
     redis_client,
     window_figures,
 )
+from tools.mockprovider import Options, plan_for, stream_events
 
 SNAPSHOT = load_bundle(MESH_POLICIES)
 

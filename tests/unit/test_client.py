@@ -36,9 +36,9 @@ from keel_pdp.client import (
     UsageMeter,
     read_usage,
 )
-from keel_pdp.mesh.mockprovider import Plan, full_body, stream_events
 from keel_pdp.mesh.request import Api
 from tests.conftest import free_port
+from tools.mockprovider import Plan, full_body, stream_events
 
 
 @dataclass
@@ -149,10 +149,11 @@ def test_each_permit_gets_a_fresh_request_id_and_a_caller_id_is_kept(
 
 def test_the_callers_deadline_reaches_the_sidecar(sidecar: tuple[str, Script]) -> None:
     target, script = sidecar
-    with keel(target) as k, k.permit("gpt-4o", timeout=0.8) as p:
+    # Generous: a loaded machine must not spend it before the call is made.
+    with keel(target) as k, k.permit("gpt-4o", timeout=30) as p:
         p.record_usage(USAGE)
     ((_, remaining),) = script.authorize
-    assert remaining is not None and 0 < remaining <= 0.8
+    assert remaining is not None and 0 < remaining <= 30
 
 
 def test_deadline_spent_on_a_slow_sidecar_applies_the_fail_mode(

@@ -16,12 +16,12 @@ from keel_pdp.mesh.authz import AuthorizationServicer
 from keel_pdp.mesh.config import MeshConfig
 from keel_pdp.mesh.extproc import ExternalProcessorServicer
 from keel_pdp.mesh.metrics import MeshMetrics
-from keel_pdp.mesh.mockprovider import Plan, full_body, stream_events
 from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.watch import PermitWatch
 from keel_pdp.metrics import Metrics
 from tests.conftest import ROOT
 from tests.helpers import make_engine
+from tools.mockprovider import Plan, full_body, stream_events
 
 POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
 CHAT = {"model": "gpt-4.1-mini", "max_tokens": 100,

@@ -210,8 +210,8 @@ def test_rewrite_for_a_reroute_replaces_the_model_and_keeps_the_rest() -> None:
 
 
 def test_usage_chunk_is_stripped_whatever_the_chunk_boundaries() -> None:
-    from keel_pdp.mesh.mockprovider import Plan, stream_events
     from keel_pdp.mesh.request import UsageChunkStripper
+    from tools.mockprovider import Plan, stream_events
 
     with_usage = b"".join(stream_events(Plan(Api.CHAT, "m", True, True, 10, 0, 0, 24, 0), 4))
     without = b"".join(stream_events(Plan(Api.CHAT, "m", True, False, 10, 0, 0, 24, 0), 4))

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from keel_pdp.mesh.mockprovider import (
+from keel_pdp.mesh.request import Api
+from keel_pdp.mesh.usage import ResponseMeter, consistent, normalise
+from keel_pdp.pricing import TokenUsage
+from tools.mockprovider import (
     Plan,
     frame,
     full_body,
     stream_content_type,
     stream_events,
 )
-from keel_pdp.mesh.request import Api
-from keel_pdp.mesh.usage import ResponseMeter, consistent, normalise
-from keel_pdp.pricing import TokenUsage
 
 CACHE_WRITERS = (Api.MESSAGES, Api.INVOKE_MESSAGES, Api.CONVERSE)
 STREAMING = [a for a in Api if a is not Api.EMBEDDINGS]
@@ -217,7 +217,7 @@ def test_json_error_and_truncation_flags() -> None:
 
 @pytest.mark.parametrize("api", STREAMING)
 def test_in_stream_error_is_flagged_and_never_taken_for_final_usage(api: Api) -> None:
-    from keel_pdp.mesh.mockprovider import error_event
+    from tools.mockprovider import error_event
 
     for sse in ((True, False) if api is Api.GENERATE_CONTENT else (True,)):
         p = plan(api, sse=sse)
