@@ -21,23 +21,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from keel_pdp.errors import LedgerRejected, LedgerStoreBroken, LedgerStoreError, LedgerUnavailable
 
-class StoreUnavailable(Exception):
-    """The store could not be reached or did not accept the transaction; retry later."""
-
-
-class StoreError(Exception):
-    """The store cannot be used as it is (bad URL, schema newer than this code)."""
-
-
-class StoreBroken(StoreError):
-    """The store refused the statement itself (a SQL error, a missing table): a bug
-    or a damaged schema, not an outage. Retrying cannot help; the writer stops."""
-
-
-class StoreRejected(Exception):
-    """The store refused the data itself (a constraint or a value it cannot hold);
-    retrying the same rows cannot succeed."""
+# The ledger store's errors are nodes of keel_pdp.errors (LedgerError); their names
+# here are the ones the ledger code has always used.
+StoreUnavailable = LedgerUnavailable
+StoreError = LedgerStoreError
+StoreBroken = LedgerStoreBroken
+StoreRejected = LedgerRejected
 
 
 # SQLite primary result codes that mean "not now" (https://sqlite.org/rescode.html):

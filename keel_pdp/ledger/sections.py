@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from keel_pdp.errors import ParseError
+from keel_pdp.events import loads_object
 from keel_pdp.ledger.connection import LedgerConnection
 from keel_pdp.ledger.periods import bounds_ms, pid_bound
 
@@ -50,8 +52,11 @@ class ExceptionLine:
 
 
 def _loads(text: Any) -> dict[str, Any]:
-    value = json.loads(str(text))
-    return value if isinstance(value, dict) else {}
+    """A stored event's data or res (the writer stored only entries that parsed)."""
+    try:
+        return loads_object(str(text))
+    except ParseError:
+        return {}
 
 
 def exception_lines(store: LedgerConnection, period: str, as_of_ms: int) -> list[ExceptionLine]:
