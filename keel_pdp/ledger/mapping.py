@@ -18,6 +18,8 @@ import pathlib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from keel_pdp.errors import MappingError as MappingError
+
 
 class Allocation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -32,8 +34,6 @@ class MappingDoc(BaseModel):
     workloads: dict[str, Allocation] = {}
 
 
-class MappingError(ValueError):
-    """A mapping file that cannot be used; the message names the file and field."""
 
 
 class CostMapping:

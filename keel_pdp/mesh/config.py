@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from keel_pdp.errors import MeshConfigError as MeshConfigError
 from keel_pdp.mesh.request import DeploymentMap, Resolved, resolve
 
 # Headers Keel sets on the request it lets through (ext_authz OK response).
@@ -61,8 +62,6 @@ KNOWN_PROVIDER_HOSTS = (
 _BEDROCK_HOST = re.compile(r"^bedrock(-[a-z]+)*\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
 
 
-class MeshConfigError(ValueError):
-    pass
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

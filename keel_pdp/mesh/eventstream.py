@@ -18,6 +18,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from keel_pdp.errors import FrameError as FrameError
+
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 PRELUDE_BYTES = 12
 MIN_FRAME_BYTES = 16
@@ -27,8 +29,6 @@ _FIXED = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
 _VARIABLE = (6, 7)
 
 
-class FrameError(ValueError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

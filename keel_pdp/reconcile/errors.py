@@ -6,8 +6,10 @@ column or field, so the person holding the export can find it.
 
 from __future__ import annotations
 
+from keel_pdp.errors import ReconcileErrorBase
 
-class ReconcileError(Exception):
+
+class ReconcileError(ReconcileErrorBase):
     """A reconciliation that cannot run; nothing is written or posted."""
 
 
