@@ -37,7 +37,7 @@ from keel_pdp.outbox import OutboxRelay
 from keel_pdp.permit_cache import CachedPermit, PermitCache
 from keel_pdp.permits import PermitIds, is_degraded_permit_id, permit_issued_ms
 from keel_pdp.policy.reload import PolicyHolder
-from keel_pdp.pricing import TokenUsage, usage_cost_micros
+from keel_pdp.pricing import PICO_PER_MICRO, TokenUsage, ceil_div, usage_cost_pico
 from keel_pdp.sweeper import sweep
 
 log = logging.getLogger("keel_pdp.engine")
@@ -321,10 +321,13 @@ class Engine:
                 self.metrics.child(self.metrics.closeouts, status).inc()
                 return CloseoutResult(status)
             cached = found
-            priced = usage_cost_micros(meta_price(cached.meta, usage.input_tokens), usage)
+            exact = usage_cost_pico(meta_price(cached.meta, usage.input_tokens), usage)
+            priced = ceil_div(exact, PICO_PER_MICRO)  # budgets move by the rounded-up cost
             actual = priced if provider_cost_micros is None else provider_cost_micros
+            if provider_cost_micros is not None:
+                exact = provider_cost_micros * PICO_PER_MICRO
             data = events.settlement_data(now, outcome, priced, provider_cost_micros, actual,
-                                          usage, caller.current())
+                                          usage, caller.current(), exact)
             ein = meta_input_estimate(cached.meta)
             input_over = ein is not None and usage.input_tokens > ein
 

@@ -41,6 +41,7 @@ EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant", "ex
 EXCEPTION_STEPS = ("PENDING", "APPROVED", "REJECTED", "EXPIRED")
 MAX_MICROS = 10**15
 MAX_TOKENS = 10**12
+PICO_PER_MICRO = 1_000_000
 
 
 def dumps(value: object) -> str:
@@ -136,11 +137,19 @@ def degraded_res(out: Outcome) -> str:
 
 def settlement_data(now_ms: int, outcome: str, priced_micros: int,
                     provider_cost_micros: int | None, actual_micros: int, usage: TokenUsage,
-                    caller: str = "") -> str:
-    """data of a settlement: the reported usage, Keel's price of it, what is booked."""
+                    caller: str = "", exact_pico: int | None = None) -> str:
+    """data of a settlement: the reported usage, Keel's price of it, what is booked.
+
+    ``actual`` is the booked cost, rounded up to the micro-dollar (budgets move by
+    it); ``exact_pico`` is the same cost exactly, in pico-USD: the price table's
+    integer sum when Keel priced the usage, ``provider_cost x 10^6`` when the
+    provider reported the cost. Reports and reconciliation sum the exact amount.
+    Without ``exact_pico`` the booked amount is taken as exact.
+    """
+    exact = actual_micros * PICO_PER_MICRO if exact_pico is None else exact_pico
     data: dict[str, object] = {
         "v": 1, "now": now_ms, "outcome": outcome, "priced": priced_micros,
-        "provider_cost": provider_cost_micros, "actual": actual_micros,
+        "provider_cost": provider_cost_micros, "actual": actual_micros, "exact_pico": exact,
         "usage": {"in": usage.input_tokens, "cached": usage.cached_input_tokens,
                   "cw": usage.cache_write_tokens, "out": usage.output_tokens,
                   "rsn": usage.reasoning_tokens},

@@ -37,6 +37,10 @@ ENTRY_KINDS: tuple[EntryKind, ...] = ("permit", "denial", "settlement", "correct
 # attempt did land) still books it once.
 ONCE_PER_PERMIT: tuple[EntryKind, ...] = ("permit", "denial", "settlement", "correction", "void",
                                           "expiry")
+PICO = 1_000_000  # pico-USD per micro-USD
+# Above any cost the engine books (provider costs up to 10^12 micro-USD), and
+# within a BIGINT column.
+MAX_EXACT_PICO = 10**18
 _NON_BLOCKING = ("FALLBACK_PRICE_USED", "SHADOW_BUDGET_EXCEEDED")
 
 
@@ -97,6 +101,9 @@ class EntryRow:
     priced_micros: int = 0
     provider_cost_micros: int | None = None
     amount_micros: int = 0
+    # The exact cost behind actual_micros (settlement and correction), in pico-USD;
+    # None: actual_micros is exact (entries written before exact amounts).
+    actual_pico: int | None = None
     input_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
@@ -319,6 +326,7 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
     provider_cost = data.get("provider_cost")
     pc = None if provider_cost is None else as_int(provider_cost, "data.provider_cost", lo=0)
     priced = get_int(data, "priced", "data", default=act, lo=0)
+    exact = _exact_pico(data, act)
     outcome = get_str(data, "outcome", "data")
     flags = res.get("flags") or []
     if not isinstance(flags, list):
@@ -330,6 +338,7 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
         "event_id": ev.event_id, "permit_id": ev.permit_id, "ts_ms": ev.ts_ms,
         "belongs_to": ev.belongs_to, "status": st, "estimate_micros": est,
         "actual_micros": act, "priced_micros": priced, "provider_cost_micros": pc,
+        "actual_pico": exact,
         "input_tokens": tok["in"], "cached_input_tokens": tok["cached"],
         "cache_write_tokens": tok["cw"], "output_tokens": tok["out"],
         "reasoning_tokens": tok["rsn"], "reason": outcome, "caller": _caller(data),
@@ -341,6 +350,20 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
         EntryRow(seq=1, kind="correction", held_micros=released, amount_micros=act - released,
                  **common),  # type: ignore[arg-type]
     ]
+
+
+def _exact_pico(data: dict[str, Any], act: int) -> int | None:
+    """The exact cost the settlement carries (``data.exact_pico``), checked against
+    the booked ``act``: the booking is the exact cost rounded up to the micro-dollar,
+    so the two differ by less than one micro-dollar and never downwards. Absent in
+    events written before exact amounts: None (the booked amount is exact)."""
+    if data.get("exact_pico") is None:
+        return None
+    exact = as_int(data["exact_pico"], "data.exact_pico", lo=0, hi=MAX_EXACT_PICO)
+    if not act * PICO - PICO < exact <= act * PICO:
+        raise ParseError(f"data.exact_pico = {exact} is not the booked res.act = {act} "
+                         "micro-USD before rounding up")
+    return exact
 
 
 def _release(ev: StreamEvent) -> list[EntryRow]:

@@ -9,11 +9,14 @@ grants move no money and are not exported.
   unit and the chosen dimensions, including accruals for open permits and
   late adjustments for earlier periods (``charge_type`` late, naming the
   period in ``charge_period``). The charge column sums to the period's booked
-  total.
+  total, less what rounding each settlement up to the micro-dollar added.
 - ``focus``: billed cost only (settled actuals and manual adjustments), one row
   per day, tenant, workload, model and token type, in FOCUS column
   conventions. A late settlement for an earlier, closed period is a row with
   ``ChargeClass`` = Correction whose charge period lies in that period.
+
+Money columns sum the entries' exact amounts (pico-USD) and round each row once,
+half to even (``keel_pdp.ledger.money.micros_half_even``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, TextIO
 
 from keel_pdp.ledger.cli_support import add_store, open_for_cli, period_arg, run_cli
 from keel_pdp.ledger.mapping import CostMapping
-from keel_pdp.ledger.money import usd, usd_from_pico
+from keel_pdp.ledger.money import PICOS_PER_MICRO, micros_half_even, usd, usd_from_pico
 from keel_pdp.ledger.periods import bounds_ms, day_start_ms, iso_utc, permit_issued_ms
 from keel_pdp.ledger.report import DIMENSIONS, dims_of
 from keel_pdp.ledger.store import LedgerStore
@@ -84,7 +87,8 @@ SELECT e.id, e.kind, e.belongs_to, e.permit_id,
        e.held_micros, e.actual_micros, e.amount_micros,
        e.input_tokens, e.cached_input_tokens, e.cache_write_tokens, e.output_tokens,
        e.reasoning_tokens, p.price_input_pico, p.price_cached_input_pico,
-       p.price_cache_write_pico, p.price_output_pico, p.price_revision, e.ts_ms, e.reason
+       p.price_cache_write_pico, p.price_output_pico, p.price_revision, e.ts_ms, e.reason,
+       e.actual_pico
 FROM ledger_entries e
 LEFT JOIN ledger_entries p
   ON p.permit_id = e.permit_id AND e.permit_id <> '' AND p.kind IN ('permit', 'denial')
@@ -108,6 +112,20 @@ class _Entry:
     price_revision: str
     ts_ms: int
     reason: str
+    # What rounding up to the micro-dollar added to ``actual`` (settlement and
+    # correction entries), in pico-USD; 0 when the booked amount is exact.
+    round_pico: int = 0
+
+    @property
+    def actual_pico(self) -> int:
+        """The exact cost of a settlement (or a manual adjustment), in pico-USD."""
+        return self.actual * PICOS_PER_MICRO - self.round_pico
+
+    @property
+    def amount_pico(self) -> int:
+        """The exact amount the entry moves, in pico-USD."""
+        over = self.round_pico if self.kind == "correction" else 0
+        return self.amount * PICOS_PER_MICRO - over
 
 
 def _entries(store: LedgerStore, period: str) -> list[_Entry]:
@@ -119,7 +137,8 @@ def _entries(store: LedgerStore, period: str) -> list[_Entry]:
             key=(str(r[4]), str(r[5]), str(r[6]), str(r[7])), held=int(r[8]),
             actual=int(r[9]), amount=int(r[10]),
             tokens=(int(r[11]), int(r[12]), int(r[13]), int(r[14]), int(r[15])),
-            price=price, price_revision=str(r[20] or ""), ts_ms=int(r[21]), reason=str(r[22])))
+            price=price, price_revision=str(r[20] or ""), ts_ms=int(r[21]), reason=str(r[22]),
+            round_pico=0 if r[23] is None else int(r[9]) * PICOS_PER_MICRO - int(r[23])))
     return out
 
 
@@ -139,8 +158,8 @@ class _Acc:
     settlements: int = 0
     tokens: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
     estimated: int = 0
-    actual: int = 0
-    charge: int = 0
+    actual_pico: int = 0
+    charge_pico: int = 0
     ids: list[int] = field(default_factory=list)
 
 
@@ -156,7 +175,7 @@ def chargeback_rows(store: LedgerStore, period: str, mapping: CostMapping,
         gkey = (period, e.belongs_to, ctype, *(dims[d] for d in by))
         acc = groups.setdefault(gkey, _Acc())
         acc.ids.append(e.id)
-        acc.charge += e.amount
+        acc.charge_pico += e.amount_pico
         if e.kind == "permit":
             acc.permits += 1
             acc.estimated += e.held
@@ -164,18 +183,20 @@ def chargeback_rows(store: LedgerStore, period: str, mapping: CostMapping,
             acc.denials += 1
         elif e.kind == "settlement":
             acc.settlements += 1
-            acc.actual += e.actual
+            acc.actual_pico += e.actual_pico
             acc.tokens = [a + b for a, b in zip(acc.tokens, e.tokens, strict=True)]
         elif e.kind == "manual_adjustment":
-            acc.actual += e.actual
+            acc.actual_pico += e.actual_pico
     header = [*CHARGEBACK_FIXED, *by, *CHARGEBACK_FIGURES]
     order = sorted(groups, key=lambda k: (k[3:], k[1], k[2]))
     rows = []
     for k in order:
         a = groups[k]
         rows.append([*k, str(a.permits), str(a.denials), str(a.settlements),
-                     *(str(t) for t in a.tokens), usd(a.estimated), usd(a.actual),
-                     usd(a.charge - a.actual), usd(a.charge), CURRENCY, str(len(a.ids)),
+                     *(str(t) for t in a.tokens), usd(a.estimated),
+                     usd(micros_half_even(a.actual_pico)),
+                     usd(micros_half_even(a.charge_pico - a.actual_pico)),
+                     usd(micros_half_even(a.charge_pico)), CURRENCY, str(len(a.ids)),
                      id_ranges(a.ids)])
     return header, rows
 
@@ -203,7 +224,7 @@ FOCUS_COLUMNS = (
 class _FocusAcc:
     quantity: int = 0
     list_pico: int = 0
-    billed: int = 0
+    billed_pico: int = 0
     permits: set[str] = field(default_factory=set)
     ids: list[int] = field(default_factory=list)
     reasons: set[str] = field(default_factory=set)
@@ -220,8 +241,8 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             gkey: tuple[Any, ...] = ("adj", e.belongs_to, day_start_ms(e.ts_ms), e.key, "",
                                      None, "")
             acc = groups.setdefault(gkey, _FocusAcc())
-            acc.billed += e.amount
-            acc.list_pico += e.amount * 1_000_000
+            acc.billed_pico += e.amount_pico
+            acc.list_pico += e.amount_pico
             acc.ids.append(e.id)
             acc.reasons.add(e.reason)
             continue
@@ -234,14 +255,14 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             gkey = ("use", e.belongs_to, day, e.key, "unpriced", None, "")
             acc = groups.setdefault(gkey, _FocusAcc())
             acc.quantity += sum(quantities)
-            acc.list_pico += e.actual * 1_000_000
-            acc.billed += e.actual
+            acc.list_pico += e.actual_pico
+            acc.billed_pico += e.actual_pico
             acc.permits.add(e.permit_id)
             acc.ids.append(e.id)
             continue
         costs = [q * p for q, p in zip(quantities, e.price, strict=True)]
         weights = costs if sum(costs) else list(quantities)
-        billed = split_micros(e.actual, weights)
+        billed = split_micros(e.actual_pico, weights)
         for i, ttype in enumerate(TOKEN_TYPES):
             if quantities[i] == 0 and billed[i] == 0:
                 continue
@@ -249,7 +270,7 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             acc = groups.setdefault(gkey, _FocusAcc())
             acc.quantity += quantities[i]
             acc.list_pico += costs[i]
-            acc.billed += billed[i]
+            acc.billed_pico += billed[i]
             acc.permits.add(e.permit_id)
             acc.ids.append(e.id)
     rows: list[list[str]] = []
@@ -271,9 +292,10 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             description = (f"{provider}/{model} {ttype.replace('_', ' ')} tokens for "
                            f"{tenant}/{workload}")
         unit = usd_from_pico(unit_pico) if unit_pico is not None else ""
+        billed_micros = micros_half_even(acc.billed_pico)  # the exact sum, rounded once
         usage = kind == "use"
         values = {
-            "AvailabilityZone": "", "BilledCost": usd(acc.billed),
+            "AvailabilityZone": "", "BilledCost": usd(billed_micros),
             "BillingAccountId": billing_account, "BillingAccountName": billing_account,
             "BillingCurrency": CURRENCY, "BillingPeriodEnd": iso_utc(p_end),
             "BillingPeriodStart": iso_utc(p_start),
@@ -287,7 +309,7 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             "ConsumedQuantity": str(acc.quantity) if usage else "",
             "ConsumedUnit": "Tokens" if usage else "",
             "ContractedCost": usd_from_pico(acc.list_pico), "ContractedUnitPrice": unit,
-            "EffectiveCost": usd(acc.billed), "InvoiceIssuerName": provider or billing_account,
+            "EffectiveCost": usd(billed_micros), "InvoiceIssuerName": provider or billing_account,
             "ListCost": usd_from_pico(acc.list_pico), "ListUnitPrice": unit,
             "PricingCategory": "Standard" if usage else "",
             "PricingQuantity": str(acc.quantity) if usage else "",

@@ -162,12 +162,17 @@ _CALLER = (
     "CREATE INDEX ledger_entries_caller ON ledger_entries (caller)",
 )
 
+# The exact cost behind actual_micros on settlement and correction entries, in
+# pico-USD (issue 13). NULL on entries written before: actual_micros x 10^6.
+_EXACT = ("ALTER TABLE ledger_entries ADD COLUMN actual_pico BIGINT",)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial ledger schema", _common_initial("sqlite"),
               _common_initial("postgresql")),
     Migration(2, "append-only guards", _sqlite_guards(), _pg_guards()),
     # Who authorized, closed out or voided (the caller identity, issue 18).
     Migration(3, "caller identity on entries", _CALLER, _CALLER),
+    Migration(4, "exact cost on entries", _EXACT, _EXACT),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -39,10 +39,11 @@ FIGURE_COLUMNS = ("permits", "denials", "settled", "open", "forecast_usd", "actu
 
 def figure_cells(f: Figures) -> list[str]:
     return [str(f.permits), str(f.denials), str(f.settlements), str(f.open_permits),
-            usd(f.forecast_micros), usd(f.actual_micros), usd(f.accrued_micros),
-            usd(f.cost_micros), usd(f.variance_micros),
-            ratio_percent(f.variance_micros, f.forecast_micros), usd(f.booked_micros),
-            usd(f.adjustments_in_micros), usd(f.late_out_micros)]
+            usd(f.forecast_micros), usd(f.actual_line_micros), usd(f.accrued_line_micros),
+            usd(f.cost_line_micros), usd(f.variance_line_micros),
+            ratio_percent(f.variance_line_micros, f.forecast_micros),
+            usd(f.booked_line_micros), usd(f.adjustments_in_line_micros),
+            usd(f.late_out_line_micros)]
 
 
 BUDGET_COLUMNS = ("budget_id", "split", "window", "mode", "limit_usd", "period_cap_usd",

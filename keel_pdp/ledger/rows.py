@@ -20,7 +20,7 @@ ENTRY_COLUMNS = (
     "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
     "max_output_tokens", "price_input_pico", "price_cached_input_pico",
     "price_cache_write_pico", "price_output_pico", "reason", "degraded", "actor", "detail",
-    "caller",
+    "caller", "actual_pico",
 )
 BUDGET_COLUMNS = (
     "permit_id", "ordinal", "event_id", "budget_id", "scope", "window_kind", "window_start_ms",
@@ -47,7 +47,7 @@ def entry_values(r: EntryRow, dims: Dims, period: str, at: int) -> tuple[Any, ..
         r.reasoning_tokens, r.max_output_tokens, price[0], price[1], price[2], price[3],
         _text(r.reason), 1 if r.degraded else 0, "",
         json.dumps(r.detail, separators=(",", ":"), sort_keys=True, default=str),
-        _text(r.caller),
+        _text(r.caller), r.actual_pico,
     )
 
 

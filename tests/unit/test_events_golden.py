@@ -100,10 +100,13 @@ def test_decision_degraded(tmp_path: pathlib.Path) -> None:
 
 
 def test_settlement_with_flags() -> None:
+    # Priced by Keel at 299.5 micro-USD exactly: booked (rounded up) at 300.
     data = events.settlement_data(TS, "SUCCEEDED", 300, None, 300,
-                                  TokenUsage(1000, 200, 0, 250, 40), caller="svc")
+                                  TokenUsage(1000, 200, 0, 250, 40), caller="svc",
+                                  exact_pico=299_500_000)
     assert data == ('{"v":1,"now":%d,"outcome":"SUCCEEDED","priced":300,"provider_cost":null,'
-                    '"actual":300,"usage":{"in":1000,"cached":200,"cw":0,"out":250,"rsn":40},'
+                    '"actual":300,"exact_pico":299500000,'
+                    '"usage":{"in":1000,"cached":200,"cw":0,"out":250,"rsn":40},'
                     '"caller":"svc"}' % TS)
     # closeout.lua's reply for a held permit settled above its hold.
     res = ('{"st":"SETTLED","act":300,"est":210,"amt":210,"prior":"held",'
@@ -114,6 +117,41 @@ def test_settlement_with_flags() -> None:
         "correction", 90, 210)
     assert settle.detail["flags"] == ["USAGE_ABOVE_PERMIT", "COST_ABOVE_HOLD"]
     assert (settle.output_tokens, settle.reasoning_tokens, settle.caller) == (250, 40, "svc")
+    # Both entries carry the exact cost beside the booked one.
+    assert (settle.actual_pico, correction.actual_pico) == (299_500_000, 299_500_000)
+
+
+def test_settlement_provider_cost_is_exact_in_micros() -> None:
+    # A provider-reported cost is exact at the micro-dollar: exact = cost x 10^6.
+    data = events.settlement_data(TS, "SUCCEEDED", 286, 285, 285, TokenUsage(1000, 0, 0, 100),
+                                  exact_pico=285_000_000)
+    assert json.loads(data)["exact_pico"] == 285_000_000
+    # Without the figure (an older caller of the encoder) the booked amount is exact.
+    data = events.settlement_data(TS, "SUCCEEDED", 7, None, 7, TokenUsage(10, 0, 0, 1))
+    assert json.loads(data)["exact_pico"] == 7_000_000
+
+
+def test_settlement_from_an_older_sidecar_has_no_exact_amount() -> None:
+    # Events written before exact amounts: no exact_pico; the booked amount stands.
+    data = ('{"v":1,"now":%d,"outcome":"SUCCEEDED","priced":9,"provider_cost":null,'
+            '"actual":9,"usage":{"in":10,"cached":0,"cw":0,"out":1,"rsn":0}}' % TS)
+    res = '{"st":"SETTLED","act":9,"est":9,"amt":9,"prior":"held"}'
+    settle, correction = parse_entry("4-1", _entry("settlement", data, res)).rows
+    assert (settle.actual_micros, settle.actual_pico, correction.actual_pico) == (9, None, None)
+
+
+@pytest.mark.parametrize("exact", [
+    "8000000",     # below the booking by a whole micro-dollar: not its rounding up
+    "9000001",     # above the booking: rounding never goes down
+    "-1", "8.5", '"8500000"', "true",
+])
+def test_settlement_exact_amount_must_round_up_to_the_booking(exact: str) -> None:
+    data = ('{"v":1,"now":%d,"outcome":"SUCCEEDED","priced":9,"provider_cost":null,'
+            '"actual":9,"exact_pico":%s,"usage":{"in":10,"cached":0,"cw":0,"out":1,"rsn":0}}'
+            % (TS, exact))
+    res = '{"st":"SETTLED","act":9,"est":9,"amt":9,"prior":"held"}'
+    with pytest.raises(ParseError, match="exact_pico"):
+        parse_entry("4-2", _entry("settlement", data, res))
 
 
 def test_settlement_after_void_books_the_whole_actual() -> None:
@@ -121,6 +159,7 @@ def test_settlement_after_void_books_the_whole_actual() -> None:
     res = '{"st":"SETTLED_AFTER_VOID","act":500,"est":210,"amt":210,"prior":"voided"}'
     _, correction = parse_entry("5-0", _entry("settlement", data, res)).rows
     assert (correction.amount_micros, correction.held_micros) == (500, 0)
+    assert correction.actual_pico == 500_000_000
 
 
 @pytest.mark.parametrize(("etype", "state", "reason"), [
