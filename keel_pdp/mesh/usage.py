@@ -44,8 +44,9 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from keel_pdp.mesh.apis import Api
+from keel_pdp.mesh.estimate import BYTES_PER_TOKEN
 from keel_pdp.mesh.eventstream import FrameDecoder
-from keel_pdp.mesh.request import BYTES_PER_TOKEN, Api
 from keel_pdp.pricing import TokenUsage
 
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
