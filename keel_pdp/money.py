@@ -114,6 +114,16 @@ def split_exact(total: int, weights: list[int]) -> list[int]:
     return [sign * f for f in floors]
 
 
+def micros_half_even(pico: int) -> int:
+    """Integer pico-USD -> integer micro-USD, rounded half to even: how a report,
+    an export or a reconciliation line rounds the exact sum it shows, once."""
+    q, rest = divmod(pico, 1_000_000)
+    twice = 2 * rest
+    if twice > 1_000_000 or (twice == 1_000_000 and q % 2):
+        q += 1
+    return q
+
+
 def ratio_percent(part: int, whole: int) -> str:
     """part / whole as a percentage string with one decimal ("" when whole is 0)."""
     if whole == 0:

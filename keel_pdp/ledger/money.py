@@ -11,7 +11,14 @@ per-request cost.
 
 from __future__ import annotations
 
-from keel_pdp.money import MICROS_PER_USD, PICOS_PER_USD, parse_usd, ratio_percent, usd_from_pico
+from keel_pdp.money import (
+    MICROS_PER_USD,
+    PICOS_PER_USD,
+    micros_half_even,
+    parse_usd,
+    ratio_percent,
+    usd_from_pico,
+)
 from keel_pdp.money import usd_plain as usd
 
 __all__ = ["MICROS_PER_USD", "PICOS_PER_MICRO", "PICOS_PER_USD", "micros_half_even", "parse_usd",
@@ -19,13 +26,3 @@ __all__ = ["MICROS_PER_USD", "PICOS_PER_MICRO", "PICOS_PER_USD", "micros_half_ev
 
 
 PICOS_PER_MICRO = 1_000_000
-
-
-def micros_half_even(pico: int) -> int:
-    """Integer pico-USD -> integer micro-USD, rounded half to even: how a report,
-    an export or a reconciliation line rounds the exact sum it shows, once."""
-    q, rest = divmod(pico, PICOS_PER_MICRO)
-    twice = 2 * rest
-    if twice > PICOS_PER_MICRO or (twice == PICOS_PER_MICRO and q % 2):
-        q += 1
-    return q
