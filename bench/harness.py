@@ -294,7 +294,7 @@ class Sidecar:
                "--workers", str(self.workers), *self.launcher_args, "--",
                "--policies", str(self.policies), "--redis-url", self.redis_url,
                "--listen", f"127.0.0.1:{self.port}", "--metrics-port", "0",
-               "--store-timeout-ms", str(self.store_timeout_ms), "--log-level", "WARNING"]
+               "--store-timeout", str(self.store_timeout_ms / 1000), "--log-level", "WARNING"]
         if self.command:
             cmd = [c.replace("{port}", str(self.port)) for c in self.command]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

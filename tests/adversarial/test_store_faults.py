@@ -32,7 +32,7 @@ async def _busy_redis_scenario(redis_url: str, tmp_path: pathlib.Path,
                                sidecars: list[Sidecar], fail_mode: str) -> None:
     bundle = write_bundle(tmp_path / "bundle", [budget("b", "1000", fail_mode=fail_mode)])
     for _ in range(2):
-        sidecars.append(Sidecar(redis_url, bundle, ("--store-timeout-ms", "25")).start())
+        sidecars.append(Sidecar(redis_url, bundle, ("--store-timeout", "0.025")).start())
     audit = Audit(redis_url, tmp_path, {"b": 1000 * 10**6})
     chans: list[Any] = [grpc.aio.insecure_channel(s.target) for s in sidecars]
     stubs: list[Any] = [pb_grpc.PolicyDecisionPointStub(c) for c in chans]
@@ -90,7 +90,7 @@ def test_degraded_permit_settles_on_another_sidecar_after_the_issuer_died(
     bundle = write_bundle(tmp_path / "bundle", [budget("b", "1000", fail_mode="open")])
     journal = tmp_path / "outbox-a"
     a = Sidecar(redis_url, bundle, ("--outbox-dir", str(journal),
-                                    "--store-timeout-ms", "50")).start()
+                                    "--store-timeout", "0.05")).start()
     b = Sidecar(redis_url, bundle).start()
     sidecars += [a, b]
     audit = Audit(redis_url, tmp_path, {"b": 1000 * 10**6})

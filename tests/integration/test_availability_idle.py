@@ -182,7 +182,7 @@ def sidecar(redis_url: str, tmp_path: pathlib.Path, *args: str) -> Iterator[Side
     proc = subprocess.Popen(
         [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
          "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}",
-         "--metrics-port", str(mport), "--store-timeout-ms", "1000", *args],
+         "--metrics-port", str(mport), "--store-timeout", "1", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready(port)

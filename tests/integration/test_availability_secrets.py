@@ -28,7 +28,7 @@ def _serve_once(bundle: pathlib.Path, redis_url: str) -> tuple[pb.AuthorizeRespo
     proc = subprocess.Popen(
         [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
          "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--log-level", "DEBUG", "--store-timeout-ms", "500"],
+         "--log-level", "DEBUG", "--store-timeout", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     answer = None
     try:

@@ -25,7 +25,7 @@ def start(redis_url: str, bundle: pathlib.Path, port: int, *extra: str) -> subpr
     return subprocess.Popen(
         [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
          "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--store-timeout-ms", "1000", "--sweep-interval", "0.2", "--drain-delay", "0.2",
+         "--store-timeout", "1", "--sweep-interval", "0.2", "--drain-delay", "0.2",
          *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

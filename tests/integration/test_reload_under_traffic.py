@@ -37,7 +37,7 @@ def test_configmap_swap_under_traffic(redis_url: str, tmp_path: pathlib.Path) ->
     proc = subprocess.Popen(
         [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(root), "--redis-url",
          redis_url, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--reload-interval", "0.1", "--store-timeout-ms", "1000", "--log-level", "INFO"],
+         "--reload-interval", "0.1", "--store-timeout", "1", "--log-level", "INFO"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready(port)
