@@ -137,8 +137,23 @@ class Switch(Kind):
 
 class RedisUrl(Kind):
     def check(self, value: Any) -> None:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise Bad("{name} {safe!r}: scheme must be redis://, rediss:// or unix://")
+        scheme = urlsplit(value).scheme.lower()
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            from keel_pdp.budget.cluster import parse_cluster_url
+            try:
+                parse_cluster_url(value)
+            except ValueError as exc:
+                # The parser's message may quote the whole URL: never its secrets.
+                text = str(exc).replace(repr(value), repr(redacted_url(value)))
+                text = text.replace(value, redacted_url(value))
+                raise Bad("{name}: " + text.replace("{", "{{").replace("}", "}}")) from None
+            return
+        if scheme not in ("redis", "rediss", "unix"):
+            raise Bad("{name} {safe!r}: scheme must be redis://, rediss://, unix:// or "
+                      "redis+cluster://host:port,host:port/ (Redis Cluster seed nodes)")
+        if "," in urlsplit(value).netloc:
+            raise Bad("{name} {safe!r} names several hosts: a Redis Cluster is written "
+                      "redis+cluster://h1:p1,h2:p2/")
 
 
 class HostPort(Kind):

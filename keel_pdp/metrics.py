@@ -42,6 +42,11 @@ class Metrics:
         self.store_errors = Counter(
             "keel_pdp_store_errors_total", "Budget store calls that failed or timed out.",
             ["script"], registry=r)
+        self.store_short_waits = Counter(
+            "keel_pdp_store_short_waits_total",
+            "Script calls whose WAIT (--wait-replicas) was confirmed by fewer replicas than "
+            "asked within its timeout; answered as usual (not durable on a replica yet).",
+            ["script"], registry=r)
         self.threshold_crossings = Counter(
             "keel_pdp_budget_threshold_crossings_total",
             "Soft budget thresholds crossed (each once per budget window).", registry=r)
@@ -116,6 +121,8 @@ class Metrics:
             self.policy_loads.labels(result)
         for script in ("authorize", "closeout", "void"):
             self.store_errors.labels(script)
+        for script in ("authorize", "closeout"):
+            self.store_short_waits.labels(script)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and

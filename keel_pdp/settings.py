@@ -61,7 +61,8 @@ SERVE: tuple[Setting, ...] = (
     Setting("policies", "--policies", "KEEL_POLICIES", "policies", metavar="DIR",
             help="policy bundle directory"),
     Setting("redis_url", "--redis-url", "KEEL_REDIS_URL", "redis://127.0.0.1:6379/0",
-            RedisUrl(), "Redis URL: redis://, rediss:// (TLS) or unix://", "URL"),
+            RedisUrl(), "Redis URL: redis://, rediss:// (TLS), unix://, or "
+            "redis+cluster://h1:p1,h2:p2/ for Redis Cluster seed nodes", "URL"),
     Setting("listen", "--listen", "KEEL_LISTEN", DEFAULT_LISTEN, HostPort(), "gRPC address",
             "HOST:PORT"),
     Setting("metrics_port", "--metrics-port", "KEEL_METRICS_PORT", str(DEFAULT_METRICS_PORT),
@@ -74,6 +75,10 @@ SERVE: tuple[Setting, ...] = (
                   ms_to_seconds)),
     Setting("key_prefix", "--key-prefix", "KEEL_KEY_PREFIX", "keel", help="Redis key prefix",
             metavar="P"),
+    Setting("wait_replicas", "--wait-replicas", "KEEL_WAIT_REPLICAS", "0", Integer(0, 16),
+            "after each hold/settle script, WAIT until N replicas have it (same round trip, "
+            "at most half the store timeout; a short count is counted and answered as "
+            "usual); 0 off", "N"),
     Setting("sweep_interval_s", "--sweep-interval", "KEEL_SWEEP_INTERVAL", "1",
             Loop(0.01, 3600), "seconds between expiry sweeps", "S"),
     Setting("reload_interval_s", "--reload-interval", "KEEL_RELOAD_INTERVAL", "2",
@@ -208,6 +213,7 @@ class ServeSettings:
     caller_auth: str = ""
     caller_tokens_file: str = ""
     budget_metrics_interval_s: float = 15.0
+    wait_replicas: int = 0
     # The mesh adapters' settings; None: read KEEL_MESH_* when the server is built.
     mesh: MeshConfig | None = None
     # Deprecated spellings that were used (printed once at start).

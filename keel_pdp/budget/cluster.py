@@ -275,6 +275,25 @@ def parse_cluster_url(url: str, **overrides: Any) -> ClusterConfig:
     return ClusterConfig(tuple(seeds), node, **cluster_fields)
 
 
+def redis_py_options(url: str) -> tuple[list[Address], dict[str, Any]]:
+    """The seeds and connection options of a cluster URL as redis-py's
+    ``RedisCluster`` takes them (``startup_nodes`` and keyword arguments), for
+    the administrative reads and the ledger writer."""
+    config = parse_cluster_url(url)
+    options: dict[str, Any] = {"username": config.node.username,
+                               "password": config.node.password}
+    if urlsplit(url).scheme.lower() == "rediss+cluster":
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+        options["ssl"] = True
+        for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if name in query:
+                options[name] = query[name]
+        if "ssl_check_hostname" in query:
+            options["ssl_check_hostname"] = query["ssl_check_hostname"].lower() not in (
+                "0", "false", "no", "off", "")
+    return list(config.seeds), options
+
+
 # ------------------------------------------------------------------ routing
 # Commands with no key: sent to any master. SCRIPT and FUNCTION go to every master.
 _KEYLESS = frozenset({"PING", "ECHO", "TIME", "INFO", "CLUSTER", "CONFIG", "DBSIZE",
@@ -369,17 +388,48 @@ class ClusterClient:
                 return await node.eval_script(script, keys, args, timeout_s, shared)
             except (RespError, OSError, TimeoutError) as exc:
                 failed = exc
+        return await self._eval_routed(script, keys, args, shared, None, slot,
+                                       started + timeout_s, node, failed)
+
+    async def eval_script_wait(self, script: Script, keys: Sequence[str],
+                               args: Sequence[Arg], timeout_s: float,
+                               shared: Shared | None, replicas: int,
+                               wait_ms: int) -> tuple[Any, int]:
+        """``eval_script`` followed by ``WAIT replicas wait_ms`` on the same
+        connection of the master that ran it (after MOVED or ASK too): the
+        script's reply and the number of replicas that acknowledged it."""
+        slot = self._slot_of(keys, shared)
+        started = time.monotonic()
+        node = self._slots[slot] if slot is not None else self._owner(None)
+        failed: Exception | None = None
+        if node is not None:
+            try:
+                return await node.eval_script_wait(script, keys, args, timeout_s, shared,
+                                                   replicas, wait_ms)
+            except (RespError, OSError, TimeoutError) as exc:
+                failed = exc
+        out: tuple[Any, int] = await self._eval_routed(
+            script, keys, args, shared, (replicas, wait_ms), slot, started + timeout_s, node,
+            failed)
+        return out
+
+    async def _eval_routed(self, script: Script, keys: Sequence[str], args: Sequence[Arg],
+                           shared: Shared | None, wait: tuple[int, int] | None,
+                           slot: int | None, deadline: float, node: RespClient | None,
+                           failed: Exception | None) -> Any:
         packed: bytes | None = None
 
         def attempt(node: RespClient, asking: bool, left: float) -> Awaitable[Any]:
             nonlocal packed
             if not asking:
-                return node.eval_script(script, keys, args, left, shared)
+                if wait is None:
+                    return node.eval_script(script, keys, args, left, shared)
+                return node.eval_script_wait(script, keys, args, left, shared, *wait)
             if packed is None:
                 packed = pack_evalsha(script.sha, keys, args, shared)
-            return self._asking_eval(node, script, packed, left)
+            return self._asking_eval(node, script, packed, left, wait)
 
-        return await self._route(slot, attempt, started + timeout_s, node, failed)
+        return await self._route(slot, attempt, deadline, node, failed)
 
     async def command(self, *args: Arg, timeout_s: float) -> Any:
         """One command, on the master owning its key's slot (SCRIPT and FUNCTION:
@@ -399,10 +449,16 @@ class ClusterClient:
                                  self._owner(slot), None)
 
     async def _asking_eval(self, node: RespClient, script: Script, packed: bytes,
-                           left: float) -> Any:
+                           left: float, wait: tuple[int, int] | None = None) -> Any:
         started = time.monotonic()
+
+        def send(commands: tuple[bytes, ...], budget: float) -> Awaitable[Any]:
+            if wait is None:
+                return node.pipelined(commands, budget)
+            return node.pipelined_wait(commands, budget, *wait)
+
         try:
-            return await node.pipelined((_ASKING, packed), left)
+            return await send((_ASKING, packed), left)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
@@ -410,7 +466,7 @@ class ClusterClient:
         if left <= 0:
             raise TimeoutError("no time left to load the script")
         load = _pack(("SCRIPT", "LOAD", script.source))
-        return await node.pipelined((load, _ASKING, packed), left)
+        return await send((load, _ASKING, packed), left)
 
     async def _broadcast(self, args: Sequence[Arg], timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s

@@ -369,6 +369,62 @@ class RespClient:
         load.add_done_callback(_consume)
         return await self._wait(run, left, conn)
 
+    async def eval_script_wait(self, script: Script, keys: Sequence[str],
+                               args: Sequence[Arg], timeout_s: float,
+                               shared: Shared | None, replicas: int,
+                               wait_ms: int) -> tuple[Any, int]:
+        """EVALSHA then ``WAIT replicas wait_ms``, written back to back on one
+        connection (one round trip): the script's reply and how many replicas
+        acknowledged every write of this connection so far. WAIT counts the
+        connection's own writes, so the two must share it; replies come in order,
+        so the script's reply is known before WAIT's."""
+        started = time.monotonic()
+        packed = pack_evalsha(script.sha, keys, args, shared)
+        try:
+            return await self.pipelined_wait((packed,), timeout_s, replicas, wait_ms)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        left = timeout_s - (time.monotonic() - started)
+        if left <= 0:
+            raise TimeoutError("no time left to load the script")
+        load = _pack(("SCRIPT", "LOAD", script.source))
+        return await self.pipelined_wait((load, packed), left, replicas, wait_ms)
+
+    async def pipelined_wait(self, commands: Sequence[bytes], timeout_s: float,
+                             replicas: int, wait_ms: int) -> tuple[Any, int]:
+        """``pipelined`` followed by ``WAIT replicas wait_ms`` on the same
+        connection: the last command's reply and WAIT's count (-1: WAIT did not
+        answer within ``timeout_s``). An error reply of the command is raised
+        (WAIT's reply is then read and dropped)."""
+        if wait_ms < 1:
+            raise ValueError("WAIT needs a timeout of at least 1 ms (0 blocks forever)")
+        conn = self._ready()
+        if conn is None:
+            conn = await self._connect_within(timeout_s)
+        sent = time.monotonic()
+        futs = [conn.send(c) for c in commands]
+        acked = conn.send(_pack(("WAIT", replicas, wait_ms)))
+        for f in futs[:-1]:
+            f.add_done_callback(_consume)
+        try:
+            reply = await self._wait(futs[-1], timeout_s, conn)
+        except BaseException:
+            acked.add_done_callback(_consume)
+            raise
+        # The same deadline for both, counted from the first write. The command has
+        # run: a WAIT that does not answer in time (Redis 7 ends a WAIT's timeout
+        # at its next cron tick, up to 1/hz late) is a count of -1, not a failure
+        # of a call whose write is done; its reply is read and dropped later.
+        left = timeout_s - (time.monotonic() - sent)
+        if left <= 0 and not acked.done():
+            acked.add_done_callback(_consume)
+            return reply, -1
+        try:
+            return reply, int(await self._wait(acked, max(left, 0.0005), conn))
+        except TimeoutError:
+            return reply, -1
+
     async def pipelined(self, commands: Sequence[bytes], timeout_s: float) -> Any:
         """Write already packed ``commands`` back to back on one connection and
         return the last one's reply (earlier replies are read and dropped).

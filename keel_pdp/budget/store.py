@@ -9,6 +9,11 @@ The calls go through a small transport: the pipelined RESP client of
 ``keel_pdp.budget.resp`` in production (``from_url``), or redis-py for a client
 handed in directly (fakeredis in unit tests, tools). ``client`` stays a
 redis-py client either way, for the non-hot-path ``window`` read.
+
+A ``redis+cluster://`` URL gives the Redis Cluster client of
+``keel_pdp.budget.cluster`` for the scripts and redis-py's ``RedisCluster`` for
+the administrative reads. ``wait_replicas`` > 0 sends ``WAIT`` after each
+script on the same connection (see docs/redis-cluster.md, "Durability").
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from keel_pdp.budget.cluster import (
+    ClusterClient,
+    describe_cluster_url,
+    is_cluster_url,
+    redis_py_options,
+)
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.replies import (
     HoldReply,
@@ -128,6 +139,14 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+class WaitingTransport(Transport, Protocol):
+    """A transport that can send ``WAIT`` right after a script on its connection."""
+
+    async def eval_script_wait(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
+                               timeout_s: float, shared: Shared | None, replicas: int,
+                               wait_ms: int) -> tuple[Any, int]: ...
+
+
 class RedisPyTransport:
     """redis-py (or fakeredis) behind the transport interface."""
 
@@ -158,6 +177,8 @@ _FAILURES = (TimeoutError, RedisError, RespError, OSError)
 
 def describe_url(url: str) -> str:
     """Where a Redis URL points, without its credentials (for logs)."""
+    if is_cluster_url(url):
+        return describe_cluster_url(url)
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "unix":
         return f"unix:{parts.path}"
@@ -176,7 +197,7 @@ class BudgetStore:
     def __init__(self, client: aioredis.Redis | None, keys: KeySpace,
                  timeout_s: float = 0.025, *, transport: Transport | None = None,
                  client_factory: Callable[[], aioredis.Redis] | None = None,
-                 where: str = "") -> None:
+                 where: str = "", wait_replicas: int = 0) -> None:
         self._client = client
         self._client_factory = client_factory
         self.where = where
@@ -187,6 +208,18 @@ class BudgetStore:
                 raise ValueError("BudgetStore needs a redis-py client or a transport")
             transport = RedisPyTransport(client)
         self.transport: Transport = transport
+        if wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be 0 (off) or more, not {wait_replicas}")
+        if wait_replicas and not hasattr(transport, "eval_script_wait"):
+            raise ValueError("waiting for replicas needs the RESP or Redis Cluster client "
+                             "(redis-py pools connections, and WAIT counts one connection's "
+                             "writes)")
+        self.wait_replicas = wait_replicas
+        # Writes WAIT confirmed on fewer replicas than asked, by script (see
+        # docs/redis-cluster.md: they are answered as usual). ``on_short_wait`` is
+        # called with the script's name, for the metric.
+        self.short_waits = 0
+        self.on_short_wait: Callable[[str], None] | None = None
         t = self.transport
         self._authorize = t.script(_lua("authorize.lua"))
         self._closeout = t.script(_lua("closeout.lua"))
@@ -194,6 +227,9 @@ class BudgetStore:
         self._record = t.script(_lua("record.lua"))
         self._abort = t.script(_lua("abort.lua"))
         self._grant = t.script(_lua("grant.lua"))
+        self._names = {id(self._authorize): "authorize", id(self._closeout): "closeout",
+                       id(self._release): "release", id(self._record): "record",
+                       id(self._abort): "abort", id(self._grant): "grant"}
 
     @property
     def client(self) -> aioredis.Redis:
@@ -205,8 +241,13 @@ class BudgetStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
-                 max_connections: int = 64, client: str = "resp") -> BudgetStore:
-        """``client``: "resp" (pipelined, the default) or "redis-py" for every call."""
+                 max_connections: int = 64, client: str = "resp",
+                 wait_replicas: int = 0) -> BudgetStore:
+        """``client``: "resp" (pipelined, the default) or "redis-py" for every call.
+        A ``redis+cluster://`` URL: the Redis Cluster client for the scripts."""
+        if is_cluster_url(url):
+            return cls._cluster(url, prefix, timeout_s, max_connections, client, wait_replicas)
+
         def redis_py() -> aioredis.Redis:
             return aioredis.Redis.from_url(
                 url,
@@ -218,12 +259,38 @@ class BudgetStore:
             )
 
         if client == "redis-py":
-            return cls(redis_py(), KeySpace(prefix), timeout_s, where=describe_url(url))
+            return cls(redis_py(), KeySpace(prefix), timeout_s, where=describe_url(url),
+                       wait_replicas=wait_replicas)
         if client != "resp":
             raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
         resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
         return cls(None, KeySpace(prefix), timeout_s, transport=resp, client_factory=redis_py,
-                   where=describe_url(url))
+                   where=describe_url(url), wait_replicas=wait_replicas)
+
+    @classmethod
+    def _cluster(cls, url: str, prefix: str, timeout_s: float, max_connections: int,
+                 client: str, wait_replicas: int) -> BudgetStore:
+        if client != "resp":
+            raise ValueError(f"a Redis Cluster URL is served by the cluster client, not "
+                             f"{client!r}")
+        seeds, options = redis_py_options(url)
+
+        def redis_py() -> aioredis.Redis:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+            cluster = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in seeds],
+                socket_timeout=max(timeout_s * 4, 0.25),
+                socket_connect_timeout=max(timeout_s * 4, 0.25),
+                max_connections=max_connections, **options)
+            # The administrative reads use commands both clients share (HGET,
+            # HMGET, XRANGE, ZRANGE, non-transactional pipelines); redis-py types
+            # the two apart.
+            return cast(aioredis.Redis, cluster)
+
+        transport = ClusterClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
+        return cls(None, KeySpace(prefix), timeout_s, transport=transport,
+                   client_factory=redis_py, where=describe_url(url),
+                   wait_replicas=wait_replicas)
 
     def _budget(self, timeout_s: float | None) -> float:
         budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
@@ -231,11 +298,33 @@ class BudgetStore:
 
     async def _script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
                       timeout_s: float | None, shared: Shared | None = None) -> Any:
+        if self.wait_replicas:
+            return await self._script_wait(script, keys, args, timeout_s, shared)
         try:
             return await self.transport.eval_script(script, keys, args, self._budget(timeout_s),
                                                     shared)
         except _FAILURES as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _script_wait(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
+                           timeout_s: float | None, shared: Shared | None) -> Any:
+        """The script, then WAIT on the same connection: one round trip. WAIT may
+        take half the call's budget, so its reply (even a short count) comes back
+        before the call times out and a written hold is never reported as a
+        failure. A short count is counted and answered as usual."""
+        budget = self._budget(timeout_s)
+        wait_ms = max(1, int(budget * 500))
+        transport = cast(WaitingTransport, self.transport)
+        try:
+            reply, acked = await transport.eval_script_wait(
+                script, keys, args, budget, shared, self.wait_replicas, wait_ms)
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if acked < self.wait_replicas:
+            self.short_waits += 1
+            if self.on_short_wait is not None:
+                self.on_short_wait(self._names.get(id(script), "script"))
+        return reply
 
     async def _command(self, *args: Arg, timeout_s: float) -> Any:
         try:

@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from keel_pdp.errors import SettingsError
 from keel_pdp.flags import (
@@ -49,6 +49,8 @@ from keel_pdp.ledger.periods import iso_utc
 from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
+    import redis
+
     from keel_pdp.ledger.writer import WriterConfig
 
 log = logging.getLogger("keel_pdp.ledger")
@@ -58,7 +60,8 @@ log = logging.getLogger("keel_pdp.ledger")
 # units: durations are seconds; the old millisecond flags still work).
 WRITER: tuple[Setting, ...] = (
     Setting("redis_url", "--redis-url", "KEEL_REDIS_URL", "redis://127.0.0.1:6379/0",
-            RedisUrl(), "Redis URL: redis://, rediss:// (TLS) or unix://", "URL"),
+            RedisUrl(), "Redis URL: redis://, rediss:// (TLS), unix://, or "
+            "redis+cluster://h1:p1,h2:p2/ for Redis Cluster seed nodes", "URL"),
     Setting("store", "--store", "KEEL_LEDGER_STORE", "", metavar="URL",
             help="ledger store: sqlite:///path or postgresql://... (required)"),
     Setting("key_prefix", "--key-prefix", "KEEL_KEY_PREFIX", "keel", help="Redis key prefix",
@@ -205,8 +208,30 @@ def _register_period(sub: Any) -> None:
 
 
 # --------------------------------------------------------------------- writer
-def cmd_ledger(ns: argparse.Namespace) -> int:
+def stream_client(url: str, *, socket_timeout: float) -> redis.Redis:
+    """The writer's redis-py client: ``redis.Redis`` for one node, ``RedisCluster``
+    for a ``redis+cluster://`` URL (the stream, its dead-letter stream and the
+    consumer group share one slot, so each command and the ack transaction go
+    to the one master that owns it)."""
     import redis
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from keel_pdp.budget.cluster import is_cluster_url, redis_py_options
+
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                    socket_connect_timeout=5)
+    seeds, options = redis_py_options(url)
+    cluster = RedisCluster(startup_nodes=[ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                                          for h, p in seeds],
+                           socket_timeout=socket_timeout, socket_connect_timeout=5,
+                           **options)
+    # The writer uses single-key stream commands and a one-slot transaction, which
+    # both clients serve; redis-py types them apart.
+    return cast("redis.Redis", cluster)
+
+
+def cmd_ledger(ns: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from keel_pdp.ledger.metrics import LedgerMetrics
@@ -223,8 +248,7 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = s.config()
-    client = redis.Redis.from_url(s.redis_url, socket_timeout=s.block_s + 5,
-                                  socket_connect_timeout=5)
+    client = stream_client(s.redis_url, socket_timeout=s.block_s + 5)
     metrics = LedgerMetrics()
     writer = LedgerWriter(config, store, client, metrics)
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())

@@ -29,6 +29,10 @@ from tests.conftest import ROOT
 # (flag, variable, bad value, words the message must contain)
 SERVE_BAD = [
     ("--redis-url", "KEEL_REDIS_URL", "http://cache:6379", "scheme must be"),
+    ("--redis-url", "KEEL_REDIS_URL", "redis://h1:1,h2:2", "redis+cluster://"),
+    ("--redis-url", "KEEL_REDIS_URL", "redis+cluster://h1:1,,h2:2/", "empty seed node"),
+    ("--wait-replicas", "KEEL_WAIT_REPLICAS", "-1", "between 0 and 16"),
+    ("--wait-replicas", "KEEL_WAIT_REPLICAS", "one", "not an integer"),
     ("--listen", "KEEL_LISTEN", "localhost", "HOST:PORT"),
     ("--listen", "KEEL_LISTEN", "127.0.0.1:70000", "HOST:PORT"),
     ("--metrics-port", "KEEL_METRICS_PORT", "abc", "not an integer"),
