@@ -5,34 +5,9 @@ chunk by chunk (a JSON body or a server-sent-event stream, gzip or not) and
 keeps what a closeout needs: the provider's usage once it is seen, the usage
 fields seen so far (a broken stream still reports what it had), and the number
 of generated-text bytes (the basis of an estimate when no usage arrives).
-
-Usage is normalised to Keel's convention (see ``keel_pdp.pricing.TokenUsage``):
-
-* OpenAI Chat Completions: ``prompt_tokens`` (cache reads included) -> input,
-  ``prompt_tokens_details.cached_tokens`` -> cached input,
-  ``completion_tokens`` -> output, ``completion_tokens_details.reasoning_tokens``
-  -> reasoning. OpenAI has no separately priced cache writes.
-* OpenAI Responses: ``input_tokens``, ``input_tokens_details.cached_tokens``,
-  ``output_tokens``, ``output_tokens_details.reasoning_tokens``.
-* Anthropic Messages: ``input_tokens`` counts only uncached input, so input =
-  ``input_tokens + cache_read_input_tokens + cache_creation_input_tokens``;
-  cached input = ``cache_read_input_tokens``; cache writes =
-  ``cache_creation_input_tokens``; output = ``output_tokens`` (thinking included).
-  In a stream, ``message_start`` carries the input side and ``message_delta``
-  the cumulative output; the later value of a field wins. Bedrock
-  InvokeModel with an Anthropic body reports the same object (streamed as
-  ``chunk`` frames whose ``bytes`` are these events).
-* OpenAI / Azure embeddings: ``prompt_tokens`` -> input; no output.
-* Gemini API / Vertex AI ``usageMetadata``: input = ``promptTokenCount`` +
-  ``toolUsePromptTokenCount``; cached input = ``cachedContentTokenCount``
-  (part of the prompt count); output = ``candidatesTokenCount`` +
-  ``thoughtsTokenCount`` (thinking is billed as output); reasoning =
-  ``thoughtsTokenCount``. Streams repeat a cumulative ``usageMetadata``; the one
-  on the chunk with a ``finishReason`` is final.
-* Bedrock Converse ``usage`` (JSON, or the ``metadata`` event of
-  ConverseStream): ``inputTokens`` counts uncached input, so input =
-  ``inputTokens + cacheReadInputTokens + cacheWriteInputTokens``; output =
-  ``outputTokens``.
+Usage is normalised to Keel's convention by ``keel_pdp.mesh.usage_normalise``
+(per provider field, in that module's docstring); ``normalise`` and
+``consistent`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -47,66 +22,13 @@ from dataclasses import dataclass
 from keel_pdp.mesh.apis import Api
 from keel_pdp.mesh.estimate import BYTES_PER_TOKEN
 from keel_pdp.mesh.eventstream import FrameDecoder
+from keel_pdp.mesh.jsonstream import MAX_EVENT_BYTES, JsonElements
+from keel_pdp.mesh.usage_normalise import consistent, normalise
 from keel_pdp.pricing import TokenUsage
 
-MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
+__all__ = ["MAX_SSE_EVENT_BYTES", "Reading", "ResponseMeter", "consistent", "normalise"]
 
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
-    return value
-
-
-def _get(d: Mapping[str, object], *path: str) -> int:
-    cur: object = d
-    for key in path:
-        if not isinstance(cur, Mapping):
-            return 0
-        cur = cur.get(key)
-    return _int(cur)
-
-
-def consistent(input_tokens: int, cached: int, cache_write: int, output: int,
-               reasoning: int) -> TokenUsage:
-    """A TokenUsage that passes ``problems()``: parts never exceed their totals."""
-    input_tokens = max(input_tokens, cached + cache_write)
-    output = max(output, reasoning)
-    return TokenUsage(input_tokens, cached, cache_write, output, reasoning)
-
-
-def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
-    """Provider usage object -> Keel's convention (module docstring)."""
-    if api is Api.GENERATE_CONTENT or "promptTokenCount" in usage:
-        thoughts = _get(usage, "thoughtsTokenCount")
-        return consistent(
-            _get(usage, "promptTokenCount") + _get(usage, "toolUsePromptTokenCount"),
-            _get(usage, "cachedContentTokenCount"), 0,
-            _get(usage, "candidatesTokenCount") + thoughts, thoughts)
-    if api is Api.CONVERSE or "inputTokens" in usage:
-        read = _get(usage, "cacheReadInputTokens")
-        write = _get(usage, "cacheWriteInputTokens")
-        return consistent(_get(usage, "inputTokens") + read + write, read, write,
-                          _get(usage, "outputTokens"), 0)
-    if "inputTokenCount" in usage:  # Bedrock's amazon-bedrock-invocationMetrics
-        read = _get(usage, "cacheReadInputTokenCount")
-        write = _get(usage, "cacheWriteInputTokenCount")
-        return consistent(_get(usage, "inputTokenCount") + read + write, read, write,
-                          _get(usage, "outputTokenCount"), 0)
-    if api in (Api.MESSAGES, Api.INVOKE_MESSAGES) or "cache_read_input_tokens" in usage \
-            or "cache_creation_input_tokens" in usage:
-        fresh = _get(usage, "input_tokens")
-        read = _get(usage, "cache_read_input_tokens")
-        write = _get(usage, "cache_creation_input_tokens")
-        return consistent(fresh + read + write, read, write, _get(usage, "output_tokens"), 0)
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return consistent(
-            _get(usage, "prompt_tokens"), _get(usage, "prompt_tokens_details", "cached_tokens"),
-            0, _get(usage, "completion_tokens"),
-            _get(usage, "completion_tokens_details", "reasoning_tokens"))
-    return consistent(
-        _get(usage, "input_tokens"), _get(usage, "input_tokens_details", "cached_tokens"), 0,
-        _get(usage, "output_tokens"), _get(usage, "output_tokens_details", "reasoning_tokens"))
+MAX_SSE_EVENT_BYTES = MAX_EVENT_BYTES
 
 
 def _text_len(value: object) -> int:
@@ -141,8 +63,8 @@ class ResponseMeter:
         # Gemini / Vertex answers (one JSON object, or a JSON array streamed an
         # element at a time) are read element by element, so a broken stream
         # still tells what it had.
-        self.elements = _JsonElements() if (api is Api.GENERATE_CONTENT and not self.sse
-                                              and self.frames is None) else None
+        self.elements = JsonElements() if (api is Api.GENERATE_CONTENT and not self.sse
+                                             and self.frames is None) else None
         enc = content_encoding.strip().lower()
         self._inflate = zlib.decompressobj(47) if enc in ("gzip", "x-gzip", "deflate") else None
         self._opaque = enc not in ("", "identity", "gzip", "x-gzip", "deflate")
@@ -414,57 +336,3 @@ class ResponseMeter:
         if obj.get("stop_reason") == "max_tokens" or obj.get("status") == "incomplete" \
                 or obj.get("stopReason") == "max_tokens":
             self.incomplete = True
-
-
-class _JsonElements:
-    """Top-level JSON objects out of a byte stream: one object, or the elements of a
-    JSON array (Gemini's streamGenerateContent without ``alt=sse``), as each closes."""
-
-    __slots__ = ("_buf", "_depth", "_esc", "_start", "_str", "_top")
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._depth = 0
-        self._str = False
-        self._esc = False
-        self._start = -1
-        self._top = 0  # the depth objects are elements at: 0 (one object) or 1 (array)
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        base = len(self._buf)
-        self._buf += chunk
-        buf = self._buf
-        for i in range(base, len(buf)):
-            ch = buf[i]
-            if self._str:
-                if self._esc:
-                    self._esc = False
-                elif ch == 0x5C:  # backslash
-                    self._esc = True
-                elif ch == 0x22:
-                    self._str = False
-                continue
-            if ch == 0x22:
-                self._str = True
-            elif ch in (0x7B, 0x5B):  # { [
-                if self._depth == 0 and ch == 0x5B:
-                    self._top = 1
-                if ch == 0x7B and self._depth == self._top:
-                    self._start = i
-                self._depth += 1
-            elif ch in (0x7D, 0x5D):  # } ]
-                self._depth = max(0, self._depth - 1)
-                if ch == 0x7D and self._depth == self._top and self._start >= 0:
-                    out.append(bytes(buf[self._start:i + 1]))
-                    self._start = -1
-        # Keep only the element being read.
-        if self._start < 0:
-            self._buf.clear()
-        elif self._start > 0:
-            del self._buf[:self._start]
-            self._start = 0
-        if len(self._buf) > MAX_SSE_EVENT_BYTES:
-            self._buf.clear()
-            self._start = -1
-        return out
