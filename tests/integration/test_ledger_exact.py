@@ -40,6 +40,7 @@ from keel_pdp.reconcile.internal import from_ledger
 from keel_pdp.reconcile.period import Period
 from tests.helpers import budget, make_engine, write_bundle
 from tests.integration.conftest import STREAM, drain, make_writer
+from tests.unit.test_reconcile_e2e import main as recon_main
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +283,41 @@ async def test_an_older_ledger_upgrades_and_still_reports(
         assert sum(ln.cost_micros for ln in lines) == 70
     finally:
         store.close()
+
+
+async def test_reconcile_rounding_carries_no_bias(booked: Any, tmp_path: pathlib.Path) -> None:
+    """The provider bills the same calls exactly (Costs API, sub-micro decimals): with
+    exact amounts on both sides there is no gap, so nothing for rounding to carry
+    (with each call rounded up the gap was 701 x 0.5 + 299 x 0.34 micro-USD)."""
+    store: LedgerStore = booked["store"]
+    want = _expected(booked["bundle"])
+    days = {int(ts) // 86_400_000 for (ts,) in store.query(
+        "SELECT ts_ms FROM ledger_entries WHERE kind = 'settlement'")}
+    assert len(days) == 1, "the calls straddle midnight UTC; run again"
+    day = days.pop() * 86_400
+    results = [{"object": "organization.costs.result",
+                "amount": {"value": f"__{exact / 1_000_000:f}__", "currency": "usd"},
+                "line_item": f"{EMBED}, input", "project_id": f"proj_{tenant}"}
+               for tenant, (exact, _) in want.items()]
+    page = {"object": "page", "has_more": False, "next_page": None, "data": [
+        {"object": "bucket", "start_time": day, "end_time": day + 86_400,
+         "results": results}]}
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(page).replace('"__', "").replace('__"', ""))
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("accounts:\n" + "".join(
+        f"  - {{provider: openai, account: proj_{t}, tenant: {t}, workload: embed}}\n"
+        for t in CALLS) + "workloads:\n" + "".join(
+        f"  - {{tenant: {t}, workload: embed, engineering_owner: Dana Ruiz}}\n"
+        for t in CALLS))
+    now = time.gmtime(day)
+    period = Period(now.tm_year, now.tm_mon)
+    out = tmp_path / "out"
+    assert recon_main(["reconcile", "--store", store.url, "--period", str(period),
+                       "--provider", "openai", "--export", str(costs), "--mapping",
+                       str(mapping), "--out", str(out)]) == 0
+    memo = json.loads((out / str(period) / "openai" / "memo.json").read_text())
+    cats = {c["category"]: c["net_micros"] for c in memo["categories"]}
+    assert memo["totals"]["internal_micros"] == sum(_once(e) for e, _ in want.values())
+    assert memo["totals"]["gap_micros"] == 0
+    assert cats["rounding"] == cats["unexplained"] == 0
