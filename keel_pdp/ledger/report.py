@@ -1,6 +1,8 @@
 """Forecast, actual and variance for a period, and a burn-rate forecast per budget.
 
-Definitions (all integer micro-USD; per group of permits belonging to the period):
+Definitions (integer micro-USD; per group of permits belonging to the period; each
+figure shown is the exact sum of its entries, rounded once, half to even — see
+``keel_pdp.ledger.figures``):
 
 - forecast: the cost estimated and held when the permits were issued;
 - actual: provider-reported (or priced) cost of the settled permits, plus manual
