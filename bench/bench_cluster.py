@@ -19,6 +19,20 @@ Figures: calls/s and the client's CPU per call (this process only; Redis runs
 elsewhere), each as a ratio to the baseline; EVALSHA calls per master for the
 spread run (busiest / idlest, from INFO commandstats); and how 1,000 tenant tags
 fall on the three masters' slots.
+
+Two more sections (``--only durability,hot``; ``python -m bench.run_all --only
+cluster`` runs both):
+
+* durability: the cost of ``--wait-replicas 1``. A Keel-like write script (one
+  hash field, one stream entry) under the ``{pdp}`` tag, with and without
+  ``WAIT 1`` pipelined behind it on the same connection, interleaved in this
+  run: latency at one call at a time (p50, p99) and calls/s at 64 concurrent
+  calls. The baseline is the same script without WAIT.
+* hot: where Keel's real Authorize lands today. Real Authorize calls through
+  the engine and ``BudgetStore.from_url(redis+cluster://...)`` for 100 tenants;
+  INFO commandstats of every master: EVALSHA calls per master and Redis time per
+  Authorize script on the busiest, hence the ceiling of one master (one core)
+  in Authorize/s, which is today's ceiling for the whole fleet.
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ from typing import Any
 
 import uvloop
 
-from bench.harness import RedisServer, median
+from bench.harness import Context, RedisServer, Row, median
 from keel_pdp.budget.cluster import ClusterClient, call_slot, key_slot
 from keel_pdp.budget.resp import RespClient, Shared
 from tests.integration.cluster_fixture import RedisCluster, start_cluster
@@ -122,6 +136,162 @@ def _routing_us(tags: Sequence[str], n: int = 20000) -> tuple[float, float]:
     return whole, (time.perf_counter() - started) / n * 1e6
 
 
+# ------------------------------------------------------------------ durability
+WRITE = """
+redis.call('HINCRBY', KEYS[1], 'h', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', 'd', ARGV[2])
+return 1
+"""
+PAYLOAD = "x" * 600  # about what a decision event carries
+
+
+async def _writes(client: ClusterClient, wait: bool, concurrency: int,
+                  seconds: float) -> tuple[list[float], float, int]:
+    """Per-call latencies (us), calls/s and short WAITs of the write script."""
+    script = client.script(WRITE)
+    keys = ["keel:{pdp}:b:bench", "keel:{pdp}:events-bench"]
+    await client.eval_script(script, keys, [1, PAYLOAD], 5.0)  # connect, map, load
+    lat: list[float] = []
+    short = 0
+    stop = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal short
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            if wait:
+                _, acked = await client.eval_script_wait(script, keys, [1, PAYLOAD], 2.0,
+                                                         None, 1, 100)
+                short += acked < 1
+            else:
+                await client.eval_script(script, keys, [1, PAYLOAD], 2.0)
+            lat.append((time.perf_counter() - t) * 1e6)
+
+    began = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, len(lat) / (time.monotonic() - began), short
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def durability_rows(cluster: RedisCluster, rounds: int, seconds: float) -> list[Row]:
+    got: dict[tuple[bool, int], list[tuple[list[float], float, int]]] = {}
+    for _ in range(rounds):
+        for concurrency in (1, CONCURRENCY):
+            for wait in (False, True):
+                async def one(wait: bool = wait, c: int = concurrency
+                              ) -> tuple[list[float], float, int]:
+                    client = ClusterClient.from_url(cluster.url)
+                    try:
+                        return await _writes(client, wait, c, seconds)
+                    finally:
+                        await client.close()
+                got.setdefault((wait, concurrency), []).append(uvloop.run(one()))
+    rows = []
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        base = median([_percentile(r[0], q) for r in got[(False, 1)]])
+        with_wait = median([_percentile(r[0], q) for r in got[(True, 1)]])
+        rows.append(Row("cluster", f"write script latency {label}, one call at a time",
+                        base, "us", 1.0, "no WAIT"))
+        rows.append(Row("cluster", f"write script + WAIT 1 latency {label}, one call at a "
+                        "time", with_wait, "us", with_wait / base, "no WAIT"))
+    base_rps = median([r[1] for r in got[(False, CONCURRENCY)]])
+    wait_rps = median([r[1] for r in got[(True, CONCURRENCY)]])
+    short = sum(r[2] for k, v in got.items() if k[0] for r in v)
+    rows.append(Row("cluster", f"write script calls/s, {CONCURRENCY} concurrent", base_rps,
+                    "calls/s", 1.0, "no WAIT"))
+    rows.append(Row("cluster", f"write script + WAIT 1 calls/s, {CONCURRENCY} concurrent",
+                    wait_rps, "calls/s", wait_rps / base_rps, "no WAIT",
+                    f"one pipelined connection per master; a WAIT holds the calls behind it "
+                    f"until the replica acknowledges; {short} WAIT(s) short of 1 replica"))
+    return rows
+
+
+# ------------------------------------------------------------------ hot slot
+def _commandstats(cluster: RedisCluster) -> dict[int, tuple[int, float]]:
+    out = {}
+    for port in cluster.masters():
+        stats = cluster.admin(port).info("commandstats").get("cmdstat_evalsha", {})
+        out[port] = (int(stats.get("calls", 0)), float(stats.get("usec_per_call", 0.0)))
+    return out
+
+
+def hot_rows(cluster: RedisCluster, work: pathlib.Path, calls: int) -> list[Row]:
+    """Real Authorize calls for 100 tenants through the cluster store: which
+    masters run them, and the Redis time of each on the one that does."""
+    from keel_pdp.budget.store import BudgetStore
+    from keel_pdp.decision import AuthorizeInput
+    from keel_pdp.engine import Engine
+    from keel_pdp.metrics import Metrics
+    from keel_pdp.policy.loader import load_bundle
+    from keel_pdp.policy.reload import PolicyHolder
+    from tests.helpers import budget, write_bundle
+
+    bundle = write_bundle(work / "hot-bundle", [
+        budget("org-daily", "1000000.00"), budget("per-tenant", "10000.00", per=["tenant"]),
+        budget("per-workload", "10000.00", per=["tenant", "workload"])])
+
+    async def drive() -> None:
+        holder = PolicyHolder(bundle)
+        holder.set(load_bundle(bundle))
+        store = BudgetStore.from_url(cluster.url, prefix="hot", timeout_s=2.0)
+        engine = Engine(holder, store, Metrics())
+        try:
+            await engine.authorize(AuthorizeInput("warm", "t-0", "chat", "gpt-4o-mini",
+                                                  "openai", 200, 50))
+            for port in cluster.masters():
+                cluster.cmd(port, "CONFIG", "RESETSTAT")
+
+            async def worker(w: int) -> None:
+                for i in range(w, calls, 16):
+                    await engine.authorize(AuthorizeInput(
+                        f"h-{i}", f"t-{i % 100}", "chat", "gpt-4o-mini", "openai", 200, 50))
+
+            await asyncio.gather(*(worker(w) for w in range(16)))
+        finally:
+            await store.close()
+
+    uvloop.run(drive())
+    stats = _commandstats(cluster)
+    per_master = sorted((c for c, _ in stats.values()), reverse=True)
+    busiest = max(stats.values())
+    ceiling = 1e6 / busiest[1] if busiest[1] else 0.0
+    return [
+        Row("cluster", "Authorize EVALSHA per master, 100 tenants (busiest first)",
+            float(per_master[0]), "calls", None, "",
+            f"all masters: {per_master}: every Keel key has the {{pdp}} tag, so one slot "
+            "and one master take the whole fleet's Authorize load"),
+        Row("cluster", "Redis time per Authorize script on that master", busiest[1], "us",
+            None, "", "INFO commandstats usec_per_call of EVALSHA (authorize.lua)"),
+        Row("cluster", "ceiling of one master = today's fleet ceiling", ceiling,
+            "Authorize/s", None, "",
+            "1e6 / usec_per_call: one Redis core, whatever the number of masters or "
+            "sidecars; with a per-tenant layout it would be the ceiling of one tenant"),
+    ]
+
+
+def run(ctx: Context) -> list[Row]:
+    """run_all's section: durability (WAIT) and the hot slot, on one fixture cluster."""
+    cluster = start_cluster(ctx.path("cluster"))
+    try:
+        rows = durability_rows(cluster, ctx.rounds, ctx.duration_s)
+        rows.extend(hot_rows(cluster, ctx.work, 1000 if ctx.quick else 10000))
+        return rows
+    finally:
+        cluster.stop()
+
+
+def _print_rows(rows: Sequence[Row]) -> None:
+    for r in rows:
+        ratio = "" if r.ratio is None else f"  {r.ratio:.2f}x {r.baseline}"
+        print(f"{r.name:<62}{r.value:>12,.1f} {r.unit}{ratio}")
+        if r.note:
+            print(f"    {r.note}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_cluster", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,8 +300,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 round of 1 s")
     ap.add_argument("--resp-before", metavar="REV",
                     help="also measure RespClient as it was at this git revision")
+    ap.add_argument("--only", default="client,durability,hot",
+                    help="sections: client (the client's cost, tag spread), durability "
+                         "(WAIT), hot (where Authorize lands)")
     ns = ap.parse_args(argv)
     rounds, seconds = (1, 1.0) if ns.quick else (ns.rounds, ns.duration)
+    only = set(ns.only.split(","))
+    if only - {"client", "durability", "hot"}:
+        ap.error(f"unknown section(s) in --only {ns.only!r}")
+    if "client" not in only:
+        with tempfile.TemporaryDirectory(prefix="bench-cluster-") as d:
+            cluster = start_cluster(pathlib.Path(d) / "cluster")
+            try:
+                rows = durability_rows(cluster, rounds, seconds) if "durability" in only \
+                    else []
+                if "hot" in only:
+                    rows += hot_rows(cluster, pathlib.Path(d), 1000 if ns.quick else 10000)
+            finally:
+                cluster.stop()
+        _print_rows(rows)
+        return 0
     tags = [f"tenant-{i}" for i in range(TAGS)]
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as d:
         work = pathlib.Path(d)
@@ -166,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         after = _evalsha_calls(cluster)
                         per_master.update({p: after[p] - before.get(p, 0) for p in after})
             owners = Counter(cluster.owner(key_slot(t)) for t in tags)
+            extra = durability_rows(cluster, rounds, seconds) if "durability" in only else []
+            if "hot" in only:
+                extra += hot_rows(cluster, work, 1000 if ns.quick else 10000)
         finally:
             cluster.stop()
             single.stop()
@@ -189,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tag_counts = [owners[p] for p in sorted(owners)]
     print(f"tenant tags per master's slots: {tag_counts} -> busiest/idlest "
           f"{max(tag_counts) / min(tag_counts):.3f}")
+    _print_rows(extra)
     return 0
 
 
