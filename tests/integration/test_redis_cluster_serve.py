@@ -329,3 +329,26 @@ def test_waiting_needs_the_pipelined_clients() -> None:
         BudgetStore.from_url("redis://127.0.0.1:1/0", client="redis-py", wait_replicas=1)
     with pytest.raises(ValueError, match="wait_replicas"):
         BudgetStore.from_url("redis://127.0.0.1:1/0", wait_replicas=-1)
+
+
+async def test_a_wait_that_outlasts_the_store_timeout_never_fails_the_written_hold(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    # A standalone Redis has no replica: WAIT 1 can only time out, and Redis ends
+    # it at a cron tick (hz 10: 100 ms or more), long after this 40 ms budget.
+    store = BudgetStore.from_url(redis_url, prefix="late", timeout_s=0.04, wait_replicas=1)
+    short: list[str] = []
+    store.on_short_wait = short.append
+    engine = _engine(store, _bundle(tmp_path / "b"))
+    try:
+        res = await engine.authorize(AuthorizeInput(
+            "late-0", "acme", "chat", "gpt-4o-mini", "openai", 200, 50))
+        # The hold was written and answered: WAIT's lateness is not a store failure.
+        assert res.decision is DecisionKind.ALLOW and not res.degraded
+        assert short == ["authorize"]
+    finally:
+        await store.close()
+    keys = KeySpace("late")
+    reader = redis.Redis.from_url(redis_url)
+    assert reader.hget(keys.permit(res.permit_id), "state") == b"held"
+    raw: Any = reader.xrange(keys.stream)
+    assert [f[b"type"] for _, f in raw] == [b"decision"]  # one hold, one event
