@@ -28,7 +28,7 @@ from keel_pdp.reconcile.categories import (
     UNEXPLAINED,
 )
 from keel_pdp.reconcile.clocks import LEDGER_CLOCK_TENANT, ledger_month, month_at
-from keel_pdp.reconcile.internal import InternalUsageLine
+from keel_pdp.reconcile.internal_line import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping
 from keel_pdp.reconcile.model import (
     CACHE_WRITE,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, tzinfo
 
-from keel_pdp.reconcile.internal import InternalUsageLine
+from keel_pdp.reconcile.internal_line import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping
 from keel_pdp.reconcile.period import Period
 

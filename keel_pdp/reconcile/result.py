@@ -15,7 +15,7 @@ from fractions import Fraction
 
 from keel_pdp.reconcile.categories import CREDITS, PRIOR_PERIOD
 from keel_pdp.reconcile.clocks import LEDGER_CLOCK_TENANT
-from keel_pdp.reconcile.internal import InternalUsageLine
+from keel_pdp.reconcile.internal_line import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping, Workload
 from keel_pdp.reconcile.model import ProviderLine
 from keel_pdp.reconcile.period import Period

@@ -59,7 +59,7 @@ from keel_pdp.reconcile.clocks import (
     ledger_window_ms,
 )
 from keel_pdp.reconcile.errors import ReconcileError
-from keel_pdp.reconcile.internal import InternalUsageLine
+from keel_pdp.reconcile.internal_line import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping
 from keel_pdp.reconcile.model import INPUT, OUTPUT, ProviderLine
 from keel_pdp.reconcile.period import Period
