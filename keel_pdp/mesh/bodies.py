@@ -32,6 +32,7 @@ from keel_pdp.mesh.estimate import BYTES_PER_TOKEN, REPLY_PRIMING_TOKENS, estima
 
 
 def decode_body(body: bytes, content_encoding: str) -> bytes:
+    """The body with its content-encoding undone (gzip, deflate or none), at most 64 MiB."""
     enc = content_encoding.strip().lower()
     if enc in ("", "identity"):
         return body

@@ -146,6 +146,8 @@ def match_path(method: str, path: str) -> tuple[Api, str] | None:
 
 def provider_for(default: str, host: str, header_value: str,
                  hosts: Iterable[tuple[str, str]]) -> str:
+    """The provider a header names, else the first ``hosts`` pair whose text the host
+    contains, else the path's ``default``."""
     if header_value:
         return header_value.strip()
     low = host.lower()

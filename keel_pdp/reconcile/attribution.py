@@ -213,6 +213,7 @@ class Builder:
 
 
 def attribute_requests(b: Builder, cards: dict[Series, dict[date, Fraction]]) -> None:
+    """Re-rate every request at the card and put its difference in one category."""
     ev = b.evidence
     for r in sorted(b.requests, key=lambda x: (x.line.ts_ms, x.line.request_id)):
         rid = r.line.request_id

@@ -179,10 +179,12 @@ class InternalSource(Protocol):
 
 
 def in_window(line: InternalUsageLine, period: Period, pad_ms: int) -> bool:
+    """Whether ``line`` falls in ``period`` widened by ``pad_ms`` either side (UTC)."""
     return period.start_ms - pad_ms <= line.ts_ms < period.end_ms + pad_ms
 
 
 def write_export(lines: list[InternalUsageLine], path: pathlib.Path) -> None:
+    """Write ``lines`` as an internal usage export (CSV) the file source reads back."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
         writer.writeheader()

@@ -111,6 +111,7 @@ def derive_card(days: list[RateDay]) -> dict[date, Fraction]:
 
 
 def rate_on(card: dict[date, Fraction], day: date) -> Fraction | None:
+    """The card's rate on ``day``: its own, the one in force before it, or the first."""
     if not card:
         return None
     if day in card:
