@@ -19,7 +19,7 @@
     │   ├── UnknownException (LookupError)
     │   └── ExceptionConflict
     ├── MeshRequestError (ValueError)    an HTTP request the mesh path cannot read
-    │   └── BadRequest                     (keel_pdp.mesh.request; carries an HTTP status)
+    │   └── BadRequest                     (keel_pdp.mesh.apis; carries an HTTP status)
     ├── FrameError (ValueError)          a broken AWS event-stream frame
     ├── LedgerError                      the ledger (keel_pdp.ledger)
     │   ├── LedgerUnavailable              the ledger store could not be reached; retry

@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from keel_pdp.errors import MeshRequestError
+
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_TOKENS_LIMIT = 2_000_000
 
 
-class BadRequest(ValueError):
+class BadRequest(MeshRequestError):
     """The request cannot be read; the message says which field and why."""
 
     def __init__(self, message: str, status: int = 400) -> None:

@@ -153,7 +153,7 @@ def test_the_callers_deadline_reaches_the_sidecar(sidecar: tuple[str, Script]) -
     with keel(target) as k, k.permit("gpt-4o", timeout=30) as p:
         p.record_usage(USAGE)
     ((_, remaining),) = script.authorize
-    assert remaining is not None and 0 < remaining <= 30
+    assert remaining is not None and 0 < remaining <= 31  # gRPC rounds a deadline up
 
 
 def test_deadline_spent_on_a_slow_sidecar_applies_the_fail_mode(
