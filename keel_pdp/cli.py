@@ -119,6 +119,12 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     if not await store.warm():
         log.warning("budget store %s not reachable yet; decisions follow each budget's "
                     "fail mode until it is", redacted_url(s.redis_url))
+    elif s.wait_replicas:
+        fewest = await store.fewest_replicas()
+        if fewest is not None and fewest < s.wait_replicas:
+            log.warning("--wait-replicas %d: a master of %s has only %d replica(s), so "
+                        "every WAIT there will be short and slow (docs/redis-cluster.md)",
+                        s.wait_replicas, store.where, fewest)
     holder.reload(force=True)
     if holder.current is None:
         log.error("no valid policy bundle in %s yet: health is NOT_SERVING, every Authorize "

@@ -468,6 +468,18 @@ class ClusterClient:
         load = _pack(("SCRIPT", "LOAD", script.source))
         return await send((load, _ASKING, packed), left)
 
+    async def on_every_master(self, *args: Arg, timeout_s: float) -> list[Any]:
+        """One command on every master of the current map, their replies in map order
+        (``INFO replication``: how many replicas each has)."""
+        deadline = time.monotonic() + timeout_s
+        if not self._masters:
+            await self._refresh_within(timeout_s)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left after reading the Redis Cluster slot map")
+        return list(await asyncio.gather(
+            *(m.command(*args, timeout_s=left) for m in list(self._masters))))
+
     async def _broadcast(self, args: Sequence[Arg], timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
         if not self._masters:

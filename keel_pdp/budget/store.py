@@ -185,6 +185,17 @@ def describe_url(url: str) -> str:
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
 
 
+def _connected_replicas(raw: Any) -> int | None:
+    """``connected_slaves`` of an INFO replication reply (redis-py parses INFO)."""
+    if isinstance(raw, dict):
+        return int(raw.get("connected_slaves", 0))
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    for line in text.splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.partition(":")[2])
+    return None
+
+
 class BudgetStore:
     """The budget store: holds, settlements, releases and events in Redis, one Lua
     script call per operation (see the module docstring).
@@ -434,6 +445,23 @@ class BudgetStore:
             return True
         except StoreUnavailable:
             return False
+
+    async def fewest_replicas(self) -> int | None:
+        """The fewest replicas any master of the store has (None: could not tell),
+        so ``serve`` can say at start that ``--wait-replicas`` cannot be met."""
+        try:
+            if isinstance(self.transport, ClusterClient):
+                # Each master's own count (CLUSTER SLOTS leaves out replicas the
+                # cluster does not consider synced yet).
+                replies = await self.transport.on_every_master("INFO", "replication",
+                                                               timeout_s=2.0)
+            else:
+                replies = [await self._command("INFO", "replication", timeout_s=2.0)]
+        except (StoreUnavailable, *_FAILURES):
+            return None
+        counts = [_connected_replicas(r) for r in replies]
+        known = [c for c in counts if c is not None]
+        return min(known) if known and len(known) == len(counts) else None
 
     async def ping(self) -> bool:
         try:

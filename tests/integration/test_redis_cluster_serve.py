@@ -185,6 +185,7 @@ def test_serve_and_the_ledger_writer_run_on_a_cluster_url_exactly_once(
     assert all(p.returncode == 0 for p in procs), outs
     # The log names the cluster's seeds and nothing else.
     assert f"budget store cluster {redis_cluster.nodes[0].address}," in outs[0]
+    assert "--wait-replicas 1: a master" not in outs[0]  # every master has its replica
 
 
 def test_cluster_urls_are_validated_and_logged_without_secrets() -> None:
@@ -252,6 +253,7 @@ async def test_with_wait_every_hold_is_on_the_replica_when_it_is_answered(
             assert reader.hget(keys.permit(res.permit_id), "state") == b"held", i
             assert reader.xlen(keys.stream) == i + 1
         assert store.short_waits == 0
+        assert await store.fewest_replicas() == 1
         # The replica paused while a hold is made: the answer waits for it. (On
         # loopback a replica is usually quick enough for the reads above to pass
         # without WAIT; this part is the one that fails without it.)
@@ -345,6 +347,8 @@ async def test_a_wait_that_outlasts_the_store_timeout_never_fails_the_written_ho
         # The hold was written and answered: WAIT's lateness is not a store failure.
         assert res.decision is DecisionKind.ALLOW and not res.degraded
         assert short == ["authorize"]
+        # What serve checks at start to warn that --wait-replicas cannot be met.
+        assert await store.fewest_replicas() == 0
     finally:
         await store.close()
     keys = KeySpace("late")
@@ -352,3 +356,21 @@ async def test_a_wait_that_outlasts_the_store_timeout_never_fails_the_written_ho
     assert reader.hget(keys.permit(res.permit_id), "state") == b"held"
     raw: Any = reader.xrange(keys.stream)
     assert [f[b"type"] for _, f in raw] == [b"decision"]  # one hold, one event
+
+
+def test_serve_warns_when_masters_have_fewer_replicas_than_asked(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    policies = _bundle(tmp_path / "policies")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(policies),
+         "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
+         "--wait-replicas", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait_serving(channel)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert "--wait-replicas 1: a master of" in out and "has only 0 replica(s)" in out, out
