@@ -210,6 +210,59 @@ def durability_rows(cluster: RedisCluster, rounds: int, seconds: float) -> list[
     return rows
 
 
+def authorize_wait_rows(cluster: RedisCluster, work: pathlib.Path, calls: int,
+                        rounds: int) -> list[Row]:
+    """Real Authorize calls one at a time through the engine and the cluster store,
+    with ``wait_replicas`` 0 and 1 in interleaved rounds: what a caller waits."""
+    from keel_pdp.budget.store import BudgetStore
+    from keel_pdp.decision import AuthorizeInput
+    from keel_pdp.engine import Engine
+    from keel_pdp.metrics import Metrics
+    from keel_pdp.policy.loader import load_bundle
+    from keel_pdp.policy.reload import PolicyHolder
+    from tests.helpers import budget, write_bundle
+
+    bundle = write_bundle(work / "wait-bundle", [
+        budget("org-daily", "1000000.00"), budget("per-tenant", "10000.00", per=["tenant"])])
+    lat: dict[int, list[list[float]]] = {0: [], 1: []}
+    short = 0
+
+    async def one(wait: int, r: int) -> list[float]:
+        nonlocal short
+        holder = PolicyHolder(bundle)
+        holder.set(load_bundle(bundle))
+        store = BudgetStore.from_url(cluster.url, prefix=f"aw{wait}", timeout_s=0.5,
+                                     wait_replicas=wait)
+        engine = Engine(holder, store, Metrics())
+        out = []
+        try:
+            await engine.authorize(AuthorizeInput(f"warm-{r}", "t-0", "chat", "gpt-4o-mini",
+                                                  "openai", 200, 50))
+            for i in range(calls):
+                t = time.perf_counter()
+                await engine.authorize(AuthorizeInput(
+                    f"a-{r}-{i}", f"t-{i % 100}", "chat", "gpt-4o-mini", "openai", 200, 50))
+                out.append((time.perf_counter() - t) * 1e6)
+            short += store.short_waits
+        finally:
+            await store.close()
+        return out
+
+    for r in range(rounds):
+        for wait in (0, 1):
+            lat[wait].append(uvloop.run(one(wait, r)))
+    rows = []
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        base = median([_percentile(x, q) for x in lat[0]])
+        with_wait = median([_percentile(x, q) for x in lat[1]])
+        rows.append(Row("cluster", f"Authorize (engine + store) {label}, one at a time", base,
+                        "us", 1.0, "no WAIT"))
+        rows.append(Row("cluster", f"Authorize --wait-replicas 1 {label}, one at a time",
+                        with_wait, "us", with_wait / base, "no WAIT",
+                        f"{short} short WAIT(s)" if label == "p99" else ""))
+    return rows
+
+
 # ------------------------------------------------------------------ hot slot
 def _commandstats(cluster: RedisCluster) -> dict[int, tuple[int, float]]:
     out = {}
@@ -278,6 +331,8 @@ def run(ctx: Context) -> list[Row]:
     cluster = start_cluster(ctx.path("cluster"))
     try:
         rows = durability_rows(cluster, ctx.rounds, ctx.duration_s)
+        rows.extend(authorize_wait_rows(cluster, ctx.work, 300 if ctx.quick else 2000,
+                                        ctx.rounds))
         rows.extend(hot_rows(cluster, ctx.work, 1000 if ctx.quick else 10000))
         return rows
     finally:
@@ -314,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 rows = durability_rows(cluster, rounds, seconds) if "durability" in only \
                     else []
+                if "durability" in only:
+                    rows += authorize_wait_rows(cluster, pathlib.Path(d),
+                                                300 if ns.quick else 2000, rounds)
                 if "hot" in only:
                     rows += hot_rows(cluster, pathlib.Path(d), 1000 if ns.quick else 10000)
             finally:
@@ -355,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         per_master.update({p: after[p] - before.get(p, 0) for p in after})
             owners = Counter(cluster.owner(key_slot(t)) for t in tags)
             extra = durability_rows(cluster, rounds, seconds) if "durability" in only else []
+            if "durability" in only:
+                extra += authorize_wait_rows(cluster, work, 300 if ns.quick else 2000, rounds)
             if "hot" in only:
                 extra += hot_rows(cluster, work, 1000 if ns.quick else 10000)
         finally:
