@@ -142,6 +142,9 @@ class RedisUrl(Kind):
             from keel_pdp.budget.cluster import parse_cluster_url
             try:
                 parse_cluster_url(value)
+            except OSError as exc:  # a TLS file named by an ssl_* parameter
+                raise Bad("{name}: cannot read the TLS file(s) its ssl_* parameters name: "
+                          + str(exc).replace("{", "{{").replace("}", "}}")) from None
             except ValueError as exc:
                 # The parser's message may quote the whole URL: never its secrets.
                 text = str(exc).replace(repr(value), repr(redacted_url(value)))

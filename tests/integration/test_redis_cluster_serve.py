@@ -202,7 +202,9 @@ def test_cluster_urls_are_validated_and_logged_without_secrets() -> None:
                        ("redis+cluster://ops:s3cret@h1:99999/", "1 to 65535"),
                        ("redis+cluster://h1:1/3", "only database 0"),
                        ("redis+cluster://h1:1/?cluster=true", "unknown parameter"),
-                       ("redis://h1:1,h2:2", "redis+cluster://")):
+                       ("redis://h1:1,h2:2", "redis+cluster://"),
+                       ("rediss+cluster://ops:s3cret@h1:1/?ssl_ca_certs=/nonexistent/ca.pem",
+                        "cannot read the TLS file")):
         with pytest.raises(Bad) as err:
             kind.check(bad)
         message = setting.message(err.value, bad)  # what the CLI prints
