@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from redis.exceptions import RedisError
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
@@ -39,6 +40,8 @@ from keel_pdp.budget.store import BudgetStore, describe_url
 from keel_pdp.decision import AuthorizeInput, DecisionKind
 from keel_pdp.engine import Engine
 from keel_pdp.flags import Bad, redacted_url
+from keel_pdp.ledger.store import LedgerStore
+from keel_pdp.ledger.writer import LedgerWriter, WriterConfig
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
@@ -376,3 +379,72 @@ def test_serve_warns_when_masters_have_fewer_replicas_than_asked(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
     assert "--wait-replicas 1: a master of" in out and "has only 0 replica(s)" in out, out
+
+
+# ------------------------------------------------------------------ last: it changes the cluster
+async def test_the_ledger_writer_follows_a_failover_and_stays_exactly_once(
+        redis_cluster: RedisCluster, tmp_path: pathlib.Path) -> None:
+    # Traffic with --wait-replicas 1, the writer consuming; the master of Keel's
+    # slot is killed with -9, its replica promoted; more traffic; the writer
+    # (its own RedisCluster client) carries on. The ledger must then be exactly
+    # the stream the new master holds, and that stream must hold every decision
+    # the engine answered before and after (WAIT: nothing answered was lost).
+    # After the promotion the new master has no replica: its WAITs are short.
+    from keel_pdp.ledger.commands import stream_client
+    from tests.integration.conftest import assert_ledger_matches_stream, traffic
+
+    keys = KeySpace("t")
+    for node in redis_cluster.live():  # the documented setting for --wait-replicas
+        redis_cluster.cmd(node.port, "CONFIG", "SET", "hz", 100)
+    store = BudgetStore.from_url(redis_cluster.url, prefix="t", timeout_s=0.1,
+                                 wait_replicas=1)
+    engine = _engine(store, _bundle(tmp_path / "b"))
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    ledger.migrate()
+    writer = LedgerWriter(WriterConfig(key_prefix="t", block_ms=10, consumer="w1",
+                                       trim=False, backoff_initial_s=0.01,
+                                       backoff_max_s=0.2),
+                          ledger, stream_client(redis_cluster.url, socket_timeout=2))
+
+    def consume(until_s: float) -> int:
+        """Step the writer (through errors, as its run loop does) until it is idle."""
+        deadline, idle, handled = time.monotonic() + until_s, 0, 0
+        while idle < 3:
+            assert time.monotonic() < deadline, "the writer did not catch up"
+            try:
+                n = writer.step()
+            except RedisError:
+                time.sleep(0.1)
+                continue
+            handled += n
+            idle = idle + 1 if n == 0 else 0
+        return handled
+
+    try:
+        before = await traffic(engine, 30, "a", tenants=("acme", "globex"))
+        consume(20)
+        owner = redis_cluster.owner(key_slot(keys.stream))
+        replica = redis_cluster.replica_of(owner)
+        assert store.short_waits == 0  # every hold so far is on the replica
+        redis_cluster.node(owner).kill()
+        promoted_by = time.monotonic() + 30
+        while redis_cluster.owner(key_slot(keys.stream)) != replica:
+            assert time.monotonic() < promoted_by, "the replica was not promoted"
+            await asyncio.sleep(0.05)
+        redis_cluster.wait_ok(timeout_s=30, replicas=2)
+        after = await traffic(engine, 30, "b", tenants=("acme", "globex"))
+        consume(30)
+    finally:
+        await store.close()
+    # The promoted master has no replica of its own (one replica per master), so
+    # every WAIT since is short: answered as usual and counted, as documented.
+    assert store.short_waits > 0
+    reader = redis_cluster.admin(replica)
+    entries: Any = reader.xrange(keys.stream)
+    decisions = sum(1 for _, f in entries if f[b"type"] == b"decision")
+    answered = len(before.permits) + before.denials + len(after.permits) + after.denials
+    assert decisions == answered  # nothing answered was lost in the failover
+    assert_ledger_matches_stream(ledger, reader)
+    ids = [str(r[0]) for r in ledger.query("SELECT event_id FROM ledger_events")]
+    assert sorted(ids) == sorted(i.decode() for i, _ in entries)
+    ledger.close()
