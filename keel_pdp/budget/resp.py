@@ -44,272 +44,33 @@ of these clients per master and routes each call by its keys' slot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import random
-import select
-import socket
-import ssl
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from collections.abc import Sequence
+from typing import Any
 
-import hiredis
+from keel_pdp.budget.redis_url import RespConfig, parse_url
+from keel_pdp.budget.resp_conn import _GRACE_S, _GRACE_TURNS, _Connection, _consume, _expire
+from keel_pdp.budget.resp_pack import (
+    Arg,
+    RespConnectionError,
+    RespError,
+    RespNotSent,
+    Script,
+    Shared,
+    _body,
+    _pack,
+    pack_evalsha,
+)
+
+__all__ = [
+    "_GRACE_S", "_GRACE_TURNS", "Arg", "RespClient", "RespConfig", "RespConnectionError",
+    "RespError", "RespNotSent", "Script", "Shared", "_Connection", "_body", "_consume",
+    "_expire", "_pack", "pack_evalsha", "parse_url",
+]
 
 log = logging.getLogger("keel_pdp.budget.resp")
-
-Arg = str | bytes | int | float
-# hiredis' stub types the argument as a 1-tuple; it takes a tuple of any length.
-_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
-
-
-def _body(args: tuple[Arg, ...]) -> bytes:
-    """RESP bulk strings of ``args``, without the array header."""
-    whole = _pack(args)
-    return whole[whole.index(b"\r\n") + 2:]
-
-
-@dataclass(frozen=True, slots=True)
-class Shared:
-    """The middle of a script call that many calls share: the last KEYS and the
-    first ARGV, encoded once. A call then sends ``EVALSHA sha numkeys *keys
-    <shared.wire> *args``; its KEYS are ``keys + shared.keys`` and its ARGV
-    ``shared.args + args``."""
-
-    keys: tuple[str, ...]
-    args: tuple[Arg, ...]
-    wire: bytes
-
-    @classmethod
-    def of(cls, keys: Sequence[str], args: Sequence[Arg]) -> Shared:
-        return cls(tuple(keys), tuple(args), _body((*keys, *args)))
-
-
-def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg],
-                 shared: Shared | None = None) -> bytes:
-    """The EVALSHA command as sent on the wire."""
-    if shared is None:
-        return _pack(("EVALSHA", sha, len(keys), *keys, *args))
-    nkeys = len(keys) + len(shared.keys)
-    count = 3 + nkeys + len(shared.args) + len(args)
-    return b"".join((b"*%d\r\n" % count, _body(("EVALSHA", sha, nkeys, *keys)),
-                     shared.wire, _body(tuple(args))))
-
-
-class RespError(Exception):
-    """An error reply from Redis (for example NOSCRIPT, WRONGTYPE, BUSY, NOAUTH)."""
-
-
-class RespConnectionError(ConnectionError):
-    """No usable connection: connect failed, connection lost, back-off, overload."""
-
-
-class RespNotSent(RespConnectionError):
-    """The command was never written (no connection, back-off, overload, closed):
-    it certainly did not run, so a caller may send it elsewhere (Redis Cluster)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Script:
-    """A Lua script known by its SHA1, as EVALSHA wants it."""
-
-    source: str
-    sha: str
-
-    @classmethod
-    def from_source(cls, source: str) -> Script:
-        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
-
-
-@dataclass(frozen=True)
-class RespConfig:
-    host: str = "127.0.0.1"
-    port: int = 6379
-    unix_path: str | None = None
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
-    server_hostname: str | None = None
-    connections: int = 1
-    connect_timeout_s: float = 1.0
-    backoff_base_s: float = 0.05
-    backoff_max_s: float = 2.0
-    stall_s: float = 2.0
-    max_pending: int = 100_000
-
-
-def _flag(value: str) -> bool:
-    return value.lower() not in ("0", "false", "no", "off", "")
-
-
-def parse_url(url: str, **overrides: Any) -> RespConfig:
-    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...``, ``unix:///path``."""
-    parts = urlsplit(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"Redis URL scheme must be redis, rediss or unix, not {scheme!r}")
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    password = query.get("password", password)
-    username = query.get("username", username)
-    db_text = query.get("db", "")
-    if scheme != "unix" and parts.path.strip("/"):
-        db_text = parts.path.strip("/")
-    try:
-        db = int(db_text or 0)
-    except ValueError:
-        raise ValueError(f"Redis URL database {db_text!r} is not a number") from None
-    ctx: ssl.SSLContext | None = None
-    if scheme == "rediss":
-        ctx = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-        if "ssl_certfile" in query:
-            ctx.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
-        reqs = query.get("ssl_cert_reqs", "required").lower()
-        if "ssl_check_hostname" in query:
-            ctx.check_hostname = _flag(query["ssl_check_hostname"])
-        if reqs in ("none", "cert_none"):
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        elif reqs in ("optional", "cert_optional"):
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_OPTIONAL
-    host = parts.hostname or "127.0.0.1"
-    config = RespConfig(
-        host=host, port=parts.port or 6379,
-        unix_path=parts.path if scheme == "unix" else None, db=db,
-        username=username or None, password=password or None, ssl_context=ctx,
-        server_hostname=host if ctx is not None else None)
-    return replace(config, **overrides) if overrides else config
-
-
-# A timer that fires while the socket holds unread data waits this long, at most
-# this many times, for the event loop to read it.
-_GRACE_S = 0.0002
-_GRACE_TURNS = 3
-
-
-class _Connection(asyncio.Protocol):
-    """One socket: commands go out in order, replies resolve the FIFO in order."""
-
-    def __init__(self, client: RespClient, slot: int) -> None:
-        self._client = client
-        self.slot = slot
-        self._loop = asyncio.get_running_loop()
-        self._reader = hiredis.Reader(replyError=RespError)
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self._transport: Any = None  # uvloop's transports do not subclass asyncio's
-        self._fd = -1
-        self.closed = False
-
-    # ------------------------------------------------------------ protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self._fd = sock.fileno()
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def readable(self) -> bool:
-        """Whether the socket holds data the event loop has not read yet."""
-        if self._fd < 0 or self.closed:
-            return False
-        # poll, not select: select cannot watch a descriptor numbered 1024 or more,
-        # which a busy sidecar (many client connections) reaches.
-        poller = select.poll()
-        try:
-            poller.register(self._fd, select.POLLIN)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return False
-
-    def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
-        pending = self.pending
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as exc:
-                self._fail(RespConnectionError(f"Redis protocol error: {exc}"))
-                return
-            if reply is False:
-                return
-            if not pending:
-                self._fail(RespConnectionError("reply without a request"))
-                return
-            fut = pending.popleft()[0]
-            if fut.done():
-                continue  # timed out or cancelled: its reply is dropped here
-            if isinstance(reply, RespError):
-                fut.set_exception(reply)
-            else:
-                fut.set_result(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(RespConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
-
-    # ------------------------------------------------------------- sending
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
-        if self.closed:
-            raise RespNotSent("connection to Redis is closed")
-        if len(self.pending) >= self._client.config.max_pending:
-            raise RespNotSent("too many calls waiting for Redis")
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self.pending.append((fut, time.monotonic()))
-        # Written at once. Gathering the commands of a loop turn into one write
-        # was measured: grpc.aio starts about one call per turn (1.1 commands per
-        # write), so it saved no syscalls and only held commands back.
-        try:
-            self._transport.write(packed)
-        except (OSError, RuntimeError) as exc:
-            self._fail(RespConnectionError(f"cannot write to Redis: {exc}"))
-        return fut
-
-    def check_stall(self, stall_s: float) -> None:
-        """Close the connection when its oldest call waited longer than ``stall_s``."""
-        if self.pending and time.monotonic() - self.pending[0][1] > stall_s:
-            log.warning("Redis did not answer for %.1fs: reconnecting", stall_s)
-            self._fail(RespConnectionError(f"Redis did not answer for {stall_s:.1f}s"))
-
-    def _fail(self, exc: Exception) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        while self.pending:
-            fut = self.pending.popleft()[0]
-            if not fut.done():
-                fut.set_exception(exc)
-        if self._transport is not None:
-            self._transport.abort()
-        self._client._lost(self)
-
-    def close(self) -> None:
-        self._fail(RespConnectionError("client closed"))
-
-
-def _expire(fut: asyncio.Future[Any], timeout: float, conn: _Connection, sent: float,
-            turns: int = 0) -> None:
-    if fut.done():
-        return
-    left = sent + timeout - time.monotonic()
-    if left > 0:
-        # libuv's timers count whole milliseconds and may fire a little early.
-        fut.get_loop().call_later(left, _expire, fut, timeout, conn, sent, turns)
-        return
-    if turns < _GRACE_TURNS and conn.readable():
-        # The answer may be in the socket already, behind a busy event loop: an
-        # answer that arrived in time is not a timeout. Let the loop read it.
-        fut.get_loop().call_later(_GRACE_S, _expire, fut, timeout, conn, sent, turns + 1)
-        return
-    fut.set_exception(TimeoutError(f"Redis did not answer within {timeout * 1000:.0f} ms"))
 
 
 class RespClient:
@@ -558,10 +319,3 @@ class RespClient:
     @property
     def connected(self) -> bool:
         return any(c is not None for c in self._conns)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    # Replies and failures nobody awaits (a SCRIPT LOAD ahead of its EVALSHA, a
-    # background connect): read them so asyncio does not report them as lost.
-    if not fut.cancelled():
-        fut.exception()
