@@ -43,305 +43,50 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, cast
-from urllib.parse import parse_qs, quote, urlsplit
+from dataclasses import replace
+from typing import Any
 
-import hiredis
-
+from keel_pdp.budget.cluster_slots import (
+    _BROADCAST,
+    SLOTS,
+    Address,
+    CrossSlotError,
+    _cross_slot,
+    _redirect,
+    _text,
+    call_slot,
+    command_keys,
+    crc16,
+    hash_tag,
+    key_slot,
+)
+from keel_pdp.budget.cluster_url import (
+    SCHEMES,
+    ClusterConfig,
+    describe_cluster_url,
+    is_cluster_url,
+    parse_cluster_url,
+    redis_py_options,
+)
 from keel_pdp.budget.resp import (
-    Arg,
     RespClient,
-    RespConfig,
     RespConnectionError,
     RespError,
     RespNotSent,
     Script,
     Shared,
-    pack_evalsha,
-    parse_url,
 )
+from keel_pdp.budget.resp_pack import Arg, _pack, pack_evalsha
+
+__all__ = [
+    "SCHEMES", "SLOTS", "Address", "ClusterClient", "ClusterConfig", "CrossSlotError",
+    "call_slot", "command_keys", "crc16", "describe_cluster_url", "hash_tag",
+    "is_cluster_url", "key_slot", "parse_cluster_url", "redis_py_options",
+]
 
 log = logging.getLogger("keel_pdp.budget.cluster")
 
-SLOTS = 16384
-SCHEMES = ("redis+cluster", "rediss+cluster")
-
-_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 _ASKING = _pack(("ASKING",))
-
-
-# ------------------------------------------------------------------ key slots
-def _crc16_table() -> tuple[int, ...]:
-    # CRC-16/XMODEM (polynomial 0x1021, initial value 0), the CRC Redis Cluster uses.
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-        table.append(crc & 0xFFFF)
-    return tuple(table)
-
-
-_TABLE = _crc16_table()
-
-
-def crc16(data: bytes) -> int:
-    crc = 0
-    table = _TABLE
-    for b in data:
-        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ b]
-    return crc
-
-
-def hash_tag(key: str) -> str:
-    """The part of ``key`` that is hashed: the text between the first ``{`` and the
-    first ``}`` after it, when that is not empty; otherwise the whole key."""
-    start = key.find("{")
-    if start >= 0:
-        end = key.find("}", start + 1)
-        if end > start + 1:
-            return key[start + 1:end]
-    return key
-
-
-_slot_cache: dict[str, int] = {}
-_SLOT_CACHE_MAX = 65_536
-
-
-def key_slot(key: str | bytes) -> int:
-    """The cluster slot of ``key`` (what ``CLUSTER KEYSLOT`` answers)."""
-    if isinstance(key, bytes):
-        # "{" and "}" never occur inside a UTF-8 multi-byte sequence, so the tag
-        # found in bytes is the tag found in text; bytes that are not UTF-8 are
-        # hashed as they are.
-        start = key.find(b"{")
-        if start >= 0:
-            end = key.find(b"}", start + 1)
-            if end > start + 1:
-                return crc16(key[start + 1:end]) & (SLOTS - 1)
-        return crc16(key) & (SLOTS - 1)
-    tag = hash_tag(key)
-    slot = _slot_cache.get(tag)
-    if slot is None:
-        slot = crc16(tag.encode("utf-8", "surrogatepass")) & (SLOTS - 1)
-        if len(_slot_cache) >= _SLOT_CACHE_MAX:
-            _slot_cache.clear()
-        _slot_cache[tag] = slot
-    return slot
-
-
-class CrossSlotError(ValueError):
-    """The keys of one call live in different cluster slots. A programming or
-    key-layout error, never a store outage: it is not a ``RespError`` or an
-    ``OSError``, so the budget store does not turn it into a fail-open decision."""
-
-
-def call_slot(keys: Sequence[str]) -> int | None:
-    """The one slot of ``keys`` (None for no keys); ``CrossSlotError`` if they differ."""
-    # key_slot, inlined: this runs for every key of every call.
-    cache = _slot_cache
-    slot = -1
-    for k in keys:
-        start = k.find("{")
-        if start >= 0:
-            end = k.find("}", start + 1)
-            tag = k[start + 1:end] if end > start + 1 else k
-        else:
-            tag = k
-        got = cache.get(tag)
-        if got is None:
-            got = key_slot(tag)  # a tag has no "}", so it hashes whole: the key's slot
-        if slot < 0:
-            slot = got
-        elif got != slot:
-            raise _cross_slot(keys)
-    return None if slot < 0 else slot
-
-
-def _cross_slot(keys: Sequence[str]) -> CrossSlotError:
-    by_slot: dict[int, list[str]] = {}
-    for key in keys:
-        by_slot.setdefault(key_slot(key), []).append(key)
-    detail = "; ".join(f"slot {s}: {', '.join(repr(k) for k in ks[:4])}"
-                       + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")
-                       for s, ks in sorted(by_slot.items()))
-    return CrossSlotError(
-        f"the keys of one Redis Cluster call must share a slot (one hash tag); "
-        f"these span {len(by_slot)} slots: {detail}")
-
-
-# --------------------------------------------------------------------- URL
-Address = tuple[str, int]
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    seeds: tuple[Address, ...]
-    # Connection settings every node shares (auth, TLS, timeouts); host/port unused.
-    node: RespConfig = field(default_factory=RespConfig)
-    # Background refreshes (after MOVED, a lost connection or a timeout) at most
-    # this often; a call that cannot reach its master waits for one at once.
-    refresh_interval_s: float = 0.1
-    # How long one node may take to answer CLUSTER SLOTS during a refresh.
-    refresh_timeout_s: float = 0.5
-    max_redirects: int = 5
-
-
-def is_cluster_url(url: str) -> bool:
-    return urlsplit(url).scheme.lower() in SCHEMES
-
-
-_KNOWN_QUERY = frozenset({"password", "username", "ssl_cert_reqs", "ssl_ca_certs",
-                          "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"})
-
-
-def _seed(text: str, url: str) -> Address:
-    if not text:
-        raise ValueError(f"Redis Cluster URL {url!r} has an empty seed node "
-                         f"(seeds are host:port, separated by commas)")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"Redis Cluster seed {text!r}: an IPv6 address is written "
-                             f"[address]:port")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = text.partition(":")
-        if ":" in port_text:
-            raise ValueError(f"Redis Cluster seed {text!r}: an IPv6 address is written "
-                             f"[address]:port")
-    if not host:
-        raise ValueError(f"Redis Cluster seed {text!r} has no host")
-    if not port_text:
-        return host, 6379
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"Redis Cluster seed {text!r}: port {port_text!r} is not a "
-                         f"number from 1 to 65535")
-    return host, int(port_text)
-
-
-def describe_cluster_url(url: str) -> str:
-    """Where a cluster URL points, without its credentials (for logs)."""
-    seeds = parse_cluster_url(url).seeds
-    return "cluster " + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in seeds)
-
-
-def parse_cluster_url(url: str, **overrides: Any) -> ClusterConfig:
-    """``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/]``, or
-    ``rediss+cluster://`` for TLS (the ``ssl_*`` query parameters of ``parse_url``).
-    ``overrides`` set fields of the per-node ``RespConfig`` (``connect_timeout_s``,
-    ``stall_s``, ...)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        hint = (" (several hosts name a cluster: write redis+cluster://h1:p1,h2:p2/)"
-                if "," in parts.netloc else "")
-        raise ValueError(f"a Redis Cluster URL starts with redis+cluster:// or "
-                         f"rediss+cluster://, not {scheme + '://' if scheme else url!r}{hint}")
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at:
-        userinfo, hosts = "", parts.netloc
-    if not hosts:
-        raise ValueError(f"Redis Cluster URL {url!r} names no seed node")
-    seeds: list[Address] = []
-    for text in hosts.split(","):
-        seed = _seed(text.strip(), url)
-        if seed not in seeds:
-            seeds.append(seed)
-    path = parts.path.strip("/")
-    if path not in ("", "0"):
-        raise ValueError(f"Redis Cluster has only database 0; the URL names database "
-                         f"{path!r}")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    if "db" in query and query["db"][-1] not in ("", "0"):
-        raise ValueError(f"Redis Cluster has only database 0; the URL names database "
-                         f"{query['db'][-1]!r}")
-    unknown = sorted(set(query) - _KNOWN_QUERY - {"db"})
-    if unknown:
-        raise ValueError(f"Redis Cluster URL: unknown parameter(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(_KNOWN_QUERY))})")
-    # The auth and TLS settings are those of a single-node URL: parse them the same way.
-    host, port = seeds[0]
-    shown = f"[{host}]" if ":" in host else quote(host, safe=".-_")
-    single = f"{scheme.split('+')[0]}://{userinfo + '@' if at else ''}{shown}:{port}/"
-    if parts.query:
-        single += "?" + parts.query
-    node = replace(parse_url(single), connections=1, db=0)
-    cluster_fields = {k: overrides.pop(k) for k in list(overrides)
-                      if k in ("refresh_interval_s", "refresh_timeout_s", "max_redirects")}
-    if overrides:
-        node = replace(node, **overrides)
-    return ClusterConfig(tuple(seeds), node, **cluster_fields)
-
-
-def redis_py_options(url: str) -> tuple[list[Address], dict[str, Any]]:
-    """The seeds and connection options of a cluster URL as redis-py's
-    ``RedisCluster`` takes them (``startup_nodes`` and keyword arguments), for
-    the administrative reads and the ledger writer."""
-    config = parse_cluster_url(url)
-    options: dict[str, Any] = {"username": config.node.username,
-                               "password": config.node.password}
-    if urlsplit(url).scheme.lower() == "rediss+cluster":
-        query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
-        options["ssl"] = True
-        for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-            if name in query:
-                options[name] = query[name]
-        if "ssl_check_hostname" in query:
-            options["ssl_check_hostname"] = query["ssl_check_hostname"].lower() not in (
-                "0", "false", "no", "off", "")
-    return list(config.seeds), options
-
-
-# ------------------------------------------------------------------ routing
-# Commands with no key: sent to any master. SCRIPT and FUNCTION go to every master.
-_KEYLESS = frozenset({"PING", "ECHO", "TIME", "INFO", "CLUSTER", "CONFIG", "DBSIZE",
-                      "COMMAND", "CLIENT", "LASTSAVE", "MEMORY", "SLOWLOG", "LATENCY",
-                      "ACL", "HELLO", "AUTH", "READONLY", "READWRITE"})
-_BROADCAST = frozenset({"SCRIPT", "FUNCTION"})
-# Commands whose every argument after the name is a key.
-_ALL_KEYS = frozenset({"DEL", "UNLINK", "EXISTS", "MGET", "TOUCH", "WATCH", "SINTER",
-                       "SUNION", "SDIFF", "PFCOUNT"})
-_NUMKEYS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
-
-
-def _text(value: Arg) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    return str(value)
-
-
-def command_keys(args: Sequence[Arg]) -> list[str]:
-    """The keys of a plain command, for routing: the first argument for most
-    commands, every argument for DEL/MGET/..., KEYS of EVAL-style commands, every
-    other argument of MSET, none for server commands."""
-    if not args:
-        raise ValueError("empty Redis command")
-    name = _text(args[0]).upper()
-    rest = [_text(a) for a in args[1:]]
-    if name in _KEYLESS or name in _BROADCAST:
-        return []
-    if name in _ALL_KEYS:
-        return rest
-    if name in ("MSET", "MSETNX"):
-        return rest[0::2]
-    if name in _NUMKEYS:
-        if len(rest) < 2 or not rest[1].isdigit():
-            raise ValueError(f"{name} needs a script and a number of keys")
-        return rest[2:2 + int(rest[1])]
-    return rest[:1]
-
-
-def _redirect(message: str) -> tuple[int, Address] | None:
-    """Slot and address of ``MOVED 3999 127.0.0.1:6381`` / ``ASK ...``."""
-    fields = message.split()
-    if len(fields) < 3 or not fields[1].isdigit():
-        return None
-    host, _, port = fields[2].rpartition(":")
-    if not port.isdigit():
-        return None
-    return int(fields[1]), (host.strip("[]"), int(port))
 
 
 class ClusterClient:
