@@ -18,13 +18,11 @@ script on the same connection (see docs/redis-cluster.md, "Durability").
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -45,75 +43,26 @@ from keel_pdp.budget.replies import (
     settle_reply,
 )
 from keel_pdp.budget.resp import RespClient, RespError, Shared
+from keel_pdp.budget.store_transport import RedisPyTransport, Transport, WaitingTransport
+from keel_pdp.budget.store_types import (
+    Arg,
+    DegradedPermit,
+    HoldCandidate,
+    HoldRequest,
+    PermitRecord,
+    hold_shape,
+)
 from keel_pdp.errors import StoreUnavailable
 
-__all__ = ["StoreUnavailable"]
+__all__ = [
+    "Arg", "BudgetStore", "DegradedPermit", "HoldCandidate", "HoldRequest", "PermitRecord",
+    "RedisPyTransport", "StoreUnavailable", "Transport", "WaitingTransport", "describe_url",
+    "hold_shape",
+]
 
 
 def _lua(name: str) -> str:
     return resources.files("keel_pdp.budget").joinpath("lua", name).read_text()
-
-
-Arg = str | int
-
-
-@dataclass(slots=True)
-class HoldCandidate:
-    """One way to serve the request: a model's cost shape and the budgets it needs."""
-
-    input_pico: int
-    output_price_pico: int
-    output_tokens: int
-    may_constrain: bool
-    permit_meta: str
-    budget_indexes: tuple[int, ...]  # 0-based indexes into the shape's budget windows
-
-
-@dataclass(slots=True)
-class HoldRequest:
-    permit_id: str
-    idempotency_key: str
-    fingerprint: str
-    now_ms: int
-    expires_at_ms: int
-    event_data: str
-    shape: Shared  # hold_shape(...): the same for every request of one shape
-    candidates: tuple[HoldCandidate, ...]
-
-
-def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Sequence[int],
-               enforce: Sequence[bool], window_expire_at_s: Sequence[int],
-               thresholds: Sequence[Sequence[int]], *, idempotency_ttl_s: int,
-               permit_retention_s: int, min_output_tokens: int) -> Shared:
-    """The authorize script's KEYS and ARGV that every request of one shape shares:
-    the budget windows and their grant hashes, each budget's figures, the settings."""
-    args: list[Arg] = [len(window_keys)]
-    for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
-        args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in th)))
-    args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens))
-    return Shared.of((*window_keys, *grant_keys), args)
-
-
-@dataclass(frozen=True, slots=True)
-class PermitRecord:
-    keys: tuple[str, ...]
-    meta: dict[str, Any]
-    state: str
-    idempotency_key: str = ""
-    wexp: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class DegradedPermit:
-    """What record.lua stores for a fail-open permit issued without a hold."""
-
-    keys: tuple[str, ...]
-    wexp: tuple[int, ...]
-    meta: str
-    estimate_micros: int
-    max_output_tokens: int
-    expires_at_ms: int
-    retention_s: int
 
 
 def _decode(raw: Any) -> dict[str, Any]:
@@ -124,52 +73,6 @@ def _decode(raw: Any) -> dict[str, Any]:
     # No list ever goes through cjson (which would print an empty one as {}):
     # authorize.lua writes its lists by hand.
     return value
-
-
-class Transport(Protocol):
-    """What the store needs from a Redis client: scripts, plain commands, close."""
-
-    def script(self, source: str) -> Any: ...
-
-    async def eval_script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
-                          timeout_s: float, shared: Shared | None = None) -> Any: ...
-
-    async def command(self, *args: Arg, timeout_s: float) -> Any: ...
-
-    async def close(self) -> None: ...
-
-
-class WaitingTransport(Transport, Protocol):
-    """A transport that can send ``WAIT`` right after a script on its connection."""
-
-    async def eval_script_wait(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
-                               timeout_s: float, shared: Shared | None, replicas: int,
-                               wait_ms: int) -> tuple[Any, int]: ...
-
-
-class RedisPyTransport:
-    """redis-py (or fakeredis) behind the transport interface."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-
-    def script(self, source: str) -> Any:
-        return self.client.register_script(source)
-
-    async def eval_script(self, script: Any, keys: Sequence[str], args: Sequence[Arg],
-                          timeout_s: float, shared: Shared | None = None) -> Any:
-        every_arg: list[Any] = list(args)
-        if shared is not None:
-            keys, every_arg = [*keys, *shared.keys], [*shared.args, *args]
-        return await asyncio.wait_for(script(keys=keys, args=every_arg), timeout=timeout_s)
-
-    async def command(self, *args: Arg, timeout_s: float) -> Any:
-        return await asyncio.wait_for(
-            self.client.execute_command(*args),  # type: ignore[no-untyped-call]
-            timeout=timeout_s)
-
-    async def close(self) -> None:
-        await self.client.aclose()
 
 
 _FAILURES = (TimeoutError, RedisError, RespError, OSError)

@@ -1,0 +1,82 @@
+"""What a caller hands the budget store and what it reads back from a permit:
+the hold request and its candidates, ``hold_shape`` (the authorize script's
+KEYS and ARGV shared by every request of one shape, encoded once), and the
+permit records.
+
+Its own module so the decision side can build requests (and ``material`` can
+build shapes) without the store's Redis machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keel_pdp.budget.resp_pack import Shared
+
+Arg = str | int
+
+
+@dataclass(slots=True)
+class HoldCandidate:
+    """One way to serve the request: a model's cost shape and the budgets it needs."""
+
+    input_pico: int
+    output_price_pico: int
+    output_tokens: int
+    may_constrain: bool
+    permit_meta: str
+    budget_indexes: tuple[int, ...]  # 0-based indexes into the shape's budget windows
+
+
+@dataclass(slots=True)
+class HoldRequest:
+    """One authorize call: the permit to issue, its idempotency, its event and the
+    candidates that may serve it."""
+
+    permit_id: str
+    idempotency_key: str
+    fingerprint: str
+    now_ms: int
+    expires_at_ms: int
+    event_data: str
+    shape: Shared  # hold_shape(...): the same for every request of one shape
+    candidates: tuple[HoldCandidate, ...]
+
+
+def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Sequence[int],
+               enforce: Sequence[bool], window_expire_at_s: Sequence[int],
+               thresholds: Sequence[Sequence[int]], *, idempotency_ttl_s: int,
+               permit_retention_s: int, min_output_tokens: int) -> Shared:
+    """The authorize script's KEYS and ARGV that every request of one shape shares:
+    the budget windows and their grant hashes, each budget's figures, the settings."""
+    args: list[Arg] = [len(window_keys)]
+    for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
+        args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in th)))
+    args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens))
+    return Shared.of((*window_keys, *grant_keys), args)
+
+
+@dataclass(frozen=True, slots=True)
+class PermitRecord:
+    """A permit as the store reads it back: its window keys, metadata and state."""
+
+    keys: tuple[str, ...]
+    meta: dict[str, Any]
+    state: str
+    idempotency_key: str = ""
+    wexp: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DegradedPermit:
+    """What record.lua stores for a fail-open permit issued without a hold."""
+
+    keys: tuple[str, ...]
+    wexp: tuple[int, ...]
+    meta: str
+    estimate_micros: int
+    max_output_tokens: int
+    expires_at_ms: int
+    retention_s: int
