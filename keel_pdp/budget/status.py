@@ -134,11 +134,15 @@ class StatusReader:
         tail = f":{start_ms}"
         pattern = _glob_escape(head) + "*" + _glob_escape(tail)
         found: set[tuple[str, ...]] = set()
-        cursor: Any = 0
-        while True:
-            cursor, batch = await self._read(self.store.client.scan(cursor, match=pattern,
-                                                                    count=1000))
-            for raw in batch:
+        # scan_iter, not one SCAN cursor: redis-py's RedisCluster answers SCAN with a
+        # cursor per node, and scan_iter walks them all (one node: one cursor).
+        keys_found: Any = self.store.client.scan_iter(match=pattern, count=1000)
+        try:
+            while len(found) < MAX_COUNTERS:
+                try:
+                    raw = await self._read(anext(keys_found))
+                except StopAsyncIteration:
+                    break
                 key = _text(raw)
                 middle = key[len(head):len(key) - len(tail)]
                 parts = tuple(unquote(p) for p in middle.split(":"))
@@ -147,8 +151,8 @@ class StatusReader:
                 if tenant and "tenant" in dims and parts[dims.index("tenant")] != tenant:
                     continue
                 found.add(parts)
-            if int(cursor) == 0 or len(found) >= MAX_COUNTERS:
-                break
+        finally:
+            await keys_found.aclose()
         return sorted(found)
 
     async def status(self, snapshot: PolicySnapshot, tenant: str = "", budget_id: str = "",
