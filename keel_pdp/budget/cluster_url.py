@@ -21,6 +21,10 @@ SCHEMES = ("redis+cluster", "rediss+cluster")
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """How the cluster client reaches a Redis Cluster: its seed nodes, the
+    connection settings every node shares, and how often and how fast the slot
+    map is refreshed; ``parse_cluster_url`` builds it from a URL."""
+
     seeds: tuple[Address, ...]
     # Connection settings every node shares (auth, TLS, timeouts); host/port unused.
     node: RespConfig = field(default_factory=RespConfig)

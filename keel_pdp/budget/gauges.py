@@ -45,6 +45,9 @@ def ratios(rows: list[WindowStatus], top: int = TOP) -> dict[str, tuple[float, f
 
 
 class BudgetGauges:
+    """Sets the per-budget utilisation and projection gauges from the status reader;
+    ``run`` refreshes them every interval as a background task of the sidecar."""
+
     def __init__(self, metrics: Metrics, holder: PolicyHolder, reader: StatusReader,
                  top: int = TOP) -> None:
         self.metrics, self.holder, self.reader, self.top = metrics, holder, reader, top

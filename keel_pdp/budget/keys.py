@@ -32,6 +32,9 @@ def _enc_escaped(value: str) -> str:
 
 
 class KeySpace:
+    """The names of every Redis key of one deployment (``prefix``), all under one
+    hash tag so a Redis Cluster keeps them on one node."""
+
     def __init__(self, prefix: str = "keel") -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,32}", prefix):
             raise ValueError(f"key prefix {prefix!r} must match [A-Za-z0-9_.-]{{1,32}}")

@@ -14,6 +14,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 @dataclass(frozen=True)
 class RespConfig:
+    """How the RESP client reaches one Redis server (address, AUTH, database, TLS)
+    and how it behaves there (connections, connect timeout, back-off, stall limit,
+    most calls waiting); ``parse_url`` builds it from a URL."""
+
     host: str = "127.0.0.1"
     port: int = 6379
     unix_path: str | None = None

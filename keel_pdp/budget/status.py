@@ -34,6 +34,8 @@ _FAILURES = (TimeoutError, RedisError, RespError, OSError)
 
 @dataclass(frozen=True, slots=True)
 class Grant:
+    """An active exception grant on one budget counter."""
+
     grant_id: str
     amount_micros: int
     expires_at_ms: int
@@ -41,6 +43,9 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class WindowStatus:
+    """One budget counter's current window: cap, grants, settled and held amounts,
+    and the figures derived from them (remaining, burn rate, projected end)."""
+
     budget: CompiledBudget
     split: tuple[str, ...]
     window_start_ms: int
@@ -112,6 +117,9 @@ def _glob_escape(text: str) -> str:
 
 
 class StatusReader:
+    """Reads the live status of the budgets matching a query from the budget
+    store's Redis, off the hot path, each read bounded by ``timeout_s``."""
+
     def __init__(self, store: BudgetStore, timeout_s: float = 5.0) -> None:
         self.store = store
         self.timeout_s = timeout_s
