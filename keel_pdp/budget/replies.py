@@ -73,22 +73,33 @@ def _object(raw: Any) -> dict[str, Any]:
     return value
 
 
-def _ints(value: Any) -> tuple[int, ...]:
-    # cjson would print an empty list as {}: the scripts write lists by hand.
-    return tuple(int(x) for x in value) if isinstance(value, list) else ()
+def _ints(value: Any, shift: int = 0) -> tuple[int, ...]:
+    # cjson would print an empty list as {}: the scripts write lists by hand, with
+    # '%d', so JSON gives ints; only the type is checked (this runs per Authorize).
+    if not value:
+        return ()
+    if type(value) is not list or any(type(x) is not int for x in value):
+        raise ReplyError(f"expected a list of integers, got {value!r:.80}")
+    return tuple([x - shift for x in value]) if shift else tuple(value)
+
+
+def _pairs(value: Any, shift: int = 0) -> tuple[tuple[int, int], ...]:
+    if not value:
+        return ()
+    out = tuple([(a - shift, b) for a, b in value])
+    if any(type(a) is not int or type(b) is not int for a, b in out):
+        raise ReplyError(f"expected pairs of integers, got {value!r:.80}")
+    return out
 
 
 def _decided(res: dict[str, Any], outcome: str) -> HoldReply:
     try:
+        fail = res.get("fail")
         return HoldReply(
             outcome, str(res["d"]), str(res["pid"]), int(res.get("exp", 0)), int(res["amt"]),
-            int(res["k"]), int(res.get("c", 1)) - 1,
-            tuple((int(f[0]), int(f[1])) for f in res.get("b") or ()),
-            tuple(i - 1 for i in _ints(res.get("held"))),
-            int(res["fail"]) - 1 if "fail" in res else -1,
-            tuple(i - 1 for i in _ints(res.get("shadow"))),
-            tuple((int(a[0]) - 1, int(a[1])) for a in res.get("alerts") or ()),
-            _ints(res.get("gr")))
+            int(res["k"]), int(res.get("c", 1)) - 1, _pairs(res.get("b")),
+            _ints(res.get("held"), 1), -1 if fail is None else int(fail) - 1,
+            _ints(res.get("shadow"), 1), _pairs(res.get("alerts"), 1), _ints(res.get("gr")))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ReplyError(f"authorize reply {res!r:.120}: {exc}") from exc
 
