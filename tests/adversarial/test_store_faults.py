@@ -33,14 +33,30 @@ async def _busy_redis_scenario(redis_url: str, tmp_path: pathlib.Path,
     bundle = write_bundle(tmp_path / "bundle", [budget("b", "1000", fail_mode=fail_mode)])
     for _ in range(2):
         sidecars.append(Sidecar(redis_url, bundle, ("--store-timeout", "0.025")).start())
+    # A third sidecar with a patient store timeout takes the retries and closeouts, so
+    # a loaded machine cannot turn them into fail-mode answers of their own.
+    calm = Sidecar(redis_url, bundle, ("--store-timeout", "2")).start()
+    sidecars.append(calm)
     audit = Audit(redis_url, tmp_path, {"b": 1000 * 10**6})
     chans: list[Any] = [grpc.aio.insecure_channel(s.target) for s in sidecars]
     stubs: list[Any] = [pb_grpc.PolicyDecisionPointStub(c) for c in chans]
+    busy, patient = stubs[:2], stubs[2]
+
+    async def settle(permit_id: str) -> Any:
+        deadline = time.monotonic() + 15
+        while True:  # a degraded permit is pending until its issuer replays its outbox
+            c = await patient.Closeout(pb.CloseoutRequest(
+                permit_id=permit_id, usage=usage(), outcome=pb.SUCCEEDED), timeout=10)
+            if c.status not in (pb.CLOSEOUT_PERMIT_PENDING, pb.CLOSEOUT_STORE_UNAVAILABLE) \
+                    or time.monotonic() > deadline:
+                return c
+            await asyncio.sleep(0.1)
+
     try:
-        warm = await _burst(stubs, 4, "warm")  # scripts loaded, connections open
+        warm = await _burst(busy, 4, "warm")  # scripts loaded, connections open
         blocker = keep_busy(redis_url, 150)
         await asyncio.sleep(0.02)
-        answered = await _burst(stubs, 200, "busy")
+        answered = await _burst(busy, 200, "busy")
         await asyncio.to_thread(blocker.join)
         timed_out = [(r, o) for r, o in answered if o.degraded]
         assert len(timed_out) > 50, "the busy store should have timed most calls out"
@@ -50,16 +66,15 @@ async def _busy_redis_scenario(redis_url: str, tmp_path: pathlib.Path,
         # A retry of a timed-out call is decided afresh: never a replay of an answer
         # the caller did not get.
         for r, _o in timed_out[:20]:
-            again = await stubs[0].Authorize(r, timeout=10)
+            again = await patient.Authorize(r, timeout=10)
             if r.model == "gpt-4o-mini":
                 assert again.decision == pb.ALLOW and not again.replayed and not again.degraded
             audit.answer(again.permit_id, pb.Decision.Name(again.decision), again.degraded)
             if again.decision == pb.ALLOW:
-                await stubs[1].Void(pb.VoidRequest(permit_id=again.permit_id), timeout=10)
+                await patient.Void(pb.VoidRequest(permit_id=again.permit_id), timeout=10)
         for _r, o in warm + answered:
             if o.decision != pb.DENY:
-                c = await stubs[1].Closeout(pb.CloseoutRequest(
-                    permit_id=o.permit_id, usage=usage(), outcome=pb.SUCCEEDED), timeout=10)
+                c = await settle(o.permit_id)
                 assert c.status in (pb.SETTLED, pb.ALREADY_SETTLED), c
     finally:
         for c in chans:
