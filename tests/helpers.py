@@ -19,6 +19,18 @@ from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 
+# A script that keeps Redis busy for ARGV[1] ms: every command queued behind it
+# (an Authorize's hold script included) runs after the sidecar gave up waiting.
+BUSY_LUA = """
+local t0 = redis.call('TIME')
+local start = t0[1] * 1000000 + t0[2]
+repeat
+  local t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000
+return 1
+"""
+
+
 PRICES: dict[str, Any] = {
     "openai": {
         "gpt-4o-mini": {"input": "0.15", "cached_input": "0.075", "output": "0.60",

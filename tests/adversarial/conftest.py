@@ -17,18 +17,7 @@ import redis
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.helpers import wait_ready
-
-# A script that keeps Redis busy for ARGV[1] ms: every command queued behind it
-# (an Authorize's hold script included) runs after the sidecar gave up waiting.
-BUSY_LUA = """
-local t0 = redis.call('TIME')
-local start = t0[1] * 1000000 + t0[2]
-repeat
-  local t = redis.call('TIME')
-until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000
-return 1
-"""
+from tests.helpers import BUSY_LUA, wait_ready
 
 
 @dataclass

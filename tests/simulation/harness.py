@@ -39,7 +39,7 @@ from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.pricing import TokenUsage
 from tests.conftest import RedisServer, free_port
-from tests.helpers import budget, write_bundle
+from tests.helpers import BUSY_LUA, budget, write_bundle
 
 PREFIX = "sim"
 
@@ -50,16 +50,6 @@ def _now_ms() -> int:
 TENANTS = ("acme", "globex", "initech")
 FAULTS = ("pause", "kill_conns", "script_flush", "redis_restart", "sidecar_kill",
           "writer_kill", "policy_reload", "busy")
-# A script that keeps Redis busy for ARGV[1] ms: every call queued behind it runs
-# after the sidecar's store timeout (the script ran, its answer came too late).
-BUSY_LUA = """
-local t0 = redis.call('TIME')
-local start = t0[1] * 1000000 + t0[2]
-repeat
-  local t = redis.call('TIME')
-until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000
-return 1
-"""
 
 
 class InvariantViolation(AssertionError):
