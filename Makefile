@@ -28,6 +28,7 @@ deps:
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	command -v cc >/dev/null || missing="$$missing build-essential"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
