@@ -37,7 +37,11 @@ class Sidecar:
              "--metrics-port", str(self.metrics_port), "--sweep-interval", "0.2",
              "--drain-delay", "0.1", *self.args],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-        wait_ready(self.port)
+        try:
+            wait_ready(self.port)
+        except BaseException:
+            self.kill()  # a sidecar that never became ready must not outlive the test
+            raise
         return self
 
     @property
