@@ -342,6 +342,7 @@ def test_live_prometheus_reads_back_the_keel_series(live: Live) -> None:
                 p.record_usage(TokenUsage(input_tokens=10, output_tokens=5))
             degraded += 1
             if i == 0:  # rate() sees increases of a series it has already scraped
+                first_degraded = time.monotonic()
                 live.wait("first degraded decision scraped", lambda: live.query(
                     'keel_pdp_decisions_total{pod="no-redis",reason="STORE_UNAVAILABLE"}'))
 
@@ -404,6 +405,10 @@ def test_live_prometheus_reads_back_the_keel_series(live: Live) -> None:
         want = ("KeelDegradedDecisions", "KeelPolicyReloadRejected")
         return states if all(n in states for n in want) else None
 
-    states = live.wait("alerts raised", raised)
+    # Generous: a loaded machine may be slow to scrape and evaluate.
+    states = live.wait("alerts raised", raised, timeout=100)
     assert states["KeelPolicyReloadRejected"] == "firing"  # no `for`: at once
-    assert states["KeelDegradedDecisions"] == "pending"  # `for: 2m`
+    # `for: 2m`: pending until two minutes after the first degraded decision.
+    pending_only = time.monotonic() - first_degraded < 110
+    assert states["KeelDegradedDecisions"] in (
+        ("pending",) if pending_only else ("pending", "firing")), states
