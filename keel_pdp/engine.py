@@ -245,7 +245,7 @@ class Engine:
                                     p.snapshot.settings.permit_retention_seconds)
         self.relay.enqueue("decision", pid, p.now_ms, data, events.degraded_res(out), record)
         if record is not None:
-            self._permits.remember(pid, keys, meta, True, wexp)
+            self._permits.remember(pid, keys, meta, True)
 
     def decide_on_failure(self, req: AuthorizeInput) -> Outcome:
         """The decision for an Authorize that raised unexpectedly (a bug, not an outage).
@@ -287,7 +287,7 @@ class Engine:
             await self.relay.flush()
         rec = await self.store.permit(permit_id, budget)
         if rec is not None:
-            return CachedPermit(rec.keys, rec.meta, rec.state == "degraded", rec.wexp,
+            return CachedPermit(rec.keys, rec.meta, rec.state == "degraded",
                                 rec.idempotency_key)
         if cached is not None:
             return "PENDING"

@@ -21,19 +21,17 @@ class CachedPermit:
     keys: tuple[str, ...]
     meta: dict[str, Any]
     degraded: bool = False
-    expire_at_s: tuple[int, ...] = ()
     idempotency_key: str = ""
 
 
 class PermitCache:
     def __init__(self, size: int = 100_000) -> None:
         self.size = size
-        self._entries: OrderedDict[str, tuple[str, str, bool, str, str]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, str, bool, str]] = OrderedDict()
 
     def remember(self, pid: str, keys: tuple[str, ...], meta_json: str, degraded: bool = False,
-                 wexp: tuple[int, ...] = (), ik: str = "") -> None:
-        self._entries[pid] = ("\n".join(keys), meta_json, degraded,
-                              ",".join(str(w) for w in wexp), ik)
+                 ik: str = "") -> None:
+        self._entries[pid] = ("\n".join(keys), meta_json, degraded, ik)
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)  # the oldest
 
@@ -41,9 +39,8 @@ class PermitCache:
         entry = self._entries.get(pid)
         if entry is None:
             return None
-        keys, meta, degraded, wexp, ik = entry
-        return CachedPermit(tuple(keys.split("\n")) if keys else (), load_meta(meta), degraded,
-                            tuple(int(w) for w in wexp.split(",")) if wexp else (), ik)
+        keys, meta, degraded, ik = entry
+        return CachedPermit(tuple(keys.split("\n")) if keys else (), load_meta(meta), degraded, ik)
 
     def forget(self, pid: str) -> None:
         self._entries.pop(pid, None)

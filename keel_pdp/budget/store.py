@@ -321,14 +321,13 @@ class BudgetStore:
 
     async def permit(self, permit_id: str, timeout_s: float | None = None) -> PermitRecord | None:
         raw = await self._command("HMGET", self.keys.permit(permit_id), "keys", "meta", "state",
-                                  "ik", "wx", timeout_s=self._budget(timeout_s))
+                                  "ik", timeout_s=self._budget(timeout_s))
         state = raw[2].decode() if raw[2] else ""
         if not state or state in ("denied", "aborted"):
             return None
         keys = tuple(raw[0].decode().split("\n")) if raw[0] else ()
         meta = json.loads(raw[1]) if raw[1] else {}
-        wexp = tuple(int(w) for w in raw[4].decode().split(",") if w) if raw[4] else ()
-        return PermitRecord(keys, meta, state, raw[3].decode() if raw[3] else "", wexp)
+        return PermitRecord(keys, meta, state, raw[3].decode() if raw[3] else "")
 
     async def due_expiries(self, now_ms: int, limit: int = 200) -> list[str]:
         raw = await self._command("ZRANGEBYSCORE", self.keys.expiries, "-inf", now_ms,

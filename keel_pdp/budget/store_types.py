@@ -66,7 +66,6 @@ class PermitRecord:
     meta: dict[str, Any]
     state: str
     idempotency_key: str = ""
-    wexp: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,11 @@ windows — built once per shape and window (``ShapeCache``) and reused."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
 from keel_pdp.decision.model import AuthorizeInput, Code, InvalidRequest, Reason, Target
+from keel_pdp.events import dumps
 from keel_pdp.policy.snapshot import (
     SHAPE_CACHE_SIZE,
     CompiledBudget,
@@ -21,12 +21,8 @@ from keel_pdp.pricing import PICO_PER_MICRO, Price, ceil_div
 from keel_pdp.windows import window_bounds
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
-
-
 def _fingerprint_head(tenant: str, workload: str, model: str, provider: str) -> str:
-    return _dumps([tenant, workload, model, provider])[:-1] + ","
+    return dumps([tenant, workload, model, provider])[:-1] + ","
 
 
 def fingerprint(req: AuthorizeInput, head: str = "") -> str:
@@ -35,7 +31,7 @@ def fingerprint(req: AuthorizeInput, head: str = "") -> str:
     tokens, sorted labels]). ``head``: the list's first four members, as the
     request's shape keeps them."""
     head = head or _fingerprint_head(req.tenant, req.workload, req.model, req.provider)
-    labels = _dumps(sorted(req.labels)) if req.labels else "[]"
+    labels = dumps(sorted(req.labels)) if req.labels else "[]"
     body = f"{head}{req.estimated_input_tokens},{req.max_output_tokens},{labels}]"
     return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
