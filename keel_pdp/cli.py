@@ -65,7 +65,8 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     metrics = Metrics()
     holder = PolicyHolder(s.policies)
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
-                                 timeout_s=s.store_timeout_s, wait_replicas=s.wait_replicas)
+                                 timeout_s=s.store_timeout_s, wait_replicas=s.wait_replicas,
+                                 shards=s.key_shards)
     store.on_short_wait = lambda script: metrics.store_short_waits.labels(script).inc()
     outbox = s.outbox_dir or None
     if outbox and worker is not None:

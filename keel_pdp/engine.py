@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from keel_pdp import caller, events
 from keel_pdp import decision as dec
+from keel_pdp.budget.escrow import Escrow
 from keel_pdp.budget.keys import PERMIT_ID_RE
 from keel_pdp.budget.material import (
     Material,
@@ -23,7 +24,7 @@ from keel_pdp.budget.material import (
     meta_price,
     meta_stamp,
 )
-from keel_pdp.budget.replies import SettleReply
+from keel_pdp.budget.replies import HoldReply, SettleReply
 from keel_pdp.budget.store import (
     BudgetStore,
     DegradedPermit,
@@ -41,6 +42,8 @@ from keel_pdp.pricing import PICO_PER_MICRO, TokenUsage, ceil_div, usage_cost_pi
 from keel_pdp.sweeper import sweep
 
 log = logging.getLogger("keel_pdp.engine")
+# Refills an Authorize may make for its shared budgets' leases (escrow).
+REFILL_ROUNDS = 2
 
 # Time kept back from the caller's deadline to build and send the answer.
 DEADLINE_MARGIN_S = 0.002
@@ -86,7 +89,8 @@ class Engine:
 
     def __init__(self, policies: PolicyHolder, store: BudgetStore, metrics: Metrics, *,
                  permit_cache_size: int = 100_000, outbox_size: int = 100_000,
-                 outbox_dir: str | None = None, ids: PermitIds | None = None) -> None:
+                 outbox_dir: str | None = None, ids: PermitIds | None = None,
+                 lease_idle_s: float = 10.0) -> None:
         self.policies = policies
         self.store = store
         self.metrics = metrics
@@ -96,6 +100,12 @@ class Engine:
         self._permits = PermitCache(permit_cache_size)
         self.relay = OutboxRelay(store, metrics, outbox_size, outbox_dir)
         self._hold_latency = metrics.store_latency.labels("authorize")
+        self.escrow = Escrow(store)
+        # Leases unchanged for this long are given back by the sweeper.
+        self.lease_idle_s = lease_idle_s
+        self._next_lease_check = 0
+        self._lease_seen: dict[str, tuple[int, int, int]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- helpers
     def _budget(self, deadline_s: float | None) -> float | None:
@@ -121,7 +131,7 @@ class Engine:
         snapshot = self.policies.current
         if snapshot is None:
             return None
-        p = dec.plan(snapshot, req, now, self.ids.new(now), self.shapes)
+        p = dec.plan(snapshot, req, now, self._new_id(req.tenant, now), self.shapes)
         return p, events.decision_data(p, caller.current())
 
     def prepare_hold(self, p: dec.Plan, data: str) -> tuple[HoldRequest, Material, list[str]]:
@@ -146,7 +156,7 @@ class Engine:
         now = self.ids.now_ms()
         planned = self.plan(req, now)
         if planned is None:
-            return self._count(dec.not_loaded(req, self.ids.new(now)))
+            return self._count(dec.not_loaded(req, self._new_id(req.tenant, now)))
         p, data = planned
         budget = self._budget(deadline_s)
         if p.denial:
@@ -163,7 +173,10 @@ class Engine:
             return self._count(out)
         t0 = time.perf_counter()
         try:
+            hold.refill = any(mat.parents)
             res = await self.store.hold(hold, budget)
+            if res.outcome == "lease":
+                res = await self._refill(hold, mat, res.need, t0, budget)
         except StoreUnavailable as exc:
             self.metrics.child(self.metrics.store_errors, "authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
@@ -193,6 +206,8 @@ class Engine:
             else:
                 c, held = dec.held_by(p, res)
                 out = dec.conclude(p, res, held=(c, held))
+                if res.fail >= 0 and mat.parents[res.fail] is not None:
+                    self._give_back_later(mat, res.fail, p.now_ms)
                 if out.decision is not dec.DecisionKind.DENY:
                     self._permits.remember(out.permit_id, tuple(keys[i] for i in held),
                                            metas[c], ik=hold.idempotency_key)
@@ -210,6 +225,55 @@ class Engine:
         # Store is answering again: replay what was decided without it, once.
         self.relay.kick()
         return self._count(out)
+
+    def _new_id(self, tenant: str, now_ms: int) -> str:
+        keys = self.store.keys
+        if keys.shards == 1:
+            return self.ids.new(now_ms)
+        return self.ids.new(now_ms, keys.tenant_shard(tenant), keys.shards)
+
+    async def _refill(self, hold: HoldRequest, mat: Material, need: tuple[tuple[int, int], ...],
+                      t0: float, budget: float | None) -> HoldReply:
+        """Leases short of the estimate: refill each from its shared budget, then ask
+        again (escrow; see keel_pdp.budget.escrow). Requests running at once may
+        spend a refill before this one asks again: it may refill once more, then
+        decides with what the leases have."""
+        def left() -> float | None:
+            return None if budget is None else budget - (time.perf_counter() - t0)
+
+        for attempt in range(REFILL_ROUNDS):
+            for i, amount in need:
+                parent = mat.parents[i] if 0 <= i < len(mat.parents) else None
+                if parent is None:
+                    raise StoreUnavailable(f"the store asked to refill budget {i}, not a lease")
+                await self.escrow.refill(parent, mat.window_keys[i], amount, hold.now_ms,
+                                         left())
+            self.metrics.escrow_refills.inc(len(need))
+            hold.refill = attempt + 1 < REFILL_ROUNDS
+            res = await self.store.hold(hold, left())
+            if res.outcome != "lease":
+                return res
+            need = res.need
+        raise StoreUnavailable("the store asked for a lease refill after the last round")
+
+    def _give_back_later(self, mat: Material, i: int, now_ms: int) -> None:
+        """A lease refused a request: give its unused part back to the shared
+        budget, after the answer, so the last slices gather where they are asked."""
+        parent = mat.parents[i]
+        if parent is None:
+            return
+        lease_key = mat.window_keys[i]
+
+        async def give() -> None:
+            try:
+                await self.escrow.give_back(lease_key, parent.key, now_ms, 1.0)
+            except StoreUnavailable as exc:
+                log.info("escrow: returning %s's unused lease failed (%s); the sweeper "
+                         "returns it once idle", parent.budget_id, exc)
+
+        task = asyncio.get_running_loop().create_task(give())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _fail_after_send(self, p: dec.Plan, data: str, mat: Material, metas: list[str],
                          ik: str, code: dec.Code = dec.Code.STORE_UNAVAILABLE) -> Outcome:
@@ -259,7 +323,7 @@ class Engine:
         try:
             planned = self.plan(req, now)
             if planned is None:
-                return self._count(dec.not_loaded(req, self.ids.new(now)))
+                return self._count(dec.not_loaded(req, self._new_id(req.tenant, now)))
             p, data = planned
             if p.denial:
                 out = dec.denied_by_policy(p)
@@ -439,7 +503,20 @@ class Engine:
             self._permits.forget(pid)
         if released:
             self.metrics.holds_expired.inc(len(released))
+        if self.store.keys.escrow and now >= self._next_lease_check:
+            self._next_lease_check = now + int(self.lease_idle_s * 1000)
+            await self.return_idle_leases(now)
         return len(released)
+
+    async def return_idle_leases(self, now_ms: int) -> int:
+        """Give back the unused part of every lease that has not moved since the
+        last look (escrow); returns the micro-USD given back."""
+        total = 0
+        for shard in range(self.store.keys.shards):
+            total += await self.escrow.return_idle(shard, self._lease_seen, now_ms)
+        if total:
+            self.metrics.escrow_returns_micros.inc(total)
+        return total
 
     async def run_background(self, interval_s: float = 1.0) -> None:
         """Every ``interval_s``: sweep expired holds, replay the outbox."""

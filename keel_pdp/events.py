@@ -16,6 +16,8 @@ Kinds (``EVENT_TYPES``):
 * ``alert``      — data: the decision's; res: authorize.lua (a threshold crossed).
 * ``grant``      — data: ``grant_data``; res: grant.lua.
 * ``exception``  — data / res: ``dumps`` of the exception workflow's steps.
+* ``lease``      — one side of an escrow transfer (escrow.lua): pid the transfer id;
+  data names the budget or the two keys; res ``{"dir": step, "amt": micro-USD, ..}``.
 
 Golden round trips of each kind are in tests/unit/test_events_golden.py. JSON
 numbers are read as integers or Decimals, never floats: no money passes a float.
@@ -36,7 +38,9 @@ if TYPE_CHECKING:
     from keel_pdp.decision.shape import Shape
     from keel_pdp.pricing import TokenUsage
 
-EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant", "exception")
+EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant", "exception",
+               "lease")
+LEASE_STEPS = ("take", "back", "credit", "give")
 # The steps of an exception request ("exception" events, pid = the denial's permit id).
 EXCEPTION_STEPS = ("PENDING", "APPROVED", "REJECTED", "EXPIRED")
 MAX_MICROS = 10**15

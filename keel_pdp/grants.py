@@ -93,7 +93,9 @@ async def record(store: BudgetStore, snapshot: PolicySnapshot, g: GrantRequest,
     data = events.grant_data(now, g.budget_id, tuple(split), g.exception_path, g.amount_micros,
                              expires, g.approver, g.approver_role, g.justification,
                              snapshot.policy_revision)
-    out = await store.grant(store.keys.grants(g.budget_id, split), grant_id, g.amount_micros,
-                            expires, now, data)
+    budget = snapshot.budget(g.budget_id)
+    assert budget is not None  # validate() checked it
+    out = await store.grant(store.keys.budget_grants(budget, tuple(split)), grant_id,
+                            g.amount_micros, expires, now, data)
     return GrantResult(grant_id, g.budget_id, int(out["amt"]), int(out["exp"]),
                        bool(out["created"]))

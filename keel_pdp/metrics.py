@@ -50,6 +50,14 @@ class Metrics:
         self.threshold_crossings = Counter(
             "keel_pdp_budget_threshold_crossings_total",
             "Soft budget thresholds crossed (each once per budget window).", registry=r)
+        self.escrow_refills = Counter(
+            "keel_pdp_escrow_refills_total",
+            "Leases on shared budgets refilled from the budget (escrow, sharded key "
+            "space): each cost its Authorize three more store round trips.", registry=r)
+        self.escrow_returns_micros = Counter(
+            "keel_pdp_escrow_returned_micros_total",
+            "Unused lease headroom given back to shared budgets (idle or refused).",
+            registry=r)
         self.holds_expired = Counter(
             "keel_pdp_holds_expired_total", "Holds released by the expiry sweeper.", registry=r)
         self.correction = Counter(

@@ -1,9 +1,11 @@
 """Permit ids: where they come from (randomness, the clock) and what they say.
 
 A permit id is ``pmt_`` + 12 hex digits of issue time (epoch ms) + 16 random hex
-digits. The top bit of the random part is clear on every id the store is asked to
-hold; it is set only on a *degraded* permit, issued by the budgets' fail modes
-instead of an id whose hold script may still run. Any sidecar can so tell that a
+digits; with a sharded key space the last 10 bits name the shard of its keys
+(``keel_pdp.budget.keys.permit_shard``). The top bit of the random part is clear
+on every id the store is asked to hold; it is set only on a *degraded* permit,
+issued by the budgets' fail modes instead of an id whose hold script may still
+run. Any sidecar can so tell that a
 degraded permit exists before its record reaches the store.
 
 The decision package never makes ids: the engine injects a ``PermitIds`` (and so
@@ -44,9 +46,17 @@ class PermitIds:
         self._pos = pos + 8
         return self._buf[pos:pos + 8].hex()
 
-    def new(self, now_ms: int | None = None) -> str:
+    def new(self, now_ms: int | None = None, shard: int = 0, shards: int = 1) -> str:
+        """A new id; with ``shards`` > 1 its last 10 bits name ``shard`` (modulo
+        ``shards``, the rest of them random), so the store finds the permit's keys
+        from its id alone."""
         ms = self._clock() if now_ms is None else now_ms
         rnd = self._hex()
+        if shards > 1:
+            tail = int(rnd[13:], 16)
+            span = (1023 - shard) // shards + 1
+            low = shard + shards * ((tail & 1023) % span)
+            rnd = f"{rnd[:13]}{(tail & 0xC00) | low:03x}"
         return f"pmt_{ms:012x}{_PLAIN_NIBBLE[int(rnd[0], 16)]}{rnd[1:]}"
 
 

@@ -75,6 +75,10 @@ SERVE: tuple[Setting, ...] = (
                   ms_to_seconds)),
     Setting("key_prefix", "--key-prefix", "KEEL_KEY_PREFIX", "keel", help="Redis key prefix",
             metavar="P"),
+    Setting("key_shards", "--key-shards", "KEEL_KEY_SHARDS", "0", Integer(0, 1024),
+            "key shards (hash tags; tenants spread over them): 0 = 1 on a standalone "
+            "Redis, 64 on Redis Cluster; every sidecar and the ledger writer of a "
+            "deployment must use the same value", "N"),
     Setting("wait_replicas", "--wait-replicas", "KEEL_WAIT_REPLICAS", "0", Integer(0, 16),
             "after each hold/settle script, WAIT until N replicas have it (same round trip, "
             "at most half the store timeout; a short count is counted and answered as "
@@ -214,6 +218,7 @@ class ServeSettings:
     caller_tokens_file: str = ""
     budget_metrics_interval_s: float = 15.0
     wait_replicas: int = 0
+    key_shards: int = 0
     # The mesh adapters' settings; None: read KEEL_MESH_* when the server is built.
     mesh: MeshConfig | None = None
     # Deprecated spellings that were used (printed once at start).

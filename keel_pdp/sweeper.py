@@ -4,9 +4,12 @@ The sweep reads due permit ids from the expiry set and releases each through
 release.lua, which applies an expiry only once the permit's own ``expires_at`` has
 passed (a sweeper with a fast clock cannot cut a live hold short) and only to a
 permit still held (so many sidecars sweeping at once release each hold once).
+A sharded key space has one expiry set per shard; the sweep reads them all.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from keel_pdp import events
 from keel_pdp.budget.keys import PERMIT_ID_RE
@@ -16,7 +19,9 @@ from keel_pdp.budget.store import BudgetStore
 async def sweep(store: BudgetStore, now_ms: int, limit: int = 200) -> list[str]:
     """Release up to ``limit`` due holds; returns the permit ids this call released."""
     released: list[str] = []
-    for pid in await store.due_expiries(now_ms, limit):
+    shards = range(store.keys.shards)
+    due = await asyncio.gather(*(store.due_expiries(now_ms, limit, s) for s in shards))
+    for pid in (pid for found in due for pid in found):
         if not PERMIT_ID_RE.match(pid):
             continue
         rec = await store.permit(pid, 1.0)

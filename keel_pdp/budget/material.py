@@ -15,6 +15,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from keel_pdp.budget.escrow import Parent, slice_for
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import hold_shape
@@ -31,6 +32,8 @@ class Material:
     wexp: tuple[int, ...]  # per window: when its hash may expire (s)
     shared: Shared  # the authorize script's KEYS and ARGV common to the shape
     meta_heads: tuple[str, ...]  # per candidate: the permit metadata up to its stamp
+    # per window: the shared budget it leases from (escrow), None for its own window
+    parents: tuple[Parent | None, ...] = ()
 
 
 def meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
@@ -97,18 +100,43 @@ class Materials:
         observe = shape.route_mode == "observe"
         wexp = tuple(t.window_end_ms // 1000 + settings.permit_retention_seconds
                      for t in targets)
-        window_keys = tuple(keyspace.window(t.budget.id, t.split, t.window_start_ms)
-                            for t in targets)
+        # Under an observe-mode routing rule nothing blocks; the script then reports
+        # the budgets that would have (shadow).
+        enforce = [t.budget.enforce and not observe for t in targets]
+        shard = keyspace.tenant_shard(shape.tenant)
+        window_keys: list[str] = []
+        grant_keys: list[str] = []
+        limits: list[int] = []
+        thresholds: list[tuple[int, ...]] = []
+        parents: list[Parent | None] = []
+        for t, enf, wx in zip(targets, enforce, wexp, strict=True):
+            b = t.budget
+            if not keyspace.is_shared(b, t.split):
+                window_keys.append(keyspace.window(b.id, t.split, t.window_start_ms, shard))
+                grant_keys.append(keyspace.grants(b.id, t.split, shard))
+                limits.append(b.limit_micros)
+                thresholds.append(b.thresholds)
+                parents.append(None)
+                continue
+            # A shared budget: held against this shard's lease of it (escrow). The
+            # lease's limit is what was leased (-1); the parent's grants count at
+            # refill; thresholds are the parent's, not a lease's.
+            home = keyspace.home_shard(b, t.split)
+            window_keys.append(keyspace.lease(b.id, t.split, t.window_start_ms, shard))
+            grant_keys.append(keyspace.grants(b.id, t.split, shard))
+            limits.append(-1 if enf else b.limit_micros)
+            thresholds.append(())
+            parents.append(Parent(
+                b.id, t.split, t.window_start_ms,
+                keyspace.window(b.id, t.split, t.window_start_ms, home),
+                keyspace.grants(b.id, t.split, home), home, b.limit_micros, wx,
+                slice_for(b.limit_micros, keyspace.shards)))
         return Material(
-            window_keys, wexp,
+            tuple(window_keys), wexp,
             hold_shape(
-                window_keys, [keyspace.grants(t.budget.id, t.split) for t in targets],
-                [t.budget.limit_micros for t in targets],
-                # Under an observe-mode routing rule nothing blocks; the script then
-                # reports the budgets that would have (shadow).
-                [t.budget.enforce and not observe for t in targets], wexp,
-                [t.budget.thresholds for t in targets],
+                window_keys, grant_keys, limits, enforce, wexp, thresholds,
                 idempotency_ttl_s=settings.idempotency_ttl_seconds,
                 permit_retention_s=settings.permit_retention_seconds,
                 min_output_tokens=settings.min_output_tokens),
-            tuple(meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices))
+            tuple(meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices),
+            tuple(parents))

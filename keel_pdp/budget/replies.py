@@ -20,8 +20,10 @@ class HoldReply(NamedTuple):
     """authorize.lua. ``outcome``: "decided" (this call decided: ``decision`` and the
     figures below), "replay" (the request_id's permit is still held: the figures of
     the original decision), "reused" (same request_id, other parameters), "ended"
-    (the request_id's permit has ended: ``permit_id`` and ``ended_state``), or
-    "aborted" (an abort overtook this call: nothing was held)."""
+    (the request_id's permit has ended: ``permit_id`` and ``ended_state``),
+    "aborted" (an abort overtook this call: nothing was held), or "lease" (a lease
+    on a shared budget is short: ``need`` (0-based budget, micro-USD) per lease;
+    nothing was written)."""
 
     outcome: str
     decision: str = ""
@@ -37,6 +39,7 @@ class HoldReply(NamedTuple):
     alerts: tuple[tuple[int, int], ...] = ()  # (0-based budget, threshold percent)
     granted: tuple[int, ...] = ()  # exception grants per budget (micro-USD), () when none
     ended_state: str = ""
+    need: tuple[tuple[int, int], ...] = ()
 
 
 class SettleReply(NamedTuple):
@@ -114,6 +117,11 @@ def hold_reply(raw: Any) -> HoldReply:
     if r == "ended":
         return HoldReply("ended", permit_id=str(res.get("pid", "")),
                          ended_state=str(res.get("st", "")))
+    if r == "lease":
+        need = _pairs(res.get("need"), 1)
+        if not need or any(b < 0 or amt <= 0 for b, amt in need):
+            raise ReplyError(f"authorize reply {res!r:.120}: no lease is short")
+        return HoldReply("lease", need=need)
     if r in ("reused", "aborted"):
         return HoldReply(str(r))
     raise ReplyError(f"authorize reply {res!r:.120} is not documented")

@@ -138,9 +138,11 @@ class StatusReader:
         if tenant and dims == ["tenant"]:
             return [(tenant,)]
         keys = self.store.keys
-        head = f"{keys.base}b:{b.id}:{len(b.per)}:"
+        # Every shard's windows (and leases) of the budget: the hash tag is a wildcard.
+        lead = f"{keys.prefix}:{{"
+        mid = f"}}:b:{b.id}:{len(b.per)}:"
         tail = f":{start_ms}"
-        pattern = _glob_escape(head) + "*" + _glob_escape(tail)
+        pattern = (_glob_escape(lead) + "*" + _glob_escape(mid) + "*" + _glob_escape(tail))
         found: set[tuple[str, ...]] = set()
         # scan_iter, not one SCAN cursor: redis-py's RedisCluster answers SCAN with a
         # cursor per node, and scan_iter walks them all (one node: one cursor).
@@ -152,7 +154,10 @@ class StatusReader:
                 except StopAsyncIteration:
                     break
                 key = _text(raw)
-                middle = key[len(head):len(key) - len(tail)]
+                at = key.find(mid)
+                if at < 0 or not key.endswith(tail):
+                    continue
+                middle = key[at + len(mid):len(key) - len(tail)]
                 parts = tuple(unquote(p) for p in middle.split(":"))
                 if len(parts) != len(b.per):
                     continue
@@ -162,6 +167,27 @@ class StatusReader:
         finally:
             await keys_found.aclose()
         return sorted(found)
+
+    async def _leases(self, b: CompiledBudget, split: tuple[str, ...],
+                      start_ms: int) -> tuple[int, int]:
+        """(settled, held) summed over every shard's lease of a shared window."""
+        keys = self.store.keys
+        name = keys.lease(b.id, split, start_ms, 0)[len(keys.bases[0]):]
+        pattern = _glob_escape(f"{keys.prefix}:{{") + "*" + _glob_escape("}:" + name)
+        settled = held = 0
+        found: Any = self.store.client.scan_iter(match=pattern, count=1000)
+        try:
+            while True:
+                try:
+                    key = _text(await self._read(anext(found)))
+                except StopAsyncIteration:
+                    break
+                figures = await self._read(self.store.client.hmget(key, "s", "h"))
+                settled += int(figures[0] or 0)
+                held += int(figures[1] or 0)
+        finally:
+            await found.aclose()
+        return settled, held
 
     async def status(self, snapshot: PolicySnapshot, tenant: str = "", budget_id: str = "",
                      now_ms: int | None = None) -> list[WindowStatus]:
@@ -175,9 +201,14 @@ class StatusReader:
             keys = self.store.keys
             pipe = self.store.client.pipeline(transaction=False)
             for s in splits:
-                pipe.hmget(keys.window(b.id, s, start), "s", "h")
-                pipe.hgetall(keys.grants(b.id, s))
+                pipe.hmget(keys.budget_window(b, s, start), "s", "h")
+                pipe.hgetall(keys.budget_grants(b, s))
             rows: Sequence[Any] = await self._read(pipe.execute())
+            rows = [*rows]
+            for n, s in enumerate(splits):
+                if keys.is_shared(b, s):
+                    # Escrow: the spending is in the shards' leases of the window.
+                    rows[2 * n] = await self._leases(b, s, start)
             for n, s in enumerate(splits):
                 figures, raw_grants = rows[2 * n], rows[2 * n + 1]
                 grants = []

@@ -78,6 +78,15 @@ def _decode(raw: Any) -> dict[str, Any]:
 _FAILURES = (TimeoutError, RedisError, RespError, OSError)
 
 
+DEFAULT_CLUSTER_SHARDS = 64
+
+
+def default_shards(url: str) -> int:
+    """Key shards when none are configured: one on a standalone Redis (all keys
+    under one hash tag, as always), 64 on Redis Cluster (see docs/redis-cluster.md)."""
+    return DEFAULT_CLUSTER_SHARDS if is_cluster_url(url) else 1
+
+
 def describe_url(url: str) -> str:
     """Where a Redis URL points, without its credentials (for logs)."""
     if is_cluster_url(url):
@@ -141,9 +150,11 @@ class BudgetStore:
         self._record = t.script(_lua("record.lua"))
         self._abort = t.script(_lua("abort.lua"))
         self._grant = t.script(_lua("grant.lua"))
+        self._escrow = t.script(_lua("escrow.lua"))
         self._names = {id(self._authorize): "authorize", id(self._closeout): "closeout",
                        id(self._release): "release", id(self._record): "record",
-                       id(self._abort): "abort", id(self._grant): "grant"}
+                       id(self._abort): "abort", id(self._grant): "grant",
+                       id(self._escrow): "escrow"}
 
     @property
     def client(self) -> aioredis.Redis:
@@ -156,11 +167,14 @@ class BudgetStore:
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
                  max_connections: int = 64, client: str = "resp",
-                 wait_replicas: int = 0) -> BudgetStore:
+                 wait_replicas: int = 0, shards: int = 0) -> BudgetStore:
         """``client``: "resp" (pipelined, the default) or "redis-py" for every call.
-        A ``redis+cluster://`` URL: the Redis Cluster client for the scripts."""
+        A ``redis+cluster://`` URL: the Redis Cluster client for the scripts.
+        ``shards``: key shards (0: ``default_shards(url)``)."""
+        keyspace = KeySpace(prefix, shards or default_shards(url))
         if is_cluster_url(url):
-            return cls._cluster(url, prefix, timeout_s, max_connections, client, wait_replicas)
+            return cls._cluster(url, keyspace, timeout_s, max_connections, client,
+                                wait_replicas)
 
         def redis_py() -> aioredis.Redis:
             return aioredis.Redis.from_url(
@@ -173,16 +187,16 @@ class BudgetStore:
             )
 
         if client == "redis-py":
-            return cls(redis_py(), KeySpace(prefix), timeout_s, where=describe_url(url),
+            return cls(redis_py(), keyspace, timeout_s, where=describe_url(url),
                        wait_replicas=wait_replicas)
         if client != "resp":
             raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
         resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
-        return cls(None, KeySpace(prefix), timeout_s, transport=resp, client_factory=redis_py,
+        return cls(None, keyspace, timeout_s, transport=resp, client_factory=redis_py,
                    where=describe_url(url), wait_replicas=wait_replicas)
 
     @classmethod
-    def _cluster(cls, url: str, prefix: str, timeout_s: float, max_connections: int,
+    def _cluster(cls, url: str, keyspace: KeySpace, timeout_s: float, max_connections: int,
                  client: str, wait_replicas: int) -> BudgetStore:
         if client != "resp":
             raise ValueError(f"a Redis Cluster URL is served by the cluster client, not "
@@ -202,7 +216,7 @@ class BudgetStore:
             return cast(aioredis.Redis, cluster)
 
         transport = ClusterClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
-        return cls(None, KeySpace(prefix), timeout_s, transport=transport,
+        return cls(None, keyspace, timeout_s, transport=transport,
                    client_factory=redis_py, where=describe_url(url),
                    wait_replicas=wait_replicas)
 
@@ -253,14 +267,16 @@ class BudgetStore:
     def hold_call(self, r: HoldRequest) -> tuple[list[str], list[Arg]]:
         """The request's own KEYS and ARGV of the authorize script (``r.shape`` has
         the rest)."""
-        keys = [r.idempotency_key, self.keys.permit(r.permit_id), self.keys.expiries,
-                self.keys.stream]
+        ks, pid = self.keys, r.permit_id
+        keys = [r.idempotency_key, ks.permit(pid), ks.expiries_of(pid), ks.stream_of(pid)]
         args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms, r.event_data,
                            len(r.candidates)]
         for c in r.candidates:
             args.extend((c.input_pico, c.output_price_pico, c.output_tokens,
                          1 if c.may_constrain else 0, c.permit_meta, len(c.budget_indexes)))
             args.extend(i + 1 for i in c.budget_indexes)
+        if r.refill:
+            args.append(1)
         return keys, args
 
     async def settle(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
@@ -269,9 +285,10 @@ class BudgetStore:
                      output_tokens: int = 0, input_over: bool = False,
                      overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
                      ) -> SettleReply:
-        pkey = self.keys.permit(permit_id)
-        keys = [pkey, self.keys.stream, self.keys.expiries, idempotency_key or pkey,
-                *window_keys]
+        ks = self.keys
+        pkey = ks.permit(permit_id)
+        keys = [pkey, ks.stream_of(permit_id), ks.expiries_of(permit_id),
+                idempotency_key or pkey, *window_keys]
         args: list[str | int] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
                                  1 if input_over else 0, overrun_factor, overrun_slack_micros]
         return settle_reply(await self._script(self._closeout, keys, args, timeout_s))
@@ -280,9 +297,10 @@ class BudgetStore:
                       target: str, event_data: str,
                       timeout_s: float | None = None, *,
                       idempotency_key: str = "") -> ReleaseReply:
-        pkey = self.keys.permit(permit_id)
-        keys = [pkey, self.keys.stream, self.keys.expiries, idempotency_key or pkey,
-                *window_keys]
+        ks = self.keys
+        pkey = ks.permit(permit_id)
+        keys = [pkey, ks.stream_of(permit_id), ks.expiries_of(permit_id),
+                idempotency_key or pkey, *window_keys]
         args: list[str | int] = [permit_id, now_ms, target, event_data]
         return release_reply(await self._script(self._release, keys, args, timeout_s))
 
@@ -290,7 +308,8 @@ class BudgetStore:
                     now_ms: int, event_data: str, timeout_s: float,
                     tombstone_retention_s: int = 86400) -> ReleaseReply:
         """Undo an authorize whose reply was lost (see abort.lua); idempotent."""
-        keys = [self.keys.permit(permit_id), self.keys.stream, self.keys.expiries,
+        ks = self.keys
+        keys = [ks.permit(permit_id), ks.stream_of(permit_id), ks.expiries_of(permit_id),
                 idempotency_key, *window_keys]
         args: list[str | int] = [permit_id, now_ms, event_data, tombstone_retention_s]
         return release_reply(await self._script(self._abort, keys, args, timeout_s))
@@ -302,7 +321,8 @@ class BudgetStore:
         """Append an event that holds nothing, once per permit id (record.lua). With
         ``degraded`` the permit record of a fail-open ALLOW is written with it."""
         args: list[str | int] = [event_type, permit_id, ts_ms, event_data, result]
-        keys = [self.keys.stream, self.keys.permit(permit_id), self.keys.expiries]
+        ks = self.keys
+        keys = [ks.stream_of(permit_id), ks.permit(permit_id), ks.expiries_of(permit_id)]
         if degraded is None:
             args.extend(("marker", retention_s, "{}", 0, 0, 0, ""))
         else:
@@ -316,8 +336,49 @@ class BudgetStore:
     async def grant(self, grant_key: str, grant_id: str, amount_micros: int, expires_at_ms: int,
                     now_ms: int, event_data: str) -> dict[str, Any]:
         args: list[str | int] = [grant_id, amount_micros, expires_at_ms, now_ms, event_data]
-        return _decode(await self._script(self._grant, [grant_key, self.keys.stream], args,
+        try:
+            stream = self.keys.stream_of_key(grant_key)
+        except ValueError:  # not one of ours: the first shard's stream (Cluster refuses a
+            stream = self.keys.stream  # cross-slot call, so nothing is written)
+        keys = [grant_key, stream]
+        return _decode(await self._script(self._grant, keys, args,
                                           max(self.timeout_s, 1.0)))
+
+    async def escrow(self, step: str, keys: Sequence[str], transfer_id: str, amount: int,
+                     limit: int, expire_at_s: int, now_ms: int, event_data: str,
+                     other_key: str, timeout_s: float | None = None) -> int:
+        """One side of an escrow transfer (escrow.lua); returns the amount moved.
+        Idempotent per (transfer id, side)."""
+        args: list[str | int] = [step, transfer_id, amount, limit, expire_at_s, now_ms,
+                                 event_data, other_key]
+        out = await self._script(self._escrow, keys, args, timeout_s)
+        text = out.decode() if isinstance(out, bytes) else str(out)
+        if not text.isdigit():
+            raise StoreUnavailable(f"escrow {step} answered {text[:40]!r}")
+        return int(text)
+
+    async def lease_index(self, shard: int) -> dict[str, str]:
+        """A shard's leases on shared budgets: lease key -> parent window key."""
+        raw = await self._command("HGETALL", self.keys.leases(shard),
+                                  timeout_s=max(self.timeout_s, 1.0))
+        if isinstance(raw, dict):
+            pairs = list(raw.items())
+        else:
+            pairs = list(zip(raw[::2], raw[1::2], strict=True))
+        return {(k.decode() if isinstance(k, bytes) else str(k)):
+                (v.decode() if isinstance(v, bytes) else str(v)) for k, v in pairs}
+
+    async def lease_figures(self, key: str) -> tuple[int, int, int] | None:
+        """A lease's (leased, settled, held); None once it has expired."""
+        raw = await self._command("HMGET", key, "g", "s", "h",
+                                  timeout_s=max(self.timeout_s, 1.0))
+        if raw[0] is None:
+            return None
+        return int(raw[0]), int(raw[1] or 0), int(raw[2] or 0)
+
+    async def forget_lease(self, shard: int, key: str) -> None:
+        await self._command("HDEL", self.keys.leases(shard), key,
+                            timeout_s=max(self.timeout_s, 1.0))
 
     async def permit(self, permit_id: str, timeout_s: float | None = None) -> PermitRecord | None:
         raw = await self._command("HMGET", self.keys.permit(permit_id), "keys", "meta", "state",
@@ -329,8 +390,8 @@ class BudgetStore:
         meta = json.loads(raw[1]) if raw[1] else {}
         return PermitRecord(keys, meta, state, raw[3].decode() if raw[3] else "")
 
-    async def due_expiries(self, now_ms: int, limit: int = 200) -> list[str]:
-        raw = await self._command("ZRANGEBYSCORE", self.keys.expiries, "-inf", now_ms,
+    async def due_expiries(self, now_ms: int, limit: int = 200, shard: int = 0) -> list[str]:
+        raw = await self._command("ZRANGEBYSCORE", self.keys.expiry_sets[shard], "-inf", now_ms,
                                   "LIMIT", 0, limit, timeout_s=max(self.timeout_s, 1.0))
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
@@ -342,7 +403,7 @@ class BudgetStore:
         """Connect and load every script so the first decision pays for neither."""
         try:
             for name in ("authorize.lua", "closeout.lua", "release.lua", "record.lua",
-                         "abort.lua"):
+                         "abort.lua", "escrow.lua"):
                 await self._command("SCRIPT", "LOAD", _lua(name), timeout_s=2.0)
             return True
         except StoreUnavailable:

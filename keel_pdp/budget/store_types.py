@@ -43,6 +43,9 @@ class HoldRequest:
     event_data: str
     shape: Shared  # hold_shape(...): the same for every request of one shape
     candidates: tuple[HoldCandidate, ...]
+    # A lease on a shared budget short of the estimate answers "lease" (refill and
+    # ask again with False) instead of deciding.
+    refill: bool = False
 
 
 def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Sequence[int],

@@ -64,6 +64,9 @@ WRITER: tuple[Setting, ...] = (
             "redis+cluster://h1:p1,h2:p2/ for Redis Cluster seed nodes", "URL"),
     Setting("store", "--store", "KEEL_LEDGER_STORE", "", metavar="URL",
             help="ledger store: sqlite:///path or postgresql://... (required)"),
+    Setting("key_shards", "--key-shards", "KEEL_KEY_SHARDS", "0", Integer(0, 1024),
+            "key shards of the deployment (as given to serve): one stream each; 0 = 1 "
+            "on a standalone Redis, 64 on Redis Cluster", "N"),
     Setting("key_prefix", "--key-prefix", "KEEL_KEY_PREFIX", "keel", help="Redis key prefix",
             metavar="P"),
     Setting("metrics_port", "--metrics-port", "KEEL_LEDGER_METRICS_PORT", "0", Port(),
@@ -117,8 +120,10 @@ class WriterSettings:
     no_trim: bool
     log_level: str
     notes: tuple[str, ...] = ()
+    key_shards: int = 0
 
     def config(self) -> WriterConfig:
+        from keel_pdp.budget.store import default_shards
         from keel_pdp.ledger.writer import WriterConfig
 
         return WriterConfig(
@@ -126,7 +131,8 @@ class WriterSettings:
             batch_size=self.batch_size, block_ms=max(1, round(self.block_s * 1000)),
             claim_idle_ms=max(1, round(self.claim_idle_s * 1000)),
             claim_interval_s=self.claim_interval_s, trim=not self.no_trim,
-            trim_interval_s=self.trim_interval_s)
+            trim_interval_s=self.trim_interval_s,
+            shards=self.key_shards or default_shards(self.redis_url))
 
 
 def writer_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None
@@ -145,7 +151,8 @@ LEDGER_DESCRIPTION = (
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("ledger", help=LEDGER_HELP, description=LEDGER_DESCRIPTION)
+    p = sub.add_parser("ledger", help=LEDGER_HELP, description=LEDGER_DESCRIPTION,
+                       allow_abbrev=False)
     add_settings(p, WRITER)
     p.set_defaults(func=cmd_ledger)
     lsub = p.add_subparsers(dest="ledger_command", required=False, metavar="COMMAND")

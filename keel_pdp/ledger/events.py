@@ -16,6 +16,7 @@ from keel_pdp.errors import ParseError
 from keel_pdp.events import (
     EVENT_TYPES,
     EXCEPTION_STEPS,
+    LEASE_STEPS,
     MAX_MICROS,
     MAX_TOKENS,
     as_int,
@@ -449,4 +450,20 @@ def derive(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
     if ev.etype == "exception":
         check_exception(ev)
         return [], []
+    if ev.etype == "lease":
+        check_lease(ev)
+        return [], []
     return _release(ev), []
+
+
+def check_lease(ev: StreamEvent) -> str:
+    """Validate one side of an escrow transfer; returns its step. Kept in the event
+    mirror only: a lease moves headroom between a shared budget and a shard, not
+    money (the decisions held against the lease carry the money)."""
+    step = get_str(ev.res, "dir", "res", required=True)
+    if step not in LEASE_STEPS:
+        raise ParseError(f"res.dir {step!r} is not one of {', '.join(LEASE_STEPS)}")
+    get_int(ev.res, "amt", "res", lo=1)
+    if not ev.permit_id.startswith("lse_"):
+        raise ParseError("a lease event's pid is not a transfer id (lse_...)")
+    return step

@@ -3,7 +3,10 @@
 Delivery is at least once (a Redis consumer group; entries are acknowledged
 only after the transaction that stores them has committed) and storage is
 idempotent on the stream entry id, so together each event is stored exactly
-once. A writer that restarts reads its own pending entries first; entries left
+once. A sharded key space has one stream per shard, each with its own consumer
+group; the writer reads them in turn, and the ledger's event id is then the
+shard's tag + "/" + the stream id (stream ids are unique per stream only).
+A writer that restarts reads its own pending entries first; entries left
 pending by a consumer that died are claimed after ``claim_idle_ms``.
 
 When the store or Redis is unavailable the writer keeps the batch, backs off
@@ -51,6 +54,7 @@ class WriterConfig:
     stats_interval_s: float = 5.0
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
+    shards: int = 1  # the key space's shards: one stream (and group) each
 
     @property
     def consumer_name(self) -> str:
@@ -85,6 +89,25 @@ class Backoff:
         self.current = 0.0
 
 
+@dataclass
+class _StreamState:
+    """Where the writer stands on one shard's stream."""
+
+    stream: str
+    next_trim: float
+    # Stream ids are unique per stream only: with several shards the ledger's
+    # event id is the shard's tag, "/", and the stream id.
+    id_prefix: str = ""
+    pending_cursor: str | None = "0"
+    claim_cursor: str = "0-0"
+    next_claim: float = 0.0
+    group_ready: bool = False
+
+    @property
+    def dead_stream(self) -> str:
+        return self.stream + ":dead"
+
+
 class LedgerWriter:
     def __init__(self, config: WriterConfig, store: LedgerStore, client: redis.Redis,
                  metrics: LedgerMetrics | None = None) -> None:
@@ -92,17 +115,18 @@ class LedgerWriter:
         self.store = store
         self.client = client
         self.metrics = metrics or LedgerMetrics()
-        keys = KeySpace(config.key_prefix)
-        self.stream = keys.stream
-        self.dead_stream = keys.stream + ":dead"
+        keys = KeySpace(config.key_prefix, config.shards)
+        # One consumer group per shard's stream; events of one permit are all on
+        # its shard's stream, so order per permit holds shard by shard.
+        self.shards = [_StreamState(stream, time.monotonic() + config.trim_interval_s,
+                                    f"{tag}/" if len(keys.tags) > 1 else "")
+                       for stream, tag in zip(keys.streams, keys.tags, strict=True)]
+        self.cur = self.shards[0]
+        self.stream = self.cur.stream  # the first shard's (the only one of one shard)
         self.consumer = config.consumer_name
         self.stopping = threading.Event()
-        self._pending_cursor: str | None = "0"
-        self._claim_cursor = "0-0"
-        self._next_claim = 0.0
-        self._next_trim = time.monotonic() + config.trim_interval_s
         self._next_stats = 0.0
-        self._group_ready = False
+        self.cur.group_ready = False
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
         self.stored_total = 0
         self.dead_total = 0
@@ -113,7 +137,8 @@ class LedgerWriter:
 
     def run(self) -> int:
         """Consume until ``stop()``; returns 0."""
-        log.info("ledger writer %s consuming %s as group %s", self.consumer, self.stream,
+        log.info("ledger writer %s consuming %s as group %s", self.consumer,
+                 self.cur.stream if len(self.shards) == 1 else f"{len(self.shards)} streams",
                  self.config.group)
         while not self.stopping.is_set():
             try:
@@ -127,37 +152,53 @@ class LedgerWriter:
     def _redis_failed(self, exc: Exception) -> None:
         self.metrics.errors.labels("redis").inc()
         self.metrics.up.labels("redis").set(0)
-        self._group_ready = False
-        # After a reconnect, first re-read what this consumer holds.
-        self._pending_cursor = "0"
+        for state in self.shards:
+            state.group_ready = False
+            # After a reconnect, first re-read what this consumer holds.
+            state.pending_cursor = "0"
         delay = self._backoff.next()
         log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
         self.stopping.wait(delay)
 
     def ensure_group(self) -> None:
-        if self._group_ready:
+        if self.cur.group_ready:
             return
         try:
             # "0": a new group starts at the beginning, so nothing already in the
             # stream is skipped.
-            self.client.xgroup_create(self.stream, self.config.group, id="0", mkstream=True)
+            self.client.xgroup_create(self.cur.stream, self.config.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._group_ready = True
+        self.cur.group_ready = True
 
     # ------------------------------------------------------------ one step
     def step(self) -> int:
-        """Read one batch (own pending, claimed, or new), store and ack it."""
-        self.ensure_group()
+        """Read one batch from each shard's stream (own pending, claimed, or new),
+        store and ack it; returns how many entries were handled."""
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + self.config.stats_interval_s
             self.refresh_stats()
-        if self.config.trim and now >= self._next_trim:
-            self._next_trim = now + self.config.trim_interval_s
+        if len(self.shards) == 1:
+            return self._step_one(self.shards[0], self.config.block_ms)
+        total = 0
+        for state in self.shards:
+            total += self._step_one(state, None)
+            if self.stopping.is_set():
+                break
+        if not total:
+            # Nothing on any shard: wait a little before looking again.
+            self.stopping.wait(min(self.config.block_ms, 100) / 1000)
+        return total
+
+    def _step_one(self, state: _StreamState, block: int | None) -> int:
+        self.cur = state
+        self.ensure_group()
+        if self.config.trim and time.monotonic() >= state.next_trim:
+            state.next_trim = time.monotonic() + self.config.trim_interval_s
             self.trim()
-        batch = self.read()
+        batch = self.read(block)
         self.metrics.up.labels("redis").set(1)
         self._backoff.reset()
         if not batch:
@@ -165,33 +206,33 @@ class LedgerWriter:
         self.handle(batch)
         return len(batch)
 
-    def read(self) -> list[Raw]:
+    def read(self, block: int | None = None) -> list[Raw]:
         cfg = self.config
         try:
-            if self._pending_cursor is not None:
-                got = self._xread(self._pending_cursor, block=None)
+            if self.cur.pending_cursor is not None:
+                got = self._xread(self.cur.pending_cursor, block=None)
                 if got:
-                    self._pending_cursor = got[-1][0]
+                    self.cur.pending_cursor = got[-1][0]
                     return got
-                self._pending_cursor = None
-            if time.monotonic() >= self._next_claim:
+                self.cur.pending_cursor = None
+            if time.monotonic() >= self.cur.next_claim:
                 claimed = self.claim()
                 if claimed:
                     return claimed
-            return self._xread(">", block=cfg.block_ms)
+            return self._xread(">", block=block)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 # The stream or group vanished (Redis restarted without data):
                 # recreate it and start again from the beginning.
                 log.error("consumer group %s is gone; recreating it", cfg.group)
-                self._group_ready = False
-                self._pending_cursor = "0"
+                self.cur.group_ready = False
+                self.cur.pending_cursor = "0"
                 return []
             raise
 
     def _xread(self, start: str, block: int | None) -> list[Raw]:
         resp: Any = self.client.xreadgroup(self.config.group, self.consumer,
-                                           {self.stream: start},
+                                           {self.cur.stream: start},
                                            count=self.config.batch_size, block=block)
         if not resp:
             return []
@@ -200,14 +241,14 @@ class LedgerWriter:
 
     def claim(self) -> list[Raw]:
         cfg = self.config
-        resp: Any = self.client.xautoclaim(self.stream, cfg.group, self.consumer,
+        resp: Any = self.client.xautoclaim(self.cur.stream, cfg.group, self.consumer,
                                       min_idle_time=cfg.claim_idle_ms,
-                                      start_id=self._claim_cursor, count=cfg.batch_size)
+                                      start_id=self.cur.claim_cursor, count=cfg.batch_size)
         nxt = stream_id(resp[0])
         entries = [(stream_id(i), f) for i, f in resp[1]]
-        self._claim_cursor = nxt
+        self.cur.claim_cursor = nxt
         if nxt == "0-0":
-            self._next_claim = time.monotonic() + cfg.claim_interval_s
+            self.cur.next_claim = time.monotonic() + cfg.claim_interval_s
             self._forget_idle_consumers()
         if entries:
             self.metrics.claimed.inc(len(entries))
@@ -216,11 +257,11 @@ class LedgerWriter:
 
     def _forget_idle_consumers(self) -> None:
         idle_ms = max(self.config.claim_idle_ms * 10, 3_600_000)
-        for c in self.client.xinfo_consumers(self.stream, self.config.group):
+        for c in self.client.xinfo_consumers(self.cur.stream, self.config.group):
             name = stream_id(c.get("name", b""))
             if name != self.consumer and int(c.get("pending", 0)) == 0 \
                     and int(c.get("idle", 0)) > idle_ms:
-                self.client.xgroup_delconsumer(self.stream, self.config.group, name)
+                self.client.xgroup_delconsumer(self.cur.stream, self.config.group, name)
 
     # ------------------------------------------------------------ handling
     def handle(self, batch: Sequence[Raw]) -> None:
@@ -229,7 +270,7 @@ class LedgerWriter:
         dead: list[tuple[str, dict[bytes, bytes] | None, str]] = []
         for eid, fields in batch:
             try:
-                events.append(parse_entry(eid, fields))
+                events.append(parse_entry(self.cur.id_prefix + eid, fields))
             except ParseError as exc:
                 dead.append((eid, fields, str(exc)))
         if events:
@@ -246,7 +287,8 @@ class LedgerWriter:
                         if not self._store_until_done([ev]):
                             return
                     except StoreRejected as one:
-                        dead.append((ev.event_id, fields_of.get(ev.event_id),
+                        eid = ev.event_id.removeprefix(self.cur.id_prefix)
+                        dead.append((eid, fields_of.get(eid),
                                      f"store refused the event: {one}"))
         self._ack_until_done([eid for eid, _ in batch], dead)
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
@@ -283,8 +325,8 @@ class LedgerWriter:
                         "src_id": eid, "reason": reason[:1000], "at_ms": at}
                     for k, v in (fields or {}).items():
                         entry[b"orig:" + (k if isinstance(k, bytes) else str(k).encode())] = v
-                    pipe.xadd(self.dead_stream, entry)  # type: ignore[arg-type]
-                pipe.xack(self.stream, self.config.group, *ids)
+                    pipe.xadd(self.cur.dead_stream, entry)  # type: ignore[arg-type]
+                pipe.xack(self.cur.stream, self.config.group, *ids)
                 pipe.execute()
                 break
             except RedisError as exc:
@@ -298,7 +340,7 @@ class LedgerWriter:
                 if self.stopping.wait(delay):
                     return
         for eid, _, reason in dead:
-            log.error("stream entry %s moved to %s: %s", eid, self.dead_stream, reason)
+            log.error("stream entry %s moved to %s: %s", eid, self.cur.dead_stream, reason)
         if dead:
             self.metrics.dead_lettered.inc(len(dead))
             self.dead_total += len(dead)
@@ -307,14 +349,14 @@ class LedgerWriter:
     def safe_trim_floor(self) -> str | None:
         """The smallest id some consumer group still needs (None: keep everything)."""
         try:
-            groups = self.client.xinfo_groups(self.stream)
+            groups = self.client.xinfo_groups(self.cur.stream)
         except ResponseError:
             return None
         floor: tuple[int, int] | None = None
         for g in groups:
             pending = int(g.get("pending", 0))
             if pending:
-                summary = self.client.xpending(self.stream, stream_id(g["name"]))
+                summary = self.client.xpending(self.cur.stream, stream_id(g["name"]))
                 cand = parse_id(stream_id(summary["min"]))
             else:
                 cand = parse_id(successor(stream_id(g.get("last-delivered-id", b"0-0"))))
@@ -327,25 +369,30 @@ class LedgerWriter:
         floor = self.safe_trim_floor()
         if floor is None:
             return 0
-        removed = int(self.client.xtrim(self.stream, minid=floor, approximate=False))
+        removed = int(self.client.xtrim(self.cur.stream, minid=floor, approximate=False))
         if removed:
             self.metrics.trimmed.inc(removed)
             log.info("trimmed %d acknowledged entries below %s", removed, floor)
         return removed
 
     def refresh_stats(self) -> None:
-        try:
-            groups = self.client.xinfo_groups(self.stream)
-        except ResponseError:
-            groups = []
-        for g in groups:
-            if stream_id(g["name"]) != self.config.group:
-                continue
-            self.metrics.pending.set(int(g.get("pending", 0)))
-            lag = g.get("lag")
-            if lag is None:
-                start = successor(stream_id(g.get("last-delivered-id", b"0-0")))
-                found: Any = self.client.xrange(self.stream, min=start, count=100_000)
-                lag = len(found)
-            self.metrics.lag.set(int(lag))
-        self.metrics.dead_letter.set(int(self.client.xlen(self.dead_stream)))
+        pending = lag_total = dead = 0
+        for state in self.shards:
+            try:
+                groups = self.client.xinfo_groups(state.stream)
+            except ResponseError:
+                groups = []
+            for g in groups:
+                if stream_id(g["name"]) != self.config.group:
+                    continue
+                pending += int(g.get("pending", 0))
+                lag = g.get("lag")
+                if lag is None:
+                    start = successor(stream_id(g.get("last-delivered-id", b"0-0")))
+                    found: Any = self.client.xrange(state.stream, min=start, count=100_000)
+                    lag = len(found)
+                lag_total += int(lag)
+            dead += int(self.client.xlen(state.dead_stream))
+        self.metrics.pending.set(pending)
+        self.metrics.lag.set(lag_total)
+        self.metrics.dead_letter.set(dead)

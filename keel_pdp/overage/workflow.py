@@ -18,6 +18,7 @@ force, when it is approved. The requester cannot approve their own request.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from keel_pdp import events, grants
-from keel_pdp.budget.keys import PERMIT_ID_RE
+from keel_pdp.budget.keys import PERMIT_ID_RE, permit_shard
 from keel_pdp.budget.resp import RespError
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 from keel_pdp.decision import DIMENSION_NAMES, InvalidRequest
@@ -107,10 +108,18 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def exception_id(denial_permit_id: str, budget_id: str, split: Sequence[str]) -> str:
-    """One request per (denial, budget counter): a retry finds the first one."""
+def exception_id(denial_permit_id: str, budget_id: str, split: Sequence[str],
+                 shard: int = 0, shards: int = 1) -> str:
+    """One request per (denial, budget counter): a retry finds the first one. With a
+    sharded key space its last 10 bits name the shard of the budget's grants (as a
+    permit id's do), where the request is kept."""
     raw = "\0".join((denial_permit_id, budget_id, *split)).encode("utf-8", "surrogatepass")
-    return "exc_" + hashlib.sha256(raw).hexdigest()[:24]
+    digest = hashlib.sha256(raw).hexdigest()[:24]
+    if shards > 1:
+        tail = int(digest[21:], 16)
+        low = shard + shards * ((tail & 1023) % ((1023 - shard) // shards + 1))
+        digest = f"{digest[:21]}{(tail & 0xC00) | low:03x}"
+    return "exc_" + digest
 
 
 def grant_id_of(exc_id: str) -> str:
@@ -135,12 +144,25 @@ class ExceptionDesk:
         self._decide = store.transport.script(_lua("exception_decide.lua"))
 
     # ----------------------------------------------------------------- keys
+    def _grants_key(self, exc_id: str, budget_id: str, split: Sequence[str]) -> str:
+        """The budget's grants, in the shard its exception requests are kept in."""
+        return self.keys.grants(budget_id, tuple(split), self._shard(exc_id))
+
+    def _shard(self, exc_id: str) -> int:
+        try:
+            return permit_shard(exc_id, self.keys.shards)
+        except ValueError:  # not an id this workflow made: found nowhere
+            return 0
+
     def record_key(self, exc_id: str) -> str:
-        return f"{self.keys.base}exc:{exc_id}"
+        return f"{self.keys.bases[self._shard(exc_id)]}exc:{exc_id}"
+
+    def index_key_of(self, shard: int) -> str:
+        return f"{self.keys.bases[shard]}excs"
 
     @property
     def index_key(self) -> str:
-        return f"{self.keys.base}excs"
+        return self.index_key_of(0)
 
     # ------------------------------------------------------------------ I/O
     async def _script(self, script: Any, keys: list[str], args: list[str | int]) -> dict[str, Any]:
@@ -190,7 +212,9 @@ class ExceptionDesk:
             raise InvalidRequest(f"denial {pid} is older than {MAX_DENIAL_AGE_MS // 86_400_000} "
                                  "days: ask again from a recent denial")
         seen = await self._check_denial(pid, budget, split)
-        exc_id = exception_id(pid, budget.id, split)
+        exc_id = exception_id(pid, budget.id, split, self.keys.home_shard(budget, split),
+                              self.keys.shards)
+        shard = self._shard(exc_id)
         scope = dict(zip([DIMENSION_NAMES[i] for i in budget.per], split, strict=True))
         until = now + self.pending_seconds * 1000
         rec = {"v": 1, "exc": exc_id, "denial": pid, "budget": budget.id, "split": list(split),
@@ -201,7 +225,8 @@ class ExceptionDesk:
         fp = hashlib.sha256(_dumps([ask.amount_micros, ask.duration_seconds, ask.justification,
                                     ask.requester]).encode()).hexdigest()[:32]
         out = await self._script(
-            self._request, [self.record_key(exc_id), self.index_key, self.keys.stream],
+            self._request, [self.record_key(exc_id), self.index_key_of(shard),
+                            self.keys.streams[shard]],
             [exc_id, fp, now, until, self.retention_seconds, _dumps(rec), pid, _dumps(rec)])
         view = await self.get(exc_id, now)
         if view is None:  # pragma: no cover - written just now
@@ -259,7 +284,7 @@ class ExceptionDesk:
         want = pid.encode()
         for _ in range(_SCAN_PAGES):
             page: Any = await self._read(self.store.client.xrange(
-                self.keys.stream, min=lo, max=hi, count=_SCAN_PAGE))
+                self.keys.stream_of(pid), min=lo, max=hi, count=_SCAN_PAGE))
             for _eid, fields in page:
                 if fields.get(b"pid") == want and fields.get(b"type") == b"decision":
                     return (events.loads_object(fields.get(b"data", b"{}"), "data"),
@@ -323,8 +348,8 @@ class ExceptionDesk:
                         "rev": snapshot.policy_revision})
         out = await self._script(
             self._decide,
-            [self.record_key(exc_id), self.keys.grants(view.budget_id, split),
-             self.keys.stream],
+            [self.record_key(exc_id), self._grants_key(exc_id, view.budget_id, split),
+             self.keys.streams[self._shard(exc_id)]],
             [action, now, _dumps(dec), gid, view.amount_micros, expires,
              view.denial_permit_id, event, grant_data, exc_id])
         r = out.get("r")
@@ -344,9 +369,9 @@ class ExceptionDesk:
         event = _dumps({"v": 1, "exc": exc_id, "budget": view.budget_id,
                         "split": list(view.split), "path": view.exception_path, "at": now})
         await self._script(
-            self._decide, [self.record_key(exc_id), self.keys.grants(view.budget_id,
-                                                                     view.split),
-                           self.keys.stream],
+            self._decide, [self.record_key(exc_id),
+                           self._grants_key(exc_id, view.budget_id, view.split),
+                           self.keys.streams[self._shard(exc_id)]],
             ["expire", now, "{}", "", 0, 0, view.denial_permit_id, event, "", exc_id])
         return await self.get(exc_id, now)
 
@@ -377,11 +402,21 @@ class ExceptionDesk:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
         limit = min(max(limit or 100, 1), 1000)
         now = _now_ms() if now_ms is None else now_ms
+        found: list[ExceptionView] = []
+        for shard in range(self.keys.shards):
+            found.extend(await self._list_shard(shard, state, budget_id, limit, now))
+        if self.keys.shards > 1:
+            found.sort(key=lambda v: v.requested_at_ms, reverse=True)
+        return found[:limit]
+
+    async def _list_shard(self, shard: int, state: str, budget_id: str, limit: int,
+                          now: int) -> builtins.list[ExceptionView]:
         out: list[ExceptionView] = []
         start, page = 0, 200
         client = self.store.client
+        index_key = self.index_key_of(shard)
         while len(out) < limit:
-            ids: Any = await self._read(client.zrevrange(self.index_key, start,
+            ids: Any = await self._read(client.zrevrange(index_key, start,
                                                          start + page - 1))
             if not ids:
                 break
@@ -400,7 +435,7 @@ class ExceptionDesk:
                                                           or v.budget_id == budget_id):
                     out.append(v)
             if gone:  # records past their retention: drop them from the index
-                await self._read(client.zrem(self.index_key, *gone))
+                await self._read(client.zrem(index_key, *gone))
                 start -= len(gone)
             start += page
         return out[:limit]

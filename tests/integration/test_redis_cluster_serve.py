@@ -36,7 +36,7 @@ from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.cluster import key_slot
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.store import BudgetStore, describe_url
+from keel_pdp.budget.store import DEFAULT_CLUSTER_SHARDS, BudgetStore, describe_url
 from keel_pdp.decision import AuthorizeInput, DecisionKind
 from keel_pdp.engine import Engine
 from keel_pdp.flags import Bad, redacted_url
@@ -152,8 +152,11 @@ def test_serve_and_the_ledger_writer_run_on_a_cluster_url_exactly_once(
     finally:
         channel.close()
 
-    stream = KeySpace(PREFIX).stream
-    entries = _stream_on_owner(redis_cluster, stream)
+    # Every shard's stream (64 by default on a cluster); the ledger's event id is
+    # the shard's tag, "/", and the stream id.
+    ks = KeySpace(PREFIX, DEFAULT_CLUSTER_SHARDS)
+    entries = [(f"{tag}/{i}", f) for stream, tag in zip(ks.streams, ks.tags, strict=True)
+               for i, f in _stream_on_owner(redis_cluster, stream)]
     kinds = [f[b"type"].decode() for _, f in entries]
     # What this test did, from its own counts: one decision per permit (retries add
     # none) and per denial answer, one settlement per settled permit, one void per
@@ -246,6 +249,7 @@ async def test_with_wait_every_hold_is_on_the_replica_when_it_is_answered(
         redis_cluster: RedisCluster, tmp_path: pathlib.Path) -> None:
     keys = KeySpace("w1")
     store = BudgetStore.from_url(redis_cluster.url, prefix="w1", timeout_s=0.5,
+                                 shards=1,
                                  wait_replicas=1)
     _, reader = _replica_reader(redis_cluster, keys.stream)
     engine = _engine(store, _bundle(tmp_path / "b"))
@@ -289,7 +293,8 @@ async def test_a_stopped_replica_makes_holds_short_waits_answered_inside_the_tim
         redis_cluster: RedisCluster, tmp_path: pathlib.Path) -> None:
     keys = KeySpace("w2")
     timeout_s = 0.2
-    store = BudgetStore.from_url(redis_cluster.url, prefix="w2", timeout_s=timeout_s,
+    store = BudgetStore.from_url(redis_cluster.url, prefix="w2",
+                                 timeout_s=timeout_s, shards=1,
                                  wait_replicas=1)
     short: list[str] = []
     store.on_short_wait = short.append
@@ -396,8 +401,9 @@ async def test_the_ledger_writer_follows_a_failover_and_stays_exactly_once(
     keys = KeySpace("t")
     for node in redis_cluster.live():  # the documented setting for --wait-replicas
         redis_cluster.cmd(node.port, "CONFIG", "SET", "hz", 100)
+    # One shard (--key-shards 1): every key, and the one stream, on the master killed.
     store = BudgetStore.from_url(redis_cluster.url, prefix="t", timeout_s=0.1,
-                                 wait_replicas=1)
+                                 wait_replicas=1, shards=1)
     engine = _engine(store, _bundle(tmp_path / "b"))
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
     ledger.migrate()

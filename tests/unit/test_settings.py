@@ -33,6 +33,8 @@ SERVE_BAD = [
     ("--redis-url", "KEEL_REDIS_URL", "redis+cluster://h1:1,,h2:2/", "empty seed node"),
     ("--wait-replicas", "KEEL_WAIT_REPLICAS", "-1", "between 0 and 16"),
     ("--wait-replicas", "KEEL_WAIT_REPLICAS", "one", "not an integer"),
+    ("--key-shards", "KEEL_KEY_SHARDS", "1025", "between 0 and 1024"),
+    ("--key-shards", "KEEL_KEY_SHARDS", "-2", "between 0 and 1024"),
     ("--listen", "KEEL_LISTEN", "localhost", "HOST:PORT"),
     ("--listen", "KEEL_LISTEN", "127.0.0.1:70000", "HOST:PORT"),
     ("--metrics-port", "KEEL_METRICS_PORT", "abc", "not an integer"),
@@ -80,6 +82,7 @@ SERVE_FREE = {"--policies", "--metrics-host", "--key-prefix", "--admin-token-fil
 
 WRITER_BAD = [
     ("--redis-url", "KEEL_REDIS_URL", "tcp://x", "scheme must be"),
+    ("--key-shards", "KEEL_KEY_SHARDS", "many", "not an integer"),
     ("--metrics-port", "KEEL_LEDGER_METRICS_PORT", "ninety", "not an integer"),
     ("--batch-size", "KEEL_LEDGER_BATCH_SIZE", "0", "between 1 and"),
     ("--block", "KEEL_LEDGER_BLOCK", "0", "between 0.001 and 60 seconds"),

@@ -17,7 +17,8 @@
 -- KEYS[3]          expiry zset: permit_id scored by expires_at_ms
 -- KEYS[4]          decision stream
 -- KEYS[5..4+n]     one hash per budget window (s = settled, h = held micro-USD,
---                  t<P> = threshold P% already crossed in this window)
+--                  t<P> = threshold P% already crossed in this window); for a lease
+--                  on a shared budget (limit -1) g = micro-USD leased to the shard
 -- KEYS[5+n..4+2n]  one hash per budget of exception grants: id -> "micros:expires_ms"
 --
 -- ARGV, what every request of one shape shares first (the caller encodes that part
@@ -31,9 +32,12 @@
 -- ARGV[S+9] the number of candidates, then per candidate:
 --           input cost (pico-USD), output price (pico-USD/token), output tokens,
 --           may constrain (1|0), permit meta (JSON), m, then m budget indexes (1-based)
+-- then, optionally, "1": a lease short of the first candidate's estimate answers
+--           {"r":"lease","need":[[i,micros]..]} and writes nothing (the caller refills
+--           the lease from the shared budget and asks again without it)
 --
 -- Returns a JSON string:
---   {"r":"replay","res":<stored result>} | {"r":"reused"} | {"r":"aborted"} |
+--   {"r":"replay","res":<stored result>} | {"r":"reused"} | {"r":"aborted"} | {"r":"lease",..} |
 --   {"r":"ended","pid":<earlier permit>,"st":"settled|voided|expired"} |
 --   {"d":"ALLOW|CONSTRAIN|DENY","pid":..,"exp":..,"amt":..,"k":..,"c":<candidate>,
 --    "b":[[settled,held],..] (every budget; after the hold for held ones),
@@ -95,13 +99,14 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 
 local settled, held, limits, enforce, wexp, thresholds, granted = {}, {}, {}, {}, {}, {}, {}
+local leased = {}
 local any_grant = false
 for i = 1, n do
   local base = 1 + (i - 1) * 4
   enforce[i] = ARGV[base + 2] == '1'
   wexp[i] = ARGV[base + 3]
   thresholds[i] = ARGV[base + 4]
-  local v = redis.call('HMGET', KEYS[4 + i], 's', 'h')
+  local v = redis.call('HMGET', KEYS[4 + i], 's', 'h', 'g')
   settled[i] = tonumber(v[1]) or 0
   held[i] = tonumber(v[2]) or 0
   local g = 0
@@ -112,7 +117,12 @@ for i = 1, n do
   end
   granted[i] = g
   if g > 0 then any_grant = true end
-  limits[i] = tonumber(ARGV[base + 1]) + g
+  local limit = tonumber(ARGV[base + 1])
+  if limit < 0 then
+    limit = tonumber(v[3]) or 0
+    leased[i] = true
+  end
+  limits[i] = limit + g
 end
 
 local cands = {}
@@ -136,6 +146,19 @@ for c = 1, nc do
   cand.room = room
   cand.full = ceil_div(cand.in_pico + cand.cap * cand.out_price, MICRO)
   cands[c] = cand
+end
+
+if ARGV[pos] == '1' then
+  local need = {}
+  for _, i in ipairs(cands[1].idx) do
+    if leased[i] and enforce[i] then
+      local short = cands[1].full - (limits[i] - settled[i] - held[i])
+      if short > 0 then table.insert(need, string.format('[%d,%d]', i, short)) end
+    end
+  end
+  if #need > 0 then
+    return '{"r":"lease","need":[' .. table.concat(need, ',') .. ']}'
+  end
 end
 
 local decision, chosen, amount, k = 'DENY', nil, 0, 0

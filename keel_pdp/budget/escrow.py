@@ -1,0 +1,176 @@
+"""Escrow: shared budgets on a sharded key space, without a hot key.
+
+A budget that several tenants spend from (an organisation-wide cap, a per-model
+cap across tenants) cannot live in every tenant's shard. Its window (the
+*parent*) lives in a shard of its own and holds no requests: it leases its
+headroom, in slices, to the shards that spend it. Each shard keeps a *lease*
+(a window hash with ``g``, the micro-USD leased to it) next to its tenants'
+keys, and the authorize script checks and holds against the lease in the same
+atomic call as every other budget of the request.
+
+* **Refill.** When a lease is short of a request's estimate, the authorize
+  script answers "lease" and writes nothing. The sidecar takes a slice from the
+  parent (``take``: at most what the parent has left, so the parent's
+  settled + held + leased never exceeds its cap plus active exception grants),
+  credits it to the lease (``credit``), and asks again. That request costs
+  three more round trips; every other request costs one. A refill asks for 32
+  times what was short, or twice the lease's last refill, up to 1/(2 x shards)
+  of the cap; requests of one sidecar that find the same lease short at once
+  share one refill.
+* **Return.** A lease that refused a request gives back what it does not use
+  (``give`` on the lease, then ``back`` on the parent), so the last slices of a
+  nearly spent budget gather where they are asked for. A lease left idle is
+  given back by the sweeper. At the window's end the keys expire.
+* **Idempotent, recorded.** Each step carries a transfer id and is applied once
+  per side (a record under the id answers a retry). Every step that moves money
+  is appended to its side's decision stream (type ``lease``), so the ledger sees
+  both sides of every transfer.
+* **Failures are conservative.** A transfer cut between its two steps (a crash,
+  a timeout, a master lost) leaves the headroom leased but unused: stranded
+  until the window ends, never spent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.store import BudgetStore
+
+# Transfer records of returns only need to outlive a retry.
+_RETURN_RECORD_S = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """A shared budget's window, as the leases of one shape see it."""
+
+    budget_id: str
+    split: tuple[str, ...]
+    window_start_ms: int
+    key: str  # the parent window (in its home shard)
+    grants_key: str  # its exception grants (same shard)
+    home: int
+    limit_micros: int
+    expire_at_s: int  # when the window's keys may expire
+    slice_micros: int  # what one refill asks for, at least
+
+    def data(self, lease_shard: int) -> str:
+        return json.dumps({"budget": self.budget_id, "split": list(self.split),
+                           "ws": self.window_start_ms, "shard": lease_shard},
+                          separators=(",", ":"))
+
+
+# A refill asks for this many times what the request was short of (about as many
+# requests' estimates), up to the budget's slice: a busy shard refills about once
+# every 32 requests, and an idle lease strands at most that much.
+REFILL_REQUESTS = 32
+
+
+def slice_for(limit_micros: int, shards: int) -> int:
+    """The largest slice of a shared budget one refill takes: 1/(2 x shards) of its
+    cap, at least 1."""
+    return max(limit_micros // (2 * shards), 1)
+
+
+def new_transfer_id() -> str:
+    return "lse_" + os.urandom(10).hex()
+
+
+class Escrow:
+    """The transfers between a shared budget and its leases (see the module docstring)."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.store = store
+        self.keys: KeySpace = store.keys
+        self.refills = 0
+        self.returns = 0
+        self._last: dict[str, int] = {}  # lease key -> what its last refill got
+        self._inflight: dict[str, asyncio.Future[int]] = {}
+
+    async def refill(self, parent: Parent, lease_key: str, need_micros: int, now_ms: int,
+                     timeout_s: float | None = None) -> int:
+        """Refill a lease (see ``_refill``); a refill of the same lease already under
+        way in this process is awaited instead of starting another."""
+        running = self._inflight.get(lease_key)
+        if running is not None:
+            return await asyncio.wait_for(asyncio.shield(running), timeout_s)
+        task = asyncio.ensure_future(self._refill(parent, lease_key, need_micros, now_ms,
+                                                  timeout_s))
+        self._inflight[lease_key] = task
+        try:
+            return await task
+        finally:
+            self._inflight.pop(lease_key, None)
+
+    async def _refill(self, parent: Parent, lease_key: str, need_micros: int, now_ms: int,
+                      timeout_s: float | None = None) -> int:
+        """Lease at least ``need_micros`` (up to ``REFILL_REQUESTS`` times that, within
+        the budget's slice) to the shard of ``lease_key``; returns what was leased
+        (less when the parent has less)."""
+        ks, store = self.keys, self.store
+        shard = ks.key_shard(lease_key)
+        tid = new_transfer_id()
+        data = parent.data(shard)
+        # A lease refilled before asks for twice its last slice: a busy shard's
+        # refills grow geometrically up to the budget's slice.
+        last = self._last.get(lease_key, 0)
+        want = max(need_micros,
+                   min(parent.slice_micros, max(need_micros * REFILL_REQUESTS, 2 * last)))
+        got = await store.escrow(
+            "take", [parent.key, ks.transfer(tid, parent.home), ks.streams[parent.home],
+                     parent.grants_key],
+            tid, want, parent.limit_micros, parent.expire_at_s, now_ms, data, lease_key,
+            timeout_s)
+        if len(self._last) >= 100_000:
+            self._last.clear()
+        self._last[lease_key] = got
+        if got > 0:
+            await store.escrow(
+                "credit", [lease_key, ks.transfer(tid, shard), ks.streams[shard],
+                           ks.leases(shard)],
+                tid, got, 0, parent.expire_at_s, now_ms, data, parent.key, timeout_s)
+        self.refills += 1
+        return got
+
+    async def give_back(self, lease_key: str, parent_key: str, now_ms: int,
+                        timeout_s: float | None = None) -> int:
+        """Return what a lease does not use to its parent; returns the amount."""
+        ks, store = self.keys, self.store
+        data = json.dumps({"lease": lease_key, "parent": parent_key}, separators=(",", ":"))
+        shard, home = ks.key_shard(lease_key), ks.key_shard(parent_key)
+        tid = new_transfer_id()
+        until = int(time.time()) + _RETURN_RECORD_S
+        amount = await store.escrow(
+            "give", [lease_key, ks.transfer(tid, shard), ks.streams[shard]],
+            tid, 0, 0, until, now_ms, data, parent_key, timeout_s)
+        if amount > 0:
+            await store.escrow(
+                "back", [parent_key, ks.transfer(tid, home), ks.streams[home]],
+                tid, amount, 0, until, now_ms, data, lease_key, timeout_s)
+            self.returns += 1
+        return amount
+
+    async def return_idle(self, shard: int, seen: dict[str, tuple[int, int, int]],
+                          now_ms: int) -> int:
+        """Give back the unused part of every lease of ``shard`` that has not moved
+        since the last call (``seen`` carries the figures from one call to the
+        next); forget leases that have expired. Returns the amount given back."""
+        total = 0
+        for lease_key, parent_key in (await self.store.lease_index(shard)).items():
+            figures = await self.store.lease_figures(lease_key)
+            if figures is None:
+                seen.pop(lease_key, None)
+                await self.store.forget_lease(shard, lease_key)
+                continue
+            leased, settled, held = figures
+            if seen.get(lease_key) == figures and leased > settled + held:
+                total += await self.give_back(lease_key, parent_key, now_ms, 2.0)
+                seen.pop(lease_key, None)
+            else:
+                seen[lease_key] = figures
+        return total

@@ -1,0 +1,78 @@
+-- escrow.lua: one side of a transfer of a shared budget's headroom (see
+-- keel_pdp/budget/escrow.py). The parent is the shared budget's window; a lease
+-- is one shard's slice of it (fields g = leased to the shard, s and h as a
+-- window's). Each transfer has an id and is applied once per side: a retry
+-- answers what the first attempt did. Every applied step is appended to the
+-- side's stream (type "lease").
+--
+-- Parent steps:  KEYS[1] parent window hash (s, h, l = leased out)
+--                KEYS[2] transfer record (this side)   KEYS[3] stream
+--                KEYS[4] the parent's exception grants (take only)
+--   take: lease min(want, limit + active grants - s - h - l), never below 0
+--   back: take a returned amount back (l -= amount, never below 0)
+-- Lease steps:   KEYS[1] lease hash (g, s, h, p = parent key)
+--                KEYS[2] transfer record (this side)   KEYS[3] stream
+--                KEYS[4] the shard's lease index (lease key -> parent key)
+--   credit: g += amount (what the parent's take leased)
+--   give:   return what the lease does not use: g -= g - s - h (when > 0)
+--
+-- ARGV: step, transfer id, amount (take: wanted), limit (take), key expire-at (s),
+--       now_ms, event data (JSON, opaque here), the other side's key
+-- Returns the amount the step moved (a string of digits).
+
+local step, tid = ARGV[1], ARGV[2]
+local amount = tonumber(ARGV[3])
+local wexp = ARGV[5]
+local now = ARGV[6]
+
+local done = redis.call('GET', KEYS[2])
+if done then return done end
+
+local moved = 0
+local res
+if step == 'take' then
+  local v = redis.call('HMGET', KEYS[1], 's', 'h', 'l')
+  local s, h, l = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  local g = 0
+  local now_ms = tonumber(now)
+  for _, entry in ipairs(redis.call('HVALS', KEYS[4])) do
+    local amt, until_ms = string.match(entry, '^(%d+):(%d+)$')
+    if amt and tonumber(until_ms) > now_ms then g = g + tonumber(amt) end
+  end
+  local avail = tonumber(ARGV[4]) + g - s - h - l
+  moved = math.min(amount, avail)
+  if moved < 0 then moved = 0 end
+  if moved > 0 then
+    l = redis.call('HINCRBY', KEYS[1], 'l', moved)
+    redis.call('EXPIREAT', KEYS[1], wexp)
+  end
+  res = string.format('{"dir":"take","amt":%d,"l":%d,"avail":%d}', moved, l, avail - moved)
+elseif step == 'back' then
+  local l = tonumber(redis.call('HGET', KEYS[1], 'l')) or 0
+  moved = math.min(amount, l)
+  if moved < 0 then moved = 0 end
+  if moved > 0 then l = redis.call('HINCRBY', KEYS[1], 'l', -moved) end
+  res = string.format('{"dir":"back","amt":%d,"l":%d}', moved, l)
+elseif step == 'credit' then
+  moved = amount
+  local g = redis.call('HINCRBY', KEYS[1], 'g', moved)
+  redis.call('HSET', KEYS[1], 'p', ARGV[8])
+  redis.call('EXPIREAT', KEYS[1], wexp)
+  redis.call('HSET', KEYS[4], KEYS[1], ARGV[8])
+  res = string.format('{"dir":"credit","amt":%d,"g":%d}', moved, g)
+elseif step == 'give' then
+  local v = redis.call('HMGET', KEYS[1], 'g', 's', 'h')
+  local g, s, h = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  moved = g - s - h
+  if moved < 0 then moved = 0 end
+  if moved > 0 then g = redis.call('HINCRBY', KEYS[1], 'g', -moved) end
+  res = string.format('{"dir":"give","amt":%d,"g":%d}', moved, g)
+else
+  return redis.error_reply('unknown escrow step ' .. tostring(step))
+end
+redis.call('SET', KEYS[2], moved, 'EXAT', wexp)
+if moved > 0 then
+  redis.call('XADD', KEYS[3], '*', 'type', 'lease', 'pid', tid, 'ts', now, 'data', ARGV[7],
+    'res', res)
+end
+return tostring(moved)
