@@ -122,7 +122,7 @@ class Escrow:
         want = max(need_micros,
                    min(parent.slice_micros, max(need_micros * REFILL_REQUESTS, 2 * last)))
         got = await store.escrow(
-            "take", [parent.key, ks.transfer(tid, parent.home), ks.streams[parent.home],
+            "take", [parent.key, ks.transfer(tid, parent.home, "take"), ks.streams[parent.home],
                      parent.grants_key],
             tid, want, parent.limit_micros, parent.expire_at_s, now_ms, data, lease_key,
             timeout_s)
@@ -131,7 +131,7 @@ class Escrow:
         self._last[lease_key] = got
         if got > 0:
             await store.escrow(
-                "credit", [lease_key, ks.transfer(tid, shard), ks.streams[shard],
+                "credit", [lease_key, ks.transfer(tid, shard, "credit"), ks.streams[shard],
                            ks.leases(shard)],
                 tid, got, 0, parent.expire_at_s, now_ms, data, parent.key, timeout_s)
         self.refills += 1
@@ -146,11 +146,11 @@ class Escrow:
         tid = new_transfer_id()
         until = int(time.time()) + _RETURN_RECORD_S
         amount = await store.escrow(
-            "give", [lease_key, ks.transfer(tid, shard), ks.streams[shard]],
+            "give", [lease_key, ks.transfer(tid, shard, "give"), ks.streams[shard]],
             tid, 0, 0, until, now_ms, data, parent_key, timeout_s)
         if amount > 0:
             await store.escrow(
-                "back", [parent_key, ks.transfer(tid, home), ks.streams[home]],
+                "back", [parent_key, ks.transfer(tid, home, "back"), ks.streams[home]],
                 tid, amount, 0, until, now_ms, data, lease_key, timeout_s)
             self.returns += 1
         return amount

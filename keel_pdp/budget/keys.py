@@ -191,9 +191,10 @@ class KeySpace:
         parts = ":".join(enc(v) for v in split)
         return f"{self.bases[shard]}l:{budget_id}:{len(split)}:{parts}:{start_ms}"
 
-    def transfer(self, transfer_id: str, shard: int) -> str:
-        """The record of one escrow transfer on one side (idempotency)."""
-        return f"{self.bases[shard]}x:{transfer_id}"
+    def transfer(self, transfer_id: str, shard: int, step: str) -> str:
+        """The record of one step of an escrow transfer (idempotency). Named by the
+        step: both sides of a transfer may share a shard."""
+        return f"{self.bases[shard]}x:{transfer_id}:{step}"
 
     def leases(self, shard: int) -> str:
         """A shard's index of its leases (lease key -> parent key), for returns."""

@@ -26,6 +26,7 @@ import asyncio
 import pathlib
 import sqlite3
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import redis
@@ -76,7 +77,7 @@ def engine_for(url: str, bundle: pathlib.Path, lease_idle_s: float = 10.0) -> En
     return Engine(holder, store, Metrics(), lease_idle_s=lease_idle_s)
 
 
-def parent_and_leases(r: redis.Redis) -> tuple[dict[str, int], list[dict[str, int]]]:
+def parent_and_leases(r: Any) -> tuple[dict[str, int], list[dict[str, int]]]:
     parents = [k for k in r.scan_iter(f"{PREFIX}:*:b:org:0::*")]
     assert len(parents) == 1, parents
     p = {k.decode(): int(v) for k, v in r.hgetall(parents[0]).items()
@@ -103,7 +104,7 @@ async def test_exactly_n_admitted_across_shards_and_sidecars(
     cap = N * cost
     t1, t2 = tenants_in_two_shards()
     e1, e2 = engine_for(redis_url, bundle), engine_for(redis_url, bundle)
-    r = redis.Redis.from_url(redis_url)
+    r: Any = redis.Redis.from_url(redis_url)
     looks: list[tuple[dict[str, int], list[dict[str, int]]]] = []
     stop = asyncio.Event()
 
@@ -191,7 +192,7 @@ async def test_idle_leases_are_given_back_and_closeouts_settle_in_the_lease(
     cost = request_cost_micros()
     t1, _ = tenants_in_two_shards()
     engine = engine_for(redis_url, bundle, lease_idle_s=0.01)
-    r = redis.Redis.from_url(redis_url)
+    r: Any = redis.Redis.from_url(redis_url)
     got = await engine.authorize(AuthorizeInput("x-1", t1, "chat", MODEL, "openai",
                                                 INPUT, OUTPUT))
     assert got.decision is DecisionKind.ALLOW
