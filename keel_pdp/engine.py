@@ -175,8 +175,9 @@ class Engine:
         try:
             hold.refill = any(mat.parents)
             res = await self.store.hold(hold, budget)
+            exhausted = False
             if res.outcome == "lease":
-                res = await self._refill(hold, mat, res.need, t0, budget)
+                res, exhausted = await self._refill(hold, mat, res.need, t0, budget)
         except StoreUnavailable as exc:
             self.metrics.child(self.metrics.store_errors, "authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
@@ -206,7 +207,9 @@ class Engine:
             else:
                 c, held = dec.held_by(p, res)
                 out = dec.conclude(p, res, held=(c, held))
-                if res.fail >= 0 and mat.parents[res.fail] is not None:
+                if exhausted and res.fail >= 0 and mat.parents[res.fail] is not None:
+                    # Refused by a lease the shared budget could not refill: give
+                    # its rest back so the budget's last slices gather where asked.
                     self._give_back_later(mat, res.fail, p.now_ms)
                 if out.decision is not dec.DecisionKind.DENY:
                     self._permits.remember(out.permit_id, tuple(keys[i] for i in held),
@@ -233,26 +236,29 @@ class Engine:
         return self.ids.new(now_ms, keys.tenant_shard(tenant), keys.shards)
 
     async def _refill(self, hold: HoldRequest, mat: Material, need: tuple[tuple[int, int], ...],
-                      t0: float, budget: float | None) -> HoldReply:
+                      t0: float, budget: float | None) -> tuple[HoldReply, bool]:
         """Leases short of the estimate: refill each from its shared budget, then ask
         again (escrow; see keel_pdp.budget.escrow). Requests running at once may
         spend a refill before this one asks again: it may refill once more, then
-        decides with what the leases have."""
+        decides with what the leases have. Also says whether a shared budget could
+        not give what a lease was short of."""
         def left() -> float | None:
             return None if budget is None else budget - (time.perf_counter() - t0)
 
+        exhausted = False
         for attempt in range(REFILL_ROUNDS):
             for i, amount in need:
                 parent = mat.parents[i] if 0 <= i < len(mat.parents) else None
                 if parent is None:
                     raise StoreUnavailable(f"the store asked to refill budget {i}, not a lease")
-                await self.escrow.refill(parent, mat.window_keys[i], amount, hold.now_ms,
-                                         left())
+                got = await self.escrow.refill(parent, mat.window_keys[i], amount,
+                                               hold.now_ms, left())
+                exhausted = exhausted or got < amount
             self.metrics.escrow_refills.inc(len(need))
             hold.refill = attempt + 1 < REFILL_ROUNDS
             res = await self.store.hold(hold, left())
             if res.outcome != "lease":
-                return res
+                return res, exhausted
             need = res.need
         raise StoreUnavailable("the store asked for a lease refill after the last round")
 

@@ -11,7 +11,8 @@ atomic call as every other budget of the request.
 * **Refill.** When a lease is short of a request's estimate, the authorize
   script answers "lease" and writes nothing. The sidecar takes a slice from the
   parent (``take``: at most what the parent has left, so the parent's
-  settled + held + leased never exceeds its cap plus active exception grants),
+  settled + held + leased never exceeds its cap plus active exception grants;
+  a request larger than a slice gets all it needs or nothing),
   credits it to the lease (``credit``), and asks again. That request costs
   three more round trips; every other request costs one. A refill asks for 32
   times what was short, or twice the lease's last refill, up to 1/(2 x shards)
@@ -121,11 +122,14 @@ class Escrow:
         last = self._last.get(lease_key, 0)
         want = max(need_micros,
                    min(parent.slice_micros, max(need_micros * REFILL_REQUESTS, 2 * last)))
+        # A request larger than a slice gets all it needs or nothing: it must not
+        # pull the rest of the budget into its shard only to give it back.
+        least = need_micros if need_micros > parent.slice_micros else 0
         got = await store.escrow(
             "take", [parent.key, ks.transfer(tid, parent.home, "take"), ks.streams[parent.home],
                      parent.grants_key],
             tid, want, parent.limit_micros, parent.expire_at_s, now_ms, data, lease_key,
-            timeout_s)
+            timeout_s, least)
         if len(self._last) >= 100_000:
             self._last.clear()
         self._last[lease_key] = got

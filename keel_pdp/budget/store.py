@@ -346,11 +346,13 @@ class BudgetStore:
 
     async def escrow(self, step: str, keys: Sequence[str], transfer_id: str, amount: int,
                      limit: int, expire_at_s: int, now_ms: int, event_data: str,
-                     other_key: str, timeout_s: float | None = None) -> int:
+                     other_key: str, timeout_s: float | None = None,
+                     least: int = 0) -> int:
         """One side of an escrow transfer (escrow.lua); returns the amount moved.
-        Idempotent per (transfer id, side)."""
+        Idempotent per (transfer id, step). ``least`` (take): lease nothing unless
+        at least that much is available."""
         args: list[str | int] = [step, transfer_id, amount, limit, expire_at_s, now_ms,
-                                 event_data, other_key]
+                                 event_data, other_key, least]
         out = await self._script(self._escrow, keys, args, timeout_s)
         text = out.decode() if isinstance(out, bytes) else str(out)
         if not text.isdigit():

@@ -241,3 +241,31 @@ def test_a_malformed_lease_event_is_refused_with_its_reason() -> None:
                                 (b"pid", b"pmt_" + b"0" * 28, "transfer id")):
         with pytest.raises(ParseError, match=words):
             parse_entry("1-0", {**good, field: value})
+
+
+async def test_an_absurd_request_pulls_nothing_out_of_the_shared_budget(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    engine = _engine(redis_url, _bundle(tmp_path / "b", 10))
+    r: Any = redis.Redis.from_url(redis_url)
+    assert await _admitted(engine, 1) == 1
+    parent_before, leases_before = _figures(r)
+
+    def kinds() -> list[bytes]:
+        return [f[b"type"] for s in engine.store.keys.streams for _, f in r.xrange(s)]
+
+    before = kinds()
+    # 100,000 input tokens: far more than the whole cap. It is refused, and the
+    # shared budget lends nothing to its shard meanwhile (a partial grant would
+    # starve every other shard until it came back).
+    huge = AuthorizeInput("absurd", "acme", "chat", MODEL, "openai", 100_000, OUTPUT)
+    out = await engine.authorize(huge)
+    assert out.decision is DecisionKind.DENY
+    assert out.reasons[0].code.name == "BUDGET_EXHAUSTED"
+    parent, leases = _figures(r)
+    assert parent == parent_before and leases == leases_before
+    after = kinds()
+    # one more decision (the refusal), no transfer
+    assert len(after) == len(before) + 1
+    assert after.count(b"lease") == before.count(b"lease")
+    assert await _admitted(engine, 1, start=100) == 1
+    await engine.store.close()

@@ -17,7 +17,8 @@
 --   give:   return what the lease does not use: g -= g - s - h (when > 0)
 --
 -- ARGV: step, transfer id, amount (take: wanted), limit (take), key expire-at (s),
---       now_ms, event data (JSON, opaque here), the other side's key
+--       now_ms, event data (JSON, opaque here), the other side's key,
+--       take only: the least worth leasing (less available: lease nothing)
 -- Returns the amount the step moved (a string of digits).
 
 local step, tid = ARGV[1], ARGV[2]
@@ -41,7 +42,9 @@ if step == 'take' then
   end
   local avail = tonumber(ARGV[4]) + g - s - h - l
   moved = math.min(amount, avail)
-  if moved < 0 then moved = 0 end
+  -- all or nothing below "least": one absurd request must not pull the rest of
+  -- the budget into its shard (to be given back a moment later)
+  if moved < 0 or moved < (tonumber(ARGV[9]) or 0) then moved = 0 end
   if moved > 0 then
     l = redis.call('HINCRBY', KEYS[1], 'l', moved)
     redis.call('EXPIREAT', KEYS[1], wexp)
