@@ -140,7 +140,9 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     if metrics_port:
         print(f"keel-pdp {who}metrics on http://{s.metrics_host}:{metrics_port}/metrics",
               flush=True)
-    print(f"keel-pdp budget store {store.where}", flush=True)
+    shards = store.keys.shards
+    print(f"keel-pdp budget store {store.where}"
+          + (f" ({shards} key shards)" if shards > 1 else ""), flush=True)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

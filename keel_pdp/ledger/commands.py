@@ -277,7 +277,9 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
         except StoreError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    print(f"keel-pdp ledger writer: {writer.stream} -> {store.dialect} store, group "
+    streams = writer.stream if len(writer.shards) == 1 else (
+        f"{len(writer.shards)} shard streams ({writer.stream} ...)")
+    print(f"keel-pdp ledger writer: {streams} -> {store.dialect} store, group "
           f"{config.group}, consumer {writer.consumer}", flush=True)
     try:
         return writer.run()
