@@ -40,8 +40,10 @@ from bench.bench_envoy_burst import (
 )
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
+from keel_pdp.mesh.envoyconf import EnvoySetup, bootstrap
 from tests.conftest import POLICIES
 from tests.helpers import wait_serving
+from tests.integration.test_envoy_config import validate
 
 WORKERS = 2  # the tests' machines have 2 cores; the bench takes os.cpu_count()
 
@@ -150,3 +152,10 @@ def test_each_worker_serves_alone_on_its_own_port(two_workers: tuple[int, int]) 
     assert [_noop_count(metrics + i) - base[i] for i in range(WORKERS)] == [3, 7]
     _noops(listen, 4)  # the shared port keeps serving (probes, SDK callers)
     assert sum(_noop_count(metrics + i) for i in range(WORKERS)) - sum(base) == 14
+
+
+def test_the_bootstrap_balancing_over_worker_ports_passes_envoy_validate(
+        tmp_path: pathlib.Path) -> None:
+    validate(bootstrap(EnvoySetup(listen_port=10000, keel=("127.0.0.1", 50051),
+                                  upstream=("127.0.0.1", 8081), keel_workers=4)), tmp_path)
+
