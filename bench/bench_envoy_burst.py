@@ -4,13 +4,16 @@
     python -m bench.bench_envoy_burst --bursts 5 --size 100 --pause 0.5
     python -m bench.run_all --only envoy-burst
 
-The deployment docs/mesh.md describes: Envoy with the bootstrap of
+The deployment docs/mesh.md ("Bursts") describes: Envoy with the bootstrap of
 ``keel-pdp mesh envoy-config`` (ext_authz with its 250 ms timeout, the
 ``keel.cap`` / ``keel.closeout`` ext_proc filters) and ``--concurrency`` =
-cores, in front of the mock provider (tools.mockprovider, its own process);
-Keel is ``keel-pdp serve --workers <cores>`` with its default store timeout, on
-a Redis of its own, with tests/fixtures/mesh_policies. The only additions to
-the documented bootstrap are for measuring: ext_authz keeps its per-Check
+cores and its Keel cluster balanced over the workers' own ports, in front of
+the mock provider (tools.mockprovider, its own process); Keel is ``keel-pdp
+serve --workers <cores> --worker-ports --store-timeout 0.1`` on a Redis of its
+own, with tests/fixtures/mesh_policies. ``--compare`` first runs the same
+bursts on the workers' one shared port with the default 25 ms store timeout
+(the deployment before). The only additions to the documented bootstrap are
+for measuring: ext_authz keeps its per-Check
 latency in the request's filter state and an access log writes it out.
 
 The client opens every connection of a burst first, then sends one chat
@@ -23,7 +26,8 @@ Per burst it prints the client's statuses, the ext_authz timeouts and errors
 from Envoy's admin counters (``http.<prefix>.ext_authz.*`` and the Keel
 cluster's ``upstream_rq_timeout``), and the slowest answer: the slowest Check
 as Envoy timed it (ext_authz ``latency_us``, which includes any wait on the
-connection and inside Keel), the slowest as Keel's own
+connection and inside Keel; it was seen above 250 ms in bursts without a
+counted timeout, so the timeouts reported are the counters'), the slowest as Keel's own
 ``keel_pdp_rpc_duration_seconds{method="Check"}`` histogram saw it (an upper
 bucket bound: from the handler's start, so without gRPC's queue), and the
 slowest call as the client saw it. At the end the run checks that no hold was
