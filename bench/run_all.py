@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from bench.harness import BUILD, BenchError, Context, Row, build_driver, new_workdir
 
 SECTIONS = ("throughput", "anatomy", "latency", "client", "workers", "growth", "policy_scale",
-            "ledger", "envoy", "identity", "reconcile", "cluster")
+            "ledger", "envoy", "envoy-burst", "identity", "reconcile", "cluster")
 
 
 def _fmt(value: float) -> str:
@@ -57,7 +57,7 @@ def print_table(rows: Sequence[Row]) -> None:
 
 
 def _run_section(name: str, ctx: Context) -> list[Row]:
-    module_name = f"bench.bench_{name}"
+    module_name = f"bench.bench_{name.replace('-', '_')}"
     if importlib.util.find_spec(module_name) is None:
         return []
     module = importlib.import_module(module_name)

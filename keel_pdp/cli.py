@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import importlib.util
 import logging
@@ -94,6 +95,20 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
                                         first_message_timeout_s=s.first_message_timeout_s,
                                         interceptors=interceptors,
                                         reuse_port=worker is not None)
+    own_port = ""
+    if s.worker_ports:
+        # This worker alone, so that a proxy can spread calls over the workers: the
+        # kernel spreads the shared port's connections, and a proxy keeps few of them.
+        host, _, base = s.listen.rpartition(":")
+        own_port = f"{host}:{int(base) + 1 + (worker or 0)}"
+        try:
+            bound = (server.add_secure_port(own_port, credentials) if credentials is not None
+                     else server.add_insecure_port(own_port))
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            log.error("cannot listen on %s (--worker-ports)", own_port)
+            return 2
     metrics_port = s.metrics_port + (worker or 0) if s.metrics_port else 0
     loop = asyncio.get_running_loop()
     draining = False
@@ -132,11 +147,19 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
                   "answers POLICY_NOT_LOADED until one loads", s.policies)
     if metrics_port:
         start_http_server(metrics_port, addr=s.metrics_host, registry=metrics.registry)
+    # Everything built so far (modules, protobuf descriptors, the policy snapshot)
+    # lives as long as the process: keep it out of the collector's full passes,
+    # which otherwise walk it all and paused a worker for 75 ms in the middle of a
+    # burst of Checks (bench/bench_envoy_burst.py).
+    gc.collect()
+    gc.freeze()
     await server.start()
     host = s.listen.rpartition(":")[0]
     who = f"worker {worker} " if worker is not None else ""
     print(f"keel-pdp {who}gRPC listening on {host}:{port}"
           f"{' (mutual TLS)' if s.tls_client_ca else ' (TLS)' if tls else ''}", flush=True)
+    if own_port:
+        print(f"keel-pdp {who}also alone on {own_port}", flush=True)
     if metrics_port:
         print(f"keel-pdp {who}metrics on http://{s.metrics_host}:{metrics_port}/metrics",
               flush=True)

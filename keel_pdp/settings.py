@@ -119,6 +119,10 @@ SERVE: tuple[Setting, ...] = (
     Setting("workers", "--workers", "KEEL_WORKERS", "1", Integer(1, 64),
             "pre-fork N processes sharing the port (SO_REUSEPORT); worker i serves metrics on "
             "--metrics-port + i", "N"),
+    Setting("worker_ports", "--worker-ports", "KEEL_WORKER_PORTS", "false", Switch(),
+            "each worker also serves alone on the --listen port + 1 + i (i = 0..N-1), so a "
+            "proxy can balance calls over the workers: Envoy lists those ports as the Keel "
+            "cluster's endpoints (docs/mesh.md, 'Bursts')"),
     Setting("caller_auth", "--caller-auth", "KEEL_CALLER_AUTH", "",
             Choice(("", "open", "enforce", "observe")),
             "caller identity checks against the bundle's Callers bindings: open (none), "
@@ -213,6 +217,7 @@ class ServeSettings:
     outbox_dir: str = ""
     drain_delay_s: float = 1.0
     workers: int = 1
+    worker_ports: bool = False
     # open | enforce | observe; '' = open on a loopback listener, enforce otherwise
     caller_auth: str = ""
     caller_tokens_file: str = ""
@@ -256,6 +261,12 @@ class ServeSettings:
                                 "KEEL_TLS_KEY)")
         if self.tls_client_ca and not self.tls_cert:
             raise SettingsError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.worker_ports:
+            port = int(self.listen.rpartition(":")[2])
+            if port == 0 or port + self.workers > 65535:
+                raise SettingsError(f"--worker-ports (env KEEL_WORKER_PORTS) needs a fixed "
+                                    f"--listen port with room for {self.workers} more above "
+                                    f"it, not {port}")
         if self.admin_identities and not self.tls_client_ca:
             raise SettingsError("--admin-identities (env KEEL_ADMIN_IDENTITIES) needs mutual "
                                 "TLS (--tls-client-ca)")

@@ -26,7 +26,7 @@ def _envoy_config(ns: argparse.Namespace) -> int:
     setup = EnvoySetup(listen_port=ns.listen_port, keel=ns.keel, upstream=ns.upstream,
                        admin_port=ns.admin_port, plain_port=ns.plain_port,
                        authz_timeout_s=ns.authz_timeout_ms / 1000, mode=ns.mode,
-                       aws_sign_region=ns.aws_sign_region)
+                       aws_sign_region=ns.aws_sign_region, keel_workers=ns.keel_workers)
     yaml.safe_dump(bootstrap(setup), sys.stdout, sort_keys=False)
     return 0
 
@@ -95,6 +95,9 @@ def register(sub: Any) -> None:
     ec.add_argument("--plain-port", type=int, default=0,
                     help="also a listener without Keel (0: none)")
     ec.add_argument("--authz-timeout-ms", type=int, default=250)
+    ec.add_argument("--keel-workers", type=int, default=0, metavar="N",
+                    help="Keel runs --workers N --worker-ports: balance over the workers' "
+                         "own ports (--keel's port + 1 .. + N) instead of the shared one")
     ec.add_argument("--mode", choices=("split", "split-ungated", "single"), default="split",
                     help="filter shape (docs/mesh.md): cap + observability-mode closeout "
                     "(default), the same with the cap on every route, or one ext_proc")

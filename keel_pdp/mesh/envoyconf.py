@@ -55,6 +55,10 @@ class EnvoySetup:
     # ("" : no signing filter). Credentials come from Envoy's environment / pod role.
     aws_sign_region: str = ""
     aws_sign_service: str = "bedrock"
+    # ``keel-pdp serve --workers N --worker-ports``: N > 0 makes the Keel cluster's
+    # endpoints the workers' own ports (keel port + 1 .. + N), balanced round robin,
+    # so a burst of Checks is spread evenly over the workers (docs/mesh.md, "Bursts").
+    keel_workers: int = 0
 
 
 def aws_signing_filter(region: str, service: str = "bedrock") -> dict[str, Any]:
@@ -75,14 +79,18 @@ def _secs(value: float) -> str:
     return f"{value:.3f}s"
 
 
-def _cluster(name: str, host: str, port: int, http2: bool) -> dict[str, Any]:
+def _cluster(name: str, host: str, port: int, http2: bool,
+             ports: tuple[int, ...] = ()) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if host.replace(".", "").isdigit() else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": name, "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": _addr(host, port)}}]}]},
+            {"lb_endpoints": [{"endpoint": {"address": _addr(host, p)}}
+                              for p in (ports or (port,))]}]},
     }
+    if ports:
+        cluster["lb_policy"] = "ROUND_ROBIN"
     if http2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -203,6 +211,11 @@ def _listener(name: str, s: EnvoySetup, port: int, with_keel: bool) -> dict[str,
     }
 
 
+def keel_ports(s: EnvoySetup) -> tuple[int, ...]:
+    """The Keel workers' own ports (``--worker-ports``); () for the one shared port."""
+    return tuple(s.keel[1] + 1 + i for i in range(s.keel_workers))
+
+
 def bootstrap(s: EnvoySetup) -> dict[str, Any]:
     listeners = [_listener("llm_keel", s, s.listen_port, True)]
     if s.plain_port:
@@ -211,7 +224,7 @@ def bootstrap(s: EnvoySetup) -> dict[str, Any]:
         "admin": {"address": _addr(s.host, s.admin_port)},
         "static_resources": {
             "listeners": listeners,
-            "clusters": [_cluster("keel", *s.keel, http2=True),
+            "clusters": [_cluster("keel", *s.keel, http2=True, ports=keel_ports(s)),
                          _cluster("provider", *s.upstream, http2=False)],
         },
     }
