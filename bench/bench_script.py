@@ -1,46 +1,55 @@
 """Redis time per Authorize and per Closeout script: the scripts of 70efe85 against today's.
 
-    python -m bench.bench_script [--calls 2000] [--rounds 8] [--policies generous]
+    python -m bench.bench_script [--calls 2000] [--rounds 8]
 
-One redis-server of its own, two budget paths driven in-process against it,
-alternately, several rounds:
+One redis-server of its own, two variants sent to it alternately, several rounds:
 
-* ``after``: ``Engine.authorize`` / ``Engine.closeout`` as ``keel-pdp serve`` runs
-  them (keel_pdp/budget/lua/authorize.lua and closeout.lua, the store's argument
-  building);
-* ``before``: the same requests planned by the same engine, sent to the scripts
-  as they were at commit 70efe85 (kept verbatim in bench/lua/baseline/) with the
+* ``now``: keel_pdp/budget/lua/authorize.lua and closeout.lua with the arguments the
+  product builds (``Engine.plan`` / ``Engine.prepare_hold`` / ``BudgetStore.hold_call``
+  and ``settle_call``);
+* ``70efe85``: the same requests, planned by the same engine, with the scripts as
+  they were at commit 70efe85 (kept verbatim in bench/lua/baseline/) and the
   arguments that version built (``_Baseline`` below rebuilds them).
 
-Each phase (one variant's Authorize calls, then its Closeout calls) starts with
-``CONFIG RESETSTAT`` and ends with ``INFO commandstats``: EVALSHA
-``usec_per_call`` is the Redis time of one script call, and the commands the
-script ran (Redis counts those too) give the breakdown: their own time per
-call, and what is left for Lua itself (argument parsing, interpreter, string
-work). ``used_memory`` before and after each Authorize phase gives the bytes each
+Every command is built before it is timed and sent over one raw socket in
+pipelined batches of 32 (the throughput bench's concurrency), so the Python
+client's work never shares the CPU (and its caches) with Redis while it runs a
+script; both variants are driven the same way. Each phase (one variant's
+Authorize calls, then its Closeout calls) starts with ``CONFIG RESETSTAT`` and
+ends with ``INFO commandstats``: EVALSHA ``usec_per_call`` is the Redis time of
+one script call, and the commands the script ran (Redis counts those too) give
+the breakdown: their own time per call, and what is left for Lua itself
+("lua+args": argument parsing, interpreter, string work, redis.call overhead).
+``used_memory`` before and after each Authorize phase gives the bytes each
 decision leaves in Redis (stream entry, permit record, idempotency record).
 
 The request mix is the throughput bench's: 100 tenants, two workloads, one
 candidate, three enforce budgets with bench/policies/generous (every call an
-ALLOW that holds in three windows); ``--policies tight`` adds CONSTRAIN/DENY.
+ALLOW that holds in three windows). A busy machine only adds time (Redis is
+preempted inside a script), so the quietest round of each variant is reported
+next to the medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import pathlib
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
+import redis.asyncio as aioredis
+
 from bench.harness import BENCH, POLICIES, Context, RedisServer, Row, median, spread
 from keel_pdp import events
+from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.material import meta_head, meta_stamp
 from keel_pdp.budget.replies import hold_reply, settle_reply
-from keel_pdp.budget.resp import Shared
+from keel_pdp.budget.resp_pack import Shared, pack_evalsha
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.decision import AuthorizeInput
 from keel_pdp.decision.shape import Shape
@@ -66,19 +75,17 @@ class _Baseline:
     """The Authorize and Closeout calls as commit 70efe85 made them: its scripts,
     its argument layout (static policy data in every call)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, shas: dict[str, str]) -> None:
         self.engine = engine
-        self.store = engine.store
-        t = self.store.transport
-        self.authorize_script = t.script((BASELINE / "authorize.lua").read_text())
-        self.closeout_script = t.script((BASELINE / "closeout.lua").read_text())
+        self.keys = engine.store.keys
+        self.shas = shas
         self._shapes: dict[int, tuple[Shape, Shared, tuple[str, ...], tuple[str, ...]]] = {}
 
     def _shape(self, shape: Shape) -> tuple[Shared, tuple[str, ...], tuple[str, ...]]:
         found = self._shapes.get(id(shape))
         if found is not None and found[0] is shape:
             return found[1], found[2], found[3]
-        keys = self.store.keys
+        keys = self.keys
         settings = shape.snapshot.settings
         observe = shape.route_mode == "observe"
         targets = shape.targets
@@ -97,17 +104,16 @@ class _Baseline:
         self._shapes[id(shape)] = (shape, shared, window_keys, heads)
         return shared, window_keys, heads
 
-    async def authorize(self, req: AuthorizeInput) -> tuple[str, tuple[str, ...], str] | None:
-        """(permit id, held window keys, idempotency key) of an ALLOW/CONSTRAIN."""
-        now = self.engine.ids.now_ms()
-        planned = self.engine.plan(req, now)
+    def authorize(self, req: AuthorizeInput) -> tuple[bytes, tuple[str, ...], str]:
+        """The EVALSHA, the shape's window keys and the idempotency key."""
+        planned = self.engine.plan(req, self.engine.ids.now_ms())
         assert planned is not None
         p, data = planned
         assert p.shape is not None
         assert not p.denial
         shared, window_keys, heads = self._shape(p.shape)
         stamp = meta_stamp(p.now_ms, req.estimated_input_tokens)
-        keys = self.store.keys
+        keys = self.keys
         ik = keys.idempotency(req.tenant, req.request_id)
         call_keys = [ik, keys.permit(p.permit_id), keys.expiries, keys.stream]
         args: list[str | int] = [p.permit_id, p.fingerprint, p.now_ms, p.expires_at_ms, data,
@@ -117,31 +123,16 @@ class _Baseline:
                          c.output_tokens, 1 if c.may_constrain else 0, head + stamp,
                          len(c.target_idx)))
             args.extend(i + 1 for i in c.target_idx)
-        res = hold_reply(await self.store.transport.eval_script(
-            self.authorize_script, call_keys, args, 5.0, shared))
-        if res.decision not in ("ALLOW", "CONSTRAIN"):
-            return None
-        return res.permit_id, tuple(window_keys[i] for i in res.held), ik
+        return pack_evalsha(self.shas["authorize"], call_keys, args, shared), window_keys, ik
 
-    async def closeout(self, permit: tuple[str, tuple[str, ...], str]) -> str:
+    def closeout(self, permit: Closing) -> bytes:
         pid, window_keys, ik = permit
-        now = self.engine.ids.now_ms()
-        snapshot = self.engine.policies.current
-        assert snapshot is not None
-        mp = snapshot.price_for("openai", "gpt-4o-mini", now)
-        assert mp is not None
-        price = mp.for_input(USAGE.input_tokens)
-        exact = usage_cost_pico(price, USAGE)
-        actual = ceil_div(exact, PICO_PER_MICRO)
-        data = events.settlement_data(now, "SUCCEEDED", actual, None, actual, USAGE, "", exact)
-        keys = self.store.keys
-        pkey = keys.permit(pid)
-        call_keys = [pkey, keys.stream, keys.expiries, ik or pkey, *window_keys]
+        now, actual, data = _settlement(self.engine)
+        pkey = self.keys.permit(pid)
+        call_keys = [pkey, self.keys.stream, self.keys.expiries, ik or pkey, *window_keys]
         args: list[str | int] = [pid, now, actual, data, USAGE.output_tokens, 0,
                                  OVERRUN_FACTOR, OVERRUN_SLACK_MICROS]
-        out = settle_reply(await self.store.transport.eval_script(
-            self.closeout_script, call_keys, args, 5.0))
-        return out.status
+        return pack_evalsha(self.shas["closeout"], call_keys, args)
 
 
 @dataclass
@@ -165,11 +156,36 @@ def _stats(server: RedisServer) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def _gather(items: Sequence[Any], fn: Any) -> list[Any]:
-    out: list[Any] = []
-    for i in range(0, len(items), CONCURRENCY):
-        out.extend(await asyncio.gather(*(fn(x) for x in items[i:i + CONCURRENCY])))
-    return out
+class _Wire:
+    """One raw connection: pipelined batches of pre-built commands, replies parsed
+    by hiredis."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.reader = hiredis.Reader()
+
+    def send(self, commands: Sequence[bytes]) -> list[Any]:
+        out: list[Any] = []
+        for i in range(0, len(commands), CONCURRENCY):
+            chunk = commands[i:i + CONCURRENCY]
+            self.sock.sendall(b"".join(chunk))
+            got = 0
+            while got < len(chunk):
+                reply = self.reader.gets()
+                if reply is False:
+                    data = self.sock.recv(1 << 20)
+                    if not data:
+                        raise RuntimeError("redis-server closed the connection")
+                    self.reader.feed(data)
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    raise RuntimeError(f"script failed: {reply}")
+                out.append(reply)
+                got += 1
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @dataclass
@@ -180,45 +196,91 @@ class Results:
                                                                         "after": []})
 
 
-async def _measure(server: RedisServer, policies: pathlib.Path, calls: int,
-                   rounds: int) -> Results:
-    store = BudgetStore.from_url(server.url, timeout_s=5.0)
+Closing = tuple[str, tuple[str, ...], str]  # permit id, held window keys, idempotency key
+
+
+class _Now:
+    """Today's calls, built by the product's own code."""
+
+    def __init__(self, engine: Engine, shas: dict[str, str]) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.shas = shas
+
+    def authorize(self, req: AuthorizeInput) -> tuple[bytes, tuple[str, ...], str]:
+        planned = self.engine.plan(req, self.engine.ids.now_ms())
+        assert planned is not None
+        p, data = planned
+        hold, mat, _ = self.engine.prepare_hold(p, data)
+        keys, args = self.store.hold_call(hold)
+        return (pack_evalsha(self.shas["authorize"], keys, args, hold.shape), mat.window_keys,
+                hold.idempotency_key)
+
+    def closeout(self, permit: Closing) -> bytes:
+        pid, window_keys, ik = permit
+        now, actual, data = _settlement(self.engine)
+        keys, args = self.store.settle_call(
+            pid, window_keys, now, actual, data, idempotency_key=ik,
+            output_tokens=USAGE.output_tokens, overrun_factor=OVERRUN_FACTOR,
+            overrun_slack_micros=OVERRUN_SLACK_MICROS)
+        return pack_evalsha(self.shas["closeout"], keys, args)
+
+
+def _settlement(engine: Engine) -> tuple[int, int, str]:
+    now = engine.ids.now_ms()
+    snapshot = engine.policies.current
+    assert snapshot is not None
+    mp = snapshot.price_for("openai", "gpt-4o-mini", now)
+    assert mp is not None
+    exact = usage_cost_pico(mp.for_input(USAGE.input_tokens), USAGE)
+    actual = ceil_div(exact, PICO_PER_MICRO)
+    return now, actual, events.settlement_data(now, "SUCCEEDED", actual, None, actual, USAGE,
+                                               "", exact)
+
+
+def _measure(server: RedisServer, policies: pathlib.Path, calls: int, rounds: int) -> Results:
+    client = aioredis.Redis(port=server.port)  # never connects: the store builds calls only
+    store = BudgetStore(client, KeySpace())
     holder = PolicyHolder(str(policies))
     holder.reload(force=True)
     engine = Engine(holder, store, Metrics())
-    base = _Baseline(engine)
+    sources = {"now": store.script_sources,
+               "70efe85": {name: (BASELINE / f"{name}.lua").read_text()
+                           for name in ("authorize", "closeout")}}
+    shas = {v: {name: str(server.client.script_load(src)) for name, src in srcs.items()}
+            for v, srcs in sources.items()}
+    variants: dict[str, _Now | _Baseline] = {"after": _Now(engine, shas["now"]),
+                                             "before": _Baseline(engine, shas["70efe85"])}
+    wire = _Wire(server.port)
     results = Results()
-
-    async def after_auth(req: AuthorizeInput) -> str | None:
-        out = await engine.authorize(req)
-        return out.permit_id if out.decision.name in ("ALLOW", "CONSTRAIN") else None
-
-    async def after_close(pid: str) -> str:
-        return (await engine.closeout(pid, USAGE, "SUCCEEDED", None)).status
-
-    variants: dict[str, tuple[Any, Any]] = {"before": (base.authorize, base.closeout),
-                                            "after": (after_auth, after_close)}
-    # Warm both paths (scripts loaded, connections open, shapes cached).
-    for name, (auth, close) in variants.items():
-        permits = [x for x in await _gather(_requests(f"warm-{name}", 256), auth) if x]
-        await _gather(permits, close)
-    for r in range(rounds):
-        order = ("before", "after") if r % 2 == 0 else ("after", "before")
-        for name in order:
-            auth, close = variants[name]
-            reqs = _requests(f"r{r}-{name}", calls)
-            server.client.config_resetstat()
-            mem0 = server.used_memory()
-            permits = [x for x in await _gather(reqs, auth) if x]
-            mem1 = server.used_memory()
-            results.authorize[name].append(Phase(len(reqs), _stats(server), mem1 - mem0))
-            server.client.config_resetstat()
-            statuses = await _gather(permits, close)
-            bad = [s for s in statuses if s != "SETTLED"]
-            if bad:
-                raise RuntimeError(f"{name}: closeout answered {bad[0]} ({len(bad)} times)")
-            results.closeout[name].append(Phase(len(permits), _stats(server)))
-    await store.close()
+    try:
+        for r in range(-1, rounds):  # round -1 warms both (shapes, windows, allocator)
+            order = ("before", "after") if r % 2 == 0 else ("after", "before")
+            for name in order:
+                v = variants[name]
+                built = [v.authorize(req) for req in _requests(f"r{r}-{name}", calls)]
+                server.client.config_resetstat()
+                mem0 = server.used_memory()
+                replies = wire.send([b for b, _, _ in built])
+                mem1 = server.used_memory()
+                auth = Phase(calls, _stats(server), mem1 - mem0)
+                permits: list[Closing] = []
+                for reply, (_, windows, ik) in zip(replies, built, strict=True):
+                    res = hold_reply(reply)
+                    if res.decision not in ("ALLOW", "CONSTRAIN"):
+                        raise RuntimeError(f"{name}: Authorize answered {res.decision}")
+                    permits.append((res.permit_id, tuple(windows[i] for i in res.held), ik))
+                closing = [v.closeout(p) for p in permits]
+                server.client.config_resetstat()
+                statuses = [settle_reply(x).status for x in wire.send(closing)]
+                bad = [s for s in statuses if s != "SETTLED"]
+                if bad:
+                    raise RuntimeError(f"{name}: Closeout answered {bad[0]} ({len(bad)} times)")
+                if r >= 0:
+                    results.authorize[name].append(auth)
+                    results.closeout[name].append(Phase(len(permits), _stats(server)))
+    finally:
+        wire.close()
     return results
 
 
@@ -282,7 +344,7 @@ def run(ctx: Context) -> list[Row]:
     calls = 500 if ctx.quick else 2000
     rounds = 2 if ctx.quick else max(ctx.rounds, 8)
     with ctx.redis("redis-script") as server:
-        res = asyncio.run(_measure(server, POLICIES / "generous", calls, rounds))
+        res = _measure(server, POLICIES / "generous", calls, rounds)
     print_breakdown(res)
     return rows_of(res, calls)
 
@@ -292,12 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000, help="Authorize calls per phase")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--policies", default="generous", help="a bundle under bench/policies")
     ns = ap.parse_args(argv)
     from bench.run_all import print_table
     with tempfile.TemporaryDirectory(prefix="keel-script-") as d, \
             RedisServer(pathlib.Path(d)) as server:
-        res = asyncio.run(_measure(server, POLICIES / ns.policies, ns.calls, ns.rounds))
+        res = _measure(server, POLICIES / "generous", ns.calls, ns.rounds)
     print_breakdown(res)
     print_table(rows_of(res, ns.calls))
     return 0

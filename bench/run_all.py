@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from bench.harness import BUILD, BenchError, Context, Row, build_driver, new_workdir
 
 SECTIONS = ("throughput", "anatomy", "latency", "client", "workers", "growth", "policy_scale",
-            "ledger", "envoy", "identity", "reconcile", "cluster")
+            "ledger", "envoy", "identity", "reconcile", "cluster", "script")
 
 
 def _fmt(value: float) -> str:

@@ -23,8 +23,8 @@
 -- Cost: Redis runs one script at a time, so its time per call is the fleet's
 -- ceiling (bench/bench_script.py measures it against the previous version). In
 -- Redis' Lua every table, tonumber, string.format and redis.call is measurable, so
--- the common case does little: one EXISTS for all grant hashes (HVALS only when
--- one exists), a window's EXPIREAT only with its first hold (every script that may
+-- the common case does little: one EXISTS for the abort tombstone and all grant
+-- hashes (HVALS only when a grant exists), a window's EXPIREAT only with its first hold (every script that may
 -- create a window hash gives it its expiry), thresholds only at or above the
 -- lowest level, and the shared per-budget arguments read where they are used.
 --
@@ -97,16 +97,19 @@ if idem[1] then
   return '{"r":"replay","res":' .. idem[2] .. '}'
 end
 -- The permit id is new for every decision; a record under it can only be the
--- tombstone an aborted decision left (its answer timed out): hold nothing.
-if call('EXISTS', KEYS[2]) == 1 then
-  return '{"r":"aborted"}'
+-- tombstone an aborted decision left (its answer timed out): hold nothing. One
+-- EXISTS asks for it and for the grant hashes at once: usually none exists.
+local granted = nil
+if call('EXISTS', KEYS[2], unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then
+  if call('EXISTS', KEYS[2]) == 1 then
+    return '{"r":"aborted"}'
+  end
+  granted = {}
 end
 
 -- Per budget i: ARGV[4i-2] limit, ARGV[4i-1] enforce, ARGV[4i] window expire-at,
 -- ARGV[4i+1] thresholds (read where used, not copied).
 local settled, held, limits, fresh = {}, {}, {}, {}
-local granted = nil
-if n > 0 and call('EXISTS', unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then granted = {} end
 for i = 1, n do
   local v = call('HMGET', KEYS[4 + i], 's', 'h')
   settled[i] = tonumber(v[1]) or 0
