@@ -109,7 +109,8 @@ end
 
 -- Per budget i: ARGV[4i-2] limit, ARGV[4i-1] enforce, ARGV[4i] window expire-at,
 -- ARGV[4i+1] thresholds (read where used, not copied).
-local settled, held, limits, fresh = {}, {}, {}, {}
+-- Indexed 1..n only (never by length): sized up front, no rehash while filled.
+local settled, held, limits, fresh = {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}
 for i = 1, n do
   local v = call('HMGET', KEYS[4 + i], 's', 'h')
   settled[i] = tonumber(v[1]) or 0
@@ -265,13 +266,20 @@ end
 
 -- Encoded by hand: cjson prints numbers with 14 significant digits, and budget
 -- figures can be larger; '%d' keeps every integer exact.
-local parts = {}
-for i = 1, n do
-  parts[i] = format('[%d,%d]', settled[i], held[i])
+local figures
+if n == 3 then  -- the common shape: one format, no list
+  figures = format('[%d,%d],[%d,%d],[%d,%d]', settled[1], held[1], settled[2], held[2],
+    settled[3], held[3])
+else
+  local parts = {}
+  for i = 1, n do
+    parts[i] = format('[%d,%d]', settled[i], held[i])
+  end
+  figures = concat(parts, ',')
 end
 local encoded = format(
   '{"d":"%s","pid":"%s","exp":%s,"amt":%d,"k":%d,"c":%d,"b":[%s],"held":[%s]',
-  decision, pid, expires_text, amount, k, chosen, concat(parts, ','), heldidx)
+  decision, pid, expires_text, amount, k, chosen, figures, heldidx)
 if fail ~= nil then encoded = encoded .. format(',"fail":%d', fail) end
 if shadow then encoded = encoded .. ',"shadow":[' .. shadow .. ']' end
 if alerts then encoded = encoded .. ',"alerts":[' .. alerts .. ']' end
