@@ -1,6 +1,6 @@
 """Redis time per Authorize and per Closeout script: the scripts of 70efe85 against today's.
 
-    python -m bench.bench_script [--calls 2000] [--rounds 8]
+    python -m bench.bench_script [--calls 2000] [--rounds 8] [--redis-arg=ARG ...]
 
 One redis-server of its own, two variants sent to it alternately, several rounds:
 
@@ -354,10 +354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000, help="Authorize calls per phase")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
+                    help="an extra redis-server argument (repeat it), e.g. "
+                         "--redis-arg=--hash-max-listpack-value --redis-arg=512")
     ns = ap.parse_args(argv)
     from bench.run_all import print_table
     with tempfile.TemporaryDirectory(prefix="keel-script-") as d, \
-            RedisServer(pathlib.Path(d)) as server:
+            RedisServer(pathlib.Path(d), extra=ns.redis_arg) as server:
         res = _measure(server, POLICIES / "generous", ns.calls, ns.rounds)
     print_breakdown(res)
     print_table(rows_of(res, ns.calls))
