@@ -213,3 +213,15 @@ async def test_a_candidate_holding_some_budgets_records_only_those_windows(
         assert await _window(aio_client, r.shape.keys[2]) == {"s": 80, "h": 0}
     finally:
         await store.close()
+
+
+async def test_lapsed_grants_alone_leave_the_reply_as_without_grants(
+        aio_client: aioredis.Redis) -> None:
+    store = _store(aio_client)
+    try:
+        r = _hold("k", (10**9, 10**9), 100)
+        await aio_client.hset(r.shape.keys[2 + 1], "old", f"5000:{NOW_MS - 1}")
+        res = await store.hold(r)
+        assert res.decision == "ALLOW" and res.granted == ()
+    finally:
+        await store.close()

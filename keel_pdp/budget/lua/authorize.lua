@@ -24,9 +24,10 @@
 -- ceiling (bench/bench_script.py measures it against the previous version). In
 -- Redis' Lua every table, tonumber, string.format and redis.call is measurable, so
 -- the common case does little: one EXISTS for the abort tombstone and all grant
--- hashes (HVALS only when a grant exists), a window's EXPIREAT only with its first hold (every script that may
--- create a window hash gives it its expiry), thresholds only at or above the
--- lowest level, and the shared per-budget arguments read where they are used.
+-- hashes (HVALS only when a grant hash exists), a window's EXPIREAT only with its
+-- first hold (every script that may create a window hash gives it its expiry),
+-- thresholds only at or above the lowest level, and the shared per-budget
+-- arguments read where they are used.
 --
 -- ARGV, what every request of one shape shares first (the caller encodes that part
 -- once), then what is the request's own (S = 1 + 4n):
@@ -99,7 +100,7 @@ end
 -- The permit id is new for every decision; a record under it can only be the
 -- tombstone an aborted decision left (its answer timed out): hold nothing. One
 -- EXISTS asks for it and for the grant hashes at once: usually none exists.
-local granted = nil
+local granted, any_grant = nil, false
 if call('EXISTS', KEYS[2], unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then
   if call('EXISTS', KEYS[2]) == 1 then
     return '{"r":"aborted"}'
@@ -124,6 +125,7 @@ for i = 1, n do
       if amount and tonumber(until_ms) > now_ms then g = g + tonumber(amount) end
     end
     granted[i] = g
+    if g > 0 then any_grant = true end
     limit = limit + g
   end
   limits[i] = limit
@@ -283,7 +285,7 @@ local encoded = format(
 if fail ~= nil then encoded = encoded .. format(',"fail":%d', fail) end
 if shadow then encoded = encoded .. ',"shadow":[' .. shadow .. ']' end
 if alerts then encoded = encoded .. ',"alerts":[' .. alerts .. ']' end
-if granted then
+if any_grant then
   local gparts = {}
   for i = 1, n do gparts[i] = format('%d', granted[i]) end
   encoded = encoded .. ',"gr":[' .. concat(gparts, ',') .. ']'
