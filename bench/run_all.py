@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from bench.harness import BUILD, BenchError, Context, Row, build_driver, new_workdir
 
 SECTIONS = ("throughput", "anatomy", "latency", "client", "workers", "growth", "policy_scale",
-            "ledger", "envoy", "envoy-burst", "identity", "reconcile", "cluster")
+            "ledger", "envoy", "envoy-burst", "identity", "reconcile", "cluster", "script")
 
 
 def _fmt(value: float) -> str:

@@ -285,13 +285,31 @@ class BudgetStore:
                      output_tokens: int = 0, input_over: bool = False,
                      overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
                      ) -> SettleReply:
+        keys, args = self.settle_call(permit_id, window_keys, now_ms, actual_micros,
+                                      event_data, idempotency_key=idempotency_key,
+                                      output_tokens=output_tokens, input_over=input_over,
+                                      overrun_factor=overrun_factor,
+                                      overrun_slack_micros=overrun_slack_micros)
+        return settle_reply(await self._script(self._closeout, keys, args, timeout_s))
+
+    def settle_call(self, permit_id: str, window_keys: Sequence[str], now_ms: int,
+                    actual_micros: int, event_data: str, *, idempotency_key: str = "",
+                    output_tokens: int = 0, input_over: bool = False,
+                    overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
+                    ) -> tuple[list[str], list[Arg]]:
+        """The closeout script's KEYS and ARGV (see closeout.lua)."""
         ks = self.keys
         pkey = ks.permit(permit_id)
         keys = [pkey, ks.stream_of(permit_id), ks.expiries_of(permit_id),
                 idempotency_key or pkey, *window_keys]
-        args: list[str | int] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
-                                 1 if input_over else 0, overrun_factor, overrun_slack_micros]
-        return settle_reply(await self._script(self._closeout, keys, args, timeout_s))
+        args: list[Arg] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
+                           1 if input_over else 0, overrun_factor, overrun_slack_micros]
+        return keys, args
+
+    @property
+    def script_sources(self) -> dict[str, str]:
+        """The authorize and closeout scripts this store sends (for benchmarks)."""
+        return {"authorize": _lua("authorize.lua"), "closeout": _lua("closeout.lua")}
 
     async def release(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                       target: str, event_data: str,

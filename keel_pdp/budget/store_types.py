@@ -56,7 +56,8 @@ def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Se
     the budget windows and their grant hashes, each budget's figures, the settings."""
     args: list[Arg] = [len(window_keys)]
     for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
-        args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in th)))
+        # Ascending: the script skips a budget below its lowest threshold.
+        args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in sorted(set(th)))))
     args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens))
     return Shared.of((*window_keys, *grant_keys), args)
 

@@ -24,7 +24,7 @@
 --
 -- Returns JSON: {"st":"TOMBSTONE"} | {"st":"RELEASED","amt":..} | {"st":"NOOP","state":..}
 
-local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys')
+local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'wx')
 local state = p[1]
 if not state then
   redis.call('HSET', KEYS[1], 'state', 'aborted', 'aborted_at', ARGV[2])
@@ -42,8 +42,16 @@ for key in string.gmatch(p[3] or '', '[^\n]+') do
     return cjson.encode({st = 'KEYS_MISMATCH'})
   end
 end
+local wx = {}
+for w in string.gmatch(p[4] or '', '[^,]+') do wx[#wx + 1] = w end
+local j = 0
 for key in string.gmatch(p[3] or '', '[^\n]+') do
-  redis.call('HINCRBY', key, 'h', -amount)
+  j = j + 1
+  -- A window that expired under the hold comes back as -amount: give it the
+  -- expiry every window hash has (authorize.lua relies on it).
+  if redis.call('HINCRBY', key, 'h', -amount) == -amount and amount ~= 0 and wx[j] then
+    redis.call('EXPIREAT', key, wx[j], 'NX')
+  end
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'voided', 'released_at', ARGV[2], 'aborted', '1')

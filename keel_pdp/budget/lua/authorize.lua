@@ -21,10 +21,20 @@
 --                  on a shared budget (limit -1) g = micro-USD leased to the shard
 -- KEYS[5+n..4+2n]  one hash per budget of exception grants: id -> "micros:expires_ms"
 --
+-- Cost: Redis runs one script at a time, so its time per call is the fleet's
+-- ceiling (bench/bench_script.py measures it against the previous version). In
+-- Redis' Lua every table, tonumber, string.format and redis.call is measurable, so
+-- the common case does little: one EXISTS for the abort tombstone and all grant
+-- hashes (HVALS only when a grant hash exists), a window's EXPIREAT only with its
+-- first hold (every script that may create a window hash gives it its expiry),
+-- thresholds only at or above the lowest level, and the shared per-budget
+-- arguments read where they are used.
+--
 -- ARGV, what every request of one shape shares first (the caller encodes that part
 -- once), then what is the request's own (S = 1 + 4n):
 -- ARGV[1]   n budgets, then per budget 4 values:
---           limit_micros, enforce (1|0), window expire-at (s), thresholds ("80,100" or "")
+--           limit_micros, enforce (1|0), window expire-at (s),
+--           thresholds in ascending order ("80,100" or "")
 -- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s)
 -- ARGV[S+3] minimum useful output tokens
 -- ARGV[S+4] permit_id             ARGV[S+5] request fingerprint   ARGV[S+6] now_ms
@@ -66,22 +76,21 @@ local function pct_of(limit, pct)
   return q * pct + floor_div((limit - q * 100) * pct, 100)
 end
 
+local tonumber, call, format, concat = tonumber, redis.call, string.format, table.concat
+
 local n = tonumber(ARGV[1])
 local S = 1 + 4 * n
-local idem_ttl = tonumber(ARGV[S + 1])
-local retention = tonumber(ARGV[S + 2])
-local min_out = tonumber(ARGV[S + 3])
 local pid = ARGV[S + 4]
 local fingerprint = ARGV[S + 5]
 local now_text = ARGV[S + 6]
 local now_ms = tonumber(now_text)
-local expires_at = tonumber(ARGV[S + 7])
-local event = ARGV[S + 8]
+local expires_text = ARGV[S + 7]
+local expires_at = tonumber(expires_text)
 
-local idem = redis.call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp')
+local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp')
 if idem[1] then
   if idem[1] ~= fingerprint then
-    return cjson.encode({r = 'reused'})
+    return '{"r":"reused"}'
   end
   -- A replay returns the permit only while it is held: once it has ended (or its
   -- hold time has passed) the request_id cannot carry another provider call.
@@ -93,36 +102,43 @@ if idem[1] then
   return '{"r":"replay","res":' .. idem[2] .. '}'
 end
 -- The permit id is new for every decision; a record under it can only be the
--- tombstone an aborted decision left (its answer timed out): hold nothing.
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return cjson.encode({r = 'aborted'})
+-- tombstone an aborted decision left (its answer timed out): hold nothing. One
+-- EXISTS asks for it and for the grant hashes at once: usually none exists.
+local granted, any_grant = nil, false
+if call('EXISTS', KEYS[2], unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then
+  if call('EXISTS', KEYS[2]) == 1 then
+    return '{"r":"aborted"}'
+  end
+  granted = {}
 end
 
-local settled, held, limits, enforce, wexp, thresholds, granted = {}, {}, {}, {}, {}, {}, {}
+-- Per budget i: ARGV[4i-2] limit, ARGV[4i-1] enforce, ARGV[4i] window expire-at,
+-- ARGV[4i+1] thresholds (read where used, not copied).
+-- Indexed 1..n only (never by length): sized up front, no rehash while filled.
+local settled, held, limits, fresh = {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}
 local leased = {}
-local any_grant = false
 for i = 1, n do
-  local base = 1 + (i - 1) * 4
-  enforce[i] = ARGV[base + 2] == '1'
-  wexp[i] = ARGV[base + 3]
-  thresholds[i] = ARGV[base + 4]
-  local v = redis.call('HMGET', KEYS[4 + i], 's', 'h', 'g')
+  local v = call('HMGET', KEYS[4 + i], 's', 'h', 'g')
   settled[i] = tonumber(v[1]) or 0
   held[i] = tonumber(v[2]) or 0
-  local g = 0
-  local grants = redis.call('HVALS', KEYS[4 + n + i])
-  for _, entry in ipairs(grants) do
-    local amount, until_ms = string.match(entry, '^(%d+):(%d+)$')
-    if amount and tonumber(until_ms) > now_ms then g = g + tonumber(amount) end
-  end
-  granted[i] = g
-  if g > 0 then any_grant = true end
-  local limit = tonumber(ARGV[base + 1])
+  fresh[i] = not v[2]
+  local limit = tonumber(ARGV[4 * i - 2])
   if limit < 0 then
+    -- a lease on a shared budget: its limit is what the shard was leased
     limit = tonumber(v[3]) or 0
     leased[i] = true
   end
-  limits[i] = limit + g
+  if granted then
+    local g = 0
+    for _, entry in ipairs(call('HVALS', KEYS[4 + n + i])) do
+      local amount, until_ms = string.match(entry, '^(%d+):(%d+)$')
+      if amount and tonumber(until_ms) > now_ms then g = g + tonumber(amount) end
+    end
+    granted[i] = g
+    if g > 0 then any_grant = true end
+    limit = limit + g
+  end
+  limits[i] = limit
 end
 
 local cands = {}
@@ -130,19 +146,21 @@ local pos = S + 9
 local nc = tonumber(ARGV[pos])
 pos = pos + 1
 for c = 1, nc do
+  local m = tonumber(ARGV[pos + 5])
   local cand = {in_pico = tonumber(ARGV[pos]), out_price = tonumber(ARGV[pos + 1]),
     cap = tonumber(ARGV[pos + 2]), may_constrain = ARGV[pos + 3] == '1', meta = ARGV[pos + 4],
     idx = {}}
-  local m = tonumber(ARGV[pos + 5])
-  for j = 1, m do cand.idx[j] = tonumber(ARGV[pos + 5 + j]) end
-  pos = pos + 6 + m
+  local idx = cand.idx
   local room = nil
-  for _, i in ipairs(cand.idx) do
-    if enforce[i] then
+  for j = 1, m do
+    local i = tonumber(ARGV[pos + 5 + j])
+    idx[j] = i
+    if ARGV[4 * i - 1] == '1' then
       local r = limits[i] - settled[i] - held[i]
       if room == nil or r < room then room = r end
     end
   end
+  pos = pos + 6 + m
   cand.room = room
   cand.full = ceil_div(cand.in_pico + cand.cap * cand.out_price, MICRO)
   cands[c] = cand
@@ -151,7 +169,7 @@ end
 if ARGV[pos] == '1' then
   local need = {}
   for _, i in ipairs(cands[1].idx) do
-    if leased[i] and enforce[i] then
+    if leased[i] and ARGV[4 * i - 1] == '1' then
       local short = cands[1].full - (limits[i] - settled[i] - held[i])
       if short > 0 then table.insert(need, string.format('[%d,%d]', i, short)) end
     end
@@ -171,6 +189,7 @@ for c = 1, nc do
   end
 end
 if chosen == nil then
+  local min_out = tonumber(ARGV[S + 3])
   for c = 1, nc do
     local cand = cands[c]
     local headroom = cand.room
@@ -206,13 +225,12 @@ if chosen == nil then
   end
 end
 
-local figures, shadow, alerts, heldidx, fail = {}, {}, {}, {}, nil
-local alert_events = {}
-for i = 1, n do figures[i] = {settled[i], held[i]} end
+local shadow, alerts, heldidx, fail = nil, nil, '', nil
+local alert_events = nil
 if chosen == nil then
   local first = cands[1]
   for _, i in ipairs(first.idx) do
-    if fail == nil and enforce[i] and settled[i] + held[i] + first.full > limits[i] then
+    if fail == nil and ARGV[4 * i - 1] == '1' and settled[i] + held[i] + first.full > limits[i] then
       fail = i
     end
   end
@@ -221,70 +239,95 @@ if chosen == nil then
   chosen = 1
 else
   local cand = cands[chosen]
-  local keys = {}
+  local idx = cand.idx
+  local m = #idx
   local wx = {}
-  for j, i in ipairs(cand.idx) do
+  for j = 1, m do
+    local i = idx[j]
     local key = KEYS[4 + i]
     local before = settled[i] + held[i]
-    local h = redis.call('HINCRBY', key, 'h', amount)
-    redis.call('EXPIREAT', key, wexp[i])
-    figures[i] = {settled[i], h}
+    local h = call('HINCRBY', key, 'h', amount)
+    if fresh[i] then call('EXPIREAT', key, ARGV[4 * i]) end
+    held[i] = h
     local after = settled[i] + h
-    if (not enforce[i]) and after > limits[i] then
-      table.insert(shadow, i)
+    if ARGV[4 * i - 1] ~= '1' and after > limits[i] then
+      shadow = shadow and (shadow .. ',' .. i) or tostring(i)
     end
-    for p in string.gmatch(thresholds[i], '%d+') do
-      local level = pct_of(limits[i], tonumber(p))
-      if before < level and after >= level then
-        if redis.call('HSETNX', key, 't' .. p, now_ms) == 1 then
-          table.insert(alerts, string.format('[%d,%s]', i, p))
-          table.insert(alert_events, string.format(
-            '{"budget":%d,"pct":%s,"level":%d,"committed":%d,"limit":%d}',
-            i, p, level, after, limits[i]))
+    -- Thresholds come in ascending order: below the lowest level nothing crosses.
+    local thresholds = ARGV[4 * i + 1]
+    if thresholds ~= ''
+        and after >= pct_of(limits[i], tonumber(string.match(thresholds, '^%d+'))) then
+      for p in string.gmatch(thresholds, '%d+') do
+        local level = pct_of(limits[i], tonumber(p))
+        if before < level and after >= level then
+          if call('HSETNX', key, 't' .. p, now_ms) == 1 then
+            alerts = (alerts and (alerts .. ',') or '') .. format('[%d,%s]', i, p)
+            alert_events = alert_events or {}
+            alert_events[#alert_events + 1] = format(
+              '{"budget":%d,"pct":%s,"level":%d,"committed":%d,"limit":%d}',
+              i, p, level, after, limits[i])
+          end
         end
       end
     end
-    keys[j] = key
-    wx[j] = wexp[i]
-    heldidx[j] = i
+    wx[j] = ARGV[4 * i]
   end
-  redis.call('HSET', KEYS[2], 'state', 'held', 'amount', amount, 'est', amount,
-    'keys', table.concat(keys, '\n'), 'wx', table.concat(wx, ','),
-    'exp', expires_at, 'meta', cand.meta, 'k', k, 'ik', KEYS[1])
-  redis.call('EXPIREAT', KEYS[2], math.floor(expires_at / 1000) + retention)
-  redis.call('ZADD', KEYS[3], expires_at, pid)
+  -- The held windows are usually all of them, in order: KEYS[5..4+n] as they are.
+  local keys
+  if m == n and idx[m] == n and idx[1] == 1 then
+    keys = concat(KEYS, '\n', 5, 4 + n)
+    heldidx = concat(idx, ',')
+  else
+    local list = {}
+    for j = 1, m do list[j] = KEYS[4 + idx[j]] end
+    keys = concat(list, '\n')
+    heldidx = concat(idx, ',')
+  end
+  call('HSET', KEYS[2], 'state', 'held', 'amount', amount, 'est', amount, 'keys', keys,
+    'wx', concat(wx, ','), 'exp', expires_text, 'meta', cand.meta, 'k', k, 'ik', KEYS[1])
+  call('EXPIREAT', KEYS[2], math.floor(expires_at / 1000) + tonumber(ARGV[S + 2]))
+  call('ZADD', KEYS[3], expires_text, pid)
 end
 
 -- Encoded by hand: cjson prints numbers with 14 significant digits, and budget
 -- figures can be larger; '%d' keeps every integer exact.
-local parts = {}
-for i = 1, n do
-  parts[i] = string.format('[%d,%d]', figures[i][1], figures[i][2])
+local figures
+if n == 3 then  -- the common shape: one format, no list
+  figures = format('[%d,%d],[%d,%d],[%d,%d]', settled[1], held[1], settled[2], held[2],
+    settled[3], held[3])
+else
+  local parts = {}
+  for i = 1, n do
+    parts[i] = format('[%d,%d]', settled[i], held[i])
+  end
+  figures = concat(parts, ',')
 end
-local encoded = string.format(
-  '{"d":"%s","pid":"%s","exp":%d,"amt":%d,"k":%d,"c":%d,"b":[%s],"held":[%s]',
-  decision, pid, expires_at, amount, k, chosen, table.concat(parts, ','),
-  table.concat(heldidx, ','))
-if fail ~= nil then encoded = encoded .. string.format(',"fail":%d', fail) end
-if #shadow > 0 then encoded = encoded .. ',"shadow":[' .. table.concat(shadow, ',') .. ']' end
-if #alerts > 0 then encoded = encoded .. ',"alerts":[' .. table.concat(alerts, ',') .. ']' end
+local encoded = format(
+  '{"d":"%s","pid":"%s","exp":%s,"amt":%d,"k":%d,"c":%d,"b":[%s],"held":[%s]',
+  decision, pid, expires_text, amount, k, chosen, figures, heldidx)
+if fail ~= nil then encoded = encoded .. format(',"fail":%d', fail) end
+if shadow then encoded = encoded .. ',"shadow":[' .. shadow .. ']' end
+if alerts then encoded = encoded .. ',"alerts":[' .. alerts .. ']' end
 if any_grant then
   local gparts = {}
-  for i = 1, n do gparts[i] = string.format('%d', granted[i]) end
-  encoded = encoded .. ',"gr":[' .. table.concat(gparts, ',') .. ']'
+  for i = 1, n do gparts[i] = format('%d', granted[i]) end
+  encoded = encoded .. ',"gr":[' .. concat(gparts, ',') .. ']'
 end
 encoded = encoded .. '}'
-redis.call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', pid, 'ts', now_text,
+local event = ARGV[S + 8]
+call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', pid, 'ts', now_text,
   'data', event, 'res', encoded)
 -- Soft-threshold crossings follow the decision that caused them (once per window).
-for _, a in ipairs(alert_events) do
-  redis.call('XADD', KEYS[4], '*', 'type', 'alert', 'pid', pid, 'ts', now_text,
-    'data', event, 'res', a)
+if alert_events then
+  for _, a in ipairs(alert_events) do
+    call('XADD', KEYS[4], '*', 'type', 'alert', 'pid', pid, 'ts', now_text,
+      'data', event, 'res', a)
+  end
 end
 -- A denial is not replayed: no hold was made, so a retry may simply decide again
 -- (for example after an exception grant).
 if decision ~= 'DENY' then
-  redis.call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded, 'pid', pid, 'exp', expires_at)
-  redis.call('EXPIRE', KEYS[1], idem_ttl)
+  call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded, 'pid', pid, 'exp', expires_text)
+  call('EXPIRE', KEYS[1], ARGV[S + 1])
 end
 return encoded

@@ -29,22 +29,20 @@
 --   {"st":"IMPLAUSIBLE","est":..,"k":..,"ceiling":..} |
 --   {"st":<status>,"act":..,"est":..,"amt":..,"prior":<state before>[,"flags":[..]]}
 
-local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k',
-  'flags')
+local call, format, tonumber = redis.call, string.format, tonumber
+local p = call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k', 'flags')
 local state = p[1]
 if not state or state == 'denied' then
-  return cjson.encode({st = 'UNKNOWN_PERMIT'})
+  return '{"st":"UNKNOWN_PERMIT"}'
 end
 local n = #KEYS - 4
-local expected = {}
-for i = 1, n do expected[i] = KEYS[4 + i] end
-if table.concat(expected, '\n') ~= (p[4] or '') then
-  return cjson.encode({st = 'KEYS_MISMATCH'})
+if table.concat(KEYS, '\n', 5, 4 + n) ~= (p[4] or '') then
+  return '{"st":"KEYS_MISMATCH"}'
 end
 local amount = tonumber(p[2]) or 0
 local est = tonumber(p[3]) or 0
 if state == 'settled' then
-  local res = string.format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"settled"',
+  local res = format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"settled"',
     tonumber(p[6]) or 0, est, amount)
   if p[8] and p[8] ~= '' then res = res .. ',"flags":[' .. p[8] .. ']' end
   return res .. '}'
@@ -54,45 +52,55 @@ local actual = tonumber(ARGV[3])
 local k = tonumber(p[7]) or 0
 local ceiling = est * tonumber(ARGV[7]) + tonumber(ARGV[8])
 if actual > ceiling then
-  return string.format('{"st":"IMPLAUSIBLE","est":%d,"k":%d,"ceiling":%d}', est, k, ceiling)
+  return format('{"st":"IMPLAUSIBLE","est":%d,"k":%d,"ceiling":%d}', est, k, ceiling)
 end
-local flags = {}
+local flag_text = ''
 if (k > 0 and tonumber(ARGV[5]) > k) or ARGV[6] == '1' then
-  table.insert(flags, '"USAGE_ABOVE_PERMIT"')
+  flag_text = '"USAGE_ABOVE_PERMIT"'
 end
-if actual > est then table.insert(flags, '"COST_ABOVE_HOLD"') end
-local flag_text = table.concat(flags, ',')
+if actual > est then
+  flag_text = flag_text == '' and '"COST_ABOVE_HOLD"' or (flag_text .. ',"COST_ABOVE_HOLD"')
+end
 
 local status = 'SETTLED'
 local prior = state
 if state == 'expired' then status = 'SETTLED_AFTER_EXPIRY' end
 if state == 'voided' then status = 'SETTLED_AFTER_VOID' end
 if state == 'degraded' then prior = 'unheld' end
-local wx = {}
-for w in string.gmatch(p[5] or '', '[^,]+') do table.insert(wx, w) end
+-- A window hash gets its expiry when a script creates it. HINCRBY answers the
+-- field's new value: only when s now holds exactly what was added can the hash be
+-- new (first settlement of the window, or a window that expired meanwhile), and
+-- only then is its expiry set, if it has none (NX, as the TTL check it replaces:
+-- another permit's expire-at never shortens a window's life).
+local wx = nil
 for i = 1, n do
   local key = KEYS[4 + i]
   if state == 'held' then
-    redis.call('HINCRBY', key, 'h', -amount)
+    call('HINCRBY', key, 'h', -amount)
   end
-  redis.call('HINCRBY', key, 's', actual)
-  if wx[i] and redis.call('TTL', key) < 0 then
-    redis.call('EXPIREAT', key, wx[i])
+  if call('HINCRBY', key, 's', actual) == actual then
+    if wx == nil then
+      wx = {}
+      for w in string.gmatch(p[5] or '', '[^,]+') do wx[#wx + 1] = w end
+    end
+    if wx[i] then call('EXPIREAT', key, wx[i], 'NX') end
   end
 end
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HSET', KEYS[1], 'state', 'settled', 'act', actual, 'settled_at', ARGV[2],
+call('ZREM', KEYS[3], ARGV[1])
+call('HSET', KEYS[1], 'state', 'settled', 'act', actual, 'settled_at', ARGV[2],
   'prior', prior, 'flags', flag_text)
-if KEYS[4] ~= KEYS[1] and redis.call('HGET', KEYS[4], 'pid') == ARGV[1] then
-  redis.call('HSET', KEYS[4], 'st', 'settled')
+if KEYS[4] ~= KEYS[1] and call('HGET', KEYS[4], 'pid') == ARGV[1] then
+  call('HSET', KEYS[4], 'st', 'settled')
 end
-local res = string.format('{"st":"%s","act":%d,"est":%d,"amt":%d,"prior":"%s"', status, actual,
-  est, amount, prior)
+local res
 if state == 'degraded' then
-  res = string.format('{"st":"%s","act":%d,"est":%d,"amt":0,"prior":"unheld"', status, actual, est)
+  res = format('{"st":"%s","act":%d,"est":%d,"amt":0,"prior":"unheld"', status, actual, est)
+else
+  res = format('{"st":"%s","act":%d,"est":%d,"amt":%d,"prior":"%s"', status, actual, est,
+    amount, prior)
 end
 if flag_text ~= '' then res = res .. ',"flags":[' .. flag_text .. ']' end
 res = res .. '}'
-redis.call('XADD', KEYS[2], '*', 'type', 'settlement', 'pid', ARGV[1], 'ts', ARGV[2],
+call('XADD', KEYS[2], '*', 'type', 'settlement', 'pid', ARGV[1], 'ts', ARGV[2],
   'data', ARGV[4], 'res', res)
 return res

@@ -19,16 +19,14 @@
 -- Returns JSON: {"st":"UNKNOWN_PERMIT"} | {"st":"KEYS_MISMATCH"} |
 --   {"st":"RELEASED","amt":..} | {"st":"NOT_DUE"} | {"st":"NOOP","state":<current state>}
 
-local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'exp')
+local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'exp', 'wx')
 local state = p[1]
 if not state or state == 'denied' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return cjson.encode({st = 'UNKNOWN_PERMIT'})
 end
 local n = #KEYS - 4
-local expected = {}
-for i = 1, n do expected[i] = KEYS[4 + i] end
-if table.concat(expected, '\n') ~= (p[3] or '') then
+if table.concat(KEYS, '\n', 5, 4 + n) ~= (p[3] or '') then
   return cjson.encode({st = 'KEYS_MISMATCH'})
 end
 if state ~= 'held' and state ~= 'degraded' then
@@ -42,8 +40,17 @@ end
 local amount = tonumber(p[2]) or 0
 if state == 'degraded' then amount = 0 end
 if amount ~= 0 then
+  local wx = nil
   for i = 1, n do
-    redis.call('HINCRBY', KEYS[4 + i], 'h', -amount)
+    -- A window that expired under the hold comes back as -amount: give it the
+    -- expiry every window hash has (authorize.lua relies on it).
+    if redis.call('HINCRBY', KEYS[4 + i], 'h', -amount) == -amount then
+      if wx == nil then
+        wx = {}
+        for w in string.gmatch(p[5] or '', '[^,]+') do wx[#wx + 1] = w end
+      end
+      if wx[i] then redis.call('EXPIREAT', KEYS[4 + i], wx[i], 'NX') end
+    end
   end
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
