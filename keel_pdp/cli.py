@@ -135,6 +135,10 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     if not await store.warm():
         log.warning("budget store %s not reachable yet; decisions follow each budget's "
                     "fail mode until it is", redacted_url(s.redis_url))
+    elif (problem := await store.layout_problem()) is not None:
+        log.error("%s", problem)
+        await store.close()
+        return 2
     elif s.wait_replicas:
         fewest = await store.fewest_replicas()
         if fewest is not None and fewest < s.wait_replicas:

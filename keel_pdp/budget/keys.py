@@ -118,10 +118,28 @@ class KeySpace:
         self.streams = tuple(b + "events" for b in self.bases)
         self.expiry_sets = tuple(b + "expiries" for b in self.bases)
         self._shard_of_tag = {t: i for i, t in enumerate(self.tags)}
+        # The deployment's key layout (its shard count), under the one-shard tag:
+        # sidecars and the ledger writer refuse to run on a different one.
+        self.layout = f"{prefix}:{{pdp}}:layout"
         # Shard 0: the only one of a standalone deployment.
         self.base = self.bases[0]
         self.stream = self.streams[0]
         self.expiries = self.expiry_sets[0]
+
+    def layout_problem(self, recorded: bytes | str | None) -> str | None:
+        """Why this key space must not run on a Redis whose layout key holds
+        ``recorded`` (None: it may)."""
+        if recorded is None:
+            return None
+        text = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+        if text == str(self.shards):
+            return None
+        return (f"--key-shards {self.shards} (env KEEL_KEY_SHARDS), but the keys under "
+                f"prefix {self.prefix!r} in this Redis were written with {text} key "
+                f"shard(s) ({self.layout}): every sidecar and the ledger writer of a "
+                "deployment must use the same number. To change it, drain (no held "
+                f"permits, the ledger writer caught up), delete {self.layout}, and restart "
+                "them all with the new number")
 
     @property
     def escrow(self) -> bool:

@@ -429,6 +429,13 @@ class BudgetStore:
         except StoreUnavailable:
             return False
 
+    async def layout_problem(self) -> str | None:
+        """Record this key space's shard count in the store unless one is recorded
+        already; say why not to run when the recorded one differs."""
+        ks = self.keys
+        await self._command("SET", ks.layout, str(ks.shards), "NX", timeout_s=2.0)
+        return ks.layout_problem(await self._command("GET", ks.layout, timeout_s=2.0))
+
     async def fewest_replicas(self) -> int | None:
         """The fewest replicas any master of the store has (None: could not tell),
         so ``serve`` can say at start that ``--wait-replicas`` cannot be met."""

@@ -31,6 +31,7 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.errors import SettingsError
 from keel_pdp.ledger.events import ParseError, StreamEvent, parse_entry
 from keel_pdp.ledger.metrics import LedgerMetrics
 from keel_pdp.ledger.store import LedgerStore, StoreRejected, StoreUnavailable, now_ms
@@ -75,6 +76,10 @@ def successor(value: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
+class LayoutMismatch(SettingsError):
+    """The writer's --key-shards differs from the deployment's recorded one."""
+
+
 class Backoff:
     def __init__(self, initial_s: float, max_s: float) -> None:
         self.initial_s = initial_s
@@ -115,7 +120,8 @@ class LedgerWriter:
         self.store = store
         self.client = client
         self.metrics = metrics or LedgerMetrics()
-        keys = KeySpace(config.key_prefix, config.shards)
+        keys = self.keys = KeySpace(config.key_prefix, config.shards)
+        self._layout_checked = False
         # One consumer group per shard's stream; events of one permit are all on
         # its shard's stream, so order per permit holds shard by shard.
         self.shards = [_StreamState(stream, time.monotonic() + config.trim_interval_s,
@@ -136,7 +142,8 @@ class LedgerWriter:
         self.stopping.set()
 
     def run(self) -> int:
-        """Consume until ``stop()``; returns 0."""
+        """Consume until ``stop()``; returns 0 (2: the deployment's key layout is not
+        this writer's, see ``KeySpace.layout_problem``)."""
         log.info("ledger writer %s consuming %s as group %s", self.consumer,
                  self.cur.stream if len(self.shards) == 1 else f"{len(self.shards)} streams",
                  self.config.group)
@@ -145,6 +152,9 @@ class LedgerWriter:
                 self.step()
             except RedisError as exc:
                 self._redis_failed(exc)
+            except LayoutMismatch as exc:
+                log.error("%s", exc)
+                return 2
         log.info("ledger writer stopped (%d events stored, %d dead-lettered)",
                  self.stored_total, self.dead_total)
         return 0
@@ -163,6 +173,12 @@ class LedgerWriter:
     def ensure_group(self) -> None:
         if self.cur.group_ready:
             return
+        if not self._layout_checked:
+            self.client.set(self.keys.layout, str(self.keys.shards), nx=True)
+            problem = self.keys.layout_problem(self.client.get(self.keys.layout))
+            if problem is not None:
+                raise LayoutMismatch(problem)
+            self._layout_checked = True
         try:
             # "0": a new group starts at the beginning, so nothing already in the
             # stream is skipped.

@@ -269,3 +269,35 @@ async def test_an_absurd_request_pulls_nothing_out_of_the_shared_budget(
     assert after.count(b"lease") == before.count(b"lease")
     assert await _admitted(engine, 1, start=100) == 1
     await engine.store.close()
+
+
+def test_a_sidecar_or_writer_with_another_shard_count_refuses_to_run(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    # A writer reading 1 stream while sidecars write 4 would never see 3/4 of the
+    # decisions; a sidecar with another count would look for permits elsewhere.
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    bundle = _bundle(tmp_path / "b", 10)
+    env = {**os.environ, "KEEL_KEY_PREFIX": PREFIX}
+    r: Any = redis.Redis.from_url(redis_url)
+    r.set(f"{PREFIX}:{{pdp}}:layout", "4")
+    serve = subprocess.run(
+        [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
+         "--redis-url", redis_url, "--listen", f"127.0.0.1:{free_port()}",
+         "--metrics-port", "0", "--key-shards", "2"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 2, serve.stdout + serve.stderr
+    out = serve.stdout + serve.stderr
+    assert "--key-shards 2" in out and "written with 4 key shard(s)" in out
+    writer = subprocess.run(
+        [sys.executable, "-m", "keel_pdp.cli", "ledger", "--redis-url", redis_url,
+         "--store", f"sqlite:///{tmp_path}/l.db", "--metrics-port", "0"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert writer.returncode == 2, writer.stdout + writer.stderr
+    assert "--key-shards 1" in writer.stdout + writer.stderr
+    # The recorded layout is left as it was.
+    assert r.get(f"{PREFIX}:{{pdp}}:layout") == b"4"
