@@ -121,6 +121,7 @@ class KeySpace:
         # The deployment's key layout (its shard count), under the one-shard tag:
         # sidecars and the ledger writer refuse to run on a different one.
         self.layout = f"{prefix}:{{pdp}}:layout"
+        self.single_shard_stream = f"{prefix}:{{pdp}}:events"
         # Shard 0: the only one of a standalone deployment.
         self.base = self.bases[0]
         self.stream = self.streams[0]

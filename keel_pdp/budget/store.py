@@ -433,8 +433,14 @@ class BudgetStore:
         """Record this key space's shard count in the store unless one is recorded
         already; say why not to run when the recorded one differs."""
         ks = self.keys
-        await self._command("SET", ks.layout, str(ks.shards), "NX", timeout_s=2.0)
-        return ks.layout_problem(await self._command("GET", ks.layout, timeout_s=2.0))
+        recorded = await self._command("GET", ks.layout, timeout_s=2.0)
+        if recorded is None:
+            # Written before the layout was recorded: a one-shard stream gives it away.
+            single = await self._command("EXISTS", ks.single_shard_stream, timeout_s=2.0)
+            recorded = "1" if single else str(ks.shards)
+            await self._command("SET", ks.layout, recorded, "NX", timeout_s=2.0)
+            recorded = await self._command("GET", ks.layout, timeout_s=2.0)
+        return ks.layout_problem(recorded)
 
     async def fewest_replicas(self) -> int | None:
         """The fewest replicas any master of the store has (None: could not tell),

@@ -174,7 +174,11 @@ class LedgerWriter:
         if self.cur.group_ready:
             return
         if not self._layout_checked:
-            self.client.set(self.keys.layout, str(self.keys.shards), nx=True)
+            if self.client.get(self.keys.layout) is None:
+                # Written before the layout was recorded: a one-shard stream says so.
+                single = self.client.exists(self.keys.single_shard_stream)
+                self.client.set(self.keys.layout, "1" if single else str(self.keys.shards),
+                                nx=True)
             problem = self.keys.layout_problem(self.client.get(self.keys.layout))
             if problem is not None:
                 raise LayoutMismatch(problem)

@@ -301,3 +301,14 @@ def test_a_sidecar_or_writer_with_another_shard_count_refuses_to_run(
     assert "--key-shards 1" in writer.stdout + writer.stderr
     # The recorded layout is left as it was.
     assert r.get(f"{PREFIX}:{{pdp}}:layout") == b"4"
+    # A store written before the layout was recorded (one shard: its stream is
+    # there, no layout key): a sidecar with 2 shards would strand its permits.
+    r.delete(f"{PREFIX}:{{pdp}}:layout")
+    r.xadd(f"{PREFIX}:{{pdp}}:events", {"type": "decision"})
+    old = subprocess.run(
+        [sys.executable, "-m", "keel_pdp.cli", "serve", "--policies", str(bundle),
+         "--redis-url", redis_url, "--listen", f"127.0.0.1:{free_port()}",
+         "--metrics-port", "0", "--key-shards", "2"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert old.returncode == 2 and "written with 1 key shard(s)" in old.stdout + old.stderr
+    assert r.get(f"{PREFIX}:{{pdp}}:layout") == b"1"
