@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.store import BudgetStore
+from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 
 # Transfer records of returns only need to outlive a retry.
 _RETURN_RECORD_S = 3600
@@ -99,7 +99,11 @@ class Escrow:
         way in this process is awaited instead of starting another."""
         running = self._inflight.get(lease_key)
         if running is not None:
-            return await asyncio.wait_for(asyncio.shield(running), timeout_s)
+            try:
+                return await asyncio.wait_for(asyncio.shield(running), timeout_s)
+            except TimeoutError as exc:
+                raise StoreUnavailable("a refill of the same lease did not end in time"
+                                       ) from exc
         task = asyncio.ensure_future(self._refill(parent, lease_key, need_micros, now_ms,
                                                   timeout_s))
         self._inflight[lease_key] = task

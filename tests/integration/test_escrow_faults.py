@@ -312,3 +312,47 @@ def test_a_sidecar_or_writer_with_another_shard_count_refuses_to_run(
         env=env, capture_output=True, text=True, timeout=60)
     assert old.returncode == 2 and "written with 1 key shard(s)" in old.stdout + old.stderr
     assert r.get(f"{PREFIX}:{{pdp}}:layout") == b"1"
+
+
+async def test_requests_short_at_once_share_one_refill_and_a_stuck_one_ends_in_time(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    import asyncio
+    import time
+
+    engine = _engine(redis_url, _bundle(tmp_path / "b", 100))
+    real = engine.store.escrow
+    takes: list[int] = []
+    gate = asyncio.Event()
+
+    async def slow_take(step: str, *a: Any, **kw: Any) -> int:
+        if step == "take":
+            takes.append(1)
+            await gate.wait()
+        return await real(step, *a, **kw)
+
+    engine.store.escrow = slow_take  # type: ignore[method-assign]
+    first = asyncio.create_task(engine.authorize(_ask(1)))
+    second = asyncio.create_task(engine.authorize(_ask(2)))
+    await asyncio.sleep(0.05)
+    gate.set()
+    outs = await asyncio.gather(first, second)
+    assert [o.decision for o in outs] == [DecisionKind.ALLOW, DecisionKind.ALLOW]
+    assert len(takes) == 1  # one refill for both
+
+    # A refill that never ends: a request waiting on it answers by the fail mode
+    # inside its deadline (STORE_UNAVAILABLE), not with an internal error.
+    gate.clear()
+    takes.clear()
+    r: Any = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(f"{PREFIX}:*:l:org:0::*"):
+        r.hset(key, "g", 0)  # the lease is spent: the next request must refill
+    stuck = asyncio.create_task(engine.authorize(_ask(3), deadline_s=0.2))
+    await asyncio.sleep(0.02)
+    began = time.monotonic()
+    waiting = await engine.authorize(_ask(4), deadline_s=0.2)
+    assert time.monotonic() - began < 0.5
+    assert waiting.degraded and waiting.reasons[0].code.name == "STORE_UNAVAILABLE"
+    gate.set()
+    await stuck
+    engine.store.escrow = real  # type: ignore[method-assign]
+    await engine.store.close()
