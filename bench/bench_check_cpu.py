@@ -13,6 +13,12 @@ in four bills the tenant ``broke`` (a DENY, 429); the others an ALLOW on one of
 many tenants (no budget runs out). Every request id is new, so every Check is a
 fresh Authorize with its hold.
 
+The same Checks also run in this process without gRPC (``--in-process``):
+the servicer's ``check()`` on the engine as ``keel-pdp serve`` builds it, on
+the same Redis, 50 at a time on uvloop, and once more with the engine's
+answer canned (the servicer's own code: reading the request, building the
+answer, metrics).
+
 Per round it measures the worker's CPU (``/proc``, every thread) over
 ``--calls`` Checks and over as many empty calls (``grpc.health.v1.Health/Check``:
 the gRPC stack and the server guard, no Keel work), and prints CPU per call
@@ -36,6 +42,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -172,6 +179,55 @@ def measure(w: Worker, bodies: Sequence[bytes], concurrency: int, empty: bool,
     return used / len(bodies) * 1e6
 
 
+async def in_process(redis_url: str, warm: Sequence[bytes], bodies: Sequence[bytes],
+                     concurrency: int, canned: bool) -> tuple[float, dict[str, int]]:
+    """CPU µs per Check of the servicer in this process (no gRPC), and the outcomes."""
+    from keel_pdp.budget.store import BudgetStore
+    from keel_pdp.engine import Engine
+    from keel_pdp.mesh.authz import AuthorizationServicer
+    from keel_pdp.mesh.config import MeshConfig
+    from keel_pdp.mesh.metrics import MeshMetrics
+    from keel_pdp.metrics import Metrics
+    from keel_pdp.policy.reload import PolicyHolder
+
+    holder = PolicyHolder(str(POLICIES))
+    holder.reload(force=True)
+    store = BudgetStore.from_url(redis_url, timeout_s=0.1)
+    engine = Engine(holder, store, Metrics())
+    servicer = AuthorizationServicer(engine, MeshMetrics(Metrics()), MeshConfig())
+    requests = [et.auth.CheckRequest.FromString(raw) for raw in bodies]
+    warm_requests = [et.auth.CheckRequest.FromString(raw) for raw in warm]
+    if canned:  # one real answer per tenant kind, then served from here
+        answers: dict[bool, Any] = {}
+        real = engine.authorize
+
+        async def authorize(inp: Any, deadline_s: float | None = None) -> Any:
+            key = inp.tenant == DENIED_TENANT
+            if key not in answers:
+                answers[key] = await real(inp, deadline_s)
+            return answers[key]
+
+        engine.authorize = authorize  # type: ignore[method-assign,assignment]
+    outcomes: dict[str, int] = {}
+
+    async def lane() -> None:
+        for req in queue:
+            r = await servicer.check(req, DEADLINE_S)
+            kind = ("ok" if r.WhichOneof("http_response") == "ok_response"
+                    else str(r.denied_response.status.code))
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+
+    queue = iter(warm_requests)
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    outcomes.clear()
+    queue = iter(requests)
+    t0 = time.process_time()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    used = time.process_time() - t0
+    await store.close()
+    return used / len(requests) * 1e6, outcomes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_check_cpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--baseline-src", type=pathlib.Path, default=None,
                     help="a source tree whose worker is measured alongside (the before)")
     ap.add_argument("--profile", default="", help="write this tree's worker's cProfile here")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also run the Checks in this process, without gRPC")
     ns = ap.parse_args(argv)
     work = new_workdir()
     redis_server = RedisServer(work / "redis")
@@ -221,6 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(workers) == 2:
                 a, b = (med[w.label] for w in workers)
                 print(f"Check CPU, this tree / baseline: {a / b:.2f}")
+            if ns.in_process:
+                import uvloop
+
+                for label, canned in (("in-process Check (engine, Redis)", False),
+                                      ("in-process, engine answer canned", True)):
+                    us, outcomes = uvloop.run(in_process(
+                        redis_server.url, batch(min(500, ns.calls)), batch(ns.calls),
+                        ns.concurrency, canned))
+                    if set(outcomes) - {"ok", "429"}:
+                        raise BenchError(f"{label}: unexpected outcomes {outcomes}")
+                    print(f"{label:<40} {us:9.0f}")
     finally:
         redis_server.stop()
     return 0
