@@ -373,3 +373,67 @@ def test_provider_hosts_are_known_whatever_the_configured_substrings() -> None:
     for host in ("s3.us-east-1.amazonaws.com", "storage.googleapis.com", "example.com",
                  "notopenai.com"):
         assert not cfg.is_provider_host(host), host
+
+
+async def test_check_given_up_on_after_its_outcome_arrived_still_releases_the_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outcome is handed over, but the Check is cancelled before it resumes."""
+    s = servicer()
+    real = s.engine.authorize
+    obtained = asyncio.Event()
+
+    async def signal(inp: Any, deadline: float | None = None) -> Any:
+        out = await real(inp, deadline)
+        obtained.set()
+        return out
+
+    monkeypatch.setattr(s.engine, "authorize", signal)
+    task = asyncio.ensure_future(s.check(check_request(), None))
+    await obtained.wait()  # the outcome is set; the Check has not run since
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    client: Any = s.engine.store.client
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
+        if b"void" in kinds:
+            break
+    assert kinds.count(b"void") == 1
+    assert s.m.abandoned._value.get() == 1
+
+
+async def test_denied_check_given_up_on_releases_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = servicer()
+    real = s.engine.authorize
+    started = asyncio.Event()
+
+    async def slow(inp: Any, deadline: float | None = None) -> Any:
+        started.set()
+        await asyncio.sleep(0.05)
+        return await real(inp, deadline)
+
+    monkeypatch.setattr(s.engine, "authorize", slow)
+    task = asyncio.ensure_future(s.check(check_request(tenant="broke"), None))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.2)
+    client: Any = s.engine.store.client
+    kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
+    assert b"void" not in kinds
+    assert s.m.abandoned._value.get() == 0
+
+
+async def test_an_engine_failure_reaches_the_check_as_its_internal_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = servicer()
+
+    async def broken(inp: Any, deadline: float | None = None) -> Any:
+        await asyncio.sleep(0)
+        raise RuntimeError("engine broke")
+
+    monkeypatch.setattr(s.engine, "authorize", broken)
+    with pytest.raises(RuntimeError, match="engine broke"):
+        await s.check(check_request(), None)
