@@ -182,6 +182,13 @@ class Engine:
             self.metrics.child(self.metrics.store_errors, "authorize").inc()
             log.warning("budget store unavailable during authorize: %s", exc)
             return self._count(self._fail_after_send(p, data, mat, metas, hold.idempotency_key))
+        except asyncio.CancelledError:
+            # The caller is gone (a cancelled RPC, Envoy giving up): nobody will learn
+            # the permit id, so whatever the script may hold is aborted (journaled
+            # first, as for a timeout) instead of waiting for its expiry.
+            self.relay.abort_later(p.permit_id, p.now_ms, hold.idempotency_key,
+                                   mat.window_keys)
+            raise
         except Exception:
             # A client bug, not an outage: the script may still have been sent, so it
             # is aborted like a timed-out one, and the fail modes decide.
