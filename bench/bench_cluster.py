@@ -28,11 +28,14 @@ cluster`` runs both):
   ``WAIT 1`` pipelined behind it on the same connection, interleaved in this
   run: latency at one call at a time (p50, p99) and calls/s at 64 concurrent
   calls. The baseline is the same script without WAIT.
-* hot: where Keel's real Authorize lands today. Real Authorize calls through
-  the engine and ``BudgetStore.from_url(redis+cluster://...)`` for 100 tenants;
-  INFO commandstats of every master: EVALSHA calls per master and Redis time per
-  Authorize script on the busiest, hence the ceiling of one master (one core)
-  in Authorize/s, which is today's ceiling for the whole fleet.
+* hot: where Keel's real Authorize lands. 10,000 real Authorize calls through
+  the engine and ``BudgetStore.from_url(redis+cluster://...)`` for 1,000
+  tenants (an organisation-wide budget, one per tenant, one per tenant and
+  workload), first with every key under one tag (``--key-shards 1``), then with
+  the default 64 shards; INFO commandstats of every master: script calls per
+  master, busiest/idlest (by tenant placement and over all scripts), Redis time
+  per script, the fleet's ceiling for 1, 3, 6 and 12 masters derived from them,
+  escrow refills per Authorize and the headroom left in leases at the end.
 """
 
 from __future__ import annotations
