@@ -260,7 +260,8 @@ class ClusterSimulation(Simulation):
                 rep.failover_slowest_ms, rep.failover_slowest = took_s * 1000, what
         if took_s > DEADLINE_S + DEADLINE_SLACK_S:
             raise InvariantViolation(f"{what} answered after {took_s * 1000:.0f} ms, past the "
-                                     f"{DEADLINE_S * 1000:.0f} ms deadline")
+                                     f"{DEADLINE_S * 1000:.0f} ms deadline (phase "
+                                     f"{self._phase or 'walk'!r}, step {rep.steps})")
 
     def _engine(self, i: int) -> Engine:
         holder = PolicyHolder(self.bundle)
