@@ -94,6 +94,7 @@ class ClusterReport(Report):
     migration_unavailable: int = 0
     migration_slow: int = 0  # of those, a node that did not answer within the timeout
     migrate_max_ms: float = 0.0  # the longest MIGRATE (the source blocks meanwhile)
+    migration_window_max_ms: float = 0.0  # the longest time a slot stayed split
     failover_s: float = 0.0
     failover_answers: Counter[str] = field(default_factory=Counter)
     failover_slowest_ms: float = 0.0
@@ -116,7 +117,8 @@ class ClusterReport(Report):
                  f"{self.migration_answers} answers during them, "
                  f"{self.migration_unavailable} store-unavailable of which "
                  f"{self.migration_slow} a node's timeout, longest MIGRATE "
-                 f"{self.migrate_max_ms:.0f} ms), redirects "
+                 f"{self.migrate_max_ms:.0f} ms, longest split "
+                 f"{self.migration_window_max_ms:.0f} ms), redirects "
                  f"{dict(self.redirects)}, escrow refills {self.refills} returns "
                  f"{self.returns}")
         if self.failover_s:
@@ -374,6 +376,34 @@ class ClusterSimulation(Simulation):
         else:
             await self.op_void()
 
+    async def op_closeout(self) -> None:
+        if not (self._phase == "failover" and self._lossy):
+            await super().op_closeout()
+            return
+        # A failover that may have lost writes is under way: a permit or settlement
+        # the dead master took with it shows up here first (UNKNOWN_PERMIT, or a
+        # settled permit settling again). Counted as lost; anything else as usual.
+        rep = self.report
+        assert isinstance(rep, ClusterReport)
+        if not self.permits:
+            return
+        p = self.rng.choice(list(self.permits.values()))
+        res = await self.rng.choice(self.engines).closeout(p.pid, self._usage(p), "SUCCEEDED",
+                                                            None)
+        if res.status == "UNKNOWN_PERMIT" and not p.degraded:
+            rep.lost_permits += 1
+            rep.lost_settlements += p.state in ("settled", "voided")
+            self.lost[p.pid] = self.permits.pop(p.pid)
+        elif res.status in ("SETTLED", "SETTLED_AFTER_EXPIRY", "SETTLED_AFTER_VOID",
+                            "ALREADY_SETTLED"):
+            if p.state == "settled" and res.status != "ALREADY_SETTLED":
+                rep.lost_settlements += 1
+            elif p.state == "settled" and res.actual_cost_micros != p.actual:
+                raise InvariantViolation(f"closeout retry of {p.pid}: {res}")
+            p.state, p.actual = "settled", res.actual_cost_micros
+        elif res.status not in ("CLOSEOUT_STORE_UNAVAILABLE", "CLOSEOUT_PERMIT_PENDING"):
+            raise InvariantViolation(f"closeout of {p.pid}: {res.status}")
+
     async def migrate(self) -> None:
         """Move the slot of a tenant's shard to another master while the walk goes on,
         as docs/redis-cluster.md advises: SETSLOT MIGRATING, the slot's keys in one
@@ -388,6 +418,7 @@ class ClusterSimulation(Simulation):
         target = self.rng.choice([m for m in self.cluster.masters() if m != source])
         src, dst = self.cluster.node_id(source), self.cluster.node_id(target)
         pauses = [self.rng.uniform(0.002, 0.02) for _ in range(2)]
+        window = [0.0, 0.0]  # from SETSLOT MIGRATING to the last SETSLOT NODE
         done = asyncio.Event()
 
         async def move() -> None:
@@ -398,6 +429,7 @@ class ClusterSimulation(Simulation):
             try:
                 await cmd(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src)
                 await cmd(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst)
+                window[0] = time.monotonic()
                 await asyncio.sleep(pauses[0])
                 while True:
                     keys = await cmd(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
@@ -413,6 +445,7 @@ class ClusterSimulation(Simulation):
                 for port in (target, source,
                              *(m for m in self.cluster.masters() if m not in (source, target))):
                     await cmd(port, "CLUSTER", "SETSLOT", slot, "NODE", dst)
+                window[1] = time.monotonic()
             finally:
                 done.set()
 
@@ -441,10 +474,15 @@ class ClusterSimulation(Simulation):
             await mover
         rep.migrations += 1
         # A node that does not answer within the store timeout (MIGRATE blocks the
-        # source while it copies; a loaded machine) is counted. Anything else that
-        # made an answer fail while the slot moved (a redirect not followed, a
-        # TRYAGAIN past the deadline, a cross-slot refusal) breaks the walk.
-        slow = [w for w in self._why if "did not answer within" in w]
+        # source while it copies; a loaded machine), or a TRYAGAIN past the deadline
+        # while the slot stayed split for longer than a call may wait, is counted.
+        # Anything else that made an answer fail while the slot moved (a redirect
+        # not followed, TRYAGAIN past the deadline of a short move, a cross-slot
+        # refusal) breaks the walk.
+        split_s = window[1] - window[0]
+        rep.migration_window_max_ms = max(rep.migration_window_max_ms, split_s * 1000)
+        slow = [w for w in self._why if "did not answer within" in w or (
+            "TRYAGAIN" in w and split_s >= STORE_TIMEOUT_S)]
         rep.migration_slow += len(slow)
         other = [w for w in self._why if w not in slow]
         self._why.clear()
@@ -762,6 +800,8 @@ def cluster_summary(reports: list[ClusterReport]) -> dict[str, Any]:
         "migration_unavailable": sum(r.migration_unavailable for r in reports),
         "migration_slow": sum(r.migration_slow for r in reports),
         "migrate_max_ms": round(max((r.migrate_max_ms for r in reports), default=0), 1),
+        "migration_window_max_ms": round(max((r.migration_window_max_ms for r in reports),
+                                             default=0), 1),
         "failovers": sum(1 for r in reports if r.failover_s),
         "lost_permits": sum(r.lost_permits for r in reports),
         "lost_settlements": sum(r.lost_settlements for r in reports),
