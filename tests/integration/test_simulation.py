@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.integration.cluster_fixture import RedisCluster, redis_cluster
@@ -22,7 +24,17 @@ REGRESSION_SEEDS: list[tuple[int, int]] = [(105, 800)]
 # master and restarts it as a replica (about 10 s each): they come last.
 CLUSTER_SEEDS = [(11, 200, False, 0), (12, 200, False, 0), (13, 200, True, 1),
                  (14, 200, True, 0)]
-CLUSTER_REGRESSION_SEEDS: list[tuple[int, int, bool, int]] = []
+# 7021 (wait_replicas=1, no failover): a hold whose reply came after the store
+# timeout (the script ran, WAIT made it late) is answered fail-open with a degraded
+# permit and its abort is queued; a retry of the same request id on the other
+# sidecar, before the abort lands, replays the hold: two ALLOW answers with two
+# permits for one request. Open product issue (not fixed here); kept as a
+# non-strict xfail so the seed runs and is seen.
+CLUSTER_REGRESSION_SEEDS: list[Any] = [
+    pytest.param(7021, 400, False, 1, marks=pytest.mark.xfail(
+        reason="a retry on another sidecar replays a hold whose first answer was "
+               "degraded, before its abort lands", strict=False)),
+]
 
 
 @pytest.mark.parametrize(("seed", "steps"), CI_SEEDS + REGRESSION_SEEDS)
