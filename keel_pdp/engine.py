@@ -361,7 +361,10 @@ class Engine:
             return cached
         if cached is not None and self.relay:
             # Our own degraded permit: its record reaches the store with the outbox.
-            await self.relay.flush()
+            # After an outage the outbox may take seconds to replay: wait at most half
+            # this call's budget (the rest is for the look-up and the script); until
+            # its record is in, the permit answers PENDING and the caller retries.
+            await self.relay.flush_within(None if budget is None else budget / 2)
         rec = await self.store.permit(permit_id, budget)
         if rec is not None:
             return CachedPermit(rec.keys, rec.meta, rec.state == "degraded",

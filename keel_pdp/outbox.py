@@ -10,6 +10,7 @@ directory (by an atomic rename) and replays it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -168,6 +169,19 @@ class OutboxRelay:
         """Start a flush in the background unless one is running."""
         if self._box and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush_within(self, timeout_s: float | None) -> None:
+        """Replay what waits (as ``flush``), waiting at most ``timeout_s`` (None: until
+        done). A replay that takes longer goes on in the background: after an outage
+        the outbox may hold more than one caller's deadline can wait for."""
+        if timeout_s is None:
+            await self.flush()
+            return
+        self.kick()
+        task = self._task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), max(timeout_s, 0.0))
 
     async def flush(self) -> int:
         """Replay what waits, in order, until the store fails; returns how many."""
