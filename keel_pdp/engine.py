@@ -100,11 +100,8 @@ class Engine:
         self._permits = PermitCache(permit_cache_size)
         self.relay = OutboxRelay(store, metrics, outbox_size, outbox_dir)
         self._hold_latency = metrics.store_latency.labels("authorize")
-        self.escrow = Escrow(store)
-        # Leases unchanged for this long are given back by the sweeper.
-        self.lease_idle_s = lease_idle_s
-        self._next_lease_check = 0
-        self._lease_seen: dict[str, tuple[int, int, int]] = {}
+        # Leases unchanged for lease_idle_s are given back by the sweeper.
+        self.escrow = Escrow(store, lease_idle_s)
         self._background: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- helpers
@@ -148,7 +145,8 @@ class Engine:
             tuple(
                 HoldCandidate(req.estimated_input_tokens * c.rate.input, c.rate.output,
                               c.output_tokens, c.may_constrain, meta, c.target_idx)
-                for c, meta in zip(p.candidates, metas, strict=True)))
+                for c, meta in zip(p.candidates, metas, strict=True)),
+            refill=mat.leased)
         return hold, mat, metas
 
     async def authorize(self, req: AuthorizeInput, deadline_s: float | None = None) -> Outcome:
@@ -173,7 +171,6 @@ class Engine:
             return self._count(out)
         t0 = time.perf_counter()
         try:
-            hold.refill = any(mat.parents)
             res = await self.store.hold(hold, budget)
             exhausted = False
             if res.outcome == "lease":
@@ -237,9 +234,8 @@ class Engine:
         return self._count(out)
 
     def _new_id(self, tenant: str, now_ms: int) -> str:
+        """A permit id in the tenant's key shard."""
         keys = self.store.keys
-        if keys.shards == 1:
-            return self.ids.new(now_ms)
         return self.ids.new(now_ms, keys.tenant_shard(tenant), keys.shards)
 
     async def _refill(self, hold: HoldRequest, mat: Material, need: tuple[tuple[int, int], ...],
@@ -273,8 +269,7 @@ class Engine:
         """A lease refused a request: give its unused part back to the shared
         budget, after the answer, so the last slices gather where they are asked."""
         parent = mat.parents[i]
-        if parent is None:
-            return
+        assert parent is not None  # the caller checked: window i is a lease
         lease_key = mat.window_keys[i]
 
         async def give() -> None:
@@ -519,20 +514,11 @@ class Engine:
             self._permits.forget(pid)
         if released:
             self.metrics.holds_expired.inc(len(released))
-        if self.store.keys.escrow and now >= self._next_lease_check:
-            self._next_lease_check = now + int(self.lease_idle_s * 1000)
-            await self.return_idle_leases(now)
+        if self.store.keys.escrow:
+            returned = await self.escrow.return_idle(now)
+            if returned:
+                self.metrics.escrow_returns_micros.inc(returned)
         return len(released)
-
-    async def return_idle_leases(self, now_ms: int) -> int:
-        """Give back the unused part of every lease that has not moved since the
-        last look (escrow); returns the micro-USD given back."""
-        total = 0
-        for shard in range(self.store.keys.shards):
-            total += await self.escrow.return_idle(shard, self._lease_seen, now_ms)
-        if total:
-            self.metrics.escrow_returns_micros.inc(total)
-        return total
 
     async def run_background(self, interval_s: float = 1.0) -> None:
         """Every ``interval_s``: sweep expired holds, replay the outbox."""

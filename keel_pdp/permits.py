@@ -18,6 +18,8 @@ import os
 import time
 from collections.abc import Callable
 
+from keel_pdp.budget.keys import with_shard
+
 _PLAIN_NIBBLE = "0123456701234567"
 _DEGRADED_NIBBLE = "89abcdef89abcdef"
 
@@ -51,12 +53,7 @@ class PermitIds:
         ``shards``, the rest of them random), so the store finds the permit's keys
         from its id alone."""
         ms = self._clock() if now_ms is None else now_ms
-        rnd = self._hex()
-        if shards > 1:
-            tail = int(rnd[13:], 16)
-            span = (1023 - shard) // shards + 1
-            low = shard + shards * ((tail & 1023) % span)
-            rnd = f"{rnd[:13]}{(tail & 0xC00) | low:03x}"
+        rnd = with_shard(self._hex(), shard, shards)
         return f"pmt_{ms:012x}{_PLAIN_NIBBLE[int(rnd[0], 16)]}{rnd[1:]}"
 
 

@@ -106,3 +106,19 @@ def wait_ready(port: int) -> None:
     """Until the sidecar on 127.0.0.1:``port`` answers SERVING."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         wait_serving(channel)
+
+
+def stop_processes(procs: list[Any]) -> None:
+    """SIGTERM every process still running, then wait for each (kill after 20 s)."""
+    import signal
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate(timeout=5)

@@ -85,8 +85,12 @@ def new_transfer_id() -> str:
 class Escrow:
     """The transfers between a shared budget and its leases (see the module docstring)."""
 
-    def __init__(self, store: BudgetStore) -> None:
+    def __init__(self, store: BudgetStore, idle_s: float = 10.0) -> None:
         self.store = store
+        # Leases whose figures did not move for this long are given back.
+        self.idle_s = idle_s
+        self._next_idle_look = 0
+        self._seen: dict[str, tuple[int, int, int]] = {}  # lease key -> its last figures
         self.keys: KeySpace = store.keys
         self.refills = 0
         self.returns = 0
@@ -163,22 +167,26 @@ class Escrow:
             self.returns += 1
         return amount
 
-    async def return_idle(self, shard: int, seen: dict[str, tuple[int, int, int]],
-                          now_ms: int) -> int:
-        """Give back the unused part of every lease of ``shard`` that has not moved
-        since the last call (``seen`` carries the figures from one call to the
-        next); forget leases that have expired. Returns the amount given back."""
+    async def return_idle(self, now_ms: int) -> int:
+        """At most every ``idle_s``: give back the unused part of every lease (of every
+        shard) whose figures did not move since the last look; forget leases that
+        have expired. Returns the amount given back."""
+        if now_ms < self._next_idle_look:
+            return 0
+        self._next_idle_look = now_ms + int(self.idle_s * 1000)
         total = 0
-        for lease_key, parent_key in (await self.store.lease_index(shard)).items():
-            figures = await self.store.lease_figures(lease_key)
-            if figures is None:
-                seen.pop(lease_key, None)
-                await self.store.forget_lease(shard, lease_key)
-                continue
-            leased, settled, held = figures
-            if seen.get(lease_key) == figures and leased > settled + held:
-                total += await self.give_back(lease_key, parent_key, now_ms, 2.0)
-                seen.pop(lease_key, None)
-            else:
-                seen[lease_key] = figures
+        seen = self._seen
+        for shard in range(self.keys.shards):
+            for lease_key, parent_key in (await self.store.lease_index(shard)).items():
+                figures = await self.store.lease_figures(lease_key)
+                if figures is None:
+                    seen.pop(lease_key, None)
+                    await self.store.forget_lease(shard, lease_key)
+                    continue
+                leased, settled, held = figures
+                if seen.get(lease_key) == figures and leased > settled + held:
+                    total += await self.give_back(lease_key, parent_key, now_ms, 2.0)
+                    seen.pop(lease_key, None)
+                else:
+                    seen[lease_key] = figures
         return total

@@ -81,6 +81,18 @@ def tenant_shard(tenant: str, shards: int) -> int:
     return zlib.crc32(tenant.encode("utf-8", "surrogatepass")) % shards
 
 
+def with_shard(hex_id: str, shard: int, shards: int) -> str:
+    """``hex_id`` (ending in at least 3 hex digits) with its last 10 bits naming
+    ``shard``: ``shard + shards x k``, k taken from those bits, so the rest stays as
+    random as it was. Unchanged with one shard. Read back by ``permit_shard``."""
+    if shards == 1:
+        return hex_id
+    tail = int(hex_id[-3:], 16)
+    span = (MAX_SHARDS - 1 - shard) // shards + 1
+    low = shard + shards * ((tail & (MAX_SHARDS - 1)) % span)
+    return f"{hex_id[:-3]}{(tail & ~(MAX_SHARDS - 1) & 0xFFF) | low:03x}"
+
+
 def permit_shard(permit_id: str, shards: int) -> int:
     """The shard a permit id was issued in (its last 10 bits, modulo ``shards``)."""
     if shards == 1:
@@ -126,6 +138,11 @@ class KeySpace:
         self.base = self.bases[0]
         self.stream = self.streams[0]
         self.expiries = self.expiry_sets[0]
+
+    def layout_to_record(self, single_shard_stream_exists: bool) -> str:
+        """What to record as the layout when none is: a store written before the
+        layout was recorded has one shard, which its one-shard stream gives away."""
+        return "1" if single_shard_stream_exists else str(self.shards)
 
     def layout_problem(self, recorded: bytes | str | None) -> str | None:
         """Why this key space must not run on a Redis whose layout key holds

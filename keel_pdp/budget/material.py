@@ -34,6 +34,7 @@ class Material:
     meta_heads: tuple[str, ...]  # per candidate: the permit metadata up to its stamp
     # per window: the shared budget it leases from (escrow), None for its own window
     parents: tuple[Parent | None, ...] = ()
+    leased: bool = False  # any window is a lease (a hold may answer "lease")
 
 
 def meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
@@ -139,4 +140,4 @@ class Materials:
                 permit_retention_s=settings.permit_retention_seconds,
                 min_output_tokens=settings.min_output_tokens),
             tuple(meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices),
-            tuple(parents))
+            tuple(parents), any(parents))

@@ -435,10 +435,9 @@ class BudgetStore:
         ks = self.keys
         recorded = await self._command("GET", ks.layout, timeout_s=2.0)
         if recorded is None:
-            # Written before the layout was recorded: a one-shard stream gives it away.
             single = await self._command("EXISTS", ks.single_shard_stream, timeout_s=2.0)
-            recorded = "1" if single else str(ks.shards)
-            await self._command("SET", ks.layout, recorded, "NX", timeout_s=2.0)
+            await self._command("SET", ks.layout, ks.layout_to_record(bool(single)), "NX",
+                                timeout_s=2.0)
             recorded = await self._command("GET", ks.layout, timeout_s=2.0)
         return ks.layout_problem(recorded)
 

@@ -174,11 +174,10 @@ class LedgerWriter:
         if self.cur.group_ready:
             return
         if not self._layout_checked:
-            if self.client.get(self.keys.layout) is None:
-                # Written before the layout was recorded: a one-shard stream says so.
-                single = self.client.exists(self.keys.single_shard_stream)
-                self.client.set(self.keys.layout, "1" if single else str(self.keys.shards),
-                                nx=True)
+            ks = self.keys
+            if self.client.get(ks.layout) is None:
+                single = bool(self.client.exists(ks.single_shard_stream))
+                self.client.set(ks.layout, ks.layout_to_record(single), nx=True)
             problem = self.keys.layout_problem(self.client.get(self.keys.layout))
             if problem is not None:
                 raise LayoutMismatch(problem)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from keel_pdp import events, grants
-from keel_pdp.budget.keys import PERMIT_ID_RE, permit_shard
+from keel_pdp.budget.keys import PERMIT_ID_RE, permit_shard, with_shard
 from keel_pdp.budget.resp import RespError
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 from keel_pdp.decision import DIMENSION_NAMES, InvalidRequest
@@ -114,12 +114,7 @@ def exception_id(denial_permit_id: str, budget_id: str, split: Sequence[str],
     sharded key space its last 10 bits name the shard of the budget's grants (as a
     permit id's do), where the request is kept."""
     raw = "\0".join((denial_permit_id, budget_id, *split)).encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(raw).hexdigest()[:24]
-    if shards > 1:
-        tail = int(digest[21:], 16)
-        low = shard + shards * ((tail & 1023) % ((1023 - shard) // shards + 1))
-        digest = f"{digest[:21]}{(tail & 0xC00) | low:03x}"
-    return "exc_" + digest
+    return "exc_" + with_shard(hashlib.sha256(raw).hexdigest()[:24], shard, shards)
 
 
 def grant_id_of(exc_id: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.keys import KeySpace, tenant_shard
 from keel_pdp.budget.store import DEFAULT_CLUSTER_SHARDS
 from tests.conftest import free_port
-from tests.helpers import PRICES, budget, wait_serving, write_bundle
+from tests.helpers import PRICES, budget, stop_processes, wait_serving, write_bundle
 from tests.integration.cluster_fixture import RedisCluster, redis_cluster
 from tests.integration.test_redis_cluster import reference_slot
 
@@ -100,15 +99,7 @@ def two_sidecars(redis_cluster: RedisCluster, tmp_path: pathlib.Path) -> Iterato
     try:
         yield ports
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate(timeout=5)
+        stop_processes(procs)
 
 
 def test_two_sidecars_admit_exactly_n_from_a_budget_shared_across_masters(

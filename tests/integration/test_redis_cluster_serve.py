@@ -47,7 +47,7 @@ from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.settings import SERVE
 from tests.conftest import free_port
-from tests.helpers import budget, wait_serving, write_bundle
+from tests.helpers import budget, stop_processes, wait_serving, write_bundle
 from tests.integration.cluster_fixture import RedisCluster, redis_cluster
 
 __all__ = ["redis_cluster"]
@@ -85,15 +85,7 @@ def serving(redis_cluster: RedisCluster, tmp_path: pathlib.Path
     try:
         yield port, mport, ledger, procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate(timeout=5)
+        stop_processes(procs)
 
 
 def _stream_on_owner(cluster: RedisCluster, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
