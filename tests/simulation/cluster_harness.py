@@ -755,23 +755,8 @@ class ClusterSimulation(Simulation):
                 x = self.rng.random()
                 if step == failover_at:
                     await self.fault("failover")
-                elif x < 0.06:
-                    await self.fault(self.rng.choice(CLUSTER_FAULTS))
-                elif x < 0.45:
-                    self.report.ops["authorize"] += 1
-                    await self.op_authorize(retry=False)
-                elif x < 0.55:
-                    self.report.ops["authorize_retry"] += 1
-                    await self.op_authorize(retry=True)
-                elif x < 0.85:
-                    self.report.ops["closeout"] += 1
-                    await self.op_closeout()
-                elif x < 0.93:
-                    self.report.ops["void"] += 1
-                    await self.op_void()
                 else:
-                    self.report.ops["sweep"] += 1
-                    await self.op_sweep()
+                    await self.walk(x, CLUSTER_FAULTS)
                 if step % 7 == 0:
                     self._drain_writer(3)
                 self.check_budgets()

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,23 +348,7 @@ class Simulation:
             for step in range(self.steps):
                 self.report.steps = step + 1
                 x = self.rng.random()
-                if x < 0.06:
-                    await self.fault(self.rng.choice(FAULTS))
-                elif x < 0.45:
-                    self.report.ops["authorize"] += 1
-                    await self.op_authorize(retry=False)
-                elif x < 0.55:
-                    self.report.ops["authorize_retry"] += 1
-                    await self.op_authorize(retry=True)
-                elif x < 0.85:
-                    self.report.ops["closeout"] += 1
-                    await self.op_closeout()
-                elif x < 0.93:
-                    self.report.ops["void"] += 1
-                    await self.op_void()
-                else:
-                    self.report.ops["sweep"] += 1
-                    await self.op_sweep()
+                await self.walk(x, FAULTS)
                 if step % 7 == 0:
                     self._drain_writer(3)
                 self.check_budgets()
@@ -373,6 +358,27 @@ class Simulation:
             for eng in self.engines:
                 await eng.store.close()
             self.redis.stop()
+
+    async def walk(self, x: float, faults: Sequence[str]) -> None:
+        """One step of the walk for the random draw ``x``: a fault from ``faults``
+        (6 %), an Authorize, a retried one, a Closeout, a Void or a sweep."""
+        if x < 0.06:
+            await self.fault(self.rng.choice(faults))
+        elif x < 0.45:
+            self.report.ops["authorize"] += 1
+            await self.op_authorize(retry=False)
+        elif x < 0.55:
+            self.report.ops["authorize_retry"] += 1
+            await self.op_authorize(retry=True)
+        elif x < 0.85:
+            self.report.ops["closeout"] += 1
+            await self.op_closeout()
+        elif x < 0.93:
+            self.report.ops["void"] += 1
+            await self.op_void()
+        else:
+            self.report.ops["sweep"] += 1
+            await self.op_sweep()
 
     async def finish(self) -> None:
         await asyncio.sleep(0.15)  # any pause is over
