@@ -346,7 +346,11 @@ def test_live_prometheus_reads_back_the_keel_series(live: Live) -> None:
                 live.wait("first degraded decision scraped", lambda: live.query(
                     'keel_pdp_decisions_total{pod="no-redis",reason="STORE_UNAVAILABLE"}'))
 
-    # A bad bundle: rejected, the last good one keeps serving.
+    # A bad bundle: rejected, the last good one keeps serving. increase() sees the rejection
+    # only if Prometheus scraped the healthy sidecar's count at 0 before it: each target is
+    # scraped at its own offset in the interval, so wait for that sample first.
+    live.wait("rejected count scraped at 0", lambda: live.query(
+        'keel_pdp_policy_loads_total{pod="healthy",result="rejected"} == 0'))
     (live.good_policies / "budgets.yaml").write_text("apiVersion: keel.pdp/v1\nkind: Budgets\n")
     live.procs["sidecar"].send_signal(signal.SIGHUP)
 
