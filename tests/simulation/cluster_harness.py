@@ -700,6 +700,7 @@ class ClusterSimulation(Simulation):
                     releases[pid] += 1
                 if etype == "settlement":
                     settled_total += int(res["act"])
+                self.check_not_aborted_after_handout(etype, pid, f)
             if r.exists(stream + ":dead"):
                 dead += r.xlen(stream + ":dead")
         for pid in held:

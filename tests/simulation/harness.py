@@ -119,6 +119,9 @@ class Simulation:
         self.keys = KeySpace(PREFIX)
         self.permits: dict[str, Permit] = {}
         self.requests: dict[str, tuple[AuthorizeInput, str]] = {}
+        # Held permits a retry received after the first answer was degraded: the
+        # hold that first attempt's lost reply made. Never released by its abort.
+        self.handed_by_replay: set[str] = set()
         self.v1, self.v2 = bundles(workdir / "bundles")
         self.bundle = self.v1
         self.engines: list[Engine] = []
@@ -203,7 +206,13 @@ class Simulation:
                 self.requests.setdefault(req.request_id, (req, out.permit_id))
             return
         if first_pid and out.replayed and out.permit_id != first_pid:
-            raise InvariantViolation(f"retry of {req.request_id} got a second permit")
+            if before is None or not before.degraded:
+                raise InvariantViolation(f"retry of {req.request_id} got a second permit")
+            # The first answer was degraded (it held nothing) because the hold's reply
+            # came too late: the retry received that hold. The caller now has two
+            # ALLOWs as after any degraded answer, both metered; the hold stays held.
+            self.handed_by_replay.add(out.permit_id)
+            self.report.replays["held after degraded"] += 1
         if out.permit_id not in self.permits:
             self.permits[out.permit_id] = Permit(out.permit_id, req.tenant,
                                                  out.estimated_cost_micros,
@@ -421,6 +430,13 @@ class Simulation:
             r.close()
         self.report.checks += 1
 
+    def check_not_aborted_after_handout(self, etype: str, pid: str,
+                                        fields: dict[bytes, bytes]) -> None:
+        """A hold that a replay handed out is the caller's: no abort may release it."""
+        if etype == "void" and pid in self.handed_by_replay and \
+                str(json.loads(fields[b"data"]).get("reason", "")).startswith("aborted"):
+            raise InvariantViolation(f"{pid} was handed out by a replay, then aborted")
+
     def check_terminal_and_ledger(self) -> None:
         r = self._sync()
         try:
@@ -458,6 +474,7 @@ class Simulation:
                     releases[pid] += 1
                 if etype == "settlement":
                     settled_total += int(res["act"])
+                self.check_not_aborted_after_handout(etype, pid, f)
             for pid in held:
                 if releases[pid] != 1:
                     raise InvariantViolation(f"hold {pid} ended {releases[pid]} times")

@@ -9,7 +9,12 @@
 --   * it ran and held: the hold is released at once (state "voided", a void
 --     event whose reason says why), and the request_id's idempotency record is
 --     dropped so a retry is decided afresh instead of replaying an answer the
---     caller never had.
+--     caller never had;
+--   * it ran and held, and a retry of the request (on any sidecar) was answered
+--     with this permit before the abort came: the caller has it now, so it stays
+--     held, to be settled, voided or expired like any other ({"st":"NOOP",
+--     "state":"held","replayed":true}). Releasing it would leave a caller with a
+--     permit whose hold is gone: its provider call would run unreserved.
 -- A permit that already ended (a replay delivered it and it was settled or
 -- voided) is left as it is.
 --
@@ -22,7 +27,8 @@
 -- ARGV[1] permit_id   ARGV[2] now_ms   ARGV[3] event data (JSON)
 -- ARGV[4] tombstone retention (s)
 --
--- Returns JSON: {"st":"TOMBSTONE"} | {"st":"RELEASED","amt":..} | {"st":"NOOP","state":..}
+-- Returns JSON: {"st":"TOMBSTONE"} | {"st":"RELEASED","amt":..} |
+--   {"st":"NOOP","state":..[,"replayed":true]}
 
 local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'wx')
 local state = p[1]
@@ -33,6 +39,10 @@ if not state then
 end
 if state ~= 'held' then
   return cjson.encode({st = 'NOOP', state = state})
+end
+local idem = redis.call('HMGET', KEYS[4], 'pid', 'rp')
+if idem[1] == ARGV[1] and idem[2] then
+  return '{"st":"NOOP","state":"held","replayed":true}'
 end
 local allowed = {}
 for i = 5, #KEYS do allowed[KEYS[i]] = true end
@@ -55,7 +65,7 @@ for key in string.gmatch(p[3] or '', '[^\n]+') do
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'voided', 'released_at', ARGV[2], 'aborted', '1')
-if redis.call('HGET', KEYS[4], 'pid') == ARGV[1] then
+if idem[1] == ARGV[1] then
   redis.call('DEL', KEYS[4])
 end
 local res = cjson.encode({st = 'RELEASED', amt = amount, state = 'voided'})

@@ -11,8 +11,8 @@
 -- is held with the largest max_output_tokens that fits; failing that, DENY.
 -- Active exception grants raise a budget's limit while they last.
 --
--- KEYS[1]          idempotency hash (fp, res, pid, exp; st once the permit ended) of
---                  (tenant, request_id); holds only
+-- KEYS[1]          idempotency hash (fp, res, pid, exp; st once the permit ended; rp once
+--                  a replay handed the permit out) of (tenant, request_id); holds only
 -- KEYS[2]          permit hash (state, amount, keys, wx, meta, k, ik = KEYS[1], ...)
 -- KEYS[3]          expiry zset: permit_id scored by expires_at_ms
 -- KEYS[4]          decision stream
@@ -87,7 +87,7 @@ local now_ms = tonumber(now_text)
 local expires_text = ARGV[S + 7]
 local expires_at = tonumber(expires_text)
 
-local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp')
+local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp', 'rp')
 if idem[1] then
   if idem[1] ~= fingerprint then
     return '{"r":"reused"}'
@@ -99,6 +99,9 @@ if idem[1] then
   if ended then
     return cjson.encode({r = 'ended', pid = idem[3], st = ended})
   end
+  -- The held permit is handed out now, whatever became of the first answer: an
+  -- abort from the sidecar that lost that answer must leave it held (abort.lua).
+  if not idem[6] then call('HSET', KEYS[1], 'rp', '1') end
   return '{"r":"replay","res":' .. idem[2] .. '}'
 end
 -- The permit id is new for every decision; a record under it can only be the
