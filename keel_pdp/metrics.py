@@ -102,8 +102,9 @@ class Metrics:
         self.holds_aborted = Counter(
             "keel_pdp_holds_aborted_total",
             "Authorize calls whose answer was not the store's (store timeout or error): "
-            "the hold they may have made is undone, by result "
-            "(released, tombstone, ended, pending).", ["result"], registry=r)
+            "the hold they may have made is undone, by result: released, tombstone (the "
+            "script had not run), noop (the permit had ended, or a replay had handed it "
+            "out: it stays the caller's).", ["result"], registry=r)
         self.idle_streams_closed = Counter(
             "keel_pdp_idle_streams_closed_total",
             "Calls ended because their request message never came, by reason "
