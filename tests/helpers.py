@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import pathlib
 import time
 from typing import Any
@@ -122,3 +123,16 @@ def stop_processes(procs: list[Any]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.communicate(timeout=5)
+
+
+def reference_slot(key: str | bytes) -> int:
+    """Redis Cluster's key slot, written from the specification with the standard
+    library's CRC-CCITT (XMODEM): an independent second opinion on
+    ``keel_pdp.budget.cluster.key_slot``. A str key is taken as UTF-8."""
+    raw = key.encode() if isinstance(key, str) else key
+    s = raw.find(b"{")
+    if s != -1:
+        e = raw.find(b"}", s + 1)
+        if e != -1 and e != s + 1:
+            raw = raw[s + 1:e]
+    return binascii.crc_hqx(raw, 0) % 16384

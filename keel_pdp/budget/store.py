@@ -65,8 +65,13 @@ def _lua(name: str) -> str:
     return resources.files("keel_pdp.budget").joinpath("lua", name).read_text()
 
 
+def _text(raw: Any) -> str:
+    """A reply's bytes (RESP, redis-py) or str (decoded clients) as str."""
+    return raw.decode() if isinstance(raw, bytes | bytearray) else str(raw)
+
+
 def _decode(raw: Any) -> dict[str, Any]:
-    text = raw.decode() if isinstance(raw, bytes | bytearray) else str(raw)
+    text = _text(raw)
     value = json.loads(text)
     if not isinstance(value, dict):
         raise StoreUnavailable(f"unexpected script answer {text[:80]!r}")
@@ -101,8 +106,7 @@ def _connected_replicas(raw: Any) -> int | None:
     """``connected_slaves`` of an INFO replication reply (redis-py parses INFO)."""
     if isinstance(raw, dict):
         return int(raw.get("connected_slaves", 0))
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    for line in text.splitlines():
+    for line in _text(raw).splitlines():
         if line.startswith("connected_slaves:"):
             return int(line.partition(":")[2])
     return None
@@ -298,13 +302,20 @@ class BudgetStore:
                     overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
                     ) -> tuple[list[str], list[Arg]]:
         """The closeout script's KEYS and ARGV (see closeout.lua)."""
-        ks = self.keys
-        pkey = ks.permit(permit_id)
-        keys = [pkey, ks.stream_of(permit_id), ks.expiries_of(permit_id),
-                idempotency_key or pkey, *window_keys]
+        keys = self._permit_keys(permit_id, idempotency_key, window_keys)
         args: list[Arg] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
                            1 if input_over else 0, overrun_factor, overrun_slack_micros]
         return keys, args
+
+    def _permit_keys(self, permit_id: str, idempotency_key: str,
+                     window_keys: Sequence[str]) -> list[str]:
+        """KEYS of the scripts that end a permit (closeout, release, abort): the permit,
+        its shard's stream and expiry set, its request's idempotency record (the
+        permit's own key when it has none), then its windows."""
+        ks = self.keys
+        pkey = ks.permit(permit_id)
+        return [pkey, ks.stream_of(permit_id), ks.expiries_of(permit_id),
+                idempotency_key or pkey, *window_keys]
 
     @property
     def script_sources(self) -> dict[str, str]:
@@ -315,10 +326,7 @@ class BudgetStore:
                       target: str, event_data: str,
                       timeout_s: float | None = None, *,
                       idempotency_key: str = "") -> ReleaseReply:
-        ks = self.keys
-        pkey = ks.permit(permit_id)
-        keys = [pkey, ks.stream_of(permit_id), ks.expiries_of(permit_id),
-                idempotency_key or pkey, *window_keys]
+        keys = self._permit_keys(permit_id, idempotency_key, window_keys)
         args: list[str | int] = [permit_id, now_ms, target, event_data]
         return release_reply(await self._script(self._release, keys, args, timeout_s))
 
@@ -326,9 +334,7 @@ class BudgetStore:
                     now_ms: int, event_data: str, timeout_s: float,
                     tombstone_retention_s: int = 86400) -> ReleaseReply:
         """Undo an authorize whose reply was lost (see abort.lua); idempotent."""
-        ks = self.keys
-        keys = [ks.permit(permit_id), ks.stream_of(permit_id), ks.expiries_of(permit_id),
-                idempotency_key, *window_keys]
+        keys = self._permit_keys(permit_id, idempotency_key, window_keys)
         args: list[str | int] = [permit_id, now_ms, event_data, tombstone_retention_s]
         return release_reply(await self._script(self._abort, keys, args, timeout_s))
 
@@ -348,8 +354,7 @@ class BudgetStore:
             args.extend(("degraded", degraded.retention_s, degraded.meta,
                          degraded.estimate_micros, degraded.max_output_tokens,
                          degraded.expires_at_ms, ",".join(str(w) for w in degraded.wexp)))
-        out = await self._script(self._record, keys, args, timeout_s)
-        return out.decode() if isinstance(out, bytes) else str(out)
+        return _text(await self._script(self._record, keys, args, timeout_s))
 
     async def grant(self, grant_key: str, grant_id: str, amount_micros: int, expires_at_ms: int,
                     now_ms: int, event_data: str) -> dict[str, Any]:
@@ -371,8 +376,7 @@ class BudgetStore:
         at least that much is available."""
         args: list[str | int] = [step, transfer_id, amount, limit, expire_at_s, now_ms,
                                  event_data, other_key, least]
-        out = await self._script(self._escrow, keys, args, timeout_s)
-        text = out.decode() if isinstance(out, bytes) else str(out)
+        text = _text(await self._script(self._escrow, keys, args, timeout_s))
         if not text.isdigit():
             raise StoreUnavailable(f"escrow {step} answered {text[:40]!r}")
         return int(text)
@@ -385,8 +389,7 @@ class BudgetStore:
             pairs = list(raw.items())
         else:
             pairs = list(zip(raw[::2], raw[1::2], strict=True))
-        return {(k.decode() if isinstance(k, bytes) else str(k)):
-                (v.decode() if isinstance(v, bytes) else str(v)) for k, v in pairs}
+        return {_text(k): _text(v) for k, v in pairs}
 
     async def lease_figures(self, key: str) -> tuple[int, int, int] | None:
         """A lease's (leased, settled, held); None once it has expired."""
@@ -413,7 +416,7 @@ class BudgetStore:
     async def due_expiries(self, now_ms: int, limit: int = 200, shard: int = 0) -> list[str]:
         raw = await self._command("ZRANGEBYSCORE", self.keys.expiry_sets[shard], "-inf", now_ms,
                                   "LIMIT", 0, limit, timeout_s=max(self.timeout_s, 1.0))
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+        return [_text(r) for r in raw]
 
     async def window(self, key: str) -> tuple[int, int]:
         raw = await self._command("HMGET", key, "s", "h", timeout_s=max(self.timeout_s, 1.0))

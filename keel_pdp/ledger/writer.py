@@ -132,7 +132,6 @@ class LedgerWriter:
         self.consumer = config.consumer_name
         self.stopping = threading.Event()
         self._next_stats = 0.0
-        self.cur.group_ready = False
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
         self.stored_total = 0
         self.dead_total = 0
@@ -178,7 +177,7 @@ class LedgerWriter:
             if self.client.get(ks.layout) is None:
                 single = bool(self.client.exists(ks.single_shard_stream))
                 self.client.set(ks.layout, ks.layout_to_record(single), nx=True)
-            problem = self.keys.layout_problem(self.client.get(self.keys.layout))
+            problem = ks.layout_problem(self.client.get(ks.layout))
             if problem is not None:
                 raise LayoutMismatch(problem)
             self._layout_checked = True

@@ -32,9 +32,15 @@ from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.budget.keys import KeySpace, tenant_shard
 from keel_pdp.budget.store import DEFAULT_CLUSTER_SHARDS
 from tests.conftest import free_port
-from tests.helpers import PRICES, budget, stop_processes, wait_serving, write_bundle
+from tests.helpers import (
+    PRICES,
+    budget,
+    reference_slot,
+    stop_processes,
+    wait_serving,
+    write_bundle,
+)
 from tests.integration.cluster_fixture import RedisCluster, redis_cluster
-from tests.integration.test_redis_cluster import reference_slot
 
 __all__ = ["redis_cluster"]
 

@@ -44,7 +44,7 @@ from keel_pdp.engine import Engine
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
-from tests.helpers import budget, write_bundle
+from tests.helpers import budget, reference_slot, write_bundle
 from tests.integration.cluster_fixture import RedisCluster, redis_cluster
 from tests.integration.conftest import ledger_bundle, stream_totals, traffic
 
@@ -59,17 +59,6 @@ for i, k in ipairs(KEYS) do redis.call('INCRBY', k, ARGV[1]) end
 return #KEYS
 """
 STORE_FAILURES = (TimeoutError, RespError, OSError)  # what BudgetStore maps to StoreUnavailable
-
-
-def reference_slot(key: bytes) -> int:
-    """Redis Cluster's key slot, written from the specification with the standard
-    library's CRC-CCITT (XMODEM): an independent second opinion."""
-    s = key.find(b"{")
-    if s != -1:
-        e = key.find(b"}", s + 1)
-        if e != -1 and e != s + 1:
-            key = key[s + 1:e]
-    return binascii.crc_hqx(key, 0) % 16384
 
 
 def sample_keys(n: int, seed: int = 15) -> list[str]:

@@ -339,31 +339,12 @@ class ClusterSimulation(Simulation):
         elif kind == "script_flush":
             for port in masters:
                 self.cluster.admin(port).script_flush()
-        elif kind == "sidecar_kill":
-            i = self.rng.randrange(len(self.engines))
-            self.engines[i] = self._engine(i)  # the old one is simply gone
-        elif kind == "writer_kill":
-            self._new_writer()
-        elif kind == "busy":
-            port = self.rng.choice(masters)
-            blocker = redis.Redis(port=port, socket_timeout=5)
-            task = asyncio.get_running_loop().run_in_executor(
-                None, lambda: blocker.eval(BUSY_LUA, 0, 150))
-            await asyncio.sleep(0.02)
-            for _ in range(self.rng.randrange(1, 4)):
-                await self.op_authorize(retry=self.rng.random() < 0.3)
-            await task
-            blocker.close()
-        elif kind == "policy_reload":
-            self.bundle = self.v2 if self.bundle == self.v1 else self.v1
-            snap = load_bundle(self.bundle)
-            for eng in self.engines:
-                eng.policies.set(snap)
         elif kind == "migrate":
             await self.migrate()
         elif kind == "failover":
             await self.failover()
-        else:
+        elif not await self.shared_fault(
+                kind, lambda: redis.Redis(port=self.rng.choice(masters), socket_timeout=5)):
             raise ValueError(kind)
 
     def _reset_sync(self) -> None:

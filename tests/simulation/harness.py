@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,29 +286,39 @@ class Simulation:
             elif kind == "redis_restart":
                 self.redis.kill()
                 self.redis.start()
-            elif kind == "sidecar_kill":
-                i = self.rng.randrange(len(self.engines))
-                self.engines[i] = self._engine(i)  # the old one is simply gone
-            elif kind == "writer_kill":
-                self._new_writer()
-            elif kind == "busy":
-                # Redis busy past the store timeout while this sidecar decides: the
-                # hold script runs late; the answer must still agree with Redis.
-                blocker = self._sync()
-                task = asyncio.get_running_loop().run_in_executor(
-                    None, lambda: blocker.eval(BUSY_LUA, 0, 150))
-                await asyncio.sleep(0.02)
-                for _ in range(self.rng.randrange(1, 4)):
-                    await self.op_authorize(retry=self.rng.random() < 0.3)
-                await task
-                blocker.close()
-            elif kind == "policy_reload":
-                self.bundle = self.v2 if self.bundle == self.v1 else self.v1
-                snap = load_bundle(self.bundle)
-                for eng in self.engines:
-                    eng.policies.set(snap)
+            else:
+                await self.shared_fault(kind, self._sync)
         finally:
             r.close()
+
+    async def shared_fault(self, kind: str, blocker: Callable[[], Any]) -> bool:
+        """The faults both walks make alike: a sidecar or the ledger writer killed,
+        Redis kept busy (by a client from ``blocker``) while sidecars decide, a policy
+        reload. False for any other kind."""
+        if kind == "sidecar_kill":
+            i = self.rng.randrange(len(self.engines))
+            self.engines[i] = self._engine(i)  # the old one is simply gone
+        elif kind == "writer_kill":
+            self._new_writer()
+        elif kind == "busy":
+            # Redis busy past the store timeout while this sidecar decides: the
+            # hold script runs late; the answer must still agree with Redis.
+            client = blocker()
+            task = asyncio.get_running_loop().run_in_executor(
+                None, lambda: client.eval(BUSY_LUA, 0, 150))
+            await asyncio.sleep(0.02)
+            for _ in range(self.rng.randrange(1, 4)):
+                await self.op_authorize(retry=self.rng.random() < 0.3)
+            await task
+            client.close()
+        elif kind == "policy_reload":
+            self.bundle = self.v2 if self.bundle == self.v1 else self.v1
+            snap = load_bundle(self.bundle)
+            for eng in self.engines:
+                eng.policies.set(snap)
+        else:
+            return False
+        return True
 
     # ---------------------------------------------------------- invariants
     def _scan_late(self, r: Any) -> None:

@@ -28,17 +28,7 @@ from keel_pdp.errors import ReplyError
 from keel_pdp.overage.workflow import exception_id
 from keel_pdp.permits import PermitIds, degraded_permit_id, is_degraded_permit_id
 from keel_pdp.policy.loader import load_bundle
-from tests.helpers import budget, write_bundle
-
-
-def reference_slot(key: str) -> int:
-    raw = key.encode()
-    s = raw.find(b"{")
-    if s != -1:
-        e = raw.find(b"}", s + 1)
-        if e != -1 and e != s + 1:
-            raw = raw[s + 1:e]
-    return binascii.crc_hqx(raw, 0) % 16384
+from tests.helpers import budget, reference_slot, write_bundle
 
 
 @pytest.mark.parametrize("shards", [2, 3, 7, 64, 100, 1024])

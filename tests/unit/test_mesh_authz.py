@@ -63,6 +63,20 @@ def denied(resp: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
     return d.status.code, headers_of(d.headers), json.loads(d.body)
 
 
+async def _stream_kinds(s: Any, until: bytes | None = None) -> list[bytes]:
+    """The event types on the servicer's decision stream; with ``until``, once one
+    of that type is there (the release of a given-up Check goes out in the
+    background), looking for up to 2 s."""
+    client: Any = s.engine.store.client
+    for _ in range(100):
+        if until is not None:
+            await asyncio.sleep(0.02)
+        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
+        if until is None or until in kinds:
+            break
+    return kinds
+
+
 async def test_allow_sets_permit_headers_metadata_and_overwrites_client_copies() -> None:
     resp = await servicer().check(check_request(), None)
     assert resp.status.code == 0
@@ -319,12 +333,7 @@ async def test_check_envoy_gave_up_on_releases_its_hold(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    client: Any = s.engine.store.client
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
-        if b"void" in kinds:
-            break
+    kinds = await _stream_kinds(s, until=b"void")
     assert kinds.count(b"void") == 1
     assert s.m.abandoned._value.get() == 1
 
@@ -338,12 +347,7 @@ async def test_reroute_of_a_model_named_in_the_path_is_refused_and_released() ->
     assert (code, out["error"]["code"]) == (403, "REROUTE_NOT_POSSIBLE")
     assert h["x-keel-reason"] == "REROUTE_NOT_POSSIBLE"
     assert "gemini-2.5-flash" in out["error"]["message"]
-    client: Any = s.engine.store.client
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
-        if b"void" in kinds:
-            break
+    kinds = await _stream_kinds(s, until=b"void")
     assert kinds.count(b"void") == 1  # the hold the decision made is released at once
     assert s.m.abandoned._value.get() == 0
 
@@ -393,12 +397,7 @@ async def test_check_given_up_on_after_its_outcome_arrived_still_releases_the_ho
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    client: Any = s.engine.store.client
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
-        if b"void" in kinds:
-            break
+    kinds = await _stream_kinds(s, until=b"void")
     assert kinds.count(b"void") == 1
     assert s.m.abandoned._value.get() == 1
 
@@ -420,9 +419,7 @@ async def test_denied_check_given_up_on_releases_nothing(monkeypatch: pytest.Mon
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.2)
-    client: Any = s.engine.store.client
-    kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
-    assert b"void" not in kinds
+    assert b"void" not in await _stream_kinds(s)
     assert s.m.abandoned._value.get() == 0
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from keel_pdp.budget.keys import KeySpace
@@ -27,11 +29,16 @@ NOW_MS = int(time.time() * 1000)
 WEXP = NOW_MS // 1000 + 7200  # the windows' expire-at (s)
 
 
-def _store(client: aioredis.Redis) -> BudgetStore:
-    url = getattr(client, RESP_URL_ATTR, None)
-    if url is not None:
-        return BudgetStore.from_url(url, prefix="w", timeout_s=2.0)
-    return BudgetStore(client, KeySpace("w"), timeout_s=2.0)
+@pytest.fixture
+async def store(aio_client: aioredis.Redis) -> AsyncIterator[BudgetStore]:
+    """The budget store over ``aio_client``'s Redis (the RESP client where it names one)."""
+    url = getattr(aio_client, RESP_URL_ATTR, None)
+    st = (BudgetStore.from_url(url, prefix="w", timeout_s=2.0) if url is not None
+          else BudgetStore(aio_client, KeySpace("w"), timeout_s=2.0))
+    try:
+        yield st
+    finally:
+        await st.close()
 
 
 def _hold(tag: str, limits: tuple[int, ...], cost_micros: int, *,
@@ -71,164 +78,129 @@ async def _window(client: aioredis.Redis, key: str) -> dict[str, int]:
 
 
 async def test_first_hold_sets_the_window_expiry_and_later_holds_leave_it(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        first = _hold("a", (10**9, 10**9), 100)
-        res = await store.hold(first)
-        assert res.decision == "ALLOW"
-        windows = first.shape.keys[:2]
-        for key in windows:
-            assert _near_wexp(await _ttl(aio_client, key))
-        # Someone (an operator) moved the expiry: a later hold does not rewrite it.
-        await aio_client.expireat(windows[0], WEXP + 3600)
-        res = await store.hold(_hold("a", (10**9, 10**9), 100))
-        assert res.decision == "ALLOW" and res.figures == ((0, 200), (0, 200))
-        assert await _ttl(aio_client, windows[0]) > 7200
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    first = _hold("a", (10**9, 10**9), 100)
+    res = await store.hold(first)
+    assert res.decision == "ALLOW"
+    windows = first.shape.keys[:2]
+    for key in windows:
+        assert _near_wexp(await _ttl(aio_client, key))
+    # Someone (an operator) moved the expiry: a later hold does not rewrite it.
+    await aio_client.expireat(windows[0], WEXP + 3600)
+    res = await store.hold(_hold("a", (10**9, 10**9), 100))
+    assert res.decision == "ALLOW" and res.figures == ((0, 200), (0, 200))
+    assert await _ttl(aio_client, windows[0]) > 7200
 
 
 async def test_a_hold_in_a_window_that_only_has_settlements_sets_its_expiry(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        r = _hold("b", (10**9,), 100)
-        # A degraded permit's closeout made the window: s only, no expiry yet.
-        await aio_client.hset(r.shape.keys[0], "s", 7)
-        res = await store.hold(r)
-        assert res.figures == ((7, 100),)
-        assert _near_wexp(await _ttl(aio_client, r.shape.keys[0]))
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    r = _hold("b", (10**9,), 100)
+    # A degraded permit's closeout made the window: s only, no expiry yet.
+    await aio_client.hset(r.shape.keys[0], "s", 7)
+    res = await store.hold(r)
+    assert res.figures == ((7, 100),)
+    assert _near_wexp(await _ttl(aio_client, r.shape.keys[0]))
 
 
 async def test_closeout_recreates_an_expired_window_with_its_expiry(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        r = _hold("c", (10**9, 10**9), 100)
-        res = await store.hold(r)
-        windows = r.shape.keys[:2]
-        await aio_client.delete(*windows)  # both windows expired under the hold
-        out = await store.settle(res.permit_id, windows, NOW_MS + 1, 90, "{}",
-                                 idempotency_key=r.idempotency_key)
-        assert out.status == "SETTLED"
-        for key in windows:
-            assert await _window(aio_client, key) == {"s": 90, "h": -100}
-            assert _near_wexp(await _ttl(aio_client, key))
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    r = _hold("c", (10**9, 10**9), 100)
+    res = await store.hold(r)
+    windows = r.shape.keys[:2]
+    await aio_client.delete(*windows)  # both windows expired under the hold
+    out = await store.settle(res.permit_id, windows, NOW_MS + 1, 90, "{}",
+                             idempotency_key=r.idempotency_key)
+    assert out.status == "SETTLED"
+    for key in windows:
+        assert await _window(aio_client, key) == {"s": 90, "h": -100}
+        assert _near_wexp(await _ttl(aio_client, key))
 
 
-async def test_closeout_never_shortens_a_window_expiry(aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        r = _hold("d", (10**9,), 100)
-        res = await store.hold(r)
-        key = r.shape.keys[0]
-        await aio_client.expireat(key, WEXP + 86400)  # a later retention setting
-        out = await store.settle(res.permit_id, (key,), NOW_MS + 1, 90, "{}",
-                                 idempotency_key=r.idempotency_key)
-        assert out.status == "SETTLED" and await _window(aio_client, key) == {"s": 90, "h": 0}
-        assert await _ttl(aio_client, key) > 86400
-    finally:
-        await store.close()
+async def test_closeout_never_shortens_a_window_expiry(
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    r = _hold("d", (10**9,), 100)
+    res = await store.hold(r)
+    key = r.shape.keys[0]
+    await aio_client.expireat(key, WEXP + 86400)  # a later retention setting
+    out = await store.settle(res.permit_id, (key,), NOW_MS + 1, 90, "{}",
+                             idempotency_key=r.idempotency_key)
+    assert out.status == "SETTLED" and await _window(aio_client, key) == {"s": 90, "h": 0}
+    assert await _ttl(aio_client, key) > 86400
 
 
 async def test_void_and_abort_give_a_recreated_window_its_expiry(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        r1 = _hold("e", (10**9,), 100)
-        p1 = (await store.hold(r1)).permit_id
-        r2 = _hold("e", (10**9,), 50)
-        p2 = (await store.hold(r2)).permit_id
-        key = r1.shape.keys[0]
-        await aio_client.delete(key)
-        out = await store.release(p1, (key,), NOW_MS + 1, "voided", "{}",
-                                  idempotency_key=r1.idempotency_key)
-        assert (out.status, out.amount_micros) == ("RELEASED", 100)
-        assert await _window(aio_client, key) == {"h": -100}
-        assert _near_wexp(await _ttl(aio_client, key))
-        await aio_client.delete(key)
-        ab = await store.abort(p2, r2.idempotency_key, (key,), NOW_MS + 2, "{}", 2.0)
-        assert ab.status == "RELEASED"
-        assert await _window(aio_client, key) == {"h": -50}
-        assert _near_wexp(await _ttl(aio_client, key))
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    r1 = _hold("e", (10**9,), 100)
+    p1 = (await store.hold(r1)).permit_id
+    r2 = _hold("e", (10**9,), 50)
+    p2 = (await store.hold(r2)).permit_id
+    key = r1.shape.keys[0]
+    await aio_client.delete(key)
+    out = await store.release(p1, (key,), NOW_MS + 1, "voided", "{}",
+                              idempotency_key=r1.idempotency_key)
+    assert (out.status, out.amount_micros) == ("RELEASED", 100)
+    assert await _window(aio_client, key) == {"h": -100}
+    assert _near_wexp(await _ttl(aio_client, key))
+    await aio_client.delete(key)
+    ab = await store.abort(p2, r2.idempotency_key, (key,), NOW_MS + 2, "{}", 2.0)
+    assert ab.status == "RELEASED"
+    assert await _window(aio_client, key) == {"h": -50}
+    assert _near_wexp(await _ttl(aio_client, key))
 
 
 async def test_a_grant_on_one_of_three_budgets_raises_only_that_budget(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        limits = (10**9, 1_000, 10**9)
-        r = _hold("g", limits, 1_500)
-        denied = await store.hold(r)
-        assert (denied.decision, denied.fail, denied.granted) == ("DENY", 1, ())
-        grant_key = r.shape.keys[3 + 1]
-        await aio_client.hset(grant_key, mapping={
-            "old": f"5000:{NOW_MS - 1}",  # lapsed: counts for nothing
-            "x1": f"600:{NOW_MS + 60_000}"})
-        res = await store.hold(_hold("g", limits, 1_500))
-        assert res.decision == "ALLOW" and res.granted == (0, 600, 0)
-        assert res.figures == ((0, 1_500), (0, 1_500), (0, 1_500))
-        # budget 2 now has 1,000 + 600 granted - 1,500 held = 100 of room
-        again = await store.hold(_hold("g", limits, 101))
-        assert (again.decision, again.fail) == ("DENY", 1)
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    limits = (10**9, 1_000, 10**9)
+    r = _hold("g", limits, 1_500)
+    denied = await store.hold(r)
+    assert (denied.decision, denied.fail, denied.granted) == ("DENY", 1, ())
+    grant_key = r.shape.keys[3 + 1]
+    await aio_client.hset(grant_key, mapping={
+        "old": f"5000:{NOW_MS - 1}",  # lapsed: counts for nothing
+        "x1": f"600:{NOW_MS + 60_000}"})
+    res = await store.hold(_hold("g", limits, 1_500))
+    assert res.decision == "ALLOW" and res.granted == (0, 600, 0)
+    assert res.figures == ((0, 1_500), (0, 1_500), (0, 1_500))
+    # budget 2 now has 1,000 + 600 granted - 1,500 held = 100 of room
+    again = await store.hold(_hold("g", limits, 101))
+    assert (again.decision, again.fail) == ("DENY", 1)
 
 
 async def test_thresholds_cross_at_their_exact_level_whatever_order_they_come_in(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        limit = 999_999_999_999_999  # near the largest figures (doubles stay exact)
-        level80 = limit * 80 // 100
-        th = ((100, 80),)  # hold_shape sorts them: the script relies on ascending order
-        below = await store.hold(_hold("h", (limit,), level80 - 1, thresholds=th))
-        assert below.alerts == ()
-        at = await store.hold(_hold("h", (limit,), 1, thresholds=th))
-        assert at.figures == ((0, level80),) and at.alerts == ((0, 80),)
-        rest = await store.hold(_hold("h", (limit,), limit - level80, thresholds=th))
-        assert rest.alerts == ((0, 100),)
-        # A budget far below its lowest threshold crosses nothing (and an
-        # observe-mode budget above its cap is reported as shadow).
-        other = await store.hold(_hold("i", (10**6, 10), 20, thresholds=((50, 80), ()),
-                                       enforce=(True, False)))
-        assert other.alerts == () and other.shadow == (1,)
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    limit = 999_999_999_999_999  # near the largest figures (doubles stay exact)
+    level80 = limit * 80 // 100
+    th = ((100, 80),)  # hold_shape sorts them: the script relies on ascending order
+    below = await store.hold(_hold("h", (limit,), level80 - 1, thresholds=th))
+    assert below.alerts == ()
+    at = await store.hold(_hold("h", (limit,), 1, thresholds=th))
+    assert at.figures == ((0, level80),) and at.alerts == ((0, 80),)
+    rest = await store.hold(_hold("h", (limit,), limit - level80, thresholds=th))
+    assert rest.alerts == ((0, 100),)
+    # A budget far below its lowest threshold crosses nothing (and an
+    # observe-mode budget above its cap is reported as shadow).
+    other = await store.hold(_hold("i", (10**6, 10), 20, thresholds=((50, 80), ()),
+                                   enforce=(True, False)))
+    assert other.alerts == () and other.shadow == (1,)
 
 
 async def test_a_candidate_holding_some_budgets_records_only_those_windows(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        r = _hold("j", (10**9, 10**9, 10**9), 100, idx=(2, 0))
-        res = await store.hold(r)
-        assert res.held == (2, 0) and res.figures == ((0, 100), (0, 0), (0, 100))
-        rec = await store.permit(res.permit_id)
-        assert rec is not None and rec.keys == (r.shape.keys[2], r.shape.keys[0])
-        assert not await aio_client.exists(r.shape.keys[1])
-        out = await store.settle(res.permit_id, rec.keys, NOW_MS + 1, 80, "{}",
-                                 idempotency_key=r.idempotency_key)
-        assert out.status == "SETTLED"
-        assert await _window(aio_client, r.shape.keys[2]) == {"s": 80, "h": 0}
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    r = _hold("j", (10**9, 10**9, 10**9), 100, idx=(2, 0))
+    res = await store.hold(r)
+    assert res.held == (2, 0) and res.figures == ((0, 100), (0, 0), (0, 100))
+    rec = await store.permit(res.permit_id)
+    assert rec is not None and rec.keys == (r.shape.keys[2], r.shape.keys[0])
+    assert not await aio_client.exists(r.shape.keys[1])
+    out = await store.settle(res.permit_id, rec.keys, NOW_MS + 1, 80, "{}",
+                             idempotency_key=r.idempotency_key)
+    assert out.status == "SETTLED"
+    assert await _window(aio_client, r.shape.keys[2]) == {"s": 80, "h": 0}
 
 
 async def test_lapsed_grants_alone_leave_the_reply_as_without_grants(
-        aio_client: aioredis.Redis) -> None:
-    store = _store(aio_client)
-    try:
-        r = _hold("k", (10**9, 10**9), 100)
-        await aio_client.hset(r.shape.keys[2 + 1], "old", f"5000:{NOW_MS - 1}")
-        res = await store.hold(r)
-        assert res.decision == "ALLOW" and res.granted == ()
-    finally:
-        await store.close()
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    r = _hold("k", (10**9, 10**9), 100)
+    await aio_client.hset(r.shape.keys[2 + 1], "old", f"5000:{NOW_MS - 1}")
+    res = await store.hold(r)
+    assert res.decision == "ALLOW" and res.granted == ()
