@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import pytest
@@ -29,9 +30,17 @@ from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, write_bundle
+from tests.helpers import PRICES, budget, write_bundle
 
 pytestmark = pytest.mark.redis
+
+
+USAGE = TokenUsage(input_tokens=900, output_tokens=400)
+# What USAGE costs by the fixture price table (USD per million tokens = micro-USD per
+# token), worked out here, not by the pricing code: 900 x 0.15 + 400 x 0.60 = 375.
+_P = PRICES["openai"]["gpt-4o-mini"]
+COST = int((USAGE.input_tokens * Decimal(_P["input"]) + USAGE.output_tokens
+            * Decimal(_P["output"])).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _engine(redis_url: str, bundle: pathlib.Path) -> Engine:
@@ -94,7 +103,7 @@ async def test_a_hold_handed_out_by_a_replay_survives_the_late_abort(
         await a.flush_outbox()
         assert a.outbox_len == 0
 
-        usage = TokenUsage(input_tokens=900, output_tokens=400)
+        usage = USAGE
         if first == "the retry":
             # B handed out the very hold A had made; the abort left it held.
             assert got_b.replayed and got_b.permit_id == held_pid
@@ -103,7 +112,7 @@ async def test_a_hold_handed_out_by_a_replay_survives_the_late_abort(
             done = await b.closeout(got_b.permit_id, usage, "SUCCEEDED", None)
             assert done.status == "SETTLED"
             settled, held = _window(r)
-            assert held == 0 and settled == done.actual_cost_micros > 0
+            assert held == 0 and settled == done.actual_cost_micros == COST
             types = [(f[b"type"], f[b"pid"].decode()) for _, f in r.xrange("rb:{pdp}:events")]
             assert (b"void", held_pid) not in types  # never released
             assert a.metrics.holds_aborted.labels("noop")._value.get() == 1
@@ -117,7 +126,7 @@ async def test_a_hold_handed_out_by_a_replay_survives_the_late_abort(
             done = await b.closeout(got_b.permit_id, usage, "SUCCEEDED", None)
             assert done.status == "SETTLED"
             settled, held = _window(r)
-            assert held == 0 and settled == done.actual_cost_micros
+            assert held == 0 and settled == done.actual_cost_micros == COST
     finally:
         await a.store.close()
         await b.store.close()
