@@ -9,6 +9,7 @@ if redis-cli -p "$port" ping >/dev/null 2>&1; then
   echo "redis: using the server already on 127.0.0.1:$port"
 else
   redis-server --port "$port" --bind 127.0.0.1 --dir "$PWD/var" --appendonly yes \
+    --hash-max-listpack-value 512 \
     --daemonize yes --pidfile "$PWD/var/redis.pid" --logfile "$PWD/var/redis.log"
   started_redis=1
   for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
