@@ -78,4 +78,5 @@ if moved > 0 then
   redis.call('XADD', KEYS[3], '*', 'type', 'lease', 'pid', tid, 'ts', now, 'data', ARGV[7],
     'res', res)
 end
-return tostring(moved)
+-- '%d', not tostring: tostring keeps 14 significant digits ("1.25e+14")
+return string.format('%d', moved)

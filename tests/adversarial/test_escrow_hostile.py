@@ -1,0 +1,158 @@
+"""Shared budgets under escrow, against a hostile caller and environment (real Redis).
+
+Every expectation is worked out here from the price table's own figures and the
+cap, not read back from the code under test:
+
+* an exception grant on a shared budget raises the budget's cap once, whichever
+  shard a tenant sits in (also the shard the shared budget lives in);
+* amounts of a trillion micro-USD and more (a large organisation-wide cap) move
+  through a transfer exactly, on both sides, and are answered as integers;
+* what a lease spent above what it was leased (a Closeout above its hold, a late
+  Closeout after the lease gave its unused part back) is charged to the shared
+  budget, so the other shards cannot lease it a second time.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import zlib
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+
+from keel_pdp import grants
+from keel_pdp.budget.escrow import Parent
+from keel_pdp.budget.keys import tenant_shard
+from keel_pdp.budget.store import BudgetStore
+from keel_pdp.decision import AuthorizeInput, DecisionKind
+from keel_pdp.engine import Engine
+from keel_pdp.metrics import Metrics
+from keel_pdp.policy.loader import load_bundle
+from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.pricing import TokenUsage
+from tests.helpers import PRICES, budget, write_bundle
+
+pytestmark = pytest.mark.redis
+
+PREFIX = "esch"
+SHARDS = 4
+INPUT, OUTPUT = 1000, 500
+MODEL = "gpt-4o-mini"
+PRICE = PRICES["openai"][MODEL]
+# micro-USD per token = USD per million tokens, so this is exact: 150 + 300 = 450
+COST = int(INPUT * Decimal(PRICE["input"]) + OUTPUT * Decimal(PRICE["output"]))
+
+
+def home_of(budget_id: str) -> int:
+    """The shard of a shared budget (no split), by the documented rule:
+    crc32(budget id) mod shards."""
+    return zlib.crc32(budget_id.encode()) % SHARDS
+
+
+def tenant_in(shard: int, avoid: int | None = None) -> str:
+    for i in range(1000):
+        name = f"team-{i}"
+        s = tenant_shard(name, SHARDS)
+        if (shard >= 0 and s == shard) or (shard < 0 and s != avoid):
+            return name
+    raise AssertionError("no tenant found")
+
+
+def engine_for(url: str, bundle: pathlib.Path, lease_idle_s: float = 10.0) -> Engine:
+    store = BudgetStore.from_url(url, prefix=PREFIX, timeout_s=2.0, shards=SHARDS)
+    holder = PolicyHolder(bundle)
+    holder.set(load_bundle(bundle))
+    return Engine(holder, store, Metrics(), lease_idle_s=lease_idle_s)
+
+
+def bundle_for(tmp: pathlib.Path, cap_micros: int, **kw: Any) -> pathlib.Path:
+    cap = Decimal(cap_micros) / 1_000_000
+    return write_bundle(tmp, [budget("org", f"{cap:.6f}", **kw)],
+                        settings={"min_output_tokens": OUTPUT},
+                        exception_paths=[{"name": "finance-overage", "approver_role": "finance",
+                                          "max_overage_usd": "1.00",
+                                          "max_duration_hours": 24}])
+
+
+def ask(tag: str, i: int, tenant: str) -> AuthorizeInput:
+    return AuthorizeInput(f"{tag}-{i}", tenant, "chat", MODEL, "openai", INPUT, OUTPUT)
+
+
+async def admitted(engine: Engine, tag: str, n: int, tenant: str) -> list[str]:
+    out = []
+    for i in range(n):
+        got = await engine.authorize(ask(tag, i, tenant))
+        if got.decision is DecisionKind.ALLOW:
+            out.append(got.permit_id)
+    return out
+
+
+def spent(r: Any) -> int:
+    """settled + held over every lease of the shared budget, read from Redis."""
+    total = 0
+    for key in r.scan_iter(f"{PREFIX}:*:l:org:*"):
+        f = r.hgetall(key)
+        total += int(f.get(b"s", 0)) + int(f.get(b"h", 0))
+    return total
+
+
+def parent_of(engine: Engine) -> Parent:
+    return next(p for m in engine._materials._by_shape.values()
+                for p in m.parents if p is not None)
+
+
+# ------------------------------------------------------------------ grants
+@pytest.mark.parametrize("where", ["home shard", "other shard"])
+async def test_a_grant_raises_a_shared_budget_once_in_every_shard(
+        redis_url: str, tmp_path: pathlib.Path, where: str) -> None:
+    """Cap: 4 requests; an approved exception of 2 requests' worth. Whatever shard
+    the tenant sits in, exactly 4 + 2 requests are admitted, never 8."""
+    home = home_of("org")
+    tenant = tenant_in(home) if where == "home shard" else tenant_in(-1, avoid=home)
+    assert (tenant_shard(tenant, SHARDS) == home) == (where == "home shard")
+    bundle = bundle_for(tmp_path / "b", 4 * COST, exception_path="finance-overage")
+    engine = engine_for(redis_url, bundle)
+    r: Any = redis.Redis.from_url(redis_url)
+    await grants.record(engine.store, load_bundle(bundle), grants.GrantRequest(
+        exception_path="finance-overage", budget_id="org", scope=(),
+        amount_micros=2 * COST, duration_seconds=3600, approver="fin@example.com",
+        approver_role="finance", justification="quarter-end batch, approved by CFO"))
+    got = await admitted(engine, "g", 12, tenant)
+    assert len(got) == 6
+    assert spent(r) == 6 * COST
+    await engine.store.close()
+
+
+# ------------------------------------------------------------------ large amounts
+async def test_a_slice_of_a_large_shared_budget_moves_exactly(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """The largest cap a policy may set ($1bn, 1e15 micro-USD) on 4 shards: one
+    slice is 1/8 of it, 1.25e14 micro-USD (15 digits). A refill of more than a
+    slice moves exactly what it asked for on both sides, and giving it back
+    returns exactly that."""
+    cap = 10**15
+    assert cap < 2**53
+    want_slice = cap // (2 * SHARDS)
+    bundle = bundle_for(tmp_path / "b", cap)
+    engine = engine_for(redis_url, bundle)
+    r: Any = redis.Redis.from_url(redis_url)
+    tenant = tenant_in(-1, avoid=home_of("org"))
+    first = await engine.authorize(ask("big", 0, tenant))
+    assert first.decision is DecisionKind.ALLOW
+    parent = parent_of(engine)
+    assert parent.slice_micros == want_slice
+    (lease_key,) = [k.decode() for k in r.scan_iter(f"{PREFIX}:*:l:org:*")]
+    g0 = int(r.hget(lease_key, "g"))
+    # A request as large as a slice plus one: it gets all it needs, or nothing.
+    need = want_slice + 1
+    got = await engine.escrow.refill(parent, lease_key, need, 1)
+    assert got == need
+    assert int(r.hget(lease_key, "g")) == g0 + need
+    assert int(r.hget(parent.key, "l")) == g0 + need
+    back = await engine.escrow.give_back(lease_key, parent.key, 2)
+    assert back == g0 + need - COST
+    assert int(r.hget(lease_key, "g")) == COST
+    assert int(r.hget(parent.key, "l")) == COST
+    await engine.store.close()
