@@ -14,6 +14,8 @@ cap, not read back from the code under test:
 
 from __future__ import annotations
 
+import asyncio
+import json
 import pathlib
 import zlib
 from decimal import Decimal
@@ -156,3 +158,100 @@ async def test_a_slice_of_a_large_shared_budget_moves_exactly(
     assert int(r.hget(lease_key, "g")) == COST
     assert int(r.hget(parent.key, "l")) == COST
     await engine.store.close()
+
+
+# ------------------------------------------------------------------ a lease in debt
+def two_tenants_off_home() -> tuple[str, str]:
+    """Two tenants in two different shards, neither the shared budget's."""
+    home = home_of("org")
+    a = tenant_in(-1, avoid=home)
+    for i in range(1000):
+        b = f"team-{i}"
+        if tenant_shard(b, SHARDS) not in (home, tenant_shard(a, SHARDS)):
+            return a, b
+    raise AssertionError("no tenant found")
+
+
+async def test_a_closeout_above_the_lease_is_charged_to_the_shared_budget(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """Cap: 10 requests (4,500 micro-USD). Tenant A's one request is billed three
+    requests' worth (1,350: above its hold, below the overrun ceiling, so booked),
+    more than A's shard was leased; A then goes quiet. After the sweeper's pass,
+    tenant B (another shard) may spend only what is left of the cap:
+    4,500 - 1,350 = 3,150, seven requests; the budget's total stays the cap."""
+    cap, over = 10 * COST, 3 * COST
+    engine = engine_for(redis_url, bundle_for(tmp_path / "b", cap))
+    r: Any = redis.Redis.from_url(redis_url)
+    a, b = two_tenants_off_home()
+    (pid,) = await admitted(engine, "a", 1, a)
+    done = await engine.closeout(pid, TokenUsage(input_tokens=INPUT, output_tokens=OUTPUT),
+                                 "SUCCEEDED", over)
+    assert done.status == "SETTLED"
+    await engine.sweep_once()
+    got = await admitted(engine, "b", 20, b)
+    assert len(got) == (cap - over) // COST == 7
+    assert spent(r) == over + 7 * COST == cap
+    await engine.store.close()
+
+
+async def test_a_late_closeout_on_a_lease_given_back_is_charged_to_the_shared_budget(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """Cap: 10 requests. Tenant A's permit is voided; A's lease, idle, is given back
+    whole by the sweeper; then the provider's bill for the call arrives (a late
+    Closeout books it: the provider billed it). That 450 is spent from the shared
+    budget: tenant B may spend 9 requests more, not 10."""
+    cap = 10 * COST
+    engine = engine_for(redis_url, bundle_for(tmp_path / "b", cap), lease_idle_s=0.0)
+    r: Any = redis.Redis.from_url(redis_url)
+    a, b = two_tenants_off_home()
+    (pid,) = await admitted(engine, "a", 1, a)
+    assert (await engine.void(pid, "caller gave up")).status == "VOIDED"
+    now = engine.ids.now_ms()
+    await engine.sweep_once(now)  # first look: figures noted
+    await engine.sweep_once(now + 1)  # unchanged since: given back
+    lease = next(k for k in r.scan_iter(f"{PREFIX}:*:l:org:*"))
+    assert int(r.hget(lease, "g")) == 0
+    late = await engine.closeout(pid, TokenUsage(input_tokens=INPUT, output_tokens=OUTPUT),
+                                 "SUCCEEDED", COST)
+    assert late.status == "SETTLED_AFTER_VOID"
+    await engine.sweep_once(now + 2)
+    got = await admitted(engine, "b", 20, b)
+    assert len(got) == (cap - COST) // COST == 9
+    assert spent(r) == cap
+    await engine.store.close()
+
+
+async def test_two_sidecars_sweeping_the_same_debt_charge_it_once_and_both_sides_are_recorded(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """A lease owes 900 micro-USD (a Closeout of three requests' worth on one request's
+    hold, of which the lease had 562 = 1/8 of the cap). Two sidecars' sweepers see
+    the same figures at once: the parent books the debt once, the lease is credited
+    once, and each side's stream holds one lease event of that amount."""
+    cap = 10 * COST
+    bundle = bundle_for(tmp_path / "b", cap)
+    e1, e2 = engine_for(redis_url, bundle), engine_for(redis_url, bundle)
+    r: Any = redis.Redis.from_url(redis_url)
+    a, _ = two_tenants_off_home()
+    (pid,) = await admitted(e1, "a", 1, a)
+    slice_ = cap // (2 * SHARDS)
+    await e1.closeout(pid, TokenUsage(input_tokens=INPUT, output_tokens=OUTPUT), "SUCCEEDED",
+                      3 * COST)
+    (lease,) = [k.decode() for k in r.scan_iter(f"{PREFIX}:*:l:org:*")]
+    parent = parent_of(e1)
+    assert int(r.hget(lease, "g")) == slice_ == int(r.hget(parent.key, "l"))
+    streams = e1.store.keys.streams
+    before = {s: r.xlen(s) for s in streams}
+    figures = (slice_, 3 * COST, 0)
+    got = await asyncio.gather(*(e.escrow.charge_debt(lease, parent.key, figures, 1)
+                                 for e in (e1, e2, e1)))
+    debt = 3 * COST - slice_
+    assert got == [debt] * 3
+    assert int(r.hget(parent.key, "l")) == slice_ + debt == 3 * COST
+    assert int(r.hget(lease, "g")) == 3 * COST
+    new = [json.loads(f[b"res"]) for s in streams
+           for _, f in r.xrange(s, f"({r.xrange(s)[before[s] - 1][0].decode()}"
+                                if before[s] else "-")
+           if f[b"type"] == b"lease"]
+    assert sorted((e["dir"], e["amt"]) for e in new) == [("credit", debt), ("take", debt)]
+    for e in (e1, e2):
+        await e.store.close()
