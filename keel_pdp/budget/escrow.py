@@ -22,6 +22,11 @@ atomic call as every other budget of the request.
   (``give`` on the lease, then ``back`` on the parent), so the last slices of a
   nearly spent budget gather where they are asked for. A lease left idle is
   given back by the sweeper. At the window's end the keys expire.
+* **Debt.** A lease may book more than it was leased (a Closeout above its hold,
+  a late Closeout after the lease gave its rest back): that money is spent from
+  the shared budget. The sweeper charges it to the parent (``take`` without a
+  cap, then ``credit``), so the other shards cannot lease it again; a refill of
+  the lease charges it too (it asks for what the lease is short of).
 * **Idempotent, recorded.** Each step carries a transfer id and is applied once
   per side (a record under the id answers a retry). Every step that moves money
   is appended to its side's decision stream (type ``lease``), so the ledger sees
@@ -34,6 +39,7 @@ atomic call as every other budget of the request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -167,10 +173,43 @@ class Escrow:
             self.returns += 1
         return amount
 
+    async def charge_debt(self, lease_key: str, parent_key: str,
+                          figures: tuple[int, int, int], now_ms: int,
+                          timeout_s: float | None = None) -> int:
+        """Book on the parent what a lease spent above what it was leased (from its
+        ``figures``: leased, settled, held), whatever the parent has left (the
+        money is spent), and credit it to the lease; returns the amount (0 when the
+        lease is gone)."""
+        ks, store = self.keys, self.store
+        leased, settled, held = figures
+        debt = settled + held - leased
+        expire_at = await store.expire_at_s(lease_key)
+        if debt <= 0 or expire_at < 0:
+            return 0
+        data = json.dumps({"lease": lease_key, "parent": parent_key, "debt": debt},
+                          separators=(",", ":"))
+        shard, home = ks.key_shard(lease_key), ks.key_shard(parent_key)
+        # The transfer id is the debt's own: sweepers of every sidecar that see the
+        # same figures charge it once (settled never falls and the charge raises
+        # leased to settled + held, so the same figures never owe twice).
+        tid = "lse_" + hashlib.sha256(
+            f"{lease_key}\n{parent_key}\n{leased}:{settled}:{held}".encode()).hexdigest()[:20]
+        # Limit -1: no cap, so the grants (KEYS[4]) are not read.
+        got = await store.escrow(
+            "take", [parent_key, ks.transfer(tid, home, "take"), ks.streams[home], parent_key],
+            tid, debt, -1, expire_at, now_ms, data, lease_key, timeout_s)
+        if got > 0:
+            await store.escrow(
+                "credit", [lease_key, ks.transfer(tid, shard, "credit"), ks.streams[shard],
+                           ks.leases(shard)],
+                tid, got, 0, expire_at, now_ms, data, parent_key, timeout_s)
+        return got
+
     async def return_idle(self, now_ms: int) -> int:
         """At most every ``idle_s``: give back the unused part of every lease (of every
-        shard) whose figures did not move since the last look; forget leases that
-        have expired. Returns the amount given back."""
+        shard) whose figures did not move since the last look; charge the parent
+        what a lease spent above its lease; forget leases that have expired.
+        Returns the amount given back."""
         if now_ms < self._next_idle_look:
             return 0
         self._next_idle_look = now_ms + int(self.idle_s * 1000)
@@ -184,7 +223,10 @@ class Escrow:
                     await self.store.forget_lease(shard, lease_key)
                     continue
                 leased, settled, held = figures
-                if seen.get(lease_key) == figures and leased > settled + held:
+                if settled + held > leased:
+                    await self.charge_debt(lease_key, parent_key, figures, now_ms, 2.0)
+                    seen.pop(lease_key, None)
+                elif seen.get(lease_key) == figures and leased > settled + held:
                     total += await self.give_back(lease_key, parent_key, now_ms, 2.0)
                     seen.pop(lease_key, None)
                 else:

@@ -227,6 +227,14 @@ class KeySpace:
         parts = ":".join(enc(v) for v in split)
         return f"{self.bases[shard]}l:{budget_id}:{len(split)}:{parts}:{start_ms}"
 
+    def lease_grants(self, budget_id: str, split: tuple[str, ...], shard: int) -> str:
+        """What a lease's holds count as exception grants: a key nothing writes. A
+        shared budget's grants live with its parent and count when the parent
+        leases; a lease counting them too (its shard may be the parent's) would
+        let them be spent twice."""
+        parts = ":".join(enc(v) for v in split)
+        return f"{self.bases[shard]}lgrant:{budget_id}:{len(split)}:{parts}"
+
     def transfer(self, transfer_id: str, shard: int, step: str) -> str:
         """The record of one step of an escrow transfer (idempotency). Named by the
         step: both sides of a transfer may share a shard."""

@@ -121,10 +121,11 @@ class Materials:
                 continue
             # A shared budget: held against this shard's lease of it (escrow). The
             # lease's limit is what was leased (-1); the parent's grants count at
-            # refill; thresholds are the parent's, not a lease's.
+            # refill only (never in the lease, even in the parent's own shard);
+            # thresholds are the parent's, not a lease's.
             home = keyspace.home_shard(b, t.split)
             window_keys.append(keyspace.lease(b.id, t.split, t.window_start_ms, shard))
-            grant_keys.append(keyspace.grants(b.id, t.split, shard))
+            grant_keys.append(keyspace.lease_grants(b.id, t.split, shard))
             limits.append(-1 if enf else b.limit_micros)
             thresholds.append(())
             parents.append(Parent(

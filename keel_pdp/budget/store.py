@@ -399,6 +399,11 @@ class BudgetStore:
             return None
         return int(raw[0]), int(raw[1] or 0), int(raw[2] or 0)
 
+    async def expire_at_s(self, key: str) -> int:
+        """When a key expires (Unix s); negative when it has no expiry (-1) or is gone
+        (-2)."""
+        return int(await self._command("EXPIRETIME", key, timeout_s=max(self.timeout_s, 1.0)))
+
     async def forget_lease(self, shard: int, key: str) -> None:
         await self._command("HDEL", self.keys.leases(shard), key,
                             timeout_s=max(self.timeout_s, 1.0))

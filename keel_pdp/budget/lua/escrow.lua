@@ -8,7 +8,9 @@
 -- Parent steps:  KEYS[1] parent window hash (s, h, l = leased out)
 --                KEYS[2] transfer record (this side)   KEYS[3] stream
 --                KEYS[4] the parent's exception grants (take only)
---   take: lease min(want, limit + active grants - s - h - l), never below 0
+--   take: lease min(want, limit + active grants - s - h - l), never below 0;
+--         limit -1: a lease's debt (what it spent above what it was leased:
+--         overruns, late closeouts), booked in full whatever the parent has left
 --   back: take a returned amount back (l -= amount, never below 0)
 -- Lease steps:   KEYS[1] lease hash (g, s, h, p = parent key)
 --                KEYS[2] transfer record (this side)   KEYS[3] stream
@@ -34,13 +36,17 @@ local res
 if step == 'take' then
   local v = redis.call('HMGET', KEYS[1], 's', 'h', 'l')
   local s, h, l = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
-  local g = 0
-  local now_ms = tonumber(now)
-  for _, entry in ipairs(redis.call('HVALS', KEYS[4])) do
-    local amt, until_ms = string.match(entry, '^(%d+):(%d+)$')
-    if amt and tonumber(until_ms) > now_ms then g = g + tonumber(amt) end
+  local limit = tonumber(ARGV[4])
+  local avail = amount
+  if limit >= 0 then
+    local g = 0
+    local now_ms = tonumber(now)
+    for _, entry in ipairs(redis.call('HVALS', KEYS[4])) do
+      local amt, until_ms = string.match(entry, '^(%d+):(%d+)$')
+      if amt and tonumber(until_ms) > now_ms then g = g + tonumber(amt) end
+    end
+    avail = limit + g - s - h - l
   end
-  local avail = tonumber(ARGV[4]) + g - s - h - l
   moved = math.min(amount, avail)
   -- all or nothing below "least": one absurd request must not pull the rest of
   -- the budget into its shard (to be given back a moment later)
@@ -78,4 +84,5 @@ if moved > 0 then
   redis.call('XADD', KEYS[3], '*', 'type', 'lease', 'pid', tid, 'ts', now, 'data', ARGV[7],
     'res', res)
 end
-return tostring(moved)
+-- '%d', not tostring: tostring keeps 14 significant digits ("1.25e+14")
+return string.format('%d', moved)
