@@ -68,7 +68,8 @@ redis.call('HSET', KEYS[1], 'state', 'voided', 'released_at', ARGV[2], 'aborted'
 if idem[1] == ARGV[1] then
   redis.call('DEL', KEYS[4])
 end
-local res = cjson.encode({st = 'RELEASED', amt = amount, state = 'voided'})
+-- '%d', not cjson: cjson prints numbers with 14 significant digits
+local res = string.format('{"st":"RELEASED","amt":%d,"state":"voided"}', amount)
 redis.call('XADD', KEYS[2], '*', 'type', 'void', 'pid', ARGV[1], 'ts', ARGV[2],
   'data', ARGV[3], 'res', res)
 return res

@@ -58,7 +58,8 @@ redis.call('HSET', KEYS[1], 'state', target, 'released_at', ARGV[2])
 if KEYS[4] ~= KEYS[1] and redis.call('HGET', KEYS[4], 'pid') == ARGV[1] then
   redis.call('HSET', KEYS[4], 'st', target)
 end
-local res = cjson.encode({st = 'RELEASED', amt = amount, state = target})
+-- '%d', not cjson: cjson prints numbers with 14 significant digits
+local res = string.format('{"st":"RELEASED","amt":%d,"state":"%s"}', amount, target)
 local etype = 'void'
 if target == 'expired' then etype = 'expiry' end
 redis.call('XADD', KEYS[2], '*', 'type', etype, 'pid', ARGV[1], 'ts', ARGV[2],
