@@ -130,7 +130,7 @@ def _run_reconcile(ns: argparse.Namespace) -> int:
         low, high = ledger_window_ms(period, mapping, ns.ledger_clock)
         pad_ms = max(ns.skew_hours * 3_600_000, period.start_ms - low, high - period.end_ms)
         internal = source.lines_for_month(period, pad_ms)
-        check_units(imported.provider, imported.lines, internal, period)
+        check_units(imported.provider, imported.lines, internal, period, mapping)
         rec = reconcile(period, imported.provider, imported.lines, internal, mapping, prices,
                         ns.skew_hours, ns.ledger_clock)
         report = build_report(rec, mapping, ns.tolerance_pct)

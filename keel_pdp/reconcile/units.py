@@ -5,6 +5,10 @@ the internal side, day after day; a line whose amount and token count imply
 a price no provider charges is off against its own quantities. Either stops the
 run (exit 2) naming the file and the likely unit error: a memo built on it would
 explain a hundredfold gap as variance.
+
+Each file is held against the internal figures of the accounts it carries on
+that day: a pull filtered to some projects or workspaces (one file each) is a
+share of the month, not a unit error.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from fractions import Fraction
 
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.internal import InternalUsageLine
+from keel_pdp.reconcile.mapping import Mapping
 from keel_pdp.reconcile.model import USAGE, ProviderLine
 from keel_pdp.reconcile.period import Period, day_of_ms
 
@@ -32,17 +37,33 @@ MIN_DAYS = 3
 
 
 def check_units(provider: str, lines: list[ProviderLine],
-                internal: list[InternalUsageLine], period: Period) -> None:
-    ours: dict[date, int] = defaultdict(int)
+                internal: list[InternalUsageLine], period: Period,
+                mapping: Mapping | None = None) -> None:
+    """Without ``mapping`` every file is held against the provider's whole day."""
+
+    def account_of(row: InternalUsageLine) -> str:
+        if mapping is None:
+            return ""
+        if row.account:
+            return mapping.canonical_account(provider, row.account)
+        try:
+            return mapping.account_for(provider, row.tenant, row.workload) or ""
+        except InputError:  # reported by the reconciliation itself
+            return ""
+
+    ours: dict[tuple[date, str], int] = defaultdict(int)
     for row in internal:
         if (row.provider.strip().lower() == provider.lower()
                 and period.start_ms <= row.ts_ms < period.end_ms):
-            ours[day_of_ms(row.ts_ms)] += row.cost_micros
+            ours[(day_of_ms(row.ts_ms), account_of(row))] += row.cost_micros
     by_file: dict[str, dict[date, int]] = defaultdict(lambda: defaultdict(int))
+    accounts: dict[str, dict[date, set[str]]] = defaultdict(lambda: defaultdict(set))
     for ln in lines:
         if ln.kind != USAGE or ln.cost_micros is None:
             continue
         by_file[ln.source][ln.day] += ln.cost_micros
+        accounts[ln.source][ln.day].add(
+            mapping.canonical_account(provider, ln.account) if mapping is not None else "")
         if ln.tokens and ln.cost_micros > 0:
             rate = Fraction(ln.cost_micros, ln.tokens)
             if rate > MAX_RATE or rate < MIN_RATE:
@@ -53,8 +74,10 @@ def check_units(provider: str, lines: list[ProviderLine],
     for source, days in sorted(by_file.items()):
         # Day by day, so one line that rose (a genuine variance) cannot pass for a
         # unit error, and a unit error, which moves every day, cannot hide.
-        ratios = sorted(Fraction(theirs, ours[d]) for d, theirs in days.items()
-                        if ours.get(d, 0) >= MIN_MICROS_DAY and theirs >= MIN_MICROS_DAY)
+        internal_day = {d: sum(ours.get((d, a), 0) for a in accounts[source][d])
+                        for d in days}
+        ratios = sorted(Fraction(theirs, internal_day[d]) for d, theirs in days.items()
+                        if internal_day[d] >= MIN_MICROS_DAY and theirs >= MIN_MICROS_DAY)
         if len(ratios) < MIN_DAYS:
             continue
         typical = ratios[len(ratios) // 2]

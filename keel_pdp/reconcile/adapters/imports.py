@@ -3,6 +3,7 @@ return the normalised line items."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from dataclasses import dataclass, replace
 
@@ -19,6 +20,23 @@ _EXPECTED = {
     "anthropic": "an Admin API messages usage report, a cost report, a cost analytics export, "
                  "or the console's usage or cost CSV",
 }
+
+
+def _empty_pages(text: str) -> bool:
+    """A report page (or a list of pages) whose time buckets hold no results:
+    the days of a paginated pull without usage. Neither usage nor cost fields
+    appear in it, and it carries no line item."""
+    if not text.lstrip().startswith(("{", "[")):
+        return False
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    pages = doc if isinstance(doc, list) else [doc]
+    return bool(pages) and all(
+        isinstance(page, dict) and isinstance(page.get("data"), list)
+        and all(isinstance(b, dict) and b.get("results") == [] for b in page["data"])
+        for page in pages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,8 @@ def import_exports(provider: str, paths: list[pathlib.Path], period: Period,
         elif column_map is not None and (provider == "csv" or generic.matches(column_map, text)):
             fmt = "csv"
             parsed = generic.parse(path, text, column_map, period, aliases, guard)
+        elif provider != "csv" and _empty_pages(text):
+            fmt, parsed = "empty-pages", []
         else:
             if text.lstrip().startswith(("{", "[")):
                 load_json(path, text)  # a broken JSON file: say where it breaks
@@ -75,6 +95,10 @@ def import_exports(provider: str, paths: list[pathlib.Path], period: Period,
             parsed = [replace(ln, precision_micros=finest) for ln in parsed]
         lines += parsed
         files.append(ImportedFile(path, fmt, len(parsed)))
+    if not lines:
+        raise InputError(", ".join(str(p) for p in paths),
+                         f"the exports hold no line items for {period}: an empty month "
+                         "cannot be reconciled; check that the pull covers the month")
     if not any(ln.cost_micros is not None for ln in lines):
         raise InputError(", ".join(str(p) for p in paths),
                          "no amounts in the exports: usage reports carry tokens, not money; "
