@@ -59,6 +59,7 @@ from keel_pdp.budget.cluster_slots import (
     crc16,
     hash_tag,
     key_slot,
+    slot_range,
 )
 from keel_pdp.budget.cluster_url import (
     SCHEMES,
@@ -299,7 +300,7 @@ class ClusterClient:
                 message = str(error)
                 kind = message.split(" ", 1)[0]
                 if kind in ("MOVED", "ASK"):
-                    target = _redirect(message)
+                    target = _redirect(message, node.config.host if node else "")
                     redirects += 1
                     if target is None or redirects > self.config.max_redirects:
                         raise error
@@ -411,14 +412,11 @@ class ClusterClient:
     def _install(self, raw: Any, asked: Address) -> None:
         if not isinstance(raw, list) or not raw:
             raise ValueError(f"CLUSTER SLOTS answered {raw!r:.80}")
+        ranges = [slot_range(entry, asked[0]) for entry in raw]  # all checked first
         slots: list[RespClient | None] = [None] * SLOTS
         masters: list[RespClient] = []
-        for entry in raw:
-            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
-            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
-            if host in ("", "?"):
-                host = asked[0]  # the node does not know its own address: ours
-            node = self._node((host, int(primary[1])))
+        for start, end, address in ranges:
+            node = self._node(address)
             if node not in masters:
                 masters.append(node)
             slots[start:end + 1] = [node] * (end - start + 1)

@@ -1,0 +1,239 @@
+"""The Redis Cluster client against hostile nodes: small fake RESP servers on
+127.0.0.1 that answer what a real cluster rarely or never does (a malformed slot
+map, a redirect out of range or without a host, endless TRYAGAIN/CLUSTERDOWN,
+MOVED ping-pong, silence, a connection dropped after the write, garbage).
+
+What must hold whatever a node answers (DESIGN.md, invariants 4, 7 and 10):
+
+* a script that was written is never sent again (it may have run: a hold or a
+  settlement would be applied twice), even when the map then names another
+  owner for its slot;
+* every call ends within its own timeout with an error the budget store turns
+  into ``StoreUnavailable`` (so each budget's fail mode decides), never with an
+  exception of another kind, never a hang;
+* the slot map is not read again for every call while it cannot be read.
+
+Every server here listens on 127.0.0.1 only and is closed by its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import hiredis
+import pytest
+
+from keel_pdp.budget.cluster import ClusterClient, ClusterConfig, key_slot
+from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.redis_url import RespConfig
+from keel_pdp.budget.resp import RespConnectionError, RespError
+from keel_pdp.budget.store import BudgetStore, StoreUnavailable
+
+STORE_FAILURES = (TimeoutError, RespError, OSError)  # what BudgetStore maps to StoreUnavailable
+SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+KEY = "k:{hostile}"
+SLOT = key_slot(KEY)
+# Replies a handler may give besides bytes: drop the connection, or say nothing.
+DROP, SILENT = "drop", "silent"
+
+
+def resp(value: Any) -> bytes:
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, list):
+        return b"*%d\r\n" % len(value) + b"".join(resp(v) for v in value)
+    raise TypeError(value)
+
+
+def error(message: str) -> bytes:
+    return b"-" + message.encode() + b"\r\n"
+
+
+Handler = Callable[["FakeNode", list[bytes]], "bytes | str | None"]
+
+
+class FakeNode:
+    """A RESP server on 127.0.0.1 that records every command it reads. PING,
+    SCRIPT LOAD and ASKING are answered as Redis does; CLUSTER SLOTS with
+    ``slots``; anything else by ``handler`` (None: the generic answer ``:1``)."""
+
+    def __init__(self, handler: Handler | None = None) -> None:
+        self.handler = handler
+        self.slots: Any = None
+        self.seen: list[list[bytes]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.drop_after_write = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def own_all(self) -> FakeNode:
+        self.slots = [[0, 16383, ["127.0.0.1", self.port, "id-" + str(self.port)]]]
+        return self
+
+    def count(self, name: bytes) -> int:
+        return sum(1 for c in self.seen if c[0].upper() == name)
+
+    def scripts_run(self) -> list[list[bytes]]:
+        return [c for c in self.seen if c[0].upper() == b"EVALSHA"]
+
+    async def start(self) -> FakeNode:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _answer(self, cmd: list[bytes]) -> bytes | str | None:
+        name = cmd[0].upper()
+        if name == b"PING":
+            return b"+PONG\r\n"
+        if name == b"ASKING":
+            return b"+OK\r\n"
+        if name == b"SCRIPT":
+            return resp("0" * 40)
+        if name == b"CLUSTER":
+            return resp(self.slots) if self.slots is not None else error("ERR no map")
+        if self.handler is not None:
+            return self.handler(self, cmd)
+        return None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        parser = hiredis.Reader()
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (cmd := parser.gets()) is not False:
+                    self.seen.append(cmd)
+                    out = self._answer(cmd)
+                    if out == DROP:
+                        writer.transport.abort()
+                        return
+                    if out == SILENT:
+                        continue
+                    writer.write(out if isinstance(out, bytes) else resp(1))
+                    if self.drop_after_write:
+                        self.drop_after_write = False
+                        await writer.drain()
+                        writer.transport.abort()
+                        return
+
+
+@contextlib.asynccontextmanager
+async def nodes(*handlers: Handler | None) -> AsyncIterator[list[FakeNode]]:
+    started = [await FakeNode(h).start() for h in handlers]
+    try:
+        yield started
+    finally:
+        for n in started:
+            await n.stop()
+
+
+def cluster(*seeds: tuple[str, int], **settings: Any) -> ClusterClient:
+    node = RespConfig(connect_timeout_s=settings.pop("connect_timeout_s", 0.2))
+    return ClusterClient(ClusterConfig(tuple(seeds), node, **settings))
+
+
+# ------------------------------------------------------------ malformed maps
+
+BAD_MAPS = {
+    "no master": [[0, 16383]],
+    "not an entry": [5],
+    "slots past 16383": [[0, 20000, ["127.0.0.1", 1]]],
+    "negative slots": [[-5, -1, ["127.0.0.1", 1]]],
+    "reversed range": [[100, 5, ["127.0.0.1", 1]]],
+    "port 99999": [[0, 16383, ["127.0.0.1", 99999]]],
+    "negative port": [[0, 16383, ["127.0.0.1", -1]]],
+    "master not a list": [[0, 16383, 7]],
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_MAPS), ids=list(BAD_MAPS))
+async def test_a_malformed_slot_map_is_refused_and_the_next_seed_is_asked(bad: str) -> None:
+    # Before: an IndexError/TypeError stopped the search at the first seed (the
+    # good one was never asked), and a port out of range installed a map whose
+    # every call raised OverflowError, which is not a store failure; slots out
+    # of range grew or shifted the map silently.
+    async with nodes(None, lambda node, cmd: resp(b"good")) as (liar, good):
+        liar.slots = BAD_MAPS[bad]
+        good.own_all()
+        c = cluster(liar.address, good.address)
+        try:
+            assert await c.command("GET", KEY, timeout_s=2) == b"good"
+            assert c.masters == [good.address]
+            assert len(c._slots) == 16384
+        finally:
+            await c.close()
+        # Only liars: a clear store failure naming the entry, never a crash.
+        c = cluster(liar.address)
+        try:
+            with pytest.raises(RespConnectionError, match="CLUSTER SLOTS entry"):
+                await c.command("GET", KEY, timeout_s=2)
+        finally:
+            await c.close()
+
+
+@pytest.mark.parametrize("reply", [
+    "MOVED 99999 127.0.0.1:1", f"MOVED {SLOT} 127.0.0.1:99999",
+    f"ASK {SLOT} 127.0.0.1:99999", "MOVED", "ASK x y"])
+async def test_a_redirect_out_of_range_is_a_store_failure_not_a_crash(reply: str) -> None:
+    # Before: "MOVED 99999 ..." raised IndexError (the map has 16384 slots) and a
+    # port out of range OverflowError: neither is a store failure, so Authorize
+    # ended in the internal-error path with a traceback logged per call.
+    async with nodes(lambda node, cmd: error(reply)) as (liar,):
+        liar.own_all()
+        c = cluster(liar.address)
+        store = BudgetStore(None, KeySpace("t"), 0.5, transport=c)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=reply.split()[0]):
+                await store.window(KEY)
+            assert time.monotonic() - started < 1.0
+            assert liar.count(b"HMGET") == 1  # not bounced around
+        finally:
+            await store.close()
+
+
+# ------------------------------------------------- redirect without a host
+
+
+async def test_a_redirect_without_a_host_goes_to_the_host_that_sent_it() -> None:
+    # With cluster-preferred-endpoint-type unknown-endpoint Redis writes
+    # "MOVED 3999 :6381" (and "?" when a hostname is preferred but unknown): the
+    # same host as the node that answered, another port. Before: the client
+    # tried to connect to the host "" or "?", failed, and the call failed
+    # (every MOVED and ASK of such a cluster ended in the fail mode).
+    async with nodes(None, lambda node, cmd: resp(b"from-target")) as (source, target):
+        for host in ("", "?"):
+            for kind in ("MOVED", "ASK"):
+                source.handler = (lambda node, cmd, k=kind, h=host:
+                                  error(f"{k} {SLOT} {h}:{target.port}"))
+                source.slots = [[0, 16383, ["?", source.port]]]
+                target.slots = source.slots
+                c = cluster(source.address)
+                try:
+                    assert await c.command("GET", KEY, timeout_s=2) == b"from-target", (
+                        kind, host)
+                    assert c.redirects[kind] == 1
+                finally:
+                    await c.close()
