@@ -104,6 +104,10 @@ class ClusterClient:
         self._shared_slots: dict[int, tuple[Shared, int | None]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1e9
+        # When the last refresh failed, and how: for that long calls are answered
+        # with it instead of asking again (see _refresh_now).
+        self._failed_at = -1e9
+        self._failure = ""
         self._closed = False
         self.refreshes = 0
         self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0, "not_sent": 0}
@@ -347,10 +351,13 @@ class ClusterClient:
             self._nodes[address] = node
         return node
 
+    def _recently_refreshed(self) -> bool:
+        """Whether a refresh ended, well or not, less than ``refresh_interval_s`` ago."""
+        last = max(self._refreshed_at, self._failed_at)
+        return time.monotonic() - last < self.config.refresh_interval_s
+
     def _refresh_later(self) -> None:
-        if self._closed or self._refreshing is not None:
-            return
-        if time.monotonic() - self._refreshed_at < self.config.refresh_interval_s:
+        if self._closed or self._refreshing is not None or self._recently_refreshed():
             return
         self._start_refresh()
 
@@ -368,9 +375,14 @@ class ClusterClient:
     async def _refresh_now(self) -> None:
         task = self._refreshing
         if task is None:
-            if time.monotonic() - self._refreshed_at < self.config.refresh_interval_s and \
-                    self._masters:
-                return
+            if self._recently_refreshed():
+                # A failed refresh is not retried at once either: during an
+                # outage every call would otherwise ask every node for the map
+                # (and log a warning), at the calls' own rate.
+                if self._masters:
+                    return
+                if self._failure:
+                    raise RespConnectionError(self._failure)
             task = self._start_refresh()
         await asyncio.shield(task)
 
@@ -394,8 +406,10 @@ class ClusterClient:
         if self._closed:
             raise RespConnectionError("client is closed")
         known = list(dict.fromkeys(self._masters))
+        # In random order, so a master that stalls is not asked first every time.
         random.shuffle(known)
-        addresses = [a for a, n in self._nodes.items() if n in known]
+        where = {id(n): a for a, n in self._nodes.items()}
+        addresses = [where[id(n)] for n in known]
         addresses += [s for s in self.config.seeds if s not in addresses]
         failures = []
         for address in addresses:
@@ -406,8 +420,10 @@ class ClusterClient:
                 return
             except (OSError, TimeoutError, RespError, ValueError) as exc:
                 failures.append(f"{address[0]}:{address[1]}: {exc}")
-        raise RespConnectionError("no Redis Cluster node answered CLUSTER SLOTS ("
-                                  + "; ".join(failures) + ")")
+        self._failure = ("no Redis Cluster node answered CLUSTER SLOTS ("
+                         + "; ".join(failures) + ")")
+        self._failed_at = time.monotonic()
+        raise RespConnectionError(self._failure)
 
     def _install(self, raw: Any, asked: Address) -> None:
         if not isinstance(raw, list) or not raw:
@@ -423,6 +439,7 @@ class ClusterClient:
         self._slots = slots
         self._masters = masters
         self._refreshed_at = time.monotonic()
+        self._failure = ""
         self.refreshes += 1
 
     # ----------------------------------------------------------- lifecycle

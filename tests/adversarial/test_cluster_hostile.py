@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -32,6 +33,7 @@ from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.redis_url import RespConfig
 from keel_pdp.budget.resp import RespConnectionError, RespError
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
+from tests.conftest import free_port
 
 STORE_FAILURES = (TimeoutError, RespError, OSError)  # what BudgetStore maps to StoreUnavailable
 SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
@@ -237,3 +239,79 @@ async def test_a_redirect_without_a_host_goes_to_the_host_that_sent_it() -> None
                     assert c.redirects[kind] == 1
                 finally:
                     await c.close()
+
+
+# ------------------------------------------------------ refresh throttling
+
+
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+
+
+@pytest.mark.parametrize("seed", ["refuses CLUSTER SLOTS", "unreachable"])
+async def test_failed_slot_map_reads_are_not_repeated_for_every_call(seed: str) -> None:
+    # Before: while the map could not be read, every call started a new read
+    # (one CLUSTER SLOTS to the node per call, at the callers' rate) and logged
+    # a warning for each: 11,000 warnings in half a second with a dead seed.
+    counter = _Count()
+    log = logging.getLogger("keel_pdp.budget.cluster")
+    log.addHandler(counter)
+    async with nodes(None) as (node,):
+        if seed == "refuses CLUSTER SLOTS":
+            node.slots = None  # answers -ERR, the connection stays up
+            address = node.address
+        else:
+            address = ("127.0.0.1", free_port())
+        c = cluster(address, refresh_interval_s=0.1)
+        calls = 0
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 0.5:
+                calls += 1
+                t0 = time.monotonic()
+                with pytest.raises((OSError, TimeoutError)):
+                    await c.command("GET", KEY, timeout_s=0.025)
+                assert time.monotonic() - t0 < 0.1
+            reads = node.count(b"CLUSTER")
+            print(f"{seed}: {calls} calls, {reads} CLUSTER SLOTS, {counter.records} warnings")
+            assert calls > 50
+            # One read per refresh interval at most (0.5 s / 0.1 s, and slack).
+            assert counter.records <= 10
+            assert reads <= 10
+            if seed == "refuses CLUSTER SLOTS":
+                # Once the map can be read, calls succeed again within an interval.
+                node.own_all()
+                await asyncio.sleep(0.15)
+                assert await c.command("GET", KEY, timeout_s=1) == 1
+        finally:
+            log.removeHandler(counter)
+            await c.close()
+
+
+async def test_refreshes_do_not_ask_the_same_stalled_master_first_every_time() -> None:
+    # The known masters were shuffled, then listed in the client's own node
+    # order anyway: a master that stalls cost every refresh its whole timeout.
+    async with nodes(None, None, None) as masters:
+        bounds = [(0, 5460), (5461, 10922), (10923, 16383)]
+        slots = [[lo, hi, ["127.0.0.1", m.port]] for (lo, hi), m in zip(bounds, masters,
+                                                                         strict=True)]
+        for m in masters:
+            m.slots = slots
+        c = cluster(masters[0].address, refresh_timeout_s=0.05)
+        try:
+            await c.refresh()
+            stalled = masters[0]  # the seed: the first node the client knew
+            stalled._answer = lambda cmd: SILENT  # type: ignore[method-assign]
+            asked = 0
+            for _ in range(12):
+                before = stalled.count(b"CLUSTER")
+                await c.refresh(timeout_s=2)
+                asked += stalled.count(b"CLUSTER") > before  # asked only when first
+            assert asked < 12  # about 4 in 12; all 12 has odds of 2e-6
+        finally:
+            await c.close()
