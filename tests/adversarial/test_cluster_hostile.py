@@ -31,7 +31,7 @@ import pytest
 from keel_pdp.budget.cluster import ClusterClient, ClusterConfig, key_slot
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.redis_url import RespConfig
-from keel_pdp.budget.resp import RespConnectionError, RespError
+from keel_pdp.budget.resp import RespConnectionError, RespError, RespNotSent
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 from tests.conftest import free_port
 
@@ -313,5 +313,175 @@ async def test_refreshes_do_not_ask_the_same_stalled_master_first_every_time() -
                 await c.refresh(timeout_s=2)
                 asked += stalled.count(b"CLUSTER") > before  # asked only when first
             assert asked < 12  # about 4 in 12; all 12 has odds of 2e-6
+        finally:
+            await c.close()
+
+
+# ----------------------------------------------- a written script: once only
+
+
+def _owner_moves_to(target: FakeNode) -> list[list[Any]]:
+    return [[0, 16383, ["127.0.0.1", target.port]]]
+
+
+@pytest.mark.parametrize("fault", ["drop after the write", "garbage reply",
+                                   "half a reply, then drop"])
+@pytest.mark.parametrize("wait", [False, True], ids=["eval", "eval+WAIT"])
+async def test_a_script_whose_reply_is_lost_is_never_sent_again(fault: str, wait: bool) -> None:
+    # The tempting mistake: the node's connection is gone and the map now names
+    # another owner, so "retry over there". The script may have run (a hold or
+    # a settlement applied): it must fail, once, and never reach the new owner.
+    async with nodes(None, None) as (source, target):
+        def lose(node: FakeNode, cmd: list[bytes]) -> bytes | str:
+            node.slots = _owner_moves_to(target)  # the next map names the target
+            if fault == "drop after the write":
+                return DROP
+            if fault == "garbage reply":
+                return b"%%%not resp\r\n"
+            node.drop_after_write = True
+            return b"$20\r\n{\"d\":\"AL"
+
+        source.handler = lose
+        source.own_all()
+        target.slots = _owner_moves_to(target)
+        c = cluster(source.address, refresh_interval_s=0.0)
+        script = c.script(SCRIPT)
+        try:
+            await c.refresh()
+            started = time.monotonic()
+            call = (c.eval_script_wait(script, [KEY], [5], 1.0, None, 1, 100) if wait
+                    else c.eval_script(script, [KEY], [5], timeout_s=1.0))
+            with pytest.raises(RespConnectionError) as info:
+                await call
+            assert not isinstance(info.value, RespNotSent)
+            assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.1)  # the map refresh the failure started
+            assert c.owner_of(KEY) == target.address
+            assert len(source.scripts_run()) == 1
+            assert target.scripts_run() == []
+            # The next call goes to the new owner, once.
+            target.handler = lambda node, cmd: resp(7)
+            assert await c.eval_script(script, [KEY], [5], timeout_s=1.0) == 7
+            assert len(target.scripts_run()) == 1 and len(source.scripts_run()) == 1
+        finally:
+            await c.close()
+
+
+async def test_a_script_timed_out_on_a_silent_master_is_sent_once_within_its_deadline(
+        ) -> None:
+    async with nodes(lambda node, cmd: SILENT, None) as (silent, other):
+        silent.own_all()
+        c = cluster(silent.address, other.address)
+        script = c.script(SCRIPT)
+        try:
+            await c.refresh()
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await c.eval_script(script, [KEY], [5], timeout_s=0.05)
+                assert time.monotonic() - started < 0.05 + 0.1
+            assert len(silent.scripts_run()) == 3  # one per call, none re-sent
+            assert other.scripts_run() == []
+        finally:
+            await c.close()
+
+
+# ----------------------------------------------------- bounded redirection
+
+
+async def test_moved_ping_pong_stops_after_the_redirect_limit() -> None:
+    async with nodes(None, None) as (a, b):
+        a.handler = lambda node, cmd: error(f"MOVED {SLOT} 127.0.0.1:{b.port}")
+        b.handler = lambda node, cmd: error(f"MOVED {SLOT} 127.0.0.1:{a.port}")
+        a.own_all()
+        b.slots = a.slots
+        c = cluster(a.address, max_redirects=5)
+        script = c.script(SCRIPT)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RespError, match="MOVED"):
+                await c.eval_script(script, [KEY], [1], timeout_s=2.0)
+            assert time.monotonic() - started < 0.5
+            assert len(a.scripts_run()) + len(b.scripts_run()) == 6  # first + 5 redirects
+        finally:
+            await c.close()
+
+
+@pytest.mark.parametrize("answer", ["TRYAGAIN", "CLUSTERDOWN", "ASK then TRYAGAIN"])
+async def test_endless_retry_replies_end_within_the_callers_deadline(answer: str) -> None:
+    # Each of these means "not run", so re-sending is safe, but only until the
+    # deadline: then a TimeoutError naming the last reply.
+    async with nodes(None, None) as (source, target):
+        if answer == "ASK then TRYAGAIN":
+            source.handler = lambda node, cmd: error(f"ASK {SLOT} 127.0.0.1:{target.port}")
+            target.handler = lambda node, cmd: error("TRYAGAIN keys are moving")
+        else:
+            source.handler = lambda node, cmd: error(f"{answer} try later")
+        source.own_all()
+        target.slots = source.slots
+        c = cluster(source.address)
+        script = c.script(SCRIPT)
+        try:
+            await c.refresh()
+            for timeout in (0.02, 0.1):
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await c.eval_script(script, [KEY], [1], timeout_s=timeout)
+                assert time.monotonic() - started < timeout + 0.06
+            # The map is read at most once per refresh interval meanwhile.
+            assert source.count(b"CLUSTER") <= 5
+            if answer == "ASK then TRYAGAIN":
+                # ASKING right before every script sent to the migration target.
+                seen = [c_[0].upper() for c_ in target.seen
+                        if c_[0].upper() in (b"ASKING", b"EVALSHA")]
+                assert seen and len(seen) % 2 == 0
+                assert seen[::2] == [b"ASKING"] * (len(seen) // 2)
+                assert seen[1::2] == [b"EVALSHA"] * (len(seen) // 2)
+        finally:
+            await c.close()
+
+
+async def test_a_silent_seed_never_holds_a_call_past_its_deadline() -> None:
+    # A seed that accepts TCP and never answers, listed first.
+    async with nodes(None, lambda node, cmd: resp(b"ok")) as (silent, good):
+        silent._answer = lambda cmd: SILENT  # type: ignore[method-assign]
+        good.own_all()
+        c = cluster(silent.address, good.address, connect_timeout_s=0.2)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await c.command("GET", KEY, timeout_s=0.05)
+            assert time.monotonic() - started < 0.05 + 0.1
+            deadline = time.monotonic() + 3
+            while True:  # the read in the background moves on to the next seed
+                try:
+                    assert await c.command("GET", KEY, timeout_s=0.05) == b"ok"
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+        finally:
+            await c.close()
+
+
+async def test_many_calls_during_a_slot_move_each_run_once_on_the_new_owner() -> None:
+    async with nodes(None, None) as (source, target):
+        source.handler = lambda node, cmd: error(f"MOVED {SLOT} 127.0.0.1:{target.port}")
+        target.handler = lambda node, cmd: resp(cmd[-1])  # echoes the call's last ARGV
+        source.own_all()
+        target.slots = _owner_moves_to(target)
+        c = cluster(source.address)
+        script = c.script(SCRIPT)
+        try:
+            await c.refresh()
+            source.slots = target.slots  # the move is done: both now say so
+            replies = await asyncio.gather(*(
+                c.eval_script(script, [KEY], [f"call-{i}"], timeout_s=2.0)
+                for i in range(500)))
+            assert replies == [f"call-{i}".encode() for i in range(500)]
+            ran = [cmd[-1] for cmd in target.scripts_run()]
+            assert sorted(ran) == sorted(f"call-{i}".encode() for i in range(500))
+            assert len(source.scripts_run()) <= 500  # each bounced at most once
+            assert source.count(b"CLUSTER") + target.count(b"CLUSTER") <= 3
         finally:
             await c.close()
