@@ -59,6 +59,7 @@ from keel_pdp.budget.cluster_slots import (
     crc16,
     hash_tag,
     key_slot,
+    slot_range,
 )
 from keel_pdp.budget.cluster_url import (
     SCHEMES,
@@ -103,6 +104,10 @@ class ClusterClient:
         self._shared_slots: dict[int, tuple[Shared, int | None]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1e9
+        # When the last refresh failed, and how: for that long calls are answered
+        # with it instead of asking again (see _refresh_now).
+        self._failed_at = -1e9
+        self._failure = ""
         self._closed = False
         self.refreshes = 0
         self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0, "not_sent": 0}
@@ -299,7 +304,7 @@ class ClusterClient:
                 message = str(error)
                 kind = message.split(" ", 1)[0]
                 if kind in ("MOVED", "ASK"):
-                    target = _redirect(message)
+                    target = _redirect(message, node.config.host if node else "")
                     redirects += 1
                     if target is None or redirects > self.config.max_redirects:
                         raise error
@@ -346,10 +351,13 @@ class ClusterClient:
             self._nodes[address] = node
         return node
 
+    def _recently_refreshed(self) -> bool:
+        """Whether a refresh ended, well or not, less than ``refresh_interval_s`` ago."""
+        last = max(self._refreshed_at, self._failed_at)
+        return time.monotonic() - last < self.config.refresh_interval_s
+
     def _refresh_later(self) -> None:
-        if self._closed or self._refreshing is not None:
-            return
-        if time.monotonic() - self._refreshed_at < self.config.refresh_interval_s:
+        if self._closed or self._refreshing is not None or self._recently_refreshed():
             return
         self._start_refresh()
 
@@ -367,9 +375,14 @@ class ClusterClient:
     async def _refresh_now(self) -> None:
         task = self._refreshing
         if task is None:
-            if time.monotonic() - self._refreshed_at < self.config.refresh_interval_s and \
-                    self._masters:
-                return
+            if self._recently_refreshed():
+                # A failed refresh is not retried at once either: during an
+                # outage every call would otherwise ask every node for the map
+                # (and log a warning), at the calls' own rate.
+                if self._masters:
+                    return
+                if self._failure:
+                    raise RespConnectionError(self._failure)
             task = self._start_refresh()
         await asyncio.shield(task)
 
@@ -393,8 +406,10 @@ class ClusterClient:
         if self._closed:
             raise RespConnectionError("client is closed")
         known = list(dict.fromkeys(self._masters))
+        # In random order, so a master that stalls is not asked first every time.
         random.shuffle(known)
-        addresses = [a for a, n in self._nodes.items() if n in known]
+        where = {id(n): a for a, n in self._nodes.items()}
+        addresses = [where[id(n)] for n in known]
         addresses += [s for s in self.config.seeds if s not in addresses]
         failures = []
         for address in addresses:
@@ -405,26 +420,26 @@ class ClusterClient:
                 return
             except (OSError, TimeoutError, RespError, ValueError) as exc:
                 failures.append(f"{address[0]}:{address[1]}: {exc}")
-        raise RespConnectionError("no Redis Cluster node answered CLUSTER SLOTS ("
-                                  + "; ".join(failures) + ")")
+        self._failure = ("no Redis Cluster node answered CLUSTER SLOTS ("
+                         + "; ".join(failures) + ")")
+        self._failed_at = time.monotonic()
+        raise RespConnectionError(self._failure)
 
     def _install(self, raw: Any, asked: Address) -> None:
         if not isinstance(raw, list) or not raw:
             raise ValueError(f"CLUSTER SLOTS answered {raw!r:.80}")
+        ranges = [slot_range(entry, asked[0]) for entry in raw]  # all checked first
         slots: list[RespClient | None] = [None] * SLOTS
         masters: list[RespClient] = []
-        for entry in raw:
-            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
-            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
-            if host in ("", "?"):
-                host = asked[0]  # the node does not know its own address: ours
-            node = self._node((host, int(primary[1])))
+        for start, end, address in ranges:
+            node = self._node(address)
             if node not in masters:
                 masters.append(node)
             slots[start:end + 1] = [node] * (end - start + 1)
         self._slots = slots
         self._masters = masters
         self._refreshed_at = time.monotonic()
+        self._failure = ""
         self.refreshes += 1
 
     # ----------------------------------------------------------- lifecycle

@@ -156,12 +156,46 @@ def command_keys(args: Sequence[Arg]) -> list[str]:
     return rest[:1]
 
 
-def _redirect(message: str) -> tuple[int, Address] | None:
-    """Slot and address of ``MOVED 3999 127.0.0.1:6381`` / ``ASK ...``."""
+def _redirect(message: str, asked_host: str) -> tuple[int, Address] | None:
+    """Slot and address of ``MOVED 3999 127.0.0.1:6381`` / ``ASK ...``; None when the
+    reply is not one (a slot or port out of range included). A node that does not
+    know its endpoint (``cluster-preferred-endpoint-type unknown-endpoint``) leaves
+    the host out (``MOVED 3999 :6381``) or writes ``?``: the host is then the one
+    the command was sent to, ``asked_host``."""
     fields = message.split()
-    if len(fields) < 3 or not fields[1].isdigit():
+    if len(fields) < 3 or not fields[1].isdigit() or int(fields[1]) >= SLOTS:
         return None
     host, _, port = fields[2].rpartition(":")
-    if not port.isdigit():
+    if not port.isdigit() or not 0 < int(port) < 65536:
         return None
-    return int(fields[1]), (host.strip("[]"), int(port))
+    host = host.strip("[]")
+    return int(fields[1]), (host if host not in ("", "?") else asked_host, int(port))
+
+
+def slot_range(entry: object, asked_host: str) -> tuple[int, int, Address]:
+    """First slot, last slot and master address of one ``CLUSTER SLOTS`` entry
+    (``[start, end, [host, port, ...], replicas...]``; the host may be nil, "" or
+    "?" for an endpoint the node does not know). ``ValueError`` naming the
+    entry for anything Redis would not send (slots outside 0..16383 or reversed,
+    a port outside 0..65535, a missing field), so a bad map is refused whole and
+    the next node is asked, instead of a slice of it being installed. Port 0 is
+    kept: a node reports it for an endpoint it does not serve, and a connection
+    to it is refused like any unreachable master's."""
+    try:
+        if not isinstance(entry, list | tuple) or len(entry) < 3:
+            raise ValueError("not [start, end, master, ...]")
+        start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+        if not 0 <= start <= end < SLOTS:
+            raise ValueError(f"slots {start}-{end} are not a range within 0-{SLOTS - 1}")
+        if not isinstance(primary, list | tuple) or len(primary) < 2:
+            raise ValueError("the master is not [host, port, ...]")
+        raw_host, port = primary[0], int(primary[1])
+        if not isinstance(raw_host, bytes | str | None) or not 0 <= port < 65536:
+            raise ValueError("the master's host or port is out of range")
+        host = raw_host.decode() if isinstance(raw_host, bytes) else raw_host
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"CLUSTER SLOTS entry {entry!r:.80}: {exc}") from None
+    # An endpoint the node does not know (cluster-preferred-endpoint-type
+    # unknown-endpoint: nil; a hostname not set: "?"; its own IP unknown: ""):
+    # the client uses the host it asked, with the port given.
+    return start, end, (host if host not in (None, "", "?") else asked_host, port)
