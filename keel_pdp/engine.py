@@ -9,6 +9,7 @@ Closeout and Void of its own permits take one round trip), ``outbox.OutboxRelay`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -38,12 +39,16 @@ from keel_pdp.outbox import OutboxRelay
 from keel_pdp.permit_cache import CachedPermit, PermitCache
 from keel_pdp.permits import PermitIds, is_degraded_permit_id, permit_issued_ms
 from keel_pdp.policy.reload import PolicyHolder
+from keel_pdp.policy.snapshot import PolicySnapshot
 from keel_pdp.pricing import PICO_PER_MICRO, TokenUsage, ceil_div, usage_cost_pico
 from keel_pdp.sweeper import sweep
 
 log = logging.getLogger("keel_pdp.engine")
 # Refills an Authorize may make for its shared budgets' leases (escrow).
 REFILL_ROUNDS = 2
+# How long an Authorize without a deadline waits for the give-back of leases
+# above a cap the policy just cut (escrow) before it holds anyway.
+CAP_CUT_WAIT_S = 2.0
 
 # Time kept back from the caller's deadline to build and send the answer.
 DEADLINE_MARGIN_S = 0.002
@@ -103,6 +108,12 @@ class Engine:
         # Leases unchanged for lease_idle_s are given back by the sweeper.
         self.escrow = Escrow(store, lease_idle_s)
         self._background: set[asyncio.Task[None]] = set()
+        # Shared budgets' caps in the last policy snapshot seen (escrow: a cap cut
+        # gives back the leases above it), and the give-back a cut started.
+        self._caps_of: PolicySnapshot | None = None
+        self._caps: dict[str, int] = {}
+        self._cap_cut: asyncio.Task[None] | None = None
+        self._cut_budgets: frozenset[str] = frozenset()
 
     # ----------------------------------------------------------------- helpers
     def _budget(self, deadline_s: float | None) -> float | None:
@@ -162,6 +173,8 @@ class Engine:
             await self._record_denial(p, data, budget)
             return self._count(out)
         hold, mat, metas = self.prepare_hold(p, data)
+        if mat.leased:
+            budget = await self._after_cap_cuts(p, mat, budget)
         keys, wexp = mat.window_keys, mat.wexp
         first = p.candidates[0].target_idx
         if budget is not None and budget <= 0.0005:
@@ -264,6 +277,61 @@ class Engine:
                 return res, exhausted
             need = res.need
         raise StoreUnavailable("the store asked for a lease refill after the last round")
+
+    def _see_caps(self, snapshot: PolicySnapshot, now_ms: int) -> None:
+        """A policy snapshot not seen yet. When it cuts the cap of a shared budget
+        (or is the first this process sees: it cannot know what was cut before it
+        started), give back now the unused part of the leases leased under a higher
+        cap, so the next refill applies the cap now in force (escrow). A raised cap
+        needs nothing: the next refill applies it."""
+        before = self._caps if self._caps_of is not None else None
+        caps = {b.id: b.limit_micros for b in snapshot.budgets}
+        self._caps_of, self._caps = snapshot, caps
+        if not self.store.keys.escrow:
+            return
+        cut = frozenset(i for i, cap in caps.items()
+                        if before is None or cap < before.get(i, cap + 1))
+        if not cut:
+            return
+
+        async def give_back() -> None:
+            try:
+                returned = await self.escrow.reclaim(now_ms, caps, cut)
+            except Exception as exc:  # the sweeper's next look tries again
+                log.warning("escrow: giving back leases above a cut cap failed (%s); the "
+                            "sweeper tries again", exc)
+                return
+            if returned:
+                self.metrics.escrow_returns_micros.inc(returned)
+
+        self._cut_budgets = cut
+        task = self._cap_cut = asyncio.get_running_loop().create_task(give_back())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _after_cap_cuts(self, p: dec.Plan, mat: Material,
+                              budget: float | None) -> float | None:
+        """Under a policy that cut a shared budget's cap, hold only once the leases
+        above the new cap were given back (within the caller's deadline); returns
+        what is left of the deadline."""
+        assert p.shape is not None
+        if p.shape.snapshot is not self._caps_of:
+            # The newest policy, not the request's: one planned before a reload
+            # (still in flight) must not bring the old caps back.
+            current = self.policies.current
+            if current is not None and current is not self._caps_of:
+                self._see_caps(current, p.now_ms)
+        task = self._cap_cut
+        if task is None or task.done() or not any(
+                parent is not None and parent.budget_id in self._cut_budgets
+                for parent in mat.parents):
+            return budget
+        t0 = time.perf_counter()
+        # Past the wait, held anyway: the give-back lands after this request.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task),
+                                   CAP_CUT_WAIT_S if budget is None else max(budget, 0.0))
+        return None if budget is None else budget - (time.perf_counter() - t0)
 
     def _give_back_later(self, mat: Material, i: int, now_ms: int) -> None:
         """A lease refused a request: give its unused part back to the shared
@@ -515,7 +583,13 @@ class Engine:
         if released:
             self.metrics.holds_expired.inc(len(released))
         if self.store.keys.escrow:
-            returned = await self.escrow.return_idle(now)
+            snapshot = self.policies.current
+            if snapshot is not None and snapshot is not self._caps_of:
+                self._see_caps(snapshot, now)
+            # Leases above their budget's cap now (cut mid-window) are given back
+            # however busy, by whichever sidecar looks first, restarted ones too.
+            returned = await self.escrow.return_idle(
+                now, self._caps if self._caps_of is not None else None)
             if returned:
                 self.metrics.escrow_returns_micros.inc(returned)
         return len(released)

@@ -27,6 +27,14 @@ atomic call as every other budget of the request.
   the shared budget. The sweeper charges it to the parent (``take`` without a
   cap, then ``credit``), so the other shards cannot lease it again; a refill of
   the lease charges it too (it asks for what the lease is short of).
+* **A cap cut.** A lease records the cap its last refill was leased under
+  (``c``). A lease leased under a cap above its budget's cap in the policy now
+  loaded (cut mid-window) gives its unused part back, busy or idle: when a
+  sidecar loads a policy that cuts the cap (or its first policy: it cannot know
+  what was cut before it started), before its first Authorize under that policy
+  holds against the budget (``reclaim``), and at every look of every sidecar's
+  sweeper (``return_idle``), so one started after the cut sees it too. The next
+  refill's ``take`` applies the new cap. A raised cap needs nothing.
 * **Idempotent, recorded.** Each step carries a transfer id and is applied once
   per side (a record under the id answers a retry). Every step that moves money
   is appended to its side's decision stream (type ``lease``), so the ledger sees
@@ -43,6 +51,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from keel_pdp.budget.keys import KeySpace
@@ -148,10 +157,13 @@ class Escrow:
             self._last.clear()
         self._last[lease_key] = got
         if got > 0:
+            # The lease records the cap this take applied (c): a cap cut later is
+            # seen on the lease by any sidecar's sweeper, even one started after it.
             await store.escrow(
                 "credit", [lease_key, ks.transfer(tid, shard, "credit"), ks.streams[shard],
                            ks.leases(shard)],
-                tid, got, 0, parent.expire_at_s, now_ms, data, parent.key, timeout_s)
+                tid, got, parent.limit_micros, parent.expire_at_s, now_ms, data, parent.key,
+                timeout_s)
         self.refills += 1
         return got
 
@@ -199,17 +211,55 @@ class Escrow:
             "take", [parent_key, ks.transfer(tid, home, "take"), ks.streams[home], parent_key],
             tid, debt, -1, expire_at, now_ms, data, lease_key, timeout_s)
         if got > 0:
+            # Limit -1: a debt is no refill under a cap; the lease's c stays.
             await store.escrow(
                 "credit", [lease_key, ks.transfer(tid, shard, "credit"), ks.streams[shard],
                            ks.leases(shard)],
-                tid, got, 0, expire_at, now_ms, data, parent_key, timeout_s)
+                tid, got, -1, expire_at, now_ms, data, parent_key, timeout_s)
         return got
 
-    async def return_idle(self, now_ms: int) -> int:
+    def above_cap(self, lease_key: str, leased_under: int | None,
+                  caps: Mapping[str, int] | None) -> bool:
+        """Whether a lease was leased under a cap above its budget's cap in ``caps``
+        (budget id -> cap in the policy now loaded): the cap was cut since. A lease
+        that does not say (written before leases recorded it) counts as above; a
+        budget ``caps`` does not name (no policy, or no longer in it) never does."""
+        if not caps:
+            return False
+        now = caps.get(self.keys.lease_budget(lease_key))
+        return now is not None and (leased_under is None or leased_under > now)
+
+    async def reclaim(self, now_ms: int, caps: Mapping[str, int],
+                      budgets: Collection[str] | None = None) -> int:
+        """Give back, now, the unused part of every lease (of every shard) leased
+        under a cap above its budget's cap in ``caps`` (of ``budgets`` only, when
+        given), so that the next refill's take applies the cap now in force.
+        Returns the amount given back. Safe with many sidecars at once: each
+        give-back is a transfer of its own, and a lease given back already gives 0."""
+        shards = range(self.keys.shards)
+        indexes = await asyncio.gather(*(self.store.lease_index(s) for s in shards))
+        leases = [(lease_key, parent_key) for index in indexes
+                  for lease_key, parent_key in index.items()
+                  if budgets is None or self.keys.lease_budget(lease_key) in budgets]
+
+        async def one(lease_key: str, parent_key: str) -> int:
+            figures = await self.store.lease_figures(lease_key)
+            if figures is None:
+                return 0
+            leased, settled, held, leased_under = figures
+            if leased > settled + held and self.above_cap(lease_key, leased_under, caps):
+                return await self.give_back(lease_key, parent_key, now_ms, 2.0)
+            return 0
+
+        return sum(await asyncio.gather(*(one(lk, pk) for lk, pk in leases)))
+
+    async def return_idle(self, now_ms: int, caps: Mapping[str, int] | None = None) -> int:
         """At most every ``idle_s``: give back the unused part of every lease (of every
-        shard) whose figures did not move since the last look; charge the parent
-        what a lease spent above its lease; forget leases that have expired.
-        Returns the amount given back."""
+        shard) whose figures did not move since the last look, or that was leased
+        under a cap above its budget's cap in ``caps`` (budget id -> cap in the
+        policy now loaded: a cap cut mid-window, however busy the lease); charge
+        the parent what a lease spent above its lease; forget leases that have
+        expired. Returns the amount given back."""
         if now_ms < self._next_idle_look:
             return 0
         self._next_idle_look = now_ms + int(self.idle_s * 1000)
@@ -217,16 +267,19 @@ class Escrow:
         seen = self._seen
         for shard in range(self.keys.shards):
             for lease_key, parent_key in (await self.store.lease_index(shard)).items():
-                figures = await self.store.lease_figures(lease_key)
-                if figures is None:
+                state = await self.store.lease_figures(lease_key)
+                if state is None:
                     seen.pop(lease_key, None)
                     await self.store.forget_lease(shard, lease_key)
                     continue
-                leased, settled, held = figures
+                leased, settled, held, leased_under = state
+                figures = (leased, settled, held)
                 if settled + held > leased:
                     await self.charge_debt(lease_key, parent_key, figures, now_ms, 2.0)
                     seen.pop(lease_key, None)
-                elif seen.get(lease_key) == figures and leased > settled + held:
+                elif leased > settled + held and (
+                        seen.get(lease_key) == figures
+                        or self.above_cap(lease_key, leased_under, caps)):
                     total += await self.give_back(lease_key, parent_key, now_ms, 2.0)
                     seen.pop(lease_key, None)
                 else:

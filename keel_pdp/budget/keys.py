@@ -227,6 +227,11 @@ class KeySpace:
         parts = ":".join(enc(v) for v in split)
         return f"{self.bases[shard]}l:{budget_id}:{len(split)}:{parts}:{start_ms}"
 
+    @staticmethod
+    def lease_budget(key: str) -> str:
+        """The budget id in a lease's key (budget ids hold no ``:``)."""
+        return key.partition("}:l:")[2].partition(":")[0]
+
     def lease_grants(self, budget_id: str, split: tuple[str, ...], shard: int) -> str:
         """What a lease's holds count as exception grants: a key nothing writes. A
         shared budget's grants live with its parent and count when the parent

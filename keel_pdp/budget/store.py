@@ -391,13 +391,15 @@ class BudgetStore:
             pairs = list(zip(raw[::2], raw[1::2], strict=True))
         return {_text(k): _text(v) for k, v in pairs}
 
-    async def lease_figures(self, key: str) -> tuple[int, int, int] | None:
-        """A lease's (leased, settled, held); None once it has expired."""
-        raw = await self._command("HMGET", key, "g", "s", "h",
+    async def lease_figures(self, key: str) -> tuple[int, int, int, int | None] | None:
+        """A lease's (leased, settled, held, the cap of its last refill: None when
+        written before leases recorded it); None once it has expired."""
+        raw = await self._command("HMGET", key, "g", "s", "h", "c",
                                   timeout_s=max(self.timeout_s, 1.0))
         if raw[0] is None:
             return None
-        return int(raw[0]), int(raw[1] or 0), int(raw[2] or 0)
+        return (int(raw[0]), int(raw[1] or 0), int(raw[2] or 0),
+                int(raw[3]) if raw[3] is not None else None)
 
     async def expire_at_s(self, key: str) -> int:
         """When a key expires (Unix s); negative when it has no expiry (-1) or is gone

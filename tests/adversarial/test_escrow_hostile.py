@@ -12,8 +12,10 @@ cap, not read back from the code under test:
   budget, so the other shards cannot lease it a second time;
 * a crowd of tenants in every shard, on four sidecars at once, gets exactly the
   cap, and every transfer has both its sides on the streams once;
-* a cap cut in the middle of a window (open, marked xfail: the leases already
-  given keep being spent).
+* a cap cut in the middle of a window binds the leases already given: their
+  unused part goes back (on the reload, or by the sweeper of any sidecar, one
+  started after the cut too, once however many sweep), and the next refill
+  applies the new cap; a cap raised gives nothing back.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pytest
 import redis
 
 from keel_pdp import grants
-from keel_pdp.budget.escrow import Parent
+from keel_pdp.budget.escrow import Escrow, Parent
 from keel_pdp.budget.keys import tenant_shard
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.decision import AuthorizeInput, DecisionKind
@@ -321,25 +323,141 @@ async def test_a_crowd_of_tenants_in_every_shard_gets_exactly_the_cap_and_every_
 
 
 # ------------------------------------------------------------------ a cap cut
-@pytest.mark.xfail(strict=True, reason=(
-    "open: a lease keeps spending what it was leased under the old cap; a cap cut "
-    "binds only the parent's next take (see docs/redis-cluster.md, escrow)"))
+OLD_CAP, NEW_CAP = 200 * COST, 5 * COST
+# The lease's first refill asks for 32 requests' worth, up to a slice: 1/(2 x 4
+# shards) of the old cap, 25 requests' worth. Eight requests spend 8 of it.
+SLICE = OLD_CAP // (2 * SHARDS)
+SPENT = 8 * COST
+UNUSED = SLICE - SPENT  # what the lease holds above what it spent: 17 requests' worth
+
+
+def lease_events(r: Any, streams: tuple[str, ...], since: dict[str, int]
+                 ) -> list[tuple[str, str, int]]:
+    """(transfer id, step, amount) of each lease event appended since ``since``
+    (stream -> its length then)."""
+    out = []
+    for s in streams:
+        for _, f in r.xrange(s)[since.get(s, 0):]:
+            if f[b"type"] == b"lease":
+                res = json.loads(f[b"res"])
+                out.append((f[b"pid"].decode(), res["dir"], res["amt"]))
+    return out
+
+
+async def spend_under_the_old_cap(engine: Engine, tenant: str, r: Any) -> str:
+    """Eight requests under the old cap; returns the lease key, checked to hold a
+    whole slice, 17 requests of it unused."""
+    assert len(await admitted(engine, "pre", 8, tenant)) == 8
+    (lease,) = [k.decode() for k in r.scan_iter(f"{PREFIX}:*:l:org:*")]
+    assert int(r.hget(lease, "g")) == SLICE
+    assert int(r.hget(lease, "c")) == OLD_CAP  # the cap its refill was leased under
+    return lease
+
+
+def assert_given_back_once(r: Any, engine: Engine, lease: str,
+                           since: dict[str, int]) -> None:
+    """The lease's unused part went back to the parent once: one give and one back
+    of the same transfer, for exactly that amount; the parent's leased and the
+    lease's leased are what was spent."""
+    parent = parent_of(engine)
+    events = lease_events(r, engine.store.keys.streams, since)
+    (give,) = [e for e in events if e[1] == "give"]
+    assert give[2] == UNUSED
+    assert sorted(events) == sorted([give, (give[0], "back", UNUSED)])
+    assert int(r.hget(lease, "g")) == SPENT
+    assert int(r.hget(parent.key, "l")) == SPENT
+
+
 async def test_a_cap_cut_mid_window_binds_the_leases_already_given(
         redis_url: str, tmp_path: pathlib.Path) -> None:
     """Cap: 200 requests; one busy tenant's lease has grown to a whole slice (1/8 of
-    the cap: 25 requests' worth). Finance cuts the cap to 5 requests; the tenant
-    already spent more than that, so nothing more may be admitted, as a budget in
-    one shard would answer."""
-    engine = engine_for(redis_url, bundle_for(tmp_path / "b", 200 * COST))
+    the cap: 25 requests' worth) and the tenant spent 8 of it. Finance cuts the
+    cap to 5 requests (a policy reload); the tenant already spent more than that,
+    so nothing more may be admitted, as a budget in one shard would answer: the
+    lease gives its 17 unused requests' worth back before the first request under
+    the new policy holds, and the refill that request asks for applies the cut."""
+    engine = engine_for(redis_url, bundle_for(tmp_path / "b", OLD_CAP))
     r: Any = redis.Redis.from_url(redis_url)
     a, _ = two_tenants_off_home()
-    before = len(await admitted(engine, "pre", 8, a))
-    assert before == 8
-    lease = next(k for k in r.scan_iter(f"{PREFIX}:*:l:org:*"))
-    assert int(r.hget(lease, "g")) - 8 * COST >= COST  # room left in the lease
-    cut = bundle_for(tmp_path / "b2", 5 * COST)
-    engine.policies.set(load_bundle(cut))
+    lease = await spend_under_the_old_cap(engine, a, r)
+    since = {s: r.xlen(s) for s in engine.store.keys.streams}
+    engine.policies.set(load_bundle(bundle_for(tmp_path / "b2", NEW_CAP)))
     after = await admitted(engine, "post", 10, a)
     assert after == []
-    assert spent(r) == 8 * COST
+    assert spent(r) == SPENT
+    assert_given_back_once(r, engine, lease, since)
+    await engine.store.close()
+
+
+@pytest.mark.parametrize("how", ["sweeper", "first request"])
+async def test_a_sidecar_started_after_a_cap_cut_gives_the_leases_above_it_back(
+        redis_url: str, tmp_path: pathlib.Path, how: str) -> None:
+    """The sidecar that spent under the old cap (200 requests) is gone; a new one
+    starts with the cut policy (5 requests) and never saw the old cap. The lease
+    says what it was leased under: the new sidecar's sweeper (a fresh one, at its
+    first look, though the lease is not idle) or its first request gives the 17
+    unused requests' worth back, once, and nothing more is admitted."""
+    old = engine_for(redis_url, bundle_for(tmp_path / "b", OLD_CAP))
+    r: Any = redis.Redis.from_url(redis_url)
+    a, _ = two_tenants_off_home()
+    lease = await spend_under_the_old_cap(old, a, r)
+    await old.store.close()
+    since = {s: r.xlen(s) for s in old.store.keys.streams}
+    new = engine_for(redis_url, bundle_for(tmp_path / "b2", NEW_CAP))
+    if how == "sweeper":
+        fresh = Escrow(new.store)
+        got = await fresh.return_idle(new.ids.now_ms(), {"org": NEW_CAP})
+        assert got == UNUSED
+        assert await fresh.reclaim(new.ids.now_ms(), {"org": NEW_CAP}) == 0  # nothing twice
+    after = await admitted(new, "post", 10, a)
+    assert after == []
+    assert spent(r) == SPENT
+    await asyncio.gather(*list(new._background))
+    assert_given_back_once(r, new, lease, since)
+    await new.store.close()
+
+
+async def test_sidecars_sweeping_a_cap_cut_at_once_give_each_lease_back_once(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """Two sidecars load the cut (200 -> 5 requests) and sweep at the same moment
+    (each one's sweep and its reload's give-back race: four at once): the lease's
+    17 unused requests' worth goes back once (one give, one back on the streams,
+    both for that amount), whoever gets there first; the others give 0. Then
+    neither sidecar admits anything."""
+    bundle = bundle_for(tmp_path / "b", OLD_CAP)
+    e1, e2 = engine_for(redis_url, bundle), engine_for(redis_url, bundle)
+    r: Any = redis.Redis.from_url(redis_url)
+    a, _ = two_tenants_off_home()
+    lease = await spend_under_the_old_cap(e1, a, r)
+    since = {s: r.xlen(s) for s in e1.store.keys.streams}
+    cut = load_bundle(bundle_for(tmp_path / "b2", NEW_CAP))
+    for e in (e1, e2):
+        e.policies.set(cut)
+    now = e1.ids.now_ms()
+    await asyncio.gather(e1.sweep_once(now), e2.sweep_once(now))
+    for e in (e1, e2):  # each reload's give-back runs beside the requests
+        await asyncio.gather(*list(e._background))
+    assert_given_back_once(r, e1, lease, since)
+    for i, e in enumerate((e1, e2)):
+        assert await admitted(e, f"post{i}", 5, a) == []
+    assert spent(r) == SPENT
+    for e in (e1, e2):
+        await asyncio.gather(*list(e._background))
+        await e.store.close()
+
+
+async def test_a_cap_raised_mid_window_gives_nothing_back(
+        redis_url: str, tmp_path: pathlib.Path) -> None:
+    """Cap raised from 200 to 400 requests: the lease keeps its slice (nothing is
+    given back, by the sweeper or the reload) and keeps serving."""
+    engine = engine_for(redis_url, bundle_for(tmp_path / "b", OLD_CAP))
+    r: Any = redis.Redis.from_url(redis_url)
+    a, _ = two_tenants_off_home()
+    lease = await spend_under_the_old_cap(engine, a, r)
+    since = {s: r.xlen(s) for s in engine.store.keys.streams}
+    engine.policies.set(load_bundle(bundle_for(tmp_path / "b2", 2 * OLD_CAP)))
+    assert len(await admitted(engine, "post", 10, a)) == 10
+    await engine.sweep_once()
+    assert lease_events(r, engine.store.keys.streams, since) == []
+    assert int(r.hget(lease, "g")) == SLICE
     await engine.store.close()

@@ -12,13 +12,19 @@
 --         limit -1: a lease's debt (what it spent above what it was leased:
 --         overruns, late closeouts), booked in full whatever the parent has left
 --   back: take a returned amount back (l -= amount, never below 0)
--- Lease steps:   KEYS[1] lease hash (g, s, h, p = parent key)
+-- Lease steps:   KEYS[1] lease hash (g, s, h, p = parent key, c = the cap it was
+--                        leased under)
 --                KEYS[2] transfer record (this side)   KEYS[3] stream
 --                KEYS[4] the shard's lease index (lease key -> parent key)
---   credit: g += amount (what the parent's take leased)
+--   credit: g += amount (what the parent's take leased); limit >= 0: c = limit,
+--           the cap that take applied (a debt's credit, limit -1, leaves c). A
+--           sweeper gives back the unused part of a lease whose c is above the
+--           budget's cap in the policy it has loaded (a cap cut mid-window), so
+--           the next refill's take applies the new cap.
 --   give:   return what the lease does not use: g -= g - s - h (when > 0)
 --
--- ARGV: step, transfer id, amount (take: wanted), limit (take), key expire-at (s),
+-- ARGV: step, transfer id, amount (take: wanted), limit (take; credit: the cap the
+--       take applied, or -1), key expire-at (s),
 --       now_ms, event data (JSON, opaque here), the other side's key,
 --       take only: the least worth leasing (less available: lease nothing)
 -- Returns the amount the step moved (a string of digits).
@@ -65,7 +71,12 @@ elseif step == 'back' then
 elseif step == 'credit' then
   moved = amount
   local g = redis.call('HINCRBY', KEYS[1], 'g', moved)
-  redis.call('HSET', KEYS[1], 'p', ARGV[8])
+  if tonumber(ARGV[4]) >= 0 then
+    -- ARGV[4] as the caller wrote it (digits): no number is formatted here
+    redis.call('HSET', KEYS[1], 'p', ARGV[8], 'c', ARGV[4])
+  else
+    redis.call('HSET', KEYS[1], 'p', ARGV[8])
+  end
   redis.call('EXPIREAT', KEYS[1], wexp)
   redis.call('HSET', KEYS[4], KEYS[1], ARGV[8])
   res = string.format('{"dir":"credit","amt":%d,"g":%d}', moved, g)
