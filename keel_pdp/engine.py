@@ -327,10 +327,11 @@ class Engine:
                 for parent in mat.parents):
             return budget
         t0 = time.perf_counter()
-        # Past the wait, held anyway: the give-back lands after this request.
+        # Past the wait, held anyway: the give-back lands after this request. At
+        # most half the deadline, so the request still has time for its own hold.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task),
-                                   CAP_CUT_WAIT_S if budget is None else max(budget, 0.0))
+                                   CAP_CUT_WAIT_S if budget is None else max(budget / 2, 0.0))
         return None if budget is None else budget - (time.perf_counter() - t0)
 
     def _give_back_later(self, mat: Material, i: int, now_ms: int) -> None:
