@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from keel_pdp.decision import AuthorizeInput, DecisionKind
@@ -131,3 +132,53 @@ async def test_two_sidecars_in_the_repeated_dst_hour_share_one_window_and_one_ca
     held_this_hour = sum(h for k, (_, h) in (await windows(early, "acme-hourly")).items()
                          if k.endswith(f":{_utc(6, 0)}"))
     assert held_this_hour == ONE_CALL
+
+
+# R1: acme-daily, $1 a day; gpt-4o-mini at $0.15 / $0.60. R2 variants change what a
+# permit decided under R1 must not follow: its price, its budget's id, window or cap.
+R2_PRICES = {"openai": {"gpt-4o-mini": {"input": "0.30", "output": "1.20",
+                                        "max_output_tokens": 1000}}}
+R2_VARIANTS: dict[str, dict[str, Any]] = {
+    "price-doubled": {"budgets": [budget("acme-daily", "1.00", scope={"tenant": "acme"})],
+                      "prices": R2_PRICES},
+    "budget-removed": {"budgets": [budget("other", "1.00", scope={"tenant": "globex"})]},
+    "budget-renamed": {"budgets": [budget("acme-day", "1.00", scope={"tenant": "acme"})]},
+    "daily-to-hourly": {"budgets": [budget("acme-daily", "1.00", window="hourly",
+                                           scope={"tenant": "acme"})]},
+    "cap-below-held": {"budgets": [budget("acme-daily", "0.000100", scope={"tenant": "acme"})]},
+}
+
+
+@pytest.mark.parametrize("expire_first", [False, True], ids=["held", "expired"])
+@pytest.mark.parametrize("variant", sorted(R2_VARIANTS))
+async def test_a_permit_of_r1_closed_out_under_r2_books_its_r1_price_into_its_r1_windows(
+        aio_client: aioredis.Redis, tmp_path: pathlib.Path, variant: str,
+        expire_first: bool) -> None:
+    d = write_bundle(tmp_path / "b", [budget("acme-daily", "1.00", scope={"tenant": "acme"})],
+                     revision="r1")
+    engine = make_engine(aio_client, d)
+    first = await engine.authorize(req("r1"))
+    assert first.decision is DecisionKind.ALLOW and first.estimated_cost_micros == ONE_CALL
+    (held_key,) = (await windows(engine, "acme-daily")).keys()
+
+    write_bundle(d, revision="r2", **R2_VARIANTS[variant])
+    assert engine.policies.reload() is True
+    snapshot = engine.policies.current
+    assert snapshot is not None and snapshot.revision == "r2"
+    if expire_first:
+        assert await engine.sweep_once(now_ms=first.expires_at_ms + 1) == 1
+    # 1,000 input + 100 output tokens at R1's price: 150 + 60 = 210 micro-USD.
+    done = await engine.closeout(first.permit_id, TokenUsage(1000, 0, 0, 100), "SUCCEEDED",
+                                 None)
+    assert done.status == ("SETTLED_AFTER_EXPIRY" if expire_first else "SETTLED")
+    assert done.actual_cost_micros == done.priced_cost_micros == 210
+    assert done.correction_micros == (210 if expire_first else 210 - ONE_CALL)
+    client: Any = engine.store.client
+    every = sorted(k.decode() for k in await client.keys("*:b:*"))
+    assert every == [held_key]
+    assert await engine.store.window(held_key) == (210, 0)
+    assert await client.zcard(engine.store.keys.expiry_sets[0]) == 0
+    again = await engine.closeout(first.permit_id, TokenUsage(1000, 0, 0, 999), "SUCCEEDED",
+                                  None)
+    assert again.status == "ALREADY_SETTLED" and again.actual_cost_micros == 210
+    assert await engine.store.window(held_key) == (210, 0)
