@@ -576,9 +576,14 @@ class Engine:
 
     # ----------------------------------------------------------------- expiry
     async def sweep_once(self, now_ms: int | None = None, limit: int = 200) -> int:
-        """Release holds whose TTL passed; safe to run in many sidecars at once."""
+        """Release holds whose TTL passed; safe to run in many sidecars at once.
+
+        A hold is due once this sidecar's clock and the store's have both passed
+        its expiry: a sidecar whose clock runs ahead must not end other sidecars'
+        holds while their provider calls still run (``now_ms``: a given clock)."""
         now = self.ids.now_ms() if now_ms is None else now_ms
-        released = await sweep(self.store, now, limit)
+        due = now if now_ms is not None else min(now, await self.store.time_ms())
+        released = await sweep(self.store, due, limit)
         for pid in released:
             self._permits.forget(pid)
         if released:

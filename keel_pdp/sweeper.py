@@ -2,8 +2,10 @@
 
 The sweep reads due permit ids from the expiry set and releases each through
 release.lua, which applies an expiry only once the permit's own ``expires_at`` has
-passed (a sweeper with a fast clock cannot cut a live hold short) and only to a
-permit still held (so many sidecars sweeping at once release each hold once).
+passed ``now_ms`` and only to a permit still held (so many sidecars sweeping at
+once release each hold once). The engine's sweep passes the earlier of its own
+clock and the store's, so a sidecar whose clock runs ahead cannot cut another
+sidecar's live hold short.
 A sharded key space has one expiry set per shard; the sweep reads them all.
 """
 

@@ -23,20 +23,25 @@ def _ms(dt: datetime) -> int:
 def _bounds_cached(kind: WindowKind, tz: str, bucket: int) -> tuple[int, int]:
     # bucket is the hour (epoch ms // 3.6e6): windows never start inside an hour
     # for the zones we accept, so all instants in one hour share a window.
-    now = datetime.fromtimestamp(bucket * 3600, tz=_zone(tz))
     if kind == "hourly":
-        start = now.replace(minute=0, second=0, microsecond=0)
-        end = start + timedelta(hours=1)
-    elif kind == "daily":
+        # Offsets are whole hours, so a local hour is a UTC hour. Local wall-clock
+        # arithmetic would not do: the first pass of a repeated (fall-back) hour
+        # plus one hour lands after the second pass, and the two windows overlap.
+        return bucket * 3_600_000, (bucket + 1) * 3_600_000
+    now = datetime.fromtimestamp(bucket * 3600, tz=_zone(tz))
+    if kind == "daily":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         end = (start + timedelta(days=1, hours=3)).replace(hour=0)
     else:
         start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         end = (start + timedelta(days=32)).replace(day=1, hour=0)
     # Re-localise so DST changes inside the window give the right UTC instants.
+    # fold=0: where local midnight happens twice (America/Havana, Atlantic/Azores
+    # fall back to 00:00) the day begins at its first pass, whichever pass ``now``
+    # is in (else the second pass would open a second window with a fresh cap).
     zone = _zone(tz)
-    start = start.replace(tzinfo=None).replace(tzinfo=zone)
-    end = end.replace(tzinfo=None).replace(tzinfo=zone)
+    start = start.replace(tzinfo=None).replace(tzinfo=zone, fold=0)
+    end = end.replace(tzinfo=None).replace(tzinfo=zone, fold=0)
     return _ms(start.astimezone(UTC)), _ms(end.astimezone(UTC))
 
 

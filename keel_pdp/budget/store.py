@@ -420,6 +420,12 @@ class BudgetStore:
         meta = json.loads(raw[1]) if raw[1] else {}
         return PermitRecord(keys, meta, state, raw[3].decode() if raw[3] else "")
 
+    async def time_ms(self) -> int:
+        """The store's clock (Redis TIME) in epoch ms: the one clock every sidecar
+        sharing the store reads alike."""
+        raw = await self._command("TIME", timeout_s=max(self.timeout_s, 1.0))
+        return int(raw[0]) * 1000 + int(raw[1]) // 1000
+
     async def due_expiries(self, now_ms: int, limit: int = 200, shard: int = 0) -> list[str]:
         raw = await self._command("ZRANGEBYSCORE", self.keys.expiry_sets[shard], "-inf", now_ms,
                                   "LIMIT", 0, limit, timeout_s=max(self.timeout_s, 1.0))

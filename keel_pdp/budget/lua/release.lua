@@ -4,7 +4,8 @@
 -- nothing to give back) changes; any other state answers with that state and
 -- writes nothing, so voids and sweeps are idempotent and a hold reaches exactly
 -- one terminal state. An expiry is only applied once the permit's expires_at has
--- passed (a sweeper with a fast clock cannot cut a live hold short).
+-- passed ARGV[2] (the sweeper sends the earlier of its clock and the store's, so
+-- a sweeper with a fast clock cannot cut a live hold short).
 --
 -- KEYS[1]   permit hash
 -- KEYS[2]   decision stream
