@@ -220,3 +220,85 @@ async def test_the_writers_own_trim_is_not_taken_for_a_loss(
     drain(make_writer(redis_url, LedgerStore(store.url)))  # a restart after the trims
     assert client.xlen(STREAM + ":dead") == 0
     assert writer.metrics.lost._value.get() == 0
+
+
+# ------------------------------------------------------------------ writer failover
+async def test_a_settlement_stored_before_its_decision_keeps_the_permits_dimensions(
+        engine: Any, store: LedgerStore, redis_url: str, tmp_path: pathlib.Path) -> None:
+    """A writer reads the batch holding a permit's decision and dies before it
+    commits; its replacement has another consumer name (a new pod) and reads the
+    new entries, among them the permit's settlement, long before the dead one's
+    pending entries are idle enough to claim. The settlement is booked first, when
+    the ledger does not know the permit yet. Finance's views of it (reconciliation
+    against the provider's export, the overrun section) must still charge it to
+    the permit's tenant, workload, provider and model."""
+    from keel_pdp.decision import AuthorizeInput
+    from keel_pdp.ledger.periods import period_of_ms
+    from keel_pdp.ledger.sections import overrun_lines
+    from keel_pdp.pricing import TokenUsage
+    from keel_pdp.reconcile.internal_ledger import from_ledger
+    from keel_pdp.reconcile.period import Period
+
+    res = await engine.authorize(AuthorizeInput(
+        "order-1", "acme", "chat", "gpt-4.1", "openai", 1000, 100))
+    assert res.permit_id
+    client = redis.Redis.from_url(redis_url)
+    old = make_writer(redis_url, store, consumer="writer-old", batch_size=10)
+    old.ensure_group()
+    assert [f[b"type"] for _, f in old.read() if f] == [b"decision"]  # then it dies
+    # Output far above the permit's max: the settlement is flagged as an overrun.
+    await engine.closeout(res.permit_id, TokenUsage(input_tokens=1000, output_tokens=900),
+                          "SUCCEEDED", None)
+    new = make_writer(redis_url, LedgerStore(store.url), consumer="writer-new",
+                      claim_interval_s=0.0)  # claim_idle_ms: the default minute
+    drain(new)
+    assert client.xpending(STREAM, GROUP)["pending"] == 1  # the decision, not yet claimed
+    claimer = make_writer(redis_url, LedgerStore(store.url), consumer="writer-new",
+                          claim_idle_ms=1, claim_interval_s=0.0)
+    drain(claimer)
+    assert client.xpending(STREAM, GROUP)["pending"] == 0
+    # Independently of the ledger: the permit's dimensions and settled cost as the
+    # stream has them.
+    raw: Any = client.xrange(STREAM)
+    by_type = {f[b"type"]: f for _, f in raw}
+    data = json_obj(by_type[b"decision"][b"data"])
+    settled = json_obj(by_type[b"settlement"][b"res"])
+    want = ("acme", "chat", "openai", "gpt-4.1")
+    assert (data["tenant"], data["workload"], data["provider"], data["model"]) == want
+    period = period_of_ms(int(by_type[b"settlement"][b"ts"]))
+    lines = [ln for ln in from_ledger(store.url, Period.parse(period))
+             if ln.permit_id == res.permit_id]
+    assert lines, "the settlement must reach reconciliation"
+    assert {(ln.tenant, ln.workload, ln.provider, ln.model) for ln in lines} == {want}
+    over = [o for o in overrun_lines(store, period) if o.permit_id == res.permit_id]
+    assert [(o.tenant, o.workload, o.actual_micros) for o in over] == [
+        ("acme", "chat", int(settled["act"]))]
+
+
+def json_obj(raw: bytes) -> Any:
+    import json
+
+    return json.loads(raw)
+
+
+async def test_a_permit_id_with_a_nul_byte_is_stored_or_dead_lettered_never_stalls(
+        engine: Any, store: LedgerStore, redis_url: str) -> None:
+    """PostgreSQL text cannot hold NUL; SQLite can. Either way the entry is settled
+    one way or the other and the events around it are stored."""
+    await traffic(engine, 8, "nul-a")
+    client = redis.Redis.from_url(redis_url)
+    poison = client.xadd(STREAM, {"type": "void", "pid": "pmt_\x00nul", "ts": "1",  # type: ignore[union-attr]
+                                  "data": "{}", "res": '{"amt":5}'}).decode()
+    await traffic(engine, 8, "nul-b")
+    copy_genuine(client, {poison})
+    drain(make_writer(redis_url, store, batch_size=6))
+    assert client.xpending(STREAM, GROUP)["pending"] == 0
+    stored = {r[0] for r in store.query("SELECT event_id FROM ledger_events")}
+    assert (poison in stored) != (poison in dead_letters(client))
+    got = store_totals(store)
+    want = stream_totals(client, GENUINE)
+    if poison in stored:  # the void of an unknown permit: 5 micro-USD released
+        want.events += 1
+        want.types["void"] = want.types.get("void", 0) + 1
+        want.released += 5
+    assert got == want
