@@ -193,6 +193,8 @@ def loads_object(text: str | bytes, name: str = "value") -> dict[str, Any]:
         value = json.loads(text, parse_float=Decimal)
     except ValueError as exc:
         raise ParseError(f"field {name!r} is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ParseError(f"field {name!r} is nested too deeply") from exc
     if not isinstance(value, dict):
         raise ParseError(f"field {name!r} is not a JSON object")
     return value
@@ -220,6 +222,9 @@ def as_int(value: Any, where: str, *, lo: int = -MAX_MICROS, hi: int = MAX_MICRO
     if isinstance(value, Decimal):
         if not value.is_finite() or value != value.to_integral_value():
             raise ParseError(f"{where} is {value}, expected an integer")
+        # int() writes out every digit: 1e999999999 would take minutes and gigabytes.
+        if value.adjusted() >= len(str(max(abs(lo), abs(hi)))):
+            raise ParseError(f"{where} = {value} is out of range")
         value = int(value)
     if not isinstance(value, int):
         raise ParseError(f"{where} is {type(value).__name__}, expected an integer")
@@ -260,6 +265,7 @@ def read_fields(fields: dict[Any, Any] | None) -> tuple[str, str, int, str, str]
     if not pid or len(pid) > 128:
         raise ParseError("pid is empty or longer than 128 characters")
     ts_text = field_text(fields, "ts")
-    if not ts_text.isdigit() or len(ts_text) > 15:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (ts_text.isascii() and ts_text.isdigit()) or len(ts_text) > 15:
         raise ParseError(f"ts {ts_text[:40]!r} is not epoch milliseconds")
     return etype, pid, int(ts_text), field_text(fields, "data"), field_text(fields, "res")

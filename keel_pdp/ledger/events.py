@@ -25,7 +25,7 @@ from keel_pdp.events import (
     loads_object,
     read_fields,
 )
-from keel_pdp.ledger.periods import period_of_ms, permit_issued_ms
+from keel_pdp.ledger.periods import bounds_ms, period_of_ms, permit_issued_ms
 
 __all__ = ["EVENT_TYPES", "EXCEPTION_STEPS", "MAX_MICROS", "MAX_TOKENS", "ParseError", "as_int"]
 
@@ -43,6 +43,9 @@ PICO = 1_000_000  # pico-USD per micro-USD
 # within a BIGINT column.
 MAX_EXACT_PICO = 10**18
 _NON_BLOCKING = ("FALLBACK_PRICE_USED", "SHADOW_BUDGET_EXCEEDED")
+# The first millisecond no period (YYYY-MM) can name: an entry dated there has no
+# period to book into.
+_NO_PERIOD_MS = bounds_ms("9999-11")[1] + 31 * 86_400_000  # the end of 9999-12
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,10 @@ class BudgetRow:
 def parse_entry(event_id: str, fields: dict[Any, Any] | None) -> StreamEvent:
     """Validate one stream entry against the contract of its type."""
     etype, pid, ts, raw_data, raw_res = read_fields(fields)
+    issued = permit_issued_ms(pid)
+    if max(ts, issued or 0) >= _NO_PERIOD_MS:
+        raise ParseError("ts or the permit id's issue time is past the year 9999 "
+                         "(no accounting period)")
     data, res = loads_object(raw_data, "data"), loads_object(raw_res, "res")
     ev = StreamEvent(event_id, etype, pid, ts, data, res, raw_data, raw_res)
     # Deriving the rows runs every check of the type-specific contract.

@@ -26,6 +26,11 @@ class LedgerMetrics:
             "keel_pdp_ledger_dead_lettered_total",
             "Stream events moved to the dead-letter stream because they could not be parsed.",
             registry=r)
+        self.lost = Counter(
+            "keel_pdp_ledger_lost_entries_total",
+            "Stream entries deleted (trimmed by someone else, XDEL) before the ledger group "
+            "read them: decisions or settlements missing from the ledger (1 when the number "
+            "is unknown). Each loss is also recorded in the dead-letter stream.", registry=r)
         self.claimed = Counter(
             "keel_pdp_ledger_claimed_total",
             "Pending entries claimed from consumers that stopped acknowledging.", registry=r)

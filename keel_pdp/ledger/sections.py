@@ -135,10 +135,15 @@ class OverrunLine:
 
 
 def overrun_lines(store: LedgerConnection, period: str) -> list[OverrunLine]:
+    # The permit's dimensions: a settlement booked before its decision (a writer
+    # failover) was booked without them.
     rows = store.query(
-        "SELECT permit_id, ts_ms, tenant, workload, status, estimate_micros, actual_micros, "
-        "output_tokens, detail FROM ledger_entries WHERE kind = 'settlement' "
-        "AND belongs_to = ? AND detail LIKE ? ORDER BY ts_ms, permit_id",
+        "SELECT s.permit_id, s.ts_ms, COALESCE(p.tenant, s.tenant), "
+        "COALESCE(p.workload, s.workload), s.status, s.estimate_micros, s.actual_micros, "
+        "s.output_tokens, s.detail FROM ledger_entries s LEFT JOIN ledger_entries p "
+        "ON p.permit_id = s.permit_id AND s.permit_id <> '' AND p.kind = 'permit' "
+        "WHERE s.kind = 'settlement' AND s.belongs_to = ? AND s.detail LIKE ? "
+        "ORDER BY s.ts_ms, s.permit_id",
         (period, '%"flags"%'))
     out = []
     for pid, ts, tenant, workload, status, est, act, out_tok, detail in rows:

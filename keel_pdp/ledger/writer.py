@@ -13,7 +13,8 @@ When the store or Redis is unavailable the writer keeps the batch, backs off
 and retries; nothing is acknowledged that is not stored. Entries that cannot
 be parsed are moved to ``<stream>:dead`` with the reason, in the same MULTI as
 their acknowledgement. The stream is trimmed only below the oldest entry that
-some consumer group has not acknowledged.
+some consumer group has not acknowledged; entries someone else deleted before
+the group read them are reported (dead-letter stream, metric), not skipped.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class _StreamState:
     id_prefix: str = ""
     pending_cursor: str | None = "0"
     claim_cursor: str = "0-0"
+    # The group position at which entries lost from the stream were last reported.
+    loss_reported_at: str = ""
     next_claim: float = 0.0
     group_ready: bool = False
 
@@ -237,6 +240,7 @@ class LedgerWriter:
                 claimed = self.claim()
                 if claimed:
                     return claimed
+            self.check_loss()
             return self._xread(">", block=block)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -263,7 +267,13 @@ class LedgerWriter:
                                       min_idle_time=cfg.claim_idle_ms,
                                       start_id=self.cur.claim_cursor, count=cfg.batch_size)
         nxt = stream_id(resp[0])
-        entries = [(stream_id(i), f) for i, f in resp[1]]
+        entries: list[Raw] = [(stream_id(i), f) for i, f in resp[1]]
+        # Redis 7 drops entries deleted from the stream (trimmed, XDEL) from the
+        # group and names them here only: passed on without fields, they are
+        # dead-lettered as deleted (as one of our own pending entries would be)
+        # instead of vanishing without a trace.
+        entries.extend((stream_id(i), None) for i in (resp[2] if len(resp) > 2 else []))
+        entries.sort(key=lambda e: parse_id(e[0]))
         self.cur.claim_cursor = nxt
         if nxt == "0-0":
             self.cur.next_claim = time.monotonic() + cfg.claim_interval_s
@@ -272,6 +282,41 @@ class LedgerWriter:
             self.metrics.claimed.inc(len(entries))
             log.warning("claimed %d entries left pending by another consumer", len(entries))
         return entries
+
+    def check_loss(self) -> int | None:
+        """Report entries deleted from the stream before this group read them: a
+        trim by someone else (XTRIM MAXLEN while the writer was down or behind) or an
+        XDEL. Reading on would skip them without a trace. Returns how many were lost
+        (None: at least one, the number is unknown; 0: none)."""
+        stream_info: Any = self.client.xinfo_stream(self.cur.stream)
+        groups: Any = self.client.xinfo_groups(self.cur.stream)
+        group = next((g for g in groups if stream_id(g["name"]) == self.config.group), None)
+        if group is None:
+            return 0
+        last = parse_id(stream_id(group.get("last-delivered-id", b"0-0")))
+        lost: int | None = 0
+        first = stream_info.get("first-entry")
+        lag = group.get("lag")
+        # A trim cuts the head: when the whole stream lies after the group's
+        # position, the entries added since (lag) are all still there unless lost.
+        if (first is None or parse_id(stream_id(first[0])) > last) and lag is not None \
+                and int(lag) > int(stream_info.get("length", 0)):
+            lost = int(lag) - int(stream_info.get("length", 0))
+        elif parse_id(stream_id(stream_info.get("max-deleted-entry-id", b"0-0"))) > last:
+            lost = None  # an XDEL after the group's position
+        at = f"{last[0]}-{last[1]}"
+        if lost == 0 or self.cur.loss_reported_at == at:
+            return lost
+        reason = (f"{'some' if lost is None else lost} entries after {at} were deleted from "
+                  "the stream before the ledger read them: their decisions and settlements "
+                  "are missing from the ledger")
+        self.client.xadd(self.cur.dead_stream, {"src_id": at, "reason": reason,
+                                                "lost": "" if lost is None else str(lost),
+                                                "at_ms": str(now_ms())})
+        self.cur.loss_reported_at = at
+        self.metrics.lost.inc(1 if lost is None else lost)
+        log.error("%s: %s", self.cur.stream, reason)
+        return lost
 
     def _forget_idle_consumers(self) -> None:
         idle_ms = max(self.config.claim_idle_ms * 10, 3_600_000)
