@@ -108,6 +108,8 @@ class Engine:
         # Leases unchanged for lease_idle_s are given back by the sweeper.
         self.escrow = Escrow(store, lease_idle_s)
         self._background: set[asyncio.Task[None]] = set()
+        # Whether the last sweep found a full page of due holds in some shard.
+        self.sweep_full = False
         # Shared budgets' caps in the last policy snapshot seen (escrow: a cap cut
         # gives back the leases above it), and the give-back a cut started.
         self._caps_of: PolicySnapshot | None = None
@@ -583,7 +585,7 @@ class Engine:
         holds while their provider calls still run (``now_ms``: a given clock)."""
         now = self.ids.now_ms() if now_ms is None else now_ms
         due = now if now_ms is not None else min(now, await self.store.time_ms())
-        released = await sweep(self.store, due, limit)
+        released, self.sweep_full = await sweep(self.store, due, limit)
         for pid in released:
             self._permits.forget(pid)
         if released:
@@ -600,12 +602,23 @@ class Engine:
                 self.metrics.escrow_returns_micros.inc(returned)
         return len(released)
 
+    async def sweep_backlog(self, now_ms: int | None = None, time_budget_s: float = 1.0,
+                            limit: int = 200) -> int:
+        """Sweep page after page while a page comes back full (a backlog), for at
+        most ``time_budget_s``; returns how many holds were released."""
+        end = time.monotonic() + time_budget_s
+        total = await self.sweep_once(now_ms, limit)
+        while self.sweep_full and time.monotonic() < end:
+            total += await self.sweep_once(now_ms, limit)
+        return total
+
     async def run_background(self, interval_s: float = 1.0) -> None:
-        """Every ``interval_s``: sweep expired holds, replay the outbox."""
+        """Every ``interval_s``: sweep expired holds (a backlog within half the
+        interval), replay the outbox."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.sweep_once()
+                await self.sweep_backlog(time_budget_s=interval_s / 2)
                 if self.relay:
                     await self.relay.flush()
             except StoreUnavailable as exc:
