@@ -40,6 +40,13 @@ EXT_PROC_ROLES = ("both", "cap", "closeout")
 # ext_authz puts its dynamic metadata under the filter's canonical name.
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
+# Attributes the closeout filter asks Envoy for with the response headers
+# (``response_attributes``), sent under ATTRIBUTES_NAMESPACE: the response code
+# details tell an error the provider answered ("via_upstream") from one Envoy
+# made after the upstream connection reset ("upstream_reset_before_response_started{...}").
+RESPONSE_ATTRIBUTES = ("response.code_details",)
+ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
+
 # Host substring -> provider name, first match wins (Azure before OpenAI).
 DEFAULT_PROVIDER_HOSTS = (("openai.azure.com", "azure"), ("aiplatform.googleapis.com", "vertex"),
                           ("generativelanguage.googleapis.com", "gemini"),

@@ -17,7 +17,12 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from keel_pdp.mesh.config import EXT_PROC_ROLE, H_ENFORCE, METADATA_NAMESPACE
+from keel_pdp.mesh.config import (
+    EXT_PROC_ROLE,
+    H_ENFORCE,
+    METADATA_NAMESPACE,
+    RESPONSE_ATTRIBUTES,
+)
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
       "HttpConnectionManager"
@@ -143,6 +148,7 @@ def keel_filters(s: EnvoySetup) -> list[dict[str, Any]]:
             "allow_mode_override": True,
             "message_timeout": _secs(s.message_timeout_s),
             "processing_mode": _mode("NONE", "SEND", "STREAMED"),
+            "response_attributes": list(RESPONSE_ATTRIBUTES),
             "metadata_options": md,
             "forward_rules": {"disallowed_headers": secret},
         }}]
@@ -168,6 +174,8 @@ def keel_filters(s: EnvoySetup) -> list[dict[str, Any]]:
             "deferred_close_timeout": _secs(s.deferred_close_s),
             "failure_mode_allow": True,
             "processing_mode": _mode("NONE", "SEND", "STREAMED"),
+            # Who answered an error: the provider, or Envoy after an upstream reset.
+            "response_attributes": list(RESPONSE_ATTRIBUTES),
             "metadata_options": md,
             "forward_rules": {"disallowed_headers": secret},
         }},

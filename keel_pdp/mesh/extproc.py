@@ -37,7 +37,14 @@ from keel_pdp.mesh import config as c
 from keel_pdp.mesh import envoy_types as et
 from keel_pdp.mesh.metrics import MeshMetrics
 from keel_pdp.mesh.request import Api, UsageChunkStripper, rewrite_cap
-from keel_pdp.mesh.settle import Permit, Settlement, Stage, settle
+from keel_pdp.mesh.settle import (
+    Permit,
+    Settlement,
+    Stage,
+    at_hold_fallback,
+    request_sent_no_answer,
+    settle,
+)
 from keel_pdp.mesh.usage import ResponseMeter
 from keel_pdp.mesh.watch import PermitWatch
 
@@ -54,6 +61,17 @@ def _int(text: object, default: int = 0) -> int:
     if isinstance(text, str) and text.isdigit():
         return int(text)
     return default
+
+
+def _code_details(msg: Any) -> str:
+    """Envoy's ``response.code_details`` sent with the response headers ("" if not asked)."""
+    if c.ATTRIBUTES_NAMESPACE not in msg.attributes:
+        return ""
+    attrs = msg.attributes[c.ATTRIBUTES_NAMESPACE]
+    if "response.code_details" not in attrs.fields:
+        return ""
+    value = attrs["response.code_details"]
+    return value if isinstance(value, str) else ""
 
 
 def _override(resp: Any, request_body: int, response_headers: int,
@@ -90,6 +108,8 @@ class _Call:
         self.model = ""
         self.stage = Stage.REQUEST
         self.status = 0
+        # Envoy answered the error itself: the upstream reset after the request went out.
+        self.request_sent_no_answer = False
         self.meter: ResponseMeter | None = None
         # Keel asked this chat stream for its usage ("strip": and removes the chunk).
         self.stream_usage = ""
@@ -188,6 +208,7 @@ class _Call:
     def on_response_headers(self, msg: Any) -> Any:
         headers = et.header_map(msg.response_headers.headers)
         self.status = _int(headers.get(":status"), 0)
+        self.request_sent_no_answer = request_sent_no_answer(_code_details(msg))
         self.stage = Stage.RESPONDING
         resp = et.proc.ProcessingResponse()
         resp.response_headers.SetInParent()
@@ -199,7 +220,7 @@ class _Call:
         if msg.response_headers.end_of_stream:
             self.stage = Stage.ENDED
             self.finish()
-        elif self.status >= 400 and self.status != 504:
+        elif self.status >= 400 and self.status != 504 and not self.request_sent_no_answer:
             # The verdict does not depend on the body: stop reading it.
             _override(resp, et.BODY_NONE, et.HEADERS_SEND, et.BODY_NONE)
             self.finish()
@@ -243,8 +264,9 @@ class _Call:
             reading = self.meter.reading(complete=self.stage is Stage.ENDED)
         elif self.stage >= Stage.RESPONDING:
             reading = ResponseMeter(self.api).reading()
-        decision = settle(self.permit, self.stage, self.status, reading)
-        self.proc.spawn(self.permit.permit_id, decision)
+        decision = settle(self.permit, self.stage, self.status, reading,
+                          request_sent_no_answer=self.request_sent_no_answer)
+        self.proc.spawn(self.permit.permit_id, decision, at_hold_fallback(self.permit, decision))
 
 
 class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -289,8 +311,8 @@ class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type
         return resp
 
     # -------------------------------------------------------------- settling
-    def spawn(self, permit_id: str, s: Settlement) -> None:
-        task = asyncio.get_running_loop().create_task(self.apply(permit_id, s))
+    def spawn(self, permit_id: str, s: Settlement, fallback: Settlement | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self.apply(permit_id, s, fallback))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -299,9 +321,14 @@ class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
-    async def apply(self, permit_id: str, s: Settlement) -> None:
+    async def apply(self, permit_id: str, s: Settlement,
+                    fallback: Settlement | None = None) -> None:
+        """Run ``s``; when the store refuses its usage as impossible for the permit,
+        run ``fallback`` (the hold, ``settle.at_hold_fallback``) instead."""
         delay = 0.05
-        for attempt in range(self.cfg.closeout_attempts):
+        attempt = 0
+        while attempt < self.cfg.closeout_attempts:
+            attempt += 1
             try:
                 if s.kind == "void":
                     v = await self.engine.void(permit_id, s.reason[:512], SETTLE_DEADLINE_S)
@@ -313,6 +340,11 @@ class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type
                     status = r.status
                     done = status not in ("CLOSEOUT_STORE_UNAVAILABLE", "CLOSEOUT_PERMIT_PENDING")
             except InvalidRequest as exc:
+                if fallback is not None:
+                    log.error("ext_proc %s of %s rejected: %s; booking it at the hold",
+                              s.kind, permit_id, exc)
+                    s, fallback, attempt = fallback, None, 0
+                    continue
                 log.error("ext_proc %s of %s rejected: %s", s.kind, permit_id, exc)
                 self.m.settle_failures.inc()
                 return
@@ -327,7 +359,7 @@ class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type
                                 permit_id)
                 log.debug("ext_proc %s %s: %s (%s)", s.kind, permit_id, status, s.reason)
                 return
-            if attempt + 1 < self.cfg.closeout_attempts:
+            if attempt < self.cfg.closeout_attempts:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         self.m.settle_failures.inc()

@@ -14,6 +14,9 @@ response ended, no usage reported      Closeout, input = Keel's estimate, output
                                        permit's max tokens); SUCCEEDED
 upstream answered 4xx/5xx              Void (providers do not bill refused or
 (except 504)                           failed requests)
+upstream reset or closed after the     Closeout at the hold, FAILED: the provider
+request went out, before any answer    may have processed and billed the call
+(Envoy's 503)                          (a connection that never opened: Void)
 504 gateway timeout                    Closeout at the hold (input estimate + max
                                        tokens), FAILED: the provider may still
                                        have finished and billed the call
@@ -28,6 +31,10 @@ upstream, before any response          provider may have processed and billed it
 client gone before Keel released the   Void: the provider never saw the request
 request to the provider
 =====================================  ==========================================
+
+Usage the budget store refuses as impossible for the permit (a cost above the
+overrun ceiling, a count past any plausible one) is booked at the hold instead
+(``at_hold_fallback``), never left to expire unbooked.
 
 Estimates err upward where the provider may have billed; the monthly
 reconciliation against the provider's export books the exact difference.
@@ -73,6 +80,21 @@ def _at_hold(p: Permit, outcome: str, reason: str) -> Settlement:
                       estimated=True)
 
 
+def at_hold_fallback(p: Permit, s: Settlement) -> Settlement | None:
+    """What to book when the budget store refuses ``s``'s usage as impossible for the
+    permit (far above its hold, or past any plausible count): the hold, estimated.
+    The call was made and may have been billed, so the permit is not left to expire
+    with nothing booked, and no impossible figure moves a budget; the monthly
+    reconciliation books the provider's real cost. None: ``s`` is already that."""
+    if s.kind != "closeout":
+        return None
+    hold = TokenUsage(input_tokens=p.input_tokens, output_tokens=p.max_tokens)
+    if s.usage == hold:
+        return None
+    return Settlement("closeout", f"usage impossible for the permit ({s.reason}); booked at "
+                      "the hold", s.outcome, hold, estimated=True)
+
+
 def _cap(p: Permit, tokens: int) -> int:
     return min(tokens, p.max_tokens) if p.max_tokens > 0 else tokens
 
@@ -91,8 +113,29 @@ def _from_reading(p: Permit, r: Reading, outcome: str, reason: str) -> Settlemen
     return Settlement("closeout", reason, outcome, usage, estimated=True)
 
 
-def settle(p: Permit, stage: Stage, status: int, reading: Reading | None) -> Settlement:
-    """The one terminal action for a permit (see the module table)."""
+# Envoy's reset reasons (``response.code_details`` of a reply Envoy made when the
+# upstream reset before answering) under which the request never reached the
+# provider: no connection, a refused stream, an overflow.
+NOT_SENT_RESETS = ("local_connection_failure", "remote_connection_failure",
+                   "connection_timeout", "connect_error", "overflow", "overload_manager",
+                   "local_refused_stream_reset", "remote_refused_stream_reset")
+_RESET_BEFORE_RESPONSE = "upstream_reset_before_response_started"
+
+
+def request_sent_no_answer(code_details: str) -> bool:
+    """Envoy made the response because the upstream connection reset (or closed) after
+    the request went out and before any answer: the provider may have processed it."""
+    if not code_details.startswith(_RESET_BEFORE_RESPONSE):
+        return False
+    reason = code_details[len(_RESET_BEFORE_RESPONSE):].strip("{}").split("|")[0]
+    return reason not in NOT_SENT_RESETS
+
+
+def settle(p: Permit, stage: Stage, status: int, reading: Reading | None,
+           request_sent_no_answer: bool = False) -> Settlement:
+    """The one terminal action for a permit (see the module table).
+    ``request_sent_no_answer``: the status is Envoy's, made after an upstream reset
+    once the request had gone out (``request_sent_no_answer()``)."""
     if stage is Stage.REQUEST:
         return Settlement("void", "client went away before the request reached the provider")
     if stage is Stage.SENT or reading is None:
@@ -101,6 +144,10 @@ def settle(p: Permit, stage: Stage, status: int, reading: Reading | None) -> Set
     if status == 504:
         return _at_hold(p, "FAILED", "gateway timeout: the provider may have finished the "
                         "call, booked at the hold")
+    if request_sent_no_answer:
+        return _at_hold(p, "FAILED", f"upstream reset after the request went out (Envoy "
+                        f"answered {status}): the provider may have billed it, booked at "
+                        "the hold")
     if status >= 400:
         return Settlement("void", f"provider answered HTTP {status}; nothing billed")
     if stage is Stage.ENDED:

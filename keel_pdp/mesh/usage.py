@@ -23,7 +23,7 @@ from keel_pdp.mesh.apis import Api
 from keel_pdp.mesh.estimate import BYTES_PER_TOKEN
 from keel_pdp.mesh.eventstream import FrameDecoder
 from keel_pdp.mesh.jsonstream import MAX_EVENT_BYTES, JsonElements
-from keel_pdp.mesh.usage_normalise import consistent, normalise
+from keel_pdp.mesh.usage_normalise import consistent, normalise, readable
 from keel_pdp.pricing import TokenUsage
 
 __all__ = ["MAX_SSE_EVENT_BYTES", "Reading", "ResponseMeter", "consistent", "normalise"]
@@ -233,9 +233,6 @@ class ResponseMeter:
             self.error = True
             return
         if self.api is Api.CHAT:
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                self._final = usage
             choices = obj.get("choices")
             if isinstance(choices, list):
                 for ch in choices:
@@ -246,6 +243,10 @@ class ResponseMeter:
                         self._count_delta(delta)
                     if ch.get("finish_reason") == "length":
                         self.incomplete = True
+            # After this chunk's text: a usage object counts the chunk it comes with.
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self._final = usage
         elif self.api is Api.RESPONSES:
             if isinstance(kind, str) and kind.endswith(".delta"):
                 self.text_bytes += _text_len(obj.get("delta"))
@@ -277,6 +278,7 @@ class ResponseMeter:
                     self.incomplete = True
 
     def _count_delta(self, delta: Mapping[str, object]) -> None:
+        before = self.text_bytes
         for key in ("content", "reasoning_content", "refusal"):
             self.text_bytes += _text_len(delta.get(key))
         calls = delta.get("tool_calls")
@@ -285,6 +287,11 @@ class ResponseMeter:
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
                     self.text_bytes += _text_len(fn.get("arguments"))
+        if self.text_bytes > before and self._final is not None:
+            # Text after a usage object: that usage was not the final count (usage in
+            # every chunk, or an early one). It is what was seen so far; the output is
+            # then the larger of it and the text's estimate.
+            self._partial, self._final = dict(self._final), None
 
     # ----------------------------------------------------------------- output
     def reading(self, complete: bool = True) -> Reading:
@@ -317,8 +324,12 @@ class ResponseMeter:
         if self.sse and self.api is Api.GENERATE_CONTENT and complete and self._final is None \
                 and self._partial and not self.error:
             self._final = dict(self._partial)
-        final = normalise(self.api, self._final) if self._final is not None else None
-        partial = normalise(self.api, self._partial) if self._partial else None
+        # A count the provider wrote that is no count (negative, a string, a float) is
+        # not booked as 0 tokens: the usage is unreadable and the call is estimated.
+        final = normalise(self.api, self._final) if self._final is not None \
+            and readable(self._final) else None
+        partial = normalise(self.api, self._partial) if self._partial \
+            and readable(self._partial) else None
         return Reading(final, partial, text, self.body_bytes, self.error, self.incomplete)
 
     def _json_body(self, raw: bytes) -> None:

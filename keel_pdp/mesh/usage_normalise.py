@@ -54,6 +54,22 @@ def _get(d: Mapping[str, object], *path: str) -> int:
     return _int(cur)
 
 
+def readable(usage: Mapping[str, object]) -> bool:
+    """False when a token count in the usage object (or its ``*_details``) is not a
+    non-negative integer: negative, a string, a float, a boolean. Such a count says
+    nothing a closeout can book (``_int`` would read it as 0 tokens, $0); ``None``
+    is an absent field."""
+    for key, value in usage.items():
+        if isinstance(value, Mapping):
+            if not readable(value):
+                return False
+        elif value is None or not ("token" in key.lower() or key.endswith("Count")):
+            continue
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return False
+    return True
+
+
 def consistent(input_tokens: int, cached: int, cache_write: int, output: int,
                reasoning: int) -> TokenUsage:
     """A TokenUsage that passes ``problems()``: parts never exceed their totals."""
