@@ -35,6 +35,7 @@ from keel_pdp.ledger.cli_support import add_store, open_for_cli, period_arg, run
 from keel_pdp.ledger.mapping import CostMapping
 from keel_pdp.ledger.money import PICOS_PER_MICRO, micros_half_even, usd, usd_from_pico
 from keel_pdp.ledger.periods import bounds_ms, day_start_ms, iso_utc, permit_issued_ms
+from keel_pdp.ledger.render import csv_rows
 from keel_pdp.ledger.report import DIMENSIONS, dims_of
 from keel_pdp.ledger.store import LedgerStore
 
@@ -336,7 +337,7 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
 def write_csv(out: TextIO, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows(csv_rows(rows))
 
 
 def export(store: LedgerStore, period: str, fmt: str, out_path: str,

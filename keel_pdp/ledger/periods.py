@@ -8,6 +8,7 @@ when the events arrive out of order.
 
 from __future__ import annotations
 
+import calendar
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -16,7 +17,11 @@ from keel_pdp.errors import PeriodError as PeriodError
 
 PeriodState = Literal["open", "closing", "closed"]
 STATES: tuple[PeriodState, ...] = ("open", "closing", "closed")
-_PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+# ASCII digits only and nothing after the month: ``\d`` also matches other
+# scripts' digits and ``$`` a trailing newline, and either would name a period
+# (2026-03 in full-width digits, or followed by a newline) that no report or
+# export of 2026-03 reads.
+_PERIOD_RE = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 _PID_RE = re.compile(r"^pmt_([0-9a-f]{12})[0-9a-f]{16}$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -24,9 +29,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_period(text: str) -> tuple[int, int]:
-    m = _PERIOD_RE.match(text)
-    if m is None:
-        raise PeriodError(f"period {text!r} must be YYYY-MM")
+    m = _PERIOD_RE.fullmatch(text)
+    if m is None or m.group(1) == "0000":
+        raise PeriodError(f"period {text!r} must be YYYY-MM (0001-01 to 9999-12)")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -52,9 +57,9 @@ def period_of_ms(ms: int) -> str:
 def bounds_ms(period: str) -> tuple[int, int]:
     """[start, end) of ``period`` in epoch milliseconds."""
     year, month = parse_period(period)
-    start = datetime(year, month, 1, tzinfo=UTC)
-    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
-    return to_ms(start), to_ms(end)
+    start = to_ms(datetime(year, month, 1, tzinfo=UTC))
+    # Counted in days, not as the next month's first day: 9999-12 has an end too.
+    return start, start + calendar.monthrange(year, month)[1] * 86_400_000
 
 
 def next_period(period: str) -> str:

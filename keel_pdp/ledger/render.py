@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,24 @@ def exception_cells(x: ExceptionLine) -> list[str]:
             str(x.permits_allowed), usd(x.spend_allowed_micros)]
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV
+# injection): a tenant or workload named "=HYPERLINK(...)" must stay text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def csv_cell(cell: str) -> str:
+    """``cell`` as a CSV file carries it to a spreadsheet: text that would start a
+    formula gets a leading apostrophe; numbers (negative amounts) are unchanged."""
+    if cell.startswith(_FORMULA_START) and not _NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
+def csv_rows(rows: Iterable[Sequence[str]]) -> Iterator[list[str]]:
+    return ([csv_cell(c) for c in r] for r in rows)
+
+
 def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     body = [list(header), *[list(r) for r in rows]]
     widths = [max(len(r[i]) for r in body) for i in range(len(header))]
@@ -114,9 +133,7 @@ def render(report: Report, fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-        w.writerow(total)
+        w.writerows(csv_rows([header, *rows, total]))
         return buf.getvalue()
     parts = [f"Keel ledger report for {report.period} ({report.state}), as of "
              f"{iso_utc(report.as_of_ms)}, amounts in USD", "",

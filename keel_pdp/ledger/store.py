@@ -40,6 +40,7 @@ from keel_pdp.ledger.events import (
     derive,
 )
 from keel_pdp.ledger.migrations import BOOKKEEPING, LATEST, MIGRATIONS
+from keel_pdp.ledger.money import usd
 from keel_pdp.ledger.periods import (
     STATES,
     PeriodError,
@@ -220,9 +221,20 @@ class LedgerStore(LedgerConnection):
             values = list(_entry_values(row, row.dims, target, at))
             values[_ENTRY_COLUMNS.index("actor")] = actor[:128]
             tx.many(_insert("ledger_entries", _ENTRY_COLUMNS), [values])
-            got = tx.run("SELECT id, period FROM ledger_entries WHERE event_id = ? AND seq = 0",
+            got = tx.run("SELECT id, period, belongs_to, amount_micros, tenant, workload, model, "
+                         "provider, reason FROM ledger_entries WHERE event_id = ? AND seq = 0",
                          (event_id,))
-        return int(got[0][0]), str(got[0][1])
+        # A retry with the same key is answered with the entry booked the first time;
+        # the same key for another adjustment books nothing, and must not say it did.
+        first = got[0]
+        asked = (belongs_to, amount_micros, *(values[_ENTRY_COLUMNS.index(c)] for c in (
+            "tenant", "workload", "model", "provider", "reason")))
+        if tuple(first[2:]) != asked:
+            raise PeriodError(
+                f"adjustment key {key!r} was already used by entry {first[0]} ("
+                f"{usd(int(first[3]))} USD for {first[4]!r}, period {first[2]}); nothing "
+                "was booked: use a new key")
+        return int(first[0]), str(first[1])
 
     # ---------------------------------------------------------- periods
     def periods(self) -> dict[str, str]:
