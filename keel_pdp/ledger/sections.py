@@ -79,7 +79,9 @@ def exception_lines(store: LedgerConnection, period: str, as_of_ms: int) -> list
         if asked is None or not start <= asked[0] < end:
             continue
         req = asked[2]
-        last = seq[-1]
+        # A request is decided once (the decide script): its outcome is that step,
+        # wherever the clocks of the sidecars that wrote the steps put it in time.
+        last = next((s for s in reversed(seq) if s[3].get("st") != "PENDING"), seq[-1])
         outcome = str(last[3].get("st", "PENDING"))
         if outcome == "PENDING" and int(req.get("until", 0)) <= as_of_ms:
             outcome = "EXPIRED"

@@ -1,6 +1,7 @@
 """The exception workflow against a hostile requester and approver: an exception
 asked on a budget that did not deny the call, a request hidden from the period
-report by a denial dated just past the period's end, absurd amounts and
+report by a denial dated just past the period's end, an approval reported as
+pending because another sidecar's clock stamped it first, absurd amounts and
 durations on the command line, and the attacks that held (double approval,
 approve against reject, approval after expiry, replays with other amounts).
 
@@ -150,6 +151,33 @@ async def test_an_exception_dated_just_past_the_period_end_is_still_in_its_repor
     assert [(x.exception_id, x.outcome, x.decided_by, x.amount_micros) for x in this] == [
         (asked.exception_id, "APPROVED", "dana", 2_000_000)]
     assert after == []  # listed once, in the period it was asked in
+
+
+async def test_an_approval_stamped_before_its_request_is_reported_approved(
+        engine: Engine, tmp_path: pathlib.Path) -> None:
+    # The approving sidecar's clock is two seconds behind the requesting one's and a
+    # bot approves at once: the APPROVED step carries an earlier time than PENDING.
+    # The grant is live; the report must not call the exception pending.
+    pid = await daily_denial(engine)
+    desk = ExceptionDesk(engine.store)
+    asked = await desk.request(snap(engine), asking(pid))
+    done = await desk.decide(snap(engine), asked.exception_id, "approve", "approval-bot",
+                             "finance-owner", now_ms=asked.requested_at_ms - 2_000)
+    assert done.state == "approved"
+    assert (await engine.authorize(call("granted"))).decision is DecisionKind.ALLOW
+
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    ledger.migrate()
+    try:
+        raw: Any = await engine.store.client.xrange(STREAM)
+        ledger.write_batch([parse_entry(i.decode(), f) for i, f in raw])
+        (line,) = build_report(ledger, period_of_ms(asked.requested_at_ms),
+                               ["tenant"]).exceptions
+    finally:
+        ledger.close()
+    assert (line.outcome, line.decided_by, line.grant_id) == (
+        "APPROVED", "approval-bot", done.grant_id)
+    assert line.grant_expires_at_ms == asked.requested_at_ms - 2_000 + 3600 * 1000
 
 
 async def test_approve_and_reject_racing_end_in_one_outcome_and_at_most_one_grant(
