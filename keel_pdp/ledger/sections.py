@@ -18,6 +18,9 @@ from keel_pdp.ledger.connection import LedgerConnection
 from keel_pdp.ledger.periods import bounds_ms, pid_bound
 
 DENIAL_LOOKBACK_MS = 31 * 86_400_000  # an exception is requested within 31 days of its denial
+# ... and its denial's id may be dated up to 5 minutes after the request (another
+# sidecar's clock; keel_pdp.overage.workflow.FUTURE_SLACK_MS).
+DENIAL_LEAD_MS = 5 * 60_000
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def exception_lines(store: LedgerConnection, period: str, as_of_ms: int) -> list
     rows = store.query(
         "SELECT permit_id, ts_ms, data, res, event_id FROM ledger_events "
         "WHERE etype = 'exception' AND permit_id >= ? AND permit_id < ?",
-        (pid_bound(start - DENIAL_LOOKBACK_MS), pid_bound(end)))
+        (pid_bound(start - DENIAL_LOOKBACK_MS), pid_bound(end + DENIAL_LEAD_MS)))
     steps: dict[str, list[tuple[int, str, dict[str, Any], dict[str, Any]]]] = {}
     for _pid, ts, data, res, eid in rows:
         d, r = _loads(data), _loads(res)
@@ -76,7 +79,9 @@ def exception_lines(store: LedgerConnection, period: str, as_of_ms: int) -> list
         if asked is None or not start <= asked[0] < end:
             continue
         req = asked[2]
-        last = seq[-1]
+        # A request is decided once (the decide script): its outcome is that step,
+        # wherever the clocks of the sidecars that wrote the steps put it in time.
+        last = next((s for s in reversed(seq) if s[3].get("st") != "PENDING"), seq[-1])
         outcome = str(last[3].get("st", "PENDING"))
         if outcome == "PENDING" and int(req.get("until", 0)) <= as_of_ms:
             outcome = "EXPIRED"

@@ -25,15 +25,18 @@ from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from keel_pdp.ledger.money import parse_usd, usd
 from keel_pdp.ledger.periods import iso_utc
+from keel_pdp.money import MAX_MICROS
 
 _STATES = {"pending": pb.EXCEPTION_PENDING, "approved": pb.EXCEPTION_APPROVED,
            "rejected": pb.EXCEPTION_REJECTED, "expired": pb.EXCEPTION_EXPIRED}
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
+# The wire's int64: a larger figure cannot even be sent (refused here by name).
+_INT64_MAX = 2**63 - 1
 
 
 def _usd_arg(text: str) -> int:
     try:
-        micros = parse_usd(text)
+        micros = parse_usd(text, max_micros=MAX_MICROS)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     if micros <= 0:
@@ -49,6 +52,9 @@ def _hours_arg(text: str) -> int:
     if not seconds.is_finite() or seconds < 1 or seconds != seconds.to_integral_value():
         raise argparse.ArgumentTypeError(f"{text} hours is not a whole, positive number of "
                                          "seconds")
+    if seconds > _INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{text} hours is longer than any exception path "
+                                         "allows")
     return int(seconds)
 
 

@@ -268,6 +268,19 @@ class ExceptionDesk:
             names = sorted({str(b.get("id")) for b in checked})
             raise NotADenial(f"denial {pid} was not decided against budget {budget.id} "
                              f"with scope {list(split)} (it checked {', '.join(names) or 'none'})")
+        # Checked is not enough: the budget named must be the one whose cap denied
+        # the call (res.fail, 1-based in data.budgets: the block reason's budget_id).
+        # A budget the call fitted in did not deny it, so an exception on it is not
+        # an exception to this denial.
+        listed = data.get("budgets") or []
+        fail = res.get("fail")
+        denier = (listed[fail - 1] if type(fail) is int and 1 <= fail <= len(listed)
+                  and isinstance(listed[fail - 1], dict) else {})
+        if denier.get("id") != budget.id or tuple(denier.get("split") or ()) != split:
+            raise NotADenial(
+                f"denial {pid} was decided by budget {denier.get('id') or '(unknown)'} "
+                f"with scope {list(denier.get('split') or ())}, not by budget {budget.id} "
+                f"with scope {list(split)}: ask on the budget its block reason names")
         return True
 
     async def find_decision(self, pid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
