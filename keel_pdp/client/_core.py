@@ -28,8 +28,10 @@ T = TypeVar("T")
 # at its concurrency limit). Authorize is idempotent by request id while the
 # permit is held, so a retry never holds twice.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-# The store did not answer in time: the same Closeout/Void may be sent again.
-CLOSEOUT_RETRY = frozenset({pb.CLOSEOUT_STORE_UNAVAILABLE})
+# The store did not answer in time, or the permit is a degraded one its issuing
+# sidecar has not journaled into the store yet: the same Closeout/Void may be
+# sent again (README "Degraded permits": PENDING is answered for up to an hour).
+CLOSEOUT_RETRY = frozenset({pb.CLOSEOUT_STORE_UNAVAILABLE, pb.CLOSEOUT_PERMIT_PENDING})
 VOID_RETRY = frozenset({pb.VOID_STORE_UNAVAILABLE})
 
 
@@ -247,11 +249,22 @@ class Permit:
         return self.settlement is not None
 
     def record(self, response: object, *, outcome: str = "SUCCEEDED") -> TokenUsage:
-        """Read the usage of a finished openai/anthropic response and keep it for closeout."""
+        """Read the usage of a finished openai/anthropic response and keep it for closeout.
+
+        A response whose usage the provider wrote unreadably (a count that is a
+        string, a float, negative) was still a provider call: it is kept for
+        closeout on Keel's estimate (``estimated``), as the wrapper does."""
         usage = read_usage(response)
-        if usage is None:
+        if usage is not None:
+            return self.record_usage(usage, outcome=outcome)
+        meter = UsageMeter()
+        meter.feed(response)
+        if not meter.unreadable:
             raise ValueError(f"{type(response).__name__} carries no usage to close out with")
-        return self.record_usage(usage, outcome=outcome)
+        self._meter = meter
+        self._meter_end(broken=False)
+        assert self.usage is not None
+        return self.usage
 
     def record_usage(self, usage: TokenUsage, *, outcome: str = "SUCCEEDED",
                      provider_cost_micros: int | None = None) -> TokenUsage:
@@ -313,6 +326,21 @@ class Permit:
         else:
             self.usage = None
         self.end_reason = s.reason
+
+    def book_at_hold(self) -> bool:
+        """The sidecar refused the usage as impossible for the permit (README
+        "Overruns"): the call was made, so close out at the hold instead, as the mesh
+        does (``settle.at_hold_fallback``), rather than leave the hold to expire with
+        nothing booked. False when the usage already was the hold."""
+        if self.usage is None:
+            return False
+        s = rule.at_hold_fallback(self._rule_permit(), rule.Settlement(
+            "closeout", self.end_reason, self.outcome, self.usage))
+        if s is None:
+            return False
+        self.apply_rule(s)
+        self.provider_cost_micros = None
+        return True
 
     def closeout_request(self) -> pb.CloseoutRequest:
         assert self.usage is not None

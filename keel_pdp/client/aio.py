@@ -162,6 +162,11 @@ class AsyncKeelClient:
                 r: pb.CloseoutResponse = await self._stub.Closeout(
                     req, timeout=max(remaining, 0.001), metadata=self.metadata)
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT and p.book_at_hold():
+                    log.warning("keel: permit %s: usage refused as impossible (%s); "
+                                "closed out at its hold", p.permit_id, error_text(err))
+                    req = p.closeout_request()
+                    continue
                 if err.code() not in RETRYABLE or remaining <= 0:
                     raise
             else:

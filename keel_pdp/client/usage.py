@@ -11,19 +11,24 @@ basis of an estimate when a stream breaks before its usage arrives).
 
 The normalisation is Keel's one convention (``keel_pdp.mesh.usage.normalise``,
 shared with the Envoy adapter): input counts cache reads and cache writes,
-output counts reasoning. Anthropic's ``output_tokens_details.thinking_tokens``
-is read as reasoning tokens. The readers import neither SDK: they read any
-pydantic model by ``model_dump()`` and anything else as a mapping, so they work
-with whichever SDK versions the application pins.
+output counts reasoning. A usage object with a count that is no count (a string,
+a float, a negative number: ``usage_normalise.readable``) is read as no usage,
+never as 0 tokens: the call is then settled on Keel's estimate, as on the mesh.
+Anthropic's ``output_tokens_details.thinking_tokens`` is read as reasoning
+tokens. The readers import neither SDK: they read any pydantic model by
+``model_dump()`` and anything else as a mapping, so they work with whichever SDK
+versions the application pins.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.usage import Reading, consistent, normalise
+from keel_pdp.mesh.usage_normalise import readable
 from keel_pdp.pricing import TokenUsage
 
 __all__ = ["UsageMeter", "api_of", "as_mapping", "read_usage"]
@@ -76,8 +81,11 @@ def _thinking(usage: Mapping[str, Any]) -> int:
     return _int(details.get("thinking_tokens")) if isinstance(details, Mapping) else 0
 
 
-def normalise_usage(api: Api, usage: Mapping[str, Any]) -> TokenUsage:
-    """A provider usage object in Keel's convention (reasoning read for every API)."""
+def normalise_usage(api: Api, usage: Mapping[str, Any]) -> TokenUsage | None:
+    """A provider usage object in Keel's convention (reasoning read for every API);
+    None when one of its counts cannot be read (it would book as 0 tokens)."""
+    if not readable(usage):
+        return None
     out = normalise(api, usage)
     if api is Api.MESSAGES:
         thinking = _thinking(usage)
@@ -88,7 +96,8 @@ def normalise_usage(api: Api, usage: Mapping[str, Any]) -> TokenUsage:
 
 
 def read_usage(response: object) -> TokenUsage | None:
-    """The usage of a finished provider answer, or None when it carries none.
+    """The usage of a finished provider answer, or None when it carries none (or
+    none that can be read).
 
     Accepts an OpenAI ``ChatCompletion`` or ``Response``, an Anthropic ``Message``,
     any of their ``usage`` objects, or the same as mappings.
@@ -127,6 +136,17 @@ class UsageMeter:
         self.items = 0
         self.error = False
         self.incomplete = False
+        self.unreadable = False  # a usage object came whose counts cannot be read
+
+    def _read(self, api: Api, usage: Mapping[str, Any]) -> TokenUsage | None:
+        out = normalise_usage(api, usage)
+        self.unreadable = self.unreadable or out is None
+        return out
+
+    def _whole(self, body: Mapping[str, Any]) -> None:
+        """A finished (non-streamed) answer: its size is the basis of the output
+        estimate when its usage cannot be read (as the mesh reads a JSON body)."""
+        self.text_bytes += len(json.dumps(body, default=str).encode())
 
     def feed(self, item: object) -> None:
         body = as_mapping(item)
@@ -157,9 +177,11 @@ class UsageMeter:
                     self._text(delta.get("refusal"))
                 if choice.get("finish_reason") == "length":
                     self.incomplete = True
+        if body.get("object") == "chat.completion":
+            self._whole(body)
         usage = as_mapping(body.get("usage"))
         if usage is not None:
-            self.final = normalise_usage(Api.CHAT, usage)
+            self.final = self._read(Api.CHAT, usage)
 
     def _responses(self, body: Mapping[str, Any]) -> None:
         kind = body.get("type")
@@ -174,11 +196,12 @@ class UsageMeter:
             response = as_mapping(body.get("response")) or {}
             usage = as_mapping(response.get("usage"))
             if usage is not None:
-                self.final = normalise_usage(Api.RESPONSES, usage)
+                self.final = self._read(Api.RESPONSES, usage)
         elif body.get("object") == "response":
+            self._whole(body)
             usage = as_mapping(body.get("usage"))
             if usage is not None:
-                self.final = normalise_usage(Api.RESPONSES, usage)
+                self.final = self._read(Api.RESPONSES, usage)
 
     def _merge(self, usage: Mapping[str, Any] | None) -> None:
         for key, value in (usage or {}).items():
@@ -200,13 +223,14 @@ class UsageMeter:
             if delta.get("stop_reason") == "max_tokens":
                 self.incomplete = True
         elif kind == "message_stop":
-            self.final = normalise_usage(Api.MESSAGES, self._partial) if self._partial else None
+            self.final = self._read(Api.MESSAGES, self._partial) if self._partial else None
         elif kind == "error":
             self.error = True
         elif kind == "message":  # a finished Message handed to the meter
+            self._whole(body)
             usage = as_mapping(body.get("usage"))
             if usage is not None:
-                self.final = normalise_usage(Api.MESSAGES, usage)
+                self.final = self._read(Api.MESSAGES, usage)
 
     @property
     def usage(self) -> TokenUsage | None:

@@ -13,8 +13,8 @@ estimate of ``keel_pdp.mesh.request``), the permit's constraints are applied to
 the call (a lower output cap, a rerouted model; a cap is always sent, so the
 provider never generates more than was held), a chat stream asks for its final
 usage chunk, and the permit is closed out with the provider's usage when the
-answer (or the stream) ends. Every other attribute is the wrapped client's own,
-unmetered.
+answer (or the stream) ends. ``with_options`` returns a wrapped copy; every
+other attribute is the wrapped client's own, unmetered.
 
 How a call that goes wrong ends its permit follows the mesh's settlement rule
 (``keel_pdp.mesh.settle``): an HTTP error from the provider voids it (a 504 is
@@ -22,10 +22,22 @@ booked at the hold); a connection error, a timeout or a cancellation while the
 call was out is booked at the hold (the provider may have billed it); a stream
 that breaks or that the caller stops reading is closed out PARTIAL with the
 usage seen so far. A DENY raises ``PermitDenied`` before the provider is called.
+
+Every attempt at the provider is a provider call of its own, so the SDK's own
+retries (``max_retries``) are made here, one permit per attempt: the SDK client
+is called with ``max_retries=0`` and a failed attempt that the SDK would retry
+(connection error, timeout, 408/409/429/5xx, ``x-should-retry``) ends its permit
+by the rule above and is tried again under a fresh permit, after the SDK's
+delay. An attempt that timed out may have been billed and stays booked at its
+hold even when the retry succeeds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import random
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +93,18 @@ class Call:
         kw["model"] = p.model
         if p.max_output_tokens and (self.cap == 0 or p.max_output_tokens < self.cap):
             kw[self.cap_field] = p.max_output_tokens
+        extra = kw.get("extra_body")
+        if isinstance(extra, Mapping):
+            # The SDKs merge extra_body over the body: the permit's model and cap
+            # must win there too.
+            eb = dict(extra)
+            if "model" in eb:
+                eb["model"] = p.model
+            for f in CAP_FIELDS[self.api]:
+                if f in eb and p.max_output_tokens and not (
+                        isinstance(eb[f], int) and 0 < eb[f] <= p.max_output_tokens):
+                    eb[f] = p.max_output_tokens
+            kw["extra_body"] = eb
         if self.stream and self.api is Api.CHAT:
             opts = dict(kw.get("stream_options") or {})
             opts["include_usage"] = True
@@ -103,6 +127,47 @@ def rule_for_error(p: Permit, exc: BaseException) -> rule.Settlement:
 
 
 _EMPTY_READING = Reading(None, None, 0, 0, False, False)
+
+# The SDKs' own retry rule (openai and anthropic share it): connection errors and
+# timeouts, 408, 409, 429 and 5xx, unless the answer's x-should-retry says
+# otherwise; the delay is the answer's retry-after(-ms) up to 60 s, else 0.5 s
+# doubling to 8 s, less up to 25 % jitter.
+_RETRY_STATUS = frozenset({408, 409, 429})
+
+
+def sdk_retryable(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "APIConnectionError" in names:  # APITimeoutError included
+        return True
+    status = getattr(exc, "status_code", None)
+    if "APIStatusError" not in names or not isinstance(status, int):
+        return False
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    should = headers.get("x-should-retry")
+    if should in ("true", "false"):
+        return bool(should == "true")
+    return status in _RETRY_STATUS or status >= 500
+
+
+def retry_delay(exc: BaseException, attempt: int) -> float:
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            after = float(str(headers.get(name))) * scale
+        except ValueError:  # absent ("None"), or an HTTP date
+            continue
+        if 0 < after <= 60:
+            return after
+    return float(min(0.5 * 2.0 ** attempt, 8.0) * (1 - 0.25 * random.random()))
+
+
+def without_retries(client: Any) -> tuple[Any, int]:
+    """The SDK client that makes one attempt per call, and how many retries the
+    caller's client would have made."""
+    retries = getattr(client, "max_retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries <= 0:
+        return client, 0
+    return client.with_options(max_retries=0), retries
 
 
 def settle_response(p: Permit, response: Any) -> None:
@@ -164,12 +229,23 @@ class MeteredStream:
 
 
 class _Endpoint:
-    def __init__(self, w: _Wrapped, target: Any, api: Api) -> None:
-        self._w, self._target, self._api = w, target, api
+    def __init__(self, w: _Wrapped, target: Any, once: Any, api: Api) -> None:
+        self._w, self._target, self._once, self._api = w, target, once, api
 
     def create(self, **kwargs: Any) -> Any:
+        call = Call(self._api, self._w.provider, kwargs)
+        for attempt in itertools.count():
+            try:
+                return self._attempt(call)
+            except BaseException as exc:
+                if attempt >= self._w.max_retries or not sdk_retryable(exc):
+                    raise
+                time.sleep(retry_delay(exc, attempt))
+        raise AssertionError("unreachable")
+
+    def _attempt(self, call: Call) -> Any:
+        """One provider call under one permit."""
         w = self._w
-        call = Call(self._api, w.provider, kwargs)
         p = w.keel.authorize(call.permit_request(w.tenant, w.workload, w.labels),
                              fail_mode=w.fail_mode)
         w.last_permit = p
@@ -179,7 +255,7 @@ class _Endpoint:
             w.keel.end(p, None)
             raise
         try:
-            response = self._target.create(**kw)
+            response = self._once.create(**kw)
         except BaseException as exc:
             p.apply_rule(rule_for_error(p, exc))
             w.keel.end(p, exc if p.usage is None else None)
@@ -211,12 +287,21 @@ class _Wrapped:
         self.tenant, self.workload, self.labels, self.fail_mode = (tenant, workload,
                                                                    dict(labels), fail_mode)
         self.last_permit: Permit | None = None
+        once, self.max_retries = without_retries(client)
         if provider == "openai":
-            self.chat = _Group(self, client.chat, _Endpoint(self, client.chat.completions,
-                                                            Api.CHAT))
-            self.responses = _Endpoint(self, client.responses, Api.RESPONSES)
+            self.chat = _Group(self, client.chat, _Endpoint(
+                self, client.chat.completions, once.chat.completions, Api.CHAT))
+            self.responses = _Endpoint(self, client.responses, once.responses, Api.RESPONSES)
         else:
-            self.messages = _Endpoint(self, client.messages, Api.MESSAGES)
+            self.messages = _Endpoint(self, client.messages, once.messages, Api.MESSAGES)
+
+    def with_options(self, **options: Any) -> _Wrapped:
+        """The SDK's copy with other options (``timeout``, ``max_retries`` ...), still
+        metered."""
+        return _Wrapped(self.keel, self.client.with_options(**options), self.provider,
+                        self.tenant, self.workload, self.labels, self.fail_mode)
+
+    copy = with_options
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -274,12 +359,23 @@ class AsyncMeteredStream:
 
 
 class _AsyncEndpoint:
-    def __init__(self, w: _AsyncWrapped, target: Any, api: Api) -> None:
-        self._w, self._target, self._api = w, target, api
+    def __init__(self, w: _AsyncWrapped, target: Any, once: Any, api: Api) -> None:
+        self._w, self._target, self._once, self._api = w, target, once, api
 
     async def create(self, **kwargs: Any) -> Any:
+        call = Call(self._api, self._w.provider, kwargs)
+        for attempt in itertools.count():
+            try:
+                return await self._attempt(call)
+            except BaseException as exc:
+                if attempt >= self._w.max_retries or not sdk_retryable(exc):
+                    raise
+                await asyncio.sleep(retry_delay(exc, attempt))
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, call: Call) -> Any:
+        """One provider call under one permit."""
         w = self._w
-        call = Call(self._api, w.provider, kwargs)
         p = await w.keel.authorize(call.permit_request(w.tenant, w.workload, w.labels),
                                    fail_mode=w.fail_mode)
         w.last_permit = p
@@ -289,7 +385,7 @@ class _AsyncEndpoint:
             await w.keel.end(p, None)
             raise
         try:
-            response = await self._target.create(**kw)
+            response = await self._once.create(**kw)
         except BaseException as exc:
             p.apply_rule(rule_for_error(p, exc))
             await w.keel.end(p, exc if p.usage is None else None)
@@ -319,12 +415,21 @@ class _AsyncWrapped:
         self.tenant, self.workload, self.labels, self.fail_mode = (tenant, workload,
                                                                    dict(labels), fail_mode)
         self.last_permit: Permit | None = None
+        once, self.max_retries = without_retries(client)
         if provider == "openai":
             self.chat = _AsyncGroup(self, client.chat, _AsyncEndpoint(
-                self, client.chat.completions, Api.CHAT))
-            self.responses = _AsyncEndpoint(self, client.responses, Api.RESPONSES)
+                self, client.chat.completions, once.chat.completions, Api.CHAT))
+            self.responses = _AsyncEndpoint(self, client.responses, once.responses,
+                                            Api.RESPONSES)
         else:
-            self.messages = _AsyncEndpoint(self, client.messages, Api.MESSAGES)
+            self.messages = _AsyncEndpoint(self, client.messages, once.messages, Api.MESSAGES)
+
+    def with_options(self, **options: Any) -> _AsyncWrapped:
+        """The SDK's copy with other options, still metered."""
+        return _AsyncWrapped(self.keel, self.client.with_options(**options), self.provider,
+                             self.tenant, self.workload, self.labels, self.fail_mode)
+
+    copy = with_options
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
