@@ -95,7 +95,10 @@ def diff_snapshots(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
                          f"{usd(b.limit_micros)} {_PER[b.window]}"
                          f"{_pct(a.limit_micros, b.limit_micros)}.")
         if a.window != b.window:
-            lines.append(f"Budget {bid}: window changed from {a.window} to {b.window}.")
+            lines.append(f"Budget {bid}: window changed from {a.window} to {b.window}; "
+                         "spend booked in the old windows is not carried over (only a new "
+                         "window that starts at the same instant as an old one shares its "
+                         "figures); a new budget id starts a clean count.")
         if a.enforce != b.enforce:
             lines.append(f"Budget {bid}: now {'enforced' if b.enforce else 'observed only'} "
                          f"(was {'enforced' if a.enforce else 'observed only'}).")
