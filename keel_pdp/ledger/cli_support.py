@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from keel_pdp.errors import MappingError
 from keel_pdp.ledger.periods import PeriodError, check_period
 from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
 
@@ -71,6 +72,10 @@ def run_cli(fn: Any, ns: argparse.Namespace) -> int:
     """Run a store command, turning expected failures into one line on stderr."""
     try:
         return int(fn(ns))
+    except MappingError as exc:
+        # A mapping file finance must correct (it names the file and key): bad input.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (StoreError, StoreUnavailable, PeriodError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,8 +8,10 @@ grants move no money and are not exported.
 - ``csv`` (chargeback/showback): the period's books per cost center, business
   unit and the chosen dimensions, including accruals for open permits and
   late adjustments for earlier periods (``charge_type`` late, naming the
-  period in ``charge_period``). The charge column sums to the period's booked
-  total, less what rounding each settlement up to the micro-dollar added.
+  period in ``charge_period``). The rows' exact charges add up to the period's
+  booked total less what rounding each settlement up to the micro-dollar added;
+  each printed row is rounded once, so the column's sum is within half a
+  micro-dollar per row of that exact total.
 - ``focus``: billed cost only (settled actuals and manual adjustments), one row
   per day, tenant, workload, model and token type, in FOCUS column
   conventions. A late settlement for an earlier, closed period is a row with
@@ -31,11 +33,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from keel_pdp.csv_cells import csv_rows
 from keel_pdp.ledger.cli_support import add_store, open_for_cli, period_arg, run_cli
 from keel_pdp.ledger.mapping import CostMapping
 from keel_pdp.ledger.money import PICOS_PER_MICRO, micros_half_even, usd, usd_from_pico
 from keel_pdp.ledger.periods import bounds_ms, day_start_ms, iso_utc, permit_issued_ms
-from keel_pdp.ledger.render import csv_rows
 from keel_pdp.ledger.report import DIMENSIONS, dims_of
 from keel_pdp.ledger.store import LedgerStore
 
@@ -166,6 +168,7 @@ class _Acc:
 
 def chargeback_rows(store: LedgerStore, period: str, mapping: CostMapping,
                     by: Sequence[str] = DEFAULT_BY) -> tuple[list[str], list[list[str]]]:
+    mapping = mapping.for_store(store)
     groups: dict[tuple[str, ...], _Acc] = {}
     for e in _entries(store, period):
         dims = dims_of(e.key, mapping)
@@ -203,6 +206,17 @@ def chargeback_rows(store: LedgerStore, period: str, mapping: CostMapping,
 
 
 # ---------------------------------------------------------------------- FOCUS
+def _id_part(name: str) -> str:
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def resource_id(tenant: str, workload: str) -> str:
+    """``tenant/workload`` (``tenant`` without a workload), with ``/`` and ``%`` inside
+    a name percent-encoded: tenant ``a/b`` workload ``c`` is ``a%2Fb/c``, tenant ``a``
+    workload ``b/c`` is ``a/b%2Fc``, so one id never names two resources."""
+    return f"{_id_part(tenant)}/{_id_part(workload)}" if workload else _id_part(tenant)
+
+
 FOCUS_COLUMNS = (
     "AvailabilityZone", "BilledCost", "BillingAccountId", "BillingAccountName",
     "BillingCurrency", "BillingPeriodEnd", "BillingPeriodStart", "ChargeCategory",
@@ -234,6 +248,7 @@ class _FocusAcc:
 def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
                billing_account: str = "keel") -> tuple[list[str], list[list[str]]]:
     p_start, p_end = bounds_ms(period)
+    mapping = mapping.for_store(store)
     groups: dict[tuple[Any, ...], _FocusAcc] = {}
     for e in _entries(store, period):
         if e.kind not in ("settlement", "manual_adjustment"):
@@ -317,7 +332,7 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             "PricingUnit": "Tokens" if usage else "",
             "ProviderName": provider or billing_account,
             "PublisherName": provider or billing_account, "RegionId": "", "RegionName": "",
-            "ResourceId": f"{tenant}/{workload}" if workload else tenant,
+            "ResourceId": resource_id(tenant, workload),
             "ResourceName": workload or tenant, "ResourceType": "LLM workload",
             "ServiceCategory": "AI and Machine Learning",
             "ServiceName": f"{provider} {model}".strip() or "manual adjustment",

@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from keel_pdp.csv_cells import csv_rows
 from keel_pdp.ledger.burn import BudgetBurn
 from keel_pdp.ledger.figures import Figures
 from keel_pdp.ledger.money import ratio_percent, usd
@@ -75,24 +75,6 @@ def exception_cells(x: ExceptionLine) -> list[str]:
             iso_utc(x.decided_at_ms) if x.decided_at_ms else "", x.grant_id,
             iso_utc(x.grant_expires_at_ms) if x.grant_expires_at_ms else "",
             str(x.permits_allowed), usd(x.spend_allowed_micros)]
-
-
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV
-# injection): a tenant or workload named "=HYPERLINK(...)" must stay text.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
-
-
-def csv_cell(cell: str) -> str:
-    """``cell`` as a CSV file carries it to a spreadsheet: text that would start a
-    formula gets a leading apostrophe; numbers (negative amounts) are unchanged."""
-    if cell.startswith(_FORMULA_START) and not _NUMBER.fullmatch(cell):
-        return "'" + cell
-    return cell
-
-
-def csv_rows(rows: Iterable[Sequence[str]]) -> Iterator[list[str]]:
-    return ([csv_cell(c) for c in r] for r in rows)
 
 
 def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

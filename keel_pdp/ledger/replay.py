@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel_pdp.csv_cells import csv_rows
 from keel_pdp.decision import AuthorizeInput, InvalidRequest, Plan, plan
 from keel_pdp.events import loads_object
 from keel_pdp.ledger.cli_support import add_store, open_for_cli, period_arg, run_cli
@@ -288,8 +289,7 @@ def render(r: ReplayResult, fmt: str) -> str:
     buf = io.StringIO()
     if fmt == "csv":
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(header)
-        w.writerows([*rows, total])
+        w.writerows(csv_rows([header, *rows, total]))
         return buf.getvalue()
     buf.write(f"Replay of {r.period} under candidate policy {r.candidate_revision} "
               f"(amounts in USD; {r.skipped} requests skipped)\n\n")

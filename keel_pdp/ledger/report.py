@@ -98,7 +98,7 @@ def build_report(store: LedgerStore, period: str, by: Sequence[str],
     bad = [d for d in by if d not in DIMENSIONS]
     if bad or not by:
         raise ValueError(f"--by takes a comma-separated list of {', '.join(DIMENSIONS)}")
-    mapping = mapping or CostMapping()
+    mapping = (mapping or CostMapping()).for_store(store)
     as_of = now_ms() if as_of_ms is None else as_of_ms
     groups = group_figures(raw_figures(store, period), by, mapping)
     return Report(period, store.period_state(period), tuple(by), as_of, groups,

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from keel_pdp.csv_cells import csv_text
 from keel_pdp.reconcile.adapters.common import as_count, csv_header, read_csv, read_text
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.internal_line import InternalUsageLine, in_window
@@ -77,7 +78,10 @@ class FileInternalSource:
             if not ({"cost_micros", "cost_usd"} & header):
                 raise InputError(str(self.path), "missing a cost column: 'cost_micros' or "
                                  "'cost_usd'", where="row 1")
-            records = [(r.where, dict(r.values)) for r in rows]
+            # Cells kept as text against formula injection (this product's own
+            # internal_usage.csv) read back to the exact names.
+            records = [(r.where, {k: csv_text(v) for k, v in r.values.items()})
+                       for r in rows]
         lines: list[InternalUsageLine] = []
         seen: dict[str, str] = {}
         for where, rec in records:

@@ -15,6 +15,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Protocol
 
+from keel_pdp.csv_cells import csv_dict
 from keel_pdp.reconcile.errors import ReconcileError
 from keel_pdp.reconcile.model import CACHE_WRITE, CACHE_WRITE_1H, CACHED_INPUT, INPUT, OUTPUT
 from keel_pdp.reconcile.money import split_exact
@@ -189,4 +190,4 @@ def write_export(lines: list[InternalUsageLine], path: pathlib.Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
         writer.writeheader()
         for line in sorted(lines, key=lambda ln: (ln.ts_ms, ln.permit_id)):
-            writer.writerow(line.as_row())
+            writer.writerow(csv_dict(line.as_row()))

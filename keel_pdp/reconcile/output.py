@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
+from keel_pdp.csv_cells import csv_rows
 from keel_pdp.reconcile.errors import ReconcileError
 from keel_pdp.reconcile.internal import write_export
 from keel_pdp.reconcile.memo import dumps, memo_json, memo_markdown
@@ -50,8 +51,7 @@ def _write_csv(path: pathlib.Path, header: list[str], rows: Iterable[Sequence[ob
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
-        for row in rows:
-            writer.writerow(["" if v is None else v for v in row])
+        writer.writerows(csv_rows(rows))
 
 
 def _provider_export(path: pathlib.Path, report: Report, lines: list[ProviderLine]) -> None:
