@@ -21,7 +21,7 @@ import asyncio
 import builtins
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal
@@ -405,20 +405,24 @@ class ExceptionDesk:
         return _view(raw, _now_ms() if now_ms is None else now_ms)
 
     async def list(self, state: str = "", budget_id: str = "", limit: int = 100,
-                   now_ms: int | None = None) -> list[ExceptionView]:
+                   now_ms: int | None = None,
+                   keep: Callable[[ExceptionView], bool] | None = None
+                   ) -> list[ExceptionView]:
+        """Newest first; ``keep`` (a caller's view) filters before ``limit`` counts."""
         if state and state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
         limit = min(max(limit or 100, 1), 1000)
         now = _now_ms() if now_ms is None else now_ms
         found: list[ExceptionView] = []
         for shard in range(self.keys.shards):
-            found.extend(await self._list_shard(shard, state, budget_id, limit, now))
+            found.extend(await self._list_shard(shard, state, budget_id, limit, now, keep))
         if self.keys.shards > 1:
             found.sort(key=lambda v: v.requested_at_ms, reverse=True)
         return found[:limit]
 
     async def _list_shard(self, shard: int, state: str, budget_id: str, limit: int,
-                          now: int) -> builtins.list[ExceptionView]:
+                          now: int, keep: Callable[[ExceptionView], bool] | None = None
+                          ) -> builtins.list[ExceptionView]:
         out: list[ExceptionView] = []
         start, page = 0, 200
         client = self.store.client
@@ -439,8 +443,9 @@ class ExceptionDesk:
                     v = await self._record_expiry(v, now)
                 if v is None:
                     gone.append(i)
-                elif (not state or v.state == state) and (not budget_id
-                                                          or v.budget_id == budget_id):
+                elif ((not state or v.state == state)
+                      and (not budget_id or v.budget_id == budget_id)
+                      and (keep is None or keep(v))):
                     out.append(v)
             if gone:  # records past their retention: drop them from the index
                 await self._read(client.zrem(index_key, *gone))

@@ -10,14 +10,22 @@ is a few set look-ups.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from keel_pdp.policy.snapshot import WILDCARD, bounded_put
+from keel_pdp.policy.snapshot import WILDCARD, CompiledBudget, bounded_put
 
 GRANTS_CACHE_SIZE = 4096
-# RPCs that name a tenant and workload (directly, or through a permit's); the
-# others (admin, grant_exception, mesh) are granted or not as a whole.
-SCOPED_RPCS = ("authorize", "closeout", "void")
+# The exception methods of the Admin service, judged on the tenant (and the
+# workload, where it names one) of the budget counter an exception raises.
+# ``request_exception``: ask, and list one's own requests; ``grant_exception``:
+# grant, approve, reject and list, and ask as well (asking is part of granting).
+EXCEPTION_RPCS = ("grant_exception", "request_exception")
+# RPCs that name a tenant and workload (directly, through a permit's, or through
+# a budget's); the others (admin, mesh) are granted or not as a whole.
+SCOPED_RPCS = ("authorize", "closeout", "void", *EXCEPTION_RPCS)
+# An RPC granted by a binding that names another: rpc -> the RPCs that include it.
+IMPLIED_BY = {"request_exception": ("grant_exception",)}
 
 
 def pattern_problem(pattern: str) -> str:
@@ -43,13 +51,24 @@ class CompiledBinding:
     def matches(self, identity: str) -> bool:
         return any(pattern_matches(p, identity) for p in self.patterns)
 
+    def has(self, rpc: str) -> bool:
+        """Whether this binding grants ``rpc`` for some tenant (named, or implied
+        by an RPC it names)."""
+        return rpc in self.rpcs or any(r in self.rpcs for r in IMPLIED_BY.get(rpc, ()))
+
     def grants(self, rpc: str, tenant: str, workload: str) -> bool:
-        if rpc not in self.rpcs:
+        """For an exception RPC, ``tenant`` is the tenant of the budget counter
+        (``*`` for a counter every tenant spends from: only a ``*`` binding
+        grants it) and ``workload`` its workload, '' when the counter names none."""
+        if not self.has(rpc):
             return False
         if rpc not in SCOPED_RPCS:
             return True
-        return ((tenant in self.tenants or WILDCARD in self.tenants)
-                and (workload in self.workloads or WILDCARD in self.workloads))
+        if not (tenant in self.tenants or WILDCARD in self.tenants):
+            return False
+        if rpc in EXCEPTION_RPCS and not workload:
+            return True
+        return workload in self.workloads or WILDCARD in self.workloads
 
     def words(self) -> str:
         def names(values: frozenset[str]) -> str:
@@ -57,6 +76,23 @@ class CompiledBinding:
         return (f"{self.id} (identities {', '.join(self.patterns)}; tenants "
                 f"{names(self.tenants)}; workloads {names(self.workloads)}; rpcs "
                 f"{', '.join(sorted(self.rpcs))})")
+
+
+def budget_owner(budget: CompiledBudget | None, scope: Mapping[str, str]) -> tuple[str, str]:
+    """The tenant and workload of the budget counter an exception concerns, as
+    the exception RPCs are judged on them: the budget's own scope, else the
+    value its ``per`` dimension takes in ``scope``. Tenant ``*``: a counter
+    every tenant spends from (only a binding with tenants ``*`` may act on
+    it); workload '': the counter names no workload. For a budget the policy
+    no longer declares, what ``scope`` names (else ``*`` and '')."""
+    if budget is None:
+        return scope.get("tenant") or WILDCARD, scope.get("workload") or ""
+    tenant, workload = budget.scope[0], budget.scope[1]
+    if tenant == WILDCARD and 0 in budget.per:
+        tenant = scope.get("tenant") or WILDCARD
+    if workload == WILDCARD:
+        workload = (scope.get("workload") or "") if 1 in budget.per else ""
+    return tenant, workload
 
 
 def pattern_matches(pattern: str, identity: str) -> bool:
@@ -95,7 +131,7 @@ class Grants:
         if not self.bindings:
             return f"no Callers binding matches identity {self.identity!r}"
         ids = ", ".join(b.id for b in self.bindings)
-        with_rpc = [b for b in self.bindings if rpc in b.rpcs]
+        with_rpc = [b for b in self.bindings if b.has(rpc)]
         if not with_rpc:
             return f"its bindings ({ids}) do not grant the {rpc} RPC"
         if rpc not in SCOPED_RPCS:
@@ -152,7 +188,8 @@ class CallerIndex:
         return out
 
 
-RPC_NAMES = ("authorize", "closeout", "void", "admin", "grant_exception", "mesh")
+RPC_NAMES = ("authorize", "closeout", "void", "admin", "grant_exception", "request_exception",
+             "mesh")
 
 
 def explain_lines(index: CallerIndex | None, identity: str, tenant: str = "",

@@ -1,15 +1,21 @@
 """Callers documents compiled into a ``CallerIndex``: bad identity patterns and
 bindings that grant tenant-scoped RPCs without naming a tenant are problems;
-patterns that match every trust domain and names no budget or route uses are
+patterns that match every trust domain, names no budget or route uses, and
+exception RPCs that the binding's tenants leave with nothing to act on are
 warnings (served, but shown by ``policy check`` and logged on load).
+
+A binding without tenants that grants an exception RPC is a warning rather
+than a problem: bundles written before those RPCs were scoped by tenant still
+load (a bundle refused at start would stop every Authorize too); the binding
+simply decides nothing until it names its tenants.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-from keel_pdp.policy.callers import CallerIndex, CompiledBinding, pattern_problem
-from keel_pdp.policy.model import CallersDoc
+from keel_pdp.policy.callers import EXCEPTION_RPCS, CallerIndex, CompiledBinding, pattern_problem
+from keel_pdp.policy.model import CallerBinding, CallersDoc
 from keel_pdp.policy.problems import Problem
 from keel_pdp.policy.snapshot import CompiledBudget, CompiledRoute
 
@@ -54,6 +60,7 @@ def compile_callers(docs: list[tuple[str, BaseModel]], budgets: list[CompiledBud
                 bad = True
             if bad:
                 continue
+            warnings.extend(_exception_warnings(name, where, spec))
             for j, t in enumerate(spec.tenants):
                 if t != "*" and t not in known_tenants:
                     warnings.append(f"{name}: {where}.tenants.{j}: tenant {t!r} is not named "
@@ -66,3 +73,20 @@ def compile_callers(docs: list[tuple[str, BaseModel]], budgets: list[CompiledBud
                 spec.id, tuple(spec.identities), frozenset(spec.tenants),
                 frozenset(spec.workloads), frozenset(spec.rpcs), spec.description))
     return (CallerIndex(tuple(compiled)) if found else None), warnings
+
+
+def _exception_warnings(name: str, where: str, spec: CallerBinding) -> list[str]:
+    """Exception RPCs act on the binding's tenants only; ``admin`` on every tenant."""
+    out: list[str] = []
+    exc = [r for r in EXCEPTION_RPCS if r in spec.rpcs]
+    if exc and not spec.tenants:
+        out.append(f"{name}: {where}.tenants: binding {spec.id!r} grants {', '.join(exc)} "
+                   "but names no tenant: it may ask for or decide no exception (exception "
+                   "methods act on the binding's tenants only; tenants: ['*'] for an "
+                   "approver of every tenant)")
+    if "admin" in spec.rpcs and spec.tenants and "*" not in spec.tenants:
+        out.append(f"{name}: {where}.rpcs: binding {spec.id!r} grants admin, every Admin "
+                   "method on every tenant's budgets: its tenants do not limit it (grant "
+                   "grant_exception or request_exception to act on exceptions of its tenants "
+                   "only)")
+    return out

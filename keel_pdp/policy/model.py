@@ -209,10 +209,13 @@ class RoutesDoc(_Strict):
 
 
 # RPCs a caller binding may grant. ``mesh``: Envoy's ext_authz / ext_proc
-# (a proxy trusted to speak for the principal it verified).
-CallerRpc = Literal["authorize", "closeout", "void", "admin", "grant_exception", "mesh"]
+# (a proxy trusted to speak for the principal it verified). ``request_exception``:
+# ask for an exception and list one's own requests; ``grant_exception``: grant,
+# approve, reject and list, and ask (both on the binding's tenants only).
+CallerRpc = Literal["authorize", "closeout", "void", "admin", "grant_exception",
+                    "request_exception", "mesh"]
 CALLER_RPCS: tuple[str, ...] = ("authorize", "closeout", "void", "admin", "grant_exception",
-                                "mesh")
+                                "request_exception", "mesh")
 IdentityPattern = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 

@@ -8,6 +8,13 @@ An identity may be bound to approver roles (``--admin-identities
 finance-bot=finance-owner``): it then decides exceptions as itself and only in
 those roles. A token holder, or an identity without roles, names the approver
 and the role in the call; the ledger records both.
+
+With ``--caller-auth enforce`` a ``kind: Callers`` binding opens the API too
+(``keel_pdp.server.identity``): ``admin`` every method on every tenant, the
+exception RPCs only the exception methods and only on the binding's tenants:
+each call is judged here on the tenant (and workload, where it names one) of
+the budget counter it concerns, and a listing shows only what the caller may
+decide, and its own requests.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from keel_pdp.budget.store import StoreUnavailable
 from keel_pdp.decision import InvalidRequest
 from keel_pdp.engine import Engine
 from keel_pdp.overage import workflow as wf
+from keel_pdp.policy.callers import budget_owner
 from keel_pdp.policy.snapshot import PolicySnapshot
 from keel_pdp.server.identity import admin_binding, bearer_token, peer_names, token_matches
 
@@ -40,10 +48,12 @@ _STATE_NAME = {v: k for k, v in _STATE_PB.items()}
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who called: a client certificate identity (with the roles it is bound to,
-    None for any), or a token holder (identity "")."""
+    None for any), or a token holder (identity ""). ``scoped``: let in by a
+    Callers binding's exception RPC, so limited to that binding's tenants."""
 
     identity: str = ""
     roles: frozenset[str] | None = None
+    scoped: bool = False
 
 
 def parse_identities(entries: tuple[str, ...]) -> dict[str, frozenset[str] | None]:
@@ -93,17 +103,55 @@ class AdminServicer(pb_grpc.AdminServicer):
         if peer is not None:
             return peer
         bound = admin_binding()  # a Callers binding opens it too (--caller-auth enforce)
-        if bound:
-            return Caller(bound)
+        if bound is not None and bound.identity:
+            return Caller(bound.identity, scoped=bound.scoped)
         expected = self._token()
+        token_ok = bool(expected) and token_matches(bearer_token(context), expected or "")
+        if not token_ok and bound is not None and bound.refusal:
+            # An identified caller whose bindings do not open this method.
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, bound.refusal)
         if not expected:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "admin API disabled: no admin token is configured")
-        assert expected is not None
-        if not token_matches(bearer_token(context), expected):
+        if not token_ok:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong admin token (authorization: Bearer <token>)")
         return Caller()
+
+    @staticmethod
+    async def _within_bindings(caller: Caller, rpc: str, snapshot: PolicySnapshot,
+                               budget_id: str, scope: dict[str, str],
+                               context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Refuse a binding-scoped caller acting on a budget counter outside the
+        tenants (and workloads) its bindings grant ``rpc`` for."""
+        if not caller.scoped:
+            return
+        tenant, workload = budget_owner(snapshot.budget(budget_id), scope)
+        index = snapshot.callers
+        lacks = ("the policy bundle has no Callers bindings" if index is None else
+                 index.grants(caller.identity).lacking(rpc, tenant, workload))
+        if lacks:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{rpc}: caller {caller.identity!r} may not act on budget {budget_id[:128]!r} "
+                f"of tenant {tenant[:128]!r}"
+                + (f" workload {workload[:128]!r}" if workload else "") + f": {lacks}")
+
+    @staticmethod
+    def _visible(caller: Caller, snapshot: PolicySnapshot
+                 ) -> Callable[[wf.ExceptionView], bool] | None:
+        """What a binding-scoped caller may list: the requests it may decide
+        (``grant_exception`` on their budget's tenant) and its own requests."""
+        if not caller.scoped:
+            return None
+        grants = snapshot.callers.grants(caller.identity) if snapshot.callers else None
+
+        def keep(v: wf.ExceptionView) -> bool:
+            if v.requester == caller.identity:
+                return True
+            return grants is not None and grants.allows(
+                "grant_exception", *budget_owner(snapshot.budget(v.budget_id), dict(v.scope)))
+        return keep
 
     @staticmethod
     async def _acting_as(caller: Caller, approver: str, role: str,
@@ -140,6 +188,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         if snapshot is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no policy loaded")
         assert snapshot is not None
+        await self._within_bindings(caller, "grant_exception", snapshot, request.budget_id,
+                                    dict(request.scope), context)
         approver, role = await self._acting_as(caller, request.approver, request.approver_role,
                                                context)
         g = grants.GrantRequest(
@@ -202,6 +252,8 @@ class AdminServicer(pb_grpc.AdminServicer):
     ) -> pb.ExceptionRecord:
         caller = await self._authorize(context)
         snapshot = await self._snapshot(context)
+        await self._within_bindings(caller, "request_exception", snapshot, request.budget_id,
+                                    dict(request.scope), context)
         requester = request.requester or caller.identity
         if caller.identity and request.requester and request.requester != caller.identity:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -220,6 +272,12 @@ class AdminServicer(pb_grpc.AdminServicer):
                       context: grpc.aio.ServicerContext[Any, Any]) -> pb.ExceptionRecord:
         caller = await self._authorize(context)
         snapshot = await self._snapshot(context)
+        if caller.scoped:
+            found: wf.ExceptionView | None = await self._run(
+                context, self.desk.get(request.exception_id))
+            if found is not None:  # an unknown id is NOT_FOUND, from decide()
+                await self._within_bindings(caller, "grant_exception", snapshot,
+                                            found.budget_id, dict(found.scope), context)
         approver, role = await self._acting_as(caller, request.approver, request.approver_role,
                                                context)
         view: wf.ExceptionView = await self._run(context, self.desk.decide(
@@ -239,10 +297,13 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ListExceptions(
         self, request: pb.ListExceptionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListExceptionsResponse:
-        await self._authorize(context)
+        caller = await self._authorize(context)
+        keep = None
+        if caller.scoped:
+            keep = self._visible(caller, await self._snapshot(context))
         state = _STATE_NAME.get(request.state, "")
         views: list[wf.ExceptionView] = await self._run(context, self.desk.list(
-            state, request.budget_id, request.limit))
+            state, request.budget_id, request.limit, keep=keep))
         return pb.ListExceptionsResponse(exceptions=[exception_record(v) for v in views])
 
     # ------------------------------------------------------------ budget status

@@ -82,7 +82,7 @@ class CallerGuard:
         if not lacks:
             return None
         reason = ("not_bound" if not grants.bindings else
-                  "rpc" if not any(rpc in b.rpcs for b in grants.bindings) else "scope")
+                  "rpc" if not any(b.has(rpc) for b in grants.bindings) else "scope")
         return Refusal(grpc.StatusCode.PERMISSION_DENIED, reason,
                        f"{rpc}: caller {identity!r} may not name tenant {tenant[:128]!r} "
                        f"workload {workload[:128]!r}: {lacks}" if tenant else
@@ -93,7 +93,7 @@ class CallerGuard:
         snap = self.policies.current
         index = snap.callers if snap is not None else None
         return bool(identity) and index is not None and any(
-            rpc in b.rpcs for b in index.grants(identity).bindings)
+            b.has(rpc) for b in index.grants(identity).bindings)
 
     def count(self, rpc: str, refusal: Refusal) -> None:
         self.metrics.child(self.metrics.caller_refusals, rpc, refusal.reason, self.mode).inc()

@@ -60,8 +60,9 @@ from keel_pdp.server.peers import (
 )
 from keel_pdp.settings import ServeSettings
 
-__all__ = ["ADMIN", "AUTHZ_CHECK", "EXT_PROC", "MODES", "OWNER_CACHE_SIZE",
-           "OWNER_LOOKUP_TIMEOUT_S", "TOKEN_RECHECK_S", "CallerGuard", "CallerInterceptor",
+__all__ = ["ADMIN", "AUTHZ_CHECK", "EXCEPTION_METHODS", "EXT_PROC", "MODES", "OWNER_CACHE_SIZE",
+           "OWNER_LOOKUP_TIMEOUT_S", "TOKEN_RECHECK_S", "AdminBinding", "CallerGuard",
+           "CallerInterceptor",
            "CallerTokens", "Refusal", "admin_binding", "bearer_token", "caller_interceptors",
            "cert_identity", "envoy_refusal", "peer_names", "token_matches"]
 
@@ -74,12 +75,34 @@ EXT_PROC = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 # ----------------------------------------------------------------- admin API
 ADMIN = "/keel.pdp.v1.Admin/"
-_ADMIN: ContextVar[str] = ContextVar("keel_pdp_admin_caller", default="")
+# The Admin methods a binding's exception RPCs open; every other Admin method
+# (and any added later) needs ``admin``.
+EXCEPTION_METHODS: dict[str, str] = {
+    "RequestException": "request_exception", "ListExceptions": "request_exception",
+    "GrantException": "grant_exception", "ApproveException": "grant_exception",
+    "RejectException": "grant_exception"}
 
 
-def admin_binding() -> str:
-    """The identity whose Callers binding opens the admin method being served
-    (enforce mode; '' when none does). See ``CallerInterceptor._admin``."""
+@dataclass(frozen=True, slots=True)
+class AdminBinding:
+    """What the caller's Callers bindings say about the admin method being served.
+
+    ``identity``: the caller, when a binding opens the method; ``scoped``: it was
+    opened by an exception RPC, so the servicer judges each call on the tenant
+    of the budget it concerns (``admin`` opens every method on every tenant);
+    ``refusal``: why the caller's bindings do not open it ('' when they do)."""
+
+    identity: str = ""
+    scoped: bool = False
+    refusal: str = ""
+
+
+_ADMIN: ContextVar[AdminBinding | None] = ContextVar("keel_pdp_admin_caller", default=None)
+
+
+def admin_binding() -> AdminBinding | None:
+    """The Callers bindings' word on the admin method being served (enforce
+    mode; None when nothing was judged). See ``CallerInterceptor._admin``."""
     return _ADMIN.get()
 
 
@@ -221,17 +244,29 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _admin(self, name: str, behavior: Behavior) -> Behavior:
         """Admin keeps its own gate (token, --admin-identities); in enforce mode a
-        Callers binding granting ``admin`` (any admin method) or
-        ``grant_exception`` (the exception methods) opens it as well."""
+        Callers binding granting ``admin`` (any admin method, any tenant) opens
+        it as well, and one granting ``grant_exception`` or ``request_exception``
+        opens the exception methods of that RPC for the binding's tenants (the
+        servicer checks each call's budget against them)."""
         guard = self.guard
-        rpc = "grant_exception" if "Exception" in name else "admin"
+        rpc = EXCEPTION_METHODS.get(name, "admin")
 
         async def admin(request: Any, context: Any) -> Any:
             if guard.enforce:
                 who = guard.identify(context)
-                if who and (guard.judge("admin", who) is None
-                            or guard.judge(rpc, who) is None):
-                    _ADMIN.set(who)
+                if who:
+                    refusal = guard.judge("admin", who)
+                    if refusal is None:
+                        _ADMIN.set(AdminBinding(who))
+                    elif rpc != "admin" and guard.has_rpc(who, rpc):
+                        _ADMIN.set(AdminBinding(who, scoped=True))
+                    else:
+                        # Bindings that match but lack the RPC: say so (unless the
+                        # admin token opens the call); a caller no binding matches
+                        # gets the token's own answer.
+                        refusal = refusal if rpc == "admin" else guard.judge(rpc, who)
+                        if refusal is not None and refusal.reason == "rpc":
+                            _ADMIN.set(AdminBinding(refusal=refusal.message))
             return await behavior(request, context)
         return admin
 
