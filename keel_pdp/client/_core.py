@@ -6,9 +6,17 @@ gRPC channel, so both behave the same way by construction.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -239,6 +247,8 @@ class Permit:
         self.estimated = False  # usage estimated by the settlement rule, not reported
         self.end_reason = ""
         self._meter: UsageMeter | None = None
+        self._meters = 0  # meter() / ameter() iterations started and not yet finished
+        self._after_meters: Callable[[], object] | None = None
 
     @property
     def constrained(self) -> bool:
@@ -280,26 +290,60 @@ class Permit:
         return usage
 
     def meter(self, stream: Iterable[T]) -> Iterator[T]:
-        """Iterate a provider stream, reading its usage as it passes (sync SDKs)."""
+        """Iterate a provider stream, reading its usage as it passes (sync SDKs).
+
+        An iteration still under way when the ``permit()`` block exits holds the
+        permit open: it is closed out when the iteration ends (exhausted, broken
+        off, closed or garbage-collected), never voided under it."""
         broken = True
+        self._meters += 1
         try:
             for item in stream:
                 self._meter_item(item)
                 yield item
             broken = False
         finally:
-            self._meter_end(broken)
+            then = self._meters_done(broken)
+            if then is not None:
+                then()
 
     async def ameter(self, stream: AsyncIterable[T]) -> AsyncIterator[T]:
-        """Iterate a provider stream, reading its usage as it passes (asyncio SDKs)."""
+        """Iterate a provider stream, reading its usage as it passes (asyncio SDKs);
+        held past the ``permit()`` block, as ``meter()``."""
         broken = True
+        self._meters += 1
         try:
             async for item in stream:
                 self._meter_item(item)
                 yield item
             broken = False
         finally:
+            then = self._meters_done(broken)
+            if then is not None:
+                ended = then()
+                if inspect.isawaitable(ended):
+                    await ended
+
+    def _meters_done(self, broken: bool) -> Callable[[], object] | None:
+        """A meter() iteration ended: take its usage; what ends the permit now that
+        the block it was deferred by has exited (``defer_end``), if any."""
+        self._meters -= 1
+        if not self.ended:
             self._meter_end(broken)
+        if self._meters > 0:
+            return None
+        then, self._after_meters = self._after_meters, None
+        return then
+
+    def defer_end(self, end: Callable[[], object]) -> bool:
+        """The ``permit()`` block exits while a ``meter()`` iteration of this permit's
+        stream is under way and no usage was recorded otherwise: the provider is still
+        answering, so ending now would void a call it bills. ``end`` ends the permit
+        when the last such iteration ends. False: nothing to wait for."""
+        if self._meters <= 0 or self.usage is not None:
+            return False
+        self._after_meters = end
+        return True
 
     def _meter_item(self, item: object) -> None:
         if self._meter is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -30,7 +31,7 @@ from keel_pdp.client._core import (
     unreachable,
     void_settlement,
 )
-from keel_pdp.client.sync import CHANNEL_OPTIONS
+from keel_pdp.client.sync import CHANNEL_OPTIONS, KeelClient
 
 
 class AsyncKeelClient:
@@ -52,9 +53,14 @@ class AsyncKeelClient:
                        if credentials is not None
                        else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS))
             self._own_channel = True
+            # Where end_elsewhere() reaches the sidecar without this event loop.
+            self._blocking_target: tuple[str, grpc.ChannelCredentials | None] | None = (
+                target, credentials)
         else:
             self._own_channel = False
+            self._blocking_target = None
         self.channel = channel
+        self.closed = False  # close() was called: end_elsewhere() is what can still settle
         self._stub = rpc.PolicyDecisionPointStub(channel)
         self.tenant, self.workload = tenant, workload
         self.fail_mode = FailMode(fail_mode)
@@ -115,7 +121,8 @@ class AsyncKeelClient:
         """``async with keel.permit("gpt-4o-mini", ...) as p:`` make the provider call with
         ``p.model`` / ``p.max_output_tokens``, then ``p.record(response)``. On exit
         the permit is closed out with the recorded usage, or voided if the block
-        raised (or recorded nothing)."""
+        raised (or recorded nothing); a ``p.ameter(stream)`` iteration still under way
+        closes it out when it ends instead."""
         req = self.request(model, tenant=tenant, workload=workload, provider=provider,
                            estimated_input_tokens=estimated_input_tokens,
                            max_output_tokens=max_output_tokens, labels=labels,
@@ -124,9 +131,11 @@ class AsyncKeelClient:
         try:
             yield p
         except BaseException as exc:
-            await self.end(p, exc)
+            if not p.defer_end(lambda: self.end(p, None)):
+                await self.end(p, exc)
             raise
-        await self.end(p, None)
+        if not p.defer_end(lambda: self.end(p, None)):
+            await self.end(p, None)
 
     async def end(self, p: Permit, exc: BaseException | None = None) -> None:
         """Close the permit out with its usage, or void it. Never raises: a failure
@@ -148,6 +157,35 @@ class AsyncKeelClient:
             p.settle_error = err
             log.error("keel: could not end permit %s (%s); its hold expires on its own",
                       p.permit_id, error_text(err))
+
+    def end_elsewhere(self, p: Permit) -> None:
+        """End ``p`` without this client's event loop (a stream dropped after its loop
+        stopped, or whose closeout there was cancelled): on a blocking channel of its
+        own to the same sidecar, in a thread the interpreter waits for at exit.
+        Never raises. A client made on a caller's ``channel`` cannot: the hold is then
+        left to expire, and logged."""
+        if p.ended:
+            return
+        if self._blocking_target is None:
+            log.error("keel: permit %s could not be ended outside its event loop (the client "
+                      "was made on a caller's channel); its hold expires on its own",
+                      p.permit_id)
+            return
+        target, credentials = self._blocking_target
+
+        def run() -> None:
+            try:
+                with KeelClient(target, credentials=credentials, metadata=self.metadata,
+                                settle_timeout=self.settle_timeout, retry=self.retry) as k:
+                    k.end(p, None)
+            except Exception as err:
+                log.error("keel: could not end permit %s (%s); its hold expires on its own",
+                          p.permit_id, error_text(err))
+
+        try:
+            threading.Thread(target=run, name=f"keel-end-{p.permit_id}").start()
+        except RuntimeError:  # the interpreter is shutting down: no new threads
+            run()
 
     async def _pause(self, attempt: int, deadline: float) -> None:
         await asyncio.sleep(max(0.0, min(self.retry.backoff(attempt),
@@ -204,6 +242,7 @@ class AsyncKeelClient:
                          fail_mode=fail_mode)
 
     async def close(self) -> None:
+        self.closed = True
         if self._own_channel:
             await self.channel.close(None)
 

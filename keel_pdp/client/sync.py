@@ -119,7 +119,8 @@ class KeelClient:
         """``with keel.permit("gpt-4o-mini", ...) as p:`` make the provider call with
         ``p.model`` / ``p.max_output_tokens``, then ``p.record(response)``. On exit
         the permit is closed out with the recorded usage, or voided if the block
-        raised (or recorded nothing)."""
+        raised (or recorded nothing); a ``p.meter(stream)`` iteration still under way
+        closes it out when it ends instead."""
         req = self.request(model, tenant=tenant, workload=workload, provider=provider,
                            estimated_input_tokens=estimated_input_tokens,
                            max_output_tokens=max_output_tokens, labels=labels,
@@ -128,9 +129,11 @@ class KeelClient:
         try:
             yield p
         except BaseException as exc:
-            self.end(p, exc)
+            if not p.defer_end(lambda: self.end(p, None)):
+                self.end(p, exc)
             raise
-        self.end(p, None)
+        if not p.defer_end(lambda: self.end(p, None)):
+            self.end(p, None)
 
     def end(self, p: Permit, exc: BaseException | None = None) -> None:
         """Close the permit out with its usage, or void it. Never raises: a failure

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from keel_pdp.mesh.request import Api
-from keel_pdp.mesh.usage import Reading, consistent, normalise
+from keel_pdp.mesh.usage import Reading, ResponseMeter, consistent, normalise
 from keel_pdp.mesh.usage_normalise import readable
 from keel_pdp.pricing import TokenUsage
 
@@ -122,6 +122,9 @@ class UsageMeter:
 
     * OpenAI Chat Completions: the final chunk's ``usage`` (sent when the request
       asked ``stream_options={"include_usage": True}``; the wrapper asks for it).
+      Chunks are read by the mesh's ``ResponseMeter``: a usage object that more
+      text follows is only the usage seen so far, and the output is then booked
+      as the larger of it and the text's estimate.
     * OpenAI Responses: the ``usage`` of the response carried by
       ``response.completed`` (or ``response.incomplete`` / ``response.failed``).
     * Anthropic Messages: ``message_start`` carries the input side,
@@ -132,6 +135,8 @@ class UsageMeter:
         self.api: Api | None = None
         self.final: TokenUsage | None = None
         self._partial: dict[str, Any] = {}
+        self._seen: TokenUsage | None = None  # a chat stream's usage seen before more text
+        self._chat_stream: ResponseMeter | None = None
         self.text_bytes = 0
         self.items = 0
         self.error = False
@@ -169,19 +174,26 @@ class UsageMeter:
             self.text_bytes += len(value.encode("utf-8", "surrogatepass"))
 
     def _chat(self, body: Mapping[str, Any]) -> None:
-        for choice in body.get("choices") or ():
-            if isinstance(choice, Mapping):
-                delta = choice.get("delta")
-                if isinstance(delta, Mapping):
-                    self._text(delta.get("content"))
-                    self._text(delta.get("refusal"))
-                if choice.get("finish_reason") == "length":
-                    self.incomplete = True
-        if body.get("object") == "chat.completion":
-            self._whole(body)
         usage = as_mapping(body.get("usage"))
-        if usage is not None:
-            self.final = self._read(Api.CHAT, usage)
+        if body.get("object") == "chat.completion":  # a finished answer handed to the meter
+            for choice in body.get("choices") or ():
+                if isinstance(choice, Mapping) and choice.get("finish_reason") == "length":
+                    self.incomplete = True
+            self._whole(body)
+            if usage is not None:
+                self.final = self._read(Api.CHAT, usage)
+            return
+        # A stream chunk: read by the mesh's meter, so a usage object followed by more
+        # text (usage in an early chunk, or in every chunk) is what was seen so far,
+        # not the final count, exactly as on the mesh path.
+        if self._chat_stream is None:
+            self._chat_stream = ResponseMeter(Api.CHAT, "text/event-stream")
+        self._chat_stream.feed_event(body)
+        if usage is not None and not readable(usage):
+            self.unreadable = True
+        r = self._chat_stream.reading(complete=False)
+        self.final, self._seen, self.text_bytes = r.usage, r.partial_usage, r.text_bytes
+        self.error, self.incomplete = r.error, r.incomplete
 
     def _responses(self, body: Mapping[str, Any]) -> None:
         kind = body.get("type")
@@ -239,9 +251,12 @@ class UsageMeter:
 
     @property
     def partial_usage(self) -> TokenUsage | None:
-        """Usage fields seen so far (Anthropic's message_start), before the end."""
+        """Usage seen so far, before the end: Anthropic's message_start, or a chat
+        usage object that more text followed."""
         if self.final is not None:
             return self.final
+        if self._seen is not None:
+            return self._seen
         if not self._partial:
             return None
         return normalise_usage(Api.MESSAGES, self._partial)

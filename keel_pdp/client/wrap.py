@@ -22,6 +22,10 @@ booked at the hold); a connection error, a timeout or a cancellation while the
 call was out is booked at the hold (the provider may have billed it); a stream
 that breaks or that the caller stops reading is closed out PARTIAL with the
 usage seen so far. A DENY raises ``PermitDenied`` before the provider is called.
+A stream dropped (garbage-collected) before it ended or was closed is a caller
+that stopped reading: its finalizer closes the permit out PARTIAL, on the thread
+that dropped it (sync), or on the client's event loop (asyncio; off the loop, on
+a blocking channel of its own, when that loop no longer runs).
 
 Every attempt at the provider is a provider call of its own, so the SDK's own
 retries (``max_retries``) are made here, one permit per attempt: the SDK client
@@ -38,10 +42,18 @@ import asyncio
 import itertools
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from keel_pdp.client._core import FailMode, Permit, PermitDenied, PermitRequest
+from keel_pdp.client._core import (
+    FailMode,
+    Permit,
+    PermitDenied,
+    PermitRequest,
+    error_text,
+    log,
+)
 from keel_pdp.mesh import settle as rule
 from keel_pdp.mesh.request import CAP_FIELD_TO_ADD, CAP_FIELDS, Api, estimate_input_tokens
 from keel_pdp.mesh.usage import Reading
@@ -176,14 +188,113 @@ def settle_response(p: Permit, response: Any) -> None:
     p._meter_end(broken=False)
 
 
+class StreamEnd:
+    """How one metered stream ends, shared by the stream and its finalizer (which
+    must not hold the stream itself)."""
+
+    __slots__ = ("done", "p")
+
+    def __init__(self, p: Permit) -> None:
+        self.p, self.done = p, False
+
+    def begin(self, broken: bool) -> bool:
+        """Mark the stream ended and take the usage to close out with, by the
+        settlement rule; False when it had already ended."""
+        if self.done:
+            return False
+        self.done = True
+        self.p._meter_end(broken)
+        return True
+
+
+def _abandoned(end: StreamEnd, stream: Any, keel: KeelClient) -> None:
+    """Finalizer of a MeteredStream dropped before it ended or was closed (``for _ in
+    stream: break`` and nothing more): the caller stopped reading, so the permit is
+    closed out PARTIAL with what was seen, on the thread that dropped it. Never
+    raises (it runs inside garbage collection)."""
+    try:
+        if not end.begin(broken=True):
+            return
+        log.info("keel: stream of permit %s dropped before its end; closing out PARTIAL "
+                 "with the usage seen so far", end.p.permit_id)
+        try:
+            stream.close()  # give the provider connection back
+        except Exception as err:
+            log.debug("keel: closing a dropped stream: %s", error_text(err))
+        keel.end(end.p, None)
+    except Exception:
+        log.exception("keel: could not end permit %s of a dropped stream", end.p.permit_id)
+
+
+def _aabandoned(end: StreamEnd, stream: Any, keel: AsyncKeelClient,
+                loop: asyncio.AbstractEventLoop | None) -> None:
+    """Finalizer of an AsyncMeteredStream dropped before it ended or was closed. The
+    closeout is a coroutine on the client's event loop: scheduled there when that
+    loop runs (on whatever thread the stream was dropped). Otherwise, when the
+    client was closed, or when that task is cancelled before it settles
+    (``asyncio.run`` cancels what is left when its main coroutine returns), it is
+    made on a blocking channel of its own (``AsyncKeelClient.end_elsewhere``).
+    Never raises."""
+    try:
+        if not end.begin(broken=True):
+            return
+        log.info("keel: stream of permit %s dropped before its end; closing out PARTIAL "
+                 "with the usage seen so far", end.p.permit_id)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if keel.closed:
+            keel.end_elsewhere(end.p)
+        elif loop is not None and running is loop:
+            _settle_on_loop(end.p, stream, keel, loop)
+        elif loop is not None and loop.is_running() and not loop.is_closed():
+            loop.call_soon_threadsafe(_settle_on_loop, end.p, stream, keel, loop)
+        else:
+            keel.end_elsewhere(end.p)
+    except Exception:
+        log.exception("keel: could not end permit %s of a dropped stream", end.p.permit_id)
+
+
+# Closeouts of dropped async streams under way: the event loop keeps only weak
+# references to its tasks.
+_SETTLING: set[asyncio.Task[None]] = set()
+
+
+def _settle_on_loop(p: Permit, stream: Any, keel: AsyncKeelClient,
+                    loop: asyncio.AbstractEventLoop) -> None:
+    async def settle() -> None:
+        if not keel.closed:  # else the done callback below settles it elsewhere
+            await keel.end(p, None)
+        try:
+            await stream.close()  # give the provider connection back
+        except Exception as err:
+            log.debug("keel: closing a dropped stream: %s", error_text(err))
+
+    def settled(task: asyncio.Task[None]) -> None:
+        _SETTLING.discard(task)
+        if not p.ended:  # cancelled (before or during the closeout), or its channel closed
+            keel.end_elsewhere(p)
+
+    try:
+        task = loop.create_task(settle())
+    except RuntimeError:  # the loop closed in between
+        keel.end_elsewhere(p)
+        return
+    _SETTLING.add(task)
+    task.add_done_callback(settled)
+
+
 # ---------------------------------------------------------------------- sync
 class MeteredStream:
-    """The SDK's stream, read through the permit; closing out when it ends."""
+    """The SDK's stream, read through the permit; closing out when it ends, when it
+    is closed, or when it is dropped (garbage-collected) unfinished."""
 
     def __init__(self, stream: Any, p: Permit, keel: KeelClient) -> None:
         self._stream, self._p, self._keel = stream, p, keel
+        self._end = StreamEnd(p)
         self._it: Iterator[Any] = iter(stream)
-        self._done = False
+        weakref.finalize(self, _abandoned, self._end, stream, keel)
 
     def __iter__(self) -> MeteredStream:
         return self
@@ -201,11 +312,8 @@ class MeteredStream:
         return item
 
     def _finish(self, broken: bool, exc: BaseException | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._p._meter_end(broken)
-        self._keel.end(self._p, exc if self._p.usage is None else None)
+        if self._end.begin(broken):
+            self._keel.end(self._p, exc if self._p.usage is None else None)
 
     def close(self) -> None:
         """Stop reading: the provider may still bill what it generated (PARTIAL)."""
@@ -309,12 +417,18 @@ class _Wrapped:
 
 # ---------------------------------------------------------------------- async
 class AsyncMeteredStream:
-    """The asyncio SDK's stream, read through the permit; closing out when it ends."""
+    """The asyncio SDK's stream, read through the permit; closing out when it ends,
+    when it is closed, or when it is dropped (garbage-collected) unfinished."""
 
     def __init__(self, stream: Any, p: Permit, keel: AsyncKeelClient) -> None:
         self._stream, self._p, self._keel = stream, p, keel
+        self._end = StreamEnd(p)
         self._it: AsyncIterator[Any] = stream.__aiter__()
-        self._done = False
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        weakref.finalize(self, _aabandoned, self._end, stream, keel, loop)
 
     def __aiter__(self) -> AsyncMeteredStream:
         return self
@@ -332,13 +446,11 @@ class AsyncMeteredStream:
         return item
 
     async def _finish(self, broken: bool, exc: BaseException | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._p._meter_end(broken)
-        await self._keel.end(self._p, exc if self._p.usage is None else None)
+        if self._end.begin(broken):
+            await self._keel.end(self._p, exc if self._p.usage is None else None)
 
     async def close(self) -> None:
+        """Stop reading: the provider may still bill what it generated (PARTIAL)."""
         try:
             await self._stream.close()
         finally:

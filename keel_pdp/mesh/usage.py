@@ -111,6 +111,13 @@ class ResponseMeter:
             else:
                 self._buf += chunk
 
+    def feed_event(self, obj: Mapping[str, object], event: str = "") -> None:
+        """One stream event already parsed (an SDK's stream item, as a mapping), read
+        exactly as the same event arriving in a server-sent-event body.
+        ``keel_pdp.client`` meters the SDKs' chat streams with it, so both paths read a
+        chat stream by one rule (usage followed by more text, for one)."""
+        self._sse_object(event, dict(obj))
+
     def _feed_sse(self, chunk: bytes) -> None:
         self._buf += chunk
         while True:

@@ -16,16 +16,23 @@ what the permits booked, at figures it computes from the price table itself:
   copies of a wrapped client stay metered;
 * Closeout answered PERMIT_PENDING (a degraded permit not yet journaled) is
   retried, not taken as the end;
-* one wrapped client shared by many threads: one permit per call, all settled.
+* one wrapped client shared by many threads: one permit per call, all settled;
+* a stream the caller stops reading and drops without ``close()`` (sync, asyncio,
+  or left when ``asyncio.run`` ends) is closed out PARTIAL with what was read, and
+  a ``p.meter()`` iteration held past its ``permit()`` block is not voided under it;
+* usage in an early chat chunk that more text follows is the usage seen so far,
+  not the final count (the mesh's rule): output is the larger of it and the text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from decimal import ROUND_CEILING, Decimal
@@ -520,3 +527,312 @@ def test_closeout_of_a_pending_degraded_permit_is_retried() -> None:
         assert p.settlement is not None and p.settlement.status == "SETTLED"
     finally:
         server.stop(0)
+
+
+# ------------------------------------------------------------------- streams
+def sse_head() -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"connection: close\r\n\r\n")
+
+
+def sse(*events: dict[str, Any], done: bool = False) -> bytes:
+    """Server-sent events, each named by its ``type`` when it has one (Anthropic)."""
+    out = b""
+    for e in events:
+        if "type" in e:
+            out += f"event: {e['type']}\n".encode()
+        out += f"data: {json.dumps(e)}\n\n".encode()
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chat_chunk(text: str | None = None, usage: dict[str, Any] | None = None,
+               finish: str | None = None) -> dict[str, Any]:
+    choices = [] if text is None and finish is None else [
+        {"index": 0, "delta": {"content": text} if text is not None else {},
+         "finish_reason": finish}]
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini", "choices": choices, "usage": usage}
+
+
+def message_start(input_tokens: int) -> dict[str, Any]:
+    return {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}
+
+
+def text_delta(text: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": text}}
+
+
+BLOCK_START = {"type": "content_block_start", "index": 0,
+               "content_block": {"type": "text", "text": ""}}
+PIECES = ["The ledger is append-only; ", "a correction is a new entry ",
+          "that names the one it corrects. "]
+
+
+def out_tokens(text: str) -> int:
+    """The settlement rule's output estimate: ceil(text bytes / 4), capped at CAP."""
+    return min(CAP, -(-len(text.encode()) // 4))
+
+
+def settlement_of(stack: Stack, pid: str) -> tuple[str, int]:
+    """(outcome, micro-USD) of the permit's one settlement event."""
+    state = permit_state(stack.rdb, pid, timeout=1)
+    assert state["state"] == "settled", state
+    (ev,) = [e for e in stack.events_since("0-0", "settlement") if e["pid"] == pid]
+    return ev["data"]["outcome"], int(ev["res"]["act"])
+
+
+class Abandoned:
+    """A stream the provider is still sending when the caller stops reading: the
+    first ``read`` items, then a long pause (the rest of a long answer)."""
+
+    def __init__(self, provider: str, name: str, stack: Stack) -> None:
+        self.provider = provider
+        if provider == "openai":
+            steps = [sse_head() + sse(*(chat_chunk(t) for t in PIECES)), 30.0]
+            self.read = 2  # two text chunks
+            self.model, self.input_seen = "gpt-4o-mini", None
+        else:
+            steps = [sse_head() + sse(message_start(650), BLOCK_START,
+                                      *(text_delta(t) for t in PIECES)), 30.0]
+            self.read = 4  # message_start, the block's start, two text deltas
+            self.model, self.input_seen = "claude-sonnet-4-5", 650
+        self.headers = stack.provider.script(name, steps)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"model": self.model, "stream": True,
+                              "messages": [{"role": "user", "content": PROMPT}],
+                              "extra_headers": self.headers}
+        kw["max_completion_tokens" if self.provider == "openai" else "max_tokens"] = CAP
+        return kw
+
+    def endpoint(self, client: Any) -> Any:
+        return client.chat.completions if self.provider == "openai" else client.messages
+
+    def want(self, p: Any) -> int:
+        """PARTIAL: the usage seen (Anthropic's message_start input, else Keel's input
+        estimate), output = max(reported, the text read / 4), capped."""
+        out = out_tokens("".join(PIECES[:2]))
+        if self.input_seen is None:
+            assert p.request.estimated_input_tokens == estimate(PROMPT)
+            usage = TokenUsage(input_tokens=estimate(PROMPT), output_tokens=out)
+        else:
+            usage = TokenUsage(input_tokens=self.input_seen, output_tokens=max(1, out))
+        return cost(self.provider, self.model, usage)
+
+
+def sdk_client(stack: Stack, provider: str, asynchronous: bool) -> Any:
+    if provider == "openai":
+        cls: Any = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        return cls(api_key="test", base_url=stack.base_url + "/v1", max_retries=0)
+    cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
+    return cls(api_key="test", base_url=stack.base_url, max_retries=0)
+
+
+def wait_ended(p: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not p.ended and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.ended, f"permit {p.permit_id} still held {seconds}s after its stream was dropped"
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_dropped_stream_is_closed_out_partial_not_left_held(
+        stack: Stack, keel: KeelClient, provider: str) -> None:
+    """``for _ in stream: break`` and the stream dropped without close(): the caller
+    stopped reading a call the provider is billing. The permit is closed out PARTIAL
+    with what was read, not left held to expire with $0 booked."""
+    case = Abandoned(provider, f"dropped-sync-{provider}", stack)
+    client = keel.wrap(sdk_client(stack, provider, asynchronous=False))
+    stream = case.endpoint(client).create(**case.create_kwargs())
+    p = stream.permit
+    for n, _ in enumerate(stream, 1):
+        if n == case.read:
+            break
+    del stream
+    gc.collect()
+    wait_ended(p)
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    assert settlement_of(stack, p.permit_id) == ("PARTIAL", case.want(p))
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_dropped_async_stream_is_closed_out_partial_on_its_loop(
+        stack: Stack, provider: str) -> None:
+    case = Abandoned(provider, f"dropped-async-{provider}", stack)
+    async with AsyncKeelClient(stack.sidecar.target, tenant="acme", workload="chat",
+                               timeout=5) as keel:
+        client = keel.wrap(sdk_client(stack, provider, asynchronous=True))
+        stream = await case.endpoint(client).create(**case.create_kwargs())
+        p = stream.permit
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == case.read:
+                break
+        del stream
+        gc.collect()
+        for _ in range(500):  # the closeout is a task on this loop
+            if p.ended:
+                break
+            await asyncio.sleep(0.02)
+        assert p.ended, "permit still held after its stream was dropped"
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    assert settlement_of(stack, p.permit_id) == ("PARTIAL", case.want(p))
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("client", ["closed", "left-open"])
+def test_an_async_stream_left_unclosed_when_asyncio_run_ends_is_closed_out(
+        stack: Stack, provider: str, client: str) -> None:
+    """The coroutine returns with its stream unfinished: the stream is dropped as
+    ``asyncio.run`` winds down, after the client's channel is closed (``async with``)
+    or while it is open and the closeout task scheduled on the loop is then cancelled
+    with every task left. The permit is still closed out PARTIAL."""
+    case = Abandoned(provider, f"dropped-run-{provider}-{client}", stack)
+
+    async def main() -> Any:
+        keel = AsyncKeelClient(stack.sidecar.target, tenant="acme", workload="chat",
+                               timeout=5)
+        async with keel if client == "closed" else contextlib.nullcontext(keel):
+            wrapped = keel.wrap(sdk_client(stack, provider, asynchronous=True))
+            stream = await case.endpoint(wrapped).create(**case.create_kwargs())
+            n = 0
+            async for _ in stream:
+                n += 1
+                if n == case.read:
+                    break
+            return stream.permit
+
+    p = asyncio.run(main())
+    gc.collect()
+    wait_ended(p)
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    assert settlement_of(stack, p.permit_id) == ("PARTIAL", case.want(p))
+
+
+STREAMED_USAGE = {"prompt_tokens": 700, "completion_tokens": 40, "total_tokens": 740}
+
+
+def full_chat_stream() -> list[Step]:
+    return [sse_head() + sse(*(chat_chunk(t) for t in PIECES), chat_chunk(finish="stop"),
+                             chat_chunk(usage=STREAMED_USAGE), done=True)]
+
+
+def test_a_meter_iteration_held_past_the_permit_block_is_not_voided(
+        stack: Stack, keel: KeelClient) -> None:
+    """``p.meter(stream)`` still being read when the ``with`` block exits: the permit
+    waits for that iteration and is closed out with the usage it then reads."""
+    raw = sdk_client(stack, "openai", asynchronous=False)
+    headers = stack.provider.script("meter-held", full_chat_stream())
+    with keel.permit("gpt-4o-mini", provider="openai", estimated_input_tokens=estimate(PROMPT),
+                     max_output_tokens=CAP) as p:
+        events = p.meter(chat(raw, headers, stream=True,
+                              stream_options={"include_usage": True}))
+        next(events)
+    assert not p.ended  # not voided under the iteration
+    rest = list(events)
+    assert len(rest) == len(PIECES) + 1
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    assert settlement_of(stack, p.permit_id) == (
+        "SUCCEEDED", cost("openai", "gpt-4o-mini", REPORTED))
+
+
+def test_a_meter_iteration_dropped_after_the_permit_block_is_closed_out_partial(
+        stack: Stack, keel: KeelClient) -> None:
+    raw = sdk_client(stack, "openai", asynchronous=False)
+    headers = stack.provider.script("meter-dropped", full_chat_stream())
+    with keel.permit("gpt-4o-mini", provider="openai", estimated_input_tokens=estimate(PROMPT),
+                     max_output_tokens=CAP) as p:
+        events = p.meter(chat(raw, headers, stream=True))
+        next(events)
+        next(events)
+    del events
+    gc.collect()
+    wait_ended(p)
+    want = cost("openai", "gpt-4o-mini", TokenUsage(
+        input_tokens=estimate(PROMPT), output_tokens=out_tokens("".join(PIECES[:2]))))
+    assert settlement_of(stack, p.permit_id) == ("PARTIAL", want)
+
+
+async def test_an_ameter_iteration_held_past_the_permit_block_is_not_voided(
+        stack: Stack) -> None:
+    raw = sdk_client(stack, "openai", asynchronous=True)
+    headers = stack.provider.script("ameter-held", full_chat_stream())
+    async with AsyncKeelClient(stack.sidecar.target, tenant="acme", workload="chat",
+                               timeout=5) as keel:
+        async with keel.permit("gpt-4o-mini", provider="openai",
+                               estimated_input_tokens=estimate(PROMPT),
+                               max_output_tokens=CAP) as p:
+            events = p.ameter(await chat(raw, headers, stream=True,
+                                         stream_options={"include_usage": True}))
+            await anext(events)
+        assert not p.ended
+        rest = [e async for e in events]
+        assert len(rest) == len(PIECES) + 1
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    assert settlement_of(stack, p.permit_id) == (
+        "SUCCEEDED", cost("openai", "gpt-4o-mini", REPORTED))
+
+
+# ------------------------------------------------------- early usage in a chat stream
+EARLY = {"prompt_tokens": 700, "completion_tokens": 1, "total_tokens": 701}
+LATE_TEXT = ["Each entry names its period. "] * 12
+
+
+def early_usage_stream() -> list[Step]:
+    """Usage in the first chunk, then much more text, and no usage at the end."""
+    return [sse_head() + sse(chat_chunk("The ", usage=EARLY),
+                             *(chat_chunk(t) for t in LATE_TEXT),
+                             chat_chunk(finish="stop"), done=True)]
+
+
+def early_usage_want(text: str) -> int:
+    """The early usage is what was seen so far: input as reported, output the larger
+    of the reported count and the text's estimate (the mesh's rule)."""
+    assert out_tokens(text) > EARLY["completion_tokens"]
+    return cost("openai", "gpt-4o-mini", TokenUsage(
+        input_tokens=EARLY["prompt_tokens"],
+        output_tokens=max(EARLY["completion_tokens"], out_tokens(text))))
+
+
+@pytest.mark.parametrize("how", ["ends", "breaks"])
+def test_early_usage_in_a_chat_stream_does_not_hide_the_text_after_it(
+        stack: Stack, keel: KeelClient, how: str) -> None:
+    client = keel.wrap(sdk_client(stack, "openai", asynchronous=False))
+    headers = stack.provider.script(f"early-usage-{how}", early_usage_stream())
+    read = 1 + len(LATE_TEXT) if how == "ends" else 6
+    with chat(client, headers, stream=True) as stream:
+        items = []
+        for item in stream:
+            items.append(item)
+            if how == "breaks" and len(items) == read:
+                break
+    p = client.last_permit
+    text = "".join(c.choices[0].delta.content or "" for c in items if c.choices)
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    outcome = "SUCCEEDED" if how == "ends" else "PARTIAL"
+    assert settlement_of(stack, p.permit_id) == (outcome, early_usage_want(text))
+
+
+@pytest.mark.parametrize("how", ["ends", "breaks"])
+async def test_early_usage_in_an_async_chat_stream_does_not_hide_the_text_after_it(
+        stack: Stack, how: str) -> None:
+    headers = stack.provider.script(f"early-usage-async-{how}", early_usage_stream())
+    async with AsyncKeelClient(stack.sidecar.target, tenant="acme", workload="chat",
+                               timeout=5) as keel:
+        client = keel.wrap(sdk_client(stack, "openai", asynchronous=True))
+        items = []
+        async with await chat(client, headers, stream=True) as stream:
+            async for item in stream:
+                items.append(item)
+                if how == "breaks" and len(items) == 6:
+                    break
+        p = client.last_permit
+    text = "".join(c.choices[0].delta.content or "" for c in items if c.choices)
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    outcome = "SUCCEEDED" if how == "ends" else "PARTIAL"
+    assert settlement_of(stack, p.permit_id) == (outcome, early_usage_want(text))

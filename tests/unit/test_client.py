@@ -9,6 +9,7 @@ so the tests see what the client put on the wire.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -350,3 +351,33 @@ def test_read_usage_refuses_what_is_not_a_response() -> None:
     with pytest.raises(TypeError, match="cannot read usage from int"):
         read_usage(42)
     assert read_usage({"id": "x"}) is None
+
+
+def test_chat_usage_followed_by_more_text_is_read_as_the_mesh_reads_it() -> None:
+    """Usage in an early chunk, then more text: not the final count. The client's
+    meter reads the SDK's chunks exactly as the mesh's meter reads the same bytes."""
+    from keel_pdp.mesh.usage import ResponseMeter
+
+    def chunk(text: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+        return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [] if text is None else [
+                    {"index": 0, "delta": {"content": text}, "finish_reason": None}],
+                "usage": usage}
+
+    early = {"prompt_tokens": 700, "completion_tokens": 1, "total_tokens": 701}
+    chunks = [chunk("The ", early)] + [chunk("ledger is append-only. ")] * 10
+    client, mesh = UsageMeter(), ResponseMeter(Api.CHAT, "text/event-stream")
+    for c in chunks:
+        client.feed(sdk_object(Api.CHAT, ChatCompletionChunk, c))
+        mesh.feed(b"data: " + json.dumps(c).encode() + b"\n\n")
+    text_bytes = len("The ") + 10 * len("ledger is append-only. ")
+    assert client.usage is None
+    assert client.partial_usage == TokenUsage(input_tokens=700, output_tokens=1)
+    ours, theirs = client.reading(), mesh.reading(complete=False)
+    assert (ours.usage, ours.partial_usage, ours.text_bytes, ours.error, ours.incomplete) == (
+        theirs.usage, theirs.partial_usage, theirs.text_bytes, theirs.error, theirs.incomplete)
+    assert client.reading().text_bytes == text_bytes
+    # a usage object after the last text is the final count again
+    client.feed(sdk_object(Api.CHAT, ChatCompletionChunk,
+                           chunk(None, {"prompt_tokens": 700, "completion_tokens": 60})))
+    assert client.usage == TokenUsage(input_tokens=700, output_tokens=60)
