@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -51,16 +50,12 @@ from tests.adversarial.conftest import Sidecar
 from tests.conftest import RedisServer
 from tests.helpers import PRICES, budget, write_bundle
 from tests.integration.envoy_fixture import PREFIX, permit_state
+from tests.scripted_http import Step, play
 from tools.mockprovider import read_request
 
 STREAM = f"{PREFIX}:{{pdp}}:events"
 PROMPT = "Summarise the ledger rules for the month-end close. " * 40
 CAP = 300
-
-# A script step: bytes to write, a pause (float seconds), or "reset" (RST after
-# reading the request).
-Step = bytes | float | str
-
 
 class Provider:
     """Answers call n of script ``x-script`` with ``scripts[name][n]`` (the last
@@ -106,19 +101,7 @@ class Provider:
             self.calls.append({"script": name, "path": req.path,
                                "body": json.loads(req.body or b"{}")})
             steps = self.scripts.get(name) or [[b""]]
-            for step in steps[min(n, len(steps) - 1)]:
-                if isinstance(step, bytes):
-                    writer.write(step)
-                    await writer.drain()
-                elif isinstance(step, float):
-                    await asyncio.sleep(step)
-                elif step == "reset":
-                    sock = writer.get_extra_info("socket")
-                    if sock is not None:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    writer.transport.abort()
-                    return
+            await play(writer, steps[min(n, len(steps) - 1)])
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
@@ -591,6 +574,7 @@ class Abandoned:
 
     def __init__(self, provider: str, name: str, stack: Stack) -> None:
         self.provider = provider
+        steps: list[Step]
         if provider == "openai":
             steps = [sse_head() + sse(*(chat_chunk(t) for t in PIECES)), 30.0]
             self.read = 2  # two text chunks

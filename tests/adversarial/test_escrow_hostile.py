@@ -348,7 +348,7 @@ async def spend_under_the_old_cap(engine: Engine, tenant: str, r: Any) -> str:
     """Eight requests under the old cap; returns the lease key, checked to hold a
     whole slice, 17 requests of it unused."""
     assert len(await admitted(engine, "pre", 8, tenant)) == 8
-    (lease,) = [k.decode() for k in r.scan_iter(f"{PREFIX}:*:l:org:*")]
+    (lease,) = [str(k.decode()) for k in r.scan_iter(f"{PREFIX}:*:l:org:*")]
     assert int(r.hget(lease, "g")) == SLICE
     assert int(r.hget(lease, "c")) == OLD_CAP  # the cap its refill was leased under
     return lease

@@ -102,12 +102,12 @@ class Clients:
         self.pki, self.sc = pki, sc
         self.chans: dict[str, grpc.aio.Channel] = {}
 
-    def admin(self, client: str) -> pb_grpc.AdminStub:
+    def admin(self, client: str) -> pb_grpc.AdminAsyncStub:
         if client not in self.chans:
             self.chans[client] = channel(self.pki, self.sc.port, client)
         return pb_grpc.AdminStub(self.chans[client])
 
-    def pdp(self, client: str) -> pb_grpc.PolicyDecisionPointStub:
+    def pdp(self, client: str) -> pb_grpc.PolicyDecisionPointAsyncStub:
         self.admin(client)
         return pb_grpc.PolicyDecisionPointStub(self.chans[client])
 
@@ -121,7 +121,7 @@ class Clients:
 
     async def close(self) -> None:
         for ch in self.chans.values():
-            await ch.close()
+            await ch.close(None)
 
 
 @asynccontextmanager
@@ -164,7 +164,7 @@ async def refused(call: Any, *words: str,
     return text
 
 
-async def listed(stub: pb_grpc.AdminStub) -> dict[str, pb.ExceptionRecord]:
+async def listed(stub: pb_grpc.AdminAsyncStub) -> dict[str, pb.ExceptionRecord]:
     out = await stub.ListExceptions(pb.ListExceptionsRequest(), timeout=5)
     return {r.exception_id: r for r in out.exceptions}
 
@@ -205,7 +205,7 @@ async def test_a_binding_of_one_tenant_cannot_act_on_another_tenants_budgets(
                            ("org-monthly", ())):
             b = c.sc.holder.current.budget(bid)  # type: ignore[union-attr]
             assert b is not None
-            assert not await store.client.hgetall(  # type: ignore[misc]
+            assert not await store.client.hgetall(
                 store.keys.budget_grants(b, split)), bid
 
         # On its own tenant the same binding grants (per-tenant budget, acme's counter).

@@ -43,6 +43,7 @@ from tests.integration.envoy_fixture import (
     redis_client,
     window_figures,
 )
+from tests.scripted_http import Step, play
 from tools.mockprovider import read_request
 
 SNAPSHOT = load_bundle(MESH_POLICIES)
@@ -52,11 +53,6 @@ ROUTE_TIMEOUT_S = 2
 @dataclass
 class Stats:
     calls: list[dict[str, Any]] = field(default_factory=list)
-
-
-# A script step: bytes to write, a pause (float seconds), or "reset" (abort the
-# connection) / "close" (a clean FIN).
-Step = bytes | float | str
 
 
 class ScriptedUpstream:
@@ -85,21 +81,7 @@ class ScriptedUpstream:
                 return
             keel = {k: v for k, v in req.headers.items() if k.startswith("x-keel-")}
             self.stats.calls.append({"path": req.path, "keel": keel, "body": req.body})
-            for step in self.scripts.get(req.headers.get("x-script", ""), [b""]):
-                if isinstance(step, bytes):
-                    writer.write(step)
-                    await writer.drain()
-                elif isinstance(step, float):
-                    await asyncio.sleep(step)
-                elif step == "reset":
-                    sock = writer.get_extra_info("socket")
-                    if sock is not None:  # RST, not FIN
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    writer.transport.abort()
-                    return
-                elif step == "close":
-                    break
+            await play(writer, self.scripts.get(req.headers.get("x-script", ""), [b""]))
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
@@ -395,9 +377,9 @@ def test_client_leaving_mid_stream_books_the_text_it_was_sent(
                   + str(len(body)).encode() + b"\r\n\r\n" + body)
         seen = b""
         while seen.count(b"tok ") < 50:
-            got = s.recv(65536)
-            assert got
-            seen += got
+            data = s.recv(65536)
+            assert data
+            seen += data
     pid = up.stats.calls[n]["keel"]["x-keel-permit-id"]
     got = settlement(rdb, pid)
     assert got["outcome"] == "PARTIAL"
