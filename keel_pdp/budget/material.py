@@ -40,7 +40,8 @@ class Material:
 def meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
     """The permit record's metadata up to its stamp: ``head + meta_stamp(...)``."""
     def row(p: Price) -> list[int]:
-        return [p.input, p.cached_input, p.cache_write, p.output]
+        write_1h = p.cache_write if p.cache_write_1h is None else p.cache_write_1h
+        return [p.input, p.cached_input, p.cache_write, p.output, write_1h]
 
     meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
                                "price": row(mp.price)}
@@ -64,14 +65,19 @@ def meta_price(meta: dict[str, Any], input_tokens: int) -> Price:
 
     A record without a price (written by an older version for a fail-open
     settlement) prices at zero: such a permit is settled already, and the
-    closeout script answers with the booked figures.
+    closeout script answers with the booked figures. A row of four (written
+    before one-hour cache writes had their own rate) prices them at cache_write.
     """
     base = meta.get("price")
     if not isinstance(base, list):
         return Price(0, 0, 0, 0)
     tiers = meta.get("tiers") or []
-    issued = ModelPrice("", "", Price(*[int(x) for x in base]), 0, tiers=tuple(
-        (int(t[0]), Price(*[int(x) for x in t[1:5]])) for t in tiers))
+
+    def price(row: list[Any]) -> Price:
+        return Price(*[int(x) for x in row[:5]])
+
+    issued = ModelPrice("", "", price(base), 0, tiers=tuple(
+        (int(t[0]), price(t[1:])) for t in tiers))
     return issued.for_input(input_tokens)
 
 
