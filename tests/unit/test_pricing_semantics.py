@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from keel_pdp.budget.material import load_meta, meta_head, meta_price, meta_stamp
 from keel_pdp.client._core import usage_pb
 from keel_pdp.client.usage import read_usage
 from keel_pdp.decision import AuthorizeInput
@@ -39,7 +40,8 @@ from keel_pdp.mesh.apis import Api
 from keel_pdp.mesh.usage import ResponseMeter, normalise
 from keel_pdp.permits import PermitIds
 from keel_pdp.policy.loader import load_bundle
-from keel_pdp.pricing import TokenUsage
+from keel_pdp.policy.snapshot import ModelPrice
+from keel_pdp.pricing import Price, TokenUsage
 from keel_pdp.server.convert import usage as usage_from_pb
 from tests.helpers import budget, make_engine, write_bundle
 
@@ -280,3 +282,26 @@ async def test_a_call_held_before_a_price_change_settles_at_the_price_it_ran_at(
         assert later.estimated_cost_micros == expected_micros((1_000, "1.00"), (100, "4.00"))
     finally:
         await client.aclose()
+
+
+def test_a_permit_record_keeps_price_rows_of_four_for_the_previous_version() -> None:
+    """During a rolling upgrade a sidecar of the previous version may close out a
+    permit this one issued: it reads each price row as exactly four rates. The
+    one-hour rate travels in a member of its own, which that reader ignores."""
+    base = Price(3_000_000, 300_000, 3_750_000, 15_000_000, cache_write_1h=6_000_000)
+    tier = Price(6_000_000, 600_000, 7_500_000, 22_500_000, cache_write_1h=12_000_000)
+    mp = ModelPrice("anthropic", "claude-sonnet-4-5", base, 0, tiers=((200_000, tier),))
+    meta = load_meta(meta_head("acme", "chat", mp) + meta_stamp(1, 10))
+    assert meta["price"] == [3_000_000, 300_000, 3_750_000, 15_000_000]
+    assert [t[1:] for t in meta["tiers"]] == [[6_000_000, 600_000, 7_500_000, 22_500_000]]
+    assert meta["w1h"] == [6_000_000, 12_000_000]
+    # this version reads the one-hour rates back, below and above the tier
+    assert meta_price(meta, 10).cache_write_1h == 6_000_000
+    assert meta_price(meta, 300_000).cache_write_1h == 12_000_000
+    # a record without them (the previous version's) prices one-hour writes at cache_write
+    del meta["w1h"]
+    old = meta_price(meta, 10)
+    assert old.cache_write_1h is None and old.cache_write == 3_750_000
+    # no member at all when no rate differs from cache_write
+    plain = ModelPrice("openai", "gpt-4o-mini", Price(150_000, 75_000, 150_000, 600_000), 0)
+    assert "w1h" not in load_meta(meta_head("acme", "chat", plain) + meta_stamp(1, 10))
