@@ -59,6 +59,8 @@ class Price:
     cached_input: int
     cache_write: int
     output: int
+    # One-hour prompt-cache writes (Anthropic, Bedrock); None: at ``cache_write``.
+    cache_write_1h: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,9 @@ class TokenUsage:
     ``input_tokens`` counts every input token the provider processed, including
     cache reads and cache writes (OpenAI's ``prompt_tokens`` convention; for
     Anthropic send ``input_tokens + cache_read_input_tokens +
-    cache_creation_input_tokens``). ``output_tokens`` includes reasoning tokens.
+    cache_creation_input_tokens``). ``cache_write_1h_tokens`` are the part of
+    ``cache_write_tokens`` written with a one-hour lifetime (priced at
+    ``cache_write_1h``). ``output_tokens`` includes reasoning tokens.
     """
 
     input_tokens: int = 0
@@ -76,6 +80,7 @@ class TokenUsage:
     cache_write_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -85,6 +90,7 @@ class TokenUsage:
             "cache_write_tokens",
             "output_tokens",
             "reasoning_tokens",
+            "cache_write_1h_tokens",
         ):
             value = getattr(self, name)
             if value < 0:
@@ -96,6 +102,9 @@ class TokenUsage:
                 "usage.cached_input_tokens + usage.cache_write_tokens exceed usage.input_tokens "
                 "(input_tokens must include cached and cache-write tokens)"
             )
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            out.append("usage.cache_write_1h_tokens exceed usage.cache_write_tokens "
+                       "(cache_write_tokens must include the one-hour writes)")
         if self.reasoning_tokens > self.output_tokens:
             out.append("usage.reasoning_tokens exceed usage.output_tokens (output includes them)")
         return out
@@ -103,10 +112,13 @@ class TokenUsage:
 
 def usage_cost_pico(price: Price, usage: TokenUsage) -> int:
     fresh = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    long_writes = usage.cache_write_1h_tokens
+    write_1h = price.cache_write if price.cache_write_1h is None else price.cache_write_1h
     return (
         fresh * price.input
         + usage.cached_input_tokens * price.cached_input
-        + usage.cache_write_tokens * price.cache_write
+        + (usage.cache_write_tokens - long_writes) * price.cache_write
+        + long_writes * write_1h
         + usage.output_tokens * price.output
     )
 

@@ -42,10 +42,19 @@ def meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
     def row(p: Price) -> list[int]:
         return [p.input, p.cached_input, p.cache_write, p.output]
 
+    def write_1h(p: Price) -> int:
+        return p.cache_write if p.cache_write_1h is None else p.cache_write_1h
+
     meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
                                "price": row(mp.price)}
     if mp.tiers:
         meta["tiers"] = [[above, *row(price)] for above, price in mp.tiers]
+    # One-hour cache-write rates in a member of their own ("w1h": the base's, then
+    # each tier's), only where one differs from cache_write: price rows keep their
+    # four members, which a sidecar of the previous version reads (rolling upgrade).
+    prices = [mp.price, *(price for _, price in mp.tiers)]
+    if any(write_1h(p) != p.cache_write for p in prices):
+        meta["w1h"] = [write_1h(p) for p in prices]
     return json.dumps(meta, separators=(",", ":"))[:-1] + ',"ts":'
 
 
@@ -64,14 +73,23 @@ def meta_price(meta: dict[str, Any], input_tokens: int) -> Price:
 
     A record without a price (written by an older version for a fail-open
     settlement) prices at zero: such a permit is settled already, and the
-    closeout script answers with the booked figures.
+    closeout script answers with the booked figures. Without ``w1h`` (no rate of
+    its own, or a record of the previous version) one-hour cache writes are priced
+    at cache_write.
     """
     base = meta.get("price")
     if not isinstance(base, list):
         return Price(0, 0, 0, 0)
     tiers = meta.get("tiers") or []
-    issued = ModelPrice("", "", Price(*[int(x) for x in base]), 0, tiers=tuple(
-        (int(t[0]), Price(*[int(x) for x in t[1:5]])) for t in tiers))
+    w1h = meta.get("w1h")
+    long_writes = [int(x) for x in w1h] if isinstance(w1h, list) else []
+
+    def price(row: list[Any], i: int) -> Price:
+        return Price(*[int(x) for x in row[:4]],
+                     cache_write_1h=long_writes[i] if i < len(long_writes) else None)
+
+    issued = ModelPrice("", "", price(base, 0), 0, tiers=tuple(
+        (int(t[0]), price(t[1:], i + 1)) for i, t in enumerate(tiers)))
     return issued.for_input(input_tokens)
 
 

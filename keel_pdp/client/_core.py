@@ -190,7 +190,8 @@ def void_settlement(r: pb.VoidResponse) -> Settlement:
 def usage_pb(u: TokenUsage) -> pb.Usage:
     return pb.Usage(input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
                     cache_write_tokens=u.cache_write_tokens, output_tokens=u.output_tokens,
-                    reasoning_tokens=u.reasoning_tokens)
+                    reasoning_tokens=u.reasoning_tokens,
+                    cache_write_1h_tokens=u.cache_write_1h_tokens)
 
 
 OUTCOMES = {"SUCCEEDED": pb.SUCCEEDED, "FAILED": pb.FAILED, "CANCELLED": pb.CANCELLED,

@@ -91,7 +91,7 @@ def normalise_usage(api: Api, usage: Mapping[str, Any]) -> TokenUsage | None:
         thinking = _thinking(usage)
         if thinking:
             out = consistent(out.input_tokens, out.cached_input_tokens, out.cache_write_tokens,
-                             out.output_tokens, thinking)
+                             out.output_tokens, thinking, out.cache_write_1h_tokens)
     return out
 
 

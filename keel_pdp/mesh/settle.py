@@ -109,7 +109,7 @@ def _from_reading(p: Permit, r: Reading, outcome: str, reason: str) -> Settlemen
     else:
         usage = consistent(seen.input_tokens or p.input_tokens, seen.cached_input_tokens,
                            seen.cache_write_tokens, max(seen.output_tokens, est_out),
-                           seen.reasoning_tokens)
+                           seen.reasoning_tokens, seen.cache_write_1h_tokens)
     return Settlement("closeout", reason, outcome, usage, estimated=True)
 
 

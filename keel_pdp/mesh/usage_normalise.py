@@ -13,7 +13,9 @@ same way whichever path saw it. Per provider:
 * Anthropic Messages: ``input_tokens`` counts only uncached input, so input =
   ``input_tokens + cache_read_input_tokens + cache_creation_input_tokens``;
   cached input = ``cache_read_input_tokens``; cache writes =
-  ``cache_creation_input_tokens``; output = ``output_tokens`` (thinking included).
+  ``cache_creation_input_tokens``, of which ``cache_creation.ephemeral_1h_input_tokens``
+  are one-hour writes (billed at their own rate); output = ``output_tokens``
+  (thinking included).
   In a stream, ``message_start`` carries the input side and ``message_delta``
   the cumulative output; the later value of a field wins. Bedrock
   InvokeModel with an Anthropic body reports the same object (streamed as
@@ -27,7 +29,8 @@ same way whichever path saw it. Per provider:
   on the chunk with a ``finishReason`` is final.
 * Bedrock Converse ``usage`` (JSON, or the ``metadata`` event of
   ConverseStream): ``inputTokens`` counts uncached input, so input =
-  ``inputTokens + cacheReadInputTokens + cacheWriteInputTokens``; output =
+  ``inputTokens + cacheReadInputTokens + cacheWriteInputTokens``; one-hour
+  cache writes = the ``cacheDetails`` entries with ``ttl: 1h``; output =
   ``outputTokens``.
 """
 
@@ -71,11 +74,21 @@ def readable(usage: Mapping[str, object]) -> bool:
 
 
 def consistent(input_tokens: int, cached: int, cache_write: int, output: int,
-               reasoning: int) -> TokenUsage:
+               reasoning: int, cache_write_1h: int = 0) -> TokenUsage:
     """A TokenUsage that passes ``problems()``: parts never exceed their totals."""
+    cache_write = max(cache_write, cache_write_1h)
     input_tokens = max(input_tokens, cached + cache_write)
     output = max(output, reasoning)
-    return TokenUsage(input_tokens, cached, cache_write, output, reasoning)
+    return TokenUsage(input_tokens, cached, cache_write, output, reasoning, cache_write_1h)
+
+
+def _converse_1h(usage: Mapping[str, object]) -> int:
+    """Bedrock Converse: the cache writes its ``cacheDetails`` list with a one-hour TTL."""
+    details = usage.get("cacheDetails")
+    if not isinstance(details, list):
+        return 0
+    return sum(_get(d, "inputTokens") for d in details
+               if isinstance(d, Mapping) and d.get("ttl") == "1h")
 
 
 def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
@@ -90,7 +103,7 @@ def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
         read = _get(usage, "cacheReadInputTokens")
         write = _get(usage, "cacheWriteInputTokens")
         return consistent(_get(usage, "inputTokens") + read + write, read, write,
-                          _get(usage, "outputTokens"), 0)
+                          _get(usage, "outputTokens"), 0, _converse_1h(usage))
     if "inputTokenCount" in usage:  # Bedrock's amazon-bedrock-invocationMetrics
         read = _get(usage, "cacheReadInputTokenCount")
         write = _get(usage, "cacheWriteInputTokenCount")
@@ -101,7 +114,8 @@ def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
         fresh = _get(usage, "input_tokens")
         read = _get(usage, "cache_read_input_tokens")
         write = _get(usage, "cache_creation_input_tokens")
-        return consistent(fresh + read + write, read, write, _get(usage, "output_tokens"), 0)
+        return consistent(fresh + read + write, read, write, _get(usage, "output_tokens"), 0,
+                          _get(usage, "cache_creation", "ephemeral_1h_input_tokens"))
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         return consistent(
             _get(usage, "prompt_tokens"), _get(usage, "prompt_tokens_details", "cached_tokens"),

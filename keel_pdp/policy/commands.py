@@ -149,7 +149,7 @@ def _diff_prices(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
             continue
         pa, pb_ = a[-1].price, b[-1].price
         name = f"{key[0]}/{key[1]}"
-        for field in ("input", "cached_input", "cache_write", "output"):
+        for field in ("input", "cached_input", "cache_write", "cache_write_1h", "output"):
             x, y = getattr(pa, field), getattr(pb_, field)
             if x != y:
                 lines.append(f"Price of {name}: {field.replace('_', ' ')} from "

@@ -28,13 +28,16 @@ def usd_to_micros(text: str) -> int:
 
 def price_of(spec: PriceSpec | PriceTier) -> Price:
     """The exact price of one spec or tier (cached input and cache writes default
-    to the input price)."""
+    to the input price, one-hour cache writes to the cache-write price)."""
     inp = parse_price(spec.input)
+    write = parse_price(spec.cache_write) if spec.cache_write is not None else inp
     return Price(
         input=inp,
         output=parse_price(spec.output),
         cached_input=parse_price(spec.cached_input) if spec.cached_input is not None else inp,
-        cache_write=parse_price(spec.cache_write) if spec.cache_write is not None else inp,
+        cache_write=write,
+        cache_write_1h=(parse_price(spec.cache_write_1h) if spec.cache_write_1h is not None
+                        else write),
     )
 
 

@@ -56,8 +56,9 @@ class PriceTier(_Strict):
     output: str
     cached_input: str | None = None
     cache_write: str | None = None
+    cache_write_1h: str | None = None
 
-    _check = field_validator("input", "output", "cached_input", "cache_write",
+    _check = field_validator("input", "output", "cached_input", "cache_write", "cache_write_1h",
                              mode="before")(_decimal_string)
 
 
@@ -68,12 +69,13 @@ class PriceSpec(_Strict):
     output: str
     cached_input: str | None = None
     cache_write: str | None = None
+    cache_write_1h: str | None = None
     max_output_tokens: int = Field(default=4096, ge=1, le=2_000_000)
     # From this UTC date on (inclusive); a model may list several prices.
     effective_from: date | None = None
     tiers: list[PriceTier] = []
 
-    _check = field_validator("input", "output", "cached_input", "cache_write",
+    _check = field_validator("input", "output", "cached_input", "cache_write", "cache_write_1h",
                              mode="before")(_decimal_string)
 
     @field_validator("tiers")

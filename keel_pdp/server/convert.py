@@ -60,7 +60,7 @@ def usage(u: pb.Usage) -> TokenUsage:
     return TokenUsage(
         input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
         cache_write_tokens=u.cache_write_tokens, output_tokens=u.output_tokens,
-        reasoning_tokens=u.reasoning_tokens)
+        reasoning_tokens=u.reasoning_tokens, cache_write_1h_tokens=u.cache_write_1h_tokens)
 
 
 def outcome_name(value: int) -> str:

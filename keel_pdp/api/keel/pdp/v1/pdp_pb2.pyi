@@ -503,6 +503,7 @@ class Usage(_message.Message):
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """All input tokens the provider processed, INCLUDING cached-read and
     cache-write tokens (OpenAI's prompt_tokens convention). Anthropic callers
@@ -516,6 +517,11 @@ class Usage(_message.Message):
     """All output tokens billed, INCLUDING reasoning tokens."""
     reasoning_tokens: _builtins.int
     """Of output_tokens, how many were reasoning tokens (informational)."""
+    cache_write_1h_tokens: _builtins.int
+    """Of cache_write_tokens, how many were written with a one-hour lifetime
+    (Anthropic's cache_creation.ephemeral_1h_input_tokens, Bedrock's cacheDetails
+    with ttl 1h), priced at the price table's cache_write_1h.
+    """
     def __init__(
         self,
         *,
@@ -524,10 +530,11 @@ class Usage(_message.Message):
         cache_write_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        cache_write_1h_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
