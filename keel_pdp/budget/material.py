@@ -85,8 +85,9 @@ def meta_price(meta: dict[str, Any], input_tokens: int) -> Price:
     long_writes = [int(x) for x in w1h] if isinstance(w1h, list) else []
 
     def price(row: list[Any], i: int) -> Price:
-        return Price(*[int(x) for x in row[:4]],
-                     cache_write_1h=long_writes[i] if i < len(long_writes) else None)
+        rates = [int(x) for x in row[:4]]
+        return Price(rates[0], rates[1], rates[2], rates[3],
+                     long_writes[i] if i < len(long_writes) else None)
 
     issued = ModelPrice("", "", price(base, 0), 0, tiers=tuple(
         (int(t[0]), price(t[1:], i + 1)) for i, t in enumerate(tiers)))

@@ -252,8 +252,8 @@ async def test_a_call_is_rounded_once_not_per_token_type(engine: Engine) -> None
 
 
 # --------------------------------------------------------- held up: price dates
-def _ms(*args: int) -> int:
-    return int(datetime(*args, tzinfo=UTC).timestamp() * 1000)  # type: ignore[misc]
+def _ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
+    return int(datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp() * 1000)
 
 
 async def test_a_call_held_before_a_price_change_settles_at_the_price_it_ran_at(
