@@ -35,10 +35,12 @@ def compile_bundle(
     docs, problems = parse_documents(files)
     bundle_file, bundle = the_bundle(docs, problems)
     exception_paths = compile_exception_paths(bundle_file, bundle, problems)
-    prices, price_revisions = compile_prices(docs, problems)
+    price_warnings: list[str] = []
+    prices, price_revisions = compile_prices(docs, problems, price_warnings)
     budgets = compile_budgets(docs, exception_paths, problems)
     routes = compile_routes(docs, prices, problems)
     callers, warnings = compile_callers(docs, budgets, routes, problems)
+    warnings = [*price_warnings, *warnings]
     deployments = compile_deployments(docs, prices, problems)
     if problems or bundle is None:
         raise PolicyError(problems)

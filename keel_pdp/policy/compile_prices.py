@@ -66,10 +66,27 @@ def price_history(provider: str, model: str,
     return tuple(sorted(compiled, key=lambda mp: mp.effective_from_ms))
 
 
-def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem]
-                   ) -> tuple[Prices, list[str]]:
+# Providers that bill prompt-cache writes kept for one hour at a rate of their own
+# (Anthropic: 2x input, against 1.25x for five minutes; Bedrock's Claude models too).
+ONE_HOUR_WRITE_PROVIDERS = ("anthropic", "bedrock", "vertex")
+
+
+def _one_hour_warning(name: str, where: str, provider: str, model: str,
+                      specs: PriceSpec | list[PriceSpec]) -> str | None:
+    history = specs if isinstance(specs, list) else [specs]
+    priced: list[PriceSpec | PriceTier] = [*history, *(t for sp in history for t in sp.tiers)]
+    if provider not in ONE_HOUR_WRITE_PROVIDERS or "claude" not in model.lower() or not any(
+            p.cache_write is not None and p.cache_write_1h is None for p in priced):
+        return None
+    return (f"{name}: {where}: cache_write is set but cache_write_1h is not: one-hour "
+            "prompt-cache writes will be priced at the cache_write (five-minute) rate; "
+            "the provider bills them at their own rate (2x input for Claude models)")
+
+
+def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem],
+                   warnings: list[str] | None = None) -> tuple[Prices, list[str]]:
     """Every PriceTable's models (a model priced twice is a problem), and the
-    tables' revisions."""
+    tables' revisions; ``warnings`` gets what is served but likely wrong."""
     prices: Prices = {}
     price_revisions: list[str] = []
     for name, doc in docs:
@@ -87,4 +104,8 @@ def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem]
                     prices[key] = price_history(provider, model_name, specs)
                 except ValueError as exc:
                     problems.append(Problem(name, where, str(exc)))
+                    continue
+                warning = _one_hour_warning(name, where, provider, model_name, specs)
+                if warning is not None and warnings is not None:
+                    warnings.append(warning)
     return prices, price_revisions

@@ -305,3 +305,26 @@ def test_a_permit_record_keeps_price_rows_of_four_for_the_previous_version() -> 
     # no member at all when no rate differs from cache_write
     plain = ModelPrice("openai", "gpt-4o-mini", Price(150_000, 75_000, 150_000, 600_000), 0)
     assert "w1h" not in load_meta(meta_head("acme", "chat", plain) + meta_stamp(1, 10))
+
+
+def test_a_claude_price_without_a_one_hour_write_rate_is_served_with_a_warning(
+        tmp_path: pathlib.Path) -> None:
+    """A bundle written before one-hour cache writes had a rate of their own still
+    loads (it prices them at cache_write), but ``policy check`` and the load log say
+    that the provider bills them at their own rate."""
+    def snapshot(claude: dict[str, str]) -> Any:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        write_bundle(d, [budget("b", "10.00")])
+        (d / "prices.yaml").write_text(json.dumps({
+            "apiVersion": "keel.pdp/v1", "kind": "PriceTable", "revision": "p1",
+            "providers": {
+                "anthropic": {"claude-sonnet-4-5": claude},
+                "openai": {"gpt-4o-mini": {"input": "0.15", "cache_write": "0.15",
+                                           "output": "0.60"}}}}))
+        return load_bundle(d)
+
+    base = {"input": "3.00", "cached_input": "0.30", "cache_write": "3.75", "output": "15.00"}
+    warned = snapshot(base).warnings
+    assert len(warned) == 1
+    assert "anthropic.claude-sonnet-4-5" in warned[0] and "cache_write_1h" in warned[0]
+    assert snapshot({**base, "cache_write_1h": "6.00"}).warnings == ()
