@@ -6,8 +6,8 @@ and every driver failure is sorted into one of three answers the writer can act
 on. A connection-level failure surfaces as ``StoreUnavailable`` (back off, retry
 the same batch); data the store refuses is ``StoreRejected`` (dead-letter it);
 anything else is a bug and propagates. On SQLite only busy/locked/I-O/full/
-can't-open are outages; any other ``OperationalError`` (a syntax error, "no such
-table") is ``StoreBroken``.
+can't-open are outages; any other SQLite error (a syntax error, "no such table", a
+damaged or foreign file) is ``StoreBroken``.
 
 What is stored, and how, is ``keel_pdp.ledger.store``.
 """
@@ -180,11 +180,15 @@ class LedgerConnection:
         return isinstance(exc, psycopg.IntegrityError | psycopg.DataError)
 
     def _raise_broken(self, exc: BaseException) -> None:
-        if self.dialect == "sqlite" and isinstance(exc, sqlite3.OperationalError):
+        # Any other SQLite error, not only OperationalError: a damaged file ("database
+        # disk image is malformed", "file is not a database") is a DatabaseError.
+        if self.dialect == "sqlite" and isinstance(exc, sqlite3.DatabaseError) and \
+                not isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
             raise StoreBroken(
                 f"the SQLite ledger {self._path} refused a statement: {exc}{_sqlite_name(exc)}. "
-                "This is not an outage (retrying cannot help): the schema is damaged or "
-                "the statement is wrong; nothing of the batch was committed") from exc
+                "This is not an outage (retrying cannot help): the file or its schema is "
+                "damaged, or the statement is wrong; nothing of the batch was "
+                "committed") from exc
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -79,6 +79,11 @@ class LedgerStore(LedgerConnection):
         applied: list[int] = []
         with self.tx() as tx:
             if self.dialect == "postgresql":
+                # A migration may rewrite or index every entry: on a large ledger that
+                # outlasts the connection's statement timeout, and a migration cut off
+                # there would be retried (and cut off) on every start. This transaction
+                # only runs without it.
+                tx.run("SET LOCAL statement_timeout = 0")
                 # One migrator at a time across processes.
                 tx.run("SELECT pg_advisory_xact_lock(4242001)")
             tx.script(BOOKKEEPING)
