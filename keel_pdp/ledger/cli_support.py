@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from keel_pdp.errors import MappingError
+from keel_pdp.ledger.migrations import LATEST
 from keel_pdp.ledger.periods import PeriodError, check_period
 from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
 
@@ -64,7 +65,20 @@ def open_for_cli(given: str | None) -> LedgerStore:
     if not url:
         raise StoreError("--store is required (or set KEEL_LEDGER_STORE)")
     store = LedgerStore(url)
-    store.migrate()
+    try:
+        version = store.schema_version()
+        if 0 < version < LATEST:
+            # The ledger writer owns the schema: a newer command-line tool that upgraded
+            # it would stop the writers still running the previous version (they refuse
+            # a schema newer than theirs) in the middle of a rolling upgrade.
+            raise StoreError(
+                f"the ledger's schema is version {version} and this keel-pdp reads version "
+                f"{LATEST}: upgrade the ledger writer first (it migrates when it starts); "
+                "a command-line tool does not upgrade a ledger in use")
+        store.migrate()  # a new ledger gets its schema; a current one is left as it is
+    except BaseException:
+        store.close()
+        raise
     return store
 
 

@@ -75,15 +75,14 @@ def entry_rows(lines: list[InternalUsageLine], source: pathlib.Path,
 
 def import_file(store_url: str, path: pathlib.Path, tz: str = "UTC") -> tuple[int, int]:
     """Load ``path`` into the store; returns (requests in the file, requests new)."""
-    from keel_pdp.ledger.store import LedgerStore
+    from keel_pdp.ledger.cli_support import open_for_cli
 
     source = FileInternalSource(path, tz)
     lines = source.all_lines()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     rows = entry_rows(lines, path, digest)
-    store = LedgerStore(store_url)
+    store = open_for_cli(store_url)  # a command-line tool: never upgrades a ledger in use
     try:
-        store.migrate()
         new = store.import_entries(rows)
     finally:
         store.close()

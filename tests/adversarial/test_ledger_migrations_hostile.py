@@ -453,3 +453,24 @@ def test_a_slow_migration_is_not_cut_off_by_the_statement_timeout(
     # Ordinary statements still run under the connection's timeout.
     with pytest.raises(StoreUnavailable, match="statement timeout"):
         s.query("SELECT pg_sleep(2)")
+
+
+def test_a_command_line_tool_never_upgrades_a_ledger_in_use(
+        url: str, opened: list[LedgerStore], capsys: pytest.CaptureFixture[str]) -> None:
+    """A newer keel-pdp used to read a report must not migrate the production ledger
+    under the writers of the previous version (they would then refuse to start: the
+    schema is newer than theirs). The writer migrates when it starts; the tool asks
+    for that instead."""
+    s = store_at(url, LATEST - 1, opened)
+    assert schema(s) == (LATEST - 1, set(range(1, LATEST)))
+    for argv in (["ledger", "report", "--store", url, "--period", "2026-01"],
+                 ["ledger", "period", "status", "--store", url]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"version {LATEST - 1}" in err and "upgrade the ledger writer first" in err
+    assert schema(s) == (LATEST - 1, set(range(1, LATEST)))  # nothing applied
+    # once the writer has migrated it, the tool reads it
+    writer = LedgerStore(url)
+    opened.append(writer)
+    writer.migrate()
+    assert main(["ledger", "period", "status", "--store", url]) == 0
