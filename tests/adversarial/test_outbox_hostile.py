@@ -6,6 +6,8 @@ be in the stream exactly once, and the sidecar must keep serving."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -185,3 +187,89 @@ async def test_two_sidecars_with_the_same_pid_on_one_outbox_dir_lose_nothing(
     decisions = _stream_decisions(server.port)
     assert sorted(decisions) == sorted(o.permit_id for o in a_outs + b_outs)
     assert len(decisions) == len(set(decisions))
+
+
+async def test_a_replay_killed_halfway_then_restarted_books_each_decision_and_closeout_once(
+        tmp_path: pathlib.Path, server: RedisServer) -> None:
+    box = tmp_path / "outbox"
+    first = _engine(server.port, tmp_path, box)
+    outs = await _degraded(first, "r", 10)
+    server.start()
+    real_record = first.store.record
+    recorded = 0
+    stuck = asyncio.Event()
+
+    async def dies_after_five(*a: Any, **kw: Any) -> str:
+        nonlocal recorded
+        if recorded == 5:
+            stuck.set()
+            await asyncio.Event().wait()  # the process is killed here
+        recorded += 1
+        return await real_record(*a, **kw)
+
+    first.store.record = dies_after_five  # type: ignore[method-assign]
+    replay = asyncio.create_task(first.flush_outbox())
+    await asyncio.wait_for(stuck.wait(), 10)
+    _kill(first)
+    replay.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await replay
+    assert len(_stream_decisions(server.port)) == 5
+    second = _engine(server.port, tmp_path, box)
+    assert second.outbox_len == 20  # all of it again: replays are idempotent
+    assert await second.flush_outbox() == 20
+    assert _stream_decisions(server.port) == [o.permit_id for o in outs]
+    usage = TokenUsage(10, 0, 0, 10)
+    for o in outs:
+        assert (await second.closeout(o.permit_id, usage, "SUCCEEDED", None)).status == "SETTLED"
+        again = await second.closeout(o.permit_id, usage, "SUCCEEDED", None)
+        assert again.status == "ALREADY_SETTLED"
+    # gpt-4o-mini: 0.15 USD / M input, 0.60 USD / M output, rounded up once per permit
+    each = -(-(10 * 150_000 + 10 * 600_000) // 1_000_000)
+    client = redis.Redis(port=server.port)
+    [window] = client.keys(f"{PREFIX}:{{pdp}}:b:open:*")
+    assert int(client.hget(window, "s") or 0) == 10 * each == 80
+    assert int(client.hget(window, "h") or 0) == 0
+    order = [(f[b"type"].decode(), f[b"pid"].decode())
+             for _, f in client.xrange(KeySpace(PREFIX).stream)]
+    for o in outs:
+        mine = [t for t, pid in order if pid == o.permit_id]
+        assert mine == ["decision", "settlement"], (o.permit_id, mine)
+
+
+async def test_expiry_sweeps_go_on_while_a_long_outbox_replays(
+        tmp_path: pathlib.Path, server: RedisServer) -> None:
+    # After a long outage the outbox may take minutes to replay; holds past their
+    # TTL must still be released meanwhile, or they block their budgets.
+    box = tmp_path / "outbox"
+    write_bundle(tmp_path / "bundle", [budget("open", "10", fail_mode="open")],
+                 settings={"hold_ttl_seconds": 5})
+    engine = _engine(server.port, tmp_path, box)
+    await _degraded(engine, "r", 100)
+    server.start()
+    real_record = engine.store.record
+
+    async def slow(*a: Any, **kw: Any) -> str:
+        await asyncio.sleep(0.2)  # a store far away: 100 entries take 20 s
+        return await real_record(*a, **kw)
+
+    engine.store.record = slow  # type: ignore[method-assign]
+    held = await engine.authorize(AuthorizeInput("h", "acme", "w", "gpt-4o-mini", "openai",
+                                                 10, 10))
+    assert held.decision is DecisionKind.ALLOW and not held.degraded
+    background = asyncio.create_task(engine.run_background(0.2))
+    try:
+        client = redis.Redis(port=server.port)
+        state = b"held"
+        for _ in range(100):  # 10 s: twice its TTL, half the replay
+            await asyncio.sleep(0.1)
+            state = client.hget(KeySpace(PREFIX).permit(held.permit_id), "state") or b""
+            if state == b"expired":
+                break
+        assert state == b"expired"
+        assert engine.outbox_len > 0  # the replay still runs
+    finally:
+        background.cancel()
+        engine.relay.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
