@@ -212,6 +212,7 @@ class Outbox:
         if self._path is None:
             return
         tmp = self._path.with_suffix(".tmp")
+        self._path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 (kept open: it holds the lock)
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -246,6 +247,11 @@ class Outbox:
                 self._on_journal_error()
             return
         try:
+            if self._fh is not None and os.fstat(self._fh.fileno()).st_nlink == 0:
+                # Removed under us (the directory deleted): writes would go to a file
+                # no restart can find.
+                log.error("outbox journal %s was removed; writing it again", self._path.name)
+                self._behind = True
             if self._fh is None or self._behind:
                 # No journal yet, or one a failed write may have left torn: the
                 # whole of it, so no entry is glued to a torn line.

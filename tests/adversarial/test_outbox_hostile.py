@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -273,3 +274,18 @@ async def test_expiry_sweeps_go_on_while_a_long_outbox_replays(
         engine.relay.close()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+
+
+async def test_an_outbox_dir_removed_while_degraded_is_written_again(
+        tmp_path: pathlib.Path, server: RedisServer) -> None:
+    box = tmp_path / "outbox"
+    engine = _engine(server.port, tmp_path, box)
+    before = await _degraded(engine, "before", 2)
+    shutil.rmtree(box)  # a cleanup job, an operator, a volume remounted
+    after = await _degraded(engine, "after", 2)
+    _kill(engine)
+    restarted = _engine(server.port, tmp_path, box)
+    assert restarted.outbox_len == 8
+    server.start()
+    assert await restarted.flush_outbox() == 8
+    assert _stream_decisions(server.port) == [o.permit_id for o in before + after]
