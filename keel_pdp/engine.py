@@ -614,13 +614,13 @@ class Engine:
 
     async def run_background(self, interval_s: float = 1.0) -> None:
         """Every ``interval_s``: sweep expired holds (a backlog within half the
-        interval), replay the outbox."""
+        interval), replay the outbox (in the background: a replay after a long outage
+        may take minutes, and expired holds must not wait for it)."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.sweep_backlog(time_budget_s=interval_s / 2)
-                if self.relay:
-                    await self.relay.flush()
+                self.relay.kick()
             except StoreUnavailable as exc:
                 log.debug("sweeper: store unavailable: %s", exc)
             except Exception:

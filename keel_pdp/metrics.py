@@ -77,6 +77,14 @@ class Metrics:
         self.outbox_dropped = Counter(
             "keel_pdp_outbox_dropped_total",
             "Decision events dropped because the outbox was full.", registry=r)
+        self.outbox_journal_errors = Counter(
+            "keel_pdp_outbox_journal_errors_total",
+            "Outbox journal writes that failed (disk full, directory gone): the events "
+            "wait in memory only.", registry=r)
+        self.outbox_set_aside = Counter(
+            "keel_pdp_outbox_set_aside_total",
+            "Outbox entries this version could not replay, kept in rejected-*.jsonl.",
+            registry=r)
         self.caller_refusals = Counter(
             "keel_pdp_caller_refusals_total",
             "Calls whose caller identity lacks a Callers binding: refused (mode enforce) or "

@@ -4,19 +4,31 @@ They wait here, in order, until the store is back. With a directory
 configured, every event is also appended (and fsynced) to a journal file
 before the caller gets its answer, so a sidecar killed during an outage does
 not lose them: the next process to start claims every journal in the
-directory (by an atomic rename) and replays it.
+directory that no live process holds and replays it.
+
+A live process holds an exclusive ``flock`` on its own journal (a file name of
+its pid and a random part: two containers sharing a volume may both be pid 1),
+so another process on the same directory never takes it over. A claimed
+journal is removed only once its entries are in the claimant's own journal: a
+process killed while claiming loses nothing. Lines that are not a row (a write
+torn by a kill, garbage) are skipped and logged; rows this version cannot
+replay (a newer version's) are set aside in ``rejected-*.jsonl`` for an
+operator, never replayed and never blocking the rows after them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import pathlib
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from keel_pdp.budget.store import BudgetStore, DegradedPermit
 from keel_pdp.errors import StoreUnavailable
@@ -29,55 +41,198 @@ log = logging.getLogger("keel_pdp.outbox")
 # permit's record or for an "abort" (see Engine._enqueue)
 Event = tuple[str, str, int, str, str, str]
 
+# While the journal cannot be written (disk full, directory gone), how often an
+# append tries again to write the whole journal.
+REWRITE_RETRY_S = 1.0
+_DEGRADED_SPEC = {"keys": list, "wx": list, "meta": str, "est": int, "k": int, "exp": int,
+                  "ret": int}
+_ABORT_SPEC = {"ik": str, "keys": list}
+
+
+def _replayable(ev: Event) -> bool:
+    """Whether this version knows how to replay ``ev`` (see OutboxRelay._replay)."""
+    etype, _, _, _, _, spec = ev
+    if etype not in ("decision", "abort"):
+        return False
+    if not spec:
+        return etype == "decision"
+    try:
+        extra = json.loads(spec)
+    except ValueError:
+        return False
+    want = _ABORT_SPEC if etype == "abort" else _DEGRADED_SPEC
+    return isinstance(extra, dict) and all(
+        isinstance(extra.get(k), t) and not isinstance(extra.get(k), bool)
+        for k, t in want.items())
+
+
+def _row(line: bytes) -> Event | None:
+    """A journal line as an event, or None when it is not a row at all."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+        if not isinstance(row, list) or not 5 <= len(row) <= 6:
+            return None
+        etype, pid, ts, data, res = row[:5]
+        spec = row[5] if len(row) > 5 else ""
+        if not all(isinstance(v, str) for v in (etype, pid, data, res, spec)) or \
+                not isinstance(ts, int) or isinstance(ts, bool):
+            return None
+        return (etype, pid, ts, data, res, spec)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+
+
+def _locked(path: pathlib.Path) -> int | None:
+    """``path`` opened and exclusively locked, or None when a live process holds
+    it (or it went away meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mine, now = os.fstat(fd), os.stat(path)
+        if (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
+            raise FileNotFoundError(path)  # replaced by its owner's rewrite: look again
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
 
 class Outbox:
-    def __init__(self, max_events: int = 100_000, directory: str | None = None) -> None:
+    def __init__(self, max_events: int = 100_000, directory: str | None = None,
+                 on_journal_error: Callable[[], None] | None = None,
+                 on_set_aside: Callable[[], None] | None = None) -> None:
         self.max_events = max_events
         self.dropped = 0
         self._q: deque[Event] = deque()
         self._dir = pathlib.Path(directory) if directory else None
         self._path: pathlib.Path | None = None
-        self._fh: object = None
+        self._fh: IO[str] | None = None  # our journal, flock'ed while we live
+        self._behind = False  # the journal misses entries (a failed write)
+        self._retry_at = 0.0
+        self._on_journal_error = on_journal_error
+        self._on_set_aside = on_set_aside
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._path = self._dir / f"outbox-{os.getpid()}.jsonl"
+            self._path = self._dir / f"outbox-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
             self._claim()
 
     def _claim(self) -> None:
         assert self._dir is not None
-        assert self._path is not None
-        # Our own name included: in a container every restart is the same pid.
-        for old in sorted(self._dir.glob("outbox-*.jsonl")):
-            mine = self._dir / f"claimed-{os.getpid()}-{os.urandom(4).hex()}-{old.name}"
-            try:
-                os.rename(old, mine)  # atomic: one claimant wins
-            except OSError:
-                continue
-            for line in mine.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    etype, pid, ts, data, res = row[:5]
-                    spec = row[5] if len(row) > 5 else ""
-                    self._q.append((str(etype), str(pid), int(ts), str(data), str(res),
-                                    str(spec)))
-                except (ValueError, TypeError):
-                    log.error("outbox journal %s: skipping an unreadable line", mine.name)
-            mine.unlink()
-        if self._q:
-            log.warning("replaying %d decision events journaled before a restart",
-                        len(self._q))
-            self._rewrite()
+        # claimed-*: left by an earlier version killed while it claimed
+        found = sorted([*self._dir.glob("outbox-*.jsonl"), *self._dir.glob("claimed-*.jsonl")])
+        claimed: list[tuple[pathlib.Path, int]] = []
+        rejected: list[bytes] = []
+        try:
+            for old in found:
+                fd = _locked(old)
+                if fd is None:
+                    continue  # a live process's journal
+                claimed.append((old, fd))
+                with open(fd, "rb", closefd=False) as fh:
+                    raw = fh.read()
+                bad = 0
+                for line in raw.split(b"\n"):
+                    if not line.strip():
+                        continue
+                    ev = _row(line)
+                    if ev is None:
+                        bad += 1
+                    elif not _replayable(ev):
+                        rejected.append(line)
+                    else:
+                        self._q.append(ev)
+                if bad:
+                    log.error("outbox journal %s: skipping %d unreadable line(s) (a write "
+                              "torn by a kill, or not a journal)", old.name, bad)
+            if rejected:
+                self._set_aside_lines(rejected)
+            if self._q:
+                log.warning("replaying %d decision events journaled before a restart",
+                            len(self._q))
+                self._rewrite()
+            # Only now that every entry is in our journal (or set aside).
+            for old, _ in claimed:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            # Journals left in place: the next process claims them again (replays are
+            # idempotent); what was read is replayed from memory meanwhile.
+            self._journal_failed(exc)
+        finally:
+            for _, fd in claimed:
+                os.close(fd)
+        for tmp in self._dir.glob("outbox-*.tmp"):  # a rewrite killed midway
+            fd = _locked(tmp)
+            if fd is not None:
+                tmp.unlink(missing_ok=True)
+                os.close(fd)
+
+    def _set_aside_lines(self, lines: list[bytes]) -> None:
+        assert self._dir is not None
+        path = self._dir / f"rejected-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        with open(path, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        log.error("outbox: %d journaled row(s) this version cannot replay were set aside in "
+                  "%s; they did not reach the ledger: replay them with the version that "
+                  "wrote them, or book them by hand", len(lines), path.name)
+        if self._on_set_aside is not None:
+            for _ in lines:
+                self._on_set_aside()
+
+    def set_aside(self, ev: Event) -> None:
+        """Keep ``ev`` (it could not be replayed) apart for an operator."""
+        line = json.dumps(ev, separators=(",", ":")).encode()
+        if self._dir is None:
+            log.error("outbox: a row that could not be replayed was dropped: %s",
+                      line.decode()[:2000])
+            if self._on_set_aside is not None:
+                self._on_set_aside()
+            return
+        try:
+            self._set_aside_lines([line])
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        if self._on_journal_error is not None:
+            self._on_journal_error()
+        self._retry_at = time.monotonic() + REWRITE_RETRY_S
+        if not self._behind:
+            log.error("outbox journal %s cannot be written (%s): %d decision events are kept "
+                      "in memory only until it can; a restart now would lose them",
+                      self._path.name if self._path else "-", exc, len(self._q))
+        self._behind = True
 
     def _rewrite(self) -> None:
+        """The journal, written anew from what waits; raises OSError."""
         if self._path is None:
             return
         tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 (kept open: it holds the lock)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             for ev in self._q:
                 fh.write(json.dumps(ev, separators=(",", ":")) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self._path)
+            os.replace(tmp, self._path)
+        except OSError:
+            fh.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        old, self._fh = self._fh, fh
+        if old is not None:
+            old.close()
+        if self._behind:
+            log.warning("outbox journal %s is written again (%d decision events)",
+                        self._path.name, len(self._q))
+        self._behind = False
 
     def append(self, ev: Event) -> None:
         if len(self._q) >= self.max_events:
@@ -85,11 +240,28 @@ class Outbox:
             self.dropped += 1
             log.error("outbox full: oldest unrecorded decision dropped")
         self._q.append(ev)
-        if self._path is not None:
-            with open(self._path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(ev, separators=(",", ":")) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+        if self._path is None:
+            return
+        if self._behind and time.monotonic() < self._retry_at:
+            if self._on_journal_error is not None:
+                self._on_journal_error()
+            return
+        try:
+            if self._fh is not None and os.fstat(self._fh.fileno()).st_nlink == 0:
+                # Removed under us (the directory deleted): writes would go to a file
+                # no restart can find.
+                log.error("outbox journal %s was removed; writing it again", self._path.name)
+                self._behind = True
+            if self._fh is None or self._behind:
+                # No journal yet, or one a failed write may have left torn: the
+                # whole of it, so no entry is glued to a torn line.
+                self._rewrite()
+            else:
+                self._fh.write(json.dumps(ev, separators=(",", ":")) + "\n")
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self._journal_failed(exc)
 
     def peek(self) -> Event:
         return self._q[0]
@@ -101,10 +273,24 @@ class Outbox:
         """Make the journal match what is still waiting (after a flush)."""
         if self._path is None:
             return
-        if not self._q:
-            self._path.unlink(missing_ok=True)
-        else:
-            self._rewrite()
+        try:
+            if not self._q:
+                self._path.unlink(missing_ok=True)  # before the lock goes with the file
+                if self._fh is not None:
+                    self._fh.close()
+                    self._fh = None
+                self._behind = False
+            else:
+                self._rewrite()
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def close(self) -> None:
+        """Let go of the journal (as the exit of the process does): another process
+        may claim what it still holds."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __len__(self) -> int:
         return len(self._q)
@@ -130,12 +316,19 @@ class OutboxRelay:
                  directory: str | None = None) -> None:
         self.store = store
         self.metrics = metrics
-        self._box = Outbox(size, directory)
+        self._box = Outbox(size, directory, metrics.outbox_journal_errors.inc,
+                           metrics.outbox_set_aside.inc)
         self._task: asyncio.Task[int] | None = None
         self._lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self._box)
+
+    def close(self) -> None:
+        """Stop replaying and let go of the journal, as a killed process does."""
+        if self._task is not None:
+            self._task.cancel()
+        self._box.close()
 
     def __bool__(self) -> bool:
         return bool(self._box)
@@ -185,16 +378,23 @@ class OutboxRelay:
 
     async def flush(self) -> int:
         """Replay what waits, in order, until the store fails; returns how many."""
-        done = 0
+        done = taken = 0
         async with self._lock:
             while self._box:
+                ev = self._box.peek()
                 try:
-                    await self._replay(*self._box.peek())
+                    await self._replay(*ev)
+                    done += 1
                 except StoreUnavailable:
                     break
+                except Exception:
+                    # Not an outage: retrying would block every entry behind it.
+                    log.exception("outbox: the entry for permit %s could not be replayed; "
+                                  "setting it aside", ev[1])
+                    self._box.set_aside(ev)
                 self._box.pop()
-                done += 1
-            if done:
+                taken += 1
+            if taken:
                 self._box.sync()
             self.metrics.outbox.set(len(self._box))
         return done

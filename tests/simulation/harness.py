@@ -297,7 +297,9 @@ class Simulation:
         reload. False for any other kind."""
         if kind == "sidecar_kill":
             i = self.rng.randrange(len(self.engines))
-            self.engines[i] = self._engine(i)  # the old one is simply gone
+            # The old one is simply gone (the kernel lets go of its journal).
+            self.engines[i].relay.close()
+            self.engines[i] = self._engine(i)
         elif kind == "writer_kill":
             self._new_writer()
         elif kind == "busy":

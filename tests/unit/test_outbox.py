@@ -37,7 +37,7 @@ async def test_journaled_outbox_survives_a_crash_and_replays_once(tmp_path: path
     assert all(o.decision is DecisionKind.ALLOW and o.degraded for o in outs)
     # Per Authorize: the abort of the hold script it sent, then its degraded decision.
     assert crashed.outbox_len == 6
-    del crashed  # killed: nothing flushed, nothing closed
+    crashed.relay.close()  # killed: nothing flushed; the kernel lets go of its journal
 
     up = fakeredis.FakeAsyncRedis()
     restarted = _engine(up, bundle, tmp_path / "outbox")
@@ -90,7 +90,7 @@ async def test_outbox_event_whose_reply_was_lost_reaches_the_stream_once(
     crashed = _engine(down, bundle, tmp_path / "outbox")
     outs = [await crashed.authorize(AuthorizeInput(f"r{i}", "acme", "w", "gpt-4o-mini",
                                                    "openai", 10, 10)) for i in range(2)]
-    del crashed
+    crashed.relay.close()
     up = fakeredis.FakeAsyncRedis()
     engine = _engine(up, bundle, tmp_path / "outbox")
     real_record, real_abort = engine.store.record, engine.store.abort
