@@ -69,8 +69,8 @@ async def _degraded(engine: Engine, tag: str, n: int) -> list[Outcome]:
 def _stream_decisions(port: int) -> list[str]:
     client = redis.Redis(port=port)
     stream = KeySpace(PREFIX).stream
-    return [f[b"pid"].decode() for _, f in client.xrange(stream)
-            if f[b"type"] == b"decision"]
+    entries: Any = client.xrange(stream)
+    return [f[b"pid"].decode() for _, f in entries if f[b"type"] == b"decision"]
 
 
 def _kill(engine: Engine) -> None:
@@ -231,8 +231,8 @@ async def test_a_replay_killed_halfway_then_restarted_books_each_decision_and_cl
     [window] = client.keys(f"{PREFIX}:{{pdp}}:b:open:*")
     assert int(client.hget(window, "s") or 0) == 10 * each == 80
     assert int(client.hget(window, "h") or 0) == 0
-    order = [(f[b"type"].decode(), f[b"pid"].decode())
-             for _, f in client.xrange(KeySpace(PREFIX).stream)]
+    entries: Any = client.xrange(KeySpace(PREFIX).stream)
+    order = [(f[b"type"].decode(), f[b"pid"].decode()) for _, f in entries]
     for o in outs:
         mine = [t for t, pid in order if pid == o.permit_id]
         assert mine == ["decision", "settlement"], (o.permit_id, mine)
@@ -261,7 +261,7 @@ async def test_expiry_sweeps_go_on_while_a_long_outbox_replays(
     background = asyncio.create_task(engine.run_background(0.2))
     try:
         client = redis.Redis(port=server.port)
-        state = b"held"
+        state: Any = b"held"
         for _ in range(100):  # 10 s: twice its TTL, half the replay
             await asyncio.sleep(0.1)
             state = client.hget(KeySpace(PREFIX).permit(held.permit_id), "state") or b""
