@@ -194,7 +194,9 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
         # Each fits PROMPT with about 200 output tokens of gpt-4o-mini, not CAP.
         *(budget(f"{t}-daily", "0.000200", scope={"tenant": t}) for t in TIGHT),
     ])
-    sidecar = Sidecar(redis_server.url, bundle).start()
+    # A store timeout for a busy test machine: these budgets fail closed, and the tests
+    # are about what the client books, not about the store's latency.
+    sidecar = Sidecar(redis_server.url, bundle, ("--store-timeout", "2")).start()
     provider = Provider()
     provider.start()
     rdb = redis.Redis(port=redis_server.port, decode_responses=True)

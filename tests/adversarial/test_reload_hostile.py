@@ -44,7 +44,7 @@ def test_a_rejected_bundle_changes_nothing_and_a_big_swap_is_seen_whole(
         os.symlink(to, root / "..data_tmp")
         os.replace(root / "..data_tmp", root / "..data")
 
-    s = Sidecar(redis_url, root, ("--reload-interval", "0.05")).start()
+    s = Sidecar(redis_url, root, ("--reload-interval", "0.05", "--store-timeout", "2")).start()
     sidecars.append(s)
     assert _rejected(s.metrics()) == 0
 
