@@ -280,6 +280,14 @@ class Engine:
             need = res.need
         raise StoreUnavailable("the store asked for a lease refill after the last round")
 
+    def _follow_policy(self, now_ms: int) -> None:
+        """See the newest policy's caps, once per snapshot. The newest, not a
+        request's: one planned before a reload (still in flight) must not bring the
+        old caps back."""
+        current = self.policies.current
+        if current is not None and current is not self._caps_of:
+            self._see_caps(current, now_ms)
+
     def _see_caps(self, snapshot: PolicySnapshot, now_ms: int) -> None:
         """A policy snapshot not seen yet. When it cuts the cap of a shared budget
         (or is the first this process sees: it cannot know what was cut before it
@@ -318,11 +326,7 @@ class Engine:
         what is left of the deadline."""
         assert p.shape is not None
         if p.shape.snapshot is not self._caps_of:
-            # The newest policy, not the request's: one planned before a reload
-            # (still in flight) must not bring the old caps back.
-            current = self.policies.current
-            if current is not None and current is not self._caps_of:
-                self._see_caps(current, p.now_ms)
+            self._follow_policy(p.now_ms)
         task = self._cap_cut
         if task is None or task.done() or not any(
                 parent is not None and parent.budget_id in self._cut_budgets
@@ -591,9 +595,7 @@ class Engine:
         if released:
             self.metrics.holds_expired.inc(len(released))
         if self.store.keys.escrow:
-            snapshot = self.policies.current
-            if snapshot is not None and snapshot is not self._caps_of:
-                self._see_caps(snapshot, now)
+            self._follow_policy(now)
             # Leases above their budget's cap now (cut mid-window) are given back
             # however busy, by whichever sidecar looks first, restarted ones too.
             returned = await self.escrow.return_idle(

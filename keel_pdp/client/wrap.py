@@ -207,16 +207,24 @@ class StreamEnd:
         return True
 
 
+def _dropped(end: StreamEnd) -> bool:
+    """A stream dropped before its end: whether this finalizer is the one that ends
+    its permit (PARTIAL, with the usage seen so far)."""
+    if not end.begin(broken=True):
+        return False
+    log.info("keel: stream of permit %s dropped before its end; closing out PARTIAL "
+             "with the usage seen so far", end.p.permit_id)
+    return True
+
+
 def _abandoned(end: StreamEnd, stream: Any, keel: KeelClient) -> None:
     """Finalizer of a MeteredStream dropped before it ended or was closed (``for _ in
     stream: break`` and nothing more): the caller stopped reading, so the permit is
     closed out PARTIAL with what was seen, on the thread that dropped it. Never
     raises (it runs inside garbage collection)."""
     try:
-        if not end.begin(broken=True):
+        if not _dropped(end):
             return
-        log.info("keel: stream of permit %s dropped before its end; closing out PARTIAL "
-                 "with the usage seen so far", end.p.permit_id)
         try:
             stream.close()  # give the provider connection back
         except Exception as err:
@@ -236,10 +244,8 @@ def _aabandoned(end: StreamEnd, stream: Any, keel: AsyncKeelClient,
     made on a blocking channel of its own (``AsyncKeelClient.end_elsewhere``).
     Never raises."""
     try:
-        if not end.begin(broken=True):
+        if not _dropped(end):
             return
-        log.info("keel: stream of permit %s dropped before its end; closing out PARTIAL "
-                 "with the usage seen so far", end.p.permit_id)
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

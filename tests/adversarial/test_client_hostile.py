@@ -785,6 +785,14 @@ def early_usage_want(text: str) -> int:
         output_tokens=max(EARLY["completion_tokens"], out_tokens(text))))
 
 
+def assert_early_usage_booked(stack: Stack, p: Any, items: list[Any], how: str) -> None:
+    """The permit of a chat stream with early usage is booked on the text it carried."""
+    text = "".join(c.choices[0].delta.content or "" for c in items if c.choices)
+    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
+    outcome = "SUCCEEDED" if how == "ends" else "PARTIAL"
+    assert settlement_of(stack, p.permit_id) == (outcome, early_usage_want(text))
+
+
 @pytest.mark.parametrize("how", ["ends", "breaks"])
 def test_early_usage_in_a_chat_stream_does_not_hide_the_text_after_it(
         stack: Stack, keel: KeelClient, how: str) -> None:
@@ -797,11 +805,7 @@ def test_early_usage_in_a_chat_stream_does_not_hide_the_text_after_it(
             items.append(item)
             if how == "breaks" and len(items) == read:
                 break
-    p = client.last_permit
-    text = "".join(c.choices[0].delta.content or "" for c in items if c.choices)
-    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
-    outcome = "SUCCEEDED" if how == "ends" else "PARTIAL"
-    assert settlement_of(stack, p.permit_id) == (outcome, early_usage_want(text))
+    assert_early_usage_booked(stack, client.last_permit, items, how)
 
 
 @pytest.mark.parametrize("how", ["ends", "breaks"])
@@ -818,7 +822,4 @@ async def test_early_usage_in_an_async_chat_stream_does_not_hide_the_text_after_
                 if how == "breaks" and len(items) == 6:
                     break
         p = client.last_permit
-    text = "".join(c.choices[0].delta.content or "" for c in items if c.choices)
-    assert p.settlement is not None and p.settlement.status == "SETTLED", p.settle_error
-    outcome = "SUCCEEDED" if how == "ends" else "PARTIAL"
-    assert settlement_of(stack, p.permit_id) == (outcome, early_usage_want(text))
+    assert_early_usage_booked(stack, p, items, how)
