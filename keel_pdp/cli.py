@@ -57,7 +57,7 @@ def _available(module: str) -> bool:
 async def serve(s: ServeSettings, worker: int | None = None) -> int:
     from prometheus_client import start_http_server
 
-    from keel_pdp.budget.store import BudgetStore
+    from keel_pdp.budget.store import BudgetStore, StoreUnavailable
     from keel_pdp.engine import Engine
     from keel_pdp.metrics import Metrics
     from keel_pdp.policy.reload import PolicyHolder
@@ -145,6 +145,8 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
             log.warning("--wait-replicas %d: a master of %s has only %d replica(s), so "
                         "every WAIT there will be short and slow (docs/redis-cluster.md)",
                         s.wait_replicas, store.where, fewest)
+    with contextlib.suppress(StoreUnavailable):
+        await engine.sync_clock()  # the first decisions already on the store's time
     holder.reload(force=True)
     if holder.current is None:
         log.error("no valid policy bundle in %s yet: health is NOT_SERVING, every Authorize "

@@ -32,6 +32,7 @@ from keel_pdp.budget.store import (
     HoldCandidate,
     HoldRequest,
 )
+from keel_pdp.clock import ClockSync
 from keel_pdp.decision import AuthorizeInput, Outcome
 from keel_pdp.errors import InvalidRequest, RequestIdReused, StoreUnavailable
 from keel_pdp.metrics import Metrics
@@ -100,6 +101,8 @@ class Engine:
         self.store = store
         self.metrics = metrics
         self.ids = ids or PermitIds()
+        # This sidecar's clock against the store's (keel_pdp.clock).
+        self.clock = ClockSync()
         self.shapes = dec.ShapeCache()
         self._materials = Materials(store.keys)
         self._permits = PermitCache(permit_cache_size)
@@ -587,8 +590,12 @@ class Engine:
         A hold is due once this sidecar's clock and the store's have both passed
         its expiry: a sidecar whose clock runs ahead must not end other sidecars'
         holds while their provider calls still run (``now_ms``: a given clock)."""
-        now = self.ids.now_ms() if now_ms is None else now_ms
-        due = now if now_ms is not None else min(now, await self.store.time_ms())
+        if now_ms is None:
+            store_now = await self.sync_clock()
+            now = self.ids.now_ms()
+            due = min(now, store_now)
+        else:
+            now = due = now_ms
         released, self.sweep_full = await sweep(self.store, due, limit)
         for pid in released:
             self._permits.forget(pid)
@@ -603,6 +610,34 @@ class Engine:
             if returned:
                 self.metrics.escrow_returns_micros.inc(returned)
         return len(released)
+
+    async def sync_clock(self) -> int:
+        """Read the store's clock (Redis ``TIME``) and, when this sidecar's clock is
+        off it by ``keel_pdp.clock.TOLERANCE_MS`` or more, keep time by the store's
+        from now on (windows, hold expiries, permit ids, grants); returns the
+        store's time in epoch ms. Raises ``StoreUnavailable`` as any store call."""
+        ids = self.ids
+        sent = ids.local_ms()
+        store_ms = await self.store.time_ms()
+        received = ids.local_ms()
+        if ids.follows_store:
+            sync = self.clock
+            was_following = sync.following
+            if sync.observe(sent, store_ms, received):
+                ids.offset_ms = sync.applied_ms
+                if sync.following:
+                    log.warning(
+                        "clock: this host's clock is %.3f s %s the budget store's (Redis "
+                        "TIME); keeping time by the store's until they agree within %.3f s "
+                        "(check NTP on this host)", abs(sync.offset_ms) / 1000,
+                        "behind" if sync.offset_ms > 0 else "ahead of",
+                        sync.tolerance_ms / 2000)
+                elif was_following:
+                    log.warning("clock: this host's clock agrees with the budget store's "
+                                "again (%d ms apart); using it as it is", sync.offset_ms)
+            self.metrics.clock_offset.set(sync.offset_ms / 1000)
+            self.metrics.clock_following.set(1 if sync.following else 0)
+        return store_ms
 
     async def sweep_backlog(self, now_ms: int | None = None, time_budget_s: float = 1.0,
                             limit: int = 200) -> int:

@@ -85,6 +85,14 @@ class Metrics:
             "keel_pdp_outbox_set_aside_total",
             "Outbox entries this version could not replay, kept in rejected-*.jsonl.",
             registry=r)
+        self.clock_offset = Gauge(
+            "keel_pdp_clock_offset_seconds",
+            "The budget store's clock (Redis TIME) minus this host's, at the last sample.",
+            registry=r)
+        self.clock_following = Gauge(
+            "keel_pdp_clock_following_store",
+            "1 while this sidecar keeps time by the store's clock because its own is off "
+            "by the tolerance or more.", registry=r)
         self.caller_refusals = Counter(
             "keel_pdp_caller_refusals_total",
             "Calls whose caller identity lacks a Callers binding: refused (mode enforce) or "

@@ -26,12 +26,19 @@ _DEGRADED_NIBBLE = "89abcdef89abcdef"
 
 class PermitIds:
     """Permit ids from ``random_bytes`` (os.urandom, read 4 KiB at a time: one system
-    call per 512 permits) and ``clock_ms``."""
+    call per 512 permits) and ``clock_ms``.
+
+    ``offset_ms`` is added to the clock: the engine sets it when this clock is off
+    the store's (``keel_pdp.clock``), which it does only when ``follows_store``:
+    by default only for the system clock (an injected clock is a test's own time)."""
 
     def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom,
-                 clock_ms: Callable[[], int] | None = None) -> None:
+                 clock_ms: Callable[[], int] | None = None,
+                 follows_store: bool | None = None) -> None:
         self._random = random_bytes
         self._clock = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.follows_store = clock_ms is None if follows_store is None else follows_store
+        self.offset_ms = 0
         self._buf, self._pos = b"", 0
 
     def forget(self) -> None:
@@ -39,6 +46,10 @@ class PermitIds:
         self._buf, self._pos = b"", 0
 
     def now_ms(self) -> int:
+        return self._clock() + self.offset_ms
+
+    def local_ms(self) -> int:
+        """The clock as it is, without the store's correction."""
         return self._clock()
 
     def _hex(self) -> str:
@@ -52,7 +63,7 @@ class PermitIds:
         """A new id; with ``shards`` > 1 its last 10 bits name ``shard`` (modulo
         ``shards``, the rest of them random), so the store finds the permit's keys
         from its id alone."""
-        ms = self._clock() if now_ms is None else now_ms
+        ms = self._clock() + self.offset_ms if now_ms is None else now_ms
         rnd = with_shard(self._hex(), shard, shards)
         return f"pmt_{ms:012x}{_PLAIN_NIBBLE[int(rnd[0], 16)]}{rnd[1:]}"
 

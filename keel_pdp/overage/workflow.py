@@ -129,8 +129,11 @@ class ExceptionDesk:
     """The exception workflow over one budget store."""
 
     def __init__(self, store: BudgetStore, *, pending_seconds: int = PENDING_SECONDS,
-                 retention_seconds: int = RETENTION_SECONDS, timeout_s: float = 2.0) -> None:
+                 retention_seconds: int = RETENTION_SECONDS, timeout_s: float = 2.0,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.store = store
+        # The sidecar's clock (kept on the store's, keel_pdp.clock) for expiries.
+        self._now_ms = clock_ms or _now_ms
         self.keys = store.keys
         self.pending_seconds = pending_seconds
         self.retention_seconds = retention_seconds
@@ -176,7 +179,7 @@ class ExceptionDesk:
     # -------------------------------------------------------------- request
     async def request(self, snapshot: PolicySnapshot, ask: ExceptionAsk,
                       now_ms: int | None = None) -> ExceptionView:
-        now = _now_ms() if now_ms is None else now_ms
+        now = self._now_ms() if now_ms is None else now_ms
         pid = ask.denial_permit_id
         if not PERMIT_ID_RE.match(pid):
             raise InvalidRequest(f"denial_permit_id {pid[:80]!r} is not a Keel permit id "
@@ -306,7 +309,7 @@ class ExceptionDesk:
     async def decide(self, snapshot: PolicySnapshot, exc_id: str, action: Literal[
             "approve", "reject"], approver: str, approver_role: str, note: str = "",
             now_ms: int | None = None) -> ExceptionView:
-        now = _now_ms() if now_ms is None else now_ms
+        now = self._now_ms() if now_ms is None else now_ms
         if not approver.strip():
             raise InvalidRequest("approver is required")
         if len(approver) > 200 or len(note) > 2000:
@@ -402,7 +405,7 @@ class ExceptionDesk:
         if not exc_id.startswith("exc_") or len(exc_id) > 64:
             return None
         raw = await self._read(self.store.client.hgetall(self.record_key(exc_id)))
-        return _view(raw, _now_ms() if now_ms is None else now_ms)
+        return _view(raw, self._now_ms() if now_ms is None else now_ms)
 
     async def list(self, state: str = "", budget_id: str = "", limit: int = 100,
                    now_ms: int | None = None,
@@ -412,7 +415,7 @@ class ExceptionDesk:
         if state and state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
         limit = min(max(limit or 100, 1), 1000)
-        now = _now_ms() if now_ms is None else now_ms
+        now = self._now_ms() if now_ms is None else now_ms
         found: list[ExceptionView] = []
         for shard in range(self.keys.shards):
             found.extend(await self._list_shard(shard, state, budget_id, limit, now, keep))

@@ -87,7 +87,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     @property
     def desk(self) -> wf.ExceptionDesk:
         if self._desk is None:
-            self._desk = wf.ExceptionDesk(self.engine.store)
+            self._desk = wf.ExceptionDesk(self.engine.store, clock_ms=self.engine.ids.now_ms)
         return self._desk
 
     def _peer_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
@@ -199,7 +199,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             approver_role=role, justification=request.justification,
             grant_id=request.grant_id)
         try:
-            res = await grants.record(self.engine.store, snapshot, g)
+            res = await grants.record(self.engine.store, snapshot, g, self.engine.ids.now_ms())
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
