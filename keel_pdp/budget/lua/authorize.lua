@@ -234,7 +234,7 @@ if chosen == nil then
   end
 end
 
-local shadow, alerts, heldidx, fail = nil, nil, '', nil
+local shadow, alerts, heldidx, fail, amount_s = nil, nil, '', nil, nil
 local alert_events = nil
 if chosen == nil then
   local first = cands[1]
@@ -251,11 +251,14 @@ else
   local idx = cand.idx
   local m = #idx
   local wx = {}
+  -- Amounts go to redis.call as strings made once: Redis 7.0 prints every Lua
+  -- number argument with "%.17g" (about 0.15 us each here).
+  amount_s = format('%d', amount)
   for j = 1, m do
     local i = idx[j]
     local key = KEYS[4 + i]
     local before = settled[i] + held[i]
-    local h = call('HINCRBY', key, 'h', amount)
+    local h = call('HINCRBY', key, 'h', amount_s)
     if fresh[i] then call('EXPIREAT', key, ARGV[4 * i]) end
     held[i] = h
     local after = settled[i] + h
@@ -292,9 +295,10 @@ else
     keys = concat(list, '\n')
     heldidx = concat(idx, ',')
   end
-  call('HSET', KEYS[2], 'state', 'held', 'amount', amount, 'est', amount, 'keys', keys,
-    'wx', concat(wx, ','), 'exp', expires_text, 'meta', cand.meta, 'k', k, 'ik', KEYS[1])
-  call('EXPIREAT', KEYS[2], floor(expires_at / 1000) + tonumber(ARGV[S + 2]))
+  call('HSET', KEYS[2], 'state', 'held', 'amount', amount_s, 'est', amount_s, 'keys', keys,
+    'wx', concat(wx, ','), 'exp', expires_text, 'meta', cand.meta, 'k', format('%d', k),
+    'ik', KEYS[1])
+  call('EXPIREAT', KEYS[2], format('%d', floor(expires_at / 1000) + tonumber(ARGV[S + 2])))
   call('ZADD', KEYS[3], expires_text, pid)
 end
 
