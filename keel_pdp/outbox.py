@@ -6,6 +6,12 @@ before the caller gets its answer, so a sidecar killed during an outage does
 not lose them: the next process to start claims every journal in the
 directory that no live process holds and replays it.
 
+A claim takes whole journals while what waits stays within the outbox's size
+(``max_events``; the first journal always): the rest stay on disk, untouched,
+and are claimed once what was taken has been replayed. So a directory of many
+killed processes' journals neither fills memory nor makes the next appends drop
+journaled decisions to make room.
+
 A live process holds an exclusive ``flock`` on its own journal (a file name of
 its pid and a random part: two containers sharing a volume may both be pid 1),
 so another process on the same directory never takes it over. A claimed
@@ -114,6 +120,7 @@ class Outbox:
         self._retry_at = 0.0
         self._on_journal_error = on_journal_error
         self._on_set_aside = on_set_aside
+        self.left = 0  # journals a claim left on disk (they did not fit)
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._path = self._dir / f"outbox-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
@@ -125,14 +132,17 @@ class Outbox:
         found = sorted([*self._dir.glob("outbox-*.jsonl"), *self._dir.glob("claimed-*.jsonl")])
         claimed: list[tuple[pathlib.Path, int]] = []
         rejected: list[bytes] = []
+        had = len(self._q)
+        self.left = 0
         try:
             for old in found:
                 fd = _locked(old)
                 if fd is None:
                     continue  # a live process's journal
-                claimed.append((old, fd))
                 with open(fd, "rb", closefd=False) as fh:
                     raw = fh.read()
+                rows: list[Event] = []
+                refused: list[bytes] = []
                 bad = 0
                 for line in raw.split(b"\n"):
                     if not line.strip():
@@ -141,17 +151,28 @@ class Outbox:
                     if ev is None:
                         bad += 1
                     elif not _replayable(ev):
-                        rejected.append(line)
+                        refused.append(line)
                     else:
-                        self._q.append(ev)
+                        rows.append(ev)
+                if self._q and len(self._q) + len(rows) > self.max_events:
+                    os.close(fd)  # for a later claim, once what was taken is replayed
+                    self.left += 1
+                    continue
+                claimed.append((old, fd))
+                self._q.extend(rows)
+                rejected.extend(refused)
                 if bad:
                     log.error("outbox journal %s: skipping %d unreadable line(s) (a write "
                               "torn by a kill, or not a journal)", old.name, bad)
+            if self.left:
+                log.warning("outbox: %d journal(s) in %s left for later: claiming them now "
+                            "would hold more than %d events; they are claimed once these "
+                            "are replayed", self.left, self._dir, self.max_events)
             if rejected:
                 self._set_aside_lines(rejected)
-            if self._q:
+            if len(self._q) > had:
                 log.warning("replaying %d decision events journaled before a restart",
-                            len(self._q))
+                            len(self._q) - had)
                 self._rewrite()
             # Only now that every entry is in our journal (or set aside).
             for old, _ in claimed:
@@ -262,6 +283,14 @@ class Outbox:
                 os.fsync(self._fh.fileno())
         except OSError as exc:
             self._journal_failed(exc)
+
+    def claim_left(self) -> bool:
+        """Claim the journals an earlier claim left on disk, now that the outbox is
+        empty; returns whether it took any events."""
+        if not self.left or self._q or self._dir is None:
+            return False
+        self._claim()
+        return bool(self._q)
 
     def peek(self) -> Event:
         return self._q[0]
@@ -378,24 +407,31 @@ class OutboxRelay:
 
     async def flush(self) -> int:
         """Replay what waits, in order, until the store fails; returns how many."""
-        done = taken = 0
+        done = 0
         async with self._lock:
-            while self._box:
-                ev = self._box.peek()
-                try:
-                    await self._replay(*ev)
-                    done += 1
-                except StoreUnavailable:
+            down = False
+            while not down:
+                taken = 0
+                while self._box:
+                    ev = self._box.peek()
+                    try:
+                        await self._replay(*ev)
+                        done += 1
+                    except StoreUnavailable:
+                        down = True
+                        break
+                    except Exception:
+                        # Not an outage: retrying would block every entry behind it.
+                        log.exception("outbox: the entry for permit %s could not be "
+                                      "replayed; setting it aside", ev[1])
+                        self._box.set_aside(ev)
+                    self._box.pop()
+                    taken += 1
+                if taken:
+                    self._box.sync()
+                # Journals a claim left on disk (they did not fit) come next.
+                if down or not self._box.claim_left():
                     break
-                except Exception:
-                    # Not an outage: retrying would block every entry behind it.
-                    log.exception("outbox: the entry for permit %s could not be replayed; "
-                                  "setting it aside", ev[1])
-                    self._box.set_aside(ev)
-                self._box.pop()
-                taken += 1
-            if taken:
-                self._box.sync()
             self.metrics.outbox.set(len(self._box))
         return done
 

@@ -289,3 +289,47 @@ async def test_an_outbox_dir_removed_while_degraded_is_written_again(
     server.start()
     assert await restarted.flush_outbox() == 8
     assert _stream_decisions(server.port) == [o.permit_id for o in before + after]
+
+
+async def test_a_claim_takes_only_what_fits_and_the_rest_once_that_is_replayed(
+        server: RedisServer, tmp_path: pathlib.Path) -> None:
+    # Three sidecars killed during one outage leave three journals of 4 entries
+    # each (per Authorize: the abort of its hold script, then its degraded
+    # decision). The next process has room for 6: taking all 12 would make its own
+    # next appends drop journaled decisions to make room (and, with thousands of
+    # journals, fill its memory).
+    outbox = tmp_path / "outbox"
+    issued: list[str] = []
+    crashed = [_engine(server.port, tmp_path, outbox) for _ in range(3)]  # alive together
+    for k, engine in enumerate(crashed):
+        issued += [o.permit_id for o in await _degraded(engine, f"k{k}-", 2)]
+    for engine in crashed:
+        _kill(engine)
+    assert len(list(outbox.glob("outbox-*.jsonl"))) == 3
+
+    holder = PolicyHolder(tmp_path / "bundle")
+    holder.set(load_bundle(tmp_path / "bundle"))
+    client = aioredis.Redis(port=server.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+    restarted = Engine(holder, BudgetStore(client, KeySpace(PREFIX), 0.05), Metrics(),
+                       outbox_size=6, outbox_dir=str(outbox))
+    assert restarted.outbox_len == 4  # one journal: a second would make 8
+    assert len(list(outbox.glob("outbox-*.jsonl"))) == 3  # its own + the two left
+    # Still down: a new degraded decision (2 entries) fits beside the claimed ones.
+    issued += [o.permit_id for o in await _degraded(restarted, "live-", 1)]
+    assert restarted.outbox_len == 6 and restarted.relay._box.dropped == 0
+
+    server.start()
+    peak = 0
+    replay = restarted.relay._replay
+
+    async def watched(*ev: Any) -> None:
+        nonlocal peak
+        peak = max(peak, restarted.outbox_len)
+        await replay(*ev)
+
+    restarted.relay._replay = watched  # type: ignore[method-assign]
+    assert await restarted.flush_outbox() == 14  # 6, then the two journals left
+    assert peak <= 6
+    assert sorted(_stream_decisions(server.port)) == sorted(issued)
+    assert list(outbox.glob("outbox-*.jsonl")) == []
+    assert restarted.relay._box.dropped == 0
