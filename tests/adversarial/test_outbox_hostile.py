@@ -327,7 +327,7 @@ async def test_a_claim_takes_only_what_fits_and_the_rest_once_that_is_replayed(
         peak = max(peak, restarted.outbox_len)
         await replay(*ev)
 
-    restarted.relay._replay = watched  # type: ignore[method-assign]
+    restarted.relay._replay = watched  # type: ignore[method-assign,assignment]
     assert await restarted.flush_outbox() == 14  # 6, then the two journals left
     assert peak <= 6
     assert sorted(_stream_decisions(server.port)) == sorted(issued)
