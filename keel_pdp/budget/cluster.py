@@ -33,6 +33,17 @@ How a call travels:
   node, and the map is refreshed for the calls that follow.
 * NOSCRIPT is handled per node by its ``RespClient``; every node loads the
   registered scripts when it connects.
+
+Nodes that leave: a node that a newly read map no longer names (its slots
+resharded away, the node deleted or forgotten) is dropped from the node table
+and its connection closed once the calls in flight on it have their answers
+(``RespClient.close_when_idle``): such a call completes there or is redirected
+(``MOVED``) like any other, and one that comes too late to be written is
+refused as never sent and goes to the slot's owner. Only a map that assigns
+every slot closes anything: a node that answers with part of the map (it has
+just joined, been reset or lost its view for a moment) must not close the
+connections to the masters it does not list. A node named again later gets a
+new client and connection. Nothing of this runs per call.
 """
 
 from __future__ import annotations
@@ -103,6 +114,9 @@ class ClusterClient:
         self._scripts: dict[str, Script] = {}
         self._shared_slots: dict[int, tuple[Shared, int | None]] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        # Nodes that left the map, closing once their calls in flight are answered.
+        self._retiring: dict[RespClient, asyncio.Task[None]] = {}
+        self._retired_connects = 0
         self._refreshed_at = -1e9
         # When the last refresh failed, and how: for that long calls are answered
         # with it instead of asking again (see _refresh_now).
@@ -110,6 +124,7 @@ class ClusterClient:
         self._failure = ""
         self._closed = False
         self.refreshes = 0
+        self.retired = 0  # nodes closed because the map no longer names them
         self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0, "not_sent": 0}
 
     @classmethod
@@ -441,6 +456,30 @@ class ClusterClient:
         self._refreshed_at = time.monotonic()
         self._failure = ""
         self.refreshes += 1
+        if None not in slots:
+            # Only a complete map says who is gone (see the module docstring).
+            self._retire_absent(masters)
+
+    def _retire_absent(self, masters: list[RespClient]) -> None:
+        """Drop the nodes ``masters`` does not name from the node table (a later
+        mention of the address makes a new client) and close each once idle."""
+        named = set(masters)
+        for address, node in list(self._nodes.items()):
+            if node in named:
+                continue
+            del self._nodes[address]
+            task = asyncio.get_running_loop().create_task(self._retire(address, node))
+            self._retiring[node] = task
+
+    async def _retire(self, address: Address, node: RespClient) -> None:
+        try:
+            await node.close_when_idle(self.config.retire_grace_s)
+        finally:
+            del self._retiring[node]
+            self._retired_connects += node.connects
+            self.retired += 1
+        log.info("Redis Cluster node %s:%d is no longer in the slot map: its connection "
+                 "is closed", address[0], address[1])
 
     # ----------------------------------------------------------- lifecycle
     @property
@@ -453,12 +492,20 @@ class ClusterClient:
         return next((a for a, n in self._nodes.items() if n is node), None)
 
     @property
+    def nodes(self) -> list[Address]:
+        """Addresses of the nodes the client holds a client for (masters, and
+        nodes a redirect or a refresh reached that a complete map has not
+        dropped yet); nodes that left the map and are closing are not listed."""
+        return list(self._nodes)
+
+    @property
     def connected(self) -> bool:
         return any(n.connected for n in self._nodes.values())
 
     @property
     def connects(self) -> int:
-        return sum(n.connects for n in self._nodes.values())
+        return (sum(n.connects for n in self._nodes.values())
+                + sum(n.connects for n in self._retiring) + self._retired_connects)
 
     async def close(self) -> None:
         self._closed = True
@@ -466,5 +513,10 @@ class ClusterClient:
             self._refreshing.cancel()
             with contextlib.suppress(BaseException):
                 await self._refreshing
+        for node, task in list(self._retiring.items()):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await node.close()
         for node in self._nodes.values():
             await node.close()

@@ -34,6 +34,9 @@ class ClusterConfig:
     # How long one node may take to answer CLUSTER SLOTS during a refresh.
     refresh_timeout_s: float = 0.5
     max_redirects: int = 5
+    # A node that a complete slot map no longer names is closed once its calls
+    # in flight are answered; at the latest after this long (a silent node).
+    retire_grace_s: float = 10.0
 
 
 def is_cluster_url(url: str) -> bool:
@@ -117,7 +120,8 @@ def parse_cluster_url(url: str, **overrides: Any) -> ClusterConfig:
         single += "?" + parts.query
     node = replace(parse_url(single), connections=1, db=0)
     cluster_fields = {k: overrides.pop(k) for k in list(overrides)
-                      if k in ("refresh_interval_s", "refresh_timeout_s", "max_redirects")}
+                      if k in ("refresh_interval_s", "refresh_timeout_s", "max_redirects",
+                               "retire_grace_s")}
     if overrides:
         node = replace(node, **overrides)
     return ClusterConfig(tuple(seeds), node, **cluster_fields)

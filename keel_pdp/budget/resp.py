@@ -302,6 +302,35 @@ class RespClient:
             if isinstance(r, BaseException):
                 raise r
 
+    def _in_flight(self) -> list[asyncio.Future[Any]]:
+        """What is under way: connects, and written calls whose reply has not come
+        (a call whose caller gave up, timed out or cancelled, is done already:
+        its reply is dropped when it comes, nobody waits for it)."""
+        waiting: list[asyncio.Future[Any]] = [t for t in self._connecting if t is not None]
+        for conn in self._conns:
+            if conn is not None:
+                waiting += [fut for fut, _ in conn.pending if not fut.done()]
+        return waiting
+
+    async def close_when_idle(self, grace_s: float) -> None:
+        """Close once nothing is in flight (see ``_in_flight``), or after ``grace_s``.
+
+        Closing at once would fail the calls in flight with a connection error,
+        and a written call that fails is not sent again (it may have run): an
+        answer the node is about to give, a ``MOVED`` included, would be lost.
+        A call that starts meanwhile is served as usual; one that starts after
+        the close is refused with ``RespNotSent`` (never written), which the
+        cluster client sends to the slot's owner. ``grace_s`` bounds the wait
+        for a node that never answers."""
+        deadline = time.monotonic() + grace_s
+        while not self._closed:
+            waiting = self._in_flight()
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                break
+            await asyncio.wait(waiting, timeout=left)
+        await self.close()
+
     def _lost(self, conn: _Connection) -> None:
         if self._conns[conn.slot] is conn:
             self._conns[conn.slot] = None

@@ -5,11 +5,15 @@ directory; ``redis-cli --cluster create ... --cluster-replicas 1`` assigns the
 slots and the replicas. The fixture waits until every node reports
 ``cluster_state:ok`` and every replica's link to its master is up, so a test
 may kill a master at once. Nodes are stopped by pid. A short node timeout makes
-a failover take about two seconds instead of fifteen.
+a failover take about two seconds instead of fifteen. A test may add a node
+(``redis-cli --cluster add-node``), move slots with ``migrate_slot`` (as
+``redis-cli --cluster reshard`` does) and delete a node again
+(``redis-cli --cluster del-node``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import pathlib
 import shutil
@@ -89,7 +93,10 @@ class RedisCluster:
 
     nodes: list[ClusterNode]
     binary: str = ""
+    cli: str = ""
     started_s: float = 0.0
+    # Running, but not (or no longer) members: deleted nodes, stopped with the rest.
+    outside: list[ClusterNode] = field(default_factory=list)
     _admin: dict[int, redis.Redis] = field(default_factory=dict)
 
     @property
@@ -187,13 +194,88 @@ class RedisCluster:
             time.sleep(0.05)
         raise RuntimeError(f"Redis Cluster did not become ready: {last}")
 
+    def redis_cli(self, *args: str) -> str:
+        done = subprocess.run([self.cli, *args], capture_output=True, text=True,
+                              timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)} failed: "
+                               f"{(done.stdout + done.stderr)[-2000:]}")
+        return done.stdout
+
+    def add_node(self, again: ClusterNode | None = None) -> ClusterNode:
+        """Join a node as a master without slots (``redis-cli --cluster add-node``):
+        a new one on a free port, or ``again``, a node deleted before, at the same
+        port under a new identity (``CLUSTER RESET HARD``: the members refuse the
+        identity they were told to forget for a minute)."""
+        if again is None:
+            node = ClusterNode(free_port(), self.nodes[0].workdir.parent /
+                               f"n{len(self.nodes) + len(self.outside)}")
+            node.start(self.binary)
+            _ping_until(node, time.monotonic() + 10)
+        else:
+            node = again
+            self.cmd(node.port, "CLUSTER", "RESET", "HARD")
+            self.outside.remove(node)
+        self.redis_cli("--cluster", "add-node", node.address, self.live()[0].address)
+        self.nodes.append(node)
+        node_id = self.node_id(node.port)
+        deadline = time.monotonic() + 30
+        while not all(node_id in _text(self.cmd(n.port, "CLUSTER", "NODES"))
+                      and "handshake" not in _text(self.cmd(n.port, "CLUSTER", "NODES"))
+                      for n in self.live()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not learn of node {node.address}")
+            time.sleep(0.05)
+        self.wait_ok()
+        return node
+
+    def del_node(self, port: int) -> None:
+        """``redis-cli --cluster del-node``: the node must serve no slot; every
+        member forgets it and it is reset, but keeps running (in ``outside``)."""
+        node = self.node(port)
+        self.redis_cli("--cluster", "del-node", self.live()[0].address, self.node_id(port))
+        self.nodes.remove(node)
+        self.outside.append(node)
+
     def stop(self) -> None:
         for client in self._admin.values():
             with contextlib.suppress(Exception):
                 client.close()
         self._admin.clear()
-        for n in self.nodes:
+        for n in [*self.nodes, *self.outside]:
             n.stop()
+
+
+async def migrate_slot(cluster: RedisCluster, slot: int, source: int, target: int,
+                       pause_s: float, batch: int = 3) -> int:
+    """Move ``slot`` from ``source`` to ``target`` as redis-cli --cluster reshard
+    does, ``batch`` keys at a time, with traffic running in between; the number
+    of keys moved."""
+    src, dst = cluster.node_id(source), cluster.node_id(target)
+    cluster.cmd(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src)
+    cluster.cmd(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst)
+    moved = 0
+    while True:
+        await asyncio.sleep(pause_s)
+        keys = cluster.cmd(source, "CLUSTER", "GETKEYSINSLOT", slot, batch)
+        if not keys:
+            break
+        cluster.cmd(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        moved += len(keys)
+    await asyncio.sleep(pause_s)
+    for port in (target, source, *(m for m in cluster.masters() if m not in (source, target))):
+        try:
+            cluster.cmd(port, "CLUSTER", "SETSLOT", slot, "NODE", dst)
+        except redis.ResponseError as exc:
+            # A master that gave away its last slot becomes a replica of the new
+            # owner (cluster-allow-replica-migration), maybe before it is told.
+            if port != source or "only with masters" not in str(exc):
+                raise
+    return moved
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def start_cluster(workdir: pathlib.Path) -> RedisCluster:
@@ -210,7 +292,7 @@ def start_cluster(workdir: pathlib.Path) -> RedisCluster:
                     f"{version.strip() or 'no version'}")
     began = time.monotonic()
     nodes = [ClusterNode(free_port(), workdir / f"n{i}") for i in range(6)]
-    cluster = RedisCluster(nodes, server)
+    cluster = RedisCluster(nodes, server, cli)
     try:
         for n in nodes:
             n.start(server)

@@ -45,7 +45,7 @@ from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from tests.helpers import budget, reference_slot, write_bundle
-from tests.integration.cluster_fixture import RedisCluster, redis_cluster
+from tests.integration.cluster_fixture import RedisCluster, migrate_slot, redis_cluster
 from tests.integration.conftest import ledger_bundle, stream_totals, traffic
 
 __all__ = ["redis_cluster"]
@@ -286,27 +286,6 @@ async def test_scripts_flushed_on_every_master_are_reloaded_per_node(
     assert await client.command("SCRIPT", "EXISTS", incr.sha, timeout_s=5) == [1]
 
 
-async def _migrate(cluster: RedisCluster, slot: int, source: int, target: int,
-                   pause_s: float) -> int:
-    """Move ``slot`` from ``source`` to ``target`` as redis-cli --cluster reshard
-    does, a few keys at a time, with traffic running in between."""
-    src, dst = cluster.node_id(source), cluster.node_id(target)
-    cluster.cmd(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src)
-    cluster.cmd(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst)
-    moved = 0
-    while True:
-        await asyncio.sleep(pause_s)
-        keys = cluster.cmd(source, "CLUSTER", "GETKEYSINSLOT", slot, 3)
-        if not keys:
-            break
-        cluster.cmd(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        moved += len(keys)
-    await asyncio.sleep(pause_s)
-    for port in (target, source, *(m for m in cluster.masters() if m not in (source, target))):
-        cluster.cmd(port, "CLUSTER", "SETSLOT", slot, "NODE", dst)
-    return moved
-
-
 async def test_a_slot_migrated_under_traffic_loses_nothing_and_doubles_nothing(
         redis_cluster: RedisCluster, client: ClusterClient) -> None:
     tag = "migrating"
@@ -340,7 +319,7 @@ async def test_a_slot_migrated_under_traffic_loses_nothing_and_doubles_nothing(
 
     workers = [asyncio.create_task(worker(w)) for w in range(16)]
     try:
-        moved = await _migrate(redis_cluster, slot, source, target, pause_s=0.02)
+        moved = await migrate_slot(redis_cluster, slot, source, target, pause_s=0.02)
         await asyncio.sleep(0.2)  # traffic after the move: MOVED, then the new map
     finally:
         stop.set()
