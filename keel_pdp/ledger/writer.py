@@ -14,7 +14,14 @@ and retries; nothing is acknowledged that is not stored. Entries that cannot
 be parsed are moved to ``<stream>:dead`` with the reason, in the same MULTI as
 their acknowledgement. The stream is trimmed only below the oldest entry that
 some consumer group has not acknowledged; entries someone else deleted before
-the group read them are reported (dead-letter stream, metric), not skipped.
+the group read them are reported (dead-letter stream, metric), not skipped, and
+each such loss once (``report_loss.lua``), however many writers see it and
+however often they restart.
+
+A store that cannot be used as it is (a privilege revoked, a column's type
+changed by hand: ``StoreBroken``) stops the writer with exit 2 and an error that
+names the problem; the batch in hand stays pending, to be stored exactly once by
+the writer started after the repair.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
@@ -35,7 +43,13 @@ from keel_pdp.budget.keys import KeySpace
 from keel_pdp.errors import SettingsError
 from keel_pdp.ledger.events import ParseError, StreamEvent, parse_entry
 from keel_pdp.ledger.metrics import LedgerMetrics
-from keel_pdp.ledger.store import LedgerStore, StoreRejected, StoreUnavailable, now_ms
+from keel_pdp.ledger.store import (
+    LedgerStore,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+    now_ms,
+)
 
 log = logging.getLogger("keel_pdp.ledger")
 
@@ -106,14 +120,17 @@ class _StreamState:
     id_prefix: str = ""
     pending_cursor: str | None = "0"
     claim_cursor: str = "0-0"
-    # The group position at which entries lost from the stream were last reported.
-    loss_reported_at: str = ""
     next_claim: float = 0.0
     group_ready: bool = False
 
     @property
     def dead_stream(self) -> str:
         return self.stream + ":dead"
+
+    @property
+    def losses(self) -> str:
+        """The losses already reported (report_loss.lua); same hash slot as the stream."""
+        return self.stream + ":losses"
 
 
 class LedgerWriter:
@@ -138,14 +155,19 @@ class LedgerWriter:
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
         self.stored_total = 0
         self.dead_total = 0
+        self.failure: StoreError | None = None  # why run() stopped with exit 2
+        self._report_loss = client.register_script(
+            resources.files("keel_pdp.ledger").joinpath("lua", "report_loss.lua").read_text())
 
     # ------------------------------------------------------------ lifecycle
     def stop(self) -> None:
         self.stopping.set()
 
     def run(self) -> int:
-        """Consume until ``stop()``; returns 0 (2: the deployment's key layout is not
-        this writer's, see ``KeySpace.layout_problem``)."""
+        """Consume until ``stop()``; returns 0. Returns 2 when the deployment's key
+        layout is not this writer's (``KeySpace.layout_problem``) or the ledger store
+        cannot be used as it is (``StoreError``, kept in ``failure``): retrying
+        cannot help, and the batch in hand stays pending for the next writer."""
         log.info("ledger writer %s consuming %s as group %s", self.consumer,
                  self.cur.stream if len(self.shards) == 1 else f"{len(self.shards)} streams",
                  self.config.group)
@@ -156,6 +178,13 @@ class LedgerWriter:
                 self._redis_failed(exc)
             except LayoutMismatch as exc:
                 log.error("%s", exc)
+                return 2
+            except StoreError as exc:
+                self.failure = exc
+                log.error("ledger writer stopped: %s. The batch in hand was not stored; its "
+                          "stream entries stay pending and the writer started after the "
+                          "repair stores them once (%d events stored before)",
+                          exc, self.stored_total)
                 return 2
         log.info("ledger writer stopped (%d events stored, %d dead-lettered)",
                  self.stored_total, self.dead_total)
@@ -286,37 +315,47 @@ class LedgerWriter:
     def check_loss(self) -> int | None:
         """Report entries deleted from the stream before this group read them: a
         trim by someone else (XTRIM MAXLEN while the writer was down or behind) or an
-        XDEL. Reading on would skip them without a trace. Returns how many were lost
-        (None: at least one, the number is unknown; 0: none)."""
+        XDEL. Reading on would skip them without a trace. Each loss is reported once
+        (report_loss.lua), however many writers see it and however often they
+        restart. Returns how many were newly reported (None: at least one, the
+        number is unknown; 0: none)."""
         stream_info: Any = self.client.xinfo_stream(self.cur.stream)
         groups: Any = self.client.xinfo_groups(self.cur.stream)
         group = next((g for g in groups if stream_id(g["name"]) == self.config.group), None)
         if group is None:
             return 0
         last = parse_id(stream_id(group.get("last-delivered-id", b"0-0")))
-        lost: int | None = 0
+        at = f"{last[0]}-{last[1]}"
         first = stream_info.get("first-entry")
         lag = group.get("lag")
+        deleted = stream_id(stream_info.get("max-deleted-entry-id", b"0-0"))
         # A trim cuts the head: when the whole stream lies after the group's
         # position, the entries added since (lag) are all still there unless lost.
+        # Such a gap is known by the group's position, and grows while the group
+        # stands there (the stream trimmed further): what it lost is reported once.
         if (first is None or parse_id(stream_id(first[0])) > last) and lag is not None \
                 and int(lag) > int(stream_info.get("length", 0)):
-            lost = int(lag) - int(stream_info.get("length", 0))
-        elif parse_id(stream_id(stream_info.get("max-deleted-entry-id", b"0-0"))) > last:
-            lost = None  # an XDEL after the group's position
-        at = f"{last[0]}-{last[1]}"
-        if lost == 0 or self.cur.loss_reported_at == at:
-            return lost
-        reason = (f"{'some' if lost is None else lost} entries after {at} were deleted from "
-                  "the stream before the ledger read them: their decisions and settlements "
-                  "are missing from the ledger")
-        self.client.xadd(self.cur.dead_stream, {"src_id": at, "reason": reason,
-                                                "lost": "" if lost is None else str(lost),
-                                                "at_ms": str(now_ms())})
-        self.cur.loss_reported_at = at
-        self.metrics.lost.inc(1 if lost is None else lost)
-        log.error("%s: %s", self.cur.stream, reason)
-        return lost
+            lost: int | None = int(lag) - int(stream_info.get("length", 0))
+            where = f"{self.config.group}|gap|{at}"
+            what = f"entries after {at}"
+        elif parse_id(deleted) > last:
+            # An XDEL after the group's position; Redis keeps only the largest id
+            # deleted, so that is what tells one such loss from the next.
+            lost = None
+            where = f"{self.config.group}|deleted|{deleted}"
+            what = f"entries after {at} (the last of them {deleted})"
+        else:
+            return 0
+        reason = (f"{what} were deleted from the stream before the ledger read them: their "
+                  "decisions and settlements are missing from the ledger")
+        new = int(self._report_loss(
+            keys=[self.cur.dead_stream, self.cur.losses],
+            args=[where, "" if lost is None else lost, at, now_ms(), reason]))
+        if new == 0:
+            return 0
+        self.metrics.lost.inc(1 if new < 0 else new)
+        log.error("%s: %s %s", self.cur.stream, "some" if new < 0 else new, reason)
+        return None if new < 0 else new
 
     def _forget_idle_consumers(self) -> None:
         idle_ms = max(self.config.claim_idle_ms * 10, 3_600_000)

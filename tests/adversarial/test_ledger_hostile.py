@@ -222,6 +222,109 @@ async def test_the_writers_own_trim_is_not_taken_for_a_loss(
     assert writer.metrics.lost._value.get() == 0
 
 
+def copy_to_genuine(client: redis.Redis, entries: Any) -> None:
+    for _, fields in entries:
+        client.xadd(GENUINE, fields)
+
+
+def loss_records(client: redis.Redis) -> list[dict[bytes, bytes]]:
+    raw: Any = client.xrange(STREAM + ":dead")
+    return [f for _, f in raw if b"lost" in f]
+
+
+async def test_a_loss_is_reported_once_across_racing_writers_restarts_and_a_further_trim(
+        engine: Any, store: LedgerStore, redis_url: str) -> None:
+    """The writer stores a first batch; then the whole stream is trimmed by someone
+    else (XTRIM MAXLEN 0) while the writer is down. Nothing follows the gap, so the
+    group's position stays before it: every writer that starts sees the same loss.
+    Two writers starting at once, a restart, and a restart after the stream was
+    trimmed further (new entries added and cut while the group still stood there)
+    must report each lost entry once: one dead-letter record per loss, the metric
+    counting each entry once, the records' counts adding up to what the ledger
+    misses, and the ledger holding exactly the entries that survived."""
+    import threading
+
+    await traffic(engine, 12, "once-a")
+    client = redis.Redis.from_url(redis_url)
+    first = make_writer(redis_url, store, batch_size=10)
+    assert first.step() == 10
+    stored: Any = client.xrange(STREAM, count=10)
+    copy_to_genuine(client, stored)
+    await traffic(engine, 12, "once-b")
+    appended = client.xlen(STREAM)
+    client.xtrim(STREAM, maxlen=0, approximate=False)
+    lost_first = appended - 10
+
+    racers = [make_writer(redis_url, LedgerStore(store.url), consumer=f"racer-{i}")
+              for i in range(2)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def start(w: Any) -> None:
+        try:
+            barrier.wait(10)
+            drain(w)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(w,)) for w in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert [f[b"lost"] for f in loss_records(client)] == [str(lost_first).encode()]
+    assert sum(w.metrics.lost._value.get() for w in racers) == lost_first
+
+    restarted = make_writer(redis_url, LedgerStore(store.url))
+    drain(restarted)
+    assert restarted.metrics.lost._value.get() == 0, "a restart must not report it again"
+    assert len(loss_records(client)) == 1
+
+    # Traffic goes on while the writer is down, and the stream is trimmed again.
+    more = await traffic(engine, 6, "once-c")
+    added = client.xlen(STREAM)
+    assert added > 2 and more.permits
+    client.xtrim(STREAM, maxlen=2, approximate=False)
+    survivors: Any = client.xrange(STREAM)
+    copy_to_genuine(client, survivors)
+    again = make_writer(redis_url, LedgerStore(store.url))
+    drain(again)
+    records = loss_records(client)
+    assert [int(f[b"lost"]) for f in records] == [lost_first, added - 2]
+    assert b"more entries after" in records[1][b"reason"]
+    assert again.metrics.lost._value.get() == added - 2
+    drain(make_writer(redis_url, LedgerStore(store.url)))  # one more restart
+    assert len(loss_records(client)) == 2
+    # Exact: the ledger holds the survivors, once; the records count the rest.
+    assert store_totals(store) == stream_totals(client, GENUINE)
+    assert store.query("SELECT COUNT(*) FROM ledger_events")[0][0] == 10 + 2
+    assert sum(int(f[b"lost"]) for f in records) == appended + added - 10 - 2
+
+
+async def test_deleted_entries_are_reported_once_while_read_past_and_after_a_restart(
+        engine: Any, store: LedgerStore, redis_url: str) -> None:
+    """Two undelivered entries are deleted with XDEL, one of them the last entry of
+    the stream. The writer reads on in small batches (its position moves at every
+    read, but stays before the deleted tail) and restarts: one report in all."""
+    await traffic(engine, 12, "xdel-once")
+    client = redis.Redis.from_url(redis_url)
+    writer = make_writer(redis_url, store, batch_size=2)
+    assert writer.step() == 2
+    raw: Any = client.xrange(STREAM)
+    ids: list[bytes] = [eid for eid, _ in raw]
+    assert client.xdel(STREAM, ids[7], ids[-1]) == 2
+    copy_genuine(client, set())
+    drain(writer)
+    drain(make_writer(redis_url, LedgerStore(store.url), batch_size=2))  # a restart
+    records = loss_records(client)
+    assert len(records) == 1, [r[b"reason"] for r in records]
+    assert records[0][b"lost"] == b""
+    assert ids[-1] in records[0][b"reason"]
+    assert writer.metrics.lost._value.get() == 1
+    assert store_totals(store) == stream_totals(client, GENUINE)
+
+
 # ------------------------------------------------------------------ writer failover
 async def test_a_settlement_stored_before_its_decision_keeps_the_permits_dimensions(
         engine: Any, store: LedgerStore, redis_url: str, tmp_path: pathlib.Path) -> None:
