@@ -11,7 +11,7 @@ from typing import Any
 from keel_pdp.errors import MappingError
 from keel_pdp.ledger.migrations import LATEST
 from keel_pdp.ledger.periods import PeriodError, check_period
-from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
+from keel_pdp.ledger.store import LedgerStore, StoreError, StoreRejected, StoreUnavailable
 
 
 def positive_int(text: str) -> int:
@@ -90,6 +90,7 @@ def run_cli(fn: Any, ns: argparse.Namespace) -> int:
         # A mapping file finance must correct (it names the file and key): bad input.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StoreError, StoreUnavailable, PeriodError, ValueError, OSError) as exc:
+    except (StoreError, StoreUnavailable, StoreRejected, PeriodError, ValueError,
+            OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

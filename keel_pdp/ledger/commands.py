@@ -46,7 +46,7 @@ from keel_pdp.ledger.cli_support import (
 )
 from keel_pdp.ledger.money import parse_usd, usd
 from keel_pdp.ledger.periods import iso_utc
-from keel_pdp.ledger.store import LedgerStore, StoreError, StoreUnavailable
+from keel_pdp.ledger.store import LedgerStore, StoreError, StoreRejected, StoreUnavailable
 
 if TYPE_CHECKING:
     import redis
@@ -269,6 +269,9 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
             applied = store.migrate()
             if applied:
                 log.info("ledger schema migrated to version %d", applied[-1])
+            # A column changed by hand would refuse every row alike: say so now,
+            # rather than take the stream's entries for bad ones.
+            store.check_schema()
             break
         except StoreUnavailable as exc:
             delay = backoff.next()
@@ -282,10 +285,16 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
     print(f"keel-pdp ledger writer: {streams} -> {store.dialect} store, group "
           f"{config.group}, consumer {writer.consumer}", flush=True)
     try:
-        return writer.run()
+        code = writer.run()
     finally:
         store.close()
         client.close()
+    if writer.failure is not None:
+        print(f"error: {writer.failure}", file=sys.stderr)
+        print("keel-pdp ledger: the writer stopped; the stream entries it had not stored stay "
+              "pending and are stored once by the writer started after the repair",
+              file=sys.stderr)
+    return code
 
 
 def cmd_ledger_import(ns: argparse.Namespace) -> int:
@@ -302,7 +311,7 @@ def cmd_ledger_import(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing was imported", file=sys.stderr)
         return 2
-    except (StoreError, StoreUnavailable, OSError) as exc:
+    except (StoreError, StoreUnavailable, StoreRejected, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"imported {new} of {total} request(s) from {ns.file.name} "

@@ -3,11 +3,20 @@
 This module exists so that the rest of the ledger never cares which database it
 talks to: the URL picks the dialect, SQL is written once with ``?`` placeholders,
 and every driver failure is sorted into one of three answers the writer can act
-on. A connection-level failure surfaces as ``StoreUnavailable`` (back off, retry
-the same batch); data the store refuses is ``StoreRejected`` (dead-letter it);
-anything else is a bug and propagates. On SQLite only busy/locked/I-O/full/
-can't-open are outages; any other SQLite error (a syntax error, "no such table", a
-damaged or foreign file) is ``StoreBroken``.
+on, each with a message that names the problem and what to do about it:
+
+* ``StoreUnavailable``: it may heal without anyone touching the ledger (the
+  server is down, restarting, read-only after a failover, out of disk, a lock
+  or statement timeout): close the connection, back off, retry the same batch.
+* ``StoreRejected``: the rows themselves (a constraint, a value the column
+  cannot hold): dead-letter them.
+* ``StoreBroken``: only an operator can fix it (a privilege revoked, a table or
+  column changed by hand, a damaged file): stop, retrying cannot help.
+
+On SQLite only busy/locked/I-O/full/can't-open are outages; any other SQLite
+error (a syntax error, "no such table", a damaged or foreign file) is broken. On
+PostgreSQL the SQLSTATE decides (``_PG_ERRORS``). An exception that is no
+database error at all is a bug and propagates as it is.
 
 What is stored, and how, is ``keel_pdp.ledger.store``.
 """
@@ -18,7 +27,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from keel_pdp.errors import LedgerRejected, LedgerStoreBroken, LedgerStoreError, LedgerUnavailable
@@ -45,6 +54,66 @@ def sqlite_outage(exc: BaseException) -> bool:
         return False
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and (code & 0xFF) in _SQLITE_OUTAGES
+
+
+# PostgreSQL errors by SQLSTATE (https://www.postgresql.org/docs/current/errcodes-appendix.html):
+# the code itself when listed, else its two-character class; anything else is broken.
+# Each names the problem and what the operator does; "{role}" is the connecting role.
+Verdict = Literal["outage", "rejected", "broken"]
+_PG_ERRORS: dict[str, tuple[Verdict, str, str]] = {
+    "08": ("outage", "the connection failed", "check the server and the network"),
+    "57": ("outage", "the server is shutting down, restarting or recovering",
+           "wait for it to accept connections again"),
+    "57014": ("outage",
+              "a statement ran past its time limit (statement_timeout, 30 s on the "
+              "writer's connection) or an administrator cancelled it",
+              "look for sessions that hold locks on the ledger tables and for a server "
+              "under load (pg_stat_activity)"),
+    "57P04": ("broken", "the ledger database was dropped",
+              "restore it from a backup; the stream entries not yet stored stay pending"),
+    "55P03": ("outage", "a lock on a ledger table was not granted within lock_timeout",
+              "find the session that holds it (pg_locks joined to pg_stat_activity): a "
+              "manual LOCK, a long transaction or report"),
+    "53100": ("outage", "the server is out of disk space",
+              "free or grow its data volume (WAL and temporary files included)"),
+    "53": ("outage", "the server is out of a resource (memory, connection slots, lock table)",
+           "see the server's log; raise the limit or lower the load"),
+    "58": ("outage", "the server had an I/O or system error",
+           "check the server's disk and log"),
+    "40": ("outage", "the transaction was rolled back (a serialization failure or a deadlock)",
+           "nothing, if it is rare"),
+    "25006": ("outage",
+              "the server accepts no writes on this connection: it is a standby (after "
+              "a failover) or default_transaction_read_only is on",
+              "point the store URL at the primary (with several hosts in the URL, "
+              "target_session_attrs=read-write makes libpq pick it) or turn read-only off"),
+    "28": ("outage", "the server refused the login (role, password or pg_hba.conf)",
+           "fix the credentials in the store URL or the server's pg_hba.conf"),
+    "3D": ("outage", "the database does not exist", "create it, or fix the store URL"),
+    "22": ("rejected", "", ""),
+    "23": ("rejected", "", ""),
+    "42501": ("broken", "role {role} lacks a privilege the ledger needs",
+              "grant it: the ledger writer needs SELECT and INSERT on every ledger_* "
+              "table, USAGE on their sequences and, to migrate the schema, CREATE on "
+              "it (GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}; GRANT "
+              "USAGE ON ALL SEQUENCES IN SCHEMA public TO {role})"),
+    "42": ("broken",
+           "the ledger schema is not the one keel-pdp created (a table or column "
+           "missing, renamed or of another type) or a statement is wrong",
+           "restore the schema keel-pdp created (docs/ledger.md, Failures)"),
+    "XX": ("broken", "the server reports an internal error or damaged data",
+           "see the server's log; restore damaged data from a backup"),
+}
+_PG_OTHER: tuple[Verdict, str, str] = (
+    "broken", "the server refused the transaction", "see the server's log")
+
+
+def pg_verdict(sqlstate: str | None) -> tuple[Verdict, str, str]:
+    """What a PostgreSQL error with ``sqlstate`` means for the ledger: the verdict,
+    the problem and what to do (see ``_PG_ERRORS``)."""
+    if not sqlstate:
+        return _PG_OTHER
+    return _PG_ERRORS.get(sqlstate) or _PG_ERRORS.get(sqlstate[:2]) or _PG_OTHER
 
 
 def _sqlite_name(exc: BaseException) -> str:
@@ -158,37 +227,80 @@ class LedgerConnection:
             try:
                 self._conn = self._connect()
             except Exception as exc:
-                if self._unavailable(exc):
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}"
-                                           f"{_sqlite_name(exc)}") from exc
-                self._raise_broken(exc)
-                raise
+                err = self._sorted(exc)
+                if err is None:
+                    raise
+                raise err from exc
         return self._conn
 
-    def _unavailable(self, exc: BaseException) -> bool:
+    @property
+    def where(self) -> str:
+        """The database, for messages: the SQLite file, or PostgreSQL's
+        role@host:port/database (never the password)."""
         if self.dialect == "sqlite":
-            return sqlite_outage(exc)
+            return self._path
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            info = conninfo_to_dict(self.url)
+        except Exception:
+            return "(the store URL)"
+        role = str(info.get("user") or "")
+        host = str(info.get("host") or "localhost")
+        port = str(info.get("port") or "5432")
+        return f"{role + '@' if role else ''}{host}:{port}/{info.get('dbname') or role}"
+
+    def _role(self) -> str:
+        try:
+            return str(self._conn.info.user)
+        except Exception:
+            return self.where.partition("@")[0] if "@" in self.where else "(the store role)"
+
+    def _sorted(self, exc: BaseException) -> StoreUnavailable | StoreRejected | StoreBroken | None:
+        """``exc`` as the ledger error it is (None: no database error, a bug)."""
+        if self.dialect == "sqlite":
+            if sqlite_outage(exc):
+                return StoreUnavailable(f"{type(exc).__name__}: {exc}{_sqlite_name(exc)}")
+            if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
+                return StoreRejected(f"{type(exc).__name__}: {exc}")
+            # Any other SQLite error, not only OperationalError: a damaged file
+            # ("database disk image is malformed", "file is not a database") is a
+            # DatabaseError.
+            if isinstance(exc, sqlite3.DatabaseError):
+                return StoreBroken(
+                    f"the SQLite ledger {self._path} refused a statement: {exc}"
+                    f"{_sqlite_name(exc)}. This is not an outage (retrying cannot help): "
+                    "the file or its schema is damaged, or the statement is wrong; "
+                    "nothing of the batch was committed")
+            return None
         import psycopg
 
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-
-    def _rejected(self, exc: BaseException) -> bool:
-        if self.dialect == "sqlite":
-            return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError)
-        import psycopg
-
-        return isinstance(exc, psycopg.IntegrityError | psycopg.DataError)
-
-    def _raise_broken(self, exc: BaseException) -> None:
-        # Any other SQLite error, not only OperationalError: a damaged file ("database
-        # disk image is malformed", "file is not a database") is a DatabaseError.
-        if self.dialect == "sqlite" and isinstance(exc, sqlite3.DatabaseError) and \
-                not isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
-            raise StoreBroken(
-                f"the SQLite ledger {self._path} refused a statement: {exc}{_sqlite_name(exc)}. "
-                "This is not an outage (retrying cannot help): the file or its schema is "
-                "damaged, or the statement is wrong; nothing of the batch was "
-                "committed") from exc
+        if not isinstance(exc, psycopg.Error):
+            return None
+        sqlstate = getattr(exc, "sqlstate", None)
+        if not sqlstate:
+            # Raised by the client: a connection that failed or broke (no server
+            # answer, so no SQLSTATE), a value it cannot send (a NUL in text), or a bug.
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
+                return StoreRejected(f"{type(exc).__name__}: {exc}")
+            return StoreBroken(f"the PostgreSQL ledger {self.where}: {type(exc).__name__}: "
+                               f"{exc}; nothing of the transaction was committed")
+        verdict, problem, action = pg_verdict(sqlstate)
+        if verdict == "rejected":
+            return StoreRejected(f"{type(exc).__name__}: {exc}")
+        primary = getattr(getattr(exc, "diag", None), "message_primary", None) or \
+            (str(exc).splitlines() or [type(exc).__name__])[0]
+        role = self._role()
+        said = (f"the PostgreSQL ledger {self.where}: {problem.format(role=role)}: {primary} "
+                f"(SQLSTATE {sqlstate} {type(exc).__name__})")
+        if verdict == "outage":
+            return StoreUnavailable(f"{said}; {action.format(role=role)}. Retried on a new "
+                                    "connection; nothing of the transaction was committed")
+        todo = action.format(role=role)
+        return StoreBroken(f"{said}. {todo[:1].upper()}{todo[1:]}. This is not an outage "
+                           "(retrying cannot help); nothing of the transaction was committed")
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -215,14 +327,13 @@ class LedgerConnection:
                 with conn.transaction(), conn.cursor() as cur:
                     yield Tx(self, cur)
         except Exception as exc:
-            if self._unavailable(exc):
+            err = self._sorted(exc)
+            if err is None:
+                raise
+            if isinstance(err, StoreUnavailable):
+                # A new connection: the old one may be gone, or lead to a standby.
                 self.close()
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}"
-                                       f"{_sqlite_name(exc)}") from exc
-            if self._rejected(exc):
-                raise StoreRejected(f"{type(exc).__name__}: {exc}") from exc
-            self._raise_broken(exc)
-            raise
+            raise err from exc
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.tx() as tx:

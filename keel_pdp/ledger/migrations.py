@@ -7,6 +7,7 @@ whose schema is newer than this code refuses to open rather than guess.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from keel_pdp.ledger.events import ENTRY_KINDS, ONCE_PER_PERMIT
@@ -181,3 +182,23 @@ BOOKKEEPING = """CREATE TABLE IF NOT EXISTS ledger_schema_migrations (
     name TEXT NOT NULL,
     applied_at_ms BIGINT NOT NULL
 )"""
+
+
+def expected_columns(dialect: str) -> dict[str, dict[str, str]]:
+    """Table -> column -> type (lower case, as the database reports it) of the schema
+    the migrations create: what ``LedgerStore.schema_problems`` holds the database to."""
+    out: dict[str, dict[str, str]] = {}
+    statements = [BOOKKEEPING, *(st for m in MIGRATIONS for st in m.statements(dialect))]
+    for st in statements:
+        made = re.match(r"\s*CREATE TABLE (?:IF NOT EXISTS )?(\w+) \((.*)\)\s*$", st, re.S)
+        if made:
+            cols = out.setdefault(made.group(1), {})
+            for line in made.group(2).splitlines():
+                words = line.strip().rstrip(",").split()
+                if len(words) >= 2 and words[0].upper() not in ("UNIQUE", "PRIMARY", "CHECK"):
+                    cols[words[0]] = words[1].lower()
+            continue
+        added = re.match(r"\s*ALTER TABLE (\w+) ADD COLUMN (\w+) (\w+)", st)
+        if added:
+            out.setdefault(added.group(1), {})[added.group(2)] = added.group(3).lower()
+    return out

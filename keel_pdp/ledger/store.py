@@ -39,7 +39,7 @@ from keel_pdp.ledger.events import (
     StreamEvent,
     derive,
 )
-from keel_pdp.ledger.migrations import BOOKKEEPING, LATEST, MIGRATIONS
+from keel_pdp.ledger.migrations import BOOKKEEPING, LATEST, MIGRATIONS, expected_columns
 from keel_pdp.ledger.money import usd
 from keel_pdp.ledger.periods import (
     STATES,
@@ -101,6 +101,52 @@ class LedgerStore(LedgerConnection):
                        "VALUES (?, ?, ?)", (m.version, m.name, now_ms()))
                 applied.append(m.version)
         return applied
+
+    def schema_problems(self) -> list[str]:
+        """How the ledger tables differ from what the migrations created (a column's
+        type changed by hand, a column or table gone, a column added by hand that no
+        insert can fill), one line each; empty when they do not."""
+        want = expected_columns(self.dialect)
+        problems: list[str] = []
+        with self.tx() as tx:
+            for table, columns in want.items():
+                if self.dialect == "postgresql":
+                    rows = tx.run(
+                        "SELECT a.attname, format_type(a.atttypid, NULL), a.attnotnull AND NOT "
+                        "a.atthasdef AND a.attidentity = '' AND a.attgenerated = '' "
+                        "FROM pg_attribute a WHERE a.attrelid = to_regclass(?) "
+                        "AND a.attnum > 0 AND NOT a.attisdropped", (table,))
+                else:
+                    rows = tx.run("SELECT name, type, \"notnull\" AND dflt_value IS NULL "
+                                  "AND pk = 0 FROM pragma_table_info(?)", (table,))
+                if not rows:
+                    problems.append(f"table {table} is missing")
+                    continue
+                have = {str(n): (str(t).lower(), bool(req)) for n, t, req in rows}
+                for col, typ in columns.items():
+                    if col not in have:
+                        problems.append(f"{table}.{col} is missing")
+                    elif have[col][0] != typ:
+                        problems.append(f"{table}.{col} is {have[col][0]}, keel-pdp writes {typ}")
+                problems.extend(
+                    f"{table}.{col} (not keel-pdp's) is NOT NULL without a default: no "
+                    "insert of keel-pdp can fill it"
+                    for col, (_, required) in have.items() if col not in columns and required)
+        return problems
+
+    def check_schema(self) -> None:
+        """Raise ``StoreBroken`` naming every difference from the migrated schema."""
+        problems = self.schema_problems()
+        if problems:
+            raise StoreBroken(self._changed_by_hand(problems))
+
+    def _changed_by_hand(self, problems: list[str], refused: str = "") -> str:
+        return (f"the ledger schema in {self.where} was changed by hand: "
+                f"{'; '.join(problems)}. "
+                + (f"The store refused the batch ({refused}); " if refused else "")
+                + "keel-pdp cannot book into it: restore the tables as keel-pdp created them "
+                "(docs/ledger.md, Failures). This is not an outage (retrying cannot help); "
+                "nothing was committed")
 
     def schema_version(self) -> int:
         with self.tx() as tx:
@@ -174,6 +220,19 @@ class LedgerStore(LedgerConnection):
                 rows.extend(r)
                 budgets.extend(b)
         known = {r.permit_id: r.dims for r in rows if r.kind in ("permit", "denial")}
+        try:
+            return self._write(events, rows, budgets, known, at)
+        except StoreRejected as exc:
+            # Before the rows are taken for bad ones (and dead-lettered one by one):
+            # a column whose type was changed by hand refuses every row alike.
+            problems = self.schema_problems()
+            if problems:
+                first = (str(exc).splitlines() or [""])[0]
+                raise StoreBroken(self._changed_by_hand(problems, first)) from exc
+            raise
+
+    def _write(self, events: Sequence[StreamEvent], rows: list[EntryRow],
+               budgets: list[BudgetRow], known: dict[str, Dims], at: int) -> int:
         with self.tx() as tx:
             missing = {r.permit_id for r in rows if r.permit_id not in known}
             if missing:
