@@ -69,10 +69,10 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
                                  timeout_s=s.store_timeout_s, wait_replicas=s.wait_replicas,
                                  shards=s.key_shards)
     store.on_short_wait = lambda script: metrics.store_short_waits.labels(script).inc()
-    outbox = s.outbox_dir or None
-    if outbox and worker is not None:
-        outbox = f"{outbox}/worker-{worker}"  # each worker journals (and replays) its own
-    engine = Engine(holder, store, metrics, outbox_dir=outbox)
+    # Workers share the directory as separate sidecars do: each journals to a file of
+    # its own and claims those no live process holds, so a restart with another
+    # worker count (or none) replays every journal (keel_pdp.outbox).
+    engine = Engine(holder, store, metrics, outbox_dir=s.outbox_dir or None)
     from keel_pdp.server.admin import add_admin
     from keel_pdp.server.identity import caller_interceptors
     from keel_pdp.server.tls import ReloadingCredentials, TlsError, TlsFiles, check_listen
@@ -258,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if s.workers > 1:
         from keel_pdp.workers import run_workers
 
-        return run_workers(s.workers, lambda i: _run(s, i), grace_s=s.grace_s)
+        # A worker stops in drain delay + grace after SIGTERM; only then may it be killed.
+        return run_workers(s.workers, lambda i: _run(s, i),
+                           grace_s=s.drain_delay_s + s.grace_s)
     return _run(s, None)
 
 

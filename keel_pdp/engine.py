@@ -515,7 +515,10 @@ class Engine:
         prior = out.prior
         flags = out.flags
         if status == "ALREADY_SETTLED":
-            return CloseoutResult(status, act, est, act - amt, amt, act, flags)
+            # The figures the settlement answered (prior: the state it settled from),
+            # whichever sidecar it ran on.
+            held = 0 if prior in ("expired", "voided", "unheld") else amt
+            return CloseoutResult(status, act, est, act - held, held, act, flags)
         # What this settlement released: the hold when it was still held; nothing when
         # a void or an expiry had released it, or the permit never held (degraded).
         held = amt if prior == "held" else 0

@@ -126,10 +126,19 @@ class Outbox:
             self._path = self._dir / f"outbox-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
             self._claim()
 
+    def _journal_dirs(self) -> list[pathlib.Path]:
+        """The directory, and the ``worker-<i>`` folders in it: earlier versions gave
+        each pre-forked worker a folder of its own, which only a worker of the same
+        number claimed (so a restart with fewer workers, or none, left them)."""
+        assert self._dir is not None
+        return [self._dir, *sorted(d for d in self._dir.glob("worker-*") if d.is_dir())]
+
     def _claim(self) -> None:
         assert self._dir is not None
+        dirs = self._journal_dirs()
         # claimed-*: left by an earlier version killed while it claimed
-        found = sorted([*self._dir.glob("outbox-*.jsonl"), *self._dir.glob("claimed-*.jsonl")])
+        found = sorted(path for d in dirs for pattern in ("outbox-*.jsonl", "claimed-*.jsonl")
+                       for path in d.glob(pattern))
         claimed: list[tuple[pathlib.Path, int]] = []
         rejected: list[bytes] = []
         had = len(self._q)
@@ -184,11 +193,14 @@ class Outbox:
         finally:
             for _, fd in claimed:
                 os.close(fd)
-        for tmp in self._dir.glob("outbox-*.tmp"):  # a rewrite killed midway
+        for tmp in (t for d in dirs for t in d.glob("outbox-*.tmp")):  # a rewrite killed midway
             fd = _locked(tmp)
             if fd is not None:
                 tmp.unlink(missing_ok=True)
                 os.close(fd)
+        for d in dirs[1:]:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only once empty
 
     def _set_aside_lines(self, lines: list[bytes]) -> None:
         assert self._dir is not None

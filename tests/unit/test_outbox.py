@@ -51,6 +51,23 @@ async def test_journaled_outbox_survives_a_crash_and_replays_once(tmp_path: path
     assert _engine(up, bundle, tmp_path / "outbox").outbox_len == 0
 
 
+def test_journals_of_workers_in_their_own_folders_are_claimed_by_any_process(
+        tmp_path: pathlib.Path) -> None:
+    """Earlier versions gave worker i of ``serve --workers N`` the folder worker-<i>:
+    a service restarted with fewer workers (or one process) must replay them too."""
+    for i in range(3):
+        box = Outbox(directory=str(tmp_path / f"worker-{i}"))
+        box.append(("decision", f"p{i}", i, "{}", "{}", ""))
+        box.close()  # killed
+    live = Outbox(directory=str(tmp_path / "worker-3"))  # a live process: never taken
+    live.append(("decision", "live", 9, "{}", "{}", ""))
+    claimant = Outbox(directory=str(tmp_path))
+    assert sorted(e[1] for e in claimant) == ["p0", "p1", "p2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        next(tmp_path.glob("outbox-*.jsonl")).name, "worker-3"]
+    live.close()
+
+
 def test_full_outbox_drops_the_oldest_and_counts_it(tmp_path: pathlib.Path) -> None:
     box = Outbox(max_events=2, directory=str(tmp_path))
     for i in range(3):

@@ -28,9 +28,12 @@
 -- Returns JSON: {"st":"UNKNOWN_PERMIT"} | {"st":"KEYS_MISMATCH"} |
 --   {"st":"IMPLAUSIBLE","est":..,"k":..,"ceiling":..} |
 --   {"st":<status>,"act":..,"est":..,"amt":..,"prior":<state before>[,"flags":[..]]}
+-- (ALREADY_SETTLED: "prior" is the state before the settlement that happened, so a
+-- retry is answered with that settlement's figures; "settled" when not recorded.)
 
 local call, format, tonumber = redis.call, string.format, tonumber
-local p = call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k', 'flags')
+local p = call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k', 'flags',
+  'prior')
 local state = p[1]
 if not state or state == 'denied' then
   return '{"st":"UNKNOWN_PERMIT"}'
@@ -42,8 +45,8 @@ end
 local amount = tonumber(p[2]) or 0
 local est = tonumber(p[3]) or 0
 if state == 'settled' then
-  local res = format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"settled"',
-    tonumber(p[6]) or 0, est, amount)
+  local res = format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"%s"',
+    tonumber(p[6]) or 0, est, amount, p[9] or 'settled')
   if p[8] and p[8] ~= '' then res = res .. ',"flags":[' .. p[8] .. ']' end
   return res .. '}'
 end
