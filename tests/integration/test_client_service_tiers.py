@@ -68,10 +68,14 @@ class Stack:
         self.proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.thread.start()
-        mock_port = asyncio.run_coroutine_threadsafe(
-            self.mock.start("127.0.0.1", 0), self.loop).result(10)
-        self.base_url = f"http://127.0.0.1:{mock_port}/v1"
-        wait_ready(self.port)
+        try:
+            mock_port = asyncio.run_coroutine_threadsafe(
+                self.mock.start("127.0.0.1", 0), self.loop).result(10)
+            self.base_url = f"http://127.0.0.1:{mock_port}/v1"
+            wait_ready(self.port)
+        except BaseException:
+            self.stop()  # a sidecar that never became ready is not left running
+            raise
 
     @property
     def target(self) -> str:
