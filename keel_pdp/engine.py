@@ -22,8 +22,8 @@ from keel_pdp.budget.material import (
     Material,
     Materials,
     meta_input_estimate,
-    meta_price,
     meta_stamp,
+    meta_tier_price,
 )
 from keel_pdp.budget.replies import HoldReply, SettleReply
 from keel_pdp.budget.store import (
@@ -41,7 +41,13 @@ from keel_pdp.permit_cache import CachedPermit, PermitCache
 from keel_pdp.permits import PermitIds, is_degraded_permit_id, permit_issued_ms
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.policy.snapshot import PolicySnapshot
-from keel_pdp.pricing import PICO_PER_MICRO, TokenUsage, ceil_div, usage_cost_pico
+from keel_pdp.pricing import (
+    PICO_PER_MICRO,
+    TokenUsage,
+    ceil_div,
+    tier_problem,
+    usage_cost_pico,
+)
 from keel_pdp.sweeper import sweep
 
 log = logging.getLogger("keel_pdp.engine")
@@ -154,7 +160,7 @@ class Engine:
         req = p.request
         mat = self._materials(p.shape)
         stamp = meta_stamp(p.now_ms, req.estimated_input_tokens)
-        metas = [head + stamp for head in mat.meta_heads]
+        metas = [mat.meta_head_for(i, c.tier) + stamp for i, c in enumerate(p.candidates)]
         hold = HoldRequest(
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
             p.fingerprint, p.now_ms, p.expires_at_ms, data, mat.shared,
@@ -451,10 +457,17 @@ class Engine:
 
     async def closeout(self, permit_id: str, usage: TokenUsage, outcome: str,
                        provider_cost_micros: int | None,
-                       deadline_s: float | None = None) -> CloseoutResult:
+                       deadline_s: float | None = None, *,
+                       service_tier: str = "") -> CloseoutResult:
+        """Settle ``usage`` against the permit, priced at the rates of the service tier
+        the provider reported (``service_tier``; "" when it did not say: the rates the
+        permit was held at)."""
         if not PERMIT_ID_RE.match(permit_id):
             raise InvalidRequest(f"permit_id {permit_id[:80]!r} is not a Keel permit id")
         problems = usage.problems()
+        tier_text = tier_problem(service_tier)
+        if tier_text is not None:
+            problems.append(f"service_tier {str(service_tier)[:40]!r} {tier_text}")
         if problems:
             raise InvalidRequest("; ".join(problems))
         if provider_cost_micros is not None and not (
@@ -474,13 +487,16 @@ class Engine:
                 self.metrics.child(self.metrics.closeouts, status).inc()
                 return CloseoutResult(status)
             cached = found
-            exact = usage_cost_pico(meta_price(cached.meta, usage.input_tokens), usage)
+            rate = meta_tier_price(cached.meta, usage.input_tokens, service_tier)
+            exact = usage_cost_pico(rate.price, usage)
             priced = ceil_div(exact, PICO_PER_MICRO)  # budgets move by the rounded-up cost
             actual = priced if provider_cost_micros is None else provider_cost_micros
             if provider_cost_micros is not None:
                 exact = provider_cost_micros * PICO_PER_MICRO
             data = events.settlement_data(now, outcome, priced, provider_cost_micros, actual,
-                                          usage, caller.current(), exact)
+                                          usage, caller.current(), exact,
+                                          tier=events.SettledTier(service_tier, rate.tier,
+                                                                  rate.unpriced, rate.price))
             ein = meta_input_estimate(cached.meta)
             input_over = ein is not None and usage.input_tokens > ein
 
@@ -514,11 +530,13 @@ class Engine:
         act, amt, est = out.actual_micros, out.amount_micros, out.estimate_micros
         prior = out.prior
         flags = out.flags
+        # Not the store's flag (the price is Keel's): recomputed for a replay too.
+        tier_flag = ("SERVICE_TIER_UNPRICED",) if rate.unpriced else ()
         if status == "ALREADY_SETTLED":
             # The figures the settlement answered (prior: the state it settled from),
             # whichever sidecar it ran on.
             held = 0 if prior in ("expired", "voided", "unheld") else amt
-            return CloseoutResult(status, act, est, act - held, held, act, flags)
+            return CloseoutResult(status, act, est, act - held, held, act, flags + tier_flag)
         # What this settlement released: the hold when it was still held; nothing when
         # a void or an expiry had released it, or the permit never held (degraded).
         held = amt if prior == "held" else 0
@@ -527,7 +545,9 @@ class Engine:
                            "positive" if corr >= 0 else "negative").inc(abs(corr))
         for flag in flags:
             self.metrics.child(self.metrics.closeout_overruns, flag).inc()
-        return CloseoutResult(status, act, est, corr, held, priced, flags)
+        if tier_flag:
+            self.metrics.closeout_unpriced_tiers.inc()
+        return CloseoutResult(status, act, est, corr, held, priced, flags + tier_flag)
 
     def _implausible(self, permit_id: str, out: SettleReply, usage: TokenUsage,
                      provider_cost: int | None, actual: int) -> None:

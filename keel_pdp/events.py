@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ from keel_pdp.policy.snapshot import bounded_put
 if TYPE_CHECKING:
     from keel_pdp.decision.model import Outcome, Plan, Reason
     from keel_pdp.decision.shape import Shape
-    from keel_pdp.pricing import TokenUsage
+    from keel_pdp.pricing import Price, TokenUsage
 
 EVENT_TYPES = ("decision", "settlement", "void", "expiry", "alert", "grant", "exception",
                "lease")
@@ -108,11 +109,17 @@ def decision_data(p: Plan, caller: str = "") -> str:
     if p.candidates:
         r = p.candidates[0].rate
         head += f'"price":[{r.input},{r.cached_input},{r.cache_write},{r.output}],'
+    if req.service_tier or (p.candidates and p.candidates[0].tier):
+        # The tier asked for (absent: not set) and the one the hold is priced at.
+        if req.service_tier:
+            head += '"service_tier":' + dumps(req.service_tier) + ","
+        if p.candidates and p.candidates[0].tier:
+            head += f'"held_tier":"{p.candidates[0].tier}",'
     if len(p.candidates) > 1 or (p.candidates and p.candidates[0].model != req.model):
         cands = [
             {"p": c.provider, "m": c.model, "est": c.estimate_micros, "out": c.output_tokens,
              "price": [c.rate.input, c.rate.cached_input, c.rate.cache_write, c.rate.output],
-             "budgets": list(c.target_idx)}
+             "budgets": list(c.target_idx), **({"tier": c.tier} if c.tier else {})}
             for c in p.candidates
         ]
         head += '"cands":' + dumps(cands) + ","
@@ -139,16 +146,34 @@ def degraded_res(out: Outcome) -> str:
                   "reasons": [r.to_json() for r in out.reasons]})
 
 
+@dataclass(frozen=True, slots=True)
+class SettledTier:
+    """How a settlement's service tier was priced: the tier the provider reported
+    ("" when it did not say), the tier whose rates priced the usage ("highest": the
+    highest rates the permit knows; "" for a model without service tiers), whether
+    the reported tier had no rate of its own (flagged), and the rates used."""
+
+    reported: str
+    priced: str
+    unpriced: bool
+    price: Price
+
+
 def settlement_data(now_ms: int, outcome: str, priced_micros: int,
                     provider_cost_micros: int | None, actual_micros: int, usage: TokenUsage,
-                    caller: str = "", exact_pico: int | None = None) -> str:
+                    caller: str = "", exact_pico: int | None = None,
+                    tier: SettledTier | None = None) -> str:
     """data of a settlement: the reported usage, Keel's price of it, what is booked.
 
     ``actual`` is the booked cost, rounded up to the micro-dollar (budgets move by
     it); ``exact_pico`` is the same cost exactly, in pico-USD: the price table's
     integer sum when Keel priced the usage, ``provider_cost x 10^6`` when the
     provider reported the cost. Reports and reconciliation sum the exact amount.
-    Without ``exact_pico`` the booked amount is taken as exact.
+    Without ``exact_pico`` the booked amount is taken as exact. With ``tier`` (a
+    service tier was reported or priced) the settlement also says which
+    (``service_tier``, ``priced_tier``, ``tier_unpriced``) and the four rates it
+    priced the usage at (``price``), which may differ from the permit's (held at
+    another tier).
     """
     exact = actual_micros * PICO_PER_MICRO if exact_pico is None else exact_pico
     data: dict[str, object] = {
@@ -158,6 +183,15 @@ def settlement_data(now_ms: int, outcome: str, priced_micros: int,
                   "cw": usage.cache_write_tokens, "out": usage.output_tokens,
                   "rsn": usage.reasoning_tokens},
     }
+    if tier is not None and (tier.reported or tier.priced):
+        r = tier.price
+        if tier.reported:
+            data["service_tier"] = tier.reported
+        if tier.priced:
+            data["priced_tier"] = tier.priced
+        if tier.unpriced:
+            data["tier_unpriced"] = True
+        data["price"] = [r.input, r.cached_input, r.cache_write, r.output]
     if caller:
         data["caller"] = caller
     return dumps(data)

@@ -111,6 +111,10 @@ class Metrics:
             "keel_pdp_closeout_overruns_total",
             "Closeouts booked above what their permit allowed, by flag "
             "(USAGE_ABOVE_PERMIT, COST_ABOVE_HOLD).", ["flag"], registry=r)
+        self.closeout_unpriced_tiers = Counter(
+            "keel_pdp_closeout_service_tier_unpriced_total",
+            "Closeouts whose reported service tier has no rate in the permit's price: "
+            "booked at the highest rate it knows (flag SERVICE_TIER_UNPRICED).", registry=r)
         self.closeout_implausible = Counter(
             "keel_pdp_closeout_implausible_total",
             "Closeouts refused because the usage or cost is impossible for the permit "

@@ -8,6 +8,7 @@ every cost is an exact integer sum, rounded once (up) to micro-USD.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -20,7 +21,30 @@ PICO_PER_MICRO = 1_000_000
 MAX_PRICE_PICO_PER_TOKEN = 1_000_000_000  # $1,000 per million tokens
 MAX_TOKENS = 2_000_000
 
+# Service tiers (OpenAI's ``service_tier``): one model, several processing tiers, each
+# billed at its own rates. "default" is the model's own (standard) rates; "auto" lets
+# the provider choose (the project's configured tier); a price table lists the others
+# by name (``service_tiers``). HIGHEST_TIER is what a hold is priced at when the tier
+# is not known in advance: every rate at the highest any tier of the model has.
+DEFAULT_TIER = "default"
+AUTO_TIER = "auto"
+HIGHEST_TIER = "highest"
+MAX_TIER_BYTES = 64
+TIER_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# What the mesh and the client pass on when a response reports a tier they cannot
+# read (not a string, too long, odd characters): a tier without a rate of its own.
+UNREADABLE_TIER = "unreadable"
 
+
+def tier_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a service tier's name (None when it can; "" is "not set")."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if value and not TIER_RE.fullmatch(value):
+        if len(value) > MAX_TIER_BYTES:
+            return f"is longer than {MAX_TIER_BYTES} characters"
+        return "may only hold letters, digits, '_', '-' and '.'"
+    return None
 
 
 def parse_price(text: str) -> int:
@@ -44,7 +68,8 @@ def parse_price(text: str) -> int:
 
 def format_pico_price(pico: int) -> str:
     """Integer pico-USD per token -> USD per million tokens as a decimal string."""
-    return str((Decimal(pico) / PICO_PER_MICRO).normalize())
+    # Fixed-point: normalize() alone writes 20 as "2E+1".
+    return format((Decimal(pico) / PICO_PER_MICRO).normalize(), "f")
 
 
 def ceil_div(num: int, den: int) -> int:
@@ -108,6 +133,32 @@ class TokenUsage:
         if self.reasoning_tokens > self.output_tokens:
             out.append("usage.reasoning_tokens exceed usage.output_tokens (output includes them)")
         return out
+
+
+def reported_tier(value: object) -> str:
+    """A service tier as a provider's response reports it: "" when absent (None),
+    ``UNREADABLE_TIER`` when it is no tier name."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not value or tier_problem(value) is not None:
+        return UNREADABLE_TIER
+    return value
+
+
+def highest_price(prices: list[Price]) -> Price:
+    """Each rate at the highest any of ``prices`` has (for a hold whose tier is not
+    known yet, and a usage reported at a tier without a rate of its own)."""
+    def write_1h(p: Price) -> int:
+        return p.cache_write if p.cache_write_1h is None else p.cache_write_1h
+
+    first = prices[0]
+    if len(prices) == 1:
+        return first
+    return Price(
+        input=max(p.input for p in prices), cached_input=max(p.cached_input for p in prices),
+        cache_write=max(p.cache_write for p in prices), output=max(p.output for p in prices),
+        cache_write_1h=(None if all(p.cache_write_1h is None for p in prices)
+                        else max(write_1h(p) for p in prices)))
 
 
 def usage_cost_pico(price: Price, usage: TokenUsage) -> int:

@@ -24,6 +24,14 @@ request's cap; cached / cache-write / reasoning tokens from ``x-mock-cached-toke
 ``x-mock-cache-write-tokens``, ``x-mock-reasoning-tokens``. Each output token is
 the four bytes ``"tok "``, so text length / 4 is exactly the token count.
 
+OpenAI answers (chat, responses) report the service tier that served them when the
+request names one (``service_tier``): "auto" is served at "default", any other tier
+at itself; ``x-mock-service-tier`` reports that tier instead, and
+``x-mock-service-tier-json`` reports a raw JSON value (a number, a long string) as
+a misbehaving provider would. A chat stream reports it on every chunk, a Responses
+stream on the response it completes with (the one it is created with repeats the
+tier asked for).
+
 ``x-mock-split: N`` writes a stream in pieces of N bytes, so events and frames
 straddle chunks. Modes (``--mode`` for every call, ``x-mock-mode`` per call): ``ok``; ``break``
 (sends half the answer, then drops the connection); ``stream-error`` (half the
@@ -157,6 +165,9 @@ class Plan:
     output_tokens: int
     reasoning: int
     sse: bool = True  # Gemini streams: SSE (alt=sse) or a JSON array
+    # OpenAI: the service_tier the answer reports; NO_TIER: the answer has none.
+    service_tier: Any = None
+    asked_tier: Any = None  # the request's service_tier (a Responses stream echoes it first)
 
 
 ANTHROPIC_LIKE = (Api.MESSAGES, Api.INVOKE_MESSAGES)
@@ -169,6 +180,24 @@ def _dig(body: dict[str, Any], dotted: str) -> Any:
             return None
         cur = cur.get(part)
     return cur
+
+
+NO_TIER = None
+TIER_APIS = (Api.CHAT, Api.RESPONSES)
+
+
+def served_tier(api: Api, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    """The service tier an OpenAI answer reports (module docstring); None: none."""
+    if api not in TIER_APIS:
+        return NO_TIER
+    if "x-mock-service-tier-json" in headers:
+        return json.loads(headers["x-mock-service-tier-json"])
+    if "x-mock-service-tier" in headers:
+        return headers["x-mock-service-tier"]
+    asked = body.get("service_tier")
+    if not isinstance(asked, str):
+        return NO_TIER
+    return "default" if asked == "auto" else asked
 
 
 def body_caps(api: Api, body: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +227,13 @@ def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Opti
     include = isinstance(opts_, dict) and opts_.get("include_usage") is True
     return Plan(api, model or str(body.get("model", "")), body.get("stream") is True or stream,
                 include, inp, cached, write, out,
-                min(_hint(headers, "x-mock-reasoning-tokens", 0), out), sse)
+                min(_hint(headers, "x-mock-reasoning-tokens", 0), out), sse,
+                served_tier(api, body, headers), body.get("service_tier"))
+
+
+def _tiered(p: Plan, obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the plan's service tier, when it reports one."""
+    return obj if p.service_tier is NO_TIER else obj | {"service_tier": p.service_tier}
 
 
 def usage_object(p: Plan) -> dict[str, Any]:
@@ -251,15 +286,17 @@ def full_body(p: Plan) -> dict[str, Any]:
                 "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                 "stop_sequence": None, "usage": usage_object(p)}
     if p.api is Api.RESPONSES:
-        return {"id": "resp_mock", "object": "response", "created_at": now, "model": p.model,
-                "status": "completed", "output": [{
-                    "type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                "usage": usage_object(p)}
-    return {"id": "chatcmpl-mock", "object": "chat.completion", "created": now, "model": p.model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": usage_object(p)}
+        return _tiered(p, {
+            "id": "resp_mock", "object": "response", "created_at": now, "model": p.model,
+            "status": "completed", "output": [{
+                "type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": usage_object(p)})
+    return _tiered(p, {
+        "id": "chatcmpl-mock", "object": "chat.completion", "created": now, "model": p.model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": text}}],
+        "usage": usage_object(p)})
 
 
 def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
@@ -375,15 +412,18 @@ def stream_events(p: Plan, tokens_per_chunk: int) -> list[bytes]:
         ev.append(_sse({"type": "message_stop"}, "message_stop"))
         return ev
     if p.api is Api.RESPONSES:
-        ev.append(_sse({"type": "response.created", "response": {
-            "id": "resp_mock", "status": "in_progress", "model": p.model}}, "response.created"))
+        created: dict[str, Any] = {"id": "resp_mock", "status": "in_progress", "model": p.model}
+        if p.asked_tier is not None:
+            created["service_tier"] = p.asked_tier  # as asked; the completed one says
+        ev.append(_sse({"type": "response.created", "response": created}, "response.created"))
         ev += [_sse({"type": "response.output_text.delta", "item_id": "msg_mock",
                      "output_index": 0, "content_index": 0, "delta": t},
                     "response.output_text.delta") for t in pieces]
         ev.append(_sse({"type": "response.completed", "response": full_body(p)},
                        "response.completed"))
         return ev
-    base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": p.model}
+    base = _tiered(p, {"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                       "model": p.model})
     ev.append(_sse(base | {"choices": [{"index": 0, "delta": {"role": "assistant"},
                                         "finish_reason": None}]}))
     ev += [_sse(base | {"choices": [{"index": 0, "delta": {"content": t},

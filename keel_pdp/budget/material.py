@@ -6,13 +6,20 @@ a shape, the authorize script's arguments every request of the shape shares
 tenant, workload, model and the price in effect, so any sidecar can price its
 Closeout). ``Materials`` keeps them per shape, weakly: a shape dropped from the
 decision's cache takes its material with it.
+
+Permit metadata is read by every sidecar sharing the store, of this version and
+of the previous one (a rolling upgrade): members are only ever added, and a
+member the previous version reads keeps its meaning. ``price`` (with ``tiers``
+and ``w1h``) is the rate the permit was held at, which a sidecar that knows
+nothing of service tiers books the usage at; ``st`` adds each service tier's
+rates, so this version prices the usage at the tier the provider reports.
 """
 
 from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from keel_pdp.budget.escrow import Parent, slice_for
@@ -21,7 +28,7 @@ from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import hold_shape
 from keel_pdp.decision.shape import Shape
 from keel_pdp.policy.snapshot import ModelPrice
-from keel_pdp.pricing import Price
+from keel_pdp.pricing import AUTO_TIER, DEFAULT_TIER, HIGHEST_TIER, Price, highest_price
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,26 +42,61 @@ class Material:
     # per window: the shared budget it leases from (escrow), None for its own window
     parents: tuple[Parent | None, ...] = ()
     leased: bool = False  # any window is a lease (a hold may answer "lease")
+    # per candidate: its price, and the metadata heads of the service tiers a hold
+    # of it was priced at (built on first use: a few per model)
+    prices: tuple[ModelPrice, ...] = ()
+    tenant: str = ""
+    workload: str = ""
+    tier_heads: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    def meta_head_for(self, i: int, tier: str) -> str:
+        """Candidate ``i``'s permit metadata for a hold priced at service tier ``tier``
+        (``Candidate.tier``; "" for a model without service tiers)."""
+        if not tier:
+            return self.meta_heads[i]
+        head = self.tier_heads.get((i, tier))
+        if head is None:
+            head = self.tier_heads[(i, tier)] = meta_head(
+                self.tenant, self.workload, self.prices[i], tier)
+        return head
 
 
-def meta_head(tenant: str, workload: str, mp: ModelPrice) -> str:
-    """The permit record's metadata up to its stamp: ``head + meta_stamp(...)``."""
-    def row(p: Price) -> list[int]:
-        return [p.input, p.cached_input, p.cache_write, p.output]
+def _row(p: Price) -> list[int]:
+    return [p.input, p.cached_input, p.cache_write, p.output]
 
+
+def _rates(mp: ModelPrice) -> dict[str, object]:
+    """One price's members: ``price`` (four rates), ``tiers`` (context-length tiers,
+    each its threshold then four rates) and ``w1h`` (one-hour cache-write rates: the
+    base's, then each tier's), the last two only when there is something to say.
+    Price rows keep their four members, which a sidecar of the previous version
+    reads (rolling upgrade); the one-hour rates are a member of their own."""
     def write_1h(p: Price) -> int:
         return p.cache_write if p.cache_write_1h is None else p.cache_write_1h
 
-    meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
-                               "price": row(mp.price)}
+    out: dict[str, object] = {"price": _row(mp.price)}
     if mp.tiers:
-        meta["tiers"] = [[above, *row(price)] for above, price in mp.tiers]
-    # One-hour cache-write rates in a member of their own ("w1h": the base's, then
-    # each tier's), only where one differs from cache_write: price rows keep their
-    # four members, which a sidecar of the previous version reads (rolling upgrade).
+        out["tiers"] = [[above, *_row(price)] for above, price in mp.tiers]
     prices = [mp.price, *(price for _, price in mp.tiers)]
     if any(write_1h(p) != p.cache_write for p in prices):
-        meta["w1h"] = [write_1h(p) for p in prices]
+        out["w1h"] = [write_1h(p) for p in prices]
+    return out
+
+
+def meta_head(tenant: str, workload: str, mp: ModelPrice, tier: str = "") -> str:
+    """The permit record's metadata up to its stamp: ``head + meta_stamp(...)``.
+
+    ``tier``: the service tier the hold is priced at (``ModelPrice.for_service_tier``);
+    its rates are the record's ``price``. A model with service tiers also records
+    every tier's rates (``st``: "default" and each tier of the price table) and the
+    tier held at (``sth``)."""
+    held = mp.service_tier(tier) or mp.highest
+    meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
+                               **_rates(held)}
+    if mp.service_tiers:
+        meta["sth"] = tier or DEFAULT_TIER
+        meta["st"] = {DEFAULT_TIER: _rates(mp),
+                      **{name: _rates(sub) for name, sub in mp.service_tiers}}
     return json.dumps(meta, separators=(",", ":"))[:-1] + ',"ts":'
 
 
@@ -80,18 +122,58 @@ def meta_price(meta: dict[str, Any], input_tokens: int) -> Price:
     base = meta.get("price")
     if not isinstance(base, list):
         return Price(0, 0, 0, 0)
-    tiers = meta.get("tiers") or []
-    w1h = meta.get("w1h")
+    return _price(meta, base).for_input(input_tokens)
+
+
+def _price(rates: dict[str, Any], base: list[Any]) -> ModelPrice:
+    """The price ``_rates`` wrote (``base``: its ``price`` member)."""
+    tiers = rates.get("tiers") or []
+    w1h = rates.get("w1h")
     long_writes = [int(x) for x in w1h] if isinstance(w1h, list) else []
 
     def price(row: list[Any], i: int) -> Price:
-        rates = [int(x) for x in row[:4]]
-        return Price(rates[0], rates[1], rates[2], rates[3],
-                     long_writes[i] if i < len(long_writes) else None)
+        r = [int(x) for x in row[:4]]
+        return Price(r[0], r[1], r[2], r[3], long_writes[i] if i < len(long_writes) else None)
 
-    issued = ModelPrice("", "", price(base, 0), 0, tiers=tuple(
+    return ModelPrice("", "", price(base, 0), 0, tiers=tuple(
         (int(t[0]), price(t[1:], i + 1)) for i, t in enumerate(tiers)))
-    return issued.for_input(input_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class TierPrice:
+    """The rate a Closeout prices the usage at, and why."""
+
+    price: Price
+    tier: str  # the tier whose rate it is ("highest": the highest of them; "" none named)
+    unpriced: bool  # the reported tier has no rate in the permit's price (flagged)
+
+
+def meta_tier_price(meta: dict[str, Any], input_tokens: int, reported: str) -> TierPrice:
+    """The rate of the service tier the provider reported (``reported``; "" or "auto"
+    when it did not say which: the rate the permit was held at).
+
+    A tier the permit's price has no rate for is priced at each rate's highest
+    among the tiers it knows and flagged. So is a tier other than "default" reported
+    for a permit without service-tier rates (a model without them, or a record of
+    the previous version): it is priced at the record's own rate, the only one known.
+    """
+    held = meta.get("sth")
+    held_tier = held if isinstance(held, str) else ""
+    if reported in ("", AUTO_TIER):  # "auto" is a request, never a tier that served one
+        return TierPrice(meta_price(meta, input_tokens), held_tier, False)
+    tiers = meta.get("st")
+    if not isinstance(tiers, dict) or not tiers:
+        return TierPrice(meta_price(meta, input_tokens), reported if reported == DEFAULT_TIER
+                         else held_tier, reported != DEFAULT_TIER)
+    known = {name: rates for name, rates in tiers.items()
+             if isinstance(rates, dict) and isinstance(rates.get("price"), list)}
+    found = known.get(reported)
+    if found is not None:
+        return TierPrice(_price(found, found["price"]).for_input(input_tokens), reported, False)
+    prices = [_price(r, r["price"]).for_input(input_tokens) for r in known.values()]
+    if not prices:
+        return TierPrice(meta_price(meta, input_tokens), held_tier, True)
+    return TierPrice(highest_price(prices), HIGHEST_TIER, True)
 
 
 def meta_input_estimate(meta: dict[str, Any]) -> int | None:
@@ -160,4 +242,4 @@ class Materials:
                 permit_retention_s=settings.permit_retention_seconds,
                 min_output_tokens=settings.min_output_tokens),
             tuple(meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices),
-            tuple(parents), any(parents))
+            tuple(parents), any(parents), shape.prices, shape.tenant, shape.workload)

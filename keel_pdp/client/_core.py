@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import grpc
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
-from keel_pdp.client.usage import UsageMeter, read_usage
+from keel_pdp.client.usage import UsageMeter, read_service_tier, read_usage
 from keel_pdp.mesh import settle as rule
-from keel_pdp.pricing import TokenUsage
+from keel_pdp.pricing import TokenUsage, tier_problem
 
 log = logging.getLogger("keel_pdp.client")
 T = TypeVar("T")
@@ -151,12 +151,15 @@ class PermitRequest:
     max_output_tokens: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
     request_id: str = ""
+    # The provider's processing tier the call asks for (OpenAI's service_tier; "" not set).
+    service_tier: str = ""
 
     def to_pb(self, request_id: str) -> pb.AuthorizeRequest:
         return pb.AuthorizeRequest(
             request_id=request_id, tenant=self.tenant, workload=self.workload, model=self.model,
             provider=self.provider, estimated_input_tokens=self.estimated_input_tokens,
-            max_output_tokens=self.max_output_tokens, labels=dict(self.labels))
+            max_output_tokens=self.max_output_tokens, labels=dict(self.labels),
+            service_tier=self.service_tier)
 
 
 def new_request_id() -> str:
@@ -242,6 +245,8 @@ class Permit:
             self.matched_budgets = tuple(resp.matched_budgets)
         self.usage: TokenUsage | None = None
         self.outcome = "SUCCEEDED"
+        # The service tier the provider reported it served the call at ("" not said).
+        self.service_tier = ""
         self.provider_cost_micros: int | None = None
         self.settlement: Settlement | None = None
         self.settle_error: BaseException | None = None
@@ -267,7 +272,8 @@ class Permit:
         closeout on Keel's estimate (``estimated``), as the wrapper does."""
         usage = read_usage(response)
         if usage is not None:
-            return self.record_usage(usage, outcome=outcome)
+            return self.record_usage(usage, outcome=outcome,
+                                     service_tier=read_service_tier(response))
         meter = UsageMeter()
         meter.feed(response)
         if not meter.unreadable:
@@ -278,16 +284,23 @@ class Permit:
         return self.usage
 
     def record_usage(self, usage: TokenUsage, *, outcome: str = "SUCCEEDED",
-                     provider_cost_micros: int | None = None) -> TokenUsage:
-        """Keep ``usage`` (Keel's convention) for the closeout on exit."""
+                     provider_cost_micros: int | None = None,
+                     service_tier: str = "") -> TokenUsage:
+        """Keep ``usage`` (Keel's convention) for the closeout on exit, with the service
+        tier the provider reported it served the call at (``service_tier``, "" when it
+        did not say: the usage is priced at the rate the permit was held at)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
         problems = usage.problems()
+        tier_text = tier_problem(service_tier)
+        if tier_text is not None:
+            problems.append(f"service_tier {str(service_tier)[:40]!r} {tier_text}")
         if problems:
             raise ValueError("; ".join(problems))
         self.usage = usage
         self.outcome = outcome
         self.provider_cost_micros = provider_cost_micros
+        self.service_tier = service_tier
         return usage
 
     def meter(self, stream: Iterable[T]) -> Iterator[T]:
@@ -368,6 +381,7 @@ class Permit:
         """Adopt the settlement rule's verdict: usage to close out with, or nothing (void)."""
         if s.kind == "closeout":
             self.usage, self.outcome, self.estimated = s.usage, s.outcome, s.estimated
+            self.service_tier = s.service_tier
         else:
             self.usage = None
         self.end_reason = s.reason
@@ -390,7 +404,8 @@ class Permit:
     def closeout_request(self) -> pb.CloseoutRequest:
         assert self.usage is not None
         req = pb.CloseoutRequest(permit_id=self.permit_id, usage=usage_pb(self.usage),
-                                 outcome=OUTCOMES[self.outcome])
+                                 outcome=OUTCOMES[self.outcome],
+                                 service_tier=self.service_tier)
         if self.provider_cost_micros is not None:
             req.provider_cost_micros = self.provider_cost_micros
         return req

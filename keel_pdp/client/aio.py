@@ -72,10 +72,10 @@ class AsyncKeelClient:
     def request(self, model: str, *, tenant: str | None = None, workload: str | None = None,
                 provider: str = "", estimated_input_tokens: int = 0,
                 max_output_tokens: int = 0, labels: Mapping[str, str] | None = None,
-                request_id: str = "") -> PermitRequest:
+                request_id: str = "", service_tier: str = "") -> PermitRequest:
         return PermitRequest(tenant or self.tenant, workload or self.workload, model, provider,
                              estimated_input_tokens, max_output_tokens, dict(labels or {}),
-                             request_id)
+                             request_id, service_tier)
 
     async def authorize(self, req: PermitRequest, *,
                         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline
@@ -116,17 +116,18 @@ class AsyncKeelClient:
     async def permit(self, model: str, *, tenant: str | None = None, workload: str | None = None,
                provider: str = "", estimated_input_tokens: int = 0, max_output_tokens: int = 0,
                labels: Mapping[str, str] | None = None, request_id: str = "",
-               timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline
+               service_tier: str = "", timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline
                fail_mode: FailMode | str | None = None) -> AsyncIterator[Permit]:
         """``async with keel.permit("gpt-4o-mini", ...) as p:`` make the provider call with
         ``p.model`` / ``p.max_output_tokens``, then ``p.record(response)``. On exit
-        the permit is closed out with the recorded usage, or voided if the block
+        the permit is closed out with the recorded usage (priced at the service tier the
+        response reports; ``service_tier``: the tier the call asks for), or voided if the block
         raised (or recorded nothing); a ``p.ameter(stream)`` iteration still under way
         closes it out when it ends instead."""
         req = self.request(model, tenant=tenant, workload=workload, provider=provider,
                            estimated_input_tokens=estimated_input_tokens,
                            max_output_tokens=max_output_tokens, labels=labels,
-                           request_id=request_id)
+                           request_id=request_id, service_tier=service_tier)
         p = await self.authorize(req, timeout=timeout, fail_mode=fail_mode)
         try:
             yield p

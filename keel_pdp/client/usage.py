@@ -29,9 +29,9 @@ from typing import Any
 from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.usage import Reading, ResponseMeter, consistent, normalise
 from keel_pdp.mesh.usage_normalise import readable
-from keel_pdp.pricing import TokenUsage
+from keel_pdp.pricing import TokenUsage, reported_tier
 
-__all__ = ["UsageMeter", "api_of", "as_mapping", "read_usage"]
+__all__ = ["UsageMeter", "api_of", "as_mapping", "read_service_tier", "read_usage"]
 
 
 def as_mapping(obj: object) -> Mapping[str, Any] | None:
@@ -117,6 +117,16 @@ def read_usage(response: object) -> TokenUsage | None:
     return None if usage is None else normalise_usage(api, usage)
 
 
+def read_service_tier(response: object) -> str:
+    """The service tier a finished OpenAI answer (``ChatCompletion``, ``Response``, or
+    the same as a mapping) reports it was served at: "" when it says none;
+    ``pricing.UNREADABLE_TIER`` when what it says is no tier name."""
+    body = as_mapping(response)
+    if body is None or api_of(body) not in (Api.CHAT, Api.RESPONSES):
+        return ""
+    return reported_tier(body.get("service_tier"))
+
+
 class UsageMeter:
     """Reads usage from the items of a provider stream, fed one by one.
 
@@ -129,6 +139,9 @@ class UsageMeter:
       ``response.completed`` (or ``response.incomplete`` / ``response.failed``).
     * Anthropic Messages: ``message_start`` carries the input side,
       ``message_delta`` the cumulative output; the later value of a field wins.
+
+    OpenAI answers also report the service tier that served them (``service_tier``
+    of a chat chunk or answer, of the response a Responses stream ends with).
     """
 
     def __init__(self) -> None:
@@ -142,6 +155,7 @@ class UsageMeter:
         self.error = False
         self.incomplete = False
         self.unreadable = False  # a usage object came whose counts cannot be read
+        self.service_tier = ""  # as the provider reported it ("" not yet)
 
     def _read(self, api: Api, usage: Mapping[str, Any]) -> TokenUsage | None:
         out = normalise_usage(api, usage)
@@ -173,7 +187,14 @@ class UsageMeter:
         if isinstance(value, str):
             self.text_bytes += len(value.encode("utf-8", "surrogatepass"))
 
+    def _tier(self, body: Mapping[str, Any]) -> None:
+        if "service_tier" in body:
+            tier = reported_tier(body.get("service_tier"))
+            if tier:
+                self.service_tier = tier
+
     def _chat(self, body: Mapping[str, Any]) -> None:
+        self._tier(body)
         usage = as_mapping(body.get("usage"))
         if body.get("object") == "chat.completion":  # a finished answer handed to the meter
             for choice in body.get("choices") or ():
@@ -206,10 +227,12 @@ class UsageMeter:
             self.error = self.error or kind == "response.failed"
             self.incomplete = self.incomplete or kind == "response.incomplete"
             response = as_mapping(body.get("response")) or {}
+            self._tier(response)
             usage = as_mapping(response.get("usage"))
             if usage is not None:
                 self.final = self._read(Api.RESPONSES, usage)
         elif body.get("object") == "response":
+            self._tier(body)
             self._whole(body)
             usage = as_mapping(body.get("usage"))
             if usage is not None:
@@ -264,4 +287,4 @@ class UsageMeter:
     def reading(self) -> Reading:
         """What the meter knows, in the shape the settlement rule reads."""
         return Reading(self.final, self.partial_usage, self.text_bytes, self.text_bytes,
-                       self.error, self.incomplete)
+                       self.error, self.incomplete, self.service_tier)

@@ -55,8 +55,10 @@ from keel_pdp.client._core import (
     log,
 )
 from keel_pdp.mesh import settle as rule
+from keel_pdp.mesh.apis import TIER_APIS
 from keel_pdp.mesh.request import CAP_FIELD_TO_ADD, CAP_FIELDS, Api, estimate_input_tokens
 from keel_pdp.mesh.usage import Reading
+from keel_pdp.pricing import tier_problem
 
 if TYPE_CHECKING:
     from keel_pdp.client.aio import AsyncKeelClient
@@ -86,11 +88,13 @@ class Call:
         cap = body.get(self.cap_field)
         self.cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0
         self.stream = body.get("stream") is True
+        self.service_tier = _service_tier(api, body.get("service_tier"))
 
     def permit_request(self, tenant: str, workload: str,
                        labels: Mapping[str, str]) -> PermitRequest:
         return PermitRequest(tenant, workload, self.body["model"], self.provider,
-                             estimate_input_tokens(self.api, self.body), self.cap, dict(labels))
+                             estimate_input_tokens(self.api, self.body), self.cap, dict(labels),
+                             service_tier=self.service_tier)
 
     def constrained_kwargs(self, p: Permit) -> dict[str, Any]:
         """The create() arguments with the permit's constraints applied."""
@@ -122,6 +126,24 @@ class Call:
             opts["include_usage"] = True
             kw["stream_options"] = opts
         return kw
+
+
+_SDK_SENTINELS = frozenset({"NotGiven", "Omit"})
+
+
+def _service_tier(api: Api, value: object) -> str:
+    """The tier an OpenAI call asks for (its ``service_tier`` argument); "" when not
+    given (None, or the SDK's NOT_GIVEN / omit sentinels). Anything else that is no
+    tier name is refused before a permit is asked for."""
+    if api not in TIER_APIS or value is None or type(value).__name__ in _SDK_SENTINELS:
+        return ""
+    problem = tier_problem(value)
+    if problem is not None or not value:
+        shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
+        raise TypeError(f"{api} create(): service_tier {shown} {problem or 'is empty'} "
+                        "(a tier such as \"auto\", \"default\", \"flex\" or \"priority\")")
+    assert isinstance(value, str)
+    return value
 
 
 def rule_for_error(p: Permit, exc: BaseException) -> rule.Settlement:

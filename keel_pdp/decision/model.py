@@ -53,12 +53,13 @@ class Code(StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
     USAGE_ABOVE_PERMIT = "USAGE_ABOVE_PERMIT"
     COST_ABOVE_HOLD = "COST_ABOVE_HOLD"
+    SERVICE_TIER_UNPRICED = "SERVICE_TIER_UNPRICED"
 
 
 # Reasons that explain an answer without blocking it.
 INFORMATIONAL = frozenset({
     Code.SHADOW_BUDGET_EXCEEDED, Code.FALLBACK_PRICE_USED, Code.SHADOW_MODEL_NOT_ALLOWED,
-    Code.BUDGET_THRESHOLD_CROSSED, Code.EXCEPTION_GRANT_APPLIED,
+    Code.BUDGET_THRESHOLD_CROSSED, Code.EXCEPTION_GRANT_APPLIED, Code.SERVICE_TIER_UNPRICED,
 })
 
 
@@ -74,6 +75,8 @@ class AuthorizeInput:
     estimated_input_tokens: int
     max_output_tokens: int = 0
     labels: tuple[tuple[str, str], ...] = ()
+    # The provider's processing tier asked for (OpenAI's service_tier; "" = not set).
+    service_tier: str = ""
 
 
 @dataclass(slots=True)
@@ -147,11 +150,14 @@ class Candidate:
     provider: str
     model: str
     price: ModelPrice
-    rate: Price  # the tier that applies to this request's input tokens
+    rate: Price  # the rates that apply to this request's service tier and input tokens
     output_tokens: int
     estimate_micros: int
     target_idx: tuple[int, ...]  # indexes into Plan.targets
     may_constrain: bool
+    # The service tier the hold is priced at ("" when the model has none; else
+    # "default", a tier of the price table, or "highest").
+    tier: str = ""
 
 
 @dataclass(slots=True)

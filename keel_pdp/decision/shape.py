@@ -202,8 +202,7 @@ def build_shape(snapshot: PolicySnapshot, tenant: str, workload: str, model: str
                 Code.UNKNOWN_MODEL_PRICE,
                 f"No price is known for {primary[0] or '?'}/{primary[1]} and the policy names "
                 "no fallback price."),)))
-        price = ModelPrice(primary[0], primary[1], fb.price, fb.max_output_tokens,
-                           tiers=fb.tiers)
+        price = replace(fb, provider=primary[0], model=primary[1])
         pre.append(Reason(Code.FALLBACK_PRICE_USED,
                           f"{primary[0] or '?'}/{primary[1]} has no price; the fallback price "
                           "was used."))

@@ -13,7 +13,7 @@ from keel_pdp.decision.model import (
     AuthorizeInput,
 )
 from keel_pdp.errors import InvalidRequest
-from keel_pdp.pricing import MAX_TOKENS
+from keel_pdp.pricing import MAX_TOKENS, tier_problem
 
 DIMENSION_NAMES = ("tenant", "workload", "model", "provider")
 
@@ -54,6 +54,10 @@ def validate(req: AuthorizeInput) -> None:
             raise InvalidRequest(f"{name} must not be negative (got {value})")
         if value > MAX_TOKENS:
             raise InvalidRequest(f"{name} exceeds the maximum of {MAX_TOKENS} (got {value})")
+    if req.service_tier:
+        problem = tier_problem(req.service_tier)
+        if problem is not None:
+            raise InvalidRequest(f"service_tier {req.service_tier[:40]!r} {problem}")
     if len(req.labels) > MAX_LABELS:
         raise InvalidRequest(f"labels has {len(req.labels)} entries; at most {MAX_LABELS}")
     for key, text in req.labels:

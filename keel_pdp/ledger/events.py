@@ -339,6 +339,19 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
     flags = res.get("flags") or []
     if not isinstance(flags, list):
         raise ParseError("res.flags is not a list")
+    # A service tier: the rates the usage was priced at, which may not be the permit's
+    # (a hold at the highest rate, settled at the tier the provider reported).
+    tier = {k: get_str(data, k, "data") for k in ("service_tier", "priced_tier")}
+    tier = {k: v for k, v in tier.items() if v}
+    if data.get("tier_unpriced") is True:
+        flags = [*flags, "SERVICE_TIER_UNPRICED"]
+    price_pico: tuple[int, int, int, int] | None = None
+    price = data.get("price")
+    if price is not None:
+        if not isinstance(price, list) or len(price) != 4:
+            raise ParseError("data.price is not a list of 4 prices")
+        q = [as_int(x, f"data.price[{i}]", lo=0) for i, x in enumerate(price)]
+        price_pico = (q[0], q[1], q[2], q[3])
     # The hold was released by this settlement only when it was still held;
     # otherwise a void or expiry already released it and the whole actual is new.
     released = amt if prior == "held" else 0
@@ -350,7 +363,9 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
         "input_tokens": tok["in"], "cached_input_tokens": tok["cached"],
         "cache_write_tokens": tok["cw"], "output_tokens": tok["out"],
         "reasoning_tokens": tok["rsn"], "reason": outcome, "caller": _caller(data),
-        "detail": {"prior": prior, **({"flags": [str(f) for f in flags]} if flags else {})},
+        "price_pico": price_pico,
+        "detail": {"prior": prior, **({"flags": [str(f) for f in flags]} if flags else {}),
+                   **tier},
     }
     return [
         EntryRow(seq=0, kind="settlement", held_micros=amt, amount_micros=0,

@@ -89,8 +89,11 @@ SELECT e.id, e.kind, e.belongs_to, e.permit_id,
        COALESCE(p.model, e.model), COALESCE(p.provider, e.provider),
        e.held_micros, e.actual_micros, e.amount_micros,
        e.input_tokens, e.cached_input_tokens, e.cache_write_tokens, e.output_tokens,
-       e.reasoning_tokens, p.price_input_pico, p.price_cached_input_pico,
-       p.price_cache_write_pico, p.price_output_pico, p.price_revision, e.ts_ms, e.reason,
+       e.reasoning_tokens,
+       COALESCE(e.price_input_pico, p.price_input_pico),
+       COALESCE(e.price_cached_input_pico, p.price_cached_input_pico),
+       COALESCE(e.price_cache_write_pico, p.price_cache_write_pico),
+       COALESCE(e.price_output_pico, p.price_output_pico), p.price_revision, e.ts_ms, e.reason,
        e.actual_pico
 FROM ledger_entries e
 LEFT JOIN ledger_entries p

@@ -38,7 +38,12 @@ from keel_pdp.ledger.report import pid_bound, text_table
 from keel_pdp.ledger.store import LedgerStore
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.policy.snapshot import PolicySnapshot
-from keel_pdp.pricing import TokenUsage, max_output_tokens_within, usage_cost_micros
+from keel_pdp.pricing import (
+    TokenUsage,
+    max_output_tokens_within,
+    tier_problem,
+    usage_cost_micros,
+)
 
 GROUP_BY = ("tenant", "workload")
 
@@ -124,10 +129,13 @@ def recorded(store: LedgerStore, period: str) -> list[Recorded]:
         seen.add(pid)
         data, res = loads_object(data_text, "data"), loads_object(res_text, "res")
         labels = tuple(sorted((str(k), str(v)) for k, v in (data.get("labels") or {}).items()))
+        tier = data.get("service_tier")
         req = AuthorizeInput(str(data.get("rid", pid)), str(data["tenant"]),
                              str(data.get("workload", "")), str(data.get("model", "")),
                              str(data.get("provider", "")), int(data.get("in_tok", 0)),
-                             int(data.get("out_tok", 0)), labels)
+                             int(data.get("out_tok", 0)), labels,
+                             tier if isinstance(tier, str) and tier_problem(tier) is None
+                             else "")
         f = facts.get(pid, {})
         settled = "actual" in f
         ran = settled or not f.get("released", False)

@@ -78,4 +78,10 @@ class LlmRequest:
     stream: bool
     partial: bool = False  # read from a truncated body (model and cap by pattern)
     include_usage: bool = False  # an OpenAI chat stream that asks for its usage chunk
+    service_tier: str = ""  # OpenAI's service_tier ("" not set)
+
+
+# The APIs whose requests name a service tier (``service_tier``) and whose responses
+# report the one that served them (OpenAI's; Azure OpenAI's are the same).
+TIER_APIS = frozenset({Api.CHAT, Api.RESPONSES})
 

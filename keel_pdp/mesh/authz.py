@@ -287,7 +287,7 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             inp = AuthorizeInput(
                 request_id=rid, tenant=tenant, workload=workload, model=llm.model,
                 provider=provider, estimated_input_tokens=llm.estimated_input_tokens,
-                max_output_tokens=llm.max_output_tokens,
+                max_output_tokens=llm.max_output_tokens, service_tier=llm.service_tier,
                 # The body's digest is part of what makes two requests with one
                 # request id the same request: another body is another call.
                 labels=(("api", str(api)), ("stream", "true" if llm.stream else "false"),

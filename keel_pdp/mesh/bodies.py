@@ -24,11 +24,13 @@ from keel_pdp.mesh.apis import (
     CAP_FIELDS,
     MAX_BODY_BYTES,
     MAX_TOKENS_LIMIT,
+    TIER_APIS,
     Api,
     BadRequest,
     LlmRequest,
 )
 from keel_pdp.mesh.estimate import BYTES_PER_TOKEN, REPLY_PRIMING_TOKENS, estimate_input_tokens
+from keel_pdp.pricing import tier_problem
 
 
 def decode_body(body: bytes, content_encoding: str) -> bytes:
@@ -103,6 +105,23 @@ def _cap(api: Api, body: Mapping[str, object]) -> tuple[int, str]:
     return 0, ""
 
 
+def _service_tier(api: Api, body: Mapping[str, object]) -> str:
+    """The tier the call asks for ("" not set); BadRequest for a value that is no tier
+    name (the provider would refuse it too)."""
+    if api not in TIER_APIS:
+        return ""
+    value = body.get("service_tier")
+    if value is None:
+        return ""
+    problem = tier_problem(value)
+    if problem is not None or not value:
+        shown = json.dumps(value)[:40] if not isinstance(value, str) else repr(value[:40])
+        raise BadRequest(f"service_tier {shown} {problem or 'must not be empty'} (a tier "
+                         "such as \"auto\", \"default\", \"flex\" or \"priority\")")
+    assert isinstance(value, str)
+    return value
+
+
 def parse_body(api: Api, provider: str, raw: bytes, path_model: str = "",
                path_stream: bool = False) -> LlmRequest:
     """``path_model``: the model the path (or an Azure deployment) names; it wins
@@ -126,10 +145,11 @@ def parse_body(api: Api, provider: str, raw: bytes, path_model: str = "",
     include = isinstance(opts, dict) and opts.get("include_usage") is True
     return LlmRequest(api, provider, model, cap, cap_field,
                       estimate_input_tokens(api, body), bool(stream) or path_stream,
-                      include_usage=include)
+                      include_usage=include, service_tier=_service_tier(api, body))
 
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+_TIER_RE = re.compile(rb'"service_tier"\s*:\s*"([A-Za-z0-9_.\-]{1,64})"')
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 _INCLUDE_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 
@@ -160,10 +180,13 @@ def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int,
             cap, cap_field = _positive_int(name, int(cm.group(1))), name
             break
     total = max(content_length, len(prefix))
+    # A tier past the cut (or unreadable) is not set: held as "auto" is.
+    tm = _TIER_RE.search(prefix) if api in TIER_APIS else None
     return LlmRequest(api, provider, model, cap, cap_field,
                       -(-total // BYTES_PER_TOKEN) + REPLY_PRIMING_TOKENS,
                       _STREAM_RE.search(prefix) is not None or path_stream, partial=True,
-                      include_usage=_INCLUDE_USAGE_RE.search(prefix) is not None)
+                      include_usage=_INCLUDE_USAGE_RE.search(prefix) is not None,
+                      service_tier=tm.group(1).decode() if tm is not None else "")
 
 
 def request_id(header_value: str, envoy_id: str, parts: Iterable[bytes]) -> str:

@@ -77,7 +77,9 @@ def _route(ns: argparse.Namespace) -> int:
                      for k in ("input", "cached_input", "cache_write", "output")}
             print("price:    USD per million tokens: " + ", ".join(
                 f"{k} {v.normalize():f}" for k, v in per_m.items())
-                + (f"; {len(found.tiers)} long-context tier(s)" if found.tiers else ""))
+                + (f"; {len(found.tiers)} long-context tier(s)" if found.tiers else "")
+                + ("; service tiers " + ", ".join(n for n, _ in found.service_tiers)
+                   if found.service_tiers else ""))
     return 0
 
 

@@ -336,7 +336,8 @@ class ExternalProcessorServicer(et.proc_grpc.ExternalProcessorServicer):  # type
                     done = status != "VOID_STORE_UNAVAILABLE"
                 else:
                     r = await self.engine.closeout(permit_id, s.usage, s.outcome, None,
-                                                   SETTLE_DEADLINE_S)
+                                                   SETTLE_DEADLINE_S,
+                                                   service_tier=s.service_tier)
                     status = r.status
                     done = status not in ("CLOSEOUT_STORE_UNAVAILABLE", "CLOSEOUT_PERMIT_PENDING")
             except InvalidRequest as exc:

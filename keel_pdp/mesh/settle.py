@@ -72,6 +72,9 @@ class Settlement:
     outcome: str = ""
     usage: TokenUsage = NO_USAGE
     estimated: bool = False
+    # The service tier the response reported ("": none; the usage is then priced
+    # at the rate the permit was held at, as a booking at the hold always is).
+    service_tier: str = ""
 
 
 def _at_hold(p: Permit, outcome: str, reason: str) -> Settlement:
@@ -101,7 +104,7 @@ def _cap(p: Permit, tokens: int) -> int:
 
 def _from_reading(p: Permit, r: Reading, outcome: str, reason: str) -> Settlement:
     if r.usage is not None:
-        return Settlement("closeout", reason, outcome, r.usage)
+        return Settlement("closeout", reason, outcome, r.usage, service_tier=r.service_tier)
     seen = r.partial_usage
     est_out = _cap(p, r.estimated_output_tokens())
     if seen is None:
@@ -110,7 +113,8 @@ def _from_reading(p: Permit, r: Reading, outcome: str, reason: str) -> Settlemen
         usage = consistent(seen.input_tokens or p.input_tokens, seen.cached_input_tokens,
                            seen.cache_write_tokens, max(seen.output_tokens, est_out),
                            seen.reasoning_tokens, seen.cache_write_1h_tokens)
-    return Settlement("closeout", reason, outcome, usage, estimated=True)
+    return Settlement("closeout", reason, outcome, usage, estimated=True,
+                      service_tier=r.service_tier)
 
 
 # Envoy's reset reasons (``response.code_details`` of a reply Envoy made when the

@@ -19,12 +19,12 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from keel_pdp.mesh.apis import Api
+from keel_pdp.mesh.apis import TIER_APIS, Api
 from keel_pdp.mesh.estimate import BYTES_PER_TOKEN
 from keel_pdp.mesh.eventstream import FrameDecoder
 from keel_pdp.mesh.jsonstream import MAX_EVENT_BYTES, JsonElements
 from keel_pdp.mesh.usage_normalise import consistent, normalise, readable
-from keel_pdp.pricing import TokenUsage
+from keel_pdp.pricing import TokenUsage, reported_tier
 
 __all__ = ["MAX_SSE_EVENT_BYTES", "Reading", "ResponseMeter", "consistent", "normalise"]
 
@@ -45,6 +45,9 @@ class Reading:
     body_bytes: int
     error: bool  # the body reported an error (SSE error event, JSON error object)
     incomplete: bool  # the provider said the answer was cut short (max tokens...)
+    # The service tier the provider reports it used (OpenAI's service_tier; "" not
+    # reported; ``pricing.UNREADABLE_TIER`` for a value that is no tier name).
+    service_tier: str = ""
 
     def estimated_output_tokens(self) -> int:
         return -(-self.text_bytes // BYTES_PER_TOKEN)
@@ -80,6 +83,7 @@ class ResponseMeter:
         self._event = ""
         self._data: list[bytes] = []
         self._metrics: dict[str, object] | None = None
+        self.service_tier = ""
 
     # ------------------------------------------------------------------ input
     def feed(self, chunk: bytes) -> None:
@@ -240,6 +244,7 @@ class ResponseMeter:
             self.error = True
             return
         if self.api is Api.CHAT:
+            self._tier(obj)
             choices = obj.get("choices")
             if isinstance(choices, list):
                 for ch in choices:
@@ -259,6 +264,9 @@ class ResponseMeter:
                 self.text_bytes += _text_len(obj.get("delta"))
             elif kind in ("response.completed", "response.incomplete", "response.failed"):
                 resp = obj.get("response")
+                # Only the response as it ended says which tier served it (the one
+                # as created repeats the tier asked for).
+                self._tier(resp)
                 if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
                     self._final = resp["usage"]
                 if kind == "response.incomplete":
@@ -283,6 +291,14 @@ class ResponseMeter:
                 delta = obj.get("delta")
                 if isinstance(delta, dict) and delta.get("stop_reason") == "max_tokens":
                     self.incomplete = True
+
+    def _tier(self, obj: object) -> None:
+        """The tier a chat chunk or answer, or a finished response object, reports
+        (the last one reported wins)."""
+        if isinstance(obj, Mapping) and "service_tier" in obj:
+            tier = reported_tier(obj["service_tier"])
+            if tier:
+                self.service_tier = tier
 
     def _count_delta(self, delta: Mapping[str, object]) -> None:
         before = self.text_bytes
@@ -337,7 +353,8 @@ class ResponseMeter:
             and readable(self._final) else None
         partial = normalise(self.api, self._partial) if self._partial \
             and readable(self._partial) else None
-        return Reading(final, partial, text, self.body_bytes, self.error, self.incomplete)
+        return Reading(final, partial, text, self.body_bytes, self.error, self.incomplete,
+                       self.service_tier)
 
     def _json_body(self, raw: bytes) -> None:
         try:
@@ -348,6 +365,8 @@ class ResponseMeter:
             return
         if obj.get("error") or obj.get("type") == "error":
             self.error = True
+        if self.api in TIER_APIS:
+            self._tier(obj)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._final = usage

@@ -163,9 +163,33 @@ def _diff_prices(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
                          + (f" (effective {', '.join(dates)})." if dates else "."))
         if a[-1].tiers != b[-1].tiers:
             lines.append(f"Price of {name}: context-length tiers changed.")
+        lines.extend(_diff_service_tiers(name, a[-1], b[-1]))
         if a[-1].max_output_tokens != b[-1].max_output_tokens:
             lines.append(f"Price of {name}: default max output tokens from "
                          f"{a[-1].max_output_tokens} to {b[-1].max_output_tokens}.")
+    return lines
+
+
+def _diff_service_tiers(name: str, a: ModelPrice, b: ModelPrice) -> list[str]:
+    lines = []
+    old, new = dict(a.service_tiers), dict(b.service_tiers)
+    for tier in sorted(old.keys() - new.keys()):
+        lines.append(f"Price of {name}: service tier {tier} removed: calls at it are priced "
+                     "at the highest rate the model has and flagged SERVICE_TIER_UNPRICED.")
+    for tier in sorted(new.keys() - old.keys()):
+        lines.append(f"Price of {name}: service tier {tier} added: "
+                     f"{_price_words(new[tier].price)}.")
+    for tier in sorted(old.keys() & new.keys()):
+        x, y = old[tier], new[tier]
+        for field in ("input", "cached_input", "cache_write", "cache_write_1h", "output"):
+            u, v = getattr(x.price, field), getattr(y.price, field)
+            if u != v:
+                lines.append(f"Price of {name}, service tier {tier}: {field.replace('_', ' ')} "
+                             f"from {format_pico_price(u)} to {format_pico_price(v)} USD per "
+                             f"1M tokens{_pct(u, v)}.")
+        if x.tiers != y.tiers:
+            lines.append(f"Price of {name}, service tier {tier}: context-length tiers "
+                         "changed.")
     return lines
 
 
@@ -242,12 +266,12 @@ def diff(ns: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- explain
 def explain_lines(snap: PolicySnapshot, tenant: str, workload: str, model: str,
                   provider: str, input_tokens: int, max_output_tokens: int,
-                  now_ms: int | None = None) -> list[str]:
+                  now_ms: int | None = None, service_tier: str = "") -> list[str]:
     from keel_pdp.decision import AuthorizeInput, InvalidRequest, plan, validate
 
     now = int(time.time() * 1000) if now_ms is None else now_ms
     req = AuthorizeInput("explain", tenant, workload, model, provider, input_tokens,
-                         max_output_tokens)
+                         max_output_tokens, service_tier=service_tier)
     try:
         validate(req)
         p = plan(snap, req, now, "pmt_explain")
@@ -276,8 +300,10 @@ def explain_lines(snap: PolicySnapshot, tenant: str, workload: str, model: str,
             role = "Requested model" if n == 0 else f"Downgrade option {n}"
         eff = (time.strftime(" (effective %Y-%m-%d)", time.gmtime(c.price.effective_from_ms / 1000))
                if c.price.effective_from_ms else "")
-        tier = "" if c.rate == c.price.price else " (context-length tier for this input size)"
-        out.append(f"{role} {c.provider}/{c.model}: {_price_words(c.rate)}{eff}{tier}; "
+        held = c.price.service_tier(c.tier) or c.price
+        tier = "" if c.rate == held.price else " (context-length tier for this input size)"
+        out.append(f"{role} {c.provider}/{c.model}: {_price_words(c.rate)}{eff}{tier}"
+                   f"{_tier_words(c.price, c.tier, service_tier)}; "
                    f"estimate {usd(c.estimate_micros)} for {input_tokens} input + "
                    f"{c.output_tokens} output tokens.")
         for i in c.target_idx:
@@ -333,6 +359,20 @@ def route_lines(snap: PolicySnapshot, method: str, path: str, host: str,
 FROM_BODY_WORDS = "the body (--model)"
 
 
+def _tier_words(mp: ModelPrice, held: str, asked: str) -> str:
+    """Which service tier the hold is priced at, and what the model lists."""
+    named = f"service tier {asked!r}" if asked else "no service tier (the provider's auto)"
+    if not mp.service_tiers:
+        return f" (asked for {named}; the model has no service-tier rates)" if asked else ""
+    listed = ", ".join(["default", *(name for name, _ in mp.service_tiers)])
+    at = ("the highest rate of its tiers" if held == "highest"
+          else f"the {held} tier's rates")
+    if held == "highest" and asked not in ("", "auto"):
+        at += " (the tier has no rate of its own: SERVICE_TIER_UNPRICED)"
+    return (f" (asked for {named}: held at {at}; the closeout prices the tier the "
+            f"provider reports; tiers priced: {listed})")
+
+
 def explain(ns: argparse.Namespace) -> int:
     snap = _load(ns.policies)
     if snap is None:
@@ -345,7 +385,8 @@ def explain(ns: argparse.Namespace) -> int:
         if not model:
             return 1
         for line in explain_lines(snap, ns.tenant, ns.workload, model, provider,
-                                  ns.input_tokens, ns.max_output_tokens):
+                                  ns.input_tokens, ns.max_output_tokens,
+                                  service_tier=ns.service_tier):
             print(line)
         return 0
     if ns.identity:
@@ -361,7 +402,8 @@ def explain(ns: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     for line in explain_lines(snap, ns.tenant, ns.workload, ns.model, ns.provider,
-                              ns.input_tokens, ns.max_output_tokens):
+                              ns.input_tokens, ns.max_output_tokens,
+                              service_tier=ns.service_tier):
         print(line)
     return 0
 
@@ -396,4 +438,7 @@ def register(sub: Any) -> None:
     p.add_argument("--method", default="POST", help="with --path: the HTTP method")
     p.add_argument("--input-tokens", type=int, default=1000)
     p.add_argument("--max-output-tokens", type=int, default=0)
+    p.add_argument("--service-tier", default="",
+                   help="the service tier the call asks for (OpenAI's service_tier: auto, "
+                        "default, flex, priority); none: the provider's auto")
     p.set_defaults(func=explain)

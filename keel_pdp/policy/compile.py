@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from keel_pdp.policy.compile_budgets import compile_budgets
 from keel_pdp.policy.compile_callers import compile_callers
-from keel_pdp.policy.compile_prices import Prices, compile_prices, price_of, usd_to_micros
+from keel_pdp.policy.compile_prices import Prices, compile_prices, model_price, usd_to_micros
 from keel_pdp.policy.deployments import compile_deployments
 from keel_pdp.policy.documents import parse_documents
 from keel_pdp.policy.model import BundleDoc, BundleSettings, RouteRule, RoutesDoc
@@ -21,7 +21,6 @@ from keel_pdp.policy.problems import PolicyError, Problem
 from keel_pdp.policy.snapshot import (
     CompiledRoute,
     ExceptionRule,
-    ModelPrice,
     PolicySnapshot,
     Settings,
 )
@@ -160,14 +159,8 @@ def _downgrade_chain(name: str, i: int, rule: RouteRule, prices: Prices,
 
 def compile_settings(settings: BundleSettings) -> Settings:
     """The Bundle's settings, with its fallback price (if any) compiled."""
-    fallback = (
-        ModelPrice("*", "*", price_of(settings.fallback_price),
-                   settings.fallback_price.max_output_tokens,
-                   tiers=tuple((t.above_input_tokens, price_of(t))
-                               for t in settings.fallback_price.tiers))
-        if settings.fallback_price
-        else None
-    )
+    fallback = (model_price("*", "*", settings.fallback_price)
+                if settings.fallback_price else None)
     return Settings(
         hold_ttl_seconds=settings.hold_ttl_seconds,
         min_output_tokens=settings.min_output_tokens,
@@ -175,5 +168,6 @@ def compile_settings(settings: BundleSettings) -> Settings:
         fallback_price=fallback,
         permit_retention_seconds=settings.permit_retention_seconds,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        auto_service_tier=settings.auto_service_tier,
     )
 

@@ -1,5 +1,6 @@
-"""Price tables compiled: exact prices per model, with their dated history and
-context-length tiers, and the USD amounts (caps, overage limits) of a bundle.
+"""Price tables compiled: exact prices per model, with their dated history,
+context-length tiers and service tiers, and the USD amounts (caps, overage
+limits) of a bundle.
 
 Reconciliation prices provider exports with ``price_history`` too, so the
 sidecars and finance use one reading of a price table.
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from keel_pdp.money import MAX_MICROS, parse_usd
-from keel_pdp.policy.model import PriceSpec, PriceTableDoc, PriceTier
+from keel_pdp.policy.model import PriceSpec, PriceTableDoc, PriceTier, ServiceTierPrice
 from keel_pdp.policy.problems import Problem
 from keel_pdp.policy.snapshot import ModelPrice
 from keel_pdp.pricing import Price, parse_price
@@ -26,7 +27,7 @@ def usd_to_micros(text: str) -> int:
     return parse_usd(text, non_negative=True, max_micros=MAX_MICROS)
 
 
-def price_of(spec: PriceSpec | PriceTier) -> Price:
+def price_of(spec: PriceSpec | PriceTier | ServiceTierPrice) -> Price:
     """The exact price of one spec or tier (cached input and cache writes default
     to the input price, one-hour cache writes to the cache-write price)."""
     inp = parse_price(spec.input)
@@ -60,10 +61,23 @@ def price_history(provider: str, model: str,
         if sp.effective_from is not None:
             d = sp.effective_from
             eff = int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
-        tiers = tuple((t.above_input_tokens, price_of(t)) for t in sp.tiers)
-        compiled.append(ModelPrice(provider, model, price_of(sp), sp.max_output_tokens, eff,
-                                   tiers))
+        compiled.append(model_price(provider, model, sp, eff))
     return tuple(sorted(compiled, key=lambda mp: mp.effective_from_ms))
+
+
+def model_price(provider: str, model: str, spec: PriceSpec, effective_from_ms: int = 0,
+                ) -> ModelPrice:
+    """One compiled price: the spec's own rates with its context-length tiers, and
+    each service tier's (by name, in order)."""
+    def tiers(t: list[PriceTier]) -> tuple[tuple[int, Price], ...]:
+        return tuple((x.above_input_tokens, price_of(x)) for x in t)
+
+    return ModelPrice(
+        provider, model, price_of(spec), spec.max_output_tokens, effective_from_ms,
+        tiers(spec.tiers),
+        tuple((name, ModelPrice(provider, model, price_of(st), spec.max_output_tokens,
+                                effective_from_ms, tiers(st.tiers)))
+              for name, st in sorted(spec.service_tiers.items())))
 
 
 # Providers that bill prompt-cache writes kept for one hour at a rate of their own
@@ -74,13 +88,39 @@ ONE_HOUR_WRITE_PROVIDERS = ("anthropic", "bedrock", "vertex")
 def _one_hour_warning(name: str, where: str, provider: str, model: str,
                       specs: PriceSpec | list[PriceSpec]) -> str | None:
     history = specs if isinstance(specs, list) else [specs]
-    priced: list[PriceSpec | PriceTier] = [*history, *(t for sp in history for t in sp.tiers)]
+    priced: list[PriceSpec | PriceTier | ServiceTierPrice] = [
+        *history, *(t for sp in history for t in sp.tiers),
+        *(st for sp in history for st in sp.service_tiers.values()),
+        *(t for sp in history for st in sp.service_tiers.values() for t in st.tiers)]
     if provider not in ONE_HOUR_WRITE_PROVIDERS or "claude" not in model.lower() or not any(
             p.cache_write is not None and p.cache_write_1h is None for p in priced):
         return None
     return (f"{name}: {where}: cache_write is set but cache_write_1h is not: one-hour "
             "prompt-cache writes will be priced at the cache_write (five-minute) rate; "
             "the provider bills them at their own rate (2x input for Claude models)")
+
+
+# Providers whose requests may name a service tier billed at its own rates
+# (OpenAI's service_tier: flex at about half the standard rate, priority at about
+# twice it; Azure OpenAI's priority processing).
+SERVICE_TIER_PROVIDERS = ("openai", "azure")
+
+
+def _service_tier_warning(name: str, where: str, provider: str,
+                          specs: PriceSpec | list[PriceSpec]) -> str | None:
+    """A model that lists service tiers but not priority: a priority call is then
+    priced at the highest rate the table has for the model, below what the provider
+    bills (a missing flex rate books flex calls high, which the flag shows and the
+    budgets survive; a missing priority rate books them low)."""
+    history = specs if isinstance(specs, list) else [specs]
+    latest = history[-1]
+    if provider not in SERVICE_TIER_PROVIDERS or not latest.service_tiers \
+            or "priority" in latest.service_tiers:
+        return None
+    return (f"{name}: {where}: service_tiers has no rate for priority: a priority call "
+            "is priced at the highest rate the table has for the model, below what the "
+            "provider bills, and flagged SERVICE_TIER_UNPRICED; list the priority rate if "
+            "the model offers the tier")
 
 
 def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem],
@@ -105,7 +145,8 @@ def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem],
                 except ValueError as exc:
                     problems.append(Problem(name, where, str(exc)))
                     continue
-                warning = _one_hour_warning(name, where, provider, model_name, specs)
-                if warning is not None and warnings is not None:
-                    warnings.append(warning)
+                for warning in (_one_hour_warning(name, where, provider, model_name, specs),
+                                _service_tier_warning(name, where, provider, specs)):
+                    if warning is not None and warnings is not None:
+                        warnings.append(warning)
     return prices, price_revisions

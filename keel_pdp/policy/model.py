@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from keel_pdp.pricing import parse_price
+from keel_pdp.pricing import AUTO_TIER, DEFAULT_TIER, HIGHEST_TIER, parse_price
 
 API_VERSION = "keel.pdp/v1"
 
@@ -62,6 +62,39 @@ class PriceTier(_Strict):
                              mode="before")(_decimal_string)
 
 
+def _ascending_tiers(tiers: list[PriceTier]) -> list[PriceTier]:
+    marks = [t.above_input_tokens for t in tiers]
+    if marks != sorted(set(marks)):
+        raise ValueError("tiers must have strictly ascending above_input_tokens")
+    return tiers
+
+
+# Names a price table cannot give a service tier: "default" is the model's own rates,
+# "auto" is the provider's choice among tiers (never a tier a call is billed at), and
+# "highest" is what Keel holds at when the tier is not known in advance.
+RESERVED_TIERS = (DEFAULT_TIER, AUTO_TIER, HIGHEST_TIER)
+TierName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+
+
+class ServiceTierPrice(_Strict):
+    """The rates of one service tier of a model (OpenAI's ``flex``, ``priority``,
+    ``scale``): the same fields as the model's own price, checked by the same rules.
+    Cached input and cache writes default to this tier's input rate, one-hour cache
+    writes to its cache-write rate; ``tiers`` are this tier's own context-length
+    tiers (none: its rates apply at every input size)."""
+
+    input: str
+    output: str
+    cached_input: str | None = None
+    cache_write: str | None = None
+    cache_write_1h: str | None = None
+    tiers: list[PriceTier] = []
+
+    _check = field_validator("input", "output", "cached_input", "cache_write", "cache_write_1h",
+                             mode="before")(_decimal_string)
+    _ascending = field_validator("tiers")(_ascending_tiers)
+
+
 class PriceSpec(_Strict):
     """USD per million tokens, as decimal strings."""
 
@@ -74,16 +107,25 @@ class PriceSpec(_Strict):
     # From this UTC date on (inclusive); a model may list several prices.
     effective_from: date | None = None
     tiers: list[PriceTier] = []
+    # Rates of the provider's other processing tiers, by the name the provider gives
+    # the tier (OpenAI's service_tier); the fields above are the "default" tier.
+    service_tiers: dict[TierName, ServiceTierPrice] = {}
 
     _check = field_validator("input", "output", "cached_input", "cache_write", "cache_write_1h",
                              mode="before")(_decimal_string)
+    _ascending = field_validator("tiers")(_ascending_tiers)
 
-    @field_validator("tiers")
+    @field_validator("service_tiers")
     @classmethod
-    def _ascending(cls, tiers: list[PriceTier]) -> list[PriceTier]:
-        marks = [t.above_input_tokens for t in tiers]
-        if marks != sorted(set(marks)):
-            raise ValueError("tiers must have strictly ascending above_input_tokens")
+    def _tier_names(cls, tiers: dict[str, ServiceTierPrice]) -> dict[str, ServiceTierPrice]:
+        for name in tiers:
+            if name in RESERVED_TIERS:
+                why = {DEFAULT_TIER: "the model's own rates are the default tier",
+                       AUTO_TIER: "auto is the provider's choice among the tiers, not a "
+                                  "tier a call is billed at",
+                       HIGHEST_TIER: "highest is what Keel holds at when the tier is not "
+                                     "known"}[name]
+                raise ValueError(f"service tier {name!r} cannot be priced: {why}")
         return tiers
 
 
@@ -105,6 +147,18 @@ class BundleSettings(_Strict):
     # closeouts still find it.
     permit_retention_seconds: int = Field(default=7 * 86400, ge=60, le=90 * 86400)
     idempotency_ttl_seconds: int = Field(default=86400, ge=60, le=30 * 86400)
+    # The service tier a call that names none (or "auto": the provider chooses) is
+    # held at: "highest" (each rate at the highest of the model's tiers), or a tier
+    # name ("default" when the projects' configured tier is the standard one).
+    auto_service_tier: TierName = HIGHEST_TIER
+
+    @field_validator("auto_service_tier")
+    @classmethod
+    def _auto_tier(cls, value: str) -> str:
+        if value == AUTO_TIER:
+            raise ValueError("auto_service_tier names what \"auto\" is held at: \"highest\" "
+                             "or a tier such as \"default\" or \"priority\", not \"auto\"")
+        return value
 
 
 class BundleDoc(_Strict):

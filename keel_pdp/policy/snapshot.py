@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import TYPE_CHECKING, TypeVar
 
-from keel_pdp.pricing import Price
+from keel_pdp.pricing import (
+    AUTO_TIER,
+    DEFAULT_TIER,
+    HIGHEST_TIER,
+    Price,
+    highest_price,
+)
 from keel_pdp.windows import WindowKind
 
 if TYPE_CHECKING:
@@ -76,6 +82,18 @@ class ModelPrice:
     effective_from_ms: int = 0
     # (above_input_tokens, price), ascending
     tiers: tuple[tuple[int, Price], ...] = ()
+    # Service tiers with rates of their own (OpenAI's flex, priority, ...), by name in
+    # ascending order; each is the whole price of that tier, context-length tiers
+    # included (and has no service tiers itself). The model's own rates are "default".
+    service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
+    # Every rate at the highest the model's tiers have, at every input size (this
+    # price itself when it has no service tiers); derived, see ``highest``.
+    _top: ModelPrice | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.service_tiers:
+            object.__setattr__(self, "_top", _highest(self, [
+                self, *(mp for _, mp in self.service_tiers)]))
 
     def for_input(self, input_tokens: int) -> Price:
         chosen = self.price
@@ -83,6 +101,56 @@ class ModelPrice:
             if input_tokens > above:
                 chosen = price
         return chosen
+
+    @property
+    def highest(self) -> ModelPrice:
+        """Each rate at the highest any tier of the model (the standard one included)
+        has for the input size (README "Service tiers")."""
+        return self._top if self._top is not None else self
+
+    def service_tier(self, name: str) -> ModelPrice | None:
+        """The price of one tier: "default" is the model's own rates; None when the
+        model has no rate of its own for ``name`` (and for "highest")."""
+        if name in ("", DEFAULT_TIER):
+            return self
+        if name == HIGHEST_TIER:
+            return self.highest
+        for tier, mp in self.service_tiers:
+            if tier == name:
+                return mp
+        return None
+
+    def for_service_tier(self, requested: str, auto: str = HIGHEST_TIER,
+                         ) -> tuple[str, ModelPrice, bool]:
+        """The price a call asking for ``requested`` is held at: (the tier priced,
+        its price, whether ``requested`` names a tier without a rate of its own).
+
+        "default" holds at the model's own rates and a listed tier at its rates.
+        Not set and "auto" (the provider chooses) hold at ``auto``: the bundle's
+        ``auto_service_tier``, the highest rate of the model by default. Any other
+        tier (one the table does not price) holds at the highest rate. A model
+        without service tiers holds everything at its own rates (tier "")."""
+        if not self.service_tiers:
+            return "", self, requested not in ("", AUTO_TIER, DEFAULT_TIER)
+        # A tier the caller named and the table lacks is flagged; the bundle's
+        # auto_service_tier naming a tier this model lacks is not (documented).
+        target, named = (auto, False) if requested in ("", AUTO_TIER) else (requested, True)
+        if target == DEFAULT_TIER:
+            return DEFAULT_TIER, self, False
+        for tier, mp in self.service_tiers:
+            if tier == target:
+                return tier, mp, False
+        return HIGHEST_TIER, self.highest, named
+
+
+def _highest(base: ModelPrice, prices: list[ModelPrice]) -> ModelPrice:
+    """One price that is, at every input size, each rate at the highest of ``prices``:
+    its context-length marks are all of theirs."""
+    marks = sorted({above for mp in prices for above, _ in mp.tiers})
+    return ModelPrice(
+        base.provider, base.model, highest_price([mp.price for mp in prices]),
+        base.max_output_tokens, base.effective_from_ms,
+        tuple((m, highest_price([mp.for_input(m + 1) for mp in prices])) for m in marks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +184,9 @@ class Settings:
     fallback_price: ModelPrice | None
     permit_retention_seconds: int
     idempotency_ttl_seconds: int
+    # The tier a call that names none (or "auto") is held at ("highest": the highest
+    # rate of the model's tiers).
+    auto_service_tier: str = HIGHEST_TIER
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,20 @@ from keel_pdp.reconcile.period import Period
 # cost (booked, rounded up to the micro-dollar, and exact, in pico-USD) and the
 # closeout outcome; the permit entry carries the dimensions and the price
 # (pico-USD per token) the gateway used, which splits the exact cost across token
-# types. The dimensions are the permit's: a settlement booked before its decision
-# (a writer failover) was booked without them. An imported row has no permit and
-# its own dimensions.
+# types (a settlement priced at another service tier than its hold carries the
+# rates it was priced at, which win). The dimensions are the permit's: a
+# settlement booked before its decision (a writer failover) was booked without
+# them. An imported row has no permit and its own dimensions.
 _SETTLEMENTS_SQL = (
     "SELECT s.permit_id, s.ts_ms, COALESCE(p.tenant, s.tenant), "
     "COALESCE(p.workload, s.workload), COALESCE(p.provider, s.provider), "
     "COALESCE(p.model, s.model), "
     "s.input_tokens, s.cached_input_tokens, s.cache_write_tokens, s.output_tokens, "
     "s.reasoning_tokens, s.actual_micros, s.reason, s.detail, s.actual_pico, "
-    "p.price_input_pico, p.price_cached_input_pico, p.price_cache_write_pico, "
-    "p.price_output_pico "
+    "COALESCE(s.price_input_pico, p.price_input_pico), "
+    "COALESCE(s.price_cached_input_pico, p.price_cached_input_pico), "
+    "COALESCE(s.price_cache_write_pico, p.price_cache_write_pico), "
+    "COALESCE(s.price_output_pico, p.price_output_pico) "
     "FROM ledger_entries s LEFT JOIN ledger_entries p "
     "ON p.permit_id = s.permit_id AND s.permit_id <> '' AND p.kind = 'permit' "
     "WHERE s.kind = 'settlement' AND s.ts_ms >= ? AND s.ts_ms < ? "

@@ -18,6 +18,7 @@ def authorize_input(req: pb.AuthorizeRequest) -> AuthorizeInput:
         estimated_input_tokens=req.estimated_input_tokens,
         max_output_tokens=req.max_output_tokens,
         labels=tuple(sorted(req.labels.items())),
+        service_tier=req.service_tier,
     )
 
 
@@ -95,7 +96,17 @@ def _above_hold(r: CloseoutResult) -> pb.BlockReason:
                 f"estimate ({r.estimated_cost_micros} micro-USD); booked and flagged.")
 
 
-_FLAG_TEXT = {"USAGE_ABOVE_PERMIT": _above_permit, "COST_ABOVE_HOLD": _above_hold}
+def _tier_unpriced(r: CloseoutResult) -> pb.BlockReason:
+    return pb.BlockReason(
+        code=pb.SERVICE_TIER_UNPRICED, requested_micros=r.actual_cost_micros,
+        held_micros=r.held_micros,
+        message="The reported service tier has no rate in the permit's price table; the "
+                "usage was priced at the highest rate the permit knows for the model; "
+                "booked and flagged.")
+
+
+_FLAG_TEXT = {"USAGE_ABOVE_PERMIT": _above_permit, "COST_ABOVE_HOLD": _above_hold,
+              "SERVICE_TIER_UNPRICED": _tier_unpriced}
 
 
 def void_response(r: VoidResult) -> pb.VoidResponse:

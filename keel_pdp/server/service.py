@@ -68,7 +68,8 @@ class PdpServicer(pb_grpc.PolicyDecisionPointServicer):
         try:
             out = await self.engine.closeout(
                 request.permit_id, convert.usage(request.usage),
-                convert.outcome_name(request.outcome), cost, _deadline(context))
+                convert.outcome_name(request.outcome), cost, _deadline(context),
+                service_tier=request.service_tier)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise

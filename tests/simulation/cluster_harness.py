@@ -194,10 +194,12 @@ class TimedEngine(Engine):
 
     async def closeout(self, permit_id: str, usage: TokenUsage, outcome: str,
                        provider_cost_micros: int | None,
-                       deadline_s: float | None = None) -> CloseoutResult:
+                       deadline_s: float | None = None, *,
+                       service_tier: str = "") -> CloseoutResult:
         started = time.monotonic()
         res = await super().closeout(permit_id, usage, outcome, provider_cost_micros,
-                                     DEADLINE_S if deadline_s is None else deadline_s)
+                                     DEADLINE_S if deadline_s is None else deadline_s,
+                                     service_tier=service_tier)
         self._note(started, res.status == "CLOSEOUT_STORE_UNAVAILABLE", f"closeout {res.status}")
         return res
 

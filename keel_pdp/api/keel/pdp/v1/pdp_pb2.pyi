@@ -90,6 +90,11 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """Closeout: the booked cost is above the amount held (booked, flagged)."""
     INTERNAL_ERROR: _ReasonCode.ValueType  # 17
     """An unexpected error inside the sidecar; each budget's fail mode decided."""
+    SERVICE_TIER_UNPRICED: _ReasonCode.ValueType  # 18
+    """The service tier asked for (Authorize) or reported by the provider (Closeout) has no
+    rate of its own in the price table: priced at the highest rate the table knows for the
+    model (informational on Authorize; a Closeout flag, booked all the same).
+    """
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Stable reason codes. New codes are only ever appended."""
@@ -136,6 +141,11 @@ COST_ABOVE_HOLD: ReasonCode.ValueType  # 16
 """Closeout: the booked cost is above the amount held (booked, flagged)."""
 INTERNAL_ERROR: ReasonCode.ValueType  # 17
 """An unexpected error inside the sidecar; each budget's fail mode decided."""
+SERVICE_TIER_UNPRICED: ReasonCode.ValueType  # 18
+"""The service tier asked for (Authorize) or reported by the provider (Closeout) has no
+rate of its own in the price table: priced at the highest rate the table knows for the
+model (informational on Authorize; a Closeout flag, booked all the same).
+"""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 class _Outcome:
@@ -330,6 +340,7 @@ class AuthorizeRequest(_message.Message):
     ESTIMATED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tenant: _builtins.str
     workload: _builtins.str
@@ -338,6 +349,16 @@ class AuthorizeRequest(_message.Message):
     estimated_input_tokens: _builtins.int
     max_output_tokens: _builtins.int
     """0 = not set: the model's default max output tokens from the price table."""
+    service_tier: _builtins.str
+    """The provider's processing tier the call asks for (OpenAI's service_tier: "auto",
+    "default", "flex", "priority", "scale"), as sent to the provider. Empty = not set,
+    which the provider treats as "auto". The hold is priced at the tier's rates in the
+    price table (service_tiers); "auto" and an empty value at the bundle's
+    auto_service_tier (by default the highest rate the table knows for the model), and a
+    tier the table has no rates for at that highest rate (README "Service tiers"). At
+    most 64 bytes of letters, digits, '_', '-' and '.'. Not part of the request
+    fingerprint: a retry of a request_id is the same call.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -351,10 +372,11 @@ class AuthorizeRequest(_message.Message):
         estimated_input_tokens: _builtins.int = ...,
         max_output_tokens: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        service_tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_input_tokens", b"estimated_input_tokens", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "model", b"model", "provider", b"provider", "request_id", b"request_id", "tenant", b"tenant", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_input_tokens", b"estimated_input_tokens", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "model", b"model", "provider", b"provider", "request_id", b"request_id", "service_tier", b"service_tier", "tenant", b"tenant", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -548,10 +570,17 @@ class CloseoutRequest(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     PROVIDER_COST_MICROS_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
     permit_id: _builtins.str
     outcome: Global___Outcome.ValueType
     provider_cost_micros: _builtins.int
     """When the provider reports a cost, it is booked instead of Keel's price."""
+    service_tier: _builtins.str
+    """The service tier the provider reports it used (OpenAI's service_tier in the response
+    body or the final stream chunk / event). The usage is priced at that tier's rate;
+    empty: at the rate the permit was held at. A tier the permit's price has no rate for
+    is priced at the highest rate it knows and flagged SERVICE_TIER_UNPRICED.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     def __init__(
@@ -561,10 +590,11 @@ class CloseoutRequest(_message.Message):
         usage: Global___Usage | None = ...,
         outcome: Global___Outcome.ValueType = ...,
         provider_cost_micros: _builtins.int | None = ...,
+        service_tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_provider_cost_micros", b"_provider_cost_micros", "provider_cost_micros", b"provider_cost_micros", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_provider_cost_micros", b"_provider_cost_micros", "outcome", b"outcome", "permit_id", b"permit_id", "provider_cost_micros", b"provider_cost_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_provider_cost_micros", b"_provider_cost_micros", "outcome", b"outcome", "permit_id", b"permit_id", "provider_cost_micros", b"provider_cost_micros", "service_tier", b"service_tier", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__provider_cost_micros: _TypeAlias = _typing.Literal["provider_cost_micros"]  # noqa: Y015
     _WhichOneofArgType__provider_cost_micros: _TypeAlias = _typing.Literal["_provider_cost_micros", b"_provider_cost_micros"]  # noqa: Y015
@@ -593,7 +623,9 @@ class CloseoutResponse(_message.Message):
     """Keel's own price of the usage (equals actual unless provider_cost_micros was given)."""
     @_builtins.property
     def flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockReason]:
-        """Why this settlement needs a look (USAGE_ABOVE_PERMIT, COST_ABOVE_HOLD); booked all the same."""
+        """Why this settlement needs a look (USAGE_ABOVE_PERMIT, COST_ABOVE_HOLD,
+        SERVICE_TIER_UNPRICED); booked all the same.
+        """
 
     def __init__(
         self,
