@@ -256,8 +256,9 @@ def _at(day: int, hour: int, minute: int, second: int = 0) -> datetime:
     return datetime(2026, 3, day, hour, minute, second, tzinfo=UTC)
 
 
-def _local(zone: str, *parts: int) -> datetime:
-    return datetime(*parts, tzinfo=ZoneInfo(zone)).astimezone(UTC)  # type: ignore[misc]
+def _local(zone: str, y: int, mo: int, d: int, h: int, mi: int) -> datetime:
+    """A wall-clock time on a tenant's clock, as UTC."""
+    return datetime(y, mo, d, h, mi, tzinfo=ZoneInfo(zone)).astimezone(UTC)
 
 
 def build(provider: str, seed: int = 7, mixed: bool = False) -> list[Req]:
@@ -443,8 +444,6 @@ def _lines(provider: str, reqs: list[Req]) -> dict[tuple[Any, ...], Line]:
         if not r.in_provider:
             continue
         for t in TYPES:
-            if not r.tokens[t] and not (t in ("input", "output")):
-                continue
             if not r.tokens[t]:
                 continue
             k = (r.ts.date(), r.w.account, r.w.export_model, r.w.service, r.long_context, t)
@@ -749,8 +748,18 @@ def _internal(root: Any, reqs: list[Req]) -> str:
     rows = []
     for r in sorted(reqs, key=lambda x: (x.ts, x.rid)):
         t, b = r.tokens, r.booked
+        # Three clocks in one export: UTC ISO, the tenant's wall clock with its
+        # offset, epoch milliseconds.
+        stamp: dict[str, Any]
+        if r.w.tenant == "acme":
+            local = r.ts.astimezone(ZoneInfo(ZONES["acme"]))
+            stamp = {"ts": local.isoformat(timespec="milliseconds")}
+        elif r.w.tenant == "globex":
+            stamp = {"ts_ms": int(r.ts.timestamp()) * 1000}
+        else:
+            stamp = {"ts": r.ts.isoformat().replace("+00:00", "Z")}
         row: dict[str, Any] = {
-            "ts": r.ts.isoformat().replace("+00:00", "Z"), "tenant": r.w.tenant,
+            **stamp, "tenant": r.w.tenant,
             "workload": r.w.workload, "provider": r.w.provider, "model": r.w.model,
             "input_tokens": t["input"] + t["cached"] + t["w5m"] + t["w1h"],
             "cached_input_tokens": t["cached"], "cache_write_tokens": t["w5m"] + t["w1h"],
@@ -775,7 +784,7 @@ def _mapping(root: Any, provider: str, mixed: bool) -> str:
     ws = _workloads(provider, mixed)
     out = ["apiVersion: keel.pdp/v1", "kind: ReconcileMapping",
            "finance_owner: Priya Natarajan", "ai_program_lead: Sam Okafor", "accounts:"]
-    shared = {}
+    shared: dict[str, list[Workload]] = {}
     for w in ws:
         shared.setdefault(w.account, []).append(w)
     for w in ws:

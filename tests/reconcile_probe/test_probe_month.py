@@ -297,3 +297,25 @@ def test_a_pull_that_goes_on_past_the_month_is_whole(months: dict[str, Any],
     exports = [src / e for e in answer["exports"] if e != "anthropic_usage_report_p5.json"]
     rc, text = _run(src, answer, tmp_path / "out", [*exports, open_ended])
     assert rc == 0, text
+
+
+@pytest.mark.xfail(strict=True, reason="service tiers of one account and model share a card "
+                   "(docs/reconcile.md, Not covered yet)")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_two_service_tiers_on_one_account_and_model_keep_their_own_rates(
+        provider: str, tmp_path: pathlib.Path) -> None:
+    """OpenAI priority next to standard traffic on one project and model, Anthropic
+    batch next to standard on one workspace and model: each tier is its own line
+    at its own rate, and the gateway booked each request at its tier's rate, so
+    nothing differs but rounding. Today the tiers blend into one card and most
+    requests of both land in cache_read_rate or unexplained (the totals still
+    add up)."""
+    src = tmp_path / "in"
+    answer = write_month(src, provider, mixed=True)
+    rc, text = _run(src, answer, tmp_path / "out")
+    assert rc in (0, 1), text
+    got = _by_category(_memo(tmp_path / "out", answer))
+    assert {c: got[c]["net_micros"] if c in got else 0 for c in CATEGORIES} == \
+        answer["expected"]["net_micros"]
+    assert sorted(got["cache_read_rate"]["request_ids"]) == \
+        answer["expected"]["request_ids"]["cache_read_rate"]
