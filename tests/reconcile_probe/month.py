@@ -297,10 +297,9 @@ def build(provider: str, seed: int = 7, mixed: bool = False) -> list[Req]:
 
     la, tokyo = ZONES["acme"], ZONES["globex"]
     if provider == "openai":
-        sup, res, flex = ws["acme", "support-bot"], ws["globex", "research"], \
-            ws["globex", "research-flex"]
-        rt, batch, assist = ws["globex", "realtime"], ws["initech", "nightly-batch"], \
-            ws["acme", "agent-assist"]
+        # (acme/agent-assist and globex/research-flex: ordinary traffic only)
+        sup, res = ws["acme", "support-bot"], ws["globex", "research"]
+        rt, batch = ws["globex", "realtime"], ws["initech", "nightly-batch"]
         # Month edges on both sides of UTC.
         add(sup, _local(la, 2026, 2, 28, 21, 15), toks(input=3100, cached=2000, output=410),
             note="la-feb28-evening")  # provider March, ledger February
@@ -337,7 +336,6 @@ def build(provider: str, seed: int = 7, mixed: bool = False) -> list[Req]:
             error_type="gateway_timeout", note="both-charged")
         add(batch, _at(20, 4, 4), toks(input=900, output=0), status="failed", billed=False,
             booked_zero=True, note="neither")
-        del flex, assist
     else:
         sup, tri, doc = ws["acme", "support-bot"], ws["acme", "triage"], \
             ws["globex", "doc-analyzer"]
