@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from keel_pdp.reconcile.adapters import anthropic, generic, openai
 from keel_pdp.reconcile.adapters.common import DuplicateGuard, csv_header, load_json, read_text
+from keel_pdp.reconcile.adapters.pagination import PageChain
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.model import ProviderLine
 from keel_pdp.reconcile.period import Period
@@ -61,6 +62,7 @@ def import_exports(provider: str, paths: list[pathlib.Path], period: Period,
     if provider == "csv" and column_map is None:
         raise InputError("--column-map", "--provider csv needs a column-mapping file")
     guard = DuplicateGuard()
+    chain = PageChain()
     lines: list[ProviderLine] = []
     files: list[ImportedFile] = []
     for path in paths:
@@ -93,8 +95,10 @@ def import_exports(provider: str, paths: list[pathlib.Path], period: Period,
         if costs:
             finest = min(costs)
             parsed = [replace(ln, precision_micros=finest) for ln in parsed]
+        chain.add(path, fmt, text)
         lines += parsed
         files.append(ImportedFile(path, fmt, len(parsed)))
+    chain.check(period)
     if not lines:
         raise InputError(", ".join(str(p) for p in paths),
                          f"the exports hold no line items for {period}: an empty month "
