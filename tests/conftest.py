@@ -27,6 +27,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block(n: int) -> int:
+    """A loopback port p with p .. p + n - 1 all free (as far as can be told)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for i in range(1, n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no block of free loopback ports")
+
+
 @dataclass
 class RedisServer:
     """A real redis-server process on a free loopback port, restartable."""

@@ -11,7 +11,6 @@ import contextlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,30 +20,8 @@ from typing import Any
 import grpc
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
+from tests.conftest import free_port_block
 from tests.helpers import wait_ready
-
-
-def free_port_block(n: int) -> int:
-    """A loopback port p with p .. p + n - 1 all free (as far as can be told)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for i in range(1, n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no block of free loopback ports")
 
 
 def children_of(pid: int) -> list[int]:

@@ -16,7 +16,7 @@ import redis
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, free_port_block
 from tests.helpers import budget, wait_ready, write_bundle
 
 
@@ -132,8 +132,7 @@ def test_two_prefork_workers_share_the_port_and_stop_cleanly(
     import urllib.request
 
     bundle = write_bundle(tmp_path, [budget("b", "10")])
-    port, mport = free_port(), free_port()
-    free_port()  # mport + 1 is used by worker 1; the test only needs it to be free
+    port, mport = free_port(), free_port_block(2)  # worker 1's metrics on mport + 1
     proc = start(redis_url, bundle, port, "--workers", "2", "--metrics-port", str(mport))
     try:
         wait_ready(port)
