@@ -36,6 +36,7 @@ from collections.abc import Callable
 log = logging.getLogger("keel_pdp.workers")
 
 WORKER_INDEX_ENV = "KEEL_WORKER_INDEX"
+SUPERVISOR_ENV = "KEEL_WORKER_SUPERVISOR"
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -44,6 +45,20 @@ def worker_index() -> int | None:
     """This process's worker number (0..N-1), or None outside a supervisor."""
     value = os.environ.get(WORKER_INDEX_ENV)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def reload_every_worker() -> bool:
+    """In a pre-forked worker: ask the supervisor to reload every worker's policies
+    (SIGHUP, which it forwards to each child, this one included), as a SIGHUP to the
+    service does; False outside workers or when the supervisor is gone."""
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    if worker_index() is None or not supervisor.isdigit() or os.getppid() != int(supervisor):
+        return False
+    try:
+        os.kill(int(supervisor), signal.SIGHUP)
+    except OSError:
+        return False
+    return True
 
 
 def _drain_when_orphaned() -> None:
@@ -66,6 +81,7 @@ def _spawn(index: int, serve_one: Callable[[int], int], old_mask: set[int]) -> i
         if os.getppid() != supervisor:
             raise SystemExit(0)  # the supervisor died before the line above
         os.environ[WORKER_INDEX_ENV] = str(index)
+        os.environ[SUPERVISOR_ENV] = str(supervisor)
         code = int(serve_one(index))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

@@ -219,6 +219,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         await self._authorize(context)
         holder = self.engine.policies
         changed = await asyncio.to_thread(holder.reload, True)
+        # With --workers, every worker reloads (as on SIGHUP), not only this one.
+        from keel_pdp.workers import reload_every_worker
+
+        reload_every_worker()
         problems = [str(p) for p in holder.last_error.problems] if holder.last_error else []
         current = holder.current
         return pb.ReloadPolicyResponse(

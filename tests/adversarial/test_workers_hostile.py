@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
+from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
 from tests.adversarial.audit import Audit
 from tests.adversarial.conftest import areq, usage
 from tests.adversarial.service import Service, alive
@@ -215,3 +216,31 @@ def test_sigterm_with_a_drain_delay_longer_than_the_grace_serves_both_workers_to
     assert code == 0
     recorded = {p for _, t, p, _, _ in audit.stream() if t == "decision"}
     assert {a.permit_id for a in answers} <= recorded
+
+
+def test_reload_policy_on_one_worker_reloads_every_worker(
+        redis_url: str, tmp_path: pathlib.Path, services: list[Service]) -> None:
+    # An operator cuts a cap through Admin.ReloadPolicy ("same as SIGHUP"); the call
+    # lands on one worker. The other must not go on admitting at the old cap until
+    # its own reload interval comes round (an hour here).
+    token = "reload-admin-token"
+    (tmp_path / "admin-token").write_text(token + "\n")
+    svc, _ = _service(redis_url, tmp_path, services, "--admin-token-file",
+                      str(tmp_path / "admin-token"), "--reload-interval", "3600")
+    (c0, _), (c1, w1) = svc.stub(0), svc.stub(1)
+    with c0, c1:
+        assert w1.Authorize(areq("before"), timeout=5).decision == pb.ALLOW
+        write_bundle(tmp_path / "bundle", [budget("b", "0.000100")], revision="test-r2")
+        admin = pb_grpc.AdminStub(c0)
+        rel = admin.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=10,
+                                 metadata=(("authorization", f"Bearer {token}"),))
+        assert rel.changed and rel.policy_revision.startswith("test-r2@")
+        deadline = time.monotonic() + 10
+        while True:
+            out = w1.Authorize(areq(f"after-{time.monotonic()}"), timeout=5)
+            if out.decision == pb.DENY or time.monotonic() > deadline:
+                break
+            w1.Void(pb.VoidRequest(permit_id=out.permit_id), timeout=5)
+            time.sleep(0.2)
+        assert out.decision == pb.DENY, "worker 1 still serves the old cap"
+        assert out.policy_revision.startswith("test-r2@")
