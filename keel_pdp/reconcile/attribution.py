@@ -1,7 +1,10 @@
 """Both sides of one provider's month, gathered onto line items and attributed.
 
 ``Builder`` rolls the provider lines and the internal requests up to line items
-(``Cell``) and derives the provider's card (``keel_pdp.reconcile.rates``);
+(``Cell``) and derives the provider's card (``keel_pdp.reconcile.rates``), one
+per service tier: a request is re-rated at its own tier's card, never at a blend
+of the tiers an account and model were billed at (``Builder.place_provider``,
+``Builder.route`` say how a side that does not say its tier is placed);
 ``attribute_requests`` re-rates every request at that card and puts its
 difference in one category by its own evidence (the order is in
 ``keel_pdp.reconcile.variance``); ``attribute_lines`` puts what a line carries
@@ -36,6 +39,7 @@ from keel_pdp.reconcile.model import (
     CACHED_INPUT,
     CORRECTION,
     CREDIT,
+    STANDARD_TIER,
     TOKEN_TYPES,
     ProviderLine,
     normalise_model,
@@ -65,6 +69,11 @@ class RequestCosts:
     tokens: dict[str, int]
     internal: dict[str, int]
     provider: dict[str, int] = field(default_factory=dict)
+    # The service tier it is re-rated at: its own, else resolved in ``route``.
+    service_tier: str = ""
+    # Not recorded, and the provider billed its account and model at several tiers:
+    # attributed at the standard tier, its difference shown, never blended.
+    tier_assumed: bool = False
 
 
 class Builder:
@@ -85,7 +94,15 @@ class Builder:
         self.boundary: list[InternalUsageLine] = []
         self.evidence = Evidence()
         self.unmapped: set[str] = set()
-        self.tier_series: dict[tuple[str, str], int] = {}  # (account, model) -> threshold
+        # (account, model, service tier) -> long-context threshold
+        self.tier_series: dict[tuple[str, str, str], int] = {}
+        self.pending: list[ProviderLine] = []
+        # (account, model) -> the service tiers each side says it was billed at
+        self.provider_told: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.internal_told: dict[tuple[str, str], set[str]] = defaultdict(set)
+        # (account, model) -> the tiers each side was placed at
+        self.provider_tiers: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.internal_tiers: dict[tuple[str, str], set[str]] = defaultdict(set)
         self.zones: dict[str, tzinfo | None] = {}
         self.start_ms, self.end_ms = period.start_ms, period.end_ms
         self.accounts: dict[tuple[str, str, str], str] = {}
@@ -106,11 +123,48 @@ class Builder:
             return
         if not self.mapping.is_mapped(self.provider, account):
             self.unmapped.add(account)
-        key = CellKey(line.day, account, line.model, line.token_type, line.tier)
+        if account != line.account:
+            line = replace(line, account=account)
+        self.pending.append(line)
+        if line.service_tier:
+            self.provider_told[(account, line.model)].add(line.service_tier)
+
+    def provider_tier(self, line: ProviderLine) -> str | None:
+        """The tier of a provider line. A line whose export does not say takes the
+        tier the rest of the export gives its account and model when that is one
+        tier, else the internal side's when that is one (nothing to blend), else
+        the standard tier. Usage without money on an account and model the export
+        bills at several tiers is left out (None): its tokens cover every tier, and
+        the rates are then read over the requests' tokens."""
+        if line.service_tier:
+            return line.service_tier
+        told = self.provider_told.get((line.account, line.model))
+        if told:
+            if len(told) == 1:
+                return next(iter(told))
+            return STANDARD_TIER if line.cost_micros is not None else None
+        inside = self.internal_told.get((line.account, line.model))
+        if inside and len(inside) == 1:
+            return next(iter(inside))
+        return STANDARD_TIER
+
+    def place_provider(self) -> None:
+        """Every provider line onto its line item, at its service tier."""
+        for line in self.pending:
+            service_tier = self.provider_tier(line)
+            if service_tier is None:
+                continue
+            self._place(line, service_tier)
+        self.pending = []
+
+    def _place(self, line: ProviderLine, service_tier: str) -> None:
+        account = line.account
+        self.provider_tiers[(account, line.model)].add(service_tier)
+        key = CellKey(line.day, account, line.model, line.token_type, line.tier, service_tier)
         cell = self.cell(key)
         if line.tier:
             threshold = line.tier_from or self.mapping.tier_threshold(self.provider, line.model)
-            self.tier_series[(account, line.model)] = threshold
+            self.tier_series[(account, line.model, service_tier)] = threshold
         if line.cost_micros is not None:
             cell.provider_micros += line.cost_micros
             cell.provider_has_cost = True
@@ -154,18 +208,37 @@ class Builder:
         tokens = line.tokens_by_type()
         billed = (not line.failed) or self.mapping.failed_attempt_billed(
             self.provider, line.error_type, line.status)
+        if line.service_tier:
+            self.internal_told[(account, model)].add(line.service_tier)
         self.requests.append(RequestCosts(
             line=line, account=account, model=model, day=day_of_ms(line.ts_ms),
             in_provider=in_provider, in_ledger=in_ledger, tiered=False, billed=billed,
             tokens={t: tokens.get(t, 0) for t in TOKEN_TYPES},
-            internal={t: costs.get(t, 0) for t in TOKEN_TYPES}))
+            internal={t: costs.get(t, 0) for t in TOKEN_TYPES},
+            service_tier=line.service_tier))
 
     # ------------------------------------------------------------------ the card
 
     def route(self) -> None:
-        """Tier requests, and the billed tokens of every provider line."""
+        """Place the provider lines, tier requests, and the billed tokens of every
+        provider line.
+
+        A request without a recorded service tier takes its account and model's
+        tier when the provider billed them at one; when it billed several, the
+        request is attributed at the standard tier and flagged (``tier_assumed``),
+        so its difference shows instead of blending into another tier's card."""
+        self.place_provider()
         for r in self.requests:
-            threshold = self.tier_series.get((r.account, r.model))
+            if not r.service_tier:
+                billed_at = self.provider_tiers.get((r.account, r.model))
+                if billed_at and len(billed_at) == 1:
+                    r.service_tier = next(iter(billed_at))
+                else:
+                    r.service_tier = STANDARD_TIER
+                    r.tier_assumed = bool(billed_at)
+            if r.in_provider:
+                self.internal_tiers[(r.account, r.model)].add(r.service_tier)
+            threshold = self.tier_series.get((r.account, r.model, r.service_tier))
             r.tiered = threshold is not None and r.line.input_tokens > threshold
             workload = (r.line.tenant, r.line.workload)
             for t in TOKEN_TYPES:
@@ -184,14 +257,14 @@ class Builder:
 
     def key(self, r: RequestCosts, token_type: str) -> CellKey:
         return CellKey(r.day, r.account, r.model, token_type,
-                       "long_context" if r.tiered else "")
+                       "long_context" if r.tiered else "", r.service_tier)
 
     def rate_tokens(self, key: CellKey, cell: Cell) -> int:
         """The tokens a line's amount is divided by: the provider's own count when
         its usage export gives one for exactly this line (so requests the gateway
         missed do not inflate the rate), else those of the requests it billed."""
         if (cell.provider_tokens and not key.tier
-                and (key.account, key.model) not in self.tier_series):
+                and (key.account, key.model, key.service_tier) not in self.tier_series):
             return cell.provider_tokens
         return cell.billed_tokens
 
@@ -263,15 +336,26 @@ def attribute_requests(b: Builder, cards: dict[Series, dict[date, Fraction]]) ->
                 continue
             if abs(diff) <= REQUEST_ROUNDING_MICROS:
                 cell.allocate(ROUNDING, diff)
-            elif t in (CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H) and r.tokens[t] > 0:
+            elif (t in (CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H) and r.tokens[t] > 0
+                  and not r.tier_assumed and b.key(r, t).series in cards):
                 _claim_one(b, r, t, CACHE_RATE, cell, diff,
                            f"{t} priced differently internally")
-                ev.cache_internal_rates[(r.account, r.model, t)].add(
+                ev.cache_internal_rates[(r.account, r.model, t, r.service_tier)].add(
                     Fraction(r.internal[t], r.tokens[t]))
             else:
+                billed_at = sorted(b.provider_tiers.get((r.account, r.model), ()))
                 if r.account.startswith("(unmapped") or not b.mapping.is_mapped(
                         b.provider, r.account):
                     note = f"account {r.account} is not in the mapping file"
+                elif r.tier_assumed:
+                    note = (f"service tier not recorded: attributed at the {STANDARD_TIER} "
+                            "tier, but the provider billed this account and model at "
+                            f"{', '.join(billed_at)} (record each request's service_tier)")
+                elif b.key(r, t).series not in cards and billed_at and (
+                        r.service_tier not in billed_at):
+                    note = (f"no provider line at the {r.service_tier} service tier for this "
+                            "account and model: the provider billed it at "
+                            f"{', '.join(billed_at)}")
                 elif b.key(r, t).series not in cards:
                     note = ("no provider line for this account, model and token type "
                             "(not billed, or billed under another account or model)")
@@ -345,7 +429,12 @@ def attribute_lines(b: Builder) -> None:
         if cell.provider_has_cost and cell.billed_tokens and abs(rest) <= bound:
             cell.allocate(ROUNDING, rest)
             continue
-        if cell.billed_tokens == 0:
+        recorded = b.internal_tiers.get((key.account, key.model), set())
+        if cell.billed_tokens == 0 and recorded and key.service_tier not in recorded:
+            note = (f"billed by the provider at the {key.service_tier} service tier; the "
+                    f"internal usage of this account and model is at "
+                    f"{', '.join(sorted(recorded))}")
+        elif cell.billed_tokens == 0:
             note = "billed by the provider, no internal usage recorded"
         elif not cell.provider_has_cost:
             note = "internal usage the provider did not bill"

@@ -18,6 +18,7 @@ from keel_pdp.csv_cells import csv_text
 from keel_pdp.reconcile.adapters.common import as_count, csv_header, read_csv, read_text
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.internal_line import InternalUsageLine, in_window
+from keel_pdp.reconcile.model import service_tier_name
 from keel_pdp.reconcile.money import parse_decimal, to_micros
 from keel_pdp.reconcile.period import Period
 
@@ -28,7 +29,9 @@ class FileInternalSource:
     Timestamps: ``ts_ms`` (epoch milliseconds) or ``ts`` (ISO 8601; a timestamp
     without an offset is read in ``tz``, UTC by default). Cost: ``cost_micros``
     or ``cost_usd`` (a decimal string), optionally with the four per-type cost
-    columns.
+    columns. ``service_tier`` (optional): the tier the provider billed the request
+    at (``default`` or ``standard``, ``batch``, ``flex``, ``priority``, ...); empty,
+    absent or ``auto``: not recorded.
     """
 
     def __init__(self, path: pathlib.Path, tz: str = "UTC") -> None:
@@ -111,6 +114,14 @@ class FileInternalSource:
             parsed = parsed.replace(tzinfo=self.tz)
         return int(parsed.astimezone(UTC).timestamp() * 1000)
 
+    def _tier(self, where: str, rec: dict[str, Any]) -> str:
+        try:
+            return service_tier_name(rec.get("service_tier"))
+        except ValueError as exc:
+            raise InputError(str(self.path), f"{exc} (a tier name such as default, batch, "
+                             "flex or priority, or empty when not recorded)", where=where,
+                             column="service_tier") from None
+
     def _line(self, where: str, rec: dict[str, Any]) -> InternalUsageLine:
         path = self.path
 
@@ -157,6 +168,7 @@ class FileInternalSource:
             error_type=text("error_type"),
             cache_write_1h_tokens=count("cache_write_1h_tokens"),
             cache_write_1h_cost_micros=opt_micros("cache_write_1h_cost_micros"),
+            service_tier=self._tier(where, rec),
         )
         problems = line.problems()
         if problems:

@@ -14,7 +14,13 @@ from typing import Any
 from keel_pdp.money import micros_half_even
 from keel_pdp.reconcile.errors import ReconcileError
 from keel_pdp.reconcile.internal_line import InternalUsageLine
-from keel_pdp.reconcile.model import CACHE_WRITE, CACHED_INPUT, INPUT, OUTPUT
+from keel_pdp.reconcile.model import (
+    CACHE_WRITE,
+    CACHED_INPUT,
+    INPUT,
+    OUTPUT,
+    service_tier_name,
+)
 from keel_pdp.reconcile.money import split_exact
 from keel_pdp.reconcile.period import Period
 
@@ -25,7 +31,8 @@ from keel_pdp.reconcile.period import Period
 # types (a settlement priced at another service tier than its hold carries the
 # rates it was priced at, which win). The dimensions are the permit's: a
 # settlement booked before its decision (a writer failover) was booked without
-# them. An imported row has no permit and its own dimensions.
+# them. An imported row has no permit and its own dimensions. The service tier is
+# the settlement's (``_tier``).
 _SETTLEMENTS_SQL = (
     "SELECT s.permit_id, s.ts_ms, COALESCE(p.tenant, s.tenant), "
     "COALESCE(p.workload, s.workload), COALESCE(p.provider, s.provider), "
@@ -47,12 +54,12 @@ _OK_OUTCOMES = ("", "ok", "succeeded", "outcome_unspecified")
 class _RoundedOnce:
     """Exact amounts (pico-USD) summed per series and rounded once.
 
-    A series is one tenant, workload, account, provider, model, UTC day and token
-    type. Each request of a series is given the change of the series' running
-    total, rounded half to even: the requests of any stretch of a series add up
-    to its exact total rounded once, so the gateway rounding each request up to
-    the micro-dollar does not pile up as a bias on the internal side (8.5 micro-USD
-    embeddings are 8 and 9 in turn, not 9 each).
+    A series is one tenant, workload, account, provider, model, service tier, UTC
+    day and token type. Each request of a series is given the change of the
+    series' running total, rounded half to even: the requests of any stretch of a
+    series add up to its exact total rounded once, so the gateway rounding each
+    request up to the micro-dollar does not pile up as a bias on the internal side
+    (8.5 micro-USD embeddings are 8 and 9 in turn, not 9 each).
     """
 
     def __init__(self) -> None:
@@ -62,6 +69,22 @@ class _RoundedOnce:
         before = self.sums.get(key, 0)
         self.sums[key] = after = before + pico
         return micros_half_even(after) - micros_half_even(before)
+
+
+def _tier(detail: dict[str, Any]) -> str:
+    """The tier a settlement was billed at: the one the provider reported
+    (``detail.service_tier``), else the one it was priced at when that names a tier
+    (``priced_tier``: the tier the call asked for when the provider did not say;
+    ``highest`` names none). "" when neither does, or when a value is no tier name
+    (the ledger's own writer never stores one)."""
+    for key in ("service_tier", "priced_tier"):
+        try:
+            tier = service_tier_name(detail.get(key))
+        except ValueError:
+            tier = ""
+        if tier:
+            return tier
+    return ""
 
 
 def _ledger_line(row: tuple[Any, ...], once: _RoundedOnce | None = None) -> InternalUsageLine:
@@ -85,8 +108,9 @@ def _ledger_line(row: tuple[Any, ...], once: _RoundedOnce | None = None) -> Inte
         weights = [max(tokens[t], 0) * rates[t] for t in types]
         if sum(weights) > 0 or exact == 0:
             per_type_pico = dict(zip(types, split_exact(exact, weights), strict=True))
+    tier = _tier(detail)
     series = (str(tenant), str(workload), str(detail.get("account") or ""), str(provider),
-              str(model), int(ts) // 86_400_000)
+              str(model), tier, int(ts) // 86_400_000)
     per_type: dict[str, int] | None = None
     if per_type_pico is not None:
         per_type = {t: once.take((*series, t), v) for t, v in per_type_pico.items()}
@@ -109,6 +133,7 @@ def _ledger_line(row: tuple[Any, ...], once: _RoundedOnce | None = None) -> Inte
         cache_write_1h_tokens=_int_or(detail.get("cache_write_1h_tokens"), 0) or 0,
         cache_write_1h_cost_micros=_int_or(costs.get("cache_write_1h"), None)
         if isinstance(costs, dict) else None,
+        service_tier=tier,
     )
 
 

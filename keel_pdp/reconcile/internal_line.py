@@ -33,7 +33,7 @@ EXPORT_COLUMNS = (
     "input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
     "output_tokens", "reasoning_tokens", "cost_micros", *COST_COLUMNS.values(),
     "cache_write_1h_cost_micros", "status", "error_type",
-    "permit_id",
+    "permit_id", "service_tier",
 )
 
 
@@ -70,6 +70,9 @@ class InternalUsageLine:
     # Of cache_write_tokens (and their cost), the 1-hour cache writes.
     cache_write_1h_tokens: int = 0
     cache_write_1h_cost_micros: int | None = None
+    # The service tier the provider billed the request at, as
+    # ``keel_pdp.reconcile.model.service_tier_name`` spells it; "" when not recorded.
+    service_tier: str = ""
 
     @property
     def failed(self) -> bool:
@@ -110,7 +113,8 @@ class InternalUsageLine:
                 CACHE_WRITE_1H: write_1h,
                 OUTPUT: self.output_cost_micros or 0,
             }
-        price = (prices.price_for(self.provider, model_key, self.ts_ms, self.input_tokens)
+        price = (prices.price_for(self.provider, model_key, self.ts_ms, self.input_tokens,
+                                  self.service_tier)
                  if prices is not None else None)
         if price is None:
             raise ReconcileError(
@@ -164,7 +168,7 @@ class InternalUsageLine:
             "cache_write_cost_micros": opt(self.cache_write_cost_micros),
             "output_cost_micros": opt(self.output_cost_micros),
             "status": self.status, "error_type": self.error_type,
-            "permit_id": self.permit_id,
+            "permit_id": self.permit_id, "service_tier": self.service_tier,
         }
 
 

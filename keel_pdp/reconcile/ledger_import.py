@@ -51,7 +51,7 @@ def entry_rows(lines: list[InternalUsageLine], source: pathlib.Path,
                 detail["costs"]["cache_write_1h"] = line.cache_write_1h_cost_micros
         if line.cache_write_1h_tokens:
             detail["cache_write_1h_tokens"] = line.cache_write_1h_tokens
-        for key in ("account", "api_key", "error_type"):
+        for key in ("account", "api_key", "error_type", "service_tier"):
             if getattr(line, key):
                 detail[key] = getattr(line, key)
         status = line.status.strip()

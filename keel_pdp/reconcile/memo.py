@@ -14,7 +14,7 @@ import pathlib
 from typing import Any
 
 from keel_pdp.reconcile.mapping import Workload
-from keel_pdp.reconcile.model import CREDIT
+from keel_pdp.reconcile.model import CREDIT, STANDARD_TIER
 from keel_pdp.reconcile.money import usd
 from keel_pdp.reconcile.report import (
     ACCEPTED,
@@ -97,6 +97,11 @@ def _types(rec: Any, category: str) -> str:
     return "; ".join(parts) if parts else "no token figures"
 
 
+def _tiered(model: str, service_tier: str) -> str:
+    """A model as the memo names it: with its service tier when not the standard one."""
+    return model if service_tier == STANDARD_TIER else f"{model} ({service_tier})"
+
+
 def paragraph(report: Report, c: CategoryReport) -> str:
     rec = report.rec
     ev = rec.evidence
@@ -121,11 +126,12 @@ def paragraph(report: Report, c: CategoryReport) -> str:
                 f"paid. Variance: {v}. {decision}")
     if c.category == CACHE_RATE:
         rates = []
-        for (account, model, t), seen in sorted(ev.cache_internal_rates.items()):
-            card = [r for s_, days in ev.rates.items() if s_[:3] == (account, model, t)
-                    for _, r in days]
+        for (account, model, t, st), seen in sorted(ev.cache_internal_rates.items()):
+            card = [r for s_, days in ev.rates.items()
+                    if s_[:3] == (account, model, t) and s_[4] == st for _, r in days]
             if card:
-                rates.append(f"{model} {t} on {account}: provider {per_million(card[0])} vs "
+                rates.append(f"{_tiered(model, st)} {t} on {account}: provider "
+                             f"{per_million(card[0])} vs "
                              f"internal {', '.join(per_million(x) for x in sorted(seen)[:2])}"
                              " per 1M tokens")
         listed = "; ".join(rates[:4]) or "a different cache rate"
@@ -138,7 +144,8 @@ def paragraph(report: Report, c: CategoryReport) -> str:
         tiers = []
         for s_, days in sorted(ev.rates.items()):
             if s_[3] and days:
-                tiers.append(f"{s_[1]} {s_[2]} on {s_[0]} at {per_million(days[0][1])}")
+                tiers.append(f"{_tiered(s_[1], s_[4])} {s_[2]} on {s_[0]} at "
+                             f"{per_million(days[0][1])}")
         listed = "; ".join(tiers[:4]) or "tier lines"
         return (f"Provider billed {len(ev.requests[TIER]):,} request(s) whose input was above "
                 f"the long-context threshold on its tier-marked lines ({listed} per 1M "
@@ -198,6 +205,7 @@ def _line_item(report: Report, cell: Cell, category: str) -> dict[str, Any]:
         "model": cell.key.model,
         "token_type": cell.key.token_type,
         "tier": cell.key.tier,
+        "service_tier": cell.key.service_tier,
         "workloads": [f"{t}/{w}" for t, w in workloads],
         "provider_tokens": cell.provider_tokens,
         "provider_micros": cell.provider_micros,
@@ -355,7 +363,8 @@ def memo_markdown(report: Report, documents: dict[str, str]) -> str:
             w("|---|---|---|---|---|---|---|---|")
             cells = rec.cells_in(UNEXPLAINED)
             for cell in cells[:MAX_MD_LINE_ITEMS]:
-                w(f"| {cell.key.day.isoformat()} | {cell.key.account} | {cell.key.model or '-'} "
+                model = _tiered(cell.key.model or "-", cell.key.service_tier)
+                w(f"| {cell.key.day.isoformat()} | {cell.key.account} | {model} "
                   f"| {cell.key.token_type} | {usd(cell.provider_micros)} | "
                   f"{usd(cell.internal_micros)} | {usd(cell.alloc[UNEXPLAINED], signed=True)} "
                   f"| {cell.notes.get(UNEXPLAINED, '')} |")

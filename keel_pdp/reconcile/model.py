@@ -5,6 +5,13 @@ Token types follow Keel's pricing: ``input`` is fresh (uncached) input,
 5-minute lifetime, and OpenAI's), ``cache_write_1h`` Anthropic's 1-hour cache
 writes (a rate of their own), ``output`` includes reasoning tokens. Non-token
 charges (web search, code execution) keep their own type name.
+
+Service tiers (OpenAI's ``service_tier`` and Batch API, Anthropic's
+``service_tier``) bill one model at several rates; ``service_tier_name`` gives
+both sides one spelling: ``standard`` for OpenAI's ``default`` and Anthropic's
+``standard``, every other tier its own lower-case name, and "" where the source
+does not say (resolved when both sides are gathered: see
+``keel_pdp.reconcile.attribution``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date
+
+from keel_pdp.pricing import tier_problem
 
 INPUT = "input"
 CACHED_INPUT = "cached_input"
@@ -29,6 +38,34 @@ LINE_KINDS = (USAGE, CREDIT, CORRECTION)
 
 DEFAULT_ACCOUNT = "default"
 LONG_CONTEXT = "long_context"
+
+STANDARD_TIER = "standard"
+BATCH_TIER = "batch"
+_TIER_ALIASES = {"default": STANDARD_TIER, "standard": STANDARD_TIER}
+# Keel's own words for a tier nobody knows: a call that let the provider choose
+# ("auto"), a hold at the highest rate ("highest"), a report whose tier could not
+# be read ("unreadable"). None of them is a tier a provider bills at.
+_NOT_A_TIER = frozenset({"auto", "highest", "unreadable"})
+
+
+def service_tier_name(value: object) -> str:
+    """One spelling of a service tier on both sides; "" when ``value`` does not
+    name one (absent, empty, ``auto``). Raises ``ValueError`` saying why ``value``
+    cannot be a tier name (not text, longer than 64 characters, other characters
+    than letters, digits, '_', '-' and '.')."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = value.strip()
+    problem = tier_problem(value)
+    if problem is not None:
+        shown = repr(value)[:40] + ("..." if len(repr(value)) > 40 else "")
+        raise ValueError(f"service tier {shown} {problem}")
+    assert isinstance(value, str)
+    text = value.lower()
+    if not text or text in _NOT_A_TIER:
+        return ""
+    return _TIER_ALIASES.get(text, text)
 
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -85,3 +122,6 @@ class ProviderLine:
     # documented threshold, from the mapping's ``tiers`` or the defaults).
     tier: str = ""
     tier_from: int = 0
+    # The service tier the line was billed at (``service_tier_name``); "" when the
+    # export does not say.
+    service_tier: str = ""

@@ -63,11 +63,12 @@ def _provider_export(path: pathlib.Path, report: Report, lines: list[ProviderLin
     rows = sorted(lines, key=lambda ln: (ln.day, account(ln), ln.model, ln.token_type, ln.kind,
                                          pathlib.PurePath(ln.source).name, ln.where))
     _write_csv(path, ["day", "provider", "account", "account_in_export", "api_key", "model",
-                      "token_type", "tier", "kind", "belongs_to_period", "tokens",
-                      "cost_micros", "cost_usd", "description", "source_file",
+                      "token_type", "tier", "service_tier", "kind", "belongs_to_period",
+                      "tokens", "cost_micros", "cost_usd", "description", "source_file",
                       "source_location"],
                ([ln.day.isoformat(), provider, account(ln), ln.account, ln.api_key, ln.model,
-                 ln.token_type, ln.tier, ln.kind, ln.belongs_to, ln.tokens, ln.cost_micros,
+                 ln.token_type, ln.tier, ln.service_tier, ln.kind, ln.belongs_to, ln.tokens,
+                 ln.cost_micros,
                  decimal_str(ln.cost_micros) if ln.cost_micros is not None else "",
                  ln.description, pathlib.PurePath(ln.source).name, ln.where] for ln in rows))
 
@@ -80,12 +81,14 @@ def _line_items(path: pathlib.Path, report: Report) -> None:
         cell = rec.cells[key]
         workloads = workloads_of(rec, report.mapping, cell)
         rows.append([key.day.isoformat(), key.account, key.model, key.token_type, key.tier,
-                     " ".join(f"{t}/{w}" for t, w in workloads), cell.provider_tokens,
+                     key.service_tier, " ".join(f"{t}/{w}" for t, w in workloads),
+                     cell.provider_tokens,
                      cell.provider_micros, cell.internal_tokens, cell.internal_requests,
                      cell.internal_micros, cell.gap,
                      *[cell.alloc.get(n, 0) for n in names],
                      "; ".join(f"{k}: {v}" for k, v in sorted(cell.notes.items()))])
-    _write_csv(path, ["day", "account", "model", "token_type", "tier", "workloads",
+    _write_csv(path, ["day", "account", "model", "token_type", "tier", "service_tier",
+                      "workloads",
                       "provider_tokens",
                       "provider_micros", "internal_tokens", "internal_requests",
                       "internal_micros", "gap_micros", *[f"{n}_micros" for n in names],

@@ -25,6 +25,7 @@ from keel_pdp.reconcile.model import (
     CACHED_INPUT,
     INPUT,
     OUTPUT,
+    STANDARD_TIER,
     normalise_model,
 )
 from keel_pdp.reconcile.money import split_exact
@@ -41,9 +42,14 @@ class PriceBook:
         found.append(entry)
         found.sort(key=lambda e: e.effective_from_ms)
 
-    def price_for(self, provider: str, model: str, ts_ms: int, input_tokens: int
-                  ) -> Price | None:
-        """The price in effect at ``ts_ms``, at the tier the request's input reached."""
+    def price_for(self, provider: str, model: str, ts_ms: int, input_tokens: int,
+                  service_tier: str = "") -> Price | None:
+        """The price in effect at ``ts_ms``, at the context tier the request's input
+        reached, of its service tier (the table's ``service_tiers``). The standard
+        tier, an unknown one and one the table does not price take the model's own
+        rates: the split needs only their proportions, which a provider's tiers
+        usually scale alike (batch and flex at half of each rate, priority at about
+        twice)."""
         history = self.entries.get((provider, model))
         if not history:
             return None
@@ -51,6 +57,8 @@ class PriceBook:
         for entry in history:
             if entry.effective_from_ms <= ts_ms:
                 current = entry
+        if service_tier not in ("", STANDARD_TIER):
+            current = current.service_tier(service_tier) or current
         return current.for_input(input_tokens)
 
     def __bool__(self) -> bool:

@@ -1,8 +1,9 @@
 """The provider's card: the unit rate each invoice line evidences, day by day.
 
-For each series (account, model, token type, tier) the rate is a line's amount
-over the tokens the provider billed on it, taken where the days agree; a rate is
-snapped to a published price (USD per million tokens) when rounding allows.
+For each series (account, model, token type, tier, service tier) the rate is a
+line's amount over the tokens the provider billed on it, taken where the days
+agree; a rate is snapped to a published price (USD per million tokens) when
+rounding allows.
 Arithmetic is exact (``Fraction``); a cost at a rate is rounded once, half-even,
 to the micro-dollar.
 """

@@ -17,25 +17,27 @@ from keel_pdp.reconcile.categories import CREDITS, PRIOR_PERIOD
 from keel_pdp.reconcile.clocks import LEDGER_CLOCK_TENANT
 from keel_pdp.reconcile.internal_line import InternalUsageLine
 from keel_pdp.reconcile.mapping import Mapping, Workload
-from keel_pdp.reconcile.model import ProviderLine
+from keel_pdp.reconcile.model import STANDARD_TIER, ProviderLine
 from keel_pdp.reconcile.period import Period
 
-Series = tuple[str, str, str, str]  # account, model, token type, tier
+Series = tuple[str, str, str, str, str]  # account, model, token type, tier, service tier
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class CellKey:
-    """The reconciliation grain: UTC day, account, model, token type and tier."""
+    """The reconciliation grain: UTC day, account, model, token type, tier (long
+    context) and service tier (each billed at its own rates)."""
 
     day: date
     account: str
     model: str
     token_type: str
     tier: str = ""
+    service_tier: str = STANDARD_TIER
 
     @property
     def series(self) -> Series:
-        return (self.account, self.model, self.token_type, self.tier)
+        return (self.account, self.model, self.token_type, self.tier, self.service_tier)
 
 
 @dataclass
@@ -116,7 +118,8 @@ class Evidence:
     # failed attempts: (requests, provider micros, internal micros) each way
     failed_billed: list[int] = field(default_factory=lambda: [0, 0, 0])
     failed_unbilled: list[int] = field(default_factory=lambda: [0, 0, 0])
-    cache_internal_rates: dict[tuple[str, str, str], set[Fraction]] = field(
+    # (account, model, token type, service tier) -> the internal rates seen
+    cache_internal_rates: dict[tuple[str, str, str, str], set[Fraction]] = field(
         default_factory=lambda: defaultdict(set))
 
 

@@ -2,7 +2,8 @@
 request by request, with the evidence behind it.
 
 The provider's card is read off the export: for each account, model, token
-type and tier (long-context lines are their own series), the unit rate is the
+type, tier (long-context lines are their own series) and service tier (each
+billed at its own rates; a request is re-rated at its own), the unit rate is the
 line amount over the tokens of the requests the provider billed on it, taken
 where the days agree (a day whose line rose without usage behind it does not
 set a rate). Every internal request is re-rated at that card; its difference

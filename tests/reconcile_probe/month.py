@@ -482,7 +482,8 @@ _ANTH_NAME = {"claude-sonnet-4-5-20250929": "Claude Sonnet 4.5",
 def write_month(root: Any, provider: str, seed: int = 7, mixed: bool = False
                 ) -> dict[str, Any]:
     """Writes the month's files under ``root`` (a pathlib.Path); returns the answer.
-    ``mixed``: one account and model also carries a second service tier."""
+    ``mixed``: one account and model also carries a second service tier, and the
+    gateway's export names each request's tier."""
     root.mkdir(parents=True, exist_ok=True)
     reqs = build(provider, seed, mixed)
     lines = _lines(provider, reqs)
@@ -551,7 +552,7 @@ def write_month(root: Any, provider: str, seed: int = 7, mixed: bool = False
         cats["credits"] + cats["prior_period_correction"]
     internal_total = sum(r.l_total for r in reqs)
     assert sum(cats.values()) == provider_total - internal_total
-    internal = _internal(root, reqs)
+    internal = _internal(root, reqs, tiers=mixed)
     mapping = _mapping(root, provider, mixed)
     skew_p = sorted(r.rid for r in reqs if r.in_provider and not r.in_ledger)
     skew_l = sorted(r.rid for r in reqs if r.in_ledger and r.provider_month() != PERIOD)
@@ -741,8 +742,10 @@ def _adjustments(root: Any, provider: str) -> tuple[str, str, list[tuple[str, in
     return name, cmap, out
 
 
-def _internal(root: Any, reqs: list[Req]) -> str:
-    """The gateway's export: JSON lines, every request loaded around the month."""
+def _internal(root: Any, reqs: list[Req], tiers: bool = False) -> str:
+    """The gateway's export: JSON lines, every request loaded around the month.
+    ``tiers``: each row names the service tier the provider billed it at, in the
+    provider's own words (OpenAI ``default``, Anthropic ``standard``)."""
     rows = []
     for r in sorted(reqs, key=lambda x: (x.ts, x.rid)):
         t, b = r.tokens, r.booked
@@ -772,6 +775,8 @@ def _internal(root: Any, reqs: list[Req]) -> str:
             row["cache_write_1h_cost_micros"] = b["w1h"]
         if r.error_type:
             row["error_type"] = r.error_type
+        if tiers:
+            row["service_tier"] = r.w.service
         rows.append(json.dumps(row))
     name = f"{reqs[0].w.provider}_internal.jsonl"
     (root / name).write_text("\n".join(rows) + "\n")

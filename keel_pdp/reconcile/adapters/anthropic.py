@@ -13,11 +13,18 @@ when grouped by description, ``model`` and ``token_type``. Buckets are daily,
 The console CSVs use names rather than ids (workspace and API key names, model
 display names such as "Claude Sonnet 4.5"); the mapping file resolves workspace
 names, and model names are normalised. Console costs are in US dollars.
+
+Service tiers: API rows carry ``service_tier`` (``standard``, ``batch``,
+``priority``); console CSVs carry ``usage_type`` (``standard`` or ``batch`` in
+the usage download; ``message`` is the standard tier in the cost download). A
+cost row without either names the tier in its description ("Claude Sonnet 4.5
+Batch Usage - ...") or is left for reconciliation to resolve ("").
 """
 
 from __future__ import annotations
 
 import pathlib
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -45,10 +52,12 @@ from keel_pdp.reconcile.model import (
     INPUT,
     LONG_CONTEXT,
     OUTPUT,
+    STANDARD_TIER,
     USAGE,
     WEB_SEARCH,
     ProviderLine,
     normalise_model,
+    service_tier_name,
     slug,
 )
 from keel_pdp.reconcile.money import (
@@ -98,6 +107,29 @@ def detect(path: pathlib.Path, text: str) -> str | None:
     return None
 
 
+# Tiers a cost description names ("Claude Sonnet 4.5 Batch Usage - Input Tokens").
+_DESCRIBED_TIER = re.compile(r"\b(batch|priority|flex)\b", re.IGNORECASE)
+# The console cost download's usage_type for the standard Messages API.
+_CONSOLE_STANDARD = ("message", "messages")
+
+
+def _service_tier(path: pathlib.Path, value: Any, where: str, column: str = "",
+                  description: str = "") -> str:
+    """A row's tier: its ``service_tier`` (or console ``usage_type``), else the tier
+    its description names; "" when neither says."""
+    if isinstance(value, str) and value.strip().lower() in _CONSOLE_STANDARD:
+        return STANDARD_TIER
+    try:
+        tier = service_tier_name(value)
+    except ValueError as exc:
+        raise InputError(str(path), str(exc), where=where, column=column) from None
+    if not tier and description:
+        found = _DESCRIBED_TIER.search(description)
+        if found is not None:
+            tier = found.group(1).lower()
+    return tier
+
+
 def _workspace(value: Any) -> str:
     text = text_field(value)
     if not text or text.lower() == "default":
@@ -107,8 +139,8 @@ def _workspace(value: Any) -> str:
 
 def _usage(path: pathlib.Path, period: Period, aliases: dict[str, str], where: str,
            day_value: Any, day_column: str, model_raw: str, workspace: Any, api_key: Any,
-           counts: dict[str, int], searches: int, json_day: str | None = None
-           ) -> list[ProviderLine]:
+           counts: dict[str, int], searches: int, json_day: str | None = None,
+           service_tier: str = "") -> list[ProviderLine]:
     day_where, day_col = day_place(where, day_column, json_day)
     day = parse_day(path, day_value, day_where, day_col)
     check_in_period(path, day, period, day_where, day_col)
@@ -118,7 +150,7 @@ def _usage(path: pathlib.Path, period: Period, aliases: dict[str, str], where: s
     base = ProviderLine(day=day, account=_workspace(workspace),
                         model=normalise_model(model_raw, aliases), token_type=INPUT,
                         tokens=counts[INPUT], cost_micros=None, api_key=text_field(api_key),
-                        source=str(path), where=where)
+                        source=str(path), where=where, service_tier=service_tier)
     out = [base]
     for token_type in (CACHED_INPUT, CACHE_WRITE, CACHE_WRITE_1H, OUTPUT):
         out.append(replace(base, token_type=token_type, tokens=counts[token_type]))
@@ -132,8 +164,8 @@ def _cost(path: pathlib.Path, period: Period, aliases: dict[str, str], where: st
           day_value: Any, day_column: str, amount: Any, amount_where: tuple[str, str],
           unit_micros: int, model_raw: str, token_type_raw: str, cost_type: str,
           workspace: Any, description: str, api_key: str,
-          mapping: dict[str, str], json_day: str | None = None, context_window: Any = None
-          ) -> ProviderLine:
+          mapping: dict[str, str], json_day: str | None = None, context_window: Any = None,
+          service_tier: str = "") -> ProviderLine:
     day_where, day_col = day_place(where, day_column, json_day)
     day = parse_day(path, day_value, day_where, day_col)
     check_in_period(path, day, period, day_where, day_col)
@@ -165,6 +197,7 @@ def _cost(path: pathlib.Path, period: Period, aliases: dict[str, str], where: st
         token_type=token_type, tokens=None, cost_micros=micros, kind=kind, belongs_to=belongs,
         description=text, api_key=api_key, source=str(path), where=where,
         precision_micros=quantum_micros(value, unit_micros),
+        service_tier=service_tier if kind == USAGE else "",
         **_tier(context_window if kind == USAGE else None),
     )
 
@@ -237,11 +270,15 @@ def _analytics(path: pathlib.Path, text: str, period: Period, aliases: dict[str,
             description = " ".join(x for x in (model, token_type) if x)
             if listed and listed != text_field(r.get("amount")):
                 description += f" (list {listed} cents)"
+        tier_at = (f"{where}.group.service_tier" if "_cost_path" in r
+                   else f"{where}.service_tier")
         lines.append(_cost(path, period, aliases, where, start, "", r.get("amount"),
                            (f"{at}.amount", ""), MICROS_PER_CENT, model, token_type,
                            text_field(r.get("cost_type")), r.get("workspace_id"),
                            description, text_field(r.get("api_key_id")), _API_TOKEN_TYPES,
-                           day_where, r.get("context_window")))
+                           day_where, r.get("context_window"),
+                           _service_tier(path, r.get("service_tier"), tier_at,
+                                         description=description)))
     return lines
 
 
@@ -289,7 +326,9 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
                                     r.get("api_key_id"), counts,
                                     as_count(path, tools.get("web_search_requests"),
                                              f"{r_where}.server_tool_use.web_search_requests"),
-                                    f"{b_where}.starting_at")
+                                    f"{b_where}.starting_at",
+                                    _service_tier(path, r.get("service_tier"),
+                                                  f"{r_where}.service_tier"))
                 else:
                     guard.check(path, ("anthropic-cost", start, r.get("workspace_id"),
                                        r.get("description"), r.get("model"),
@@ -305,7 +344,9 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
                         text_field(r.get("model")), text_field(r.get("token_type")),
                         text_field(r.get("cost_type")), r.get("workspace_id"),
                         text_field(r.get("description")), "", _API_TOKEN_TYPES,
-                        f"{b_where}.starting_at", r.get("context_window")))
+                        f"{b_where}.starting_at", r.get("context_window"),
+                        _service_tier(path, r.get("service_tier"), f"{r_where}.service_tier",
+                                      description=text_field(r.get("description")))))
         return lines
     if fmt == "usage-csv":
         _, rows = read_csv(path, text, USAGE_CSV_REQUIRED)
@@ -329,7 +370,8 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
             }
             lines += _usage(path, period, aliases, row.where, v.get("usage_date_utc"),
                             "usage_date_utc", v.get("model_version", ""), v.get("workspace"),
-                            v.get("api_key"), counts, count("web_search_count"))
+                            v.get("api_key"), counts, count("web_search_count"),
+                            service_tier=_console_tier(path, v, row.where))
         return lines
     _, rows = read_csv(path, text, COST_CSV_REQUIRED)
     for row in rows:
@@ -345,5 +387,17 @@ def parse(path: pathlib.Path, text: str, fmt: str, period: Period, aliases: dict
             v.get("cost_usd"), (row.where, "cost_usd"), MICROS_PER_USD, v.get("model", ""),
             v.get("token_type", ""), v.get("cost_type", ""), v.get("workspace"),
             v.get("description", ""), v.get("api_key_id") or v.get("api_key", ""),
-            _CONSOLE_TOKEN_TYPES, None, v.get("context_window")))
+            _CONSOLE_TOKEN_TYPES, None, v.get("context_window"),
+            _console_tier(path, v, row.where, v.get("description", ""))))
     return lines
+
+
+def _console_tier(path: pathlib.Path, v: dict[str, str], where: str,
+                  description: str = "") -> str:
+    """A console row's tier. Console columns hold display words, so they are read
+    as a slug ("Message Batch" is ``message_batch``, the batch tier)."""
+    column = "service_tier" if v.get("service_tier") else "usage_type"
+    word = slug(v.get(column) or "")
+    if "batch" in word.split("_"):
+        word = "batch"
+    return _service_tier(path, word, where, column, description)

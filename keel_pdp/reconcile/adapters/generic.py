@@ -34,6 +34,7 @@ from keel_pdp.reconcile.model import (
     USAGE,
     ProviderLine,
     normalise_model,
+    service_tier_name,
     slug,
 )
 from keel_pdp.reconcile.money import (
@@ -64,6 +65,7 @@ class Columns(_Strict):
     kind: str = ""
     belongs_to: str = ""
     description: str = ""
+    service_tier: str = ""
 
 
 class ColumnMap(_Strict):
@@ -79,6 +81,8 @@ class ColumnMap(_Strict):
     columns: Columns
     token_types: dict[str, str] = {}
     kinds: dict[str, str] = {}
+    # The export's words for service tiers -> tier names (``standard``, ``batch``, ...).
+    service_tiers: dict[str, str] = {}
     cost_columns: dict[str, str] = {}
     token_columns: dict[str, str] = {}
 
@@ -93,12 +97,15 @@ class ColumnMap(_Strict):
         for value in self.kinds.values():
             if value not in LINE_KINDS:
                 raise ValueError(f"kinds maps to {value!r}; use one of {list(LINE_KINDS)}")
+        for value in self.service_tiers.values():
+            if not service_tier_name(value):
+                raise ValueError(f"service_tiers maps to {value!r}, which names no tier")
         return self
 
     def required_columns(self) -> list[str]:
         c = self.columns
         names = [c.date, c.account, c.model, c.token_type, c.tokens, c.cost, c.currency,
-                 c.api_key, c.kind, c.belongs_to, c.description]
+                 c.api_key, c.kind, c.belongs_to, c.description, c.service_tier]
         names += list(self.cost_columns.values()) + list(self.token_columns.values())
         return [n for n in names if n]
 
@@ -134,7 +141,8 @@ def parse(path: pathlib.Path, text: str, cmap: ColumnMap, period: Period,
                             model=normalise_model(model_raw, aliases) if model_raw else "",
                             token_type="", tokens=None, cost_micros=None,
                             api_key=v.get(c.api_key, "") if c.api_key else "",
-                            description=description, source=str(path), where=where)
+                            description=description, source=str(path), where=where,
+                            service_tier=_service_tier(path, cmap, v, where))
         if cmap.cost_columns:
             for token_type, column in cmap.cost_columns.items():
                 amount = _amount(path, v.get(column, ""), where, column)
@@ -174,6 +182,19 @@ def parse(path: pathlib.Path, text: str, cmap: ColumnMap, period: Period,
                              model=base.model if kind == USAGE else "",
                              cost_micros=micros, precision_micros=quantum_micros(amount, unit)))
     return lines
+
+
+def _service_tier(path: pathlib.Path, cmap: ColumnMap, v: dict[str, str], where: str
+                  ) -> str:
+    """The row's tier through ``service_tiers``, else its slug; "" without the column."""
+    column = cmap.columns.service_tier
+    raw = v.get(column, "") if column else ""
+    if not raw:
+        return ""
+    try:
+        return service_tier_name(cmap.service_tiers.get(raw, slug(raw)))
+    except ValueError as exc:
+        raise InputError(str(path), str(exc), where=where, column=column) from None
 
 
 def _amount(path: pathlib.Path, text: str, where: str, column: str) -> Decimal:

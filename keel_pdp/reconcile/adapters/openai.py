@@ -9,6 +9,12 @@ Usage buckets (``object: page`` / ``bucket`` / ``organization.usage.completions
 ``amount.currency`` (lowercase ISO code), grouped by ``project_id`` and
 ``line_item`` ("<model>, input" / "cached input" / "output", or a non-token
 item such as web search). Buckets are daily and start at midnight UTC.
+
+Service tiers: a usage result grouped by ``batch`` and ``service_tier`` says
+which tier it is (``batch: true`` is the Batch API, whatever ``service_tier``
+says; ``service_tier`` "default" is the standard tier); a cost line item names
+a tier other than the standard one in front of the model (``"priority | gpt-4o
+..., input"``), or as one of its comma-separated parts (``", batch"``).
 """
 
 from __future__ import annotations
@@ -34,15 +40,18 @@ from keel_pdp.reconcile.adapters.common import (
 )
 from keel_pdp.reconcile.errors import InputError
 from keel_pdp.reconcile.model import (
+    BATCH_TIER,
     CACHE_WRITE,
     CACHED_INPUT,
     DEFAULT_ACCOUNT,
     INPUT,
     LONG_CONTEXT,
     OUTPUT,
+    STANDARD_TIER,
     USAGE,
     ProviderLine,
     normalise_model,
+    service_tier_name,
     slug,
 )
 from keel_pdp.reconcile.money import parse_decimal, quantum_micros, to_micros
@@ -68,6 +77,10 @@ _TIER = re.compile(r"long[- ]context|context\s*>|>\s*\d+\s*k\b")
 _TIER_ABOVE = re.compile(r">\s*(\d+)\s*k\b")
 _PAREN = re.compile(r"\([^)]*\)")
 _LINE_ITEM = re.compile(r"^(?:(?P<tier>[^|]+)\|\s*)?(?P<model>[^,]+),\s*(?P<rest>.+)$")
+# Tiers a line item may name as one of its comma-separated parts.
+_TIER_WORDS = ("batch", "flex", "priority", "scale")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no", "")
 
 
 def detect(path: pathlib.Path, text: str) -> str | None:
@@ -89,6 +102,48 @@ def detect(path: pathlib.Path, text: str) -> str | None:
 
 def _account(value: Any) -> str:
     return text_field(value) or DEFAULT_ACCOUNT
+
+
+def _usage_tier(path: pathlib.Path, r: dict[str, Any], where: str, column_style: bool
+                ) -> str:
+    """The tier of a usage result: "batch" for the Batch API, else its
+    ``service_tier`` ("" when the export is not grouped by either)."""
+    batch = r.get("batch")
+    if isinstance(batch, str):
+        word = batch.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise InputError(str(path), f"batch {batch[:40]!r} is not true or false",
+                             where=where if column_style else f"{where}.batch",
+                             column="batch" if column_style else "")
+        batch = word in _TRUE if word else None
+    elif batch is not None and not isinstance(batch, bool):
+        raise InputError(str(path), f"batch {batch!r} is not true or false",
+                         where=where if column_style else f"{where}.batch",
+                         column="batch" if column_style else "")
+    try:
+        tier = service_tier_name(r.get("service_tier"))
+    except ValueError as exc:
+        raise InputError(str(path), str(exc),
+                         where=where if column_style else f"{where}.service_tier",
+                         column="service_tier" if column_style else "") from None
+    return BATCH_TIER if batch else tier
+
+
+def _item_tier(path: pathlib.Path, prefix: str | None, parts: list[str], where: str,
+               column: str) -> str:
+    """The tier a cost line item names: its prefix (``"priority | ..."``) or one of
+    its parts (``", batch"``); a line item naming none is the standard tier."""
+    if prefix is not None and prefix.strip():
+        try:
+            return service_tier_name(slug(prefix)) or STANDARD_TIER
+        except ValueError as exc:
+            raise InputError(str(path), f"line item: {exc}", where=where,
+                             column=column) from None
+    for part in parts:
+        word = _PAREN.sub("", part).strip()
+        if word in _TIER_WORDS:
+            return word
+    return STANDARD_TIER
 
 
 def _usage_lines(path: pathlib.Path, period: Period, aliases: dict[str, str], where: str,
@@ -125,7 +180,8 @@ def _usage_lines(path: pathlib.Path, period: Period, aliases: dict[str, str], wh
     key = text_field(r.get("api_key_id"))
     base = ProviderLine(day=day, account=account, model=model, token_type=INPUT,
                         tokens=total_in - cached - write, cost_micros=None, api_key=key,
-                        source=str(path), where=where, requests=requests)
+                        source=str(path), where=where, requests=requests,
+                        service_tier=_usage_tier(path, r, where, column_style))
     out = [base,
            replace(base, token_type=CACHED_INPUT, tokens=cached, requests=None),
            replace(base, token_type=OUTPUT, tokens=output, requests=None)]
@@ -159,6 +215,7 @@ def _cost_line(path: pathlib.Path, period: Period, aliases: dict[str, str], wher
     model = ""
     tier = ""
     tier_from = 0
+    service_tier = ""
     if m is not None:
         model_part = m.group("model").strip()
         rest = m.group("rest").strip().lower()
@@ -169,7 +226,11 @@ def _cost_line(path: pathlib.Path, period: Period, aliases: dict[str, str], wher
             tier = LONG_CONTEXT
             above = _TIER_ABOVE.search(rest)
             tier_from = int(above.group(1)) * 1000 if above else 0
-        kind_part = _PAREN.sub("", rest.split(",")[0]).strip()
+        parts = rest.split(",")
+        service_tier = _item_tier(path, m.group("tier"), parts[1:],
+                                  where if value_where[1] else f"{where}.line_item",
+                                  "line_item" if value_where[1] else "")
+        kind_part = _PAREN.sub("", parts[0]).strip()
         token_type = _LINE_TYPES.get(kind_part, slug(kind_part))
         if modality:
             token_type = f"{slug(modality)}_{token_type}"
@@ -181,7 +242,7 @@ def _cost_line(path: pathlib.Path, period: Period, aliases: dict[str, str], wher
         token_type=token_type if kind == USAGE else kind, tokens=None, cost_micros=micros,
         kind=kind, belongs_to=belongs, description=item, source=str(path), where=where,
         precision_micros=quantum_micros(amount), tier=tier if kind == USAGE else "",
-        tier_from=tier_from,
+        tier_from=tier_from, service_tier=service_tier if kind == USAGE else "",
     )
 
 
