@@ -14,6 +14,12 @@ measured offset, until the offset is back under half the tolerance. Below the
 tolerance (what NTP leaves) its own clock is used as it is, so a well-kept fleet
 never steps its time by a sample's jitter.
 
+An offset of more than ``MAX_FOLLOW_MS`` (a week) is not followed: two clocks that
+far apart say one of them was reset (an RTC back at 1970 or 2000), and there is
+no telling which; following a reset Redis host would move every sidecar of the
+fleet into other budget windows at once. The sidecar then keeps its own clock
+and the offset is exported (``keel_pdp_clock_offset_seconds``) for the alert.
+
 A sample is the midpoint of the round trip (``TIME`` answered somewhere between
 sending and receiving): its error is at most half the round trip, and samples
 whose round trip took longer than ``MAX_RTT_MS`` are not used. While following,
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 TOLERANCE_MS = 250
 MAX_RTT_MS = 100
 JITTER_MS = 10
+MAX_FOLLOW_MS = 7 * 24 * 3_600_000
 
 
 @dataclass
@@ -54,7 +61,9 @@ class ClockSync:
         self.offset_ms = offset
         self.samples += 1
         before = self.applied_ms
-        if abs(offset) >= self.tolerance_ms or (
+        if abs(offset) > MAX_FOLLOW_MS:
+            self.applied_ms = 0
+        elif abs(offset) >= self.tolerance_ms or (
                 self.following and abs(offset) >= self.tolerance_ms // 2):
             if not self.following or abs(offset - self.applied_ms) > JITTER_MS:
                 self.applied_ms = offset

@@ -32,7 +32,7 @@ from keel_pdp.budget.store import (
     HoldCandidate,
     HoldRequest,
 )
-from keel_pdp.clock import ClockSync
+from keel_pdp.clock import MAX_FOLLOW_MS, ClockSync
 from keel_pdp.decision import AuthorizeInput, Outcome
 from keel_pdp.errors import InvalidRequest, RequestIdReused, StoreUnavailable
 from keel_pdp.metrics import Metrics
@@ -109,6 +109,7 @@ class Engine:
         self.ids = ids or PermitIds()
         # This sidecar's clock against the store's (keel_pdp.clock).
         self.clock = ClockSync()
+        self._clock_apart_logged = False
         self.shapes = dec.ShapeCache()
         self._materials = Materials(store.keys)
         self._permits = PermitCache(permit_cache_size)
@@ -658,6 +659,12 @@ class Engine:
                 elif was_following:
                     log.warning("clock: this host's clock agrees with the budget store's "
                                 "again (%d ms apart); using it as it is", sync.offset_ms)
+            if abs(sync.offset_ms) > MAX_FOLLOW_MS and not self._clock_apart_logged:
+                self._clock_apart_logged = True
+                log.error("clock: this host's clock and the budget store's (Redis TIME) are "
+                          "%.1f days apart: one of them was reset. Not following the "
+                          "store's; fix the wrong one (budget windows and hold expiries go "
+                          "by this host's clock meanwhile)", abs(sync.offset_ms) / 86_400_000)
             self.metrics.clock_offset.set(sync.offset_ms / 1000)
             self.metrics.clock_following.set(1 if sync.following else 0)
         return store_ms

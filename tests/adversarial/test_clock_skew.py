@@ -164,3 +164,18 @@ async def test_following_and_recovering_are_logged_and_exported(
     assert engine.ids.offset_ms == 0 and not engine.clock.following
     assert engine.metrics.clock_following._value.get() == 0
     assert "agrees with the budget store's again" in caplog.text
+
+
+async def test_clocks_years_apart_are_not_followed_and_say_so_once(
+        aio_client: aioredis.Redis, tmp_path: pathlib.Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An RTC reset (here: thirty years back). Either clock could be the wrong one;
+    # the sidecar keeps its own and says so, once, and the offset is exported.
+    d = one_call_budget(tmp_path)
+    reset = skewed(aio_client, d, -30 * 365 * DAY_MS)
+    with caplog.at_level(logging.ERROR, logger="keel_pdp.engine"):
+        await reset.sync_clock()
+        await reset.sync_clock()
+    assert not reset.clock.following and reset.ids.offset_ms == 0
+    assert caplog.text.count("days apart: one of them was reset") == 1
+    assert reset.metrics.clock_offset._value.get() > 29 * 365 * 86_400

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from keel_pdp.clock import MAX_RTT_MS, TOLERANCE_MS, ClockSync
+from keel_pdp.clock import MAX_FOLLOW_MS, MAX_RTT_MS, TOLERANCE_MS, ClockSync
 
 
 def test_within_the_tolerance_the_own_clock_is_kept() -> None:
@@ -47,3 +47,15 @@ def test_while_following_jitter_does_not_move_the_clock() -> None:
     assert sync.applied_ms == 60_000 and sync.offset_ms == 60_008
     assert sync.observe(0, 60_050, 0)
     assert sync.applied_ms == 60_050
+
+
+def test_clocks_more_than_a_week_apart_are_not_followed() -> None:
+    # One of them was reset (1970, 2000): no telling which, and following a reset
+    # Redis would move the whole fleet into other windows at once.
+    sync = ClockSync()
+    assert sync.observe(0, 3_600_000, 0) and sync.following
+    assert sync.observe(0, MAX_FOLLOW_MS + 1, 0)
+    assert not sync.following and sync.offset_ms == MAX_FOLLOW_MS + 1
+    assert not sync.observe(0, -50 * 365 * 86_400_000, 0)
+    assert sync.applied_ms == 0
+    assert sync.observe(0, MAX_FOLLOW_MS, 0) and sync.applied_ms == MAX_FOLLOW_MS
