@@ -333,6 +333,35 @@ async def test_the_ledger_keeps_the_searches_and_their_fee(engine: Engine) -> No
                                       "fee": SEARCH_MICROS * 1_000_000}
 
 
+async def test_reconciliation_compares_token_costs_without_the_search_fee(
+        engine: Engine) -> None:
+    """The provider bills web search on lines of their own: the ledger's settlement
+    goes to reconciliation with its token costs only (split at the token prices),
+    not with the fee smeared over its token types."""
+    from keel_pdp.reconcile.internal_ledger import _ledger_line
+
+    out = await engine.authorize(ask("rec-fee", 5))
+    await engine.closeout(out.permit_id, TokenUsage(IN, 0, 0, OUT, 0, 0, 3), "SUCCEEDED",
+                          None)
+    client: Any = engine.store.client
+    row = None
+    for eid, fields in await client.xrange(engine.store.keys.stream):
+        for r in derive(parse_entry(eid.decode(), fields))[0]:
+            if r.kind == "settlement" and r.permit_id == out.permit_id:
+                row = r
+    assert row is not None and row.actual_micros == cost(SONNET, IN, OUT, searches=3)
+    price = [SONNET["input"] * 100, SONNET["cached_input"] * 100, SONNET["cache_write"] * 100,
+             SONNET["output"] * 100]
+    line = _ledger_line((row.permit_id, row.ts_ms, "acme", "chat", "anthropic",
+                         "claude-sonnet-4-5", row.input_tokens, row.cached_input_tokens,
+                         row.cache_write_tokens, row.output_tokens, row.reasoning_tokens,
+                         row.actual_micros, row.reason, json.dumps(row.detail),
+                         row.actual_pico, *price))
+    assert line.input_cost_micros == IN * SONNET["input"] // 10_000 == 6_000
+    assert line.output_cost_micros == OUT * SONNET["output"] // 10_000 == 15_000
+    assert line.cost_micros == cost(SONNET, IN, OUT)
+
+
 # ------------------------------------------------------------------------ price tables
 def load(tmp_path: pathlib.Path, prices: dict[str, Any],
          settings: dict[str, Any] | None = None) -> Any:
