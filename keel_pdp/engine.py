@@ -45,6 +45,7 @@ from keel_pdp.pricing import (
     PICO_PER_MICRO,
     TokenUsage,
     ceil_div,
+    search_fee_unpriced,
     tier_problem,
     usage_cost_pico,
 )
@@ -166,7 +167,7 @@ class Engine:
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
             p.fingerprint, p.now_ms, p.expires_at_ms, data, mat.shared,
             tuple(
-                HoldCandidate(req.estimated_input_tokens * c.rate.input, c.rate.output,
+                HoldCandidate(c.fixed_pico, c.rate.output,
                               c.output_tokens, c.may_constrain, meta, c.target_idx)
                 for c, meta in zip(p.candidates, metas, strict=True)),
             refill=mat.leased)
@@ -462,7 +463,8 @@ class Engine:
                        service_tier: str = "") -> CloseoutResult:
         """Settle ``usage`` against the permit, priced at the rates of the service tier
         the provider reported (``service_tier``; "" when it did not say: the rates the
-        permit was held at)."""
+        permit was held at), its web searches at the permit's fee per call (none
+        known: booked at nothing and flagged WEB_SEARCH_UNPRICED)."""
         if not PERMIT_ID_RE.match(permit_id):
             raise InvalidRequest(f"permit_id {permit_id[:80]!r} is not a Keel permit id")
         problems = usage.problems()
@@ -531,8 +533,10 @@ class Engine:
         act, amt, est = out.actual_micros, out.amount_micros, out.estimate_micros
         prior = out.prior
         flags = out.flags
-        # Not the store's flag (the price is Keel's): recomputed for a replay too.
-        tier_flag = ("SERVICE_TIER_UNPRICED",) if rate.unpriced else ()
+        # Not the store's flags (the price is Keel's): recomputed for a replay too.
+        tier_flag: tuple[str, ...] = ("SERVICE_TIER_UNPRICED",) if rate.unpriced else ()
+        if search_fee_unpriced(rate.price, usage):
+            tier_flag += ("WEB_SEARCH_UNPRICED",)
         if status == "ALREADY_SETTLED":
             # The figures the settlement answered (prior: the state it settled from),
             # whichever sidecar it ran on.
@@ -546,8 +550,12 @@ class Engine:
                            "positive" if corr >= 0 else "negative").inc(abs(corr))
         for flag in flags:
             self.metrics.child(self.metrics.closeout_overruns, flag).inc()
-        if tier_flag:
+        if rate.unpriced:
             self.metrics.closeout_unpriced_tiers.inc()
+        if usage.web_search_calls:
+            self.metrics.closeout_web_searches.inc(usage.web_search_calls)
+        if search_fee_unpriced(rate.price, usage):
+            self.metrics.closeout_unpriced_searches.inc(usage.web_search_calls)
         return CloseoutResult(status, act, est, corr, held, priced, flags + tier_flag)
 
     def _implausible(self, permit_id: str, out: SettleReply, usage: TokenUsage,

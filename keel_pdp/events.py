@@ -109,6 +109,13 @@ def decision_data(p: Plan, caller: str = "") -> str:
     if p.candidates:
         r = p.candidates[0].rate
         head += f'"price":[{r.input},{r.cached_input},{r.cache_write},{r.output}],'
+    if req.max_web_search_calls:
+        # The bound asked for (-1: none), the searches held and the fee they were held at.
+        fee = p.candidates[0].rate.web_search if p.candidates else None
+        head += (f'"web_search":{{"max":{req.max_web_search_calls},'
+                 f'"held":{p.web_search_calls},"fee":{"null" if fee is None else fee}}},')
+    if req.cache_write_ttl:
+        head += f'"cache_ttl":"{req.cache_write_ttl}",'
     if req.service_tier or (p.candidates and p.candidates[0].tier):
         # The tier asked for (absent: not set) and the one the hold is priced at.
         if req.service_tier:
@@ -173,16 +180,26 @@ def settlement_data(now_ms: int, outcome: str, priced_micros: int,
     service tier was reported or priced) the settlement also says which
     (``service_tier``, ``priced_tier``, ``tier_unpriced``) and the four rates it
     priced the usage at (``price``), which may differ from the permit's (held at
-    another tier).
+    another tier). Web searches are in the usage (``ws``) with the fee per call they
+    were booked at (``ws_fee``, pico-USD), or ``ws_unpriced`` when the permit's price
+    has none.
     """
     exact = actual_micros * PICO_PER_MICRO if exact_pico is None else exact_pico
+    used: dict[str, int] = {"in": usage.input_tokens, "cached": usage.cached_input_tokens,
+                            "cw": usage.cache_write_tokens, "out": usage.output_tokens,
+                            "rsn": usage.reasoning_tokens}
     data: dict[str, object] = {
         "v": 1, "now": now_ms, "outcome": outcome, "priced": priced_micros,
         "provider_cost": provider_cost_micros, "actual": actual_micros, "exact_pico": exact,
-        "usage": {"in": usage.input_tokens, "cached": usage.cached_input_tokens,
-                  "cw": usage.cache_write_tokens, "out": usage.output_tokens,
-                  "rsn": usage.reasoning_tokens},
+        "usage": used,
     }
+    if usage.web_search_calls:
+        used["ws"] = usage.web_search_calls
+        fee = tier.price.web_search if tier is not None else None
+        if fee is None:
+            data["ws_unpriced"] = True
+        else:
+            data["ws_fee"] = fee
     if tier is not None and (tier.reported or tier.priced):
         r = tier.price
         if tier.reported:

@@ -115,6 +115,14 @@ class Metrics:
             "keel_pdp_closeout_service_tier_unpriced_total",
             "Closeouts whose reported service tier has no rate in the permit's price: "
             "booked at the highest rate it knows (flag SERVICE_TIER_UNPRICED).", registry=r)
+        self.closeout_web_searches = Counter(
+            "keel_pdp_closeout_web_searches_total",
+            "Web search calls booked by closeouts (billed per call by the provider).",
+            registry=r)
+        self.closeout_unpriced_searches = Counter(
+            "keel_pdp_closeout_unpriced_web_searches_total",
+            "Web search calls booked at nothing because the permit's price has no "
+            "web_search_per_1k (flag WEB_SEARCH_UNPRICED).", registry=r)
         self.closeout_implausible = Counter(
             "keel_pdp_closeout_implausible_total",
             "Closeouts refused because the usage or cost is impossible for the permit "

@@ -3,7 +3,9 @@
 Prices are decimal strings in USD per million tokens. A USD price per million
 tokens is numerically the price in micro-USD per token, so with at most six
 fractional digits every price is an integer number of pico-USD per token and
-every cost is an exact integer sum, rounded once (up) to micro-USD.
+every cost is an exact integer sum, rounded once (up) to micro-USD. Server-tool
+fees (web search) are decimal strings in USD per 1,000 calls: with at most six
+fractional digits, an integer number of pico-USD per call, added to the same sum.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ PICO_PER_MICRO = 1_000_000
 # (doubles only) compute the same exact integers as Python.
 MAX_PRICE_PICO_PER_TOKEN = 1_000_000_000  # $1,000 per million tokens
 MAX_TOKENS = 2_000_000
+# Web search, billed per call (Anthropic's web search tool, OpenAI's web_search tool
+# and search models). A fee is at most $100 per 1,000 calls ($0.10 a call) and a hold
+# covers at most MAX_WEB_SEARCH_CALLS searches, so a hold's fixed part stays below
+# 2**53 pico-USD with the input's (README "Server-tool fees").
+PICO_PER_USD_PER_1K_CALLS = 1_000_000_000  # $1 per 1,000 calls = 10^9 pico-USD a call
+MAX_CALL_FEE_PICO = 100 * PICO_PER_USD_PER_1K_CALLS
+MAX_WEB_SEARCH_CALLS = 10_000
+# AuthorizeRequest.max_web_search_calls: the call offers a web search tool with no
+# bound on its searches (held at the bundle's web_search_hold_calls).
+WEB_SEARCH_UNBOUNDED = -1
+# Prompt-cache write lifetimes a request may mark (Anthropic's cache_control ttl).
+CACHE_TTLS = ("5m", "1h")
 
 # Service tiers (OpenAI's ``service_tier``): one model, several processing tiers, each
 # billed at its own rates. "default" is the model's own (standard) rates; "auto" lets
@@ -66,6 +80,30 @@ def parse_price(text: str) -> int:
     return pico
 
 
+def parse_call_fee(text: str) -> int:
+    """USD-per-1,000-calls decimal string -> integer pico-USD per call."""
+    if not isinstance(text, str):
+        raise PriceError("a fee must be a decimal string such as \"10.00\", not a number")
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise PriceError(f"fee {text!r} is not a decimal number") from exc
+    if not value.is_finite() or value < 0:
+        raise PriceError(f"fee {text!r} must be a finite, non-negative decimal")
+    if value * PICO_PER_USD_PER_1K_CALLS > MAX_CALL_FEE_PICO:
+        raise PriceError(f"fee {text!r} exceeds the supported maximum of 100 USD per 1,000 "
+                         "calls")
+    scaled = value * 1_000_000
+    if scaled != scaled.to_integral_value():
+        raise PriceError(f"fee {text!r} has more than 6 fractional digits")
+    return int(value * PICO_PER_USD_PER_1K_CALLS)
+
+
+def format_call_fee(pico: int) -> str:
+    """Integer pico-USD per call -> USD per 1,000 calls as a decimal string."""
+    return format((Decimal(pico) / PICO_PER_USD_PER_1K_CALLS).normalize(), "f")
+
+
 def format_pico_price(pico: int) -> str:
     """Integer pico-USD per token -> USD per million tokens as a decimal string."""
     # Fixed-point: normalize() alone writes 20 as "2E+1".
@@ -86,6 +124,14 @@ class Price:
     output: int
     # One-hour prompt-cache writes (Anthropic, Bedrock); None: at ``cache_write``.
     cache_write_1h: int | None = None
+    # Pico-USD per web search call (the model's ``web_search_per_1k``); None: the
+    # price table names no fee (searches are booked at nothing and flagged).
+    web_search: int | None = None
+
+    @property
+    def write_1h(self) -> int:
+        """The one-hour cache-write rate (``cache_write`` when it has none of its own)."""
+        return self.cache_write if self.cache_write_1h is None else self.cache_write_1h
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +144,9 @@ class TokenUsage:
     cache_creation_input_tokens``). ``cache_write_1h_tokens`` are the part of
     ``cache_write_tokens`` written with a one-hour lifetime (priced at
     ``cache_write_1h``). ``output_tokens`` includes reasoning tokens.
+    ``web_search_calls`` are the server-side web searches the provider billed for
+    the call (Anthropic's ``server_tool_use.web_search_requests``, OpenAI's
+    ``web_search_call`` output items), priced per call at the model's fee.
     """
 
     input_tokens: int = 0
@@ -106,6 +155,7 @@ class TokenUsage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    web_search_calls: int = 0
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -122,6 +172,12 @@ class TokenUsage:
                 out.append(f"usage.{name} must not be negative (got {value})")
             elif value > 100 * MAX_TOKENS:
                 out.append(f"usage.{name} is implausibly large (got {value})")
+        if self.web_search_calls < 0:
+            out.append(f"usage.web_search_calls must not be negative (got "
+                       f"{self.web_search_calls})")
+        elif self.web_search_calls > MAX_WEB_SEARCH_CALLS:
+            out.append(f"usage.web_search_calls is implausibly large (got "
+                       f"{self.web_search_calls}; at most {MAX_WEB_SEARCH_CALLS})")
         if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens:
             out.append(
                 "usage.cached_input_tokens + usage.cache_write_tokens exceed usage.input_tokens "
@@ -148,30 +204,54 @@ def reported_tier(value: object) -> str:
 def highest_price(prices: list[Price]) -> Price:
     """Each rate at the highest any of ``prices`` has (for a hold whose tier is not
     known yet, and a usage reported at a tier without a rate of its own)."""
-    def write_1h(p: Price) -> int:
-        return p.cache_write if p.cache_write_1h is None else p.cache_write_1h
-
     first = prices[0]
     if len(prices) == 1:
         return first
+    fees = [p.web_search for p in prices if p.web_search is not None]
     return Price(
         input=max(p.input for p in prices), cached_input=max(p.cached_input for p in prices),
         cache_write=max(p.cache_write for p in prices), output=max(p.output for p in prices),
         cache_write_1h=(None if all(p.cache_write_1h is None for p in prices)
-                        else max(write_1h(p) for p in prices)))
+                        else max(p.write_1h for p in prices)),
+        web_search=max(fees) if fees else None)
 
 
 def usage_cost_pico(price: Price, usage: TokenUsage) -> int:
     fresh = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
     long_writes = usage.cache_write_1h_tokens
-    write_1h = price.cache_write if price.cache_write_1h is None else price.cache_write_1h
     return (
         fresh * price.input
         + usage.cached_input_tokens * price.cached_input
         + (usage.cache_write_tokens - long_writes) * price.cache_write
-        + long_writes * write_1h
+        + long_writes * price.write_1h
         + usage.output_tokens * price.output
+        + usage.web_search_calls * (price.web_search or 0)
     )
+
+
+def search_fee_unpriced(price: Price, usage: TokenUsage) -> bool:
+    """The usage reports web searches the price has no fee for (booked at nothing)."""
+    return usage.web_search_calls > 0 and price.web_search is None
+
+
+def hold_input_rate(price: Price, cache_write_ttl: str = "") -> int:
+    """The rate a hold prices its estimated input at: the input rate, or, for a
+    request that marks prompt-cache breakpoints (``cache_write_ttl`` "5m" or "1h"),
+    the cache-write rate of that lifetime when it is higher. The whole estimate is
+    held at it (README "Cost arithmetic"): the closeout books the real split."""
+    if cache_write_ttl == "1h":
+        return max(price.input, price.write_1h)
+    if cache_write_ttl == "5m":
+        return max(price.input, price.cache_write)
+    return price.input
+
+
+def hold_fixed_pico(price: Price, input_tokens: int, cache_write_ttl: str = "",
+                    web_searches: int = 0) -> int:
+    """What a hold costs before its output: the estimated input (at
+    ``hold_input_rate``) and the web searches it covers at the model's fee."""
+    return (input_tokens * hold_input_rate(price, cache_write_ttl)
+            + web_searches * (price.web_search or 0))
 
 
 def usage_cost_micros(price: Price, usage: TokenUsage) -> int:
@@ -182,13 +262,16 @@ def estimate_cost_micros(price: Price, input_tokens: int, output_tokens: int) ->
     return ceil_div(input_tokens * price.input + output_tokens * price.output, PICO_PER_MICRO)
 
 
-def max_output_tokens_within(price: Price, input_tokens: int, headroom_micros: int) -> int:
+def max_output_tokens_within(price: Price, input_tokens: int, headroom_micros: int, *,
+                             fixed_pico: int | None = None) -> int:
     """Largest k with estimate_cost_micros(price, input_tokens, k) <= headroom (-1 if none).
 
-    The Lua hold script computes the same figure; this is the reference the
-    tests compare it with.
+    ``fixed_pico``: the hold's part before its output when it is not the input at
+    the input rate (``hold_fixed_pico``: cache writes, web searches). The Lua hold
+    script computes the same figure; this is the reference the tests compare it with.
     """
-    budget_pico = headroom_micros * PICO_PER_MICRO - input_tokens * price.input
+    fixed = input_tokens * price.input if fixed_pico is None else fixed_pico
+    budget_pico = headroom_micros * PICO_PER_MICRO - fixed
     if budget_pico < 0:
         return -1
     if price.output == 0:

@@ -32,6 +32,18 @@ a misbehaving provider would. A chat stream reports it on every chunk, a Respons
 stream on the response it completes with (the one it is created with repeats the
 tier asked for).
 
+Web search (billed per call): ``x-mock-web-searches: N`` makes an Anthropic
+Messages or OpenAI Responses answer use its request's web search tool N times (at
+most the tool's ``max_uses`` / the request's ``max_tool_calls``; none without a
+search tool): Anthropic answers carry N ``server_tool_use`` / ``web_search_tool_result``
+blocks (a stream starts a block for each) and ``usage.server_tool_use.web_search_requests``
+= N (``x-mock-web-searches-json`` reports a raw JSON value there instead, as a
+misbehaving provider would); Responses answers list N ``web_search_call`` items
+whose action is a search (a stream adds and completes each) and
+``x-mock-web-search-opens: K`` K more whose action is ``open_page`` (not billed).
+``x-mock-cache-write-1h-tokens`` reports that many of the cache writes of an
+Anthropic answer as one-hour writes (``cache_creation``).
+
 ``x-mock-split: N`` writes a stream in pieces of N bytes, so events and frames
 straddle chunks. Modes (``--mode`` for every call, ``x-mock-mode`` per call): ``ok``; ``break``
 (sends half the answer, then drops the connection); ``stream-error`` (half the
@@ -168,6 +180,10 @@ class Plan:
     # OpenAI: the service_tier the answer reports; NO_TIER: the answer has none.
     service_tier: Any = None
     asked_tier: Any = None  # the request's service_tier (a Responses stream echoes it first)
+    searches: int = 0  # web searches the answer made (Anthropic Messages, OpenAI Responses)
+    opens: int = 0  # Responses: web_search_call items that open a page (not billed)
+    searches_json: Any = None  # Anthropic: a raw web_search_requests value, when set
+    cache_write_1h: int = 0  # Anthropic: of the cache writes, the one-hour ones
 
 
 ANTHROPIC_LIKE = (Api.MESSAGES, Api.INVOKE_MESSAGES)
@@ -209,6 +225,20 @@ def _hint(headers: dict[str, str], name: str, default: int) -> int:
     return int(raw) if raw.isdigit() else default
 
 
+def searches_made(api: Api, body: dict[str, Any], wanted: int) -> int:
+    """How many of ``wanted`` searches the request's web search tool lets the answer
+    make: none without the tool, at most its max_uses / the max_tool_calls."""
+    tools = body.get("tools")
+    found = [t for t in tools if isinstance(t, dict) and str(t.get("type", "")).startswith(
+        "web_search")] if isinstance(tools, list) else []
+    if api not in (Api.MESSAGES, Api.RESPONSES) or not found:
+        return 0
+    bound = body.get("max_tool_calls") if api is Api.RESPONSES else found[0].get("max_uses")
+    if isinstance(bound, int) and not isinstance(bound, bool) and bound > 0:
+        return min(wanted, bound)
+    return wanted
+
+
 def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Options,
              model: str = "", stream: bool = False, sse: bool = True) -> Plan:
     cap = 0
@@ -228,7 +258,12 @@ def plan_for(api: Api, body: dict[str, Any], headers: dict[str, str], opts: Opti
     return Plan(api, model or str(body.get("model", "")), body.get("stream") is True or stream,
                 include, inp, cached, write, out,
                 min(_hint(headers, "x-mock-reasoning-tokens", 0), out), sse,
-                served_tier(api, body, headers), body.get("service_tier"))
+                served_tier(api, body, headers), body.get("service_tier"),
+                searches_made(api, body, _hint(headers, "x-mock-web-searches", 0)),
+                searches_made(api, body, _hint(headers, "x-mock-web-search-opens", 0)),
+                json.loads(headers["x-mock-web-searches-json"])
+                if "x-mock-web-searches-json" in headers else None,
+                min(_hint(headers, "x-mock-cache-write-1h-tokens", 0), write))
 
 
 def _tiered(p: Plan, obj: dict[str, Any]) -> dict[str, Any]:
@@ -252,9 +287,19 @@ def usage_object(p: Plan) -> dict[str, Any]:
                 "outputTokens": p.output_tokens,
                 "totalTokens": p.input_tokens + p.output_tokens}
     if p.api in ANTHROPIC_LIKE:
-        return {"input_tokens": p.input_tokens - p.cached - p.cache_write,
-                "cache_creation_input_tokens": p.cache_write,
-                "cache_read_input_tokens": p.cached, "output_tokens": p.output_tokens}
+        out: dict[str, Any] = {
+            "input_tokens": p.input_tokens - p.cached - p.cache_write,
+            "cache_creation_input_tokens": p.cache_write,
+            "cache_read_input_tokens": p.cached, "output_tokens": p.output_tokens}
+        if p.cache_write_1h:
+            out["cache_creation"] = {"ephemeral_5m_input_tokens":
+                                     p.cache_write - p.cache_write_1h,
+                                     "ephemeral_1h_input_tokens": p.cache_write_1h}
+        if p.searches or p.searches_json is not None:
+            out["server_tool_use"] = {"web_search_requests": p.searches
+                                      if p.searches_json is None else p.searches_json,
+                                      "web_fetch_requests": 0}
+        return out
     if p.api is Api.RESPONSES:
         return {"input_tokens": p.input_tokens,
                 "input_tokens_details": {"cached_tokens": p.cached},
@@ -283,12 +328,13 @@ def full_body(p: Plan) -> dict[str, Any]:
                 "metrics": {"latencyMs": 1}}
     if p.api in ANTHROPIC_LIKE:
         return {"id": "msg_mock", "type": "message", "role": "assistant", "model": p.model,
-                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                "content": [*(b for i in range(p.searches) for b in search_blocks(i)),
+                            {"type": "text", "text": text}], "stop_reason": "end_turn",
                 "stop_sequence": None, "usage": usage_object(p)}
     if p.api is Api.RESPONSES:
         return _tiered(p, {
             "id": "resp_mock", "object": "response", "created_at": now, "model": p.model,
-            "status": "completed", "output": [{
+            "status": "completed", "output": [*search_items(p), {
                 "type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
                 "content": [{"type": "output_text", "text": text, "annotations": []}]}],
             "usage": usage_object(p)})
@@ -297,6 +343,25 @@ def full_body(p: Plan) -> dict[str, Any]:
         "choices": [{"index": 0, "finish_reason": "stop",
                      "message": {"role": "assistant", "content": text}}],
         "usage": usage_object(p)})
+
+
+def search_blocks(i: int) -> list[dict[str, Any]]:
+    """One Anthropic web search: the server tool call and its result."""
+    return [{"type": "server_tool_use", "id": f"srvtoolu_mock{i}", "name": "web_search",
+             "input": {"query": f"query {i}"}},
+            {"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_mock{i}",
+             "content": [{"type": "web_search_result", "url": f"https://example.com/{i}",
+                          "title": f"result {i}", "encrypted_content": "e",
+                          "page_age": None}]}]
+
+
+def search_items(p: Plan) -> list[dict[str, Any]]:
+    """OpenAI Responses web_search_call items: the searches, then the page opens."""
+    return ([{"type": "web_search_call", "id": f"ws_mock{i}", "status": "completed",
+              "action": {"type": "search", "query": f"query {i}"}} for i in range(p.searches)]
+            + [{"type": "web_search_call", "id": f"ws_open{i}", "status": "completed",
+                "action": {"type": "open_page", "url": f"https://example.com/{i}"}}
+               for i in range(p.opens)])
 
 
 def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
@@ -400,15 +465,24 @@ def stream_events(p: Plan, tokens_per_chunk: int) -> list[bytes]:
         ev.append(_sse({"type": "message_start", "message": {
             "id": "msg_mock", "type": "message", "role": "assistant", "model": p.model,
             "content": [], "stop_reason": None, "usage": start_usage}}, "message_start"))
-        ev.append(_sse({"type": "content_block_start", "index": 0,
+        blocks = [b for i in range(p.searches) for b in search_blocks(i)]
+        for n, block in enumerate(blocks):
+            ev.append(_sse({"type": "content_block_start", "index": n,
+                            "content_block": block}, "content_block_start"))
+            ev.append(_sse({"type": "content_block_stop", "index": n}, "content_block_stop"))
+        text_at = len(blocks)
+        ev.append(_sse({"type": "content_block_start", "index": text_at,
                         "content_block": {"type": "text", "text": ""}}, "content_block_start"))
-        ev += [_sse({"type": "content_block_delta", "index": 0,
+        ev += [_sse({"type": "content_block_delta", "index": text_at,
                      "delta": {"type": "text_delta", "text": t}}, "content_block_delta")
                for t in pieces]
-        ev.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        ev.append(_sse({"type": "content_block_stop", "index": text_at}, "content_block_stop"))
+        end_usage: dict[str, Any] = {"output_tokens": p.output_tokens}
+        if "server_tool_use" in usage_object(p):
+            end_usage["server_tool_use"] = usage_object(p)["server_tool_use"]
         ev.append(_sse({"type": "message_delta",
                         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": p.output_tokens}}, "message_delta"))
+                        "usage": end_usage}, "message_delta"))
         ev.append(_sse({"type": "message_stop"}, "message_stop"))
         return ev
     if p.api is Api.RESPONSES:
@@ -416,8 +490,16 @@ def stream_events(p: Plan, tokens_per_chunk: int) -> list[bytes]:
         if p.asked_tier is not None:
             created["service_tier"] = p.asked_tier  # as asked; the completed one says
         ev.append(_sse({"type": "response.created", "response": created}, "response.created"))
+        items = search_items(p)
+        for n, item in enumerate(items):
+            started = {k: v for k, v in item.items() if k != "action"} | {
+                "status": "in_progress"}
+            ev.append(_sse({"type": "response.output_item.added", "output_index": n,
+                            "item": started}, "response.output_item.added"))
+            ev.append(_sse({"type": "response.output_item.done", "output_index": n,
+                            "item": item}, "response.output_item.done"))
         ev += [_sse({"type": "response.output_text.delta", "item_id": "msg_mock",
-                     "output_index": 0, "content_index": 0, "delta": t},
+                     "output_index": len(items), "content_index": 0, "delta": t},
                     "response.output_text.delta") for t in pieces]
         ev.append(_sse({"type": "response.completed", "response": full_body(p)},
                        "response.completed"))

@@ -12,14 +12,17 @@ of the previous one (a rolling upgrade): members are only ever added, and a
 member the previous version reads keeps its meaning. ``price`` (with ``tiers``
 and ``w1h``) is the rate the permit was held at, which a sidecar that knows
 nothing of service tiers books the usage at; ``st`` adds each service tier's
-rates, so this version prices the usage at the tier the provider reports.
+rates, so this version prices the usage at the tier the provider reports; ``ws``
+is the model's fee per web search call (pico-USD; absent: no fee known). A sidecar
+of the previous version reads neither and books no search fee (README "Server-tool
+fees").
 """
 
 from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keel_pdp.budget.escrow import Parent, slice_for
@@ -93,6 +96,8 @@ def meta_head(tenant: str, workload: str, mp: ModelPrice, tier: str = "") -> str
     held = mp.service_tier(tier) or mp.highest
     meta: dict[str, object] = {"t": tenant, "w": workload, "m": mp.model, "p": mp.provider,
                                **_rates(held)}
+    if held.price.web_search is not None:
+        meta["ws"] = held.price.web_search
     if mp.service_tiers:
         meta["sth"] = tier or DEFAULT_TIER
         meta["st"] = {DEFAULT_TIER: _rates(mp),
@@ -122,7 +127,16 @@ def meta_price(meta: dict[str, Any], input_tokens: int) -> Price:
     base = meta.get("price")
     if not isinstance(base, list):
         return Price(0, 0, 0, 0)
-    return _price(meta, base).for_input(input_tokens)
+    return _with_fee(meta, _price(meta, base).for_input(input_tokens))
+
+
+def _with_fee(meta: dict[str, Any], price: Price) -> Price:
+    """``price`` with the permit's web search fee (``ws``; none in a record of the
+    previous version, or of a model without a fee)."""
+    fee = meta.get("ws")
+    if type(fee) is not int or fee < 0:
+        return price
+    return replace(price, web_search=fee)
 
 
 def _price(rates: dict[str, Any], base: list[Any]) -> ModelPrice:
@@ -169,11 +183,12 @@ def meta_tier_price(meta: dict[str, Any], input_tokens: int, reported: str) -> T
              if isinstance(rates, dict) and isinstance(rates.get("price"), list)}
     found = known.get(reported)
     if found is not None:
-        return TierPrice(_price(found, found["price"]).for_input(input_tokens), reported, False)
+        return TierPrice(_with_fee(meta, _price(found, found["price"]).for_input(input_tokens)),
+                         reported, False)
     prices = [_price(r, r["price"]).for_input(input_tokens) for r in known.values()]
     if not prices:
         return TierPrice(meta_price(meta, input_tokens), held_tier, True)
-    return TierPrice(highest_price(prices), HIGHEST_TIER, True)
+    return TierPrice(_with_fee(meta, highest_price(prices)), HIGHEST_TIER, True)
 
 
 def meta_input_estimate(meta: dict[str, Any]) -> int | None:

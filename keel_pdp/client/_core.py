@@ -153,13 +153,18 @@ class PermitRequest:
     request_id: str = ""
     # The provider's processing tier the call asks for (OpenAI's service_tier; "" not set).
     service_tier: str = ""
+    # The most web searches the call may make (0 none; -1 a search tool without a bound).
+    max_web_search_calls: int = 0
+    # The longest prompt-cache lifetime the call marks ("5m", "1h"; "" none).
+    cache_write_ttl: str = ""
 
     def to_pb(self, request_id: str) -> pb.AuthorizeRequest:
         return pb.AuthorizeRequest(
             request_id=request_id, tenant=self.tenant, workload=self.workload, model=self.model,
             provider=self.provider, estimated_input_tokens=self.estimated_input_tokens,
             max_output_tokens=self.max_output_tokens, labels=dict(self.labels),
-            service_tier=self.service_tier)
+            service_tier=self.service_tier, max_web_search_calls=self.max_web_search_calls,
+            cache_write_ttl=self.cache_write_ttl)
 
 
 def new_request_id() -> str:
@@ -194,7 +199,8 @@ def usage_pb(u: TokenUsage) -> pb.Usage:
     return pb.Usage(input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
                     cache_write_tokens=u.cache_write_tokens, output_tokens=u.output_tokens,
                     reasoning_tokens=u.reasoning_tokens,
-                    cache_write_1h_tokens=u.cache_write_1h_tokens)
+                    cache_write_1h_tokens=u.cache_write_1h_tokens,
+                    web_search_calls=u.web_search_calls)
 
 
 OUTCOMES = {"SUCCEEDED": pb.SUCCEEDED, "FAILED": pb.FAILED, "CANCELLED": pb.CANCELLED,
@@ -229,6 +235,7 @@ class Permit:
             self.reasons: tuple[BlockReason, ...] = ()
             self.replayed = False
             self.matched_budgets: tuple[str, ...] = ()
+            self.web_search_calls = 0
         else:
             self.decision = pb.Decision.Name(resp.decision)
             self.permit_id = resp.permit_id
@@ -243,6 +250,8 @@ class Permit:
             self.reasons = block_reasons(resp)
             self.replayed = resp.replayed
             self.matched_budgets = tuple(resp.matched_budgets)
+            # The web searches the hold covers: what a booking at the hold books.
+            self.web_search_calls = resp.web_search_calls
         self.usage: TokenUsage | None = None
         self.outcome = "SUCCEEDED"
         # The service tier the provider reported it served the call at ("" not said).
@@ -375,7 +384,7 @@ class Permit:
 
     def _rule_permit(self) -> rule.Permit:
         return rule.Permit(self.permit_id, self.request.estimated_input_tokens,
-                           self.max_output_tokens)
+                           self.max_output_tokens, self.web_search_calls)
 
     def apply_rule(self, s: rule.Settlement) -> None:
         """Adopt the settlement rule's verdict: usage to close out with, or nothing (void)."""

@@ -70,10 +70,11 @@ class KeelClient:
     def request(self, model: str, *, tenant: str | None = None, workload: str | None = None,
                 provider: str = "", estimated_input_tokens: int = 0,
                 max_output_tokens: int = 0, labels: Mapping[str, str] | None = None,
-                request_id: str = "", service_tier: str = "") -> PermitRequest:
+                request_id: str = "", service_tier: str = "",
+                max_web_search_calls: int = 0, cache_write_ttl: str = "") -> PermitRequest:
         return PermitRequest(tenant or self.tenant, workload or self.workload, model, provider,
                              estimated_input_tokens, max_output_tokens, dict(labels or {}),
-                             request_id, service_tier)
+                             request_id, service_tier, max_web_search_calls, cache_write_ttl)
 
     def authorize(self, req: PermitRequest, *, timeout: float | None = None,
                   fail_mode: FailMode | str | None = None) -> Permit:
@@ -114,18 +115,23 @@ class KeelClient:
     def permit(self, model: str, *, tenant: str | None = None, workload: str | None = None,
                provider: str = "", estimated_input_tokens: int = 0, max_output_tokens: int = 0,
                labels: Mapping[str, str] | None = None, request_id: str = "",
-               service_tier: str = "", timeout: float | None = None,
+               service_tier: str = "", max_web_search_calls: int = 0,
+               cache_write_ttl: str = "", timeout: float | None = None,
                fail_mode: FailMode | str | None = None) -> Iterator[Permit]:
         """``with keel.permit("gpt-4o-mini", ...) as p:`` make the provider call with
         ``p.model`` / ``p.max_output_tokens``, then ``p.record(response)``. On exit
         the permit is closed out with the recorded usage (priced at the service tier the
-        response reports; ``service_tier``: the tier the call asks for), or voided if the block
-        raised (or recorded nothing); a ``p.meter(stream)`` iteration still under way
-        closes it out when it ends instead."""
+        response reports; ``service_tier``: the tier the call asks for;
+        ``max_web_search_calls``: the most web searches it may make, -1 for a search tool
+        without a bound; ``cache_write_ttl``: "5m" or "1h" when it marks prompt-cache
+        breakpoints), or voided if the block raised (or recorded nothing); a
+        ``p.meter(stream)`` iteration still under way closes it out when it ends instead."""
         req = self.request(model, tenant=tenant, workload=workload, provider=provider,
                            estimated_input_tokens=estimated_input_tokens,
                            max_output_tokens=max_output_tokens, labels=labels,
-                           request_id=request_id, service_tier=service_tier)
+                           request_id=request_id, service_tier=service_tier,
+                           max_web_search_calls=max_web_search_calls,
+                           cache_write_ttl=cache_write_ttl)
         p = self.authorize(req, timeout=timeout, fail_mode=fail_mode)
         try:
             yield p

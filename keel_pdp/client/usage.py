@@ -15,20 +15,25 @@ output counts reasoning. A usage object with a count that is no count (a string,
 a float, a negative number: ``usage_normalise.readable``) is read as no usage,
 never as 0 tokens: the call is then settled on Keel's estimate, as on the mesh.
 Anthropic's ``output_tokens_details.thinking_tokens`` is read as reasoning
-tokens. The readers import neither SDK: they read any pydantic model by
-``model_dump()`` and anything else as a mapping, so they work with whichever SDK
-versions the application pins.
+tokens. Web searches are counted as the mesh counts them
+(``keel_pdp.mesh.websearch``): Anthropic's ``server_tool_use.web_search_requests``,
+OpenAI's ``web_search_call`` output items, one per answer of a search model. The
+readers import neither SDK: they read any pydantic model by ``model_dump()`` and
+anything else as a mapping, so they work with whichever SDK versions the
+application pins.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.usage import Reading, ResponseMeter, consistent, normalise
 from keel_pdp.mesh.usage_normalise import readable
+from keel_pdp.mesh.websearch import ANTHROPIC_APIS, SearchCounter, answer_searches, reported
 from keel_pdp.pricing import TokenUsage, reported_tier
 
 __all__ = ["UsageMeter", "api_of", "as_mapping", "read_service_tier", "read_usage"]
@@ -91,8 +96,18 @@ def normalise_usage(api: Api, usage: Mapping[str, Any]) -> TokenUsage | None:
         thinking = _thinking(usage)
         if thinking:
             out = consistent(out.input_tokens, out.cached_input_tokens, out.cache_write_tokens,
-                             out.output_tokens, thinking, out.cache_write_1h_tokens)
+                             out.output_tokens, thinking, out.cache_write_1h_tokens,
+                             out.web_search_calls)
     return out
+
+
+def _with_searches(api: Api, body: Mapping[str, Any], usage: TokenUsage | None,
+                   ) -> TokenUsage | None:
+    """A finished answer's usage with the web searches the answer shows (its
+    reported count, its search items, one for a search model's answer)."""
+    if usage is None:
+        return None
+    return replace(usage, web_search_calls=answer_searches(api, body))
 
 
 def read_usage(response: object) -> TokenUsage | None:
@@ -114,7 +129,7 @@ def read_usage(response: object) -> TokenUsage | None:
         usage = as_mapping(body.get("usage"))
         return None if usage is None else normalise_usage(_usage_api(usage), usage)
     usage = as_mapping(body.get("usage"))
-    return None if usage is None else normalise_usage(api, usage)
+    return None if usage is None else _with_searches(api, body, normalise_usage(api, usage))
 
 
 def read_service_tier(response: object) -> str:
@@ -156,6 +171,8 @@ class UsageMeter:
         self.incomplete = False
         self.unreadable = False  # a usage object came whose counts cannot be read
         self.service_tier = ""  # as the provider reported it ("" not yet)
+        self._searches: SearchCounter | None = None
+        self._reported_searches = False  # the final usage says how many searches
 
     def _read(self, api: Api, usage: Mapping[str, Any]) -> TokenUsage | None:
         out = normalise_usage(api, usage)
@@ -176,6 +193,8 @@ class UsageMeter:
         if api is None:
             return
         self.api = api
+        if self._searches is None:
+            self._searches = SearchCounter(api)
         if api is Api.CHAT:
             self._chat(body)
         elif api is Api.RESPONSES:
@@ -197,6 +216,8 @@ class UsageMeter:
         self._tier(body)
         usage = as_mapping(body.get("usage"))
         if body.get("object") == "chat.completion":  # a finished answer handed to the meter
+            assert self._searches is not None
+            self._searches.chat(body)
             for choice in body.get("choices") or ():
                 if isinstance(choice, Mapping) and choice.get("finish_reason") == "length":
                     self.incomplete = True
@@ -215,12 +236,17 @@ class UsageMeter:
         r = self._chat_stream.reading(complete=False)
         self.final, self._seen, self.text_bytes = r.usage, r.partial_usage, r.text_bytes
         self.error, self.incomplete = r.error, r.incomplete
+        self._searches = self._chat_stream.searches
 
     def _responses(self, body: Mapping[str, Any]) -> None:
         kind = body.get("type")
+        searches = self._searches
+        assert searches is not None
         if kind in ("response.output_text.delta", "response.refusal.delta",
                     "response.reasoning_text.delta"):
             self._text(body.get("delta"))
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            searches.output_item(as_mapping(body.get("item")), body.get("output_index"))
         elif kind == "error":
             self.error = True
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
@@ -228,30 +254,38 @@ class UsageMeter:
             self.incomplete = self.incomplete or kind == "response.incomplete"
             response = as_mapping(body.get("response")) or {}
             self._tier(response)
+            searches.listing(_items(response.get("output")))
             usage = as_mapping(response.get("usage"))
             if usage is not None:
                 self.final = self._read(Api.RESPONSES, usage)
         elif body.get("object") == "response":
             self._tier(body)
+            searches.listing(_items(body.get("output")))
             self._whole(body)
             usage = as_mapping(body.get("usage"))
             if usage is not None:
                 self.final = self._read(Api.RESPONSES, usage)
 
-    def _merge(self, usage: Mapping[str, Any] | None) -> None:
+    def _merge(self, usage: Mapping[str, Any] | None, start: bool = False) -> None:
         for key, value in (usage or {}).items():
-            if value is not None:
+            # The searches as a message starts (none yet) are no count of its searches.
+            if value is not None and not (start and key == "server_tool_use"):
                 self._partial[key] = value
 
     def _messages(self, body: Mapping[str, Any]) -> None:
         kind = body.get("type")
-        if kind == "content_block_delta":
+        searches = self._searches
+        assert searches is not None
+        if kind == "content_block_start":
+            searches.block(as_mapping(body.get("content_block")))
+        elif kind == "content_block_delta":
             delta = as_mapping(body.get("delta")) or {}
             self._text(delta.get("text"))
             self._text(delta.get("thinking"))
             self._text(delta.get("partial_json"))
         elif kind == "message_start":
-            self._merge(as_mapping((as_mapping(body.get("message")) or {}).get("usage")))
+            self._merge(as_mapping((as_mapping(body.get("message")) or {}).get("usage")),
+                        start=True)
         elif kind == "message_delta":
             self._merge(as_mapping(body.get("usage")))
             delta = as_mapping(body.get("delta")) or {}
@@ -259,32 +293,53 @@ class UsageMeter:
                 self.incomplete = True
         elif kind == "message_stop":
             self.final = self._read(Api.MESSAGES, self._partial) if self._partial else None
+            self._reported_searches = reported(self._partial) is not None
         elif kind == "error":
             self.error = True
         elif kind == "message":  # a finished Message handed to the meter
             self._whole(body)
+            searches.listing(_items(body.get("content")))
             usage = as_mapping(body.get("usage"))
             if usage is not None:
                 self.final = self._read(Api.MESSAGES, usage)
+                self._reported_searches = reported(usage) is not None
+
+    @property
+    def web_search_calls(self) -> int:
+        """The web searches the items show so far (each once)."""
+        return self._searches.count if self._searches is not None else 0
 
     @property
     def usage(self) -> TokenUsage | None:
-        """The provider's final usage, once the stream has reported it."""
-        return self.final
+        """The provider's final usage, once the stream has reported it (its web
+        searches: Anthropic's reported count, else the items seen)."""
+        final = self.final
+        if final is None or (self.api in ANTHROPIC_APIS and self._reported_searches):
+            return final
+        return replace(final, web_search_calls=self.web_search_calls)
 
     @property
     def partial_usage(self) -> TokenUsage | None:
         """Usage seen so far, before the end: Anthropic's message_start, or a chat
         usage object that more text followed."""
         if self.final is not None:
-            return self.final
-        if self._seen is not None:
-            return self._seen
-        if not self._partial:
+            return self.usage
+        seen = self._seen
+        if seen is None and self._partial:
+            seen = normalise_usage(Api.MESSAGES, self._partial)
+        if seen is None:
             return None
-        return normalise_usage(Api.MESSAGES, self._partial)
+        return replace(seen, web_search_calls=max(seen.web_search_calls,
+                                                  self.web_search_calls))
 
     def reading(self) -> Reading:
         """What the meter knows, in the shape the settlement rule reads."""
-        return Reading(self.final, self.partial_usage, self.text_bytes, self.text_bytes,
-                       self.error, self.incomplete, self.service_tier)
+        return Reading(self.usage, self.partial_usage, self.text_bytes, self.text_bytes,
+                       self.error, self.incomplete, self.service_tier, self.web_search_calls)
+
+
+def _items(value: object) -> list[Any] | None:
+    """A list of SDK objects or mappings, as mappings (an answer's output/content)."""
+    if not isinstance(value, list):
+        return None
+    return [as_mapping(x) for x in value]

@@ -9,7 +9,8 @@
 ``client.chat.completions.create``, ``client.responses.create`` (OpenAI) and
 ``client.messages.create`` (Anthropic), streamed or not, then each run under one
 permit: the request is priced from its body (model, output cap, the input
-estimate of ``keel_pdp.mesh.request``), the permit's constraints are applied to
+estimate of ``keel_pdp.mesh.request``, the web searches its tools allow, the
+prompt-cache breakpoints it marks), the permit's constraints are applied to
 the call (a lower output cap, a rerouted model; a cap is always sent, so the
 provider never generates more than was held), a chat stream asks for its final
 usage chunk, and the permit is closed out with the provider's usage when the
@@ -56,8 +57,10 @@ from keel_pdp.client._core import (
 )
 from keel_pdp.mesh import settle as rule
 from keel_pdp.mesh.apis import TIER_APIS
+from keel_pdp.mesh.cache_marks import cache_write_ttl
 from keel_pdp.mesh.request import CAP_FIELD_TO_ADD, CAP_FIELDS, Api, estimate_input_tokens
 from keel_pdp.mesh.usage import Reading
+from keel_pdp.mesh.websearch import request_bound
 from keel_pdp.pricing import tier_problem
 
 if TYPE_CHECKING:
@@ -78,7 +81,9 @@ class Call:
             raise TypeError(f"{api} create() needs model=")
         self.api, self.provider = api, provider
         self.kwargs = dict(kwargs)
-        body: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _TRANSPORT}
+        # The SDKs' NOT_GIVEN / omit sentinels are arguments not given.
+        body: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _TRANSPORT
+                                and type(v).__name__ not in _SDK_SENTINELS}
         extra = kwargs.get("extra_body")
         if isinstance(extra, Mapping):
             body.update(extra)
@@ -89,12 +94,18 @@ class Call:
         self.cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0
         self.stream = body.get("stream") is True
         self.service_tier = _service_tier(api, body.get("service_tier"))
+        # The web searches it may make and the cache breakpoints it marks, as the mesh
+        # reads them from a request body.
+        self.max_web_search_calls = request_bound(api, body["model"], body)
+        self.cache_write_ttl = cache_write_ttl(api, body)
 
     def permit_request(self, tenant: str, workload: str,
                        labels: Mapping[str, str]) -> PermitRequest:
         return PermitRequest(tenant, workload, self.body["model"], self.provider,
                              estimate_input_tokens(self.api, self.body), self.cap, dict(labels),
-                             service_tier=self.service_tier)
+                             service_tier=self.service_tier,
+                             max_web_search_calls=self.max_web_search_calls,
+                             cache_write_ttl=self.cache_write_ttl)
 
     def constrained_kwargs(self, p: Permit) -> dict[str, Any]:
         """The create() arguments with the permit's constraints applied."""

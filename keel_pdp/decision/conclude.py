@@ -56,7 +56,7 @@ def _base_outcome(p: Plan, decision: DecisionKind, *, reasons: tuple[Reason, ...
         (price.provider if price else p.request.provider) if provider is None else provider,
         reasons, holds, expires_at_ms, replayed,
         tuple(t.budget.id for t in p.targets) if matched_budgets is None else matched_budgets,
-        degraded)
+        degraded, p.web_search_calls)
 
 
 def denied_by_policy(p: Plan) -> Outcome:

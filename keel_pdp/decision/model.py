@@ -54,12 +54,14 @@ class Code(StrEnum):
     USAGE_ABOVE_PERMIT = "USAGE_ABOVE_PERMIT"
     COST_ABOVE_HOLD = "COST_ABOVE_HOLD"
     SERVICE_TIER_UNPRICED = "SERVICE_TIER_UNPRICED"
+    WEB_SEARCH_UNPRICED = "WEB_SEARCH_UNPRICED"
 
 
 # Reasons that explain an answer without blocking it.
 INFORMATIONAL = frozenset({
     Code.SHADOW_BUDGET_EXCEEDED, Code.FALLBACK_PRICE_USED, Code.SHADOW_MODEL_NOT_ALLOWED,
     Code.BUDGET_THRESHOLD_CROSSED, Code.EXCEPTION_GRANT_APPLIED, Code.SERVICE_TIER_UNPRICED,
+    Code.WEB_SEARCH_UNPRICED,
 })
 
 
@@ -77,6 +79,13 @@ class AuthorizeInput:
     labels: tuple[tuple[str, str], ...] = ()
     # The provider's processing tier asked for (OpenAI's service_tier; "" = not set).
     service_tier: str = ""
+    # The most web searches the call may make: 0 it offers no web search tool, n its
+    # bound (Anthropic's max_uses, OpenAI's max_tool_calls), WEB_SEARCH_UNBOUNDED (-1)
+    # a search tool without a bound (held at the bundle's web_search_hold_calls).
+    max_web_search_calls: int = 0
+    # The longest prompt-cache lifetime the call marks ("5m", "1h"; "" none): its
+    # estimated input is held at that cache-write rate.
+    cache_write_ttl: str = ""
 
 
 @dataclass(slots=True)
@@ -158,6 +167,9 @@ class Candidate:
     # The service tier the hold is priced at ("" when the model has none; else
     # "default", a tier of the price table, or "highest").
     tier: str = ""
+    # The hold before its output: the estimated input (at the cache-write rate when
+    # the request marks cache breakpoints) and the web searches held at the fee.
+    fixed_pico: int = 0
 
 
 @dataclass(slots=True)
@@ -181,6 +193,9 @@ class Plan:
     route_mode: str = "enforce"
     rule_id: str = ""
     shape: Shape | None = None
+    # The web searches the hold covers (the request's bound, or the bundle's
+    # web_search_hold_calls for a search tool without one).
+    web_search_calls: int = 0
 
     @property
     def observe(self) -> bool:
@@ -210,6 +225,8 @@ class Outcome:
     replayed: bool = False
     matched_budgets: tuple[str, ...] = ()
     degraded: bool = False
+    # The web searches the permit's hold covers (what a booking at the hold books).
+    web_search_calls: int = 0
 
     @property
     def primary_code(self) -> str:

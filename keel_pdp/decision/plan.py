@@ -4,8 +4,14 @@ and hold (candidates, their exact cost shapes, the budget windows)."""
 from __future__ import annotations
 
 from keel_pdp.decision.model import AuthorizeInput, Candidate, Code, Plan, Reason
-from keel_pdp.decision.shape import Shape, ShapeCache, _estimate, fingerprint, shape_for
+from keel_pdp.decision.shape import Shape, ShapeCache, fingerprint, shape_for
 from keel_pdp.policy.snapshot import ModelPrice, PolicySnapshot
+from keel_pdp.pricing import (
+    PICO_PER_MICRO,
+    WEB_SEARCH_UNBOUNDED,
+    ceil_div,
+    hold_fixed_pico,
+)
 
 
 def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int, permit_id: str,
@@ -15,16 +21,28 @@ def plan(snapshot: PolicySnapshot, req: AuthorizeInput, now_ms: int, permit_id: 
     return plan_from_shape(shape_for(snapshot, req, now_ms, cache), req, now_ms, permit_id)
 
 
+def held_searches(req: AuthorizeInput, hold_calls: int) -> int:
+    """The web searches a hold covers: the request's bound, or ``hold_calls`` (the
+    bundle's web_search_hold_calls) for a search tool without one."""
+    n = req.max_web_search_calls
+    return hold_calls if n == WEB_SEARCH_UNBOUNDED else max(n, 0)
+
+
 def plan_from_shape(shape: Shape, req: AuthorizeInput, now_ms: int, permit_id: str) -> Plan:
     tokens = req.estimated_input_tokens
     tier = req.service_tier
-    auto = shape.snapshot.settings.auto_service_tier
+    ttl = req.cache_write_ttl
+    settings = shape.snapshot.settings
+    auto = settings.auto_service_tier
+    searches = held_searches(req, settings.web_search_hold_calls)
     if shape.alternatives:
         best, best_est = shape.alternatives[0], -1
         for alt in shape.alternatives:
             mp = alt.prices[0]
-            est = _estimate(mp.for_service_tier(tier, auto)[1].for_input(tokens), tokens,
-                            req.max_output_tokens or mp.max_output_tokens)
+            rate = mp.for_service_tier(tier, auto)[1].for_input(tokens)
+            out = req.max_output_tokens or mp.max_output_tokens
+            est = ceil_div(hold_fixed_pico(rate, tokens, ttl, searches) + out * rate.output,
+                           PICO_PER_MICRO)
             if best_est < 0 or est < best_est:
                 best, best_est = alt, est
         shape = best
@@ -33,7 +51,7 @@ def plan_from_shape(shape: Shape, req: AuthorizeInput, now_ms: int, permit_id: s
     if shape.denial:
         return Plan(pid, req, shape.snapshot, now_ms, None, req.max_output_tokens, 0, (),
                     shape.pre_reasons, shape.denial, fp, (), shape.route_mode, shape.rule_id,
-                    shape)
+                    shape, searches)
     constrain = shape.snapshot.settings.allow_constrain
     cands: list[Candidate] = []
     pre = shape.pre_reasons
@@ -43,13 +61,16 @@ def plan_from_shape(shape: Shape, req: AuthorizeInput, now_ms: int, permit_id: s
         out = req.max_output_tokens or mp.max_output_tokens
         if unpriced and not cands:
             pre = (*pre, _unpriced(mp, tier))
+        if searches and rate.web_search is None and not cands:
+            pre = (*pre, _search_unpriced(mp, searches))
+        fixed = hold_fixed_pico(rate, tokens, ttl, searches)
         cands.append(Candidate(mp.provider, mp.model, mp, rate, out,
-                               _estimate(rate, tokens, out), idx, not cands and constrain,
-                               held_tier))
+                               ceil_div(fixed + out * rate.output, PICO_PER_MICRO), idx,
+                               not cands and constrain, held_tier, fixed))
     first = cands[0]
     return Plan(pid, req, shape.snapshot, now_ms, first.price, first.output_tokens,
                 first.estimate_micros, shape.targets, pre, (), fp, tuple(cands),
-                shape.route_mode, shape.rule_id, shape)
+                shape.route_mode, shape.rule_id, shape, searches)
 
 
 def _unpriced(mp: ModelPrice, tier: str) -> Reason:
@@ -57,3 +78,10 @@ def _unpriced(mp: ModelPrice, tier: str) -> Reason:
     return Reason(Code.SERVICE_TIER_UNPRICED,
                   f"The price table has no {tier[:64]!r} service tier for "
                   f"{mp.provider}/{mp.model}; the request is held at {held}.")
+
+
+def _search_unpriced(mp: ModelPrice, searches: int) -> Reason:
+    return Reason(Code.WEB_SEARCH_UNPRICED,
+                  f"The price table has no web_search_per_1k for {mp.provider}/{mp.model}; "
+                  f"the {searches} web searches this call may make are held at nothing and "
+                  "booked at nothing until the monthly reconciliation.")

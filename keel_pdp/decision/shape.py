@@ -17,7 +17,6 @@ from keel_pdp.policy.snapshot import (
     PolicySnapshot,
     bounded_put,
 )
-from keel_pdp.pricing import PICO_PER_MICRO, Price, ceil_div
 from keel_pdp.windows import window_bounds
 
 
@@ -44,10 +43,6 @@ def _resolve_provider(snapshot: PolicySnapshot, model: str, provider: str) -> st
         raise InvalidRequest(
             f"provider is required: model {model!r} is priced by {', '.join(providers)}")
     return providers[0] if providers else ""
-
-
-def _estimate(rate: Price, input_tokens: int, output_tokens: int) -> int:
-    return ceil_div(input_tokens * rate.input + output_tokens * rate.output, PICO_PER_MICRO)
 
 
 _FOREVER = 1 << 62

@@ -13,7 +13,13 @@ from keel_pdp.decision.model import (
     AuthorizeInput,
 )
 from keel_pdp.errors import InvalidRequest
-from keel_pdp.pricing import MAX_TOKENS, tier_problem
+from keel_pdp.pricing import (
+    CACHE_TTLS,
+    MAX_TOKENS,
+    MAX_WEB_SEARCH_CALLS,
+    WEB_SEARCH_UNBOUNDED,
+    tier_problem,
+)
 
 DIMENSION_NAMES = ("tenant", "workload", "model", "provider")
 
@@ -58,6 +64,18 @@ def validate(req: AuthorizeInput) -> None:
         problem = tier_problem(req.service_tier)
         if problem is not None:
             raise InvalidRequest(f"service_tier {req.service_tier[:40]!r} {problem}")
+    searches = req.max_web_search_calls
+    if searches < WEB_SEARCH_UNBOUNDED:
+        raise InvalidRequest(f"max_web_search_calls must be 0 (no web search), a bound of 1 "
+                             f"to {MAX_WEB_SEARCH_CALLS}, or -1 (a search tool without a "
+                             f"bound); got {searches}")
+    if searches > MAX_WEB_SEARCH_CALLS:
+        raise InvalidRequest(f"max_web_search_calls exceeds the maximum of "
+                             f"{MAX_WEB_SEARCH_CALLS} (got {searches}); send "
+                             f"{MAX_WEB_SEARCH_CALLS} for a larger bound")
+    if req.cache_write_ttl and req.cache_write_ttl not in CACHE_TTLS:
+        raise InvalidRequest(f"cache_write_ttl {req.cache_write_ttl[:20]!r} must be \"5m\", "
+                             "\"1h\" or empty (no cache breakpoint)")
     if len(req.labels) > MAX_LABELS:
         raise InvalidRequest(f"labels has {len(req.labels)} entries; at most {MAX_LABELS}")
     for key, text in req.labels:

@@ -345,6 +345,15 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
     tier = {k: v for k, v in tier.items() if v}
     if data.get("tier_unpriced") is True:
         flags = [*flags, "SERVICE_TIER_UNPRICED"]
+    # Web searches, billed per call: how many, and the fee each was booked at.
+    searches: dict[str, int] = {}
+    ws = get_int(usage, "ws", "data.usage", default=0, lo=0, hi=MAX_TOKENS)
+    if ws:
+        searches["web_search_calls"] = ws
+        if "ws_fee" in data:
+            searches["web_search_fee_pico"] = get_int(data, "ws_fee", "data", lo=0)
+    if data.get("ws_unpriced") is True:
+        flags = [*flags, "WEB_SEARCH_UNPRICED"]
     price_pico: tuple[int, int, int, int] | None = None
     price = data.get("price")
     if price is not None:
@@ -365,7 +374,7 @@ def _settlement(ev: StreamEvent) -> list[EntryRow]:
         "reasoning_tokens": tok["rsn"], "reason": outcome, "caller": _caller(data),
         "price_pico": price_pico,
         "detail": {"prior": prior, **({"flags": [str(f) for f in flags]} if flags else {}),
-                   **tier},
+                   **tier, **searches},
     }
     return [
         EntryRow(seq=0, kind="settlement", held_micros=amt, amount_micros=0,

@@ -39,6 +39,9 @@ from keel_pdp.ledger.store import LedgerStore
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.policy.snapshot import PolicySnapshot
 from keel_pdp.pricing import (
+    CACHE_TTLS,
+    MAX_WEB_SEARCH_CALLS,
+    WEB_SEARCH_UNBOUNDED,
     TokenUsage,
     max_output_tokens_within,
     tier_problem,
@@ -130,12 +133,18 @@ def recorded(store: LedgerStore, period: str) -> list[Recorded]:
         data, res = loads_object(data_text, "data"), loads_object(res_text, "res")
         labels = tuple(sorted((str(k), str(v)) for k, v in (data.get("labels") or {}).items()))
         tier = data.get("service_tier")
+        search = data.get("web_search")
+        bound = search.get("max") if isinstance(search, dict) else 0
+        ttl = data.get("cache_ttl")
         req = AuthorizeInput(str(data.get("rid", pid)), str(data["tenant"]),
                              str(data.get("workload", "")), str(data.get("model", "")),
                              str(data.get("provider", "")), int(data.get("in_tok", 0)),
                              int(data.get("out_tok", 0)), labels,
                              tier if isinstance(tier, str) and tier_problem(tier) is None
-                             else "")
+                             else "",
+                             bound if type(bound) is int and
+                             WEB_SEARCH_UNBOUNDED <= bound <= MAX_WEB_SEARCH_CALLS else 0,
+                             ttl if ttl in CACHE_TTLS else "")
         f = facts.get(pid, {})
         settled = "actual" in f
         ran = settled or not f.get("released", False)
@@ -188,7 +197,8 @@ def decide(p: Plan, sim: BudgetSimulation, rec: Recorded, min_out: int) -> Repla
             room = sim.room(p, c.target_idx)
             if not c.may_constrain or room is None or room < 0:
                 continue
-            kmax = min(max_output_tokens_within(c.rate, req.estimated_input_tokens, room),
+            kmax = min(max_output_tokens_within(c.rate, req.estimated_input_tokens, room,
+                                                fixed_pico=c.fixed_pico),
                        c.output_tokens)
             if kmax >= min_out:
                 chosen, k = n, kmax
@@ -200,11 +210,11 @@ def decide(p: Plan, sim: BudgetSimulation, rec: Recorded, min_out: int) -> Repla
         u = rec.usage
         out = min(u.output_tokens, k)
         usage = TokenUsage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, out,
-                           min(u.reasoning_tokens, out))
+                           min(u.reasoning_tokens, out), u.cache_write_1h_tokens,
+                           u.web_search_calls)
         spend = usage_cost_micros(c.rate, usage)
     elif rec.decision == "DENY" or rec.ran:
-        spend = -(-(req.estimated_input_tokens * c.rate.input + k * c.rate.output)
-                  // 1_000_000)
+        spend = -(-(c.fixed_pico + k * c.rate.output) // 1_000_000)
     else:
         spend = 0
     sim.commit(p, c.target_idx, spend)

@@ -79,6 +79,10 @@ class LlmRequest:
     partial: bool = False  # read from a truncated body (model and cap by pattern)
     include_usage: bool = False  # an OpenAI chat stream that asks for its usage chunk
     service_tier: str = ""  # OpenAI's service_tier ("" not set)
+    # The most web searches the call may make (keel_pdp.mesh.websearch: 0 none, -1 a
+    # search tool without a bound).
+    max_web_search_calls: int = 0
+    cache_write_ttl: str = ""  # the longest prompt-cache lifetime it marks ("5m", "1h")
 
 
 # The APIs whose requests name a service tier (``service_tier``) and whose responses

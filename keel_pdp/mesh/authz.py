@@ -288,6 +288,8 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                 request_id=rid, tenant=tenant, workload=workload, model=llm.model,
                 provider=provider, estimated_input_tokens=llm.estimated_input_tokens,
                 max_output_tokens=llm.max_output_tokens, service_tier=llm.service_tier,
+                max_web_search_calls=llm.max_web_search_calls,
+                cache_write_ttl=llm.cache_write_ttl,
                 # The body's digest is part of what makes two requests with one
                 # request id the same request: another body is another call.
                 labels=(("api", str(api)), ("stream", "true" if llm.stream else "false"),
@@ -374,6 +376,7 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
             (c.H_INPUT, str(llm.estimated_input_tokens)),
             (c.H_REVISION, out.policy_revision),
             (c.H_API, str(llm.api)),
+            (c.H_WEB_SEARCHES, str(out.web_search_calls)),
         ]
         remove: list[str] = []
         if enforce:
@@ -398,6 +401,7 @@ class AuthorizationServicer(et.auth_grpc.AuthorizationServicer):  # type: ignore
                 "model": out.model, "provider": out.provider,
                 "max_tokens": out.max_output_tokens,
                 "input_tokens": llm.estimated_input_tokens,
+                "web_search_calls": out.web_search_calls,
                 "estimated_cost_micros": str(out.estimated_cost_micros), "api": str(llm.api),
                 "enforce_max_tokens": enforce, "degraded": out.degraded,
                 "replayed": out.replayed, "stream_usage": stream_usage,

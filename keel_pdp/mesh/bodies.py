@@ -4,7 +4,9 @@ Pure functions: no gRPC, no Envoy types. ``parse_body`` turns a whole body (and
 ``parse_partial`` a prefix Envoy cut at ``max_request_bytes``) into an
 ``LlmRequest`` (model, output cap, input-token estimate, stream) or raises
 ``BadRequest`` with a message the caller can act on; ``decode_body`` and
-``decode_prefix`` undo a content-encoding first. ``rewrite_cap`` writes the
+``decode_prefix`` undo a content-encoding first. Both also read the web searches
+the call may make (``keel_pdp.mesh.websearch``) and the prompt-cache breakpoints
+it marks (``keel_pdp.mesh.cache_marks``). ``rewrite_cap`` writes the
 output cap (and a reroute's model, and a chat stream's usage request) back into
 the body. ``request_id`` and ``body_digest`` give the call its idempotency key
 and fingerprint.
@@ -29,7 +31,9 @@ from keel_pdp.mesh.apis import (
     BadRequest,
     LlmRequest,
 )
+from keel_pdp.mesh.cache_marks import cache_write_ttl, partial_cache_ttl
 from keel_pdp.mesh.estimate import BYTES_PER_TOKEN, REPLY_PRIMING_TOKENS, estimate_input_tokens
+from keel_pdp.mesh.websearch import partial_bound, request_bound
 from keel_pdp.pricing import tier_problem
 
 
@@ -145,7 +149,9 @@ def parse_body(api: Api, provider: str, raw: bytes, path_model: str = "",
     include = isinstance(opts, dict) and opts.get("include_usage") is True
     return LlmRequest(api, provider, model, cap, cap_field,
                       estimate_input_tokens(api, body), bool(stream) or path_stream,
-                      include_usage=include, service_tier=_service_tier(api, body))
+                      include_usage=include, service_tier=_service_tier(api, body),
+                      max_web_search_calls=request_bound(api, model, body),
+                      cache_write_ttl=cache_write_ttl(api, body))
 
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
@@ -186,7 +192,9 @@ def parse_partial(api: Api, provider: str, prefix: bytes, content_length: int,
                       -(-total // BYTES_PER_TOKEN) + REPLY_PRIMING_TOKENS,
                       _STREAM_RE.search(prefix) is not None or path_stream, partial=True,
                       include_usage=_INCLUDE_USAGE_RE.search(prefix) is not None,
-                      service_tier=tm.group(1).decode() if tm is not None else "")
+                      service_tier=tm.group(1).decode() if tm is not None else "",
+                      max_web_search_calls=partial_bound(api, model, prefix),
+                      cache_write_ttl=partial_cache_ttl(api, prefix))
 
 
 def request_id(header_value: str, envoy_id: str, parts: Iterable[bytes]) -> str:

@@ -28,8 +28,9 @@ H_INPUT = "x-keel-input-tokens"
 H_REVISION = "x-keel-policy-revision"
 H_API = "x-keel-api"
 H_STREAM_USAGE = "x-keel-stream-usage"  # "strip" / "pass": Keel asked the stream for usage
+H_WEB_SEARCHES = "x-keel-web-search-calls"  # the web searches the hold covers
 KEEL_SET_HEADERS = (H_PERMIT, H_DECISION, H_MODEL, H_PROVIDER, H_MAX_TOKENS, H_ENFORCE,
-                    H_INPUT, H_REVISION, H_API, H_STREAM_USAGE)
+                    H_INPUT, H_REVISION, H_API, H_STREAM_USAGE, H_WEB_SEARCHES)
 STREAM_USAGE_MODES = ("strip", "pass", "off")
 
 # gRPC metadata (``grpc_service.initial_metadata``) naming the part one ext_proc

@@ -135,7 +135,8 @@ class _Call:
             self.api = Api(str(facts.get("api") or "chat.completions"))
         except ValueError:
             self.api = Api.CHAT
-        self.permit = Permit(pid, _int(facts.get("input_tokens")), _int(facts.get("max_tokens")))
+        self.permit = Permit(pid, _int(facts.get("input_tokens")), _int(facts.get("max_tokens")),
+                             max(_int(facts.get("web_search_calls")), 0))
         self.model = str(facts.get("model") or "")
         self.stream_usage = str(facts.get("stream_usage") or "")
         if self.role != "cap" and self.proc.watch is not None:
@@ -176,12 +177,14 @@ class _Call:
 
                 return {"permit_id": get("permit_id"), "input_tokens": get("input_tokens"),
                         "max_tokens": get("max_tokens"), "api": get("api"),
+                        "web_search_calls": get("web_search_calls"),
                         "model": get("model"), "stream_usage": get("stream_usage"),
                         "enforce": get("max_tokens") if get("enforce_max_tokens") is True
                         else 0}
         if headers.get(c.H_PERMIT):
             return {"permit_id": headers[c.H_PERMIT], "input_tokens": headers.get(c.H_INPUT),
                     "max_tokens": headers.get(c.H_MAX_TOKENS), "api": headers.get(c.H_API),
+                    "web_search_calls": headers.get(c.H_WEB_SEARCHES),
                     "model": headers.get(c.H_MODEL),
                     "stream_usage": headers.get(c.H_STREAM_USAGE, ""),
                     "enforce": headers.get(c.H_ENFORCE, "")}

@@ -36,6 +36,11 @@ Usage the budget store refuses as impossible for the permit (a cost above the
 overrun ceiling, a count past any plausible one) is booked at the hold instead
 (``at_hold_fallback``), never left to expire unbooked.
 
+Web searches (billed per call): a booking at the hold books the searches the hold
+covers (``Permit.web_search_calls``); a closeout with the provider's usage books
+the searches the answer reports; an estimated one books the searches seen so far
+(the stream's search items), as the output is the text seen so far.
+
 Estimates err upward where the provider may have billed; the monthly
 reconciliation against the provider's export books the exact difference.
 """
@@ -63,6 +68,7 @@ class Permit:
     permit_id: str
     input_tokens: int  # Keel's input estimate at Authorize
     max_tokens: int  # the output cap the permit was held for
+    web_search_calls: int = 0  # the web searches the hold covers
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +83,15 @@ class Settlement:
     service_tier: str = ""
 
 
+def _hold(p: Permit) -> TokenUsage:
+    """The usage the permit was held for: Keel's input estimate, the output cap and
+    the web searches the hold covers."""
+    return TokenUsage(input_tokens=p.input_tokens, output_tokens=p.max_tokens,
+                      web_search_calls=p.web_search_calls)
+
+
 def _at_hold(p: Permit, outcome: str, reason: str) -> Settlement:
-    return Settlement("closeout", reason, outcome,
-                      TokenUsage(input_tokens=p.input_tokens, output_tokens=p.max_tokens),
-                      estimated=True)
+    return Settlement("closeout", reason, outcome, _hold(p), estimated=True)
 
 
 def at_hold_fallback(p: Permit, s: Settlement) -> Settlement | None:
@@ -91,7 +102,7 @@ def at_hold_fallback(p: Permit, s: Settlement) -> Settlement | None:
     reconciliation books the provider's real cost. None: ``s`` is already that."""
     if s.kind != "closeout":
         return None
-    hold = TokenUsage(input_tokens=p.input_tokens, output_tokens=p.max_tokens)
+    hold = _hold(p)
     if s.usage == hold:
         return None
     return Settlement("closeout", f"usage impossible for the permit ({s.reason}); booked at "
@@ -108,11 +119,13 @@ def _from_reading(p: Permit, r: Reading, outcome: str, reason: str) -> Settlemen
     seen = r.partial_usage
     est_out = _cap(p, r.estimated_output_tokens())
     if seen is None:
-        usage = TokenUsage(input_tokens=p.input_tokens, output_tokens=est_out)
+        usage = TokenUsage(input_tokens=p.input_tokens, output_tokens=est_out,
+                           web_search_calls=r.web_search_calls)
     else:
         usage = consistent(seen.input_tokens or p.input_tokens, seen.cached_input_tokens,
                            seen.cache_write_tokens, max(seen.output_tokens, est_out),
-                           seen.reasoning_tokens, seen.cache_write_1h_tokens)
+                           seen.reasoning_tokens, seen.cache_write_1h_tokens,
+                           max(seen.web_search_calls, r.web_search_calls))
     return Settlement("closeout", reason, outcome, usage, estimated=True,
                       service_tier=r.service_tier)
 

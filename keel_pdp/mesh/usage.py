@@ -7,7 +7,9 @@ fields seen so far (a broken stream still reports what it had), and the number
 of generated-text bytes (the basis of an estimate when no usage arrives).
 Usage is normalised to Keel's convention by ``keel_pdp.mesh.usage_normalise``
 (per provider field, in that module's docstring); ``normalise`` and
-``consistent`` are re-exported here.
+``consistent`` are re-exported here. Web searches are counted by the rules of
+``keel_pdp.mesh.websearch``: Anthropic's reported count when the final usage
+carries one, else the answer's search items, each once.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import binascii
 import json
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from keel_pdp.mesh.apis import TIER_APIS, Api
 from keel_pdp.mesh.estimate import BYTES_PER_TOKEN
 from keel_pdp.mesh.eventstream import FrameDecoder
 from keel_pdp.mesh.jsonstream import MAX_EVENT_BYTES, JsonElements
 from keel_pdp.mesh.usage_normalise import consistent, normalise, readable
+from keel_pdp.mesh.websearch import ANTHROPIC_APIS, SearchCounter, reported
 from keel_pdp.pricing import TokenUsage, reported_tier
 
 __all__ = ["MAX_SSE_EVENT_BYTES", "Reading", "ResponseMeter", "consistent", "normalise"]
@@ -48,6 +51,9 @@ class Reading:
     # The service tier the provider reports it used (OpenAI's service_tier; "" not
     # reported; ``pricing.UNREADABLE_TIER`` for a value that is no tier name).
     service_tier: str = ""
+    # The web searches the answer's items show so far (what an estimated closeout
+    # books; the usage carries the count a closeout with the provider's usage books).
+    web_search_calls: int = 0
 
     def estimated_output_tokens(self) -> int:
         return -(-self.text_bytes // BYTES_PER_TOKEN)
@@ -84,6 +90,7 @@ class ResponseMeter:
         self._data: list[bytes] = []
         self._metrics: dict[str, object] | None = None
         self.service_tier = ""
+        self.searches = SearchCounter(api)
 
     # ------------------------------------------------------------------ input
     def feed(self, chunk: bytes) -> None:
@@ -245,6 +252,7 @@ class ResponseMeter:
             return
         if self.api is Api.CHAT:
             self._tier(obj)
+            self.searches.chat(obj)
             choices = obj.get("choices")
             if isinstance(choices, list):
                 for ch in choices:
@@ -262,11 +270,15 @@ class ResponseMeter:
         elif self.api is Api.RESPONSES:
             if isinstance(kind, str) and kind.endswith(".delta"):
                 self.text_bytes += _text_len(obj.get("delta"))
+            elif kind in ("response.output_item.added", "response.output_item.done"):
+                self.searches.output_item(obj.get("item"), obj.get("output_index"))
             elif kind in ("response.completed", "response.incomplete", "response.failed"):
                 resp = obj.get("response")
                 # Only the response as it ended says which tier served it (the one
                 # as created repeats the tier asked for).
                 self._tier(resp)
+                if isinstance(resp, dict):
+                    self.searches.listing(resp.get("output"))
                 if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
                     self._final = resp["usage"]
                 if kind == "response.incomplete":
@@ -277,7 +289,12 @@ class ResponseMeter:
             if kind == "message_start":
                 msg = obj.get("message")
                 if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
-                    self._partial.update(msg["usage"])
+                    # The searches as the message starts (none yet) are no count of
+                    # its searches: only message_delta's is.
+                    self._partial.update({k: v for k, v in msg["usage"].items()
+                                          if k != "server_tool_use"})
+            elif kind == "content_block_start":
+                self.searches.block(obj.get("content_block"))
             elif kind == "content_block_delta":
                 delta = obj.get("delta")
                 if isinstance(delta, dict):
@@ -353,8 +370,14 @@ class ResponseMeter:
             and readable(self._final) else None
         partial = normalise(self.api, self._partial) if self._partial \
             and readable(self._partial) else None
+        seen = self.searches.count
+        if final is not None and not (self.api in ANTHROPIC_APIS
+                                      and reported(self._final) is not None):
+            final = replace(final, web_search_calls=seen)
+        if partial is not None:
+            partial = replace(partial, web_search_calls=max(partial.web_search_calls, seen))
         return Reading(final, partial, text, self.body_bytes, self.error, self.incomplete,
-                       self.service_tier)
+                       self.service_tier, seen)
 
     def _json_body(self, raw: bytes) -> None:
         try:
@@ -367,6 +390,12 @@ class ResponseMeter:
             self.error = True
         if self.api in TIER_APIS:
             self._tier(obj)
+        if self.api is Api.CHAT:
+            self.searches.chat(obj)
+        elif self.api is Api.RESPONSES:
+            self.searches.listing(obj.get("output"))
+        elif self.api in ANTHROPIC_APIS:
+            self.searches.listing(obj.get("content"))
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._final = usage

@@ -15,7 +15,7 @@ same way whichever path saw it. Per provider:
   cached input = ``cache_read_input_tokens``; cache writes =
   ``cache_creation_input_tokens``, of which ``cache_creation.ephemeral_1h_input_tokens``
   are one-hour writes (billed at their own rate); output = ``output_tokens``
-  (thinking included).
+  (thinking included); web searches = ``server_tool_use.web_search_requests``.
   In a stream, ``message_start`` carries the input side and ``message_delta``
   the cumulative output; the later value of a field wins. Bedrock
   InvokeModel with an Anthropic body reports the same object (streamed as
@@ -58,15 +58,16 @@ def _get(d: Mapping[str, object], *path: str) -> int:
 
 
 def readable(usage: Mapping[str, object]) -> bool:
-    """False when a token count in the usage object (or its ``*_details``) is not a
-    non-negative integer: negative, a string, a float, a boolean. Such a count says
-    nothing a closeout can book (``_int`` would read it as 0 tokens, $0); ``None``
-    is an absent field."""
+    """False when a token or request count in the usage object (or its ``*_details``,
+    ``server_tool_use``) is not a non-negative integer: negative, a string, a float, a
+    boolean. Such a count says nothing a closeout can book (``_int`` would read it as
+    0 tokens or 0 searches, $0); ``None`` is an absent field."""
     for key, value in usage.items():
         if isinstance(value, Mapping):
-            if not readable(value):
+            if key.endswith("_requests") or not readable(value):
                 return False
-        elif value is None or not ("token" in key.lower() or key.endswith("Count")):
+        elif value is None or not ("token" in key.lower() or key.endswith("Count")
+                                   or key.endswith("_requests")):
             continue
         elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return False
@@ -74,12 +75,15 @@ def readable(usage: Mapping[str, object]) -> bool:
 
 
 def consistent(input_tokens: int, cached: int, cache_write: int, output: int,
-               reasoning: int, cache_write_1h: int = 0) -> TokenUsage:
-    """A TokenUsage that passes ``problems()``: parts never exceed their totals."""
+               reasoning: int, cache_write_1h: int = 0, web_search_calls: int = 0,
+               ) -> TokenUsage:
+    """A TokenUsage whose parts never exceed their totals (``problems()`` may still
+    find a count implausibly large)."""
     cache_write = max(cache_write, cache_write_1h)
     input_tokens = max(input_tokens, cached + cache_write)
     output = max(output, reasoning)
-    return TokenUsage(input_tokens, cached, cache_write, output, reasoning, cache_write_1h)
+    return TokenUsage(input_tokens, cached, cache_write, output, reasoning, cache_write_1h,
+                      web_search_calls)
 
 
 def _converse_1h(usage: Mapping[str, object]) -> int:
@@ -115,7 +119,8 @@ def normalise(api: Api, usage: Mapping[str, object]) -> TokenUsage:
         read = _get(usage, "cache_read_input_tokens")
         write = _get(usage, "cache_creation_input_tokens")
         return consistent(fresh + read + write, read, write, _get(usage, "output_tokens"), 0,
-                          _get(usage, "cache_creation", "ephemeral_1h_input_tokens"))
+                          _get(usage, "cache_creation", "ephemeral_1h_input_tokens"),
+                          _get(usage, "server_tool_use", "web_search_requests"))
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         return consistent(
             _get(usage, "prompt_tokens"), _get(usage, "prompt_tokens_details", "cached_tokens"),

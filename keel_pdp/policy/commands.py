@@ -22,7 +22,7 @@ from keel_pdp.policy.snapshot import (
     ModelPrice,
     PolicySnapshot,
 )
-from keel_pdp.pricing import Price, format_pico_price, format_usd
+from keel_pdp.pricing import Price, format_call_fee, format_pico_price, format_usd
 
 # Other command modules may add sub-commands under `policy` (e.g. replay).
 POLICY_SUBPARSERS: list[Any] = []
@@ -73,10 +73,17 @@ def _budget_words(b: CompiledBudget) -> str:
     return text
 
 
+def _fee_words(fee: int | None) -> str:
+    return ("no web search fee" if fee is None
+            else f"{format_call_fee(fee)} USD per 1,000 web search calls")
+
+
 def _price_words(p: Price) -> str:
-    return (f"input {format_pico_price(p.input)}, cached input "
-            f"{format_pico_price(p.cached_input)}, cache write {format_pico_price(p.cache_write)}, "
-            f"output {format_pico_price(p.output)} USD per 1M tokens")
+    words = (f"input {format_pico_price(p.input)}, cached input "
+             f"{format_pico_price(p.cached_input)}, cache write "
+             f"{format_pico_price(p.cache_write)}, output {format_pico_price(p.output)} USD "
+             "per 1M tokens")
+    return words if p.web_search is None else f"{words}; {_fee_words(p.web_search)}"
 
 
 def diff_snapshots(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
@@ -155,6 +162,9 @@ def _diff_prices(old: PolicySnapshot, new: PolicySnapshot) -> list[str]:
                 lines.append(f"Price of {name}: {field.replace('_', ' ')} from "
                              f"{format_pico_price(x)} to {format_pico_price(y)} USD per 1M "
                              f"tokens{_pct(x, y)}.")
+        if pa.web_search != pb_.web_search:
+            lines.append(f"Price of {name}: web search from {_fee_words(pa.web_search)} to "
+                         f"{_fee_words(pb_.web_search)}.")
         if len(a) != len(b) or [m.effective_from_ms for m in a] != [
                 m.effective_from_ms for m in b]:
             dates = [time.strftime("%Y-%m-%d", time.gmtime(m.effective_from_ms / 1000))

@@ -169,5 +169,6 @@ def compile_settings(settings: BundleSettings) -> Settings:
         permit_retention_seconds=settings.permit_retention_seconds,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         auto_service_tier=settings.auto_service_tier,
+        web_search_hold_calls=settings.web_search_hold_calls,
     )
 

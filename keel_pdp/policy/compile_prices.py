@@ -8,6 +8,7 @@ sidecars and finance use one reading of a price table.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
@@ -16,7 +17,7 @@ from keel_pdp.money import MAX_MICROS, parse_usd
 from keel_pdp.policy.model import PriceSpec, PriceTableDoc, PriceTier, ServiceTierPrice
 from keel_pdp.policy.problems import Problem
 from keel_pdp.policy.snapshot import ModelPrice
-from keel_pdp.pricing import Price, parse_price
+from keel_pdp.pricing import Price, parse_call_fee, parse_price
 
 Prices = dict[tuple[str, str], tuple[ModelPrice, ...]]
 
@@ -27,11 +28,16 @@ def usd_to_micros(text: str) -> int:
     return parse_usd(text, non_negative=True, max_micros=MAX_MICROS)
 
 
-def price_of(spec: PriceSpec | PriceTier | ServiceTierPrice) -> Price:
+def price_of(spec: PriceSpec | PriceTier | ServiceTierPrice,
+             web_search: int | None = None) -> Price:
     """The exact price of one spec or tier (cached input and cache writes default
-    to the input price, one-hour cache writes to the cache-write price)."""
+    to the input price, one-hour cache writes to the cache-write price).
+    ``web_search``: the model's fee per search call, which its context-length and
+    service tiers share (a PriceSpec's own ``web_search_per_1k`` when not given)."""
     inp = parse_price(spec.input)
     write = parse_price(spec.cache_write) if spec.cache_write is not None else inp
+    if web_search is None and isinstance(spec, PriceSpec) and spec.web_search_per_1k:
+        web_search = parse_call_fee(spec.web_search_per_1k)
     return Price(
         input=inp,
         output=parse_price(spec.output),
@@ -39,6 +45,7 @@ def price_of(spec: PriceSpec | PriceTier | ServiceTierPrice) -> Price:
         cache_write=write,
         cache_write_1h=(parse_price(spec.cache_write_1h) if spec.cache_write_1h is not None
                         else write),
+        web_search=web_search,
     )
 
 
@@ -68,14 +75,18 @@ def price_history(provider: str, model: str,
 def model_price(provider: str, model: str, spec: PriceSpec, effective_from_ms: int = 0,
                 ) -> ModelPrice:
     """One compiled price: the spec's own rates with its context-length tiers, and
-    each service tier's (by name, in order)."""
+    each service tier's (by name, in order). The model's web search fee applies to
+    all of them."""
+    base = price_of(spec)
+    fee = base.web_search
+
     def tiers(t: list[PriceTier]) -> tuple[tuple[int, Price], ...]:
-        return tuple((x.above_input_tokens, price_of(x)) for x in t)
+        return tuple((x.above_input_tokens, price_of(x, fee)) for x in t)
 
     return ModelPrice(
-        provider, model, price_of(spec), spec.max_output_tokens, effective_from_ms,
+        provider, model, base, spec.max_output_tokens, effective_from_ms,
         tiers(spec.tiers),
-        tuple((name, ModelPrice(provider, model, price_of(st), spec.max_output_tokens,
+        tuple((name, ModelPrice(provider, model, price_of(st, fee), spec.max_output_tokens,
                                 effective_from_ms, tiers(st.tiers)))
               for name, st in sorted(spec.service_tiers.items())))
 
@@ -123,6 +134,40 @@ def _service_tier_warning(name: str, where: str, provider: str,
             "the model offers the tier")
 
 
+# Models whose calls may use a web search billed per call: Anthropic's Claude models
+# (the web search tool), OpenAI's models that take the web_search tool in the
+# Responses API, and its search models in Chat Completions. Audio, realtime, image,
+# speech and embedding models do not search.
+_SEARCHING_OPENAI = re.compile(r"^(gpt-4o|gpt-4\.1|gpt-5|o3|o4)|search")
+_NOT_SEARCHING = re.compile(r"audio|realtime|transcribe|tts|image|embedding|moderation")
+
+
+def can_search(provider: str, model: str) -> bool:
+    """Whether ``provider``/``model`` is a model whose calls may make web searches the
+    provider bills per call (``policy check`` warns when it has no fee)."""
+    name = model.lower()
+    if _NOT_SEARCHING.search(name):
+        return False
+    if provider == "anthropic":
+        return "claude" in name
+    if provider == "openai":
+        return _SEARCHING_OPENAI.search(name) is not None
+    return False
+
+
+def _web_search_warning(name: str, where: str, provider: str, model: str,
+                        specs: PriceSpec | list[PriceSpec]) -> str | None:
+    """A model that can search but has no fee: its searches are booked at nothing
+    (flagged WEB_SEARCH_UNPRICED) until the monthly reconciliation."""
+    latest = specs[-1] if isinstance(specs, list) else specs
+    if latest.web_search_per_1k is not None or not can_search(provider, model):
+        return None
+    return (f"{name}: {where}: web_search_per_1k is not set: this model's calls may use "
+            "web search, which the provider bills per call; such searches are booked at "
+            "nothing (flagged WEB_SEARCH_UNPRICED) until the monthly reconciliation; set "
+            "the fee (USD per 1,000 calls), \"0\" if the workload never searches")
+
+
 def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem],
                    warnings: list[str] | None = None) -> tuple[Prices, list[str]]:
     """Every PriceTable's models (a model priced twice is a problem), and the
@@ -146,7 +191,9 @@ def compile_prices(docs: list[tuple[str, BaseModel]], problems: list[Problem],
                     problems.append(Problem(name, where, str(exc)))
                     continue
                 for warning in (_one_hour_warning(name, where, provider, model_name, specs),
-                                _service_tier_warning(name, where, provider, specs)):
+                                _service_tier_warning(name, where, provider, specs),
+                                _web_search_warning(name, where, provider, model_name,
+                                                    specs)):
                     if warning is not None and warnings is not None:
                         warnings.append(warning)
     return prices, price_revisions

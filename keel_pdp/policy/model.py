@@ -23,7 +23,14 @@ from pydantic import (
     model_validator,
 )
 
-from keel_pdp.pricing import AUTO_TIER, DEFAULT_TIER, HIGHEST_TIER, parse_price
+from keel_pdp.pricing import (
+    AUTO_TIER,
+    DEFAULT_TIER,
+    HIGHEST_TIER,
+    MAX_WEB_SEARCH_CALLS,
+    parse_call_fee,
+    parse_price,
+)
 
 API_VERSION = "keel.pdp/v1"
 
@@ -44,6 +51,17 @@ def _decimal_string(value: object) -> object:
             f"prices are decimal strings (write \"{value}\" in quotes); floats never hold money"
         )
     parse_price(value)
+    return value
+
+
+def _fee_string(value: object) -> object:
+    if value is None:
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"fees are decimal strings in USD per 1,000 calls (write \"{value}\" in quotes); "
+            "floats never hold money")
+    parse_call_fee(value)
     return value
 
 
@@ -110,9 +128,14 @@ class PriceSpec(_Strict):
     # Rates of the provider's other processing tiers, by the name the provider gives
     # the tier (OpenAI's service_tier); the fields above are the "default" tier.
     service_tiers: dict[TierName, ServiceTierPrice] = {}
+    # The provider's fee per web search call, in USD per 1,000 calls (Anthropic's web
+    # search tool, OpenAI's web_search tool and search models); the same at every
+    # context length and service tier. None: no fee known (searches are flagged).
+    web_search_per_1k: str | None = None
 
     _check = field_validator("input", "output", "cached_input", "cache_write", "cache_write_1h",
                              mode="before")(_decimal_string)
+    _fee = field_validator("web_search_per_1k", mode="before")(_fee_string)
     _ascending = field_validator("tiers")(_ascending_tiers)
 
     @field_validator("service_tiers")
@@ -151,6 +174,10 @@ class BundleSettings(_Strict):
     # held at: "highest" (each rate at the highest of the model's tiers), or a tier
     # name ("default" when the projects' configured tier is the standard one).
     auto_service_tier: TierName = HIGHEST_TIER
+    # How many web searches a call is held for when it offers a web search tool with
+    # no bound (Anthropic's max_uses absent, OpenAI's max_tool_calls absent, OpenAI's
+    # search models). A bound the call names is held as named.
+    web_search_hold_calls: int = Field(default=10, ge=0, le=MAX_WEB_SEARCH_CALLS)
 
     @field_validator("auto_service_tier")
     @classmethod

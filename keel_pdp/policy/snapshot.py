@@ -187,6 +187,8 @@ class Settings:
     # The tier a call that names none (or "auto") is held at ("highest": the highest
     # rate of the model's tiers).
     auto_service_tier: str = HIGHEST_TIER
+    # Searches held for a call that offers web search without a bound.
+    web_search_hold_calls: int = 10
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,11 @@ def _ledger_line(row: tuple[Any, ...], once: _RoundedOnce | None = None) -> Inte
     exact = int(actual) * 1_000_000 if actual_pico is None else int(actual_pico)
     per_type_pico: dict[str, int] | None = None
     detail = _detail(raw_detail)
+    # Web search fees the gateway booked are no token's cost: the provider bills them
+    # on lines of their own, so they stay out of the token costs compared here.
+    searches = _int_or(detail.get("web_search_calls"), 0) or 0
+    fee = _int_or(detail.get("web_search_fee_pico"), 0) or 0
+    exact = max(exact - searches * fee, 0)
     costs = detail.get("costs")
     if isinstance(costs, dict) and all(isinstance(costs.get(t), int) for t in tokens):
         # An imported row carries the per-type costs its export had.

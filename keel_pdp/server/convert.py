@@ -19,6 +19,8 @@ def authorize_input(req: pb.AuthorizeRequest) -> AuthorizeInput:
         max_output_tokens=req.max_output_tokens,
         labels=tuple(sorted(req.labels.items())),
         service_tier=req.service_tier,
+        max_web_search_calls=req.max_web_search_calls,
+        cache_write_ttl=req.cache_write_ttl,
     )
 
 
@@ -41,6 +43,7 @@ def authorize_response(out: Outcome) -> pb.AuthorizeResponse:
         replayed=out.replayed,
         matched_budgets=out.matched_budgets,
         degraded=out.degraded,
+        web_search_calls=out.web_search_calls,
         block_reasons=[_REASON(
             code=pb.ReasonCode.Value(str(r.code)), message=r.message, budget_id=r.budget_id,
             scope=r.scope, window_start_ms=r.window_start_ms, window_end_ms=r.window_end_ms,
@@ -61,7 +64,8 @@ def usage(u: pb.Usage) -> TokenUsage:
     return TokenUsage(
         input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
         cache_write_tokens=u.cache_write_tokens, output_tokens=u.output_tokens,
-        reasoning_tokens=u.reasoning_tokens, cache_write_1h_tokens=u.cache_write_1h_tokens)
+        reasoning_tokens=u.reasoning_tokens, cache_write_1h_tokens=u.cache_write_1h_tokens,
+        web_search_calls=u.web_search_calls)
 
 
 def outcome_name(value: int) -> str:
@@ -105,8 +109,18 @@ def _tier_unpriced(r: CloseoutResult) -> pb.BlockReason:
                 "booked and flagged.")
 
 
+def _search_unpriced(r: CloseoutResult) -> pb.BlockReason:
+    return pb.BlockReason(
+        code=pb.WEB_SEARCH_UNPRICED, requested_micros=r.actual_cost_micros,
+        held_micros=r.held_micros,
+        message="The usage reports web searches but the permit's price has no "
+                "web_search_per_1k: they were booked at nothing; the monthly reconciliation "
+                "books the provider's fee.")
+
+
 _FLAG_TEXT = {"USAGE_ABOVE_PERMIT": _above_permit, "COST_ABOVE_HOLD": _above_hold,
-              "SERVICE_TIER_UNPRICED": _tier_unpriced}
+              "SERVICE_TIER_UNPRICED": _tier_unpriced,
+              "WEB_SEARCH_UNPRICED": _search_unpriced}
 
 
 def void_response(r: VoidResult) -> pb.VoidResponse:

@@ -95,6 +95,11 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     rate of its own in the price table: priced at the highest rate the table knows for the
     model (informational on Authorize; a Closeout flag, booked all the same).
     """
+    WEB_SEARCH_UNPRICED: _ReasonCode.ValueType  # 19
+    """The call may use (Authorize) or used (Closeout) web searches, which the provider bills
+    per call, but the model's price has no web_search_per_1k: held and booked at nothing
+    (informational on Authorize; a Closeout flag). The monthly reconciliation books them.
+    """
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Stable reason codes. New codes are only ever appended."""
@@ -145,6 +150,11 @@ SERVICE_TIER_UNPRICED: ReasonCode.ValueType  # 18
 """The service tier asked for (Authorize) or reported by the provider (Closeout) has no
 rate of its own in the price table: priced at the highest rate the table knows for the
 model (informational on Authorize; a Closeout flag, booked all the same).
+"""
+WEB_SEARCH_UNPRICED: ReasonCode.ValueType  # 19
+"""The call may use (Authorize) or used (Closeout) web searches, which the provider bills
+per call, but the model's price has no web_search_per_1k: held and booked at nothing
+(informational on Authorize; a Closeout flag). The monthly reconciliation books them.
 """
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
@@ -341,6 +351,8 @@ class AuthorizeRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    MAX_WEB_SEARCH_CALLS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TTL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tenant: _builtins.str
     workload: _builtins.str
@@ -359,6 +371,21 @@ class AuthorizeRequest(_message.Message):
     most 64 bytes of letters, digits, '_', '-' and '.'. Not part of the request
     fingerprint: a retry of a request_id is the same call.
     """
+    max_web_search_calls: _builtins.int
+    """Server-side web search the call offers the model, billed by the provider per search
+    (README "Server-tool fees"): 0 = none; 1..10000 = the most searches it may make
+    (Anthropic's web search tool max_uses, OpenAI's Responses max_tool_calls); -1 = a search
+    tool without a bound, held for the bundle's web_search_hold_calls. The hold covers that
+    many searches at the price table's web_search_per_1k. Anything else is
+    INVALID_ARGUMENT (send 10000 for a larger bound). Not part of the request fingerprint.
+    """
+    cache_write_ttl: _builtins.str
+    """The longest lifetime of the prompt-cache breakpoints the call marks (Anthropic's
+    cache_control ttl): "5m" or "1h"; empty = none. The whole estimated input is then held
+    at that cache-write rate (cache_write or cache_write_1h) instead of the input rate
+    (README "Cost arithmetic"). Anything else is INVALID_ARGUMENT. Not part of the request
+    fingerprint.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -373,10 +400,12 @@ class AuthorizeRequest(_message.Message):
         max_output_tokens: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         service_tier: _builtins.str = ...,
+        max_web_search_calls: _builtins.int = ...,
+        cache_write_ttl: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_input_tokens", b"estimated_input_tokens", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "model", b"model", "provider", b"provider", "request_id", b"request_id", "service_tier", b"service_tier", "tenant", b"tenant", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_ttl", b"cache_write_ttl", "estimated_input_tokens", b"estimated_input_tokens", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "max_web_search_calls", b"max_web_search_calls", "model", b"model", "provider", b"provider", "request_id", b"request_id", "service_tier", b"service_tier", "tenant", b"tenant", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +501,7 @@ class AuthorizeResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     MATCHED_BUDGETS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_CALLS_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     permit_id: _builtins.str
     policy_revision: _builtins.str
@@ -482,6 +512,10 @@ class AuthorizeResponse(_message.Message):
     """True when this answer replays an earlier decision for the same request_id."""
     degraded: _builtins.bool
     """True when the decision was taken without the budget store (fail mode applied)."""
+    web_search_calls: _builtins.int
+    """The web searches the hold covers (max_web_search_calls, or the bundle's
+    web_search_hold_calls for -1): what a closeout "at the hold" books.
+    """
     @_builtins.property
     def constraints(self) -> Global___Constraints: ...
     @_builtins.property
@@ -507,10 +541,11 @@ class AuthorizeResponse(_message.Message):
         replayed: _builtins.bool = ...,
         matched_budgets: _abc.Iterable[_builtins.str] | None = ...,
         degraded: _builtins.bool = ...,
+        web_search_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_reasons", b"block_reasons", "constraints", b"constraints", "decision", b"decision", "degraded", b"degraded", "estimated_cost_micros", b"estimated_cost_micros", "expires_at_ms", b"expires_at_ms", "holds", b"holds", "matched_budgets", b"matched_budgets", "permit_id", b"permit_id", "policy_revision", b"policy_revision", "price_revision", b"price_revision", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_reasons", b"block_reasons", "constraints", b"constraints", "decision", b"decision", "degraded", b"degraded", "estimated_cost_micros", b"estimated_cost_micros", "expires_at_ms", b"expires_at_ms", "holds", b"holds", "matched_budgets", b"matched_budgets", "permit_id", b"permit_id", "policy_revision", b"policy_revision", "price_revision", b"price_revision", "replayed", b"replayed", "web_search_calls", b"web_search_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,6 +561,7 @@ class Usage(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_CALLS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """All input tokens the provider processed, INCLUDING cached-read and
     cache-write tokens (OpenAI's prompt_tokens convention). Anthropic callers
@@ -544,6 +580,12 @@ class Usage(_message.Message):
     (Anthropic's cache_creation.ephemeral_1h_input_tokens, Bedrock's cacheDetails
     with ttl 1h), priced at the price table's cache_write_1h.
     """
+    web_search_calls: _builtins.int
+    """Server-side web searches the provider billed for the call (Anthropic's
+    usage.server_tool_use.web_search_requests; OpenAI's web_search_call output items
+    whose action is a search), booked at the price table's web_search_per_1k. At most
+    10000; a sidecar of the previous version ignores this field (books no search fee).
+    """
     def __init__(
         self,
         *,
@@ -553,10 +595,11 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
         cache_write_1h_tokens: _builtins.int = ...,
+        web_search_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_calls", b"web_search_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,7 +667,7 @@ class CloseoutResponse(_message.Message):
     @_builtins.property
     def flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockReason]:
         """Why this settlement needs a look (USAGE_ABOVE_PERMIT, COST_ABOVE_HOLD,
-        SERVICE_TIER_UNPRICED); booked all the same.
+        SERVICE_TIER_UNPRICED, WEB_SEARCH_UNPRICED); booked all the same.
         """
 
     def __init__(
