@@ -16,7 +16,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -39,9 +38,9 @@ from keel_pdp.client import (
     read_usage,
 )
 from tests.conftest import ROOT, RedisServer, free_port
-from tests.helpers import PRICES, budget, wait_ready, write_bundle
+from tests.helpers import PRICES, budget, write_bundle
+from tests.integration.client_stack import ClientStack, redis_reader, running
 from tests.integration.envoy_fixture import events, permit_state
-from tools.mockprovider import MockProvider, Options
 
 # Each test sends a prompt of about 10,000 tokens by Keel's estimate and the mock
 # reports exactly these figures (its x-mock-* headers).
@@ -66,71 +65,37 @@ OPENAI_USAGE = TokenUsage(INPUT, CACHED, 0, OUTPUT, REASONING)
 ANTHROPIC_USAGE = TokenUsage(INPUT, CACHED, CACHE_WRITE, OUTPUT, 0)
 
 
-class Stack:
-    """The sidecar (subprocess) and the mock provider (a thread's event loop)."""
+class Stack(ClientStack):
+    """The sidecar with this module's budgets, and the mock provider."""
 
     def __init__(self, redis_server: RedisServer, workdir: pathlib.Path) -> None:
-        self.redis_server = redis_server
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.mock = MockProvider(Options())
-        policies = write_bundle(workdir / "policies", [
+        super().__init__(redis_server, workdir, [
             budget("acme-daily", "100.00", scope={"tenant": "acme"}),
             # Fits a 10k-token prompt with ~100 output tokens of gpt-4o-mini, not 500.
             budget("tight-daily", "0.001600", scope={"tenant": "tight"}),
             budget("broke-daily", "0.000001", scope={"tenant": "broke"},
                    exception_path="finance-overage"),
         ])
-        self.port = free_port()
-        env = {**os.environ, "KEEL_POLICIES": str(policies),
-               "KEEL_REDIS_URL": redis_server.url, "KEEL_LISTEN": f"127.0.0.1:{self.port}",
-               "KEEL_METRICS_PORT": "0", "KEEL_STORE_TIMEOUT": "1"}
-        self.log = (workdir / "sidecar.log").open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        self.thread.start()
-        self.mock_port = asyncio.run_coroutine_threadsafe(
-            self.mock.start("127.0.0.1", 0), self.loop).result(10)
-        wait_ready(self.port)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.mock_port}"
+        return self.root
 
     def calls(self) -> list[dict[str, Any]]:
         with urllib.request.urlopen(self.base_url + "/_mock/stats", timeout=5) as r:
             return list(json.loads(r.read())["calls"])
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
-        self.log.close()
-        asyncio.run_coroutine_threadsafe(self.mock.close(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
 
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer) -> Iterator[Stack]:
-    with tempfile.TemporaryDirectory(prefix="keel-client-") as d:
-        s = Stack(redis_server, pathlib.Path(d))
-        try:
-            yield s
-        finally:
-            s.stop()
+    with running(Stack, redis_server, "keel-client-") as s:
+        yield s
 
 
 @pytest.fixture
 def rdb(redis_url: str, redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, decode_responses=True)
-    try:
+    with redis_reader(redis_server) as client:
         yield client
-    finally:
-        client.close()
 
 
 def mock_headers(provider: str, **extra: str) -> dict[str, str]:

@@ -11,12 +11,7 @@ tests/unit/test_service_tiers.py), with this file's own arithmetic.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,10 +20,10 @@ import pytest
 import redis
 
 from keel_pdp.client import AsyncKeelClient, KeelClient
-from tests.conftest import RedisServer, free_port
-from tests.helpers import budget, wait_ready, write_bundle
+from tests.conftest import RedisServer
+from tests.helpers import budget
+from tests.integration.client_stack import ClientStack, redis_reader, running
 from tests.integration.envoy_fixture import events, permit_state
-from tools.mockprovider import MockProvider, Options
 
 GPT5 = {
     "default": {"input": 12_500, "cached_input": 1_250, "output": 100_000},
@@ -50,63 +45,31 @@ def cost(tier: str, input_tokens: int, cached: int, output_tokens: int) -> int:
     return -(-units // 10_000)
 
 
-class Stack:
+class Stack(ClientStack):
+    """The sidecar with gpt-5 priced at its three tiers, and the mock provider."""
+
     def __init__(self, redis_server: RedisServer, workdir: pathlib.Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.mock = MockProvider(Options())
-        policies = write_bundle(workdir / "policies", [budget("all", "100.00")], prices={
+        super().__init__(redis_server, workdir, [budget("all", "100.00")], prices={
             "openai": {"gpt-5": {
                 **{k: usd(v) for k, v in GPT5["default"].items()}, "max_output_tokens": 1000,
                 "service_tiers": {t: {k: usd(v) for k, v in GPT5[t].items()}
                                   for t in ("flex", "priority")}}}})
-        self.port = free_port()
-        env = {**os.environ, "KEEL_POLICIES": str(policies),
-               "KEEL_REDIS_URL": redis_server.url, "KEEL_LISTEN": f"127.0.0.1:{self.port}",
-               "KEEL_METRICS_PORT": "0", "KEEL_STORE_TIMEOUT": "1"}
-        self.log = (workdir / "sidecar.log").open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        self.thread.start()
-        try:
-            mock_port = asyncio.run_coroutine_threadsafe(
-                self.mock.start("127.0.0.1", 0), self.loop).result(10)
-            self.base_url = f"http://127.0.0.1:{mock_port}/v1"
-            wait_ready(self.port)
-        except BaseException:
-            self.stop()  # a sidecar that never became ready is not left running
-            raise
 
     @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
-        self.log.close()
-        asyncio.run_coroutine_threadsafe(self.mock.close(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+    def base_url(self) -> str:
+        return self.root + "/v1"
 
 
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer) -> Iterator[Stack]:
-    with tempfile.TemporaryDirectory(prefix="keel-client-tiers-") as d:
-        s = Stack(redis_server, pathlib.Path(d))
-        try:
-            yield s
-        finally:
-            s.stop()
+    with running(Stack, redis_server, "keel-client-tiers-") as s:
+        yield s
 
 
 @pytest.fixture
 def rdb(redis_url: str, redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, decode_responses=True)
-    try:
+    with redis_reader(redis_server) as client:
         yield client
-    finally:
-        client.close()
 
 
 MOCK = {"x-mock-input-tokens": str(IN), "x-mock-cached-tokens": str(CACHED),

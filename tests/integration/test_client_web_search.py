@@ -18,12 +18,7 @@ gpt-4o-mini-search-preview 0.15 / 0.60 and $25 per 1,000 calls.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,10 +28,10 @@ import pytest
 import redis
 
 from keel_pdp.client import AsyncKeelClient, KeelClient
-from tests.conftest import RedisServer, free_port
-from tests.helpers import budget, wait_ready, write_bundle
+from tests.conftest import RedisServer
+from tests.helpers import budget
+from tests.integration.client_stack import ClientStack, redis_reader, running
 from tests.integration.envoy_fixture import events, permit_state
-from tools.mockprovider import MockProvider, Options
 
 RATES = {"claude-sonnet-4-5": {"input": 30_000, "write_5m": 37_500, "write_1h": 60_000,
                                "output": 150_000},
@@ -72,60 +67,24 @@ PRICES = {
 }
 
 
-class Stack:
+class Stack(ClientStack):
+    """The sidecar with this module's prices, and the mock provider."""
+
     def __init__(self, redis_server: RedisServer, workdir: pathlib.Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.mock = MockProvider(Options())
-        policies = write_bundle(workdir / "policies", [budget("all", "100.00")],
-                                prices=PRICES, settings={"web_search_hold_calls": HOLD_CALLS})
-        self.port = free_port()
-        env = {**os.environ, "KEEL_POLICIES": str(policies),
-               "KEEL_REDIS_URL": redis_server.url, "KEEL_LISTEN": f"127.0.0.1:{self.port}",
-               "KEEL_METRICS_PORT": "0", "KEEL_STORE_TIMEOUT": "1"}
-        self.log = (workdir / "sidecar.log").open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "keel_pdp.cli", "serve"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        self.thread.start()
-        try:
-            mock_port = asyncio.run_coroutine_threadsafe(
-                self.mock.start("127.0.0.1", 0), self.loop).result(10)
-            self.root = f"http://127.0.0.1:{mock_port}"
-            wait_ready(self.port)
-        except BaseException:
-            self.stop()  # a sidecar that never became ready is not left running
-            raise
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
-        self.log.close()
-        asyncio.run_coroutine_threadsafe(self.mock.close(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().__init__(redis_server, workdir, [budget("all", "100.00")], prices=PRICES,
+                         settings={"web_search_hold_calls": HOLD_CALLS})
 
 
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer) -> Iterator[Stack]:
-    with tempfile.TemporaryDirectory(prefix="keel-client-search-") as d:
-        s = Stack(redis_server, pathlib.Path(d))
-        try:
-            yield s
-        finally:
-            s.stop()
+    with running(Stack, redis_server, "keel-client-web-search-") as s:
+        yield s
 
 
 @pytest.fixture
 def rdb(redis_url: str, redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, decode_responses=True)
-    try:
+    with redis_reader(redis_server) as client:
         yield client
-    finally:
-        client.close()
 
 
 def mock(searches: int = 0, **more: str) -> dict[str, str]:
