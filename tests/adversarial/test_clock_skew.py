@@ -12,37 +12,23 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import time
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from keel_pdp import grants
-from keel_pdp.decision import AuthorizeInput, DecisionKind
+from keel_pdp.decision import DecisionKind
 from keel_pdp.engine import Engine
 from keel_pdp.overage.workflow import ExceptionDesk
 from keel_pdp.permits import PermitIds, permit_issued_ms
 from keel_pdp.pricing import TokenUsage
+from tests.adversarial.test_policy_hostile import req, wall_ms, windows
 from tests.helpers import budget, make_engine, write_bundle
 
-ONE_CALL = 450  # micro-USD, see the module docstring
+ONE_CALL = 450  # micro-USD, see the module docstring (the same requests and prices as
+# tests/adversarial/test_policy_hostile.py, whose helpers this module shares)
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
-
-
-def req(rid: str, tenant: str = "acme") -> AuthorizeInput:
-    return AuthorizeInput(rid, tenant, "chat", "gpt-4o-mini", "openai", 1000, 500)
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-async def windows(engine: Engine, budget_id: str) -> dict[str, tuple[int, int]]:
-    client: Any = engine.store.client
-    keys = sorted(k.decode() for k in await client.keys(f"*:b:{budget_id}:*"))
-    return {k: await engine.store.window(k) for k in keys}
 
 
 def skewed(client: aioredis.Redis, d: pathlib.Path, skew_ms: int) -> Engine:
