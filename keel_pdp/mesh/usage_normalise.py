@@ -66,6 +66,13 @@ def readable(usage: Mapping[str, object]) -> bool:
         if isinstance(value, Mapping):
             if key.endswith("_requests") or not readable(value):
                 return False
+        elif isinstance(value, list):
+            # Per-modality breakdowns (Gemini ``promptTokensDetails``: [{"modality":
+            # "TEXT", "tokenCount": 10}], Bedrock ``cacheDetails``): each entry is
+            # read as a usage object of its own; a bare count in such a list is no
+            # count Keel books (the totals beside it are).
+            if any(isinstance(item, Mapping) and not readable(item) for item in value):
+                return False
         elif value is None or not ("token" in key.lower() or key.endswith("Count")
                                    or key.endswith("_requests")):
             continue

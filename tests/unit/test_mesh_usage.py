@@ -10,6 +10,7 @@ import pytest
 
 from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.usage import ResponseMeter, consistent, normalise
+from keel_pdp.mesh.usage_normalise import readable
 from keel_pdp.pricing import TokenUsage
 from tools.mockprovider import (
     Plan,
@@ -226,3 +227,32 @@ def test_in_stream_error_is_flagged_and_never_taken_for_final_usage(api: Api) ->
         r = meter_for(api, [data], ctype=stream_content_type(p))
         assert r.error, (api, sse)
         assert r.usage is None or r.usage.output_tokens < 24
+
+
+# Gemini's usageMetadata as the API sends it (ai.google.dev, "UsageMetadata"):
+# per-modality breakdowns are lists of {"modality", "tokenCount"}.
+GEMINI_USAGE: dict[str, Any] = {
+    "promptTokenCount": 1200, "cachedContentTokenCount": 1000, "candidatesTokenCount": 50,
+    "thoughtsTokenCount": 150, "totalTokenCount": 1400,
+    "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1100},
+                            {"modality": "IMAGE", "tokenCount": 100}],
+    "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 1000}],
+    "candidatesTokensDetails": [{"modality": "TEXT", "tokenCount": 50}],
+}
+
+
+def test_gemini_usage_with_modality_breakdowns_is_read_not_estimated() -> None:
+    # Booked at the provider's figures (1,200 prompt, 1,000 of them cached; 50 + 150
+    # thoughts out), not at the hold's estimate.
+    assert readable(GEMINI_USAGE)
+    body = json.dumps({"candidates": [{"content": {"parts": [{"text": "hi"}]}}],
+                       "usageMetadata": GEMINI_USAGE}).encode()
+    r = meter_for(Api.GENERATE_CONTENT, [body], sse=False)
+    assert r.usage == TokenUsage(1200, 1000, 0, 200, 150)
+
+
+def test_a_bad_count_inside_a_breakdown_still_makes_the_usage_unreadable() -> None:
+    bad = {**GEMINI_USAGE, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": -5}]}
+    assert not readable(bad)
+    worse = {**GEMINI_USAGE, "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": "9"}]}
+    assert not readable(worse)
