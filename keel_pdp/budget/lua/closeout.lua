@@ -32,8 +32,7 @@
 -- retry is answered with that settlement's figures; "settled" when not recorded.)
 
 local call, format, tonumber = redis.call, string.format, tonumber
-local p = call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k', 'flags',
-  'prior')
+local p = call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k', 'flags')
 local state = p[1]
 if not state or state == 'denied' then
   return '{"st":"UNKNOWN_PERMIT"}'
@@ -46,7 +45,7 @@ local amount = tonumber(p[2]) or 0
 local est = tonumber(p[3]) or 0
 if state == 'settled' then
   local res = format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"%s"',
-    tonumber(p[6]) or 0, est, amount, p[9] or 'settled')
+    tonumber(p[6]) or 0, est, amount, call('HGET', KEYS[1], 'prior') or 'settled')
   if p[8] and p[8] ~= '' then res = res .. ',"flags":[' .. p[8] .. ']' end
   return res .. '}'
 end
