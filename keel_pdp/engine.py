@@ -664,7 +664,7 @@ class Engine:
                         "(check NTP on this host)", abs(sync.offset_ms) / 1000,
                         "behind" if sync.offset_ms > 0 else "ahead of",
                         sync.tolerance_ms / 2000)
-                elif was_following:
+                elif was_following and abs(sync.offset_ms) <= MAX_FOLLOW_MS:
                     log.warning("clock: this host's clock agrees with the budget store's "
                                 "again (%d ms apart); using it as it is", sync.offset_ms)
             if abs(sync.offset_ms) > MAX_FOLLOW_MS and not self._clock_apart_logged:
