@@ -109,3 +109,41 @@ def test_a_breakdown_list_beside_its_totals_is_still_read() -> None:
     m.feed(json.dumps({"usageMetadata": usage, "candidates": []}).encode())
     r = m.reading(complete=True).usage
     assert r is not None and (r.input_tokens, r.output_tokens) == (900, 40)
+
+
+# --------------------------------------------- stream items whose id is no id
+def sse(*objs: dict[str, Any]) -> bytes:
+    return b"".join(f"event: {o['type']}\ndata: {json.dumps(o)}\n\n".encode() for o in objs)
+
+
+@pytest.mark.parametrize("odd", [["ws_1"], {"id": "ws_1"}])
+def test_a_search_item_whose_id_is_no_id_is_counted_and_the_usage_still_read(odd: Any) -> None:
+    """An id (or index) that is a list or an object used to raise inside the reading
+    of the answer: the stream to Envoy broke and the call was settled on an estimate
+    instead of the usage the provider reported."""
+    item = {"type": "web_search_call", "id": odd, "action": {"type": "search"}}
+    body = sse(
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": {
+            "service_tier": "default", "output": [item],
+            "usage": {"input_tokens": 900, "output_tokens": 40}}})
+    m = ResponseMeter(Api.RESPONSES, "text/event-stream")
+    m.feed(body)
+    r = m.reading(complete=True)
+    assert r.usage is not None
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.web_search_calls) == (900, 40, 1)
+
+    block = {"type": "server_tool_use", "id": odd, "name": "web_search", "input": {}}
+    body = sse(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 900,
+                                                        "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": block},
+        {"type": "content_block_start", "index": 1, "content_block": block},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+         "usage": {"output_tokens": 40}})
+    m = ResponseMeter(Api.MESSAGES, "text/event-stream")
+    m.feed(body)
+    r = m.reading(complete=True)
+    assert r.usage is not None
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.web_search_calls) == (900, 40, 2)
