@@ -27,11 +27,19 @@ def _fingerprint_head(tenant: str, workload: str, model: str, provider: str) -> 
 def fingerprint(req: AuthorizeInput, head: str = "") -> str:
     """What makes two requests with one request_id the same request (a digest of
     the JSON list [tenant, workload, model, provider, input tokens, max output
-    tokens, sorted labels]). ``head``: the list's first four members, as the
-    request's shape keeps them."""
+    tokens, sorted labels], then, when any is set, [service tier, web search bound,
+    cache-write lifetime]: what the hold is priced at, so a retry asking for another
+    tier or more searches is another request, not a replay of a cheaper hold).
+    ``head``: the list's first four members, as the request's shape keeps them. A
+    request that sets none of the last three digests as earlier versions did (their
+    idempotency records still recognise its retries)."""
     head = head or _fingerprint_head(req.tenant, req.workload, req.model, req.provider)
     labels = dumps(sorted(req.labels)) if req.labels else "[]"
-    body = f"{head}{req.estimated_input_tokens},{req.max_output_tokens},{labels}]"
+    priced = ""
+    if req.service_tier or req.max_web_search_calls or req.cache_write_ttl:
+        priced = "," + dumps([req.service_tier, req.max_web_search_calls,
+                              req.cache_write_ttl])
+    body = f"{head}{req.estimated_input_tokens},{req.max_output_tokens},{labels}{priced}]"
     return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
 

@@ -57,6 +57,10 @@ def _get(d: Mapping[str, object], *path: str) -> int:
     return _int(cur)
 
 
+def _names_a_count(key: str) -> bool:
+    return "token" in key.lower() or key.endswith("Count") or key.endswith("_requests")
+
+
 def readable(usage: Mapping[str, object]) -> bool:
     """False when a token or request count in the usage object (or its ``*_details``,
     ``server_tool_use``) is not a non-negative integer: negative, a string, a float, a
@@ -70,11 +74,14 @@ def readable(usage: Mapping[str, object]) -> bool:
             # Per-modality breakdowns (Gemini ``promptTokensDetails``: [{"modality":
             # "TEXT", "tokenCount": 10}], Bedrock ``cacheDetails``): each entry is
             # read as a usage object of its own; a bare count in such a list is no
-            # count Keel books (the totals beside it are).
+            # count Keel books (the totals beside it are). A count itself written as a
+            # list (``"output_tokens": [1500]``, ``"web_search_requests": [3]``) has
+            # no total beside it: no count (read as 0, it would book nothing).
+            if _names_a_count(key) and not key.lower().endswith("details"):
+                return False
             if any(isinstance(item, Mapping) and not readable(item) for item in value):
                 return False
-        elif value is None or not ("token" in key.lower() or key.endswith("Count")
-                                   or key.endswith("_requests")):
+        elif value is None or not _names_a_count(key):
             continue
         elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return False

@@ -129,6 +129,15 @@ def reported(usage: Mapping[str, object] | None) -> int | None:
     return value
 
 
+def _key(value: object) -> str | int | None:
+    """An item's id or index as a key; None for one that is none (a list, an object:
+    unhashable, and no id a provider writes), so an odd answer is counted, never
+    stops the reading of the call's usage."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return None
+
+
 class SearchCounter:
     """The web searches of one answer, read item by item (stream events, or the items
     of a finished answer). Each item is counted once, by its id."""
@@ -149,13 +158,13 @@ class SearchCounter:
         """An Anthropic content block (a stream's ``content_block_start``)."""
         if isinstance(block, Mapping) and block.get("type") == "server_tool_use" \
                 and block.get("name") == "web_search":
-            self._item(block.get("id"), True)
+            self._item(_key(block.get("id")), True)
 
     def output_item(self, item: object, index: object = None) -> None:
         """An OpenAI Responses output item (``response.output_item.added`` / ``.done``)."""
         if isinstance(item, Mapping) and item.get("type") == "web_search_call":
-            key = item.get("id")
-            self._item(key if key is not None else ("out", index), _billed_openai(item))
+            key = _key(item.get("id"))
+            self._item(key if key is not None else ("out", _key(index)), _billed_openai(item))
 
     def listing(self, items: object) -> None:
         """Every item of the answer: Anthropic's ``content``, OpenAI's ``output``."""
