@@ -22,6 +22,7 @@ from keel_pdp.budget.material import (
     Material,
     Materials,
     meta_input_estimate,
+    meta_price,
     meta_stamp,
     meta_tier_price,
 )
@@ -43,6 +44,7 @@ from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.policy.snapshot import PolicySnapshot
 from keel_pdp.pricing import (
     PICO_PER_MICRO,
+    Price,
     TokenUsage,
     ceil_div,
     search_fee_unpriced,
@@ -92,6 +94,17 @@ class VoidResult:
     status: str
     released_micros: int = 0
     state: str = ""
+
+
+def tier_ratio(reported: Price, held: Price) -> int:
+    """How many times the held rates the reported ones are, at most, rounded up (1 when
+    none is dearer): what the overrun ceiling allows for on top of its factor."""
+    ratio = 1
+    for got, had in ((reported.input, held.input), (reported.output, held.output),
+                     (reported.cached_input, held.cached_input)):
+        if got > had:
+            ratio = max(ratio, -(-got // had) if had > 0 else OVERRUN_FACTOR)
+    return ratio
 
 
 class Engine:
@@ -502,12 +515,16 @@ class Engine:
                                                                   rate.unpriced, rate.price))
             ein = meta_input_estimate(cached.meta)
             input_over = ein is not None and usage.input_tokens > ein
+            # A call served at a dearer tier than it was held at (flex held, priority
+            # reported) may cost that many times its estimate without being impossible.
+            factor = OVERRUN_FACTOR * tier_ratio(
+                rate.price, meta_price(cached.meta, usage.input_tokens))
 
             async def settle(keys: tuple[str, ...], ik: str) -> SettleReply:
                 return await self.store.settle(
                     permit_id, keys, now, actual, data, budget, idempotency_key=ik,
                     output_tokens=usage.output_tokens, input_over=input_over,
-                    overrun_factor=OVERRUN_FACTOR, overrun_slack_micros=OVERRUN_SLACK_MICROS)
+                    overrun_factor=factor, overrun_slack_micros=OVERRUN_SLACK_MICROS)
 
             out = await settle(cached.keys, cached.idempotency_key)
             if out.status == "KEYS_MISMATCH":
@@ -571,7 +588,8 @@ class Engine:
         raise InvalidRequest(
             f"{field}: a cost of {actual} micro-USD is impossible for permit {permit_id} "
             f"(estimate {est} micro-USD, max_output_tokens {k}; the overrun ceiling is "
-            f"{OVERRUN_FACTOR} x estimate + {OVERRUN_SLACK_MICROS} = {ceiling} micro-USD, "
+            f"{OVERRUN_FACTOR} x estimate (times the reported service tier's rate over the "
+            f"held one, when dearer) + {OVERRUN_SLACK_MICROS} = {ceiling} micro-USD, "
             f"output_tokens {usage.output_tokens}); nothing was booked")
 
     # -------------------------------------------------------------------- void

@@ -475,3 +475,25 @@ def test_the_client_reads_the_tier_an_sdk_call_asks_for_and_the_one_it_reports()
                   "usage": {"prompt_tokens": 5, "completion_tokens": 2}}):
         meter.feed(item)
     assert meter.reading().service_tier == "flex"
+
+
+async def test_a_flex_hold_served_at_priority_with_more_input_is_booked_not_impossible(
+        engine: Engine) -> None:
+    # gpt-5's priority rates are four times its flex rates: the overrun ceiling (four
+    # times the estimate + $0.05) would call a legitimate priority bill with 30% more
+    # input than estimated impossible and book nothing.
+    out = await engine.authorize(AuthorizeInput("fx", "acme", "chat", "gpt-5", "openai",
+                                                100_000, 100, service_tier="flex"))
+    assert out.estimated_cost_micros == cost(GPT5["flex"], 100_000, 100) == 63_000
+    usage = TokenUsage(input_tokens=130_000, cached_input_tokens=0, output_tokens=100)
+    res = await engine.closeout(out.permit_id, usage, "SUCCEEDED", None,
+                                service_tier="priority")
+    assert res.status == "SETTLED"
+    assert res.actual_cost_micros == cost(GPT5["priority"], 130_000, 100) == 327_000
+    assert "COST_ABOVE_HOLD" in res.flags and await held(engine) == 0
+    # Still impossible: far above even the priority rate's ceiling.
+    again = await engine.authorize(AuthorizeInput("fx2", "acme", "chat", "gpt-5", "openai",
+                                                  100_000, 100, service_tier="flex"))
+    with pytest.raises(InvalidRequest, match="impossible"):
+        await engine.closeout(again.permit_id, TokenUsage(5_000_000, 0, 0, 100), "SUCCEEDED",
+                              None, service_tier="priority")
