@@ -43,6 +43,7 @@ from keel_pdp.ledger.store import LedgerStore
 
 CURRENCY = "USD"
 TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
+SEARCH_TYPE = "web_search"  # the FOCUS line of web search calls (x_TokenType)
 
 
 def id_ranges(ids: Iterable[int]) -> str:
@@ -94,7 +95,7 @@ SELECT e.id, e.kind, e.belongs_to, e.permit_id,
        COALESCE(e.price_cached_input_pico, p.price_cached_input_pico),
        COALESCE(e.price_cache_write_pico, p.price_cache_write_pico),
        COALESCE(e.price_output_pico, p.price_output_pico), p.price_revision, e.ts_ms, e.reason,
-       e.actual_pico
+       e.actual_pico, e.detail
 FROM ledger_entries e
 LEFT JOIN ledger_entries p
   ON p.permit_id = e.permit_id AND e.permit_id <> '' AND p.kind IN ('permit', 'denial')
@@ -121,6 +122,9 @@ class _Entry:
     # What rounding up to the micro-dollar added to ``actual`` (settlement and
     # correction entries), in pico-USD; 0 when the booked amount is exact.
     round_pico: int = 0
+    # Web searches a settlement booked (README "Server-tool fees"): how many, and the
+    # fee per call in pico-USD (0, 0 when none).
+    searches: tuple[int, int] = (0, 0)
 
     @property
     def actual_pico(self) -> int:
@@ -144,8 +148,24 @@ def _entries(store: LedgerStore, period: str) -> list[_Entry]:
             actual=int(r[9]), amount=int(r[10]),
             tokens=(int(r[11]), int(r[12]), int(r[13]), int(r[14]), int(r[15])),
             price=price, price_revision=str(r[20] or ""), ts_ms=int(r[21]), reason=str(r[22]),
-            round_pico=0 if r[23] is None else int(r[9]) * PICOS_PER_MICRO - int(r[23])))
+            round_pico=0 if r[23] is None else int(r[9]) * PICOS_PER_MICRO - int(r[23]),
+            searches=_searches(r[24]) if r[1] == "settlement" else (0, 0)))
     return out
+
+
+def _searches(raw: object) -> tuple[int, int]:
+    """(web search calls, fee per call in pico-USD) from a settlement's detail."""
+    try:
+        detail = json.loads(raw) if isinstance(raw, str) and raw else {}
+    except ValueError:
+        return 0, 0
+    if not isinstance(detail, dict):
+        return 0, 0
+    calls, fee = detail.get("web_search_calls"), detail.get("web_search_fee_pico")
+    if not (isinstance(calls, int) and isinstance(fee, int)) or isinstance(calls, bool) \
+            or isinstance(fee, bool) or calls <= 0 or fee <= 0:
+        return 0, 0
+    return calls, fee
 
 
 # ----------------------------------------------------------------- chargeback
@@ -279,9 +299,23 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             acc.permits.add(e.permit_id)
             acc.ids.append(e.id)
             continue
+        exact = e.actual_pico
+        calls, fee = e.searches
+        if calls:
+            # The web search fee is a line of its own (calls at the fee), as the
+            # provider bills it: the token lines keep their token prices.
+            fee_pico = min(calls * fee, exact)
+            exact -= fee_pico
+            gkey = ("use", e.belongs_to, day, e.key, SEARCH_TYPE, fee, e.price_revision)
+            acc = groups.setdefault(gkey, _FocusAcc())
+            acc.quantity += calls
+            acc.list_pico += calls * fee
+            acc.billed_pico += fee_pico
+            acc.permits.add(e.permit_id)
+            acc.ids.append(e.id)
         costs = [q * p for q, p in zip(quantities, e.price, strict=True)]
         weights = costs if sum(costs) else list(quantities)
-        billed = split_micros(e.actual_pico, weights)
+        billed = split_micros(exact, weights)
         for i, ttype in enumerate(TOKEN_TYPES):
             if quantities[i] == 0 and billed[i] == 0:
                 continue
@@ -308,8 +342,9 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             description = "Manual adjustment: " + "; ".join(sorted(r for r in acc.reasons if r))
         else:
             charge_start, charge_end = day, day + 86_400_000
-            description = (f"{provider}/{model} {ttype.replace('_', ' ')} tokens for "
-                           f"{tenant}/{workload}")
+            what = "web search calls" if ttype == SEARCH_TYPE else \
+                f"{ttype.replace('_', ' ')} tokens"
+            description = f"{provider}/{model} {what} for {tenant}/{workload}"
         unit = usd_from_pico(unit_pico) if unit_pico is not None else ""
         billed_micros = micros_half_even(acc.billed_pico)  # the exact sum, rounded once
         usage = kind == "use"
@@ -326,13 +361,15 @@ def focus_rows(store: LedgerStore, period: str, mapping: CostMapping,
             "CommitmentDiscountName": "", "CommitmentDiscountStatus": "",
             "CommitmentDiscountType": "",
             "ConsumedQuantity": str(acc.quantity) if usage else "",
-            "ConsumedUnit": "Tokens" if usage else "",
+            "ConsumedUnit": (("Requests" if ttype == SEARCH_TYPE else "Tokens") if usage
+                             else ""),
             "ContractedCost": usd_from_pico(acc.list_pico), "ContractedUnitPrice": unit,
             "EffectiveCost": usd(billed_micros), "InvoiceIssuerName": provider or billing_account,
             "ListCost": usd_from_pico(acc.list_pico), "ListUnitPrice": unit,
             "PricingCategory": "Standard" if usage else "",
             "PricingQuantity": str(acc.quantity) if usage else "",
-            "PricingUnit": "Tokens" if usage else "",
+            "PricingUnit": (("Requests" if ttype == SEARCH_TYPE else "Tokens") if usage
+                            else ""),
             "ProviderName": provider or billing_account,
             "PublisherName": provider or billing_account, "RegionId": "", "RegionName": "",
             "ResourceId": resource_id(tenant, workload),
