@@ -17,6 +17,7 @@ from keel_pdp.policy.snapshot import (
     PolicySnapshot,
     bounded_put,
 )
+from keel_pdp.pricing import AUTO_TIER
 from keel_pdp.windows import window_bounds
 
 
@@ -36,9 +37,10 @@ def fingerprint(req: AuthorizeInput, head: str = "") -> str:
     head = head or _fingerprint_head(req.tenant, req.workload, req.model, req.provider)
     labels = dumps(sorted(req.labels)) if req.labels else "[]"
     priced = ""
-    if req.service_tier or req.max_web_search_calls or req.cache_write_ttl:
-        priced = "," + dumps([req.service_tier, req.max_web_search_calls,
-                              req.cache_write_ttl])
+    # "auto" asks for no tier in particular, as naming none does: one request.
+    tier = "" if req.service_tier == AUTO_TIER else req.service_tier
+    if tier or req.max_web_search_calls or req.cache_write_ttl:
+        priced = "," + dumps([tier, req.max_web_search_calls, req.cache_write_ttl])
     body = f"{head}{req.estimated_input_tokens},{req.max_output_tokens},{labels}{priced}]"
     return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 

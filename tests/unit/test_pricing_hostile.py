@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from keel_pdp.decision import AuthorizeInput, InvalidRequest
+from keel_pdp.decision.shape import fingerprint
 from keel_pdp.engine import Engine
 from keel_pdp.mesh.apis import Api
 from keel_pdp.mesh.usage import ResponseMeter
@@ -78,6 +80,26 @@ async def test_a_true_retry_of_a_priced_request_is_still_a_replay(engine: Engine
     assert again.web_search_calls == 2
     # 10_000 x 2.50 + 1_000 x 20.00 + 2 searches = 25_000 + 20_000 + 20_000
     assert await held(engine) == first.estimated_cost_micros == 65_000
+
+
+@pytest.mark.parametrize(("first", "retry"), [("", "auto"), ("auto", "")])
+async def test_auto_and_no_tier_are_one_request(engine: Engine, first: str,
+                                                retry: str) -> None:
+    """OpenAI treats "auto" and no service_tier alike, and so does the hold (both at
+    the bundle's auto_service_tier): a retry that spells it the other way is the same
+    request, answered by replay, not refused."""
+    a = await engine.authorize(ask("r3", service_tier=first))
+    b = await engine.authorize(ask("r3", service_tier=retry))
+    assert b.replayed and b.permit_id == a.permit_id
+    assert await held(engine) == a.estimated_cost_micros
+
+
+def test_an_auto_request_digests_as_a_request_of_the_previous_version() -> None:
+    # The previous version's idempotency records know no tier: a retry of its
+    # request that now says "auto" must still be recognised during a rolling upgrade.
+    plain = ask("r4")
+    assert fingerprint(replace(plain, service_tier="auto")) == fingerprint(plain)
+    assert fingerprint(replace(plain, service_tier="priority")) != fingerprint(plain)
 
 
 # ------------------------------------------------- counts that are no counts, in lists

@@ -368,8 +368,9 @@ class AuthorizeRequest(_message.Message):
     price table (service_tiers); "auto" and an empty value at the bundle's
     auto_service_tier (by default the highest rate the table knows for the model), and a
     tier the table has no rates for at that highest rate (README "Service tiers"). At
-    most 64 bytes of letters, digits, '_', '-' and '.'. Not part of the request
-    fingerprint: a retry of a request_id is the same call.
+    most 64 bytes of letters, digits, '_', '-' and '.'. Part of the request fingerprint
+    ("auto" and empty alike): a retry of a request_id asking for another tier is another
+    request (INVALID_ARGUMENT), never a replay of a cheaper hold.
     """
     max_web_search_calls: _builtins.int
     """Server-side web search the call offers the model, billed by the provider per search
@@ -377,13 +378,13 @@ class AuthorizeRequest(_message.Message):
     (Anthropic's web search tool max_uses, OpenAI's Responses max_tool_calls); -1 = a search
     tool without a bound, held for the bundle's web_search_hold_calls. The hold covers that
     many searches at the price table's web_search_per_1k. Anything else is
-    INVALID_ARGUMENT (send 10000 for a larger bound). Not part of the request fingerprint.
+    INVALID_ARGUMENT (send 10000 for a larger bound). Part of the request fingerprint.
     """
     cache_write_ttl: _builtins.str
     """The longest lifetime of the prompt-cache breakpoints the call marks (Anthropic's
     cache_control ttl): "5m" or "1h"; empty = none. The whole estimated input is then held
     at that cache-write rate (cache_write or cache_write_1h) instead of the input rate
-    (README "Cost arithmetic"). Anything else is INVALID_ARGUMENT. Not part of the request
+    (README "Cost arithmetic"). Anything else is INVALID_ARGUMENT. Part of the request
     fingerprint.
     """
     @_builtins.property
