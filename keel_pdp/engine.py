@@ -43,10 +43,11 @@ from keel_pdp.permits import PermitIds, is_degraded_permit_id, permit_issued_ms
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.policy.snapshot import PolicySnapshot
 from keel_pdp.pricing import (
+    AUTO_TIER,
     PICO_PER_MICRO,
-    Price,
     TokenUsage,
     ceil_div,
+    rates_ratio,
     search_fee_unpriced,
     tier_problem,
     usage_cost_pico,
@@ -94,17 +95,6 @@ class VoidResult:
     status: str
     released_micros: int = 0
     state: str = ""
-
-
-def tier_ratio(reported: Price, held: Price) -> int:
-    """How many times the held rates the reported ones are, at most, rounded up (1 when
-    none is dearer): what the overrun ceiling allows for on top of its factor."""
-    ratio = 1
-    for got, had in ((reported.input, held.input), (reported.output, held.output),
-                     (reported.cached_input, held.cached_input)):
-        if got > had:
-            ratio = max(ratio, -(-got // had) if had > 0 else OVERRUN_FACTOR)
-    return ratio
 
 
 class Engine:
@@ -517,8 +507,9 @@ class Engine:
             input_over = ein is not None and usage.input_tokens > ein
             # A call served at a dearer tier than it was held at (flex held, priority
             # reported) may cost that many times its estimate without being impossible.
-            factor = OVERRUN_FACTOR * tier_ratio(
-                rate.price, meta_price(cached.meta, usage.input_tokens))
+            factor = OVERRUN_FACTOR
+            if service_tier not in ("", AUTO_TIER):  # else priced at the held rate itself
+                factor *= rates_ratio(rate.price, meta_price(cached.meta, usage.input_tokens))
 
             async def settle(keys: tuple[str, ...], ik: str) -> SettleReply:
                 return await self.store.settle(

@@ -246,6 +246,18 @@ def hold_input_rate(price: Price, cache_write_ttl: str = "") -> int:
     return price.input
 
 
+def rates_ratio(reported: Price, held: Price) -> int:
+    """How many times ``held``'s rates ``reported``'s are, at most, rounded up (1 when
+    none is dearer; 4 for a rate where ``held`` has none): what a Closeout's overrun
+    ceiling allows for when the provider reports a dearer service tier than the hold's."""
+    ratio = 1
+    for got, had in ((reported.input, held.input), (reported.output, held.output),
+                     (reported.cached_input, held.cached_input)):
+        if got > had:
+            ratio = max(ratio, ceil_div(got, had) if had > 0 else 4)
+    return ratio
+
+
 def hold_fixed_pico(price: Price, input_tokens: int, cache_write_ttl: str = "",
                     web_searches: int = 0) -> int:
     """What a hold costs before its output: the estimated input (at

@@ -9,6 +9,7 @@ from keel_pdp.policy.snapshot import ModelPrice, PolicySnapshot
 from keel_pdp.pricing import (
     PICO_PER_MICRO,
     WEB_SEARCH_UNBOUNDED,
+    Price,
     ceil_div,
     hold_fixed_pico,
 )
@@ -41,8 +42,7 @@ def plan_from_shape(shape: Shape, req: AuthorizeInput, now_ms: int, permit_id: s
             mp = alt.prices[0]
             rate = mp.for_service_tier(tier, auto)[1].for_input(tokens)
             out = req.max_output_tokens or mp.max_output_tokens
-            est = ceil_div(hold_fixed_pico(rate, tokens, ttl, searches) + out * rate.output,
-                           PICO_PER_MICRO)
+            est = _estimate(hold_fixed_pico(rate, tokens, ttl, searches), out, rate)
             if best_est < 0 or est < best_est:
                 best, best_est = alt, est
         shape = best
@@ -65,12 +65,17 @@ def plan_from_shape(shape: Shape, req: AuthorizeInput, now_ms: int, permit_id: s
             pre = (*pre, _search_unpriced(mp, searches))
         fixed = hold_fixed_pico(rate, tokens, ttl, searches)
         cands.append(Candidate(mp.provider, mp.model, mp, rate, out,
-                               ceil_div(fixed + out * rate.output, PICO_PER_MICRO), idx,
+                               _estimate(fixed, out, rate), idx,
                                not cands and constrain, held_tier, fixed))
     first = cands[0]
     return Plan(pid, req, shape.snapshot, now_ms, first.price, first.output_tokens,
                 first.estimate_micros, shape.targets, pre, (), fp, tuple(cands),
                 shape.route_mode, shape.rule_id, shape, searches)
+
+
+def _estimate(fixed_pico: int, output_tokens: int, rate: Price) -> int:
+    """A hold's estimate in micro-USD: its fixed part and its output, rounded up once."""
+    return ceil_div(fixed_pico + output_tokens * rate.output, PICO_PER_MICRO)
 
 
 def _unpriced(mp: ModelPrice, tier: str) -> Reason:

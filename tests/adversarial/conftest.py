@@ -16,6 +16,7 @@ import redis
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
+from tests.adversarial.service import Service
 from tests.conftest import free_port
 from tests.helpers import BUSY_LUA, wait_ready
 
@@ -110,3 +111,15 @@ def areq(rid: str, *, tenant: str = "acme", inp: int = 1000, out: int = 100,
 
 def usage(inp: int = 1000, out: int = 100) -> pb.Usage:
     return pb.Usage(input_tokens=inp, output_tokens=out)
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Services a test starts (append them): each killed, its whole process group, at
+    the end."""
+    started: list[Service] = []
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.kill()

@@ -153,3 +153,4 @@ def _listens(pid: int, port: int) -> bool:
                 if parts[1].endswith(want) and parts[3] == "0A" and parts[9] in inodes:
                     return True
     return False
+

@@ -14,7 +14,6 @@ import os
 import pathlib
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -29,16 +28,6 @@ from tests.adversarial.service import Service, alive
 from tests.helpers import budget, write_bundle
 
 ONE_CALL = 210
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    try:
-        yield started
-    finally:
-        for s in started:
-            s.kill()
 
 
 def _service(redis_url: str, tmp_path: pathlib.Path, services: list[Service],

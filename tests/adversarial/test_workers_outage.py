@@ -17,7 +17,6 @@ import pathlib
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -34,16 +33,6 @@ from tests.helpers import budget, write_bundle
 ONE_CALL = 210
 N = 400  # calls in the burst of the kill -9 test
 RETRY = (pb.CLOSEOUT_PERMIT_PENDING, pb.CLOSEOUT_STORE_UNAVAILABLE)
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    try:
-        yield started
-    finally:
-        for s in started:
-            s.kill()
 
 
 def _closeout(stub: pb_grpc.PolicyDecisionPointStub, permit_id: str,
