@@ -61,16 +61,24 @@ def tier_problem(value: object) -> str | None:
     return None
 
 
-def parse_price(text: str) -> int:
-    """USD-per-million-tokens decimal string -> integer pico-USD per token."""
+def _usd(text: str, lead: str, word: str) -> Decimal:
+    """``text`` as a finite, non-negative decimal; ``lead`` starts the error for a
+    value that is no string, ``word`` names the value in the others."""
     if not isinstance(text, str):
-        raise PriceError("price must be a decimal string such as \"2.50\", not a number")
+        raise PriceError(f"{lead} must be a decimal string such as "
+                         f"\"{'2.50' if word == 'price' else '10.00'}\", not a number")
     try:
         value = Decimal(text)
     except InvalidOperation as exc:
-        raise PriceError(f"price {text!r} is not a decimal number") from exc
+        raise PriceError(f"{word} {text!r} is not a decimal number") from exc
     if not value.is_finite() or value < 0:
-        raise PriceError(f"price {text!r} must be a finite, non-negative decimal")
+        raise PriceError(f"{word} {text!r} must be a finite, non-negative decimal")
+    return value
+
+
+def parse_price(text: str) -> int:
+    """USD-per-million-tokens decimal string -> integer pico-USD per token."""
+    value = _usd(text, "price", "price")
     scaled = value * PICO_PER_MICRO
     if scaled != scaled.to_integral_value():
         raise PriceError(f"price {text!r} has more than 6 fractional digits")
@@ -82,14 +90,7 @@ def parse_price(text: str) -> int:
 
 def parse_call_fee(text: str) -> int:
     """USD-per-1,000-calls decimal string -> integer pico-USD per call."""
-    if not isinstance(text, str):
-        raise PriceError("a fee must be a decimal string such as \"10.00\", not a number")
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise PriceError(f"fee {text!r} is not a decimal number") from exc
-    if not value.is_finite() or value < 0:
-        raise PriceError(f"fee {text!r} must be a finite, non-negative decimal")
+    value = _usd(text, "a fee", "fee")
     if value * PICO_PER_USD_PER_1K_CALLS > MAX_CALL_FEE_PICO:
         raise PriceError(f"fee {text!r} exceeds the supported maximum of 100 USD per 1,000 "
                          "calls")
