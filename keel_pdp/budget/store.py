@@ -51,8 +51,10 @@ from keel_pdp.budget.store_types import (
     HoldRequest,
     PermitRecord,
     hold_shape,
+    permit_retention_of,
 )
 from keel_pdp.errors import StoreUnavailable
+from keel_pdp.pricing import PICO_PER_MICRO
 
 __all__ = [
     "Arg", "BudgetStore", "DegradedPermit", "HoldCandidate", "HoldRequest", "PermitRecord",
@@ -273,12 +275,20 @@ class BudgetStore:
         the rest)."""
         ks, pid = self.keys, r.permit_id
         keys = [r.idempotency_key, ks.permit(pid), ks.expiries_of(pid), ks.stream_of(pid)]
-        args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms, r.event_data,
+        args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms,
+                           r.expires_at_ms // 1000 + permit_retention_of(r.shape), r.event_data,
                            len(r.candidates)]
+        every = tuple(range(len(r.shape.keys) // 2))  # the shape's budgets, in order
         for c in r.candidates:
-            args.extend((c.input_pico, c.output_price_pico, c.output_tokens,
-                         1 if c.may_constrain else 0, c.permit_meta, len(c.budget_indexes)))
-            args.extend(i + 1 for i in c.budget_indexes)
+            # the full estimate, rounded up to the micro-USD (what the script holds)
+            full = -(-(c.input_pico + c.output_tokens * c.output_price_pico) // PICO_PER_MICRO)
+            args.extend((full, c.input_pico, c.output_price_pico, c.output_tokens,
+                         1 if c.may_constrain else 0, c.permit_meta))
+            if c.budget_indexes == every:
+                args.append("a")
+            else:
+                args.append(len(c.budget_indexes))
+                args.extend(i + 1 for i in c.budget_indexes)
         if r.refill:
             args.append(1)
         return keys, args

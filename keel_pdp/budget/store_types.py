@@ -58,8 +58,16 @@ def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Se
     for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
         # Ascending: the script skips a budget below its lowest threshold.
         args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in sorted(set(th)))))
-    args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens))
+    args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens,
+                 ",".join(str(wx) for wx in window_expire_at_s),
+                 ",".join(str(i) for i in range(1, len(window_keys) + 1))))
     return Shared.of((*window_keys, *grant_keys), args)
+
+
+def permit_retention_of(shape: Shared) -> int:
+    """The permit retention (s) a ``hold_shape`` carries: after the budgets' four
+    values each, the idempotency ttl, then the retention."""
+    return int(shape.args[4 * int(shape.args[0]) + 2])
 
 
 @dataclass(frozen=True, slots=True)

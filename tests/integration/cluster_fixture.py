@@ -75,16 +75,31 @@ class ClusterNode:
             self.proc = None
 
 
-def _ping_until(node: ClusterNode, deadline: float) -> None:
+def _ping_until(node: ClusterNode, deadline: float) -> bool:
+    """True once the node answers; False when its process exited first (a port of
+    its was taken between choosing it and binding it)."""
     client = node.client()
     while True:
         try:
             client.ping()
-            return
+            return True
         except redis.ConnectionError:
+            if node.proc is not None and node.proc.poll() is not None:
+                return False
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {node.port} did not start") from None
             time.sleep(0.02)
+
+
+def _start_node(node: ClusterNode, binary: str) -> None:
+    """Start ``node``; on fresh ports when the chosen ones were taken meanwhile."""
+    for _ in range(5):
+        node.start(binary)
+        if _ping_until(node, time.monotonic() + 10):
+            return
+        node.proc = None
+        node.port, node.bus_port = free_port(), free_port()
+    raise RuntimeError(f"redis-server in {node.workdir} did not start on 5 pairs of ports")
 
 
 @dataclass
@@ -210,8 +225,7 @@ class RedisCluster:
         if again is None:
             node = ClusterNode(free_port(), self.nodes[0].workdir.parent /
                                f"n{len(self.nodes) + len(self.outside)}")
-            node.start(self.binary)
-            _ping_until(node, time.monotonic() + 10)
+            _start_node(node, self.binary)
         else:
             node = again
             self.cmd(node.port, "CLUSTER", "RESET", "HARD")
@@ -295,10 +309,7 @@ def start_cluster(workdir: pathlib.Path) -> RedisCluster:
     cluster = RedisCluster(nodes, server, cli)
     try:
         for n in nodes:
-            n.start(server)
-        deadline = time.monotonic() + 10
-        for n in nodes:
-            _ping_until(n, deadline)
+            _start_node(n, server)
         subprocess.run(
             [cli, "--cluster", "create", *(n.address for n in nodes),
              "--cluster-replicas", "1", "--cluster-yes"],

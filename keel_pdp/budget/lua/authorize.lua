@@ -24,11 +24,12 @@
 -- Cost: Redis runs one script at a time, so its time per call is the fleet's
 -- ceiling (bench/bench_script.py measures it against the previous version). In
 -- Redis' Lua every table, tonumber, string.format and redis.call is measurable, so
--- the common case does little: one EXISTS for the abort tombstone and all grant
--- hashes (HVALS only when a grant hash exists), a window's EXPIREAT only with its
--- first hold (every script that may create a window hash gives it its expiry),
--- thresholds only at or above the lowest level, and the shared per-budget
--- arguments read where they are used.
+-- the common case does little: one EXISTS for the idempotency record, the abort
+-- tombstone and all grant hashes (each is read only when something exists), a
+-- window's EXPIREAT only with its first hold (every script that may create a window
+-- hash gives it its expiry), thresholds only at or above the lowest level, no table
+-- per candidate, and what the caller can work out (each candidate's full estimate,
+-- the permit's expire-at, the windows' expire-at list) comes as text ready to store.
 --
 -- ARGV, what every request of one shape shares first (the caller encodes that part
 -- once), then what is the request's own (S = 1 + 4n):
@@ -37,11 +38,16 @@
 --           thresholds in ascending order ("80,100" or "")
 -- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s)
 -- ARGV[S+3] minimum useful output tokens
--- ARGV[S+4] permit_id             ARGV[S+5] request fingerprint   ARGV[S+6] now_ms
--- ARGV[S+7] expires_at_ms         ARGV[S+8] event data (JSON, opaque here)
--- ARGV[S+9] the number of candidates, then per candidate:
---           input cost (pico-USD), output price (pico-USD/token), output tokens,
---           may constrain (1|0), permit meta (JSON), m, then m budget indexes (1-based)
+-- ARGV[S+4] every budget's window expire-at, comma-separated, and ARGV[S+5] "1,2,..,n":
+--           the permit's "wx" and the reply's "held" when it holds in all of them
+-- ARGV[S+6] permit_id             ARGV[S+7] request fingerprint   ARGV[S+8] now_ms
+-- ARGV[S+9] expires_at_ms         ARGV[S+10] the permit record's expire-at (s)
+-- ARGV[S+11] event data (JSON, opaque here)
+-- ARGV[S+12] the number of candidates, then per candidate:
+--           full estimate (micro-USD: ceil((input cost + output tokens x output
+--           price) / 10^6)), input cost (pico-USD), output price (pico-USD/token),
+--           output tokens, may constrain (1|0), permit meta (JSON), then its budgets:
+--           "a" for all n in order, else m and m budget indexes (1-based)
 -- then, optionally, "1": a lease short of the first candidate's estimate answers
 --           {"r":"lease","need":[[i,micros]..]} and writes nothing (the caller refills
 --           the lease from the shared budget and asks again without it)
@@ -86,62 +92,75 @@ local tonumber, call, format, concat = tonumber, redis.call, string.format, tabl
 
 local n = tonumber(ARGV[1])
 local S = 1 + 4 * n
-local pid = ARGV[S + 4]
-local fingerprint = ARGV[S + 5]
-local now_text = ARGV[S + 6]
-local now_ms = tonumber(now_text)
-local expires_text = ARGV[S + 7]
-local expires_at = tonumber(expires_text)
+local pid = ARGV[S + 6]
+local fingerprint = ARGV[S + 7]
+local now_text = ARGV[S + 8]
+local expires_text = ARGV[S + 9]
 
-local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp', 'rp')
-if idem[1] then
-  if idem[1] ~= fingerprint then
-    return '{"r":"reused"}'
-  end
-  -- A replay returns the permit only while it is held: once it has ended (or its
-  -- hold time has passed) the request_id cannot carry another provider call.
-  local ended = idem[4]
-  if not ended and idem[5] and tonumber(idem[5]) <= now_ms then ended = 'expired' end
-  if ended then
-    return cjson.encode({r = 'ended', pid = idem[3], st = ended})
-  end
-  -- The held permit is handed out now, whatever became of the first answer: an
-  -- abort from the sidecar that lost that answer must leave it held (abort.lua).
-  if not idem[6] then call('HSET', KEYS[1], 'rp', '1') end
-  return '{"r":"replay","res":' .. idem[2] .. '}'
+-- A candidate's budgets (its arguments from ARGV[p]): their count, and whether they
+-- are all n in order (then no indexes follow: budget j is j).
+local function budgets_of(p)
+  local ms = ARGV[p + 6]
+  if ms == 'a' then return n, true end
+  return tonumber(ms), false
 end
--- The permit id is new for every decision; a record under it can only be the
--- tombstone an aborted decision left (its answer timed out): hold nothing. One
--- EXISTS asks for it and for the grant hashes at once: usually none exists.
+
+-- The common case: no idempotency record, tombstone or grant exists, and one EXISTS
+-- says so.
 local granted, any_grant = nil, false
-if call('EXISTS', KEYS[2], unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then
+if call('EXISTS', KEYS[1], KEYS[2], unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then
+  local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp', 'rp')
+  if idem[1] then
+    if idem[1] ~= fingerprint then
+      return '{"r":"reused"}'
+    end
+    -- A replay returns the permit only while it is held: once it has ended (or its
+    -- hold time has passed) the request_id cannot carry another provider call.
+    local ended = idem[4]
+    if not ended and idem[5] and tonumber(idem[5]) <= tonumber(now_text) then
+      ended = 'expired'
+    end
+    if ended then
+      return cjson.encode({r = 'ended', pid = idem[3], st = ended})
+    end
+    -- The held permit is handed out now, whatever became of the first answer: an
+    -- abort from the sidecar that lost that answer must leave it held (abort.lua).
+    if not idem[6] then call('HSET', KEYS[1], 'rp', '1') end
+    return '{"r":"replay","res":' .. idem[2] .. '}'
+  end
+  -- The permit id is new for every decision; a record under it can only be the
+  -- tombstone an aborted decision left (its answer timed out): hold nothing.
   if call('EXISTS', KEYS[2]) == 1 then
     return '{"r":"aborted"}'
   end
-  granted = {}
+  if n > 0 and call('EXISTS', unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then granted = {} end
 end
 
 -- Per budget i: ARGV[4i-2] limit, ARGV[4i-1] enforce, ARGV[4i] window expire-at,
 -- ARGV[4i+1] thresholds (read where used, not copied).
 -- Indexed 1..n only (never by length): sized up front, no rehash while filled.
 local settled, held, limits, fresh = {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}
-local leased = {}
+local leased = nil
 for i = 1, n do
-  local v = call('HMGET', KEYS[4 + i], 's', 'h', 'g')
+  local limit = tonumber(ARGV[4 * i - 2])
+  local v
+  if limit < 0 then
+    -- a lease on a shared budget: its limit is what the shard was leased
+    v = call('HMGET', KEYS[4 + i], 's', 'h', 'g')
+    limit = tonumber(v[3]) or 0
+    leased = leased or {}
+    leased[i] = true
+  else
+    v = call('HMGET', KEYS[4 + i], 's', 'h')
+  end
   settled[i] = tonumber(v[1]) or 0
   held[i] = tonumber(v[2]) or 0
   fresh[i] = not v[2]
-  local limit = tonumber(ARGV[4 * i - 2])
-  if limit < 0 then
-    -- a lease on a shared budget: its limit is what the shard was leased
-    limit = tonumber(v[3]) or 0
-    leased[i] = true
-  end
   if granted then
     local g = 0
     for _, entry in ipairs(call('HVALS', KEYS[4 + n + i])) do
       local amount, until_ms = smatch(entry, '^(%d+):(%d+)$')
-      if amount and tonumber(until_ms) > now_ms then g = g + tonumber(amount) end
+      if amount and tonumber(until_ms) > tonumber(now_text) then g = g + tonumber(amount) end
     end
     granted[i] = g
     if g > 0 then any_grant = true end
@@ -150,36 +169,38 @@ for i = 1, n do
   limits[i] = limit
 end
 
-local cands = {}
-local pos = S + 9
-local nc = tonumber(ARGV[pos])
-pos = pos + 1
+-- Per candidate c: where its arguments start, its full estimate and its room (the
+-- least headroom of its enforce budgets; nil when none enforces). The rest of its
+-- arguments are read where they are used.
+local cpos, cfull, croom = {0}, {0}, {0}
+local pos = S + 13
+local nc = tonumber(ARGV[S + 12])
 for c = 1, nc do
-  local m = tonumber(ARGV[pos + 5])
-  local cand = {in_pico = tonumber(ARGV[pos]), out_price = tonumber(ARGV[pos + 1]),
-    cap = tonumber(ARGV[pos + 2]), may_constrain = ARGV[pos + 3] == '1', meta = ARGV[pos + 4],
-    idx = {}}
-  local idx = cand.idx
+  local m, all = budgets_of(pos)
   local room = nil
   for j = 1, m do
-    local i = tonumber(ARGV[pos + 5 + j])
-    idx[j] = i
+    local i = all and j or tonumber(ARGV[pos + 6 + j])
     if ARGV[4 * i - 1] == '1' then
       local r = limits[i] - settled[i] - held[i]
       if room == nil or r < room then room = r end
     end
   end
-  pos = pos + 6 + m
-  cand.room = room
-  cand.full = ceil_div(cand.in_pico + cand.cap * cand.out_price, MICRO)
-  cands[c] = cand
+  cpos[c] = pos
+  cfull[c] = tonumber(ARGV[pos])
+  croom[c] = room
+  pos = pos + 7 + (all and 0 or m)
 end
 
-if ARGV[pos] == '1' then
+-- "1" after the candidates: a lease short of the first candidate's estimate asks
+-- for a refill instead of deciding.
+if leased and ARGV[pos] == '1' then
   local need = {}
-  for _, i in ipairs(cands[1].idx) do
+  local p1 = cpos[1]
+  local m, all = budgets_of(p1)
+  for j = 1, m do
+    local i = all and j or tonumber(ARGV[p1 + 6 + j])
     if leased[i] and ARGV[4 * i - 1] == '1' then
-      local short = cands[1].full - (limits[i] - settled[i] - held[i])
+      local short = cfull[1] - (limits[i] - settled[i] - held[i])
       if short > 0 then need[#need + 1] = format('[%d,%d]', i, short) end
     end
   end
@@ -188,11 +209,15 @@ if ARGV[pos] == '1' then
   end
 end
 
-local decision, chosen, amount, k = 'DENY', nil, 0, 0
+local decision, chosen, amount, k_s, amount_s = 'DENY', nil, 0, nil, nil
 for c = 1, nc do
-  local cand = cands[c]
-  if cand.room == nil or cand.full <= cand.room then
-    decision, chosen, amount, k = 'ALLOW', c, cand.full, cand.cap
+  local room = croom[c]
+  if room == nil or cfull[c] <= room then
+    -- Amounts go to redis.call and into records as text: the caller's text where it
+    -- has it (Redis 7.0 prints every Lua number argument with "%.17g", about 0.15 us
+    -- each here).
+    decision, chosen, amount = 'ALLOW', c, cfull[c]
+    amount_s, k_s = ARGV[cpos[c]], ARGV[cpos[c] + 3]
     if c > 1 then decision = 'CONSTRAIN' end
     break
   end
@@ -200,33 +225,34 @@ end
 if chosen == nil then
   local min_out = tonumber(ARGV[S + 3])
   for c = 1, nc do
-    local cand = cands[c]
-    local headroom = cand.room
-    if cand.may_constrain and headroom >= 0 then
-      -- largest k with ceil((in_pico + k * out_price) / MICRO) <= headroom, without
-      -- forming headroom * MICRO (which may exceed 2^53)
-      local a = floor(cand.in_pico / MICRO)
-      local r = cand.in_pico - a * MICRO
+    local p = cpos[c]
+    local headroom = croom[c]
+    local in_pico, out_price, cap = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]),
+      tonumber(ARGV[p + 3])
+    if ARGV[p + 4] == '1' and headroom >= 0 then
+      local a = floor(in_pico / MICRO)
+      local r = in_pico - a * MICRO
       local d = headroom - a
       local kmax = -1
       if d >= 0 then
-        if cand.out_price == 0 then
-          kmax = cand.cap
+        if out_price == 0 then
+          kmax = cap
         else
-          local q1 = floor_div(d, cand.out_price)
-          local r1 = d - q1 * cand.out_price
-          if q1 >= cand.cap then
-            kmax = cand.cap
+          local q1 = floor_div(d, out_price)
+          local r1 = d - q1 * out_price
+          if q1 >= cap then
+            kmax = cap
           else
-            kmax = q1 * MICRO + floor_div(r1 * MICRO - r, cand.out_price)
+            kmax = q1 * MICRO + floor_div(r1 * MICRO - r, out_price)
           end
         end
       end
-      if kmax > cand.cap then kmax = cand.cap end
+      if kmax > cap then kmax = cap end
       if kmax >= min_out and kmax >= 0 then
-        local amt = ceil_div(cand.in_pico + kmax * cand.out_price, MICRO)
+        local amt = ceil_div(in_pico + kmax * out_price, MICRO)
         if amt <= headroom then
-          decision, chosen, amount, k = 'CONSTRAIN', c, amt, kmax
+          decision, chosen, amount = 'CONSTRAIN', c, amt
+          amount_s, k_s = format('%d', amt), format('%d', kmax)
           break
         end
       end
@@ -234,32 +260,29 @@ if chosen == nil then
   end
 end
 
-local shadow, alerts, heldidx, fail, amount_s = nil, nil, '', nil, nil
+local shadow, alerts, heldidx, fail = nil, nil, '', nil
 local alert_events = nil
 if chosen == nil then
-  local first = cands[1]
-  for _, i in ipairs(first.idx) do
-    if fail == nil and ARGV[4 * i - 1] == '1' and settled[i] + held[i] + first.full > limits[i] then
+  local p1 = cpos[1]
+  local m, all = budgets_of(p1)
+  for j = 1, m do
+    local i = all and j or tonumber(ARGV[p1 + 6 + j])
+    if fail == nil and ARGV[4 * i - 1] == '1' and settled[i] + held[i] + cfull[1] > limits[i] then
       fail = i
     end
   end
-  amount = first.full
-  k = first.cap
+  amount = cfull[1]
+  k_s = ARGV[p1 + 3]
   chosen = 1
 else
-  local cand = cands[chosen]
-  local idx = cand.idx
-  local m = #idx
-  local wx = {}
-  -- Amounts go to redis.call as strings made once: Redis 7.0 prints every Lua
-  -- number argument with "%.17g" (about 0.15 us each here).
-  amount_s = format('%d', amount)
+  local p = cpos[chosen]
+  local m, all = budgets_of(p)
   for j = 1, m do
-    local i = idx[j]
+    local i = all and j or tonumber(ARGV[p + 6 + j])
     local key = KEYS[4 + i]
-    local before = settled[i] + held[i]
     local h = call('HINCRBY', key, 'h', amount_s)
     if fresh[i] then call('EXPIREAT', key, ARGV[4 * i]) end
+    local before = settled[i] + held[i]
     held[i] = h
     local after = settled[i] + h
     if ARGV[4 * i - 1] ~= '1' and after > limits[i] then
@@ -269,55 +292,59 @@ else
     local thresholds = ARGV[4 * i + 1]
     if thresholds ~= ''
         and after >= pct_of(limits[i], tonumber(smatch(thresholds, '^%d+'))) then
-      for p in gmatch(thresholds, '%d+') do
-        local level = pct_of(limits[i], tonumber(p))
+      for pp in gmatch(thresholds, '%d+') do
+        local level = pct_of(limits[i], tonumber(pp))
         if before < level and after >= level then
-          if call('HSETNX', key, 't' .. p, now_ms) == 1 then
-            alerts = (alerts and (alerts .. ',') or '') .. format('[%d,%s]', i, p)
+          if call('HSETNX', key, 't' .. pp, now_text) == 1 then
+            alerts = (alerts and (alerts .. ',') or '') .. format('[%d,%s]', i, pp)
             alert_events = alert_events or {}
             alert_events[#alert_events + 1] = format(
               '{"budget":%d,"pct":%s,"level":%d,"committed":%d,"limit":%d}',
-              i, p, level, after, limits[i])
+              i, pp, level, after, limits[i])
           end
         end
       end
     end
-    wx[j] = ARGV[4 * i]
   end
-  -- The held windows are usually all of them, in order: KEYS[5..4+n] as they are.
-  local keys
-  if m == n and idx[m] == n and idx[1] == 1 then
+  -- The held windows are usually all of them, in order: KEYS[5..4+n] and the
+  -- shape's expire-at list as they are.
+  local keys, wx
+  if all then
     keys = concat(KEYS, '\n', 5, 4 + n)
-    heldidx = concat(idx, ',')
+    wx = ARGV[S + 4]
+    heldidx = ARGV[S + 5]
   else
-    local list = {}
-    for j = 1, m do list[j] = KEYS[4 + idx[j]] end
+    local list, wl = {}, {}
+    for j = 1, m do
+      local i = tonumber(ARGV[p + 6 + j])
+      list[j] = KEYS[4 + i]
+      wl[j] = ARGV[4 * i]
+    end
     keys = concat(list, '\n')
-    heldidx = concat(idx, ',')
+    wx = concat(wl, ',')
+    heldidx = concat(ARGV, ',', p + 7, p + 6 + m)
   end
   call('HSET', KEYS[2], 'state', 'held', 'amount', amount_s, 'est', amount_s, 'keys', keys,
-    'wx', concat(wx, ','), 'exp', expires_text, 'meta', cand.meta, 'k', format('%d', k),
-    'ik', KEYS[1])
-  call('EXPIREAT', KEYS[2], format('%d', floor(expires_at / 1000) + tonumber(ARGV[S + 2])))
+    'wx', wx, 'exp', expires_text, 'meta', ARGV[p + 5], 'k', k_s, 'ik', KEYS[1])
+  call('EXPIREAT', KEYS[2], ARGV[S + 10])
   call('ZADD', KEYS[3], expires_text, pid)
 end
 
 -- Encoded by hand: cjson prints numbers with 14 significant digits, and budget
 -- figures can be larger; '%d' keeps every integer exact.
-local figures
+local encoded
 if n == 3 then  -- the common shape: one format, no list
-  figures = format('[%d,%d],[%d,%d],[%d,%d]', settled[1], held[1], settled[2], held[2],
-    settled[3], held[3])
+  encoded = format('{"d":"%s","pid":"%s","exp":%s,"amt":%d,"k":%s,"c":%d,'
+    .. '"b":[[%d,%d],[%d,%d],[%d,%d]],"held":[%s]', decision, pid, expires_text, amount, k_s,
+    chosen, settled[1], held[1], settled[2], held[2], settled[3], held[3], heldidx)
 else
   local parts = {}
   for i = 1, n do
     parts[i] = format('[%d,%d]', settled[i], held[i])
   end
-  figures = concat(parts, ',')
+  encoded = format('{"d":"%s","pid":"%s","exp":%s,"amt":%d,"k":%s,"c":%d,"b":[%s],"held":[%s]',
+    decision, pid, expires_text, amount, k_s, chosen, concat(parts, ','), heldidx)
 end
-local encoded = format(
-  '{"d":"%s","pid":"%s","exp":%s,"amt":%d,"k":%d,"c":%d,"b":[%s],"held":[%s]',
-  decision, pid, expires_text, amount, k, chosen, figures, heldidx)
 if fail ~= nil then encoded = encoded .. format(',"fail":%d', fail) end
 if shadow then encoded = encoded .. ',"shadow":[' .. shadow .. ']' end
 if alerts then encoded = encoded .. ',"alerts":[' .. alerts .. ']' end
@@ -327,7 +354,7 @@ if any_grant then
   encoded = encoded .. ',"gr":[' .. concat(gparts, ',') .. ']'
 end
 encoded = encoded .. '}'
-local event = ARGV[S + 8]
+local event = ARGV[S + 11]
 call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', pid, 'ts', now_text,
   'data', event, 'res', encoded)
 -- Soft-threshold crossings follow the decision that caused them (once per window).
