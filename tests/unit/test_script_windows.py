@@ -204,3 +204,77 @@ async def test_lapsed_grants_alone_leave_the_reply_as_without_grants(
     await aio_client.hset(r.shape.keys[2 + 1], "old", f"5000:{NOW_MS - 1}")
     res = await store.hold(r)
     assert res.decision == "ALLOW" and res.granted == ()
+
+
+def _again(r: HoldRequest, fingerprint: str = "f") -> HoldRequest:
+    """The same request (idempotency key) under a new permit id, as a retry sends it."""
+    return HoldRequest(f"pmt_{next(_ids):028x}", r.idempotency_key, fingerprint, r.now_ms + 1,
+                       r.expires_at_ms, r.event_data, r.shape, r.candidates)
+
+
+async def test_one_exists_tells_apart_what_it_found(
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    """The script asks for the idempotency record, the tombstone and the grant hashes
+    in one EXISTS; whatever combination exists, each is read and acted on."""
+    limits = (10**9, 1_000)
+    # A live grant and nothing else: decided, with the grant.
+    r = _hold("x", limits, 1_400)
+    grant_key = r.shape.keys[2 + 1]
+    await aio_client.hset(grant_key, "x1", f"500:{NOW_MS + 60_000}")
+    res = await store.hold(r)
+    assert (res.outcome, res.decision, res.granted) == ("decided", "ALLOW", (0, 500))
+    assert await _window(aio_client, r.shape.keys[1]) == {"h": 1_400}
+    # A retry of it while the grant lives is a replay: no second hold.
+    replay = await store.hold(_again(r))
+    assert (replay.outcome, replay.permit_id) == ("replay", res.permit_id)
+    assert await _window(aio_client, r.shape.keys[1]) == {"h": 1_400}
+    # The same request id with other parameters is refused, grant or not.
+    assert (await store.hold(_again(r, "other"))).outcome == "reused"
+    # Once its permit is settled, a retry is told it ended, grant or not.
+    rec = await store.permit(res.permit_id)
+    assert rec is not None
+    done = await store.settle(res.permit_id, rec.keys, NOW_MS + 2, 1_000, "{}",
+                              idempotency_key=r.idempotency_key)
+    assert done.status == "SETTLED"
+    ended = await store.hold(_again(r))
+    assert (ended.outcome, ended.permit_id, ended.ended_state) == (
+        "ended", res.permit_id, "settled")
+    assert await _window(aio_client, r.shape.keys[1]) == {"s": 1_000, "h": 0}
+    # A tombstone under the permit id, with the grant still there: nothing is held.
+    t = _hold("x", limits, 50)
+    await aio_client.hset(store.keys.permit(t.permit_id), "state", "aborted")
+    assert (await store.hold(t)).outcome == "aborted"
+    assert await _window(aio_client, t.shape.keys[0]) == {"s": 1_000, "h": 0}
+    assert not await aio_client.exists(t.idempotency_key)
+    # With the grant gone, the settled 1,000 fill budget 1's cap again.
+    await aio_client.delete(grant_key)
+    plain = await store.hold(_hold("x", limits, 50))
+    assert (plain.decision, plain.fail, plain.granted) == ("DENY", 1, ())
+
+
+async def test_every_budget_in_order_and_out_of_order_store_the_same_permit(
+        store: BudgetStore, aio_client: aioredis.Redis) -> None:
+    """A candidate on every budget in order is sent without indexes; one on the same
+    budgets in another order is sent with them. Both hold in every window and record
+    the windows (and their expire-at) in the order held."""
+    limits = (10**9, 10**9, 10**9)
+    ordered = _hold("o", limits, 70)
+    _, args = store.hold_call(ordered)
+    assert args[-1] == "a"
+    res = await store.hold(ordered)
+    assert res.held == (0, 1, 2) and res.figures == ((0, 70),) * 3
+    rec = await store.permit(res.permit_id)
+    assert rec is not None and rec.keys == ordered.shape.keys[:3]
+    mixed = _hold("m", limits, 70, idx=(2, 0, 1))
+    _, margs = store.hold_call(mixed)
+    assert margs[-4:] == [3, 3, 1, 2]
+    mres = await store.hold(mixed)
+    assert mres.held == (2, 0, 1) and mres.figures == ((0, 70),) * 3
+    mrec = await store.permit(mres.permit_id)
+    assert mrec is not None and mrec.keys == tuple(mixed.shape.keys[i] for i in (2, 0, 1))
+    for pid in (res.permit_id, mres.permit_id):
+        wx, k, amount = await aio_client.hmget(store.keys.permit(pid), "wx", "k", "amount")
+        assert (wx, k, amount) == (f"{WEXP},{WEXP},{WEXP}".encode(), b"1", b"70")
+        ttl = await aio_client.ttl(store.keys.permit(pid))
+        left = (NOW_MS + 600_000) // 1000 + 600 - int(time.time())
+        assert left - 5 <= ttl <= left + 1
