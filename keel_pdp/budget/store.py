@@ -278,7 +278,7 @@ class BudgetStore:
         args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms,
                            r.expires_at_ms // 1000 + permit_retention_of(r.shape), r.event_data,
                            len(r.candidates)]
-        every = tuple(range(len(r.shape.keys) // 2))  # the shape's budgets, in order
+        every = tuple(range(int(r.shape.args[0])))  # the shape's budgets, in order
         for c in r.candidates:
             # the full estimate, rounded up to the micro-USD (what the script holds)
             full = -(-(c.input_pico + c.output_tokens * c.output_price_pico) // PICO_PER_MICRO)
