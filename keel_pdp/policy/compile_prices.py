@@ -57,6 +57,9 @@ def price_history(provider: str, model: str,
     table the sidecars used.
     """
     history = specs if isinstance(specs, list) else [specs]
+    if not history:
+        raise ValueError("the price history is an empty list: give the model's price, or a "
+                         "list of dated prices")
     dates = [sp.effective_from for sp in history]
     known = [dt for dt in dates if dt is not None]
     if None in dates[1:] or known != sorted(set(known)):
