@@ -510,12 +510,18 @@ class Engine:
             factor = OVERRUN_FACTOR
             if service_tier not in ("", AUTO_TIER):  # else priced at the held rate itself
                 factor *= rates_ratio(rate.price, meta_price(cached.meta, usage.input_tokens))
+            # Not the store's flags (the price is Keel's): kept with the settlement, so a
+            # retry is answered with them.
+            tier_flag: tuple[str, ...] = ("SERVICE_TIER_UNPRICED",) if rate.unpriced else ()
+            if search_fee_unpriced(rate.price, usage):
+                tier_flag += ("WEB_SEARCH_UNPRICED",)
 
             async def settle(keys: tuple[str, ...], ik: str) -> SettleReply:
                 return await self.store.settle(
                     permit_id, keys, now, actual, data, budget, idempotency_key=ik,
                     output_tokens=usage.output_tokens, input_over=input_over,
-                    overrun_factor=factor, overrun_slack_micros=OVERRUN_SLACK_MICROS)
+                    overrun_factor=factor, overrun_slack_micros=OVERRUN_SLACK_MICROS,
+                    priced_micros=priced, keel_flags=tier_flag)
 
             out = await settle(cached.keys, cached.idempotency_key)
             if out.status == "KEYS_MISMATCH":
@@ -541,15 +547,16 @@ class Engine:
         act, amt, est = out.actual_micros, out.amount_micros, out.estimate_micros
         prior = out.prior
         flags = out.flags
-        # Not the store's flags (the price is Keel's): recomputed for a replay too.
-        tier_flag: tuple[str, ...] = ("SERVICE_TIER_UNPRICED",) if rate.unpriced else ()
-        if search_fee_unpriced(rate.price, usage):
-            tier_flag += ("WEB_SEARCH_UNPRICED",)
         if status == "ALREADY_SETTLED":
-            # The figures the settlement answered (prior: the state it settled from),
-            # whichever sidecar it ran on.
+            # The figures and flags the settlement answered (prior: the state it settled
+            # from), whichever sidecar it ran on. A settlement that did not record Keel's
+            # price and flags (an earlier release) is answered with the actual cost and
+            # this report's flags.
             held = 0 if prior in ("expired", "voided", "unheld") else amt
-            return CloseoutResult(status, act, est, act - held, held, act, flags + tier_flag)
+            first_priced = act if out.priced_micros is None else out.priced_micros
+            first_flags = tier_flag if out.keel_flags is None else out.keel_flags
+            return CloseoutResult(status, act, est, act - held, held, first_priced,
+                                  flags + first_flags)
         # What this settlement released: the hold when it was still held; nothing when
         # a void or an expiry had released it, or the permit never held (degraded).
         held = amt if prior == "held" else 0

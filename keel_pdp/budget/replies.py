@@ -54,6 +54,10 @@ class SettleReply(NamedTuple):
     flags: tuple[str, ...] = ()
     ceiling_micros: int = 0  # IMPLAUSIBLE: the overrun ceiling
     max_output_tokens: int = 0  # IMPLAUSIBLE: the permit's cap
+    # ALREADY_SETTLED: Keel's own price and flags as the settlement recorded them
+    # (None: a settlement that did not record them)
+    priced_micros: int | None = None
+    keel_flags: tuple[str, ...] | None = None
 
 
 class ReleaseReply(NamedTuple):
@@ -130,11 +134,19 @@ def hold_reply(raw: Any) -> HoldReply:
 def settle_reply(raw: Any) -> SettleReply:
     res = _object(raw)
     try:
+        pc: int | None = None
+        kf: list[str] | None = None
+        pk = res.get("pk")
+        if pk is not None:
+            if (type(pk) is not list or len(pk) != 2 or type(pk[0]) is not int
+                    or type(pk[1]) is not list or any(type(f) is not str for f in pk[1])):
+                raise ValueError("pk is not [price, [flags]]")
+            pc, kf = pk
         return SettleReply(
             str(res["st"]), int(res.get("act", 0)), int(res.get("est", 0)),
             int(res.get("amt", 0)), str(res.get("prior", "")),
             tuple(str(f) for f in res.get("flags") or ()), int(res.get("ceiling", 0)),
-            int(res.get("k", 0)))
+            int(res.get("k", 0)), pc, None if kf is None else tuple(kf))
     except (KeyError, TypeError, ValueError) as exc:
         raise ReplyError(f"closeout reply {res!r:.120}: {exc}") from exc
 

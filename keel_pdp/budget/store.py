@@ -298,23 +298,30 @@ class BudgetStore:
                      timeout_s: float | None = None, *, idempotency_key: str = "",
                      output_tokens: int = 0, input_over: bool = False,
                      overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
+                     priced_micros: int | None = None, keel_flags: Sequence[str] = (),
                      ) -> SettleReply:
         keys, args = self.settle_call(permit_id, window_keys, now_ms, actual_micros,
                                       event_data, idempotency_key=idempotency_key,
                                       output_tokens=output_tokens, input_over=input_over,
                                       overrun_factor=overrun_factor,
-                                      overrun_slack_micros=overrun_slack_micros)
+                                      overrun_slack_micros=overrun_slack_micros,
+                                      priced_micros=priced_micros, keel_flags=keel_flags)
         return settle_reply(await self._script(self._closeout, keys, args, timeout_s))
 
     def settle_call(self, permit_id: str, window_keys: Sequence[str], now_ms: int,
                     actual_micros: int, event_data: str, *, idempotency_key: str = "",
                     output_tokens: int = 0, input_over: bool = False,
                     overrun_factor: int = 4, overrun_slack_micros: int = 50_000,
+                    priced_micros: int | None = None, keel_flags: Sequence[str] = (),
                     ) -> tuple[list[str], list[Arg]]:
-        """The closeout script's KEYS and ARGV (see closeout.lua)."""
+        """The closeout script's KEYS and ARGV (see closeout.lua). ``priced_micros``
+        (Keel's own price of the usage; ``actual_micros`` when None) and ``keel_flags``
+        are kept with the settlement for a retry's answer."""
         keys = self._permit_keys(permit_id, idempotency_key, window_keys)
         args: list[Arg] = [permit_id, now_ms, actual_micros, event_data, output_tokens,
-                           1 if input_over else 0, overrun_factor, overrun_slack_micros]
+                           1 if input_over else 0, overrun_factor, overrun_slack_micros,
+                           f"{actual_micros if priced_micros is None else priced_micros},"
+                           f"[{','.join(json.dumps(f) for f in keel_flags)}]"]
         return keys, args
 
     def _permit_keys(self, permit_id: str, idempotency_key: str,

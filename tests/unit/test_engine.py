@@ -78,6 +78,34 @@ async def test_provider_reported_cost_is_booked_instead_of_keel_price(
     assert (await window(engine, "acme-daily"))[0] == 777
 
 
+async def test_a_retried_closeout_is_answered_as_the_first_whoever_answers_it(
+        aio_client: aioredis.Redis, bundle: pathlib.Path) -> None:
+    """A caller whose Closeout answer was lost retries, maybe with a different report and
+    to another sidecar: it gets the first answer's figures (Keel's own price included),
+    and nothing more is booked."""
+    engine = make_engine(aio_client, bundle)
+    out = await engine.authorize(req())
+    first = await engine.closeout(out.permit_id, TokenUsage(1000, 0, 0, 100), "SUCCEEDED", 777)
+    assert (first.status, first.actual_cost_micros, first.priced_cost_micros) == (
+        "SETTLED", 777, 210)
+    other = make_engine(aio_client, bundle)  # another sidecar: no cached permit
+    for eng, usage, cost in ((engine, TokenUsage(1000, 0, 0, 100), 777),
+                             (other, TokenUsage(5, 0, 0, 1), None)):
+        again = await eng.closeout(out.permit_id, usage, "SUCCEEDED", cost)
+        assert again.status == "ALREADY_SETTLED"
+        assert (again.actual_cost_micros, again.priced_cost_micros, again.estimated_cost_micros,
+                again.correction_micros, again.held_micros) == (
+            777, 210, first.estimated_cost_micros, first.correction_micros, first.held_micros)
+    assert (await window(engine, "acme-daily"))[0] == 777
+    # A permit settled by the previous release (no price or flags kept with it) is
+    # answered with the actual cost as its price, as before.
+    client: Any = engine.store.client
+    await client.hdel(engine.store.keys.permit(out.permit_id), "pk")
+    old = await other.closeout(out.permit_id, TokenUsage(5, 0, 0, 1), "SUCCEEDED", None)
+    assert (old.status, old.actual_cost_micros, old.priced_cost_micros) == (
+        "ALREADY_SETTLED", 777, 777)
+
+
 async def test_retry_with_same_request_id_returns_same_permit_without_second_hold(
         aio_client: aioredis.Redis, bundle: pathlib.Path) -> None:
     engine = make_engine(aio_client, bundle)

@@ -221,6 +221,24 @@ async def test_a_tier_the_table_lacks_is_held_and_booked_at_the_highest_rate_and
     assert data["priced_tier"] == "highest" and data["tier_unpriced"] is True
 
 
+async def test_a_retried_closeout_keeps_the_first_answers_flags(engine: Engine) -> None:
+    """Keel's own flags are kept with the settlement: a retry that reports no tier (or
+    another one) is answered with the flags the first answer carried, and one that
+    reports an unpriced tier after a plain settlement gets none."""
+    _, res, pid = await hold_and_settle(engine, "k", "flex", "scale")
+    assert res.flags == ("COST_ABOVE_HOLD", "SERVICE_TIER_UNPRICED")
+    for reported in ("", "flex", "priority"):
+        again = await engine.closeout(pid, USAGE, "SUCCEEDED", None, service_tier=reported)
+        assert again.status == "ALREADY_SETTLED"
+        assert again.flags == res.flags
+        assert again.actual_cost_micros == res.actual_cost_micros
+        assert again.priced_cost_micros == res.priced_cost_micros
+    _, plain, pid2 = await hold_and_settle(engine, "l", "flex", "flex")
+    assert plain.flags == ()
+    again = await engine.closeout(pid2, USAGE, "SUCCEEDED", None, service_tier="turbo")
+    assert (again.status, again.flags) == ("ALREADY_SETTLED", ())
+
+
 async def test_an_unknown_tier_name_is_priced_at_the_highest_rate_never_the_cheapest(
         engine: Engine) -> None:
     estimate, res, _ = await hold_and_settle(engine, "t", "turbo", "turbo")

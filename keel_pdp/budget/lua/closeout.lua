@@ -24,12 +24,16 @@
 -- ARGV[4] event data (JSON, opaque here)   ARGV[5] output tokens
 -- ARGV[6] 1 when input tokens exceed the permit's estimate, else 0
 -- ARGV[7] overrun factor   ARGV[8] overrun slack micros
+-- ARGV[9] Keel's own price of the usage and its own flags, as JSON list members
+--         (`210,["SERVICE_TIER_UNPRICED"]`): kept with the settlement ("pk"), so a
+--         retry is answered with the first answer's price and flags
 --
 -- Returns JSON: {"st":"UNKNOWN_PERMIT"} | {"st":"KEYS_MISMATCH"} |
 --   {"st":"IMPLAUSIBLE","est":..,"k":..,"ceiling":..} |
 --   {"st":<status>,"act":..,"est":..,"amt":..,"prior":<state before>[,"flags":[..]]}
 -- (ALREADY_SETTLED: "prior" is the state before the settlement that happened, so a
--- retry is answered with that settlement's figures; "settled" when not recorded.)
+-- retry is answered with that settlement's figures; "settled" when not recorded;
+-- "pk" is [the settlement's ARGV[9]], absent when not recorded.)
 
 local call, format, tonumber = redis.call, string.format, tonumber
 local p = call('HMGET', KEYS[1], 'state', 'amount', 'est', 'keys', 'wx', 'act', 'k', 'flags')
@@ -44,9 +48,11 @@ end
 local amount = tonumber(p[2]) or 0
 local est = tonumber(p[3]) or 0
 if state == 'settled' then
+  local first = call('HMGET', KEYS[1], 'prior', 'pk')
   local res = format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"%s"',
-    tonumber(p[6]) or 0, est, amount, call('HGET', KEYS[1], 'prior') or 'settled')
+    tonumber(p[6]) or 0, est, amount, first[1] or 'settled')
   if p[8] and p[8] ~= '' then res = res .. ',"flags":[' .. p[8] .. ']' end
+  if first[2] then res = res .. ',"pk":[' .. first[2] .. ']' end
   return res .. '}'
 end
 
@@ -74,9 +80,10 @@ if state == 'degraded' then prior = 'unheld' end
 -- new (first settlement of the window, or a window that expired meanwhile), and
 -- only then is its expiry set, if it has none (NX, as the TTL check it replaces:
 -- another permit's expire-at never shortens a window's life).
--- Amounts go to redis.call as strings made once: Redis 7.0 prints every Lua number
--- argument with "%.17g" (about 0.15 us each here, bench/bench_script.py).
-local actual_s = format('%d', actual)
+-- Amounts go to redis.call as text (the caller's for the actual cost): Redis 7.0
+-- prints every Lua number argument with "%.17g" (about 0.15 us each here,
+-- bench/bench_script.py).
+local actual_s = ARGV[3]
 local unhold = state == 'held' and format('%d', -amount)
 local wx = nil
 for i = 1, n do
@@ -94,7 +101,7 @@ for i = 1, n do
 end
 call('ZREM', KEYS[3], ARGV[1])
 call('HSET', KEYS[1], 'state', 'settled', 'act', actual_s, 'settled_at', ARGV[2],
-  'prior', prior, 'flags', flag_text)
+  'prior', prior, 'flags', flag_text, 'pk', ARGV[9])
 if KEYS[4] ~= KEYS[1] and call('HGET', KEYS[4], 'pid') == ARGV[1] then
   call('HSET', KEYS[4], 'st', 'settled')
 end
