@@ -36,7 +36,7 @@
 -- ARGV[1]   n budgets, then per budget 4 values:
 --           limit_micros, enforce (1|0), window expire-at (s),
 --           thresholds in ascending order ("80,100" or "")
--- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s)
+-- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s; the caller's, for S+10)
 -- ARGV[S+3] minimum useful output tokens
 -- ARGV[S+4] every budget's window expire-at, comma-separated, and ARGV[S+5] "1,2,..,n":
 --           the permit's "wx" and the reply's "held" when it holds in all of them
