@@ -170,8 +170,8 @@ class Engine:
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
             p.fingerprint, p.now_ms, p.expires_at_ms, data, mat.shared,
             tuple(
-                HoldCandidate(c.fixed_pico, c.rate.output,
-                              c.output_tokens, c.may_constrain, meta, c.target_idx)
+                HoldCandidate(c.fixed_pico, c.rate.output, c.output_tokens,
+                              c.may_constrain, meta, c.target_idx, c.estimate_micros)
                 for c, meta in zip(p.candidates, metas, strict=True)),
             refill=mat.leased)
         return hold, mat, metas
@@ -512,8 +512,9 @@ class Engine:
                 factor *= rates_ratio(rate.price, meta_price(cached.meta, usage.input_tokens))
             # Not the store's flags (the price is Keel's): kept with the settlement, so a
             # retry is answered with them.
+            search_unpriced = search_fee_unpriced(rate.price, usage)
             tier_flag: tuple[str, ...] = ("SERVICE_TIER_UNPRICED",) if rate.unpriced else ()
-            if search_fee_unpriced(rate.price, usage):
+            if search_unpriced:
                 tier_flag += ("WEB_SEARCH_UNPRICED",)
 
             async def settle(keys: tuple[str, ...], ik: str) -> SettleReply:
@@ -569,7 +570,7 @@ class Engine:
             self.metrics.closeout_unpriced_tiers.inc()
         if usage.web_search_calls:
             self.metrics.closeout_web_searches.inc(usage.web_search_calls)
-        if search_fee_unpriced(rate.price, usage):
+        if search_unpriced:
             self.metrics.closeout_unpriced_searches.inc(usage.web_search_calls)
         return CloseoutResult(status, act, est, corr, held, priced, flags + tier_flag)
 

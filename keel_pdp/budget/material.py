@@ -27,8 +27,8 @@ from typing import Any
 
 from keel_pdp.budget.escrow import Parent, slice_for
 from keel_pdp.budget.keys import KeySpace
-from keel_pdp.budget.resp import Shared
 from keel_pdp.budget.store import hold_shape
+from keel_pdp.budget.store_types import HoldShape
 from keel_pdp.decision.shape import Shape
 from keel_pdp.policy.snapshot import ModelPrice
 from keel_pdp.pricing import AUTO_TIER, DEFAULT_TIER, HIGHEST_TIER, Price, highest_price
@@ -40,7 +40,7 @@ class Material:
 
     window_keys: tuple[str, ...]
     wexp: tuple[int, ...]  # per window: when its hash may expire (s)
-    shared: Shared  # the authorize script's KEYS and ARGV common to the shape
+    shared: HoldShape  # the authorize script's KEYS and ARGV common to the shape
     meta_heads: tuple[str, ...]  # per candidate: the permit metadata up to its stamp
     # per window: the shared budget it leases from (escrow), None for its own window
     parents: tuple[Parent | None, ...] = ()

@@ -51,10 +51,8 @@ from keel_pdp.budget.store_types import (
     HoldRequest,
     PermitRecord,
     hold_shape,
-    permit_retention_of,
 )
 from keel_pdp.errors import StoreUnavailable
-from keel_pdp.pricing import PICO_PER_MICRO
 
 __all__ = [
     "Arg", "BudgetStore", "DegradedPermit", "HoldCandidate", "HoldRequest", "PermitRecord",
@@ -273,18 +271,15 @@ class BudgetStore:
     def hold_call(self, r: HoldRequest) -> tuple[list[str], list[Arg]]:
         """The request's own KEYS and ARGV of the authorize script (``r.shape`` has
         the rest)."""
-        ks, pid = self.keys, r.permit_id
+        ks, pid, shape = self.keys, r.permit_id, r.shape
         keys = [r.idempotency_key, ks.permit(pid), ks.expiries_of(pid), ks.stream_of(pid)]
         args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms,
-                           r.expires_at_ms // 1000 + permit_retention_of(r.shape), r.event_data,
+                           r.expires_at_ms // 1000 + shape.permit_retention_s, r.event_data,
                            len(r.candidates)]
-        every = tuple(range(int(r.shape.args[0])))  # the shape's budgets, in order
         for c in r.candidates:
-            # the full estimate, rounded up to the micro-USD (what the script holds)
-            full = -(-(c.input_pico + c.output_tokens * c.output_price_pico) // PICO_PER_MICRO)
-            args.extend((full, c.input_pico, c.output_price_pico, c.output_tokens,
+            args.extend((c.estimate_micros, c.input_pico, c.output_price_pico, c.output_tokens,
                          1 if c.may_constrain else 0, c.permit_meta))
-            if c.budget_indexes == every:
+            if c.budget_indexes == shape.every:
                 args.append("a")
             else:
                 args.append(len(c.budget_indexes))

@@ -28,6 +28,9 @@ class HoldCandidate:
     may_constrain: bool
     permit_meta: str
     budget_indexes: tuple[int, ...]  # 0-based indexes into the shape's budget windows
+    # The full estimate in micro-USD, as the plan made it: ceil((input_pico +
+    # output_tokens x output_price_pico) / 10^6).
+    estimate_micros: int
 
 
 @dataclass(slots=True)
@@ -41,17 +44,27 @@ class HoldRequest:
     now_ms: int
     expires_at_ms: int
     event_data: str
-    shape: Shared  # hold_shape(...): the same for every request of one shape
+    shape: HoldShape  # hold_shape(...): the same for every request of one shape
     candidates: tuple[HoldCandidate, ...]
     # A lease on a shared budget short of the estimate answers "lease" (refill and
     # ask again with False) instead of deciding.
     refill: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class HoldShape(Shared):
+    """The shared KEYS and ARGV of one shape's authorize calls, with what the caller
+    needs of them per request: the permit retention and the shape's budgets in order
+    (0-based), the index list of a candidate held in all of them."""
+
+    permit_retention_s: int = 0
+    every: tuple[int, ...] = ()
+
+
 def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Sequence[int],
                enforce: Sequence[bool], window_expire_at_s: Sequence[int],
                thresholds: Sequence[Sequence[int]], *, idempotency_ttl_s: int,
-               permit_retention_s: int, min_output_tokens: int) -> Shared:
+               permit_retention_s: int, min_output_tokens: int) -> HoldShape:
     """The authorize script's KEYS and ARGV that every request of one shape shares:
     the budget windows and their grant hashes, each budget's figures, the settings."""
     args: list[Arg] = [len(window_keys)]
@@ -61,13 +74,9 @@ def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Se
     args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens,
                  ",".join(str(wx) for wx in window_expire_at_s),
                  ",".join(str(i) for i in range(1, len(window_keys) + 1))))
-    return Shared.of((*window_keys, *grant_keys), args)
-
-
-def permit_retention_of(shape: Shared) -> int:
-    """The permit retention (s) a ``hold_shape`` carries: after the budgets' four
-    values each, the idempotency ttl, then the retention."""
-    return int(shape.args[4 * int(shape.args[0]) + 2])
+    s = Shared.of((*window_keys, *grant_keys), args)
+    return HoldShape(s.keys, s.args, s.wire, permit_retention_s,
+                     tuple(range(len(window_keys))))
 
 
 @dataclass(frozen=True, slots=True)

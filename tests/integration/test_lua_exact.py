@@ -33,7 +33,9 @@ def _hold(pin: int, pout: int, tin: int, tout: int, limit: int, settled: int,
         shape=hold_shape((f"x:win:{i}",), (f"x:grant:{i}",), (limit,), (True,),
                          (4_000_000_000,), ((50, 80, 100),), idempotency_ttl_s=60,
                          permit_retention_s=60, min_output_tokens=min_out),
-        candidates=(HoldCandidate(tin * pin, pout, tout, True, "{}", (0,)),))
+        # the plan's full estimate, rounded up to the micro-USD
+        candidates=(HoldCandidate(tin * pin, pout, tout, True, "{}", (0,),
+                                  -(-(tin * pin + tout * pout) // 1_000_000)),))
 
 
 @settings(max_examples=300, deadline=None,

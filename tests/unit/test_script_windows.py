@@ -58,7 +58,7 @@ def _hold(tag: str, limits: tuple[int, ...], cost_micros: int, *,
             idempotency_ttl_s=600, permit_retention_s=600, min_output_tokens=1),
         # cost_micros exactly: 1 output token at cost_micros x 10^6 pico-USD
         candidates=(HoldCandidate(0, cost_micros * 1_000_000, 1, False, "{}",
-                                  idx if idx is not None else tuple(range(n))),))
+                                  idx if idx is not None else tuple(range(n)), cost_micros),))
 
 
 def _near_wexp(ttl: int) -> bool:
