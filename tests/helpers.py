@@ -136,3 +136,13 @@ def reference_slot(key: str | bytes) -> int:
         if e != -1 and e != s + 1:
             raw = raw[s + 1:e]
     return binascii.crc_hqx(raw, 0) % 16384
+
+
+async def window_sum(engine: Engine, field: str = "h") -> int:
+    """Micro-USD held ("h") or settled ("s") now in the windows of the bundle's one
+    budget "all" (key space "t", as make_engine builds it)."""
+    client: Any = engine.store.client
+    total = 0
+    async for key in client.scan_iter(match="t:{pdp}:b:all:*"):
+        total += int(await client.hget(key, field) or 0)
+    return total

@@ -80,47 +80,33 @@ def closeout_response(r: CloseoutResult) -> pb.CloseoutResponse:
         status=pb.CloseoutStatus.Value(r.status), actual_cost_micros=r.actual_cost_micros,
         estimated_cost_micros=r.estimated_cost_micros, correction_micros=r.correction_micros,
         held_micros=r.held_micros, priced_cost_micros=r.priced_cost_micros,
-        flags=[_FLAG_TEXT[f](r) for f in r.flags if f in _FLAG_TEXT])
+        flags=[_flag_reason(r, f) for f in r.flags if f in _FLAG_TEXT])
 
 
-def _above_permit(r: CloseoutResult) -> pb.BlockReason:
+# A Closeout's flags (booked all the same): the reason code of the same name, and its
+# message ({act} and {est}: the booked cost and the permit's estimate, micro-USD).
+_FLAG_TEXT = {
+    "USAGE_ABOVE_PERMIT":
+        "The reported usage is above what the permit allowed (output tokens above its "
+        "max_output_tokens, or input tokens above its estimate); booked and flagged for "
+        "review.",
+    "COST_ABOVE_HOLD":
+        "The booked cost ({act} micro-USD) is above the permit's estimate ({est} "
+        "micro-USD); booked and flagged.",
+    "SERVICE_TIER_UNPRICED":
+        "The reported service tier has no rate in the permit's price table; the usage was "
+        "priced at the highest rate the permit knows for the model; booked and flagged.",
+    "WEB_SEARCH_UNPRICED":
+        "The usage reports web searches but the permit's price has no web_search_per_1k: "
+        "they were booked at nothing; the monthly reconciliation books the provider's fee.",
+}
+
+
+def _flag_reason(r: CloseoutResult, flag: str) -> pb.BlockReason:
     return pb.BlockReason(
-        code=pb.USAGE_ABOVE_PERMIT, requested_micros=r.actual_cost_micros,
+        code=pb.ReasonCode.Value(flag), requested_micros=r.actual_cost_micros,
         held_micros=r.held_micros,
-        message="The reported usage is above what the permit allowed (output tokens above its "
-                "max_output_tokens, or input tokens above its estimate); booked and flagged "
-                "for review.")
-
-
-def _above_hold(r: CloseoutResult) -> pb.BlockReason:
-    return pb.BlockReason(
-        code=pb.COST_ABOVE_HOLD, requested_micros=r.actual_cost_micros,
-        held_micros=r.held_micros,
-        message=f"The booked cost ({r.actual_cost_micros} micro-USD) is above the permit's "
-                f"estimate ({r.estimated_cost_micros} micro-USD); booked and flagged.")
-
-
-def _tier_unpriced(r: CloseoutResult) -> pb.BlockReason:
-    return pb.BlockReason(
-        code=pb.SERVICE_TIER_UNPRICED, requested_micros=r.actual_cost_micros,
-        held_micros=r.held_micros,
-        message="The reported service tier has no rate in the permit's price table; the "
-                "usage was priced at the highest rate the permit knows for the model; "
-                "booked and flagged.")
-
-
-def _search_unpriced(r: CloseoutResult) -> pb.BlockReason:
-    return pb.BlockReason(
-        code=pb.WEB_SEARCH_UNPRICED, requested_micros=r.actual_cost_micros,
-        held_micros=r.held_micros,
-        message="The usage reports web searches but the permit's price has no "
-                "web_search_per_1k: they were booked at nothing; the monthly reconciliation "
-                "books the provider's fee.")
-
-
-_FLAG_TEXT = {"USAGE_ABOVE_PERMIT": _above_permit, "COST_ABOVE_HOLD": _above_hold,
-              "SERVICE_TIER_UNPRICED": _tier_unpriced,
-              "WEB_SEARCH_UNPRICED": _search_unpriced}
+        message=_FLAG_TEXT[flag].format(act=r.actual_cost_micros, est=r.estimated_cost_micros))
 
 
 def void_response(r: VoidResult) -> pb.VoidResponse:

@@ -23,6 +23,7 @@ from keel_pdp.engine import Engine
 from keel_pdp.mesh.apis import Api
 from keel_pdp.mesh.usage import ResponseMeter
 from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import window_sum as held
 
 PRICES: dict[str, Any] = {"openai": {"gpt-5": {
     "input": "1.25", "output": "10.00", "max_output_tokens": 4096, "web_search_per_1k": "10",
@@ -37,14 +38,6 @@ FLEX_HOLD = 11_250
 def engine(aio_client: aioredis.Redis, tmp_path: pathlib.Path) -> Engine:
     return make_engine(aio_client, write_bundle(tmp_path / "b", [budget("all", "1000.00")],
                                                 prices=PRICES))
-
-
-async def held(engine: Engine) -> int:
-    client: Any = engine.store.client
-    total = 0
-    async for key in client.scan_iter(match="t:{pdp}:b:all:*"):
-        total += int(await client.hget(key, "h") or 0)
-    return total
 
 
 def ask(rid: str, **kw: Any) -> AuthorizeInput:

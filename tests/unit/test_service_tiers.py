@@ -38,6 +38,7 @@ from keel_pdp.policy.commands import diff_snapshots, explain_lines
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.pricing import TokenUsage
 from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import window_sum as held
 
 # USD per 1M tokens, in 1/10_000 USD.
 GPT5 = {
@@ -97,15 +98,6 @@ def engine(aio_client: aioredis.Redis, tmp_path: pathlib.Path) -> Engine:
 
 def ask(rid: str, tier: str, model: str = "gpt-5") -> AuthorizeInput:
     return AuthorizeInput(rid, "acme", "chat", model, "openai", IN, OUT, service_tier=tier)
-
-
-async def held(engine: Engine) -> int:
-    """Micro-USD held in the one budget's window now."""
-    client: Any = engine.store.client
-    total = 0
-    async for key in client.scan_iter(match="t:{pdp}:b:all:*"):
-        total += int(await client.hget(key, "h") or 0)
-    return total
 
 
 async def settlement(engine: Engine, pid: str) -> dict[str, Any]:

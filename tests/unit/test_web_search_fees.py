@@ -36,6 +36,7 @@ from keel_pdp.policy.commands import diff_snapshots, explain_lines
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.pricing import TokenUsage
 from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import window_sum as window
 
 SONNET = {"input": 30_000, "cached_input": 3_000, "cache_write": 37_500, "output": 150_000}
 GPT5 = {"input": 12_500, "cached_input": 1_250, "output": 100_000}
@@ -83,14 +84,6 @@ def ask(rid: str, searches: int, model: str = "claude-sonnet-4-5",
     return AuthorizeInput(rid, "acme", "chat", model, provider, IN, out,
                           max_web_search_calls=searches, **kw)
 
-
-async def window(engine: Engine, field: str = "h") -> int:
-    """Micro-USD held ("h") or settled ("s") in the one budget's window now."""
-    client: Any = engine.store.client
-    total = 0
-    async for key in client.scan_iter(match="t:{pdp}:b:all:*"):
-        total += int(await client.hget(key, field) or 0)
-    return total
 
 
 async def events(engine: Engine, kind: str, pid: str) -> list[dict[str, Any]]:
