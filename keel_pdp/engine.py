@@ -115,7 +115,7 @@ class Engine:
         self.clock = ClockSync()
         self._clock_apart_logged = False
         self.shapes = dec.ShapeCache()
-        self._materials = Materials(store.keys)
+        self._materials = Materials(store.keys, stored_shapes=store.stored_shapes)
         self._permits = PermitCache(permit_cache_size)
         self.relay = OutboxRelay(store, metrics, outbox_size, outbox_dir)
         self._hold_latency = metrics.store_latency.labels("authorize")
@@ -168,7 +168,7 @@ class Engine:
         metas = [mat.meta_head_for(i, c.tier) + stamp for i, c in enumerate(p.candidates)]
         hold = HoldRequest(
             p.permit_id, self.store.keys.idempotency(req.tenant, req.request_id),
-            p.fingerprint, p.now_ms, p.expires_at_ms, data, mat.shared,
+            p.fingerprint, p.now_ms, p.expires_at_ms, mat.hold_event(data), mat.shared,
             tuple(
                 HoldCandidate(c.fixed_pico, c.rate.output, c.output_tokens,
                               c.may_constrain, meta, c.target_idx, c.estimate_micros)

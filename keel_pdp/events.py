@@ -19,12 +19,18 @@ Kinds (``EVENT_TYPES``):
 * ``lease``      — one side of an escrow transfer (escrow.lua): pid the transfer id;
   data names the budget or the two keys; res ``{"dir": step, "amt": micro-USD, ..}``.
 
+A decision the authorize script writes refers to a stored copy of the members
+every request of its shape shares (``shape_ref``): its data ends
+``"shape":"<digest>"}`` and a reader puts the copy's members in its place
+(``entry_with_shape``) before parsing; docs/ledger.md, "Stored shape copies".
+
 Golden round trips of each kind are in tests/unit/test_events_golden.py. JSON
 numbers are read as integers or Decimals, never floats: no money passes a float.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -95,6 +101,93 @@ def decision_tail(shape: Shape) -> str:
         data["reasons"] = [r.to_json() for r in reasons]
     shape.event_tail = dumps(data)[1:]
     return shape.event_tail
+
+
+# A decision written by authorize.lua leaves the shape's members out and ends
+# instead with a reference to a stored copy of them (see ``shape_ref``).
+SHAPE_DIGEST_CHARS = 32
+_SHAPE_REF = re.compile(',?"shape":"([0-9a-f]{' + str(SHAPE_DIGEST_CHARS) + r'})"\}\Z')
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeRef:
+    """A shape's decision event members stored once (``copy``: a JSON object) and
+    referred to by their digest: a decision's data then ends ``"shape":"<digest>"}``
+    instead of the members themselves."""
+
+    digest: str
+    copy: str
+    tail: str  # the members as ``decision_data`` ends with them
+
+    @property
+    def suffix(self) -> str:
+        return f'"shape":"{self.digest}"}}'
+
+    @property
+    def mark(self) -> str:
+        """The hash field that says, in a budget window's hash, that the copy was
+        written (authorize.lua)."""
+        return f"c:{self.digest}"
+
+
+def shape_ref(shape: Shape) -> ShapeRef:
+    """The stored form of ``decision_tail(shape)``: its digest is a hash of its
+    text (128 bits of BLAKE2b), so a copy never changes once written and equal
+    members share one copy whichever revision or process wrote them."""
+    tail = decision_tail(shape)
+    copy = "{" + tail
+    digest = hashlib.blake2b(copy.encode(), digest_size=SHAPE_DIGEST_CHARS // 2).hexdigest()
+    return ShapeRef(digest, copy, tail)
+
+
+def referenced_shape(data: str) -> str | None:
+    """The digest a decision's data refers to (None: its members are inline)."""
+    if not data.endswith('"}'):
+        return None
+    found = _SHAPE_REF.search(data, max(0, len(data) - SHAPE_DIGEST_CHARS - 12))
+    return found.group(1) if found else None
+
+
+def with_shape(data: str, digest: str, copy: str) -> str:
+    """A decision's data with its shape reference replaced by the stored members:
+    the text the sidecar would have written inline. ParseError when ``copy`` is not
+    the members of ``digest`` (a copy is named by the hash of its text)."""
+    found = _SHAPE_REF.search(data, max(0, len(data) - SHAPE_DIGEST_CHARS - 12))
+    if found is None or found.group(1) != digest:
+        raise ParseError(f"data does not refer to shape {digest!r}")
+    got = hashlib.blake2b(copy.encode(), digest_size=SHAPE_DIGEST_CHARS // 2).hexdigest()
+    if got != digest or not copy.startswith("{") or not copy.endswith("}"):
+        raise ParseError(f"the stored copy of shape {digest} is not the text it is named by")
+    head = data[:found.start()]
+    if head == "{":
+        return copy
+    return head + "," + copy[1:]
+
+
+def entry_shape(fields: dict[Any, Any] | None) -> str | None:
+    """The shape digest a raw stream entry's data refers to (None: none)."""
+    raw = fields.get(b"data", fields.get("data")) if fields else None
+    if isinstance(raw, bytes | bytearray):
+        if not raw.endswith(b'"}'):
+            return None
+        return referenced_shape(bytes(raw[-60:]).decode("ascii", "replace"))
+    return referenced_shape(raw) if isinstance(raw, str) else None
+
+
+def entry_with_shape(fields: dict[Any, Any], digest: str, copy: str | bytes | None,
+                     key: str) -> dict[Any, Any]:
+    """A raw entry whose data refers to shape ``digest`` with the stored members in
+    place (``copy``: the text read from ``key``), as the ledger parses it.
+    ParseError when the copy is gone or is not the text its name says."""
+    if copy is None:
+        raise ParseError(f"data refers to the shape copy {key}, which is not in Redis "
+                         "(expired or deleted): the decision's tenant, budgets and policy "
+                         "revision are unknown")
+    name = b"data" if b"data" in fields else "data"
+    text = field_text(fields, "data")
+    members = copy.decode("utf-8", "replace") if isinstance(copy, bytes) else copy
+    full = with_shape(text, digest, members)
+    return {**fields, name: full.encode() if isinstance(name, bytes) else full}
 
 
 def decision_data(p: Plan, caller: str = "") -> str:

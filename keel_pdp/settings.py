@@ -83,6 +83,11 @@ SERVE: tuple[Setting, ...] = (
             "after each hold/settle script, WAIT until N replicas have it (same round trip, "
             "at most half the store timeout; a short count is counted and answered as "
             "usual); 0 off", "N"),
+    Setting("inline_decision_events", "--inline-decision-events",
+            "KEEL_INLINE_DECISION_EVENTS", "false", Switch(),
+            "write each decision event whole, as releases before stored shape copies did "
+            "(for a rolling upgrade while ledger writers of such a release still run; "
+            "docs/ledger.md, 'Stored shape copies')"),
     Setting("sweep_interval_s", "--sweep-interval", "KEEL_SWEEP_INTERVAL", "1",
             Loop(0.01, 3600), "seconds between expiry sweeps", "S"),
     Setting("reload_interval_s", "--reload-interval", "KEEL_RELOAD_INTERVAL", "2",
@@ -223,6 +228,7 @@ class ServeSettings:
     caller_tokens_file: str = ""
     budget_metrics_interval_s: float = 15.0
     wait_replicas: int = 0
+    inline_decision_events: bool = False
     key_shards: int = 0
     # The mesh adapters' settings; None: read KEEL_MESH_* when the server is built.
     mesh: MeshConfig | None = None

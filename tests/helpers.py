@@ -75,7 +75,7 @@ def budget(bid: str, cap_usd: str, **kw: Any) -> dict[str, Any]:
 
 
 def make_engine(client: aioredis.Redis, bundle_dir: pathlib.Path,
-                timeout_s: float = 1.0) -> Engine:
+                timeout_s: float = 1.0, *, stored_shapes: bool = True) -> Engine:
     holder = PolicyHolder(bundle_dir)
     holder.set(load_bundle(bundle_dir))
     resp_url = getattr(client, "keel_resp_url", None)  # tests.conftest.RESP_URL_ATTR
@@ -86,6 +86,7 @@ def make_engine(client: aioredis.Redis, bundle_dir: pathlib.Path,
                             transport=RespClient.from_url(resp_url))
     else:
         store = BudgetStore(client, KeySpace("t"), timeout_s)
+    store.stored_shapes = stored_shapes
     return Engine(holder, store, Metrics())
 
 
@@ -146,3 +147,49 @@ async def window_sum(engine: Engine, field: str = "h") -> int:
     async for key in client.scan_iter(match="t:{pdp}:b:all:*"):
         total += int(await client.hget(key, field) or 0)
     return total
+
+
+# --------------------------------------------------------------- stream readers
+# Decisions written by the authorize script refer to a stored copy of their
+# shape's members; these read a stream as the ledger writer does, with each copy
+# read in (an entry whose copy is missing is left as it is).
+def _with_copies(stream: str, entries: Any, read: Any) -> list[tuple[Any, Any]]:
+    from keel_pdp.budget.keys import shape_copy_key
+    from keel_pdp.events import entry_shape, entry_with_shape
+
+    out: list[tuple[Any, Any]] = []
+    for eid, fields in entries:
+        digest = entry_shape(fields)
+        if digest is not None:
+            key = shape_copy_key(stream, digest)
+            copy = read(key)
+            if copy is not None:
+                fields = entry_with_shape(fields, digest, copy, key)
+        out.append((eid, fields))
+    return out
+
+
+async def read_stream(client: Any, stream: str, **kwargs: Any) -> list[tuple[Any, Any]]:
+    """XRANGE of ``stream`` (async client), shape copies read in."""
+    entries = await client.xrange(stream, **kwargs)
+    copies: dict[str, Any] = {}
+    for _, fields in entries:
+        from keel_pdp.budget.keys import shape_copy_key
+        from keel_pdp.events import entry_shape
+
+        digest = entry_shape(fields)
+        if digest is not None:
+            key = shape_copy_key(stream, digest)
+            if key not in copies:
+                copies[key] = await client.get(key)
+    return _with_copies(stream, entries, copies.get)
+
+
+def read_stream_sync(client: Any, stream: str, **kwargs: Any) -> list[tuple[Any, Any]]:
+    """XRANGE of ``stream`` (redis-py client), shape copies read in."""
+    return _with_copies(stream, client.xrange(stream, **kwargs), client.get)
+
+
+def with_copies_sync(client: Any, stream: str, entries: Any) -> list[tuple[Any, Any]]:
+    """Entries read from ``stream`` (redis-py client), shape copies read in."""
+    return _with_copies(stream, entries, client.get)

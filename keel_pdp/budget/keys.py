@@ -100,6 +100,15 @@ def permit_shard(permit_id: str, shards: int) -> int:
     return (int(permit_id[-3:], 16) & (MAX_SHARDS - 1)) % shards
 
 
+def shape_copy_key(stream: str, digest: str) -> str:
+    """Where the decisions of ``stream`` that refer to shape ``digest`` find the
+    members they leave out (``keel_pdp.events.shape_ref``): the stream's name with
+    ``events`` replaced by ``shape:<digest>``. Same hash tag, same slot: the script
+    that writes a decision sees its copy, and a slot moves with both."""
+    base = stream.removesuffix("events")
+    return f"{base}shape:{digest}"
+
+
 class BudgetLike(Protocol):
     @property
     def id(self) -> str: ...
@@ -205,6 +214,11 @@ class KeySpace:
 
     def stream_of(self, permit_id: str) -> str:
         return self.streams[self.permit_shard(permit_id)]
+
+    def shape_copy(self, shard: int, digest: str) -> str:
+        """The stored copy of a shape's decision event members (``shape_copy_key``),
+        in ``shard``: next to the stream whose decisions refer to it."""
+        return shape_copy_key(self.streams[shard], digest)
 
     def expiries_of(self, permit_id: str) -> str:
         return self.expiry_sets[self.permit_shard(permit_id)]

@@ -30,6 +30,7 @@ from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.store import hold_shape
 from keel_pdp.budget.store_types import HoldShape
 from keel_pdp.decision.shape import Shape
+from keel_pdp.events import ShapeRef, shape_ref
 from keel_pdp.policy.snapshot import ModelPrice
 from keel_pdp.pricing import AUTO_TIER, DEFAULT_TIER, HIGHEST_TIER, Price, highest_price
 
@@ -51,6 +52,16 @@ class Material:
     tenant: str = ""
     workload: str = ""
     tier_heads: dict[tuple[int, str], str] = field(default_factory=dict)
+    # The shape's decision event members stored once (None: written inline)
+    ref: ShapeRef | None = None
+
+    def hold_event(self, data: str) -> str:
+        """The decision event data as the authorize script writes it: with the
+        shape's members replaced by a reference to their copy (``ref``)."""
+        ref = self.ref
+        if ref is None or not data.endswith(ref.tail):
+            return data
+        return data[:len(data) - len(ref.tail)] + ref.suffix
 
     def meta_head_for(self, i: int, tier: str) -> str:
         """Candidate ``i``'s permit metadata for a hold priced at service tier ``tier``
@@ -197,10 +208,13 @@ def meta_input_estimate(meta: dict[str, Any]) -> int | None:
 
 
 class Materials:
-    """Material per shape for one key space (weakly keyed by the shape)."""
+    """Material per shape for one key space (weakly keyed by the shape). With
+    ``stored_shapes`` the decision events the authorize script writes refer to a
+    stored copy of their shape's members (``keel_pdp.events.shape_ref``)."""
 
-    def __init__(self, keyspace: KeySpace) -> None:
+    def __init__(self, keyspace: KeySpace, *, stored_shapes: bool = True) -> None:
         self.keyspace = keyspace
+        self.stored_shapes = stored_shapes
         self._by_shape: weakref.WeakKeyDictionary[Shape, Material] = (
             weakref.WeakKeyDictionary())
 
@@ -249,12 +263,16 @@ class Materials:
                 keyspace.window(b.id, t.split, t.window_start_ms, home),
                 keyspace.grants(b.id, t.split, home), home, b.limit_micros, wx,
                 slice_for(b.limit_micros, keyspace.shards)))
+        ref = shape_ref(shape) if self.stored_shapes else None
         return Material(
             tuple(window_keys), wexp,
             hold_shape(
                 window_keys, grant_keys, limits, enforce, wexp, thresholds,
                 idempotency_ttl_s=settings.idempotency_ttl_seconds,
                 permit_retention_s=settings.permit_retention_seconds,
-                min_output_tokens=settings.min_output_tokens),
+                min_output_tokens=settings.min_output_tokens,
+                shape_copy=(keyspace.shape_copy(shard, ref.digest), ref.mark, ref.copy)
+                if ref else None),
             tuple(meta_head(shape.tenant, shape.workload, mp) for mp in shape.prices),
-            tuple(parents), any(parents), shape.prices, shape.tenant, shape.workload)
+            tuple(parents), any(parents), shape.prices, shape.tenant, shape.workload,
+            ref=ref)

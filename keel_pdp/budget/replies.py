@@ -23,7 +23,8 @@ class HoldReply(NamedTuple):
     (the request_id's permit has ended: ``permit_id`` and ``ended_state``),
     "aborted" (an abort overtook this call: nothing was held), or "lease" (a lease
     on a shared budget is short: ``need`` (0-based budget, micro-USD) per lease;
-    nothing was written)."""
+    nothing was written), or "shape" (the stored copy of the shape's decision event
+    members is missing: send it and ask again; nothing was written)."""
 
     outcome: str
     decision: str = ""
@@ -126,7 +127,7 @@ def hold_reply(raw: Any) -> HoldReply:
         if not need or any(b < 0 or amt <= 0 for b, amt in need):
             raise ReplyError(f"authorize reply {res!r:.120}: no lease is short")
         return HoldReply("lease", need=need)
-    if r in ("reused", "aborted"):
+    if r in ("reused", "aborted", "shape"):
         return HoldReply(str(r))
     raise ReplyError(f"authorize reply {res!r:.120} is not documented")
 

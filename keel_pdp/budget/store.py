@@ -19,6 +19,7 @@ script on the same connection (see docs/redis-cluster.md, "Durability").
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -53,6 +54,13 @@ from keel_pdp.budget.store_types import (
     hold_shape,
 )
 from keel_pdp.errors import StoreUnavailable
+
+# A shape's stored copy lives this long after it was last sent (refreshed while in
+# use): a ledger writer that falls further behind finds it gone (docs/ledger.md).
+SHAPE_COPY_TTL_S = 8 * 86400
+SHAPE_COPY_REFRESH_S = 3600
+# Answers the authorize script gives before it reaches the shape's copy.
+_BEFORE_COPY = frozenset(("replay", "reused", "ended", "aborted"))
 
 __all__ = [
     "Arg", "BudgetStore", "DegradedPermit", "HoldCandidate", "HoldRequest", "PermitRecord",
@@ -142,6 +150,13 @@ class BudgetStore:
                              "(redis-py pools connections, and WAIT counts one connection's "
                              "writes)")
         self.wait_replicas = wait_replicas
+        # Decision events refer to a stored copy of their shape's members (False:
+        # written whole, as before; for a fleet whose ledger writers are older).
+        self.stored_shapes = True
+        # Shape copies sent, by key: when (monotonic s). Sent again when the script
+        # finds one missing, and every SHAPE_COPY_REFRESH_S so a copy in use never
+        # expires.
+        self._copies_sent: dict[str, float] = {}
         # Writes WAIT confirmed on fewer replicas than asked, by script (see
         # docs/redis-cluster.md: they are answered as usual). ``on_short_wait`` is
         # called with the script's name, for the metric.
@@ -265,12 +280,32 @@ class BudgetStore:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def hold(self, r: HoldRequest, timeout_s: float | None = None) -> HoldReply:
-        keys, args = self.hold_call(r)
-        return hold_reply(await self._script(self._authorize, keys, args, timeout_s, r.shape))
+        t0 = time.monotonic()
+        keys, args, sent = self._hold_call(r)
+        reply = hold_reply(await self._script(self._authorize, keys, args, timeout_s, r.shape))
+        if reply.outcome == "shape":
+            # The shape's copy is gone (expired, flushed, lost with a master): the
+            # script wrote nothing. Send it with the request, once.
+            keys, args, _ = self._hold_call(r, send_copy=True)
+            left = None if timeout_s is None else timeout_s - (time.monotonic() - t0)
+            reply = hold_reply(await self._script(self._authorize, keys, args, left, r.shape))
+            if reply.outcome == "shape":
+                raise StoreUnavailable("the authorize script refused the shape copy it was "
+                                       "sent")
+        elif sent and reply.outcome in _BEFORE_COPY:
+            # Answered before the script reached the copy: not written.
+            self._copies_sent.pop(r.shape.copy_key, None)
+        return reply
 
     def hold_call(self, r: HoldRequest) -> tuple[list[str], list[Arg]]:
         """The request's own KEYS and ARGV of the authorize script (``r.shape`` has
-        the rest)."""
+        the rest). The shape's copy goes with it when this store has not sent it
+        yet, or when it is due for a refresh."""
+        keys, args, _ = self._hold_call(r)
+        return keys, args
+
+    def _hold_call(self, r: HoldRequest, send_copy: bool = False
+                   ) -> tuple[list[str], list[Arg], bool]:
         ks, pid, shape = self.keys, r.permit_id, r.shape
         keys = [r.idempotency_key, ks.permit(pid), ks.expiries_of(pid), ks.stream_of(pid)]
         args: list[Arg] = [r.permit_id, r.fingerprint, r.now_ms, r.expires_at_ms,
@@ -284,9 +319,19 @@ class BudgetStore:
             else:
                 args.append(len(c.budget_indexes))
                 args.extend(i + 1 for i in c.budget_indexes)
+        copy_key = shape.copy_key
+        if copy_key:
+            now = time.monotonic()
+            sent = self._copies_sent.get(copy_key)
+            if send_copy or sent is None or now - sent > SHAPE_COPY_REFRESH_S:
+                if len(self._copies_sent) >= 65536:
+                    self._copies_sent.clear()  # each is sent once more: no harm
+                self._copies_sent[copy_key] = now
+                args.extend((1 if r.refill else 0, shape.copy_text, SHAPE_COPY_TTL_S))
+                return keys, args, True
         if r.refill:
             args.append(1)
-        return keys, args
+        return keys, args, False
 
     async def settle(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                      actual_micros: int, event_data: str,

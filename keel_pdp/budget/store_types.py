@@ -59,24 +59,37 @@ class HoldShape(Shared):
 
     permit_retention_s: int = 0
     every: tuple[int, ...] = ()
+    # The stored copy of the shape's decision event members (last of the shared
+    # KEYS) and its text, sent when the copy is missing or due for a refresh; ""
+    # when the events are written inline.
+    copy_key: str = ""
+    copy_text: str = ""
 
 
 def hold_shape(window_keys: Sequence[str], grant_keys: Sequence[str], limits: Sequence[int],
                enforce: Sequence[bool], window_expire_at_s: Sequence[int],
                thresholds: Sequence[Sequence[int]], *, idempotency_ttl_s: int,
-               permit_retention_s: int, min_output_tokens: int) -> HoldShape:
+               permit_retention_s: int, min_output_tokens: int,
+               shape_copy: tuple[str, str, str] | None = None) -> HoldShape:
     """The authorize script's KEYS and ARGV that every request of one shape shares:
-    the budget windows and their grant hashes, each budget's figures, the settings."""
+    the budget windows and their grant hashes, each budget's figures, the settings;
+    with ``shape_copy`` (key, mark field, text) the stored copy of the members its
+    decision events refer to, marked in the window hash that expires first."""
     args: list[Arg] = [len(window_keys)]
     for limit, enf, wx, th in zip(limits, enforce, window_expire_at_s, thresholds, strict=True):
         # Ascending: the script skips a budget below its lowest threshold.
         args.extend((limit, 1 if enf else 0, wx, ",".join(str(t) for t in sorted(set(th)))))
+    copy_key, mark, copy_text = shape_copy or ("", "", "")
+    # The window whose hash carries the copy's mark (1-based; 0: none, or no copy)
+    markj = 0
+    if copy_key and window_expire_at_s:
+        markj = 1 + min(range(len(window_expire_at_s)), key=lambda i: window_expire_at_s[i])
     args.extend((idempotency_ttl_s, permit_retention_s, min_output_tokens,
                  ",".join(str(wx) for wx in window_expire_at_s),
-                 ",".join(str(i) for i in range(1, len(window_keys) + 1))))
-    s = Shared.of((*window_keys, *grant_keys), args)
+                 ",".join(str(i) for i in range(1, len(window_keys) + 1)), mark, markj))
+    s = Shared.of((*window_keys, *grant_keys, *((copy_key,) if copy_key else ())), args)
     return HoldShape(s.keys, s.args, s.wire, permit_retention_s,
-                     tuple(range(len(window_keys))))
+                     tuple(range(len(window_keys))), copy_key, copy_text)
 
 
 @dataclass(frozen=True, slots=True)

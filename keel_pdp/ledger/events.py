@@ -189,6 +189,10 @@ def _decision(ev: StreamEvent) -> tuple[list[EntryRow], list[BudgetRow]]:
     if d not in ("ALLOW", "CONSTRAIN", "DENY"):
         raise ParseError(f"res.d {d!r} is not ALLOW, CONSTRAIN or DENY")
     dims = _dims(data)
+    if not dims.tenant and "shape" in data:
+        raise ParseError("data refers to a stored shape copy (data.shape) that was not read "
+                         "in: the entry must be read with keel_pdp.events.entry_with_shape "
+                         "(a ledger writer of this version does)")
     if not dims.tenant:
         raise ParseError("data.tenant is missing")
     est = get_int(data, "est", "data", default=0, lo=0)

@@ -39,8 +39,9 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError, ResponseError
 
-from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.keys import KeySpace, shape_copy_key
 from keel_pdp.errors import SettingsError
+from keel_pdp.events import entry_shape, entry_with_shape
 from keel_pdp.ledger.events import ParseError, StreamEvent, parse_entry
 from keel_pdp.ledger.metrics import LedgerMetrics
 from keel_pdp.ledger.store import (
@@ -155,6 +156,8 @@ class LedgerWriter:
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
         self.stored_total = 0
         self.dead_total = 0
+        # Shape copies read (digest -> text), checked against their digest.
+        self._shapes: dict[str, str] = {}
         self.failure: StoreError | None = None  # why run() stopped with exit 2
         self._report_loss = client.register_script(
             resources.files("keel_pdp.ledger").joinpath("lua", "report_loss.lua").read_text())
@@ -370,9 +373,13 @@ class LedgerWriter:
         t0 = time.perf_counter()
         events: list[StreamEvent] = []
         dead: list[tuple[str, dict[bytes, bytes] | None, str]] = []
+        copies = self._shape_copies(batch)
+        if copies is None:
+            return  # stopping: leave the batch pending; it is re-read on restart
         for eid, fields in batch:
             try:
-                events.append(parse_entry(self.cur.id_prefix + eid, fields))
+                events.append(parse_entry(self.cur.id_prefix + eid,
+                                          self._with_shape(fields, copies)))
             except ParseError as exc:
                 dead.append((eid, fields, str(exc)))
         if events:
@@ -394,6 +401,54 @@ class LedgerWriter:
                                      f"store refused the event: {one}"))
         self._ack_until_done([eid for eid, _ in batch], dead)
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+
+    def _shape_copies(self, batch: Sequence[Raw]) -> dict[str, str | None] | None:
+        """The stored shape copies the batch's decisions refer to, by digest (None
+        where Redis has none): from memory (a copy never changes: it is named by
+        the hash of its text), else one MGET, retried while Redis is unavailable.
+        None: stopping."""
+        wanted: dict[str, str | None] = {}
+        for _, fields in batch:
+            digest = entry_shape(fields)
+            if digest is not None:
+                wanted[digest] = self._shapes.get(digest)
+        missing = [d for d, text in wanted.items() if text is None]
+        if not missing:
+            return wanted
+        keys = [shape_copy_key(self.cur.stream, d) for d in missing]
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                found: Any = self.client.mget(keys)
+                break
+            except RedisError as exc:
+                self.metrics.errors.labels("redis").inc()
+                delay = backoff.next()
+                log.warning("cannot read %d shape copies (%s); retrying in %.2fs",
+                            len(keys), exc, delay)
+                if self.stopping.wait(delay):
+                    return None
+        for digest, value in zip(missing, found, strict=True):
+            if isinstance(value, bytes | bytearray):
+                wanted[digest] = bytes(value).decode("utf-8", "replace")
+        return wanted
+
+    def _with_shape(self, fields: dict[bytes, bytes] | None,
+                    copies: dict[str, str | None]) -> dict[bytes, bytes] | None:
+        """``fields`` with a decision's shape reference replaced by the stored
+        members (unchanged when it has none). ParseError when the copy is gone."""
+        digest = entry_shape(fields) if copies else None
+        if digest is None or fields is None:
+            return fields
+        copy = copies.get(digest)
+        full = entry_with_shape(fields, digest, copy,
+                                shape_copy_key(self.cur.stream, digest))
+        # Checked against its name: kept (a copy never changes).
+        if copy is not None and digest not in self._shapes:
+            if len(self._shapes) >= 4096:
+                self._shapes.clear()
+            self._shapes[digest] = copy
+        return full
 
     def _store_until_done(self, events: list[StreamEvent]) -> bool:
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)

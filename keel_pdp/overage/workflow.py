@@ -29,11 +29,12 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from keel_pdp import events, grants
-from keel_pdp.budget.keys import PERMIT_ID_RE, permit_shard, with_shard
+from keel_pdp.budget.keys import PERMIT_ID_RE, permit_shard, shape_copy_key, with_shard
 from keel_pdp.budget.resp import RespError
 from keel_pdp.budget.store import BudgetStore, StoreUnavailable
 from keel_pdp.decision import DIMENSION_NAMES, InvalidRequest
 from keel_pdp.errors import ExceptionConflict as ExceptionConflict
+from keel_pdp.errors import ParseError
 from keel_pdp.errors import UnknownException as UnknownException
 from keel_pdp.policy.snapshot import CompiledBudget, PolicySnapshot
 
@@ -298,6 +299,15 @@ class ExceptionDesk:
                 self.keys.stream_of(pid), min=lo, max=hi, count=_SCAN_PAGE))
             for _eid, fields in page:
                 if fields.get(b"pid") == want and fields.get(b"type") == b"decision":
+                    digest = events.entry_shape(fields)
+                    if digest is not None:
+                        # The shape's members are in their stored copy.
+                        key = shape_copy_key(self.keys.stream_of(pid), digest)
+                        copy: Any = await self._read(self.store.client.get(key))
+                        try:
+                            fields = events.entry_with_shape(fields, digest, copy, key)
+                        except ParseError as exc:
+                            raise NotADenial(f"denial {pid} cannot be read: {exc}") from exc
                     return (events.loads_object(fields.get(b"data", b"{}"), "data"),
                             events.loads_object(fields.get(b"res", b"{}"), "res"))
             if len(page) < _SCAN_PAGE:

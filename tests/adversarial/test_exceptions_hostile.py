@@ -33,7 +33,7 @@ from keel_pdp.overage.workflow import (
     NotADenial,
 )
 from keel_pdp.policy.snapshot import PolicySnapshot
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 
 STREAM = "t:{pdp}:events"
 # gpt-4.1 at $2 / $8 per million tokens: 1000 in + 500 out holds $0.002 + $0.004.
@@ -93,7 +93,7 @@ async def daily_denial(engine: Engine, tag: str = "") -> str:
 
 
 async def steps(engine: Engine) -> list[tuple[str, str]]:
-    raw: Any = await engine.store.client.xrange(STREAM)
+    raw: Any = await read_stream(engine.store.client, STREAM)
     out = []
     for eid, f in raw:
         parse_entry(eid.decode(), f)
@@ -142,7 +142,7 @@ async def test_an_exception_dated_just_past_the_period_end_is_still_in_its_repor
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
     ledger.migrate()
     try:
-        raw: Any = await engine.store.client.xrange(STREAM)
+        raw: Any = await read_stream(engine.store.client, STREAM)
         ledger.write_batch([parse_entry(i.decode(), f) for i, f in raw])
         this = build_report(ledger, period, ["tenant"]).exceptions
         after = build_report(ledger, period_of_ms(end), ["tenant"]).exceptions
@@ -169,7 +169,7 @@ async def test_an_approval_stamped_before_its_request_is_reported_approved(
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
     ledger.migrate()
     try:
-        raw: Any = await engine.store.client.xrange(STREAM)
+        raw: Any = await read_stream(engine.store.client, STREAM)
         ledger.write_batch([parse_entry(i.decode(), f) for i, f in raw])
         (line,) = build_report(ledger, period_of_ms(asked.requested_at_ms),
                                ["tenant"]).exceptions

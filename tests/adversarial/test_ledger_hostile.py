@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from keel_pdp.ledger.store import LedgerStore
 from tests.conftest import ROOT
-from tests.helpers import make_engine
+from tests.helpers import make_engine, read_stream_sync
 from tests.integration.conftest import (
     STREAM,
     drain,
@@ -65,8 +65,9 @@ def store(store_url: str) -> Any:
 
 
 def copy_genuine(client: redis.Redis, skip: set[str]) -> None:
-    """Copy the stream's entries other than ``skip`` to GENUINE, in order."""
-    raw: Any = client.xrange(STREAM)
+    """Copy the stream's entries other than ``skip`` to GENUINE, in order (whole:
+    shape copies read in)."""
+    raw: Any = read_stream_sync(client, STREAM)
     for eid, fields in raw:
         if eid.decode() not in skip:
             client.xadd(GENUINE, fields)
@@ -362,7 +363,7 @@ async def test_a_settlement_stored_before_its_decision_keeps_the_permits_dimensi
     assert client.xpending(STREAM, GROUP)["pending"] == 0
     # Independently of the ledger: the permit's dimensions and settled cost as the
     # stream has them.
-    raw: Any = client.xrange(STREAM)
+    raw: Any = read_stream_sync(client, STREAM)
     by_type = {f[b"type"]: f for _, f in raw}
     data = json_obj(by_type[b"decision"][b"data"])
     settled = json_obj(by_type[b"settlement"][b"res"])

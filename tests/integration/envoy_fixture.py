@@ -35,6 +35,7 @@ from keel_pdp.metrics import Metrics
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.server.service import build_server
 from tests.conftest import ROOT, RedisServer, free_port
+from tests.helpers import read_stream_sync
 from tools.mockprovider import MockProvider, Options
 
 MESH_POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
@@ -196,7 +197,7 @@ def permit_state(r: redis.Redis, permit_id: str, timeout: float = 5.0) -> dict[s
 def events(r: redis.Redis, permit_id: str, kind: str) -> list[dict[str, Any]]:
     """Decision-stream events of one type for a permit, data and res decoded."""
     out = []
-    entries: Any = r.xrange(f"{PREFIX}:{{pdp}}:events")
+    entries: Any = read_stream_sync(r, f"{PREFIX}:{{pdp}}:events")
     for _id, fields in entries:
         f = {str(k): str(v) for k, v in fields.items()}
         if f.get("pid") == permit_id and f.get("type") == kind:

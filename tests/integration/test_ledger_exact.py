@@ -38,7 +38,7 @@ from keel_pdp.ledger.store import LedgerStore
 from keel_pdp.pricing import TokenUsage
 from keel_pdp.reconcile.internal import from_ledger
 from keel_pdp.reconcile.period import Period
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.integration.conftest import STREAM, drain, make_writer
 from tests.unit.test_reconcile_e2e import main as recon_main
 
@@ -220,7 +220,7 @@ async def _stream_events(bundle: pathlib.Path, tag: str, n: int,
     client = fakeredis.FakeAsyncRedis()
     engine = make_engine(client, bundle)
     await _embed(engine, tag, {"acme": (n, 425, None)})
-    raw: Any = await client.xrange(STREAM)
+    raw: Any = await read_stream(client, STREAM)
     out = []
     for eid, fields in raw:
         if old_sidecar and fields[b"type"] == b"settlement":

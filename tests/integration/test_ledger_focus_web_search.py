@@ -17,7 +17,7 @@ from keel_pdp.ledger.export import FOCUS_COLUMNS, focus_rows
 from keel_pdp.ledger.mapping import CostMapping
 from keel_pdp.ledger.store import LedgerStore
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.integration.conftest import STREAM
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ async def test_web_search_calls_are_a_focus_line_of_their_own(
     store = LedgerStore(store_url)
     store.migrate()
     try:
-        raw: Any = await client.xrange(STREAM)
+        raw: Any = await read_stream(client, STREAM)
         store.write_batch([parse_entry(eid.decode(), fields) for eid, fields in raw])
         period = str(store.query("SELECT period FROM ledger_entries WHERE kind = "
                                  "'settlement'")[0][0])

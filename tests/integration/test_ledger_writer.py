@@ -12,7 +12,7 @@ import redis
 import redis.asyncio as aioredis
 
 from keel_pdp.ledger.store import LedgerStore
-from tests.helpers import make_engine
+from tests.helpers import make_engine, with_copies_sync
 from tests.integration.conftest import (
     STREAM,
     assert_ledger_matches_stream,
@@ -79,7 +79,8 @@ async def test_redelivery_after_commit_without_ack_books_nothing_twice(
     # The process dies after the commit and before XACK ...
     from keel_pdp.ledger.events import parse_entry
 
-    store.write_batch([parse_entry(i, f) for i, f in batch])
+    whole = with_copies_sync(redis.Redis.from_url(redis_url), STREAM, batch)
+    store.write_batch([parse_entry(i, f) for i, f in whole])
     client = redis.Redis.from_url(redis_url)
     assert client.xpending(STREAM, "keel-ledger")["pending"] == len(batch)
     # ... and a new process with the same consumer name starts over.

@@ -24,7 +24,7 @@ from keel_pdp.pricing import TokenUsage
 from keel_pdp.reconcile.internal import from_ledger
 from keel_pdp.reconcile.period import Period
 from keel_pdp.reconcile.prices import load_prices
-from tests.helpers import make_engine
+from tests.helpers import make_engine, read_stream
 from tests.integration.conftest import STREAM, ledger_bundle
 from tests.unit.test_reconcile_e2e import main
 
@@ -46,7 +46,7 @@ async def _settle_traffic(bundle: pathlib.Path, store: LedgerStore) -> list[dict
         usage = TokenUsage(input_tokens=20_000 + 1_000 * i, cached_input_tokens=5_000 * (i % 3),
                            output_tokens=300 + 17 * i, reasoning_tokens=10)
         await engine.closeout(res.permit_id, usage, "FAILED" if i == 7 else "SUCCEEDED", None)
-    raw: Any = await client.xrange(STREAM)
+    raw: Any = await read_stream(client, STREAM)
     events = [parse_entry(eid.decode(), fields) for eid, fields in raw]
     store.write_batch(events)
     return [{"ts": e.ts_ms, "pid": e.permit_id, **e.data} for e in events

@@ -26,7 +26,7 @@ from keel_pdp.ledger.store import LedgerStore
 from keel_pdp.pricing import TokenUsage
 from keel_pdp.reconcile.internal import from_ledger
 from keel_pdp.reconcile.period import Period
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.integration.conftest import STREAM
 from tests.unit.test_reconcile_e2e import main
 
@@ -66,7 +66,7 @@ async def _traffic(bundle: pathlib.Path, store: LedgerStore, unknown: bool
                            output_tokens=200 + 31 * i)
         await engine.closeout(res.permit_id, usage, "SUCCEEDED", None, service_tier=reported)
         billed[res.permit_id] = (tier, usage)
-    raw: Any = await client.xrange(STREAM)
+    raw: Any = await read_stream(client, STREAM)
     store.write_batch([parse_entry(eid.decode(), fields) for eid, fields in raw])
     return billed
 

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from keel_pdp.decision import AuthorizeInput, Code, DecisionKind, InvalidRequest
 from keel_pdp.engine import Engine
 from keel_pdp.pricing import Price, TokenUsage, estimate_cost_micros, max_output_tokens_within
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 
 MINI = Price(150_000, 75_000, 150_000, 600_000)  # gpt-4o-mini, pico-USD per token
 
@@ -34,7 +34,7 @@ async def window(engine: Engine, budget_id: str, split: tuple[str, ...] = ()) ->
 
 async def events(engine: Engine) -> list[dict[str, str]]:
     client: Any = engine.store.client
-    raw = await client.xrange(engine.store.keys.stream)
+    raw = await read_stream(client, engine.store.keys.stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in raw]
 
 

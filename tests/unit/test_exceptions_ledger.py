@@ -18,7 +18,7 @@ from keel_pdp.ledger.report import build_report, render
 from keel_pdp.ledger.store import LedgerStore
 from keel_pdp.overage.workflow import ExceptionAsk, ExceptionDesk
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 
 DENIAL = "pmt_019aa1b2c3d4" + "0123456789abcdef"
 EXC = "exc_0123456789abcdef01234567"
@@ -131,7 +131,7 @@ async def test_the_period_report_lists_exceptions_with_outcome_and_spend_allowed
 
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
     ledger.migrate()
-    raw: Any = await aio_client.xrange("t:{pdp}:events")
+    raw: Any = await read_stream(aio_client, "t:{pdp}:events")
     ledger.write_batch([parse_entry(i.decode(), f) for i, f in raw])
     report = build_report(ledger, period_of_ms(approved.requested_at_ms), ["tenant"])
     lines = {x.exception_id: x for x in report.exceptions}

@@ -23,7 +23,7 @@ from keel_pdp.overage.workflow import (
     UnknownException,
 )
 from keel_pdp.policy.snapshot import PolicySnapshot
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 
 STREAM = "t:{pdp}:events"
 # gpt-4.1 at $2 / $8 per million tokens: 1000 in + 500 out = $0.002 + $0.004.
@@ -79,7 +79,7 @@ def asking(pid: str, **kw: Any) -> ExceptionAsk:
 
 async def stream(engine: Engine) -> list[tuple[str, dict[str, Any], dict[str, Any], str]]:
     """(type, data, res, pid) of every stream entry, each checked by the ledger's parser."""
-    raw: Any = await engine.store.client.xrange(STREAM)
+    raw: Any = await read_stream(engine.store.client, STREAM)
     out = []
     for eid, f in raw:
         parse_entry(eid.decode(), f)  # the ledger accepts every entry we wrote

@@ -16,7 +16,7 @@ from keel_pdp.decision import AuthorizeInput, DecisionKind
 from keel_pdp.engine import Engine
 from keel_pdp.ledger.events import EntryRow, ParseError, as_int, derive, parse_entry
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 
 STREAM = "t:{pdp}:events"
 USAGE = TokenUsage(input_tokens=100, cached_input_tokens=20, output_tokens=50)
@@ -39,7 +39,7 @@ def ask(rid: str, tin: int = 100, tout: int = 100, tenant: str = "acme",
 
 
 async def events(engine: Engine) -> list[tuple[str, dict[bytes, bytes]]]:
-    raw: Any = await engine.store.client.xrange(STREAM)
+    raw: Any = await read_stream(engine.store.client, STREAM)
     return [(i.decode(), f) for i, f in raw]
 
 

@@ -17,7 +17,7 @@ from keel_pdp.mesh.metrics import MeshMetrics
 from keel_pdp.mesh.request import Api, estimate_input_tokens
 from keel_pdp.metrics import Metrics
 from tests.conftest import ROOT
-from tests.helpers import make_engine
+from tests.helpers import make_engine, read_stream
 
 POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
 CHAT = {"model": "gpt-4.1-mini", "max_tokens": 100,
@@ -71,7 +71,7 @@ async def _stream_kinds(s: Any, until: bytes | None = None) -> list[bytes]:
     for _ in range(100):
         if until is not None:
             await asyncio.sleep(0.02)
-        kinds = [f[b"type"] for _, f in await client.xrange(s.engine.store.keys.stream)]
+        kinds = [f[b"type"] for _, f in await read_stream(client, s.engine.store.keys.stream)]
         if until is None or until in kinds:
             break
     return kinds

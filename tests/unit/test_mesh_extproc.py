@@ -20,7 +20,7 @@ from keel_pdp.mesh.request import Api
 from keel_pdp.mesh.watch import PermitWatch
 from keel_pdp.metrics import Metrics
 from tests.conftest import ROOT
-from tests.helpers import make_engine
+from tests.helpers import make_engine, read_stream
 from tools.mockprovider import Plan, full_body, stream_events
 
 POLICIES = ROOT / "tests" / "fixtures" / "mesh_policies"
@@ -61,7 +61,7 @@ class Stack:
 
     async def settlement(self, pid: str) -> dict[str, Any]:
         client: Any = self.engine.store.client
-        for _, f in await client.xrange(self.engine.store.keys.stream):
+        for _, f in await read_stream(client, self.engine.store.keys.stream):
             if f[b"pid"].decode() == pid and f[b"type"] == b"settlement":
                 return dict(json.loads(f[b"data"]))
         raise AssertionError("no settlement event")

@@ -25,7 +25,7 @@ from keel_pdp.mesh.metrics import MeshMetrics
 from keel_pdp.mesh.request import Api, BadRequest, parse_body, parse_partial
 from keel_pdp.mesh.usage import ResponseMeter
 from keel_pdp.metrics import Metrics
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.unit.test_mesh_extproc import body_msg, headers_msg, response_flow, run
 from tools.mockprovider import Plan, full_body, stream_events
 
@@ -172,7 +172,7 @@ class Stack:
             msgs += response_flow(raw(full_body(answer)))
         await run(self.proc, msgs)
         client: Any = self.engine.store.client
-        for _, f in await client.xrange(self.engine.store.keys.stream):
+        for _, f in await read_stream(client, self.engine.store.keys.stream):
             if f[b"pid"].decode() == pid and f[b"type"] == b"settlement":
                 return estimate, json.loads(f[b"data"]), json.loads(f[b"res"])
         raise AssertionError("no settlement")

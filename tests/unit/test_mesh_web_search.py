@@ -30,7 +30,7 @@ from keel_pdp.mesh.settle import Permit, Stage, at_hold_fallback, settle
 from keel_pdp.mesh.usage import ResponseMeter
 from keel_pdp.metrics import Metrics
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.unit.test_mesh_extproc import body_msg, headers_msg, response_flow, run
 from tools.mockprovider import Plan, full_body, stream_events
 
@@ -276,7 +276,7 @@ class Stack:
             msgs += response_flow(raw(full_body(answer)))
         await run(self.proc, msgs)
         client: Any = self.engine.store.client
-        for _, f in await client.xrange(self.engine.store.keys.stream):
+        for _, f in await read_stream(client, self.engine.store.keys.stream):
             if f[b"pid"].decode() == pid and f[b"type"] == b"settlement":
                 return hdrs, resp.dynamic_metadata, json.loads(f[b"data"]), \
                     json.loads(f[b"res"])

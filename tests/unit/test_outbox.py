@@ -18,7 +18,7 @@ from keel_pdp.outbox import Outbox
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from tests.conftest import free_port
-from tests.helpers import budget, write_bundle
+from tests.helpers import budget, read_stream, write_bundle
 
 
 def _engine(client: aioredis.Redis, bundle: pathlib.Path, outbox: pathlib.Path) -> Engine:
@@ -44,7 +44,7 @@ async def test_journaled_outbox_survives_a_crash_and_replays_once(tmp_path: path
     assert restarted.outbox_len == 6
     assert await restarted.flush_outbox() == 6
     client: Any = up
-    entries = await client.xrange(restarted.store.keys.stream)
+    entries = await read_stream(client, restarted.store.keys.stream)
     assert [f[b"pid"].decode() for _, f in entries] == [o.permit_id for o in outs]
     assert list((tmp_path / "outbox").glob("*.jsonl")) == []
     # A third process finds nothing left to replay.
@@ -127,7 +127,7 @@ async def test_outbox_event_whose_reply_was_lost_reaches_the_stream_once(
     engine.store.record, engine.store.abort = real_record, real_abort  # type: ignore[method-assign]
     assert await engine.flush_outbox() == 4
     client: Any = up
-    entries = await client.xrange(engine.store.keys.stream)
+    entries = await read_stream(client, engine.store.keys.stream)
     assert [f[b"pid"].decode() for _, f in entries] == [o.permit_id for o in outs]
     for o in outs:
         assert await client.hget(engine.store.keys.permit(o.permit_id), "state") == b"degraded"
@@ -179,6 +179,6 @@ async def test_closeout_of_a_degraded_permit_answers_in_time_while_a_long_outbox
     assert res.status == "SETTLED"
     void = await engine.void(outs[-2].permit_id, "x", deadline_s=deadline)
     assert void.status in ("VOIDED", "NOT_VOIDABLE"), void
-    entries = await client.xrange(engine.store.keys.stream)
+    entries = await read_stream(client, engine.store.keys.stream)
     decisions = [f[b"pid"].decode() for _, f in entries if f[b"type"] == b"decision"]
     assert decisions == [o.permit_id for o in outs]  # every decision once, in order

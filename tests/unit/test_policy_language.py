@@ -19,7 +19,7 @@ from keel_pdp.engine import Engine
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import PRICES, budget, make_engine, write_bundle
+from tests.helpers import PRICES, budget, make_engine, read_stream, write_bundle
 
 
 def req(rid: str = "r1", model: str = "gpt-4.1", tin: int = 1000, tout: int = 500,
@@ -29,7 +29,7 @@ def req(rid: str = "r1", model: str = "gpt-4.1", tin: int = 1000, tout: int = 50
 
 async def stream(engine: Engine) -> list[dict[str, Any]]:
     client: Any = engine.store.client
-    raw = await client.xrange(engine.store.keys.stream)
+    raw = await read_stream(client, engine.store.keys.stream)
     return [{k.decode(): v.decode() for k, v in f.items()} for _, f in raw]
 
 

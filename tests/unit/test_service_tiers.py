@@ -37,7 +37,7 @@ from keel_pdp.ledger.events import EntryRow, derive, parse_entry
 from keel_pdp.policy.commands import diff_snapshots, explain_lines
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.helpers import window_sum as held
 
 # USD per 1M tokens, in 1/10_000 USD.
@@ -102,7 +102,7 @@ def ask(rid: str, tier: str, model: str = "gpt-5") -> AuthorizeInput:
 
 async def settlement(engine: Engine, pid: str) -> dict[str, Any]:
     client: Any = engine.store.client
-    for _, f in await client.xrange(engine.store.keys.stream):
+    for _, f in await read_stream(client, engine.store.keys.stream):
         if f[b"pid"].decode() == pid and f[b"type"] == b"settlement":
             return dict(json.loads(f[b"data"]))
     raise AssertionError("no settlement event")
@@ -330,7 +330,7 @@ async def test_the_ledger_splits_a_settlement_at_the_rates_it_was_priced_at(
     await engine.closeout(out.permit_id, USAGE, "SUCCEEDED", None, service_tier="default")
     client: Any = engine.store.client
     rows: dict[str, EntryRow] = {}
-    for eid, fields in await client.xrange(engine.store.keys.stream):
+    for eid, fields in await read_stream(client, engine.store.keys.stream):
         for row in derive(parse_entry(eid.decode(), fields))[0]:
             rows.setdefault(row.kind, row)
     std, pri = GPT5["default"], GPT5["priority"]

@@ -35,7 +35,7 @@ from keel_pdp.ledger.events import EntryRow, derive, parse_entry
 from keel_pdp.policy.commands import diff_snapshots, explain_lines
 from keel_pdp.policy.loader import PolicyError, load_bundle
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, read_stream, write_bundle
 from tests.helpers import window_sum as window
 
 SONNET = {"input": 30_000, "cached_input": 3_000, "cache_write": 37_500, "output": 150_000}
@@ -88,7 +88,8 @@ def ask(rid: str, searches: int, model: str = "claude-sonnet-4-5",
 
 async def events(engine: Engine, kind: str, pid: str) -> list[dict[str, Any]]:
     client: Any = engine.store.client
-    return [dict(json.loads(f[b"data"])) for _, f in await client.xrange(engine.store.keys.stream)
+    entries = await read_stream(client, engine.store.keys.stream)
+    return [dict(json.loads(f[b"data"])) for _, f in entries
             if f[b"pid"].decode() == pid and f[b"type"] == kind.encode()]
 
 
@@ -310,7 +311,7 @@ async def test_the_ledger_keeps_the_searches_and_their_fee(engine: Engine) -> No
                           None)
     client: Any = engine.store.client
     rows: dict[tuple[str, str], EntryRow] = {}
-    for eid, fields in await client.xrange(engine.store.keys.stream):
+    for eid, fields in await read_stream(client, engine.store.keys.stream):
         for row in derive(parse_entry(eid.decode(), fields))[0]:
             rows.setdefault((row.permit_id, row.kind), row)
     priced = rows[(out.permit_id, "settlement")]
@@ -338,7 +339,7 @@ async def test_reconciliation_compares_token_costs_without_the_search_fee(
                           None)
     client: Any = engine.store.client
     row = None
-    for eid, fields in await client.xrange(engine.store.keys.stream):
+    for eid, fields in await read_stream(client, engine.store.keys.stream):
         for r in derive(parse_entry(eid.decode(), fields))[0]:
             if r.kind == "settlement" and r.permit_id == out.permit_id:
                 row = r

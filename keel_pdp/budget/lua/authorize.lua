@@ -20,6 +20,9 @@
 --                  t<P> = threshold P% already crossed in this window); for a lease
 --                  on a shared budget (limit -1) g = micro-USD leased to the shard
 -- KEYS[5+n..4+2n]  one hash per budget of exception grants: id -> "micros:expires_ms"
+-- KEYS[5+2n]       optional: the stored copy of the shape's decision event members
+--                  (a string, named by the hash of its text) that the event data
+--                  refers to; absent when the event data carries them itself
 --
 -- Cost: Redis runs one script at a time, so its time per call is the fleet's
 -- ceiling (bench/bench_script.py measures it against the previous version). In
@@ -40,20 +43,27 @@
 -- ARGV[S+3] minimum useful output tokens
 -- ARGV[S+4] every budget's window expire-at, comma-separated, and ARGV[S+5] "1,2,..,n":
 --           the permit's "wx" and the reply's "held" when it holds in all of them
--- ARGV[S+6] permit_id             ARGV[S+7] request fingerprint   ARGV[S+8] now_ms
--- ARGV[S+9] expires_at_ms         ARGV[S+10] the permit record's expire-at (s)
--- ARGV[S+11] event data (JSON, opaque here)
--- ARGV[S+12] the number of candidates, then per candidate:
+-- ARGV[S+6] the field that marks the shape copy KEYS[5+2n] as written ("" without one)
+--           and ARGV[S+7] j: the budget whose window hash carries that mark (the one
+--           that expires first; 0: none, then the copy itself is looked up)
+-- ARGV[S+8] permit_id             ARGV[S+9] request fingerprint   ARGV[S+10] now_ms
+-- ARGV[S+11] expires_at_ms        ARGV[S+12] the permit record's expire-at (s)
+-- ARGV[S+13] event data (JSON, opaque here)
+-- ARGV[S+14] the number of candidates, then per candidate:
 --           full estimate (micro-USD: ceil((input cost + output tokens x output
 --           price) / 10^6)), input cost (pico-USD), output price (pico-USD/token),
 --           output tokens, may constrain (1|0), permit meta (JSON), then its budgets:
 --           "a" for all n in order, else m and m budget indexes (1-based)
--- then, optionally, "1": a lease short of the first candidate's estimate answers
+-- then, optionally, "1" (or "0"): a lease short of the first candidate's estimate answers
 --           {"r":"lease","need":[[i,micros]..]} and writes nothing (the caller refills
 --           the lease from the shared budget and asks again without it)
+-- then, optionally, the shape copy's text and its ttl (s): written to KEYS[5+2n] and
+--           marked in window j; without them a copy not marked there answers
+--           {"r":"shape"} and writes nothing
 --
 -- Returns a JSON string:
 --   {"r":"replay","res":<stored result>} | {"r":"reused"} | {"r":"aborted"} | {"r":"lease",..} |
+--   {"r":"shape"} |
 --   {"r":"ended","pid":<earlier permit>,"st":"settled|voided|expired"} |
 --   {"d":"ALLOW|CONSTRAIN|DENY","pid":..,"exp":..,"amt":..,"k":..,"c":<candidate>,
 --    "b":[[settled,held],..] (every budget; after the hold for held ones),
@@ -92,10 +102,10 @@ local tonumber, call, format, concat = tonumber, redis.call, string.format, tabl
 
 local n = tonumber(ARGV[1])
 local S = 1 + 4 * n
-local pid = ARGV[S + 6]
-local fingerprint = ARGV[S + 7]
-local now_text = ARGV[S + 8]
-local expires_text = ARGV[S + 9]
+local pid = ARGV[S + 8]
+local fingerprint = ARGV[S + 9]
+local now_text = ARGV[S + 10]
+local expires_text = ARGV[S + 11]
 
 -- A candidate's budgets (its arguments from ARGV[p]): their count, and whether they
 -- are all n in order (then no indexes follow: budget j is j).
@@ -141,15 +151,25 @@ end
 -- Indexed 1..n only (never by length): sized up front, no rehash while filled.
 local settled, held, limits, fresh = {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}
 local leased = nil
+-- The shape copy's mark is read with window j's figures (no call of its own).
+local mark, markj, marked = ARGV[S + 6], tonumber(ARGV[S + 7]), false
 for i = 1, n do
   local limit = tonumber(ARGV[4 * i - 2])
   local v
   if limit < 0 then
     -- a lease on a shared budget: its limit is what the shard was leased
-    v = call('HMGET', KEYS[4 + i], 's', 'h', 'g')
+    if i == markj then
+      v = call('HMGET', KEYS[4 + i], 's', 'h', 'g', mark)
+      marked = v[4]
+    else
+      v = call('HMGET', KEYS[4 + i], 's', 'h', 'g')
+    end
     limit = tonumber(v[3]) or 0
     leased = leased or {}
     leased[i] = true
+  elseif i == markj then
+    v = call('HMGET', KEYS[4 + i], 's', 'h', mark)
+    marked = v[3]
   else
     v = call('HMGET', KEYS[4 + i], 's', 'h')
   end
@@ -173,8 +193,8 @@ end
 -- least headroom of its enforce budgets; nil when none enforces). The rest of its
 -- arguments are read where they are used.
 local cpos, cfull, croom = {0}, {0}, {0}
-local pos = S + 13
-local nc = tonumber(ARGV[S + 12])
+local pos = S + 15
+local nc = tonumber(ARGV[S + 14])
 for c = 1, nc do
   local m, all = budgets_of(pos)
   local room = nil
@@ -206,6 +226,27 @@ if leased and ARGV[pos] == '1' then
   end
   if #need > 0 then
     return '{"r":"lease","need":[' .. concat(need, ',') .. ']}'
+  end
+end
+
+-- The decision event refers to a stored copy of its shape's members (KEYS[5+2n]):
+-- the caller sends the copy when it has not yet (or to refresh its expiry); else it
+-- must exist, so that no event refers to a copy that is not there. The copy is
+-- written with a mark in window j's hash, in this one script (a failover keeps or
+-- loses both). A mark may outlive its copy only when no caller sent the copy for
+-- its whole ttl, and each caller sends it again after an hour (store.py).
+local copy = KEYS[5 + 2 * n]
+if copy then
+  if ARGV[pos + 1] then
+    call('SET', copy, ARGV[pos + 1], 'EX', ARGV[pos + 2])
+    if markj ~= 0 then
+      call('HSET', KEYS[4 + markj], mark, '1')
+      call('EXPIREAT', KEYS[4 + markj], ARGV[4 * markj], 'NX')
+    end
+  elseif markj == 0 then
+    if call('EXISTS', copy) == 0 then return '{"r":"shape"}' end
+  elseif not marked then
+    return '{"r":"shape"}'
   end
 end
 
@@ -326,7 +367,7 @@ else
   end
   call('HSET', KEYS[2], 'state', 'held', 'amount', amount_s, 'est', amount_s, 'keys', keys,
     'wx', wx, 'exp', expires_text, 'meta', ARGV[p + 5], 'k', k_s, 'ik', KEYS[1])
-  call('EXPIREAT', KEYS[2], ARGV[S + 10])
+  call('EXPIREAT', KEYS[2], ARGV[S + 12])
   call('ZADD', KEYS[3], expires_text, pid)
 end
 
@@ -354,7 +395,7 @@ if any_grant then
   encoded = encoded .. ',"gr":[' .. concat(gparts, ',') .. ']'
 end
 encoded = encoded .. '}'
-local event = ARGV[S + 11]
+local event = ARGV[S + 13]
 call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', pid, 'ts', now_text,
   'data', event, 'res', encoded)
 -- Soft-threshold crossings follow the decision that caused them (once per window).
