@@ -7,6 +7,7 @@ settings are serve flags, and the old spellings (millisecond flags, top-level le
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -14,9 +15,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
+import redis
 
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2 as pb
 from keel_pdp.api.keel.pdp.v1 import pdp_pb2_grpc as pb_grpc
@@ -156,6 +159,27 @@ def test_serve_answers_with_the_new_and_the_old_spellings(
         assert note in out[0]
     else:
         assert "deprecated" not in out[0]
+
+
+@pytest.mark.parametrize(("args", "env", "inline"), [
+    ((), {}, False),
+    (("--inline-decision-events",), {}, True),
+    ((), {"KEEL_INLINE_DECISION_EVENTS": "1"}, True),
+], ids=["stored", "inline-flag", "inline-variable"])
+def test_serve_writes_decision_events_by_reference_unless_told_to_write_them_whole(
+        bundle: pathlib.Path, redis_url: str, args: tuple[str, ...], env: dict[str, str],
+        inline: bool) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = "keel:{pdp}:events"
+    before = client.xlen(stream)
+    with _sidecar(bundle, redis_url, "--drain-delay", "0", *args, env=env) as (channel, _):
+        assert _authorize(channel, f"events-{len(args)}-{len(env)}") == pb.ALLOW
+    raw: Any = client.xrange(stream)
+    assert len(raw) == before + 1
+    data = json.loads(raw[-1][1][b"data"])
+    assert ("tenant" in data) is inline and ("shape" in data) is not inline
+    if not inline:
+        assert client.exists(f"keel:{{pdp}}:shape:{data['shape']}")
 
 
 def test_the_ledger_writer_runs_with_seconds_and_with_old_milliseconds(

@@ -56,6 +56,7 @@ SERVE_BAD = [
     ("--log-level", "KEEL_LOG_LEVEL", "verbose", "must be DEBUG"),
     ("--allow-insecure-listen", "KEEL_ALLOW_INSECURE_LISTEN", "maybe", "not a boolean"),
     ("--worker-ports", "KEEL_WORKER_PORTS", "sometimes", "not a boolean"),
+    ("--inline-decision-events", "KEEL_INLINE_DECISION_EVENTS", "perhaps", "not a boolean"),
     ("--max-concurrent-rpcs", "KEEL_MAX_CONCURRENT_RPCS", "0", "between 1 and 1000000"),
     ("--max-concurrent-rpcs", "KEEL_MAX_CONCURRENT_RPCS", "1.5", "not an integer"),
     ("--drain-delay", "KEEL_DRAIN_DELAY", "-1", "between 0 and 3600 seconds"),
@@ -96,7 +97,7 @@ WRITER_BAD = [
 ]
 WRITER_FREE = {"--store", "--key-prefix", "--metrics-host", "--group", "--consumer"}
 # Flags that take no value: only their variable can be bad.
-SWITCHES = {"--allow-insecure-listen", "--worker-ports", "--no-trim"}
+SWITCHES = {"--allow-insecure-listen", "--worker-ports", "--no-trim", "--inline-decision-events"}
 STORE = {"KEEL_LEDGER_STORE": "sqlite:///unused.db"}
 
 
@@ -209,6 +210,12 @@ def test_a_flag_wins_over_its_variable_and_empty_variables_mean_unset() -> None:
                                                                 "127.0.0.1:50051")
     assert s.allow_insecure_listen is True
     assert serve("--log-level", "debug").log_level == "DEBUG"
+
+
+def test_decision_events_refer_to_stored_shapes_unless_told_to_write_them_inline() -> None:
+    assert serve().inline_decision_events is False
+    assert serve("--inline-decision-events").inline_decision_events is True
+    assert serve(env={"KEEL_INLINE_DECISION_EVENTS": "true"}).inline_decision_events is True
 
 
 def test_zero_means_off_for_the_budget_gauges_only() -> None:
