@@ -93,6 +93,10 @@ async def test_decisions_in_stored_form_are_booked_whole(
     assert want and booked == want
     dims = store.query("SELECT DISTINCT tenant FROM ledger_entries WHERE kind = 'permit'")
     assert {str(t) for (t,) in dims} >= {"acme"}
+    # The ledger's mirror of the stream keeps each decision whole.
+    kept = [json.loads(str(d)) for (d,) in store.query(
+        "SELECT data FROM ledger_events WHERE etype = 'decision'")]
+    assert kept and all("shape" not in d and d["tenant"] in ("acme", "globex") for d in kept)
 
 
 async def test_a_missing_copy_is_dead_lettered_by_name_and_the_rest_is_booked(
