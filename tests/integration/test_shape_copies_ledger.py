@@ -164,3 +164,24 @@ async def test_the_writer_reads_each_copy_once(
     drain(writer)
     assert sum(calls) == copies
     assert writer.dead_total == 0
+
+
+async def test_a_redis_error_while_reading_copies_keeps_the_batch_and_retries(
+        redis_url: str, tmp_path: pathlib.Path, store: LedgerStore) -> None:
+    await _decide(redis_url, tmp_path, (12, "r"))
+    sync = redis.Redis.from_url(redis_url)
+    raw: Any = sync.xrange(STREAM)
+    writer = make_writer(redis_url, store, batch_size=50)
+    mget = writer.client.mget
+    failures = [redis.ConnectionError("connection reset")] * 2
+
+    def flaky(keys: Any, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return mget(keys, *args)
+
+    writer.client.mget = flaky  # type: ignore[method-assign]
+    assert drain(writer) == len(raw)
+    assert not failures and writer.dead_total == 0
+    assert_ledger_matches_stream(store, sync)
+    assert writer.metrics.errors.labels("redis")._value.get() == 2

@@ -410,3 +410,17 @@ async def test_a_grant_on_a_two_dimension_counter_reaches_the_hold_script(
     assert other.decision is DecisionKind.ALLOW
     assert (await engine.authorize(call("other", workload="search"))).decision is \
         DecisionKind.DENY
+
+
+async def test_a_denial_whose_shape_copy_is_gone_is_refused_by_name(
+        engine: Engine, aio_client: aioredis.Redis) -> None:
+    """The denial's decision event refers to a stored copy of its budgets: with the
+    copy deleted, the request is refused naming it, and nothing is recorded."""
+    desk = ExceptionDesk(engine.store)
+    pid = await denial(engine)
+    copies = [k async for k in aio_client.scan_iter(match="t:{pdp}:shape:*")]
+    assert copies
+    await aio_client.delete(*copies)
+    with pytest.raises(NotADenial, match=r"cannot be read: .*t:\{pdp\}:shape:.*not in Redis"):
+        await desk.request(snap(engine), asking(pid))
+    assert [k async for k in aio_client.scan_iter(match="t:{pdp}:exc*")] == []
