@@ -60,7 +60,7 @@ from keel_pdp.errors import StoreUnavailable
 SHAPE_COPY_TTL_S = 8 * 86400
 SHAPE_COPY_REFRESH_S = 3600
 # Answers the authorize script gives before it reaches the shape's copy.
-_BEFORE_COPY = frozenset(("replay", "reused", "ended", "aborted"))
+_BEFORE_COPY = frozenset(("replay", "reused", "ended", "aborted", "lease"))
 
 __all__ = [
     "Arg", "BudgetStore", "DegradedPermit", "HoldCandidate", "HoldRequest", "PermitRecord",
@@ -286,14 +286,15 @@ class BudgetStore:
         if reply.outcome == "shape":
             # The shape's copy is gone (expired, flushed, lost with a master): the
             # script wrote nothing. Send it with the request, once.
-            keys, args, _ = self._hold_call(r, send_copy=True)
+            keys, args, sent = self._hold_call(r, send_copy=True)
             left = None if timeout_s is None else timeout_s - (time.monotonic() - t0)
             reply = hold_reply(await self._script(self._authorize, keys, args, left, r.shape))
             if reply.outcome == "shape":
                 raise StoreUnavailable("the authorize script refused the shape copy it was "
                                        "sent")
-        elif sent and reply.outcome in _BEFORE_COPY:
-            # Answered before the script reached the copy: not written.
+        if sent and reply.outcome in _BEFORE_COPY:
+            # Answered before the script reached the copy: not written (the next
+            # call sends it again).
             self._copies_sent.pop(r.shape.copy_key, None)
         return reply
 

@@ -222,3 +222,33 @@ async def test_idle_leases_are_given_back_and_closeouts_settle_in_the_lease(
     await engine.sweep_once()
     assert sum(r.xlen(s) for s in engine.store.keys.streams) == before
     await engine.store.close()
+
+
+async def test_a_first_call_that_refills_its_lease_stores_its_shape_copy_once(
+        redis_url: str, bundle: pathlib.Path) -> None:
+    """A shape's first call sends its stored copy; when the script answers "lease"
+    (before it reaches the copy) the copy goes again with the call after the refill,
+    so the refill costs no further round trip."""
+    engine = engine_for(redis_url, bundle)
+    calls: list[str] = []
+    transport = engine.store.transport
+    original = transport.eval_script
+
+    async def counted(script: Any, *args: Any, **kw: Any) -> Any:
+        reply = await original(script, *args, **kw)
+        if script is engine.store._authorize:
+            text = reply.decode() if isinstance(reply, bytes) else str(reply)
+            calls.append("lease" if '"r":"lease"' in text else
+                         "shape" if '"r":"shape"' in text else "decided")
+        return reply
+
+    transport.eval_script = counted  # type: ignore[method-assign]
+    t1, _ = tenants_in_two_shards()
+    got = await engine.authorize(AuthorizeInput("first", t1, "chat", MODEL, "openai",
+                                                INPUT, OUTPUT))
+    assert got.decision is DecisionKind.ALLOW
+    assert calls == ["lease", "decided"]
+    r: Any = redis.Redis.from_url(redis_url)
+    copies = list(r.scan_iter(f"{PREFIX}:*:shape:*"))
+    assert len(copies) == 1
+    assert engine.escrow.refills == 1
