@@ -130,21 +130,30 @@ class ShapeRef:
         return f"c:{self.digest}"
 
 
+def _shape_digest(copy: str) -> str:
+    """A copy's name: the hash of its text (128 bits of BLAKE2b, in hex)."""
+    return hashlib.blake2b(copy.encode(), digest_size=SHAPE_DIGEST_CHARS // 2).hexdigest()
+
+
+def _ref_at_end(data: str) -> re.Match[str] | None:
+    """The shape reference that ends ``data`` (its comma included), if any."""
+    return _SHAPE_REF.search(data, max(0, len(data) - SHAPE_DIGEST_CHARS - 12))
+
+
 def shape_ref(shape: Shape) -> ShapeRef:
     """The stored form of ``decision_tail(shape)``: its digest is a hash of its
-    text (128 bits of BLAKE2b), so a copy never changes once written and equal
-    members share one copy whichever revision or process wrote them."""
+    text, so a copy never changes once written and equal members share one copy
+    whichever revision or process wrote them."""
     tail = decision_tail(shape)
     copy = "{" + tail
-    digest = hashlib.blake2b(copy.encode(), digest_size=SHAPE_DIGEST_CHARS // 2).hexdigest()
-    return ShapeRef(digest, copy, tail)
+    return ShapeRef(_shape_digest(copy), copy, tail)
 
 
 def referenced_shape(data: str) -> str | None:
     """The digest a decision's data refers to (None: its members are inline)."""
     if not data.endswith('"}'):
         return None
-    found = _SHAPE_REF.search(data, max(0, len(data) - SHAPE_DIGEST_CHARS - 12))
+    found = _ref_at_end(data)
     return found.group(1) if found else None
 
 
@@ -152,11 +161,10 @@ def with_shape(data: str, digest: str, copy: str) -> str:
     """A decision's data with its shape reference replaced by the stored members:
     the text the sidecar would have written inline. ParseError when ``copy`` is not
     the members of ``digest`` (a copy is named by the hash of its text)."""
-    found = _SHAPE_REF.search(data, max(0, len(data) - SHAPE_DIGEST_CHARS - 12))
+    found = _ref_at_end(data)
     if found is None or found.group(1) != digest:
         raise ParseError(f"data does not refer to shape {digest!r}")
-    got = hashlib.blake2b(copy.encode(), digest_size=SHAPE_DIGEST_CHARS // 2).hexdigest()
-    if got != digest or not copy.startswith("{") or not copy.endswith("}"):
+    if _shape_digest(copy) != digest or not copy.startswith("{") or not copy.endswith("}"):
         raise ParseError(f"the stored copy of shape {digest} is not the text it is named by")
     head = data[:found.start()]
     if head == "{":

@@ -373,15 +373,17 @@ class LedgerWriter:
         t0 = time.perf_counter()
         events: list[StreamEvent] = []
         dead: list[tuple[str, dict[bytes, bytes] | None, str]] = []
-        copies = self._shape_copies(batch)
+        digests = [entry_shape(fields) for _, fields in batch]
+        copies = self._shape_copies(digests)
         if copies is None:
             return  # stopping: leave the batch pending; it is re-read on restart
-        for eid, fields in batch:
+        for (eid, fields), digest in zip(batch, digests, strict=True):
             try:
-                events.append(parse_entry(self.cur.id_prefix + eid,
-                                          self._with_shape(fields, copies)))
+                whole = fields if fields is None or digest is None else self._with_shape(
+                    fields, digest, copies.get(digest))
+                events.append(parse_entry(self.cur.id_prefix + eid, whole))
             except ParseError as exc:
-                dead.append((eid, fields, str(exc)))
+                dead.append((eid, fields, str(exc)))  # as the stream has it
         if events:
             try:
                 if not self._store_until_done(events):
@@ -402,16 +404,11 @@ class LedgerWriter:
         self._ack_until_done([eid for eid, _ in batch], dead)
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
 
-    def _shape_copies(self, batch: Sequence[Raw]) -> dict[str, str | None] | None:
-        """The stored shape copies the batch's decisions refer to, by digest (None
-        where Redis has none): from memory (a copy never changes: it is named by
-        the hash of its text), else one MGET, retried while Redis is unavailable.
-        None: stopping."""
-        wanted: dict[str, str | None] = {}
-        for _, fields in batch:
-            digest = entry_shape(fields)
-            if digest is not None:
-                wanted[digest] = self._shapes.get(digest)
+    def _shape_copies(self, digests: Sequence[str | None]) -> dict[str, str | None] | None:
+        """The stored shape copies of ``digests`` (None where Redis has none): from
+        memory (a copy never changes: it is named by the hash of its text), else one
+        MGET, retried while Redis is unavailable. None: stopping."""
+        wanted = {d: self._shapes.get(d) for d in digests if d is not None}
         missing = [d for d, text in wanted.items() if text is None]
         if not missing:
             return wanted
@@ -433,16 +430,11 @@ class LedgerWriter:
                 wanted[digest] = bytes(value).decode("utf-8", "replace")
         return wanted
 
-    def _with_shape(self, fields: dict[bytes, bytes] | None,
-                    copies: dict[str, str | None]) -> dict[bytes, bytes] | None:
-        """``fields`` with a decision's shape reference replaced by the stored
-        members (unchanged when it has none). ParseError when the copy is gone."""
-        digest = entry_shape(fields) if copies else None
-        if digest is None or fields is None:
-            return fields
-        copy = copies.get(digest)
-        full = entry_with_shape(fields, digest, copy,
-                                shape_copy_key(self.cur.stream, digest))
+    def _with_shape(self, fields: dict[bytes, bytes], digest: str,
+                    copy: str | None) -> dict[bytes, bytes]:
+        """``fields`` with the reference to shape ``digest`` replaced by ``copy``'s
+        members. ParseError when the copy is gone or is not its named text."""
+        full = entry_with_shape(fields, digest, copy, shape_copy_key(self.cur.stream, digest))
         # Checked against its name: kept (a copy never changes).
         if copy is not None and digest not in self._shapes:
             if len(self._shapes) >= 4096:
