@@ -67,9 +67,9 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     holder = PolicyHolder(s.policies)
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
                                  timeout_s=s.store_timeout_s, wait_replicas=s.wait_replicas,
-                                 shards=s.key_shards)
+                                 shards=s.key_shards,
+                                 stored_shapes=not s.inline_decision_events)
     store.on_short_wait = lambda script: metrics.store_short_waits.labels(script).inc()
-    store.stored_shapes = not s.inline_decision_events
     # Workers share the directory as separate sidecars do: each journals to a file of
     # its own and claims those no live process holds, so a restart with another
     # worker count (or none) replays every journal (keel_pdp.outbox).

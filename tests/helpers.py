@@ -12,10 +12,12 @@ import redis.asyncio as aioredis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.keys import KeySpace, shape_copy_key
+from keel_pdp.budget.replies import hold_reply
 from keel_pdp.budget.resp import RespClient
 from keel_pdp.budget.store import BudgetStore
 from keel_pdp.engine import Engine
+from keel_pdp.events import entry_shape, entry_with_shape
 from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
@@ -83,10 +85,9 @@ def make_engine(client: aioredis.Redis, bundle_dir: pathlib.Path,
         # The production transport for the scripts; the test's redis-py client for the
         # administrative reads, as `keel-pdp serve` would build them lazily.
         store = BudgetStore(client, KeySpace("t"), timeout_s,
-                            transport=RespClient.from_url(resp_url))
+                            transport=RespClient.from_url(resp_url), stored_shapes=stored_shapes)
     else:
-        store = BudgetStore(client, KeySpace("t"), timeout_s)
-    store.stored_shapes = stored_shapes
+        store = BudgetStore(client, KeySpace("t"), timeout_s, stored_shapes=stored_shapes)
     return Engine(holder, store, Metrics())
 
 
@@ -153,18 +154,18 @@ async def window_sum(engine: Engine, field: str = "h") -> int:
 # Decisions written by the authorize script refer to a stored copy of their
 # shape's members; these read a stream as the ledger writer does, with each copy
 # read in (an entry whose copy is missing is left as it is).
-def _with_copies(stream: str, entries: Any, read: Any) -> list[tuple[Any, Any]]:
-    from keel_pdp.budget.keys import shape_copy_key
-    from keel_pdp.events import entry_shape, entry_with_shape
+def _copy_key(stream: str, fields: Any) -> tuple[str, str] | None:
+    """(digest, key) of the shape copy an entry refers to; None when it has none."""
+    digest = entry_shape(fields)
+    return None if digest is None else (digest, shape_copy_key(stream, digest))
 
+
+def _with_copies(stream: str, entries: Any, read: Any) -> list[tuple[Any, Any]]:
     out: list[tuple[Any, Any]] = []
     for eid, fields in entries:
-        digest = entry_shape(fields)
-        if digest is not None:
-            key = shape_copy_key(stream, digest)
-            copy = read(key)
-            if copy is not None:
-                fields = entry_with_shape(fields, digest, copy, key)
+        ref = _copy_key(stream, fields)
+        if ref is not None and (copy := read(ref[1])) is not None:
+            fields = entry_with_shape(fields, ref[0], copy, ref[1])
         out.append((eid, fields))
     return out
 
@@ -172,24 +173,33 @@ def _with_copies(stream: str, entries: Any, read: Any) -> list[tuple[Any, Any]]:
 async def read_stream(client: Any, stream: str, **kwargs: Any) -> list[tuple[Any, Any]]:
     """XRANGE of ``stream`` (async client), shape copies read in."""
     entries = await client.xrange(stream, **kwargs)
-    copies: dict[str, Any] = {}
-    for _, fields in entries:
-        from keel_pdp.budget.keys import shape_copy_key
-        from keel_pdp.events import entry_shape
-
-        digest = entry_shape(fields)
-        if digest is not None:
-            key = shape_copy_key(stream, digest)
-            if key not in copies:
-                copies[key] = await client.get(key)
+    keys = {ref[1] for _, f in entries if (ref := _copy_key(stream, f)) is not None}
+    copies = {key: await client.get(key) for key in keys}
     return _with_copies(stream, entries, copies.get)
 
 
 def read_stream_sync(client: Any, stream: str, **kwargs: Any) -> list[tuple[Any, Any]]:
     """XRANGE of ``stream`` (redis-py client), shape copies read in."""
-    return _with_copies(stream, client.xrange(stream, **kwargs), client.get)
+    return with_copies_sync(client, stream, client.xrange(stream, **kwargs))
 
 
 def with_copies_sync(client: Any, stream: str, entries: Any) -> list[tuple[Any, Any]]:
     """Entries read from ``stream`` (redis-py client), shape copies read in."""
     return _with_copies(stream, entries, client.get)
+
+
+def record_authorize_calls(engine: Engine) -> list[str]:
+    """What each of the engine's authorize script calls answered from now on
+    ("lease", "shape", "replay", ... or "decided"), in order."""
+    answers: list[str] = []
+    store = engine.store
+    original = store.transport.eval_script
+
+    async def recorded(script: Any, *args: Any, **kw: Any) -> Any:
+        reply = await original(script, *args, **kw)
+        if script is store._authorize:
+            answers.append(hold_reply(reply).outcome)
+        return reply
+
+    store.transport.eval_script = recorded  # type: ignore[method-assign]
+    return answers

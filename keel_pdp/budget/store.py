@@ -132,7 +132,7 @@ class BudgetStore:
     def __init__(self, client: aioredis.Redis | None, keys: KeySpace,
                  timeout_s: float = 0.025, *, transport: Transport | None = None,
                  client_factory: Callable[[], aioredis.Redis] | None = None,
-                 where: str = "", wait_replicas: int = 0) -> None:
+                 where: str = "", wait_replicas: int = 0, stored_shapes: bool = True) -> None:
         self._client = client
         self._client_factory = client_factory
         self.where = where
@@ -152,7 +152,7 @@ class BudgetStore:
         self.wait_replicas = wait_replicas
         # Decision events refer to a stored copy of their shape's members (False:
         # written whole, as before; for a fleet whose ledger writers are older).
-        self.stored_shapes = True
+        self.stored_shapes = stored_shapes
         # Shape copies sent, by key: when (monotonic s). Sent again when the script
         # finds one missing, and every SHAPE_COPY_REFRESH_S so a copy in use never
         # expires.
@@ -186,14 +186,16 @@ class BudgetStore:
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
                  max_connections: int = 64, client: str = "resp",
-                 wait_replicas: int = 0, shards: int = 0) -> BudgetStore:
+                 wait_replicas: int = 0, shards: int = 0,
+                 stored_shapes: bool = True) -> BudgetStore:
         """``client``: "resp" (pipelined, the default) or "redis-py" for every call.
         A ``redis+cluster://`` URL: the Redis Cluster client for the scripts.
-        ``shards``: key shards (0: ``default_shards(url)``)."""
+        ``shards``: key shards (0: ``default_shards(url)``). ``stored_shapes``: decision
+        events refer to a stored copy of their shape's members (False: written whole)."""
         keyspace = KeySpace(prefix, shards or default_shards(url))
         if is_cluster_url(url):
             return cls._cluster(url, keyspace, timeout_s, max_connections, client,
-                                wait_replicas)
+                                wait_replicas, stored_shapes)
 
         def redis_py() -> aioredis.Redis:
             return aioredis.Redis.from_url(
@@ -207,16 +209,17 @@ class BudgetStore:
 
         if client == "redis-py":
             return cls(redis_py(), keyspace, timeout_s, where=describe_url(url),
-                       wait_replicas=wait_replicas)
+                       wait_replicas=wait_replicas, stored_shapes=stored_shapes)
         if client != "resp":
             raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
         resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
         return cls(None, keyspace, timeout_s, transport=resp, client_factory=redis_py,
-                   where=describe_url(url), wait_replicas=wait_replicas)
+                   where=describe_url(url), wait_replicas=wait_replicas,
+                   stored_shapes=stored_shapes)
 
     @classmethod
     def _cluster(cls, url: str, keyspace: KeySpace, timeout_s: float, max_connections: int,
-                 client: str, wait_replicas: int) -> BudgetStore:
+                 client: str, wait_replicas: int, stored_shapes: bool) -> BudgetStore:
         if client != "resp":
             raise ValueError(f"a Redis Cluster URL is served by the cluster client, not "
                              f"{client!r}")
@@ -237,7 +240,7 @@ class BudgetStore:
         transport = ClusterClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
         return cls(None, keyspace, timeout_s, transport=transport,
                    client_factory=redis_py, where=describe_url(url),
-                   wait_replicas=wait_replicas)
+                   wait_replicas=wait_replicas, stored_shapes=stored_shapes)
 
     def _budget(self, timeout_s: float | None) -> float:
         budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)

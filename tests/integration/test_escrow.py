@@ -40,7 +40,7 @@ from keel_pdp.metrics import Metrics
 from keel_pdp.policy.loader import load_bundle
 from keel_pdp.policy.reload import PolicyHolder
 from keel_pdp.pricing import TokenUsage
-from tests.helpers import PRICES, budget, write_bundle
+from tests.helpers import PRICES, budget, record_authorize_calls, write_bundle
 
 pytestmark = pytest.mark.redis
 
@@ -230,19 +230,7 @@ async def test_a_first_call_that_refills_its_lease_stores_its_shape_copy_once(
     (before it reaches the copy) the copy goes again with the call after the refill,
     so the refill costs no further round trip."""
     engine = engine_for(redis_url, bundle)
-    calls: list[str] = []
-    transport = engine.store.transport
-    original = transport.eval_script
-
-    async def counted(script: Any, *args: Any, **kw: Any) -> Any:
-        reply = await original(script, *args, **kw)
-        if script is engine.store._authorize:
-            text = reply.decode() if isinstance(reply, bytes) else str(reply)
-            calls.append("lease" if '"r":"lease"' in text else
-                         "shape" if '"r":"shape"' in text else "decided")
-        return reply
-
-    transport.eval_script = counted  # type: ignore[method-assign]
+    calls = record_authorize_calls(engine)
     t1, _ = tenants_in_two_shards()
     got = await engine.authorize(AuthorizeInput("first", t1, "chat", MODEL, "openai",
                                                 INPUT, OUTPUT))

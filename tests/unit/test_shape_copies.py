@@ -31,11 +31,10 @@ from keel_pdp.budget.cluster_slots import key_slot
 from keel_pdp.budget.keys import KeySpace
 from keel_pdp.budget.store import SHAPE_COPY_REFRESH_S, SHAPE_COPY_TTL_S
 from keel_pdp.decision import AuthorizeInput, DecisionKind
-from keel_pdp.engine import Engine
 from keel_pdp.errors import ParseError
 from keel_pdp.events import entry_with_shape
 from keel_pdp.ledger.events import parse_entry
-from tests.helpers import budget, make_engine, write_bundle
+from tests.helpers import budget, make_engine, record_authorize_calls, write_bundle
 
 STREAM = "t:{pdp}:events"
 DAY = 86_400
@@ -129,29 +128,14 @@ async def test_a_copy_lost_with_its_mark_is_sent_again_and_the_call_still_decide
     engine = make_engine(aio_client, _bundle(tmp_path))
     assert (await engine.authorize(_req("r1"))).decision is DecisionKind.ALLOW
     assert await _lose_copies(aio_client) == 1  # one mark, in one window hash
-    calls = _count_scripts(engine)
+    calls = record_authorize_calls(engine)
     out = await engine.authorize(_req("r2"))
     assert out.decision is DecisionKind.ALLOW
-    assert calls == [1, 1]  # refused without the copy, then decided with it
+    assert calls == ["shape", "decided"]  # refused without the copy, then decided
     entries = await _entries(aio_client)
     assert len(entries) == 2
     for _, fields in entries:
         assert await aio_client.get(_copy_key(_ref(fields[b"data"]))) is not None
-
-
-def _count_scripts(engine: Engine) -> list[int]:
-    """Counts authorize script calls (one list item per call)."""
-    calls: list[int] = []
-    transport = engine.store.transport
-    original = transport.eval_script
-
-    async def counted(script: Any, *args: Any, **kw: Any) -> Any:
-        if script is engine.store._authorize:
-            calls.append(1)
-        return await original(script, *args, **kw)
-
-    transport.eval_script = counted  # type: ignore[method-assign]
-    return calls
 
 
 async def test_without_its_copy_the_script_writes_nothing(
@@ -189,9 +173,9 @@ async def test_a_replay_does_not_count_as_sending_the_copy(
     replay = await other.authorize(_req("r1"))
     assert replay.replayed
     assert [k async for k in aio_client.scan_iter(match="t:{pdp}:shape:*")] == []
-    calls = _count_scripts(other)
+    calls = record_authorize_calls(other)
     assert (await other.authorize(_req("r2"))).decision is DecisionKind.ALLOW
-    assert calls == [1]  # it sent the copy again at once: no refusal first
+    assert calls == ["decided"]  # it sent the copy again at once: no refusal first
     assert len([k async for k in aio_client.scan_iter(match="t:{pdp}:shape:*")]) == 1
 
 
@@ -220,9 +204,9 @@ async def test_a_shape_without_budgets_looks_its_copy_up_itself(
     got: Any = await aio_client.get(key)
     assert json.loads(got)["tenant"] == "acme"
     await aio_client.delete(key)
-    calls = _count_scripts(engine)
+    calls = record_authorize_calls(engine)
     assert (await engine.authorize(_req("r2"))).decision is DecisionKind.ALLOW
-    assert calls == [1, 1]
+    assert calls == ["shape", "decided"]
     assert await aio_client.exists(key)
 
 
