@@ -44,6 +44,7 @@ COMMAND_MODULES = (
     "keel_pdp.reconcile.commands",
     "keel_pdp.mesh.commands",
     "keel_pdp.overage.commands",
+    "keel_pdp.budget.commands",
 )
 
 
@@ -68,7 +69,10 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     store = BudgetStore.from_url(s.redis_url, prefix=s.key_prefix,
                                  timeout_s=s.store_timeout_s, wait_replicas=s.wait_replicas,
                                  shards=s.key_shards,
-                                 stored_shapes=not s.inline_decision_events)
+                                 stored_shapes=not s.inline_decision_events,
+                                 # format 1 (every release reads it) until the store
+                                 # says the deployment writes format 2
+                                 records=1)
     store.on_short_wait = lambda script: metrics.store_short_waits.labels(script).inc()
     # Workers share the directory as separate sidecars do: each journals to a file of
     # its own and claims those no live process holds, so a restart with another
@@ -140,12 +144,16 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
         log.error("%s", problem)
         await store.close()
         return 2
-    elif s.wait_replicas:
-        fewest = await store.fewest_replicas()
-        if fewest is not None and fewest < s.wait_replicas:
-            log.warning("--wait-replicas %d: a master of %s has only %d replica(s), so "
-                        "every WAIT there will be short and slow (docs/redis-cluster.md)",
-                        s.wait_replicas, store.where, fewest)
+    else:
+        with contextlib.suppress(StoreUnavailable):
+            if await store.adopt_records() != 1:
+                await store.warm()  # this format's scripts
+        if s.wait_replicas:
+            fewest = await store.fewest_replicas()
+            if fewest is not None and fewest < s.wait_replicas:
+                log.warning("--wait-replicas %d: a master of %s has only %d replica(s), so "
+                            "every WAIT there will be short and slow (docs/redis-cluster.md)",
+                            s.wait_replicas, store.where, fewest)
     with contextlib.suppress(StoreUnavailable):
         await engine.sync_clock()  # the first decisions already on the store's time
     holder.reload(force=True)
@@ -172,7 +180,8 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
               flush=True)
     shards = store.keys.shards
     print(f"keel-pdp budget store {store.where}"
-          + (f" ({shards} key shards)" if shards > 1 else ""), flush=True)
+          + (f" ({shards} key shards)" if shards > 1 else "")
+          + f", idempotency records format {store.records}", flush=True)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -142,6 +142,9 @@ class KeySpace:
         # The deployment's key layout (its shard count), under the one-shard tag:
         # sidecars and the ledger writer refuse to run on a different one.
         self.layout = f"{prefix}:{{pdp}}:layout"
+        # The idempotency records' format the whole deployment may write
+        # (keel_pdp.budget.records): "2", or absent for format 1.
+        self.records = f"{prefix}:{{pdp}}:records"
         self.single_shard_stream = f"{prefix}:{{pdp}}:events"
         # Shard 0: the only one of a standalone deployment.
         self.base = self.bases[0]

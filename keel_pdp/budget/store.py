@@ -35,6 +35,7 @@ from keel_pdp.budget.cluster import (
     redis_py_options,
 )
 from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.records import RECORDS_FORMAT, check_format, declared_format
 from keel_pdp.budget.replies import (
     HoldReply,
     ReleaseReply,
@@ -71,6 +72,13 @@ __all__ = [
 
 def _lua(name: str) -> str:
     return resources.files("keel_pdp.budget").joinpath("lua", name).read_text()
+
+
+def script_source(name: str, records: int = RECORDS_FORMAT) -> str:
+    """A script as the store sends it: ``RECORDS`` (the idempotency records'
+    format, ``keel_pdp.budget.records``) set on its first line, then the file."""
+    check_format(records)
+    return f"local RECORDS = {records}\n" + _lua(name)
 
 
 def _text(raw: Any) -> str:
@@ -132,7 +140,8 @@ class BudgetStore:
     def __init__(self, client: aioredis.Redis | None, keys: KeySpace,
                  timeout_s: float = 0.025, *, transport: Transport | None = None,
                  client_factory: Callable[[], aioredis.Redis] | None = None,
-                 where: str = "", wait_replicas: int = 0, stored_shapes: bool = True) -> None:
+                 where: str = "", wait_replicas: int = 0, stored_shapes: bool = True,
+                 records: int = RECORDS_FORMAT) -> None:
         self._client = client
         self._client_factory = client_factory
         self.where = where
@@ -162,14 +171,22 @@ class BudgetStore:
         # called with the script's name, for the metric.
         self.short_waits = 0
         self.on_short_wait: Callable[[str], None] | None = None
+        self._names: dict[int, str] = {}
+        self.use_records(records)
+
+    def use_records(self, records: int) -> None:
+        """Write idempotency records in format ``records`` from now on (both are read
+        whatever this is; ``keel_pdp.budget.records``)."""
+        check_format(records)
+        self.records = records
         t = self.transport
-        self._authorize = t.script(_lua("authorize.lua"))
-        self._closeout = t.script(_lua("closeout.lua"))
-        self._release = t.script(_lua("release.lua"))
-        self._record = t.script(_lua("record.lua"))
-        self._abort = t.script(_lua("abort.lua"))
-        self._grant = t.script(_lua("grant.lua"))
-        self._escrow = t.script(_lua("escrow.lua"))
+        self._authorize = t.script(script_source("authorize.lua", records))
+        self._closeout = t.script(script_source("closeout.lua", records))
+        self._release = t.script(script_source("release.lua", records))
+        self._record = t.script(script_source("record.lua", records))
+        self._abort = t.script(script_source("abort.lua", records))
+        self._grant = t.script(script_source("grant.lua", records))
+        self._escrow = t.script(script_source("escrow.lua", records))
         self._names = {id(self._authorize): "authorize", id(self._closeout): "closeout",
                        id(self._release): "release", id(self._record): "record",
                        id(self._abort): "abort", id(self._grant): "grant",
@@ -187,15 +204,16 @@ class BudgetStore:
     def from_url(cls, url: str, *, prefix: str = "keel", timeout_s: float = 0.025,
                  max_connections: int = 64, client: str = "resp",
                  wait_replicas: int = 0, shards: int = 0,
-                 stored_shapes: bool = True) -> BudgetStore:
+                 stored_shapes: bool = True, records: int = RECORDS_FORMAT) -> BudgetStore:
         """``client``: "resp" (pipelined, the default) or "redis-py" for every call.
         A ``redis+cluster://`` URL: the Redis Cluster client for the scripts.
         ``shards``: key shards (0: ``default_shards(url)``). ``stored_shapes``: decision
-        events refer to a stored copy of their shape's members (False: written whole)."""
+        events refer to a stored copy of their shape's members (False: written whole).
+        ``records``: the idempotency records' format (``keel_pdp.budget.records``)."""
         keyspace = KeySpace(prefix, shards or default_shards(url))
         if is_cluster_url(url):
             return cls._cluster(url, keyspace, timeout_s, max_connections, client,
-                                wait_replicas, stored_shapes)
+                                wait_replicas, stored_shapes, records)
 
         def redis_py() -> aioredis.Redis:
             return aioredis.Redis.from_url(
@@ -209,17 +227,19 @@ class BudgetStore:
 
         if client == "redis-py":
             return cls(redis_py(), keyspace, timeout_s, where=describe_url(url),
-                       wait_replicas=wait_replicas, stored_shapes=stored_shapes)
+                       wait_replicas=wait_replicas, stored_shapes=stored_shapes,
+                       records=records)
         if client != "resp":
             raise ValueError(f"unknown Redis client {client!r} (resp or redis-py)")
         resp = RespClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
         return cls(None, keyspace, timeout_s, transport=resp, client_factory=redis_py,
                    where=describe_url(url), wait_replicas=wait_replicas,
-                   stored_shapes=stored_shapes)
+                   stored_shapes=stored_shapes, records=records)
 
     @classmethod
     def _cluster(cls, url: str, keyspace: KeySpace, timeout_s: float, max_connections: int,
-                 client: str, wait_replicas: int, stored_shapes: bool) -> BudgetStore:
+                 client: str, wait_replicas: int, stored_shapes: bool,
+                 records: int) -> BudgetStore:
         if client != "resp":
             raise ValueError(f"a Redis Cluster URL is served by the cluster client, not "
                              f"{client!r}")
@@ -240,7 +260,7 @@ class BudgetStore:
         transport = ClusterClient.from_url(url, connect_timeout_s=max(timeout_s * 4, 0.25))
         return cls(None, keyspace, timeout_s, transport=transport,
                    client_factory=redis_py, where=describe_url(url),
-                   wait_replicas=wait_replicas, stored_shapes=stored_shapes)
+                   wait_replicas=wait_replicas, stored_shapes=stored_shapes, records=records)
 
     def _budget(self, timeout_s: float | None) -> float:
         budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
@@ -381,7 +401,8 @@ class BudgetStore:
     @property
     def script_sources(self) -> dict[str, str]:
         """The authorize and closeout scripts this store sends (for benchmarks)."""
-        return {"authorize": _lua("authorize.lua"), "closeout": _lua("closeout.lua")}
+        return {"authorize": script_source("authorize.lua", self.records),
+                "closeout": script_source("closeout.lua", self.records)}
 
     async def release(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                       target: str, event_data: str,
@@ -501,7 +522,8 @@ class BudgetStore:
         try:
             for name in ("authorize.lua", "closeout.lua", "release.lua", "record.lua",
                          "abort.lua", "escrow.lua"):
-                await self._command("SCRIPT", "LOAD", _lua(name), timeout_s=2.0)
+                await self._command("SCRIPT", "LOAD", script_source(name, self.records),
+                                    timeout_s=2.0)
             return True
         except StoreUnavailable:
             return False
@@ -513,10 +535,32 @@ class BudgetStore:
         recorded = await self._command("GET", ks.layout, timeout_s=2.0)
         if recorded is None:
             single = await self._command("EXISTS", ks.single_shard_stream, timeout_s=2.0)
+            if not single:
+                # A new deployment: no sidecar of an earlier release shares it.
+                await self._command("SET", ks.records, RECORDS_FORMAT, "NX", timeout_s=2.0)
             await self._command("SET", ks.layout, ks.layout_to_record(bool(single)), "NX",
                                 timeout_s=2.0)
             recorded = await self._command("GET", ks.layout, timeout_s=2.0)
         return ks.layout_problem(recorded)
+
+    async def declared_records(self) -> tuple[int, Any]:
+        """The idempotency records' format the deployment declares, and the key's
+        raw value (None: not set, format 1)."""
+        raw = await self._command("GET", self.keys.records, timeout_s=2.0)
+        return declared_format(raw), raw
+
+    async def declare_records(self, records: int) -> None:
+        """Declare the format every sidecar of the deployment may write
+        (``keel-pdp records --upgrade``)."""
+        check_format(records)
+        await self._command("SET", self.keys.records, records, timeout_s=2.0)
+
+    async def adopt_records(self) -> int:
+        """Write idempotency records in the format the deployment has declared
+        (``keel-pdp records``): format 1 unless it says otherwise."""
+        declared, _ = await self.declared_records()
+        self.use_records(declared)
+        return self.records
 
     async def fewest_replicas(self) -> int | None:
         """The fewest replicas any master of the store has (None: could not tell),

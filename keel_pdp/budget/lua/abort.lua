@@ -21,7 +21,9 @@
 -- KEYS[1]   permit hash
 -- KEYS[2]   decision stream
 -- KEYS[3]   expiry zset
--- KEYS[4]   the request's idempotency hash
+-- KEYS[4]   the request's idempotency record: a string whose result names its permit
+--           (records format 2; a replay marks the permit itself, rp) or a hash
+--           (pid, rp: format 1 and earlier releases)
 -- KEYS[5..] every budget window the request could have held (the shape's windows)
 --
 -- ARGV[1] permit_id   ARGV[2] now_ms   ARGV[3] event data (JSON)
@@ -30,7 +32,7 @@
 -- Returns JSON: {"st":"TOMBSTONE"} | {"st":"RELEASED","amt":..} |
 --   {"st":"NOOP","state":..[,"replayed":true]}
 
-local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'wx')
+local p = redis.call('HMGET', KEYS[1], 'state', 'amount', 'keys', 'wx', 'rp')
 local state = p[1]
 if not state then
   redis.call('HSET', KEYS[1], 'state', 'aborted', 'aborted_at', ARGV[2])
@@ -40,8 +42,16 @@ end
 if state ~= 'held' then
   return cjson.encode({st = 'NOOP', state = state})
 end
-local idem = redis.call('HMGET', KEYS[4], 'pid', 'rp')
-if idem[1] == ARGV[1] and idem[2] then
+local rec_pid, replayed = nil, p[5]
+local rec = redis.pcall('GET', KEYS[4])
+if type(rec) == 'string' then
+  rec_pid = string.match(rec, '"pid":"([^"]*)"')
+elseif type(rec) == 'table' and rec.err then
+  local idem = redis.call('HMGET', KEYS[4], 'pid', 'rp')
+  rec_pid = idem[1]
+  replayed = replayed or (rec_pid == ARGV[1] and idem[2])
+end
+if replayed then
   return '{"st":"NOOP","state":"held","replayed":true}'
 end
 local allowed = {}
@@ -65,7 +75,7 @@ for key in string.gmatch(p[3] or '', '[^\n]+') do
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'voided', 'released_at', ARGV[2], 'aborted', '1')
-if idem[1] == ARGV[1] then
+if rec_pid == ARGV[1] then
   redis.call('DEL', KEYS[4])
 end
 -- '%d', not cjson: cjson prints numbers with 14 significant digits

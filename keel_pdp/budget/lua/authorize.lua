@@ -11,8 +11,14 @@
 -- is held with the largest max_output_tokens that fits; failing that, DENY.
 -- Active exception grants raise a budget's limit while they last.
 --
--- KEYS[1]          idempotency hash (fp, res, pid, exp; st once the permit ended; rp once
---                  a replay handed the permit out) of (tenant, request_id); holds only
+-- RECORDS (a line the store puts before this script): the idempotency records it
+-- writes. 2: a string, "<fingerprint>\n<result>"; the record is not marked when its
+-- permit ends (the permit's own state says so) and a replay marks the permit (rp).
+-- 1: a hash (fp, res, pid, exp; st once the permit ended, marked by closeout.lua and
+-- release.lua; rp once a replay handed the permit out), as every release before
+-- records format 2 wrote and read it. Either form is read (keel_pdp/budget/records.py).
+--
+-- KEYS[1]          idempotency record of (tenant, request_id); holds only
 -- KEYS[2]          permit hash (state, amount, keys, wx, meta, k, ik = KEYS[1], ...)
 -- KEYS[3]          expiry zset: permit_id scored by expires_at_ms
 -- KEYS[4]          decision stream
@@ -39,7 +45,7 @@
 -- ARGV[1]   n budgets, then per budget 4 values:
 --           limit_micros, enforce (1|0), window expire-at (s),
 --           thresholds in ascending order ("80,100" or "")
--- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s; the caller's, for S+10)
+-- ARGV[S+1] idempotency ttl (s)   ARGV[S+2] permit retention (s; the caller's, for S+12)
 -- ARGV[S+3] minimum useful output tokens
 -- ARGV[S+4] every budget's window expire-at, comma-separated, and ARGV[S+5] "1,2,..,n":
 --           the permit's "wx" and the reply's "held" when it holds in all of them
@@ -119,24 +125,47 @@ end
 -- says so.
 local granted, any_grant = nil, false
 if call('EXISTS', KEYS[1], KEYS[2], unpack(KEYS, 5 + n, 4 + 2 * n)) > 0 then
-  local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp', 'rp')
-  if idem[1] then
-    if idem[1] ~= fingerprint then
+  -- The record: a string (records format 2), a hash (format 1, or an earlier
+  -- release), or none (then the permit's tombstone or a grant exists).
+  local fp, res, rpid, ended, exp, replayed
+  local rec = redis.pcall('GET', KEYS[1])
+  if type(rec) == 'string' then
+    local cut = string.find(rec, '\n', 1, true) or 0
+    fp, res = string.sub(rec, 1, cut - 1), string.sub(rec, cut + 1)
+    rpid, exp = smatch(res, '"pid":"([^"]*)"'), smatch(res, '"exp":(%d+)')
+  elseif type(rec) == 'table' and rec.err then
+    local idem = call('HMGET', KEYS[1], 'fp', 'res', 'pid', 'st', 'exp', 'rp')
+    fp, res, rpid, ended, exp, replayed = idem[1], idem[2], idem[3], idem[4], idem[5], idem[6]
+  end
+  if fp then
+    if fp ~= fingerprint then
       return '{"r":"reused"}'
     end
     -- A replay returns the permit only while it is held: once it has ended (or its
     -- hold time has passed) the request_id cannot carry another provider call.
-    local ended = idem[4]
-    if not ended and idem[5] and tonumber(idem[5]) <= tonumber(now_text) then
+    if not ended and exp and tonumber(exp) <= tonumber(now_text) then
       ended = 'expired'
     end
+    -- The permit says whether it ended (format 2 does not mark the record). It is
+    -- in the request's shard, so in this slot; not declared, as only the record
+    -- names it. Gone (its retention passed) counts as expired.
+    local pkey = string.sub(KEYS[2], 1, #KEYS[2] - #pid) .. (rpid or '')
+    local permit = nil
+    if not ended then
+      permit = call('HMGET', pkey, 'state', 'rp')
+      if permit[1] ~= 'held' then ended = permit[1] or 'expired' end
+    end
     if ended then
-      return cjson.encode({r = 'ended', pid = idem[3], st = ended})
+      return cjson.encode({r = 'ended', pid = rpid, st = ended})
     end
     -- The held permit is handed out now, whatever became of the first answer: an
     -- abort from the sidecar that lost that answer must leave it held (abort.lua).
-    if not idem[6] then call('HSET', KEYS[1], 'rp', '1') end
-    return '{"r":"replay","res":' .. idem[2] .. '}'
+    if type(rec) == 'string' then
+      if not permit[2] then call('HSET', pkey, 'rp', '1') end
+    elseif not replayed then
+      call('HSET', KEYS[1], 'rp', '1')
+    end
+    return '{"r":"replay","res":' .. res .. '}'
   end
   -- The permit id is new for every decision; a record under it can only be the
   -- tombstone an aborted decision left (its answer timed out): hold nothing.
@@ -420,7 +449,11 @@ end
 -- A denial is not replayed: no hold was made, so a retry may simply decide again
 -- (for example after an exception grant).
 if decision ~= 'DENY' then
-  call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded, 'pid', pid, 'exp', expires_text)
-  call('EXPIRE', KEYS[1], ARGV[S + 1])
+  if RECORDS == 2 then
+    call('SET', KEYS[1], fingerprint .. '\n' .. encoded, 'EX', ARGV[S + 1])
+  else
+    call('HSET', KEYS[1], 'fp', fingerprint, 'res', encoded, 'pid', pid, 'exp', expires_text)
+    call('EXPIRE', KEYS[1], ARGV[S + 1])
+  end
 end
 return encoded

@@ -16,8 +16,10 @@
 -- KEYS[1]   permit hash
 -- KEYS[2]   decision stream
 -- KEYS[3]   expiry zset
--- KEYS[4]   the permit's idempotency hash (KEYS[1] again when it has none): marked
---           ended so a replay of its request_id cannot ride on a settled permit
+-- KEYS[4]   the permit's idempotency record (KEYS[1] again when it has none): with
+--           records format 1 (RECORDS, put before this script by the store) its
+--           hash is marked ended so a replay of its request_id cannot ride on a
+--           settled permit
 -- KEYS[5..] the permit's budget window hashes, in the order stored in the permit
 --
 -- ARGV[1] permit_id   ARGV[2] now_ms   ARGV[3] actual cost micros
@@ -102,7 +104,10 @@ end
 call('ZREM', KEYS[3], ARGV[1])
 call('HSET', KEYS[1], 'state', 'settled', 'act', actual_s, 'settled_at', ARGV[2],
   'prior', prior, 'flags', flag_text, 'pk', ARGV[9])
-if KEYS[4] ~= KEYS[1] and call('HGET', KEYS[4], 'pid') == ARGV[1] then
+-- Records format 1: the request's idempotency hash is marked, for sidecars of
+-- releases that read only the record (authorize.lua reads the permit's state). A
+-- string record (format 2) is never marked.
+if RECORDS == 1 and KEYS[4] ~= KEYS[1] and redis.pcall('HGET', KEYS[4], 'pid') == ARGV[1] then
   call('HSET', KEYS[4], 'st', 'settled')
 end
 local res
