@@ -240,3 +240,29 @@ def test_top_level_ledger_tools_and_policy_replay_still_work_with_a_note(
         assert named in err_old and "deprecated" in err_old, err_old
         assert "deprecated" not in err_new, err_new
     assert "-1.25" in _run(capsys, "ledger", "period", "status", "--store", store)[1]
+
+
+def test_serve_writes_the_records_format_its_deployment_declares(
+        bundle: pathlib.Path, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+
+    def record_type(rid: str) -> bytes:
+        with _sidecar(bundle, redis_url, "--drain-delay", "0") as (channel, _):
+            assert _authorize(channel, rid) == pb.ALLOW
+        kind = client.type(f"keel:{{pdp}}:req:acme:{rid}")
+        assert isinstance(kind, bytes)
+        return kind
+
+    # A store an earlier release wrote (its layout and stream, no records key).
+    client.set("keel:{pdp}:layout", "1")
+    client.xadd("keel:{pdp}:events", {"type": "decision"})
+    assert record_type("old-1") == b"hash"
+    upgraded = subprocess.run(
+        [sys.executable, "-m", "keel_pdp.cli", "records", "--redis-url", redis_url,
+         "--upgrade"], capture_output=True, text=True, timeout=60)
+    assert upgraded.returncode == 0 and "format 1 -> 2" in upgraded.stdout, upgraded
+    assert record_type("old-2") == b"string"
+    # A new deployment writes format 2 from its first start.
+    client.flushall()
+    assert record_type("new-1") == b"string"
+    assert client.get("keel:{pdp}:records") == b"2"

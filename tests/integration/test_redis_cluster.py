@@ -36,9 +36,15 @@ from keel_pdp.budget.cluster import (
     key_slot,
     parse_cluster_url,
 )
-from keel_pdp.budget.keys import KeySpace
+from keel_pdp.budget.keys import KeySpace, with_shard
 from keel_pdp.budget.resp import RespClient, RespConnectionError, RespError, RespNotSent, Shared
-from keel_pdp.budget.store import BudgetStore
+from keel_pdp.budget.store import (
+    BudgetStore,
+    HoldCandidate,
+    HoldRequest,
+    StoreUnavailable,
+    hold_shape,
+)
 from keel_pdp.decision import AuthorizeInput, Code, DecisionKind
 from keel_pdp.engine import Engine
 from keel_pdp.metrics import Metrics
@@ -462,6 +468,65 @@ async def test_the_budget_stores_scripts_run_unchanged_on_the_cluster(
 
 
 # ------------------------------------------------------------------ last: it changes the cluster
+async def test_a_replay_whose_permit_moved_before_its_record_is_refused_not_handed_out(
+        redis_cluster: RedisCluster) -> None:
+    # A replay reads the earlier permit under a key only its record names (same
+    # slot). Mid-migration, with the permit already on the new owner and the record
+    # not, Redis refuses that read: the Authorize fails as a store error, writes
+    # nothing, and the permit is replayed as usual once the slot has moved.
+    store = BudgetStore.from_url(redis_cluster.url, prefix="mig", timeout_s=5.0)
+    ks = store.keys
+    shard = ks.tenant_shard("acme")
+    shape = hold_shape((ks.window("b", ("acme",), 0, shard),),
+                       (ks.grants("b", ("acme",), shard),), (10**12,), (True,),
+                       (4_000_000_000,), ((),), idempotency_ttl_s=600,
+                       permit_retention_s=600, min_output_tokens=1)
+    now = int(time.time() * 1000)
+
+    def request(n: int) -> HoldRequest:
+        return HoldRequest(
+            permit_id="pmt_" + with_shard(f"{n:028x}", shard, ks.shards),
+            idempotency_key=ks.idempotency("acme", "r-1"), fingerprint="fp", now_ms=now,
+            expires_at_ms=now + 60_000, event_data="{}", shape=shape,
+            candidates=(HoldCandidate(0, 1_000_000, 10, False, "{}", (0,), 100),))
+
+    try:
+        first = await store.hold(request(1))
+        assert first.decision == "ALLOW"
+        permit_key = ks.permit(first.permit_id)
+        slot = key_slot(permit_key)
+        assert slot == key_slot(ks.idempotency("acme", "r-1"))
+        source = redis_cluster.owner(slot)
+        target = next(m for m in redis_cluster.masters() if m != source)
+        redis_cluster.cmd(target, "CLUSTER", "SETSLOT", slot, "IMPORTING",
+                          redis_cluster.node_id(source))
+        redis_cluster.cmd(source, "CLUSTER", "SETSLOT", slot, "MIGRATING",
+                          redis_cluster.node_id(target))
+        try:
+            redis_cluster.cmd(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                              "KEYS", permit_key)
+            events_before = redis_cluster.admin(source).xlen(ks.stream_of(first.permit_id))
+            with pytest.raises(StoreUnavailable):
+                await store.hold(request(2))
+            assert redis_cluster.admin(source).xlen(
+                ks.stream_of(first.permit_id)) == events_before
+        finally:
+            keys = redis_cluster.cmd(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            if keys:
+                redis_cluster.cmd(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                  "KEYS", *keys)
+            for port in redis_cluster.masters():
+                redis_cluster.cmd(port, "CLUSTER", "SETSLOT", slot, "NODE",
+                                  redis_cluster.node_id(target))
+        assert not redis_cluster.admin(target).exists(ks.permit(request(2).permit_id))
+        assert redis_cluster.admin(target).xlen(ks.stream_of(first.permit_id)) == events_before
+        again = await store.hold(request(3))
+        assert (again.outcome, again.permit_id) == ("replay", first.permit_id)
+    finally:
+        await store.close()
+        redis_cluster.wait_ok()
+
+
 async def test_a_master_killed_mid_traffic_fails_calls_within_their_timeout_then_recovers(
         redis_cluster: RedisCluster, client: ClusterClient, tmp_path: pathlib.Path) -> None:
     # The victim is the master of Keel's own slot: raw script calls and real
