@@ -22,9 +22,14 @@ that ran an earlier release keeps format 1 until every sidecar runs this release
 then ``keel-pdp records --upgrade`` sets it, and each sidecar writes format 2
 from its next start (docs/redis-cluster.md, "Rolling upgrades").
 
-Measured with ``bench/bench_script.py`` (same script otherwise): format 2 costs
-about 2% less Redis time per Authorize (one command instead of two) and about 8%
-less per Closeout (the record is neither read nor written).
+Measured as an A/B of the two formats on one Redis (bench/README.md, "Records
+format 2"): format 2 costs about 2% less Redis time per Authorize (one command
+instead of two) and about 8% less per Closeout (the record is neither read nor
+written).
+
+A store that loses every key (a Redis restarted without its data) looks new to the
+next sidecar that starts, which then declares format 2: after such a loss, start no
+sidecar of an earlier release on it.
 """
 
 from __future__ import annotations

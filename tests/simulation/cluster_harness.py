@@ -274,9 +274,12 @@ class ClusterSimulation(Simulation):
     def _engine(self, i: int) -> Engine:
         holder = PolicyHolder(self.bundle)
         holder.set(load_bundle(self.bundle))
+        # The two sidecars write different idempotency records formats (each reads
+        # both), as while `keel-pdp records --upgrade` reaches a fleet.
         store = BudgetStore.from_url(self.cluster.url, prefix=self.prefix,
                                      timeout_s=STORE_TIMEOUT_S, shards=self.keys.shards,
-                                     wait_replicas=self.wait_replicas)
+                                     wait_replicas=self.wait_replicas,
+                                     records=1 + (self.seed + i) % 2)
         eng = TimedEngine(holder, store, Metrics(), outbox_dir=str(self.work / f"outbox-{i}"),
                           lease_idle_s=0.5)
         eng.sim = self

@@ -139,7 +139,10 @@ class Simulation:
     def _engine(self, i: int) -> Engine:
         holder = PolicyHolder(self.bundle)
         holder.set(load_bundle(self.bundle))
-        store = BudgetStore.from_url(self.redis.url, prefix=PREFIX, timeout_s=0.05)
+        # The two sidecars write different idempotency records formats, as during
+        # `keel-pdp records --upgrade` (one restarted, one not): each reads both.
+        store = BudgetStore.from_url(self.redis.url, prefix=PREFIX, timeout_s=0.05,
+                                     records=1 + (self.seed + i) % 2)
         return Engine(holder, store, Metrics(), outbox_dir=str(self.work / f"outbox-{i}"))
 
     def _new_writer(self) -> None:
