@@ -18,9 +18,9 @@ RECORDS_DESCRIPTION = (
     "which every release reads; 2: one string per record, about 2%% less Redis time per "
     "Authorize and 8%% per Closeout). A new deployment writes format 2 from its first "
     "start. One that ran a release before format 2 keeps format 1: run this with "
-    "--upgrade once no sidecar of such a release runs any more (a sidecar of an earlier "
-    "release hands out a permit that already ended when its record is a string, and its "
-    "Closeout fails on one). Each sidecar writes format 2 from its next start; the two "
+    "--upgrade once no sidecar of such a release runs any more (the Closeout of a sidecar "
+    "of an earlier release stops half-way on a string record, and its replay relies on a "
+    "mark format 2 never writes). Each sidecar writes format 2 from its next start; the two "
     "formats may share the store meanwhile.")
 
 

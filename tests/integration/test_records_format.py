@@ -290,15 +290,23 @@ def test_format_2_replays_a_record_the_previous_release_wrote(redis_url: str) ->
 
 
 def test_why_format_2_waits_for_the_whole_fleet(redis_url: str) -> None:
-    # The previous release reads only its own record: with a format 2 record its
-    # Closeout stops half-way and its replay cannot see an end. `keel-pdp records
-    # --upgrade` is for a fleet that no longer runs it.
+    # The previous release reads only its own record and relies on its mark: its
+    # Closeout stops half-way on a format 2 record, and format 2 marks nothing.
+    # `keel-pdp records --upgrade` is for a fleet that no longer runs it.
     async def body(client: aioredis.Redis, ks: KeySpace) -> None:
         new = _store(client, ks, 2)
         r = _request(ks, "r-1", _ms())
         await new.hold(r)
         with pytest.raises(Exception, match="WRONGTYPE"):
             await _previous_settle(client, new, r, _ms())
+        # A record the previous release wrote, its permit ended by format 2: the
+        # previous release's replay would hand the permit out again.
+        r2 = _request(ks, "r-2", _ms())
+        await _previous_hold(client, new, r2)
+        assert (await _settle(new, r2, _ms())).status == "SETTLED"
+        assert b'"r":"replay"' in await _previous_hold(client, new, _again(r2, _ms()))
+        # This release refuses it.
+        assert (await new.hold(_again(r2, _ms()))).outcome == "ended"
     _run(body, redis_url)
 
 
