@@ -213,6 +213,44 @@ def test_format_1_closeout_of_a_format_2_record_settles_and_leaves_it(redis_url:
     _run(body, redis_url)
 
 
+def test_format_2_permits_leave_out_what_the_amount_and_the_request_already_say(
+        redis_url: str) -> None:
+    async def body(client: aioredis.Redis, ks: KeySpace) -> None:
+        for records, extra in ((1, {b"est", b"ik"}), (2, set())):
+            r = _request(ks, f"r-{records}", _ms())
+            await _store(client, ks, records).hold(r)
+            fields = set(await client.hkeys(ks.permit(r.permit_id)))
+            assert fields == {b"state", b"amount", b"keys", b"wx", b"exp", b"meta", b"k",
+                              *extra}, records
+    _run(body, redis_url)
+
+
+@pytest.mark.parametrize("records", [1, 2])
+@pytest.mark.parametrize(("actual", "status", "flags"), [
+    (EST, "SETTLED", ()),
+    (3 * EST, "SETTLED", ("COST_ABOVE_HOLD",)),
+    # the overrun ceiling: estimate x 4 + 50,000 (the settle call's defaults)
+    (4 * EST + 50_000 + 1, "IMPLAUSIBLE", ()),
+])
+def test_a_closeout_judges_overruns_by_the_permits_estimate_in_either_format(
+        redis_url: str, records: int, actual: int, status: str,
+        flags: tuple[str, ...]) -> None:
+    async def body(client: aioredis.Redis, ks: KeySpace) -> None:
+        store = _store(client, ks, records)
+        r = _request(ks, "r-1", _ms())
+        await store.hold(r)
+        out = await store.settle(r.permit_id, r.shape.keys[:1], _ms(), actual, "{}",
+                                 idempotency_key=r.idempotency_key)
+        assert (out.status, out.estimate_micros, out.flags) == (status, EST, flags)
+        if status == "IMPLAUSIBLE":
+            assert out.ceiling_micros == 4 * EST + 50_000
+            assert await client.hget(ks.window("b", ("acme",), 0, 0), "h") == str(EST).encode()
+        else:
+            assert await client.hget(ks.window("b", ("acme",), 0, 0), "s") == \
+                str(actual).encode()
+    _run(body, redis_url)
+
+
 # ------------------------------------------------------------------ aborts
 
 

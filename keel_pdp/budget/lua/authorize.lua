@@ -19,7 +19,8 @@
 -- records format 2 wrote and read it. Either form is read (keel_pdp/budget/records.py).
 --
 -- KEYS[1]          idempotency record of (tenant, request_id); holds only
--- KEYS[2]          permit hash (state, amount, keys, wx, meta, k, ik = KEYS[1], ...)
+-- KEYS[2]          permit hash (state, amount, keys, wx, exp, meta, k; format 1 also
+--                  est = amount and ik = KEYS[1])
 -- KEYS[3]          expiry zset: permit_id scored by expires_at_ms
 -- KEYS[4]          decision stream
 -- KEYS[5..4+n]     one hash per budget window (s = settled, h = held micro-USD,
@@ -400,8 +401,16 @@ else
     wx = concat(wl, ',')
     heldidx = concat(ARGV, ',', p + 7, p + 6 + m)
   end
-  call('HSET', KEYS[2], 'state', 'held', 'amount', amount_s, 'est', amount_s, 'keys', keys,
-    'wx', wx, 'exp', expires_text, 'meta', ARGV[p + 5], 'k', k_s, 'ik', KEYS[1])
+  if RECORDS == 2 then
+    -- The estimate is the amount held ('est' only where they differ: degraded
+    -- permits); the request's record is not marked when the permit ends, so the
+    -- permit need not name it ('ik').
+    call('HSET', KEYS[2], 'state', 'held', 'amount', amount_s, 'keys', keys, 'wx', wx,
+      'exp', expires_text, 'meta', ARGV[p + 5], 'k', k_s)
+  else
+    call('HSET', KEYS[2], 'state', 'held', 'amount', amount_s, 'est', amount_s, 'keys', keys,
+      'wx', wx, 'exp', expires_text, 'meta', ARGV[p + 5], 'k', k_s, 'ik', KEYS[1])
+  end
   call('EXPIREAT', KEYS[2], ARGV[S + 12])
   call('ZADD', KEYS[3], expires_text, pid)
 end

@@ -48,7 +48,9 @@ if table.concat(KEYS, '\n', 5, 4 + n) ~= (p[4] or '') then
   return '{"st":"KEYS_MISMATCH"}'
 end
 local amount = tonumber(p[2]) or 0
-local est = tonumber(p[3]) or 0
+-- 'est': the estimate, where it is not the amount held (a degraded permit's; and
+-- every permit of records format 1)
+local est = tonumber(p[3]) or amount
 if state == 'settled' then
   local first = call('HMGET', KEYS[1], 'prior', 'pk')
   local res = format('{"st":"ALREADY_SETTLED","act":%d,"est":%d,"amt":%d,"prior":"%s"',
