@@ -48,6 +48,14 @@ COMMAND_MODULES = (
 )
 
 
+def _say(line: str) -> None:
+    """One start-up line to stdout in one write: the workers of ``--workers N`` share
+    the stream, and ``print`` writes the text and its newline apart when stdout is
+    unbuffered (PYTHONUNBUFFERED), so two workers' lines could run into one."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _available(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -171,17 +179,16 @@ async def serve(s: ServeSettings, worker: int | None = None) -> int:
     await server.start()
     host = s.listen.rpartition(":")[0]
     who = f"worker {worker} " if worker is not None else ""
-    print(f"keel-pdp {who}gRPC listening on {host}:{port}"
-          f"{' (mutual TLS)' if s.tls_client_ca else ' (TLS)' if tls else ''}", flush=True)
+    _say(f"keel-pdp {who}gRPC listening on {host}:{port}"
+         f"{' (mutual TLS)' if s.tls_client_ca else ' (TLS)' if tls else ''}")
     if own_port:
-        print(f"keel-pdp {who}also alone on {own_port}", flush=True)
+        _say(f"keel-pdp {who}also alone on {own_port}")
     if metrics_port:
-        print(f"keel-pdp {who}metrics on http://{s.metrics_host}:{metrics_port}/metrics",
-              flush=True)
+        _say(f"keel-pdp {who}metrics on http://{s.metrics_host}:{metrics_port}/metrics")
     shards = store.keys.shards
-    print(f"keel-pdp budget store {store.where}"
-          + (f" ({shards} key shards)" if shards > 1 else "")
-          + f", idempotency records format {store.records}", flush=True)
+    _say(f"keel-pdp budget store {store.where}"
+         + (f" ({shards} key shards)" if shards > 1 else "")
+         + f", idempotency records format {store.records}")
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

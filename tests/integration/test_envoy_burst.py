@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -124,14 +127,26 @@ def two_workers(redis_url: str) -> Iterator[tuple[int, int]]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         assert proc.stdout is not None
+        # A thread reads the output to its end (never blocking the test past its
+        # deadline, never leaving the pipe to fill up).
+        lines: queue.Queue[str] = queue.Queue()
+        out = proc.stdout
+
+        def pump() -> None:
+            for x in out:
+                lines.put(x)
+
+        threading.Thread(target=pump, daemon=True).start()
         alone: list[str] = []
         deadline = time.monotonic() + 60
         while len(alone) < WORKERS and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
+            try:
+                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
                 break
-            if "also alone on" in line:
-                alone.append(line.strip())
+            # Two workers' lines may share one (each line is one write only since
+            # keel_pdp.cli._say): count every report in it.
+            alone += re.findall(r"worker \d+ also alone on [\d.:]+", line)
         assert len(alone) == WORKERS, f"workers did not report their own ports: {alone}"
         for i in range(WORKERS):
             wait_serving(grpc.insecure_channel(f"127.0.0.1:{listen + 1 + i}"))
