@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from keel_pdp.budget.cluster_slots import key_slot
+from keel_pdp.budget.records import RECORDS_FORMAT
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 PERMIT_ID_RE = re.compile(r"^pmt_[0-9a-f]{12}[0-9a-f]{16}$")
@@ -155,6 +156,14 @@ class KeySpace:
         """What to record as the layout when none is: a store written before the
         layout was recorded has one shard, which its one-shard stream gives away."""
         return "1" if single_shard_stream_exists else str(self.shards)
+
+    def first_records(self, single_shard_stream_exists: bool) -> tuple[tuple[str, str], ...]:
+        """The keys a sidecar or ledger writer sets, each only where absent (``SET
+        NX``), on a store with no layout recorded: on a new store (no one-shard
+        stream) the idempotency records format this release writes, since no sidecar
+        of an earlier release shares it (keel_pdp.budget.records); then the layout."""
+        first = () if single_shard_stream_exists else ((self.records, str(RECORDS_FORMAT)),)
+        return (*first, (self.layout, self.layout_to_record(single_shard_stream_exists)))
 
     def layout_problem(self, recorded: bytes | str | None) -> str | None:
         """Why this key space must not run on a Redis whose layout key holds

@@ -60,6 +60,8 @@ from keel_pdp.errors import StoreUnavailable
 # use): a ledger writer that falls further behind finds it gone (docs/ledger.md).
 SHAPE_COPY_TTL_S = 8 * 86400
 SHAPE_COPY_REFRESH_S = 3600
+# The store's scripts (keel_pdp/budget/lua/<name>.lua).
+_SCRIPTS = ("authorize", "closeout", "release", "record", "abort", "grant", "escrow")
 # Answers the authorize script gives before it reaches the shape's copy.
 _BEFORE_COPY = frozenset(("replay", "reused", "ended", "aborted", "lease"))
 
@@ -177,16 +179,16 @@ class BudgetStore:
     def use_records(self, records: int) -> None:
         """Write idempotency records in format ``records`` from now on (both are read
         whatever this is; ``keel_pdp.budget.records``)."""
-        check_format(records)
+        self._sources = {name: script_source(f"{name}.lua", records) for name in _SCRIPTS}
         self.records = records
-        t = self.transport
-        self._authorize = t.script(script_source("authorize.lua", records))
-        self._closeout = t.script(script_source("closeout.lua", records))
-        self._release = t.script(script_source("release.lua", records))
-        self._record = t.script(script_source("record.lua", records))
-        self._abort = t.script(script_source("abort.lua", records))
-        self._grant = t.script(script_source("grant.lua", records))
-        self._escrow = t.script(script_source("escrow.lua", records))
+        t, src = self.transport, self._sources
+        self._authorize = t.script(src["authorize"])
+        self._closeout = t.script(src["closeout"])
+        self._release = t.script(src["release"])
+        self._record = t.script(src["record"])
+        self._abort = t.script(src["abort"])
+        self._grant = t.script(src["grant"])
+        self._escrow = t.script(src["escrow"])
         self._names = {id(self._authorize): "authorize", id(self._closeout): "closeout",
                        id(self._release): "release", id(self._record): "record",
                        id(self._abort): "abort", id(self._grant): "grant",
@@ -401,8 +403,7 @@ class BudgetStore:
     @property
     def script_sources(self) -> dict[str, str]:
         """The authorize and closeout scripts this store sends (for benchmarks)."""
-        return {"authorize": script_source("authorize.lua", self.records),
-                "closeout": script_source("closeout.lua", self.records)}
+        return {"authorize": self._sources["authorize"], "closeout": self._sources["closeout"]}
 
     async def release(self, permit_id: str, window_keys: tuple[str, ...], now_ms: int,
                       target: str, event_data: str,
@@ -520,10 +521,8 @@ class BudgetStore:
     async def warm(self) -> bool:
         """Connect and load every script so the first decision pays for neither."""
         try:
-            for name in ("authorize.lua", "closeout.lua", "release.lua", "record.lua",
-                         "abort.lua", "escrow.lua"):
-                await self._command("SCRIPT", "LOAD", script_source(name, self.records),
-                                    timeout_s=2.0)
+            for name in ("authorize", "closeout", "release", "record", "abort", "escrow"):
+                await self._command("SCRIPT", "LOAD", self._sources[name], timeout_s=2.0)
             return True
         except StoreUnavailable:
             return False
@@ -535,11 +534,8 @@ class BudgetStore:
         recorded = await self._command("GET", ks.layout, timeout_s=2.0)
         if recorded is None:
             single = await self._command("EXISTS", ks.single_shard_stream, timeout_s=2.0)
-            if not single:
-                # A new deployment: no sidecar of an earlier release shares it.
-                await self._command("SET", ks.records, RECORDS_FORMAT, "NX", timeout_s=2.0)
-            await self._command("SET", ks.layout, ks.layout_to_record(bool(single)), "NX",
-                                timeout_s=2.0)
+            for key, value in ks.first_records(bool(single)):
+                await self._command("SET", key, value, "NX", timeout_s=2.0)
             recorded = await self._command("GET", ks.layout, timeout_s=2.0)
         return ks.layout_problem(recorded)
 

@@ -40,7 +40,6 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from keel_pdp.budget.keys import KeySpace, shape_copy_key
-from keel_pdp.budget.records import RECORDS_FORMAT
 from keel_pdp.errors import SettingsError
 from keel_pdp.events import entry_shape, entry_with_shape
 from keel_pdp.ledger.events import ParseError, StreamEvent, parse_entry
@@ -212,11 +211,8 @@ class LedgerWriter:
             ks = self.keys
             if self.client.get(ks.layout) is None:
                 single = bool(self.client.exists(ks.single_shard_stream))
-                if not single:
-                    # A new deployment: its sidecars write the current records
-                    # format (keel_pdp.budget.records).
-                    self.client.set(ks.records, RECORDS_FORMAT, nx=True)
-                self.client.set(ks.layout, ks.layout_to_record(single), nx=True)
+                for key, value in ks.first_records(single):
+                    self.client.set(key, value, nx=True)
             problem = ks.layout_problem(self.client.get(ks.layout))
             if problem is not None:
                 raise LayoutMismatch(problem)

@@ -143,3 +143,10 @@ def test_a_lease_reply_must_name_a_short_lease() -> None:
 def test_foreign_keys_are_named_in_the_refusal() -> None:
     with pytest.raises(ValueError, match="not a key of this key space"):
         KeySpace("keel", 4).key_shard("other:{x}:events")
+
+
+def test_a_new_store_records_format_2_and_its_layout_an_old_one_only_its_layout() -> None:
+    ks = KeySpace("keel", 64)
+    assert ks.first_records(False) == (("keel:{pdp}:records", "2"), ("keel:{pdp}:layout", "64"))
+    # An old store (its one-shard stream exists) keeps records format 1, one shard.
+    assert ks.first_records(True) == (("keel:{pdp}:layout", "1"),)

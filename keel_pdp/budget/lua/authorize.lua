@@ -359,7 +359,6 @@ else
     local h = call('HINCRBY', key, 'h', amount_s)
     if fresh[i] then call('EXPIREAT', key, ARGV[4 * i]) end
     local before = settled[i] + held[i]
-    held[i] = h
     held_s[i] = format('%d', h)
     local after = settled[i] + h
     if ARGV[4 * i - 1] ~= '1' and after > limits[i] then
@@ -444,7 +443,8 @@ else
 end
 local encoded = '{"d":"' .. decision .. '","pid":"' .. pid .. '","exp":' .. expires_text
   .. ',"amt":' .. amount_s .. ',"k":' .. k_s
-  .. ',"c":' .. (chosen == 1 and '1' or format('%d', chosen)) .. ',"b":[' .. blist .. '],"held":[' .. heldidx .. ']' .. tail
+  .. ',"c":' .. (chosen == 1 and '1' or format('%d', chosen))
+  .. ',"b":[' .. blist .. '],"held":[' .. heldidx .. ']' .. tail
 local event = ARGV[S + 13]
 call('XADD', KEYS[4], '*', 'type', 'decision', 'pid', pid, 'ts', now_text,
   'data', event, 'res', encoded)
